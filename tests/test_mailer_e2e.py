@@ -1,0 +1,399 @@
+"""Mailer end to end over 127.0.0.1 against aiosmtpd (CueServer) and Twisted's ESMTP server."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from servers import CueServer
+from twisted.internet import defer, reactor, task
+
+from twistmail.errors import (
+    AuthenticationError,
+    ExtensionRequiredError,
+    PermanentError,
+    SMTPTimeoutError,
+    TLSError,
+)
+from twistmail.mailer import Mailer
+from twistmail.message import envelope_from_message, unstuff
+from twistmail.testing import CaptureServer
+
+Cue = Callable[..., CueServer]
+
+
+def sample_message(**headers: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "Sender <sender@example.com>"
+    msg["To"] = "one@example.com, two@example.com"
+    msg["Subject"] = "Grüße"
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content("Hello\n.a line with a leading dot\nZürich ☃\n")
+    return msg
+
+
+def mailer(port: int, scheme: str = "smtp", host: str = "127.0.0.1", **kw: Any) -> Mailer:
+    kw.setdefault("retry_delay", 0.05)
+    kw.setdefault("timeout", 5)
+    return Mailer(f"{scheme}://{host}:{port}", **kw)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_exact_bytes_and_bcc_stripped(cue_server: Cue, pipelining: bool) -> None:
+    server = cue_server(pipelining=pipelining)
+    m = mailer(server.port)
+    msg = sample_message(Bcc="hidden@example.com")
+    result = await m.send(msg)
+    await m.close()
+    assert result.ok
+    assert [r.recipient for r in result.recipients] == [
+        "one@example.com",
+        "two@example.com",
+        "hidden@example.com",
+    ]
+    (got,) = server.received
+    assert got.sender == "sender@example.com"
+    assert got.recipients == ["one@example.com", "two@example.com", "hidden@example.com"]
+    expected = unstuff(envelope_from_message(msg).payload)
+    assert got.data == expected
+    assert b"\r\r\n" not in got.data
+    assert b"\n.a line with a leading dot\r\n" in got.data
+    assert b"Bcc" not in got.data
+    assert b"hidden" not in got.data
+    assert "BODY=8BITMIME" in got.mail_options
+    assert msg["Bcc"] == "hidden@example.com"  # the caller's message is untouched
+
+
+@pytest_twisted.ensureDeferred
+async def test_preformatted_crlf_bytes_sent_unchanged(cue_server: Cue) -> None:
+    server = cue_server(pipelining=True)
+    data = b"Subject: raw\r\nX-Dots: yes\r\n\r\n.\r\n..\r\nend\r\n"
+    m = mailer(server.port)
+    await m.send(data, sender="a@example.com", recipients=["b@example.com"])
+    await m.close()
+    assert server.received[0].data == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_reused_across_messages(cue_server: Cue) -> None:
+    server = cue_server(pipelining=True)
+    m = mailer(server.port, concurrency=3)
+    report = await m.send_many(
+        [
+            ("a@example.com", [f"r{i}@example.com"], b"Subject: %d\r\n\r\nx\r\n" % i)
+            for i in range(40)
+        ]
+    )
+    await m.close()
+    assert (report.messages, report.sent, report.failed) == (40, 40, 0)
+    assert len(server.received) == 40
+    assert server.connections <= 3
+    assert sorted(r.recipients[0] for r in server.received) == sorted(
+        f"r{i}@example.com" for i in range(40)
+    )
+    assert "RSET" not in server.commands  # no RSET after good transactions
+    assert server.commands.count("QUIT") == server.connections  # close() says goodbye
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_mixed_replies_only_4xx_recipients_retried(cue_server: Cue, pipelining: bool) -> None:
+    server = cue_server(
+        pipelining=pipelining,
+        rcpt_replies_once={"busy": "451 4.2.1 mailbox busy"},
+        rcpt_replies={"gone": "550 5.1.1 no such user"},
+    )
+    m = mailer(server.port)
+    msg = sample_message()
+    del msg["To"]
+    msg["To"] = "ok@example.com, busy@example.com, gone@example.com"
+    result = await m.send(msg)
+    await m.close()
+    outcome = {r.recipient: (r.status, r.code, r.enhanced, r.attempts) for r in result.recipients}
+    assert outcome == {
+        "ok@example.com": ("sent", 250, None, 1),
+        "busy@example.com": ("sent", 250, None, 2),
+        "gone@example.com": ("failed", 550, "5.1.1", 1),
+    }
+    assert result.attempts == 2
+    assert [r.recipients for r in server.received] == [["ok@example.com"], ["busy@example.com"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_permanent_rejection_of_all_recipients_raises_with_result(cue_server: Cue) -> None:
+    server = cue_server(rcpt_replies={"gone": "550 5.1.1 no such user"})
+    m = mailer(server.port)
+    with pytest.raises(PermanentError) as info:
+        await m.send(b"Subject: x\r\n\r\nx\r\n", sender="a@example.com", recipients=["gone@x.org"])
+    await m.close()
+    assert info.value.code == 550
+    assert info.value.recipient == "gone@x.org"
+    assert info.value.result.attempts == 1  # type: ignore[attr-defined]
+    assert server.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_drop_after_data_is_retried_not_reported_sent(cue_server: Cue) -> None:
+    server = cue_server(pipelining=True, drop_after_data_count=1)
+    m = mailer(server.port)
+    result = await m.send(
+        b"Subject: d\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"]
+    )
+    await m.close()
+    assert result.ok
+    assert result.attempts == 2
+    assert len(server.dropped) == 1
+    assert len(server.received) == 1
+    assert server.connections == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_server_times_out_and_gives_up(cue_server: Cue) -> None:
+    server = cue_server(stall_on="DOT")
+    m = mailer(server.port, timeout=0.3, max_attempts=2, retry_delay=0.01)
+    start = reactor.seconds()
+    with pytest.raises(SMTPTimeoutError) as info:
+        await m.send(b"Subject: s\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"])
+    await m.close()
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.result.attempts == 2  # type: ignore[attr-defined]
+    assert reactor.seconds() - start < 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_421_after_k_messages_connection_replaced(cue_server: Cue) -> None:
+    server = cue_server(close_421_after=2, pipelining=True)
+    m = mailer(server.port, concurrency=1)
+    report = await m.send_many(
+        ("a@example.com", [f"r{i}@x.org"], b"Subject: %d\r\n\r\nx\r\n" % i) for i in range(7)
+    )
+    await m.close()
+    assert (report.sent, report.failed) == (7, 0)
+    assert sorted(r.recipients[0] for r in server.received) == sorted(
+        f"r{i}@x.org" for i in range(7)
+    )
+    assert server.connections >= 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_verified_with_private_ca(
+    cue_server: Cue, server_ssl_context: Any, ca_file: Path
+) -> None:
+    server = cue_server(starttls_context=server_ssl_context, require_starttls=True)
+    m = mailer(server.port, scheme="smtp+tls", host="localhost", ca_file=ca_file)
+    result = await m.send(
+        b"Subject: t\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"]
+    )
+    await m.close()
+    assert result.ok
+    assert "STARTTLS" in server.commands
+    assert len(server.received) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_untrusted_certificate_refused(
+    cue_server: Cue, server_ssl_context: Any
+) -> None:
+    server = cue_server(starttls_context=server_ssl_context, require_starttls=True)
+    m = mailer(server.port, scheme="smtp+tls", host="localhost", max_attempts=1)
+    with pytest.raises(TLSError) as info:
+        await m.send(b"Subject: t\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"])
+    await m.close()
+    assert "localhost" in str(info.value)
+    assert server.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_required_but_not_offered(cue_server: Cue) -> None:
+    server = cue_server()
+    m = mailer(server.port, scheme="smtp+tls", host="localhost", insecure=True)
+    with pytest.raises(TLSError, match="does not offer"):
+        await m.send(b"Subject: t\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"])
+    await m.close()
+    assert server.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_implicit_tls(cue_server: Cue, server_ssl_context: Any, ca_file: Path) -> None:
+    server = cue_server(implicit_tls_context=server_ssl_context)
+    m = mailer(server.port, scheme="smtp+ssl", host="localhost", ca_file=ca_file)
+    result = await m.send(
+        b"Subject: t\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"]
+    )
+    await m.close()
+    assert result.ok
+    assert server.received[0].data == b"Subject: t\r\n\r\nx\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_with_password_from_environment(
+    cue_server: Cue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = cue_server(auth={"alice": "correct horse"})
+    monkeypatch.setenv("TWISTMAIL_SMTP_PASSWORD", "correct horse")
+    m = Mailer(f"smtp://alice@127.0.0.1:{server.port}")
+    assert "correct horse" not in repr(m) + repr(m.server)
+    result = await m.send(
+        b"Subject: a\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"]
+    )
+    await m.close()
+    assert result.ok
+    assert any(c.startswith("AUTH") for c in server.commands)
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_refused_error_has_no_secret(cue_server: Cue) -> None:
+    server = cue_server(auth={"alice": "correct horse"})
+    m = Mailer(f"smtp://alice@127.0.0.1:{server.port}", password="wrong battery", max_attempts=3)
+    with pytest.raises(AuthenticationError) as info:
+        await m.send(b"Subject: a\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"])
+    await m.close()
+    text = str(info.value) + repr(info.value) + repr(info.value.result)  # type: ignore[attr-defined]
+    assert "wrong battery" not in text
+    assert "d3JvbmcgYmF0dGVyeQ" not in text  # base64 of the secret
+    assert info.value.code == 535
+    assert info.value.result.attempts == 1  # type: ignore[attr-defined]  # permanent: no retry
+    assert server.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtputf8_address(cue_server: Cue) -> None:
+    server = cue_server(smtputf8=True, pipelining=True)
+    m = mailer(server.port)
+    msg = sample_message()
+    del msg["To"]
+    msg["To"] = "Jörg <jörg@bücher.example>"
+    result = await m.send(msg)
+    await m.close()
+    assert result.ok
+    got = server.received[0]
+    assert got.recipients == ["jörg@bücher.example"]
+    assert "SMTPUTF8" in got.mail_options
+    assert "jörg@bücher.example".encode() in got.data
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtputf8_address_refused_clearly_without_extension(cue_server: Cue) -> None:
+    server = cue_server(smtputf8=False)
+    m = mailer(server.port)
+    with pytest.raises(ExtensionRequiredError, match="SMTPUTF8"):
+        await m.send(b"Subject: u\r\n\r\nx\r\n", sender="a@example.com", recipients=["jörg@x.org"])
+    await m.close()
+    assert server.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_server_starttls_auth_and_replies(
+    capture_server: Callable[..., CaptureServer], twisted_server_tls: Any, ca_file: Path
+) -> None:
+    server = capture_server(
+        credentials={"bob": "hunter2"},
+        tls=twisted_server_tls,
+        rcpt_replies={"nobody": (550, "5.1.1 no such user")},
+    )
+    m = Mailer(
+        f"smtp+tls://bob@localhost:{server.port}", password="hunter2", ca_file=ca_file, timeout=5
+    )
+    msg = sample_message()
+    del msg["To"]
+    msg["To"] = "yes@example.com, nobody@example.com"
+    result = await m.send(msg)
+    await m.close()
+    assert [(r.recipient, r.status) for r in result.recipients] == [
+        ("yes@example.com", "sent"),
+        ("nobody@example.com", "failed"),
+    ]
+    (got,) = server.messages
+    assert got.recipients == [b"yes@example.com"]
+    assert got.data == unstuff(envelope_from_message(msg).payload)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_nodelay_on_real_connection(capture_server: Callable[..., CaptureServer]) -> None:
+    server = capture_server()
+    m = mailer(server.port)
+    proto = await m.pool.acquire()
+    sock = proto.transport.getHandle()  # type: ignore[union-attr]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    m.pool.release(proto)
+    await m.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_streaming_generator_keeps_messages_alive_bounded(
+    capture_server: Callable[..., CaptureServer],
+) -> None:
+    server = capture_server()
+    server.messages = _Counter()  # type: ignore[assignment]  # count without keeping 10,000 copies
+    concurrency = 8
+    produced = [0]
+    finished = [0]
+    peak = [0]
+
+    def messages() -> Iterator[tuple[str, list[str], bytes]]:
+        for i in range(10_000):
+            produced[0] += 1
+            peak[0] = max(peak[0], produced[0] - finished[0])
+            yield ("a@example.com", [f"r{i}@x.org"], b"Subject: %d\r\n\r\nbody\r\n" % i)
+
+    def on_result(index: int, result: object) -> None:
+        finished[0] += 1
+
+    m = mailer(server.port, concurrency=concurrency)
+    report = await m.send_many(messages(), on_result=on_result)
+    await m.close()
+    assert (report.messages, report.sent) == (10_000, 10_000)
+    assert server.messages.count == 10_000  # type: ignore[attr-defined]
+    assert peak[0] <= concurrency + 2, peak[0]
+
+
+class _Counter(list):  # type: ignore[type-arg]
+    count = 0
+
+    def append(self, item: object) -> None:
+        self.count += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_before_connect() -> None:
+    # A listening socket that never accepts: the TCP handshake completes in the kernel
+    # backlog but nobody greets, so cancel while waiting for the connection/greeting.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    try:
+        m = mailer(listener.getsockname()[1], timeout=30)
+        d = m.send(b"Subject: c\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"])
+        await task.deferLater(reactor, 0.05, lambda: None)
+        d.cancel()
+        with pytest.raises(defer.CancelledError):
+            await d
+        await m.close()
+        assert m.pool.open_connections == 0
+    finally:
+        listener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_after_connect_mid_transaction(cue_server: Cue) -> None:
+    server = cue_server(stall_on="DOT")
+    m = mailer(server.port, timeout=30)
+    d = m.send(b"Subject: c\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"])
+    for _ in range(100):
+        await task.deferLater(reactor, 0.02, lambda: None)
+        if server.dropped or "DATA" in server.commands:
+            break
+    assert m.pool.open_connections == 1
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    await m.close()
+    assert m.pool.open_connections == 0
+    assert server.received == []

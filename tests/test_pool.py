@@ -1,0 +1,128 @@
+"""ConnectionPool with fake connections: reuse, bounds, replacement, idle close, cancellation."""
+
+from __future__ import annotations
+
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from twistmail.errors import ConnectError
+from twistmail.smtp.pool import ConnectionPool
+
+
+class FakeConnection:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.usable = True
+        self.is_closed = False
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.quits = 0
+
+    def quit(self) -> defer.Deferred[None]:
+        self.quits += 1
+        self.drop()
+        return defer.succeed(None)
+
+    def drop(self) -> None:
+        if not self.is_closed:
+            self.usable = False
+            self.is_closed = True
+            self.lost.callback(None)
+
+
+class Harness:
+    def __init__(self, size: int = 2, idle: float = 30) -> None:
+        self.clock = task.Clock()
+        self.pending: list[defer.Deferred[FakeConnection]] = []
+        self.made: list[FakeConnection] = []
+        self.pool = ConnectionPool(self.connect, size=size, clock=self.clock, idle_timeout=idle)  # type: ignore[arg-type]
+
+    def connect(self) -> defer.Deferred[FakeConnection]:
+        d: defer.Deferred[FakeConnection] = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+    def complete(self) -> FakeConnection:
+        conn = FakeConnection(len(self.made))
+        self.made.append(conn)
+        self.pending.pop(0).callback(conn)
+        return conn
+
+
+class PoolTests(SynchronousTestCase):
+    def test_connection_is_reused_after_release(self) -> None:
+        h = Harness()
+        d = h.pool.acquire()
+        conn = h.complete()
+        self.assertIs(self.successResultOf(d), conn)
+        h.pool.release(conn)  # type: ignore[arg-type]
+        self.assertIs(self.successResultOf(h.pool.acquire()), conn)
+        self.assertEqual(h.pool.connections_opened, 1)
+
+    def test_never_more_than_size_connections(self) -> None:
+        h = Harness(size=2)
+        waiters = [h.pool.acquire() for _ in range(5)]
+        self.assertEqual(len(h.pending), 2)
+        c0, c1 = h.complete(), h.complete()
+        self.assertEqual([self.successResultOf(w) for w in waiters[:2]], [c0, c1])
+        self.assertNoResult(waiters[2])
+        h.pool.release(c0)  # type: ignore[arg-type]
+        self.assertIs(self.successResultOf(waiters[2]), c0)
+        self.assertEqual(len(h.pending), 0)
+
+    def test_dropped_connection_is_replaced_for_waiters(self) -> None:
+        h = Harness(size=1)
+        c0 = self.successResultOf(_acquire_completed(h))
+        waiter = h.pool.acquire()
+        c0.drop()  # the server closed it (421 or a reset) while in use
+        h.pool.release(c0)  # type: ignore[arg-type]
+        self.assertEqual(len(h.pending), 1)
+        c1 = h.complete()
+        self.assertIs(self.successResultOf(waiter), c1)
+        self.assertEqual(h.pool.open_connections, 1)
+
+    def test_idle_connection_closed_after_timeout(self) -> None:
+        h = Harness(idle=30)
+        conn = self.successResultOf(_acquire_completed(h))
+        h.pool.release(conn)  # type: ignore[arg-type]
+        h.clock.advance(29)
+        self.assertEqual(conn.quits, 0)
+        h.clock.advance(2)
+        self.assertEqual(conn.quits, 1)
+        self.assertEqual(h.pool.open_connections, 0)
+
+    def test_connect_failure_fails_unserved_waiters_only(self) -> None:
+        h = Harness(size=2)
+        busy = self.successResultOf(_acquire_completed(h))
+        w1, w2 = h.pool.acquire(), h.pool.acquire()
+        self.assertEqual(len(h.pending), 1)
+        h.pending.pop(0).errback(Failure(ConnectError("refused", host="mx:25")))
+        # one waiter can still be served by the busy connection; the other gets the error
+        self.failureResultOf(w1, ConnectError)
+        self.assertNoResult(w2)
+        h.pool.release(busy)  # type: ignore[arg-type]
+        self.assertIs(self.successResultOf(w2), busy)
+
+    def test_cancel_before_connect(self) -> None:
+        h = Harness(size=1)
+        d = h.pool.acquire()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        conn = h.complete()  # the connection still arrives and is kept idle
+        self.assertIs(self.successResultOf(h.pool.acquire()), conn)
+
+    def test_close_quits_idle_and_fails_waiters(self) -> None:
+        h = Harness(size=1)
+        conn = self.successResultOf(_acquire_completed(h))
+        waiter = h.pool.acquire()
+        closed = h.pool.close()
+        self.failureResultOf(waiter)
+        self.assertEqual(conn.quits, 1)
+        self.successResultOf(closed)
+        self.assertEqual(h.clock.getDelayedCalls(), [])
+
+
+def _acquire_completed(h: Harness) -> defer.Deferred[FakeConnection]:
+    d = h.pool.acquire()
+    h.complete()
+    return d  # type: ignore[return-value]

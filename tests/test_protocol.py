@@ -1,0 +1,426 @@
+"""MailerProtocol without a reactor: StringTransport for the wire, task.Clock for time."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from twisted.internet import defer, task
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from twistmail.errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    ExtensionRequiredError,
+    SMTPTimeoutError,
+    TransientError,
+)
+from twistmail.message import envelope_from_bytes
+from twistmail.smtp._protocol import MailerProtocol, TransactionResult
+
+BODY = b"Subject: hi\r\n\r\nline one\r\n.starts with a dot\r\n"
+WIRE_BODY = b"Subject: hi\r\n\r\nline one\r\n..starts with a dot\r\n.\r\n"
+
+
+class RecordingTransport(StringTransport):
+    """A StringTransport that keeps each write separately and records TCP_NODELAY."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.nodelay = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+def envelope(*rcpts: str, data: bytes = BODY) -> Any:
+    return envelope_from_bytes("from@example.com", list(rcpts or ["to@example.com"]), data)
+
+
+class Session:
+    """A protocol connected to a RecordingTransport, with helpers to play the server."""
+
+    def __init__(
+        self,
+        ehlo: list[bytes] | None = None,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        pipelining: bool = True,
+        reply_timeout: float = 10.0,
+        data_timeout: float = 100.0,
+    ) -> None:
+        self.clock = task.Clock()
+        self.proto = MailerProtocol(
+            host_label="mx.test:25",
+            clock=self.clock,
+            identity=b"client.test",
+            username=username,
+            password=password,
+            reply_timeout=reply_timeout,
+            data_timeout=data_timeout,
+            use_pipelining=pipelining,
+        )
+        self.transport = RecordingTransport()
+        self.proto.makeConnection(self.transport)
+        self.ehlo = ehlo if ehlo is not None else [b"PIPELINING", b"8BITMIME", b"SMTPUTF8"]
+
+    def take(self) -> bytes:
+        data = self.transport.value()
+        self.transport.clear()
+        self.transport.writes.clear()
+        return data
+
+    def reply(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    def handshake(self) -> None:
+        self.reply(b"220 mx.test ESMTP\r\n")
+        assert self.take() == b"EHLO client.test\r\n"
+        lines = [b"mx.test hello", *self.ehlo]
+        text = b"".join(b"250-" + line + b"\r\n" for line in lines[:-1])
+        self.reply(text + b"250 " + lines[-1] + b"\r\n")
+
+    def lose(self, reason: Exception | None = None) -> None:
+        self.proto.connectionLost(Failure(reason or ConnectionLostError("gone")))
+
+
+class HandshakeTests(SynchronousTestCase):
+    def test_tcp_nodelay_is_set_on_connect(self) -> None:
+        s = Session()
+        self.assertTrue(s.transport.nodelay)
+
+    def test_ready_after_ehlo_with_capabilities(self) -> None:
+        s = Session(ehlo=[b"PIPELINING", b"SIZE 1000", b"8BITMIME", b"AUTH PLAIN LOGIN"])
+        s.handshake()
+        proto = self.successResultOf(s.proto.ready)
+        caps = proto.capabilities
+        self.assertTrue(caps.pipelining and caps.eight_bit_mime)
+        self.assertEqual(caps.size, 1000)
+        self.assertEqual(caps.auth, frozenset({"PLAIN", "LOGIN"}))
+        self.assertFalse(caps.smtputf8)
+
+    def test_helo_fallback_when_ehlo_refused(self) -> None:
+        s = Session()
+        s.reply(b"220 old server\r\n")
+        s.take()
+        s.reply(b"500 what is EHLO\r\n")
+        self.assertEqual(s.take(), b"HELO client.test\r\n")
+        s.reply(b"250 hello\r\n")
+        proto = self.successResultOf(s.proto.ready)
+        self.assertFalse(proto.capabilities.esmtp)
+
+    def test_greeting_timeout(self) -> None:
+        s = Session(reply_timeout=5)
+        s.clock.advance(5.1)
+        self.assertTrue(s.transport.aborted)
+        s.lose()
+        err = self.failureResultOf(s.proto.ready, SMTPTimeoutError).value
+        self.assertIn("mx.test:25", str(err))
+
+    def test_554_greeting_is_permanent(self) -> None:
+        s = Session()
+        s.reply(b"554 5.7.1 go away\r\n")
+        s.lose()
+        err = self.failureResultOf(s.proto.ready).value
+        self.assertFalse(err.transient)
+        self.assertEqual((err.code, err.enhanced, err.response), (554, "5.7.1", "go away"))
+
+
+class AuthTests(SynchronousTestCase):
+    SECRET = "s3cret-pass"
+
+    def _start(self) -> Session:
+        s = Session(ehlo=[b"AUTH PLAIN", b"PIPELINING"], username="alice", password=self.SECRET)
+        s.handshake()
+        return s
+
+    def test_auth_plain_success(self) -> None:
+        s = self._start()
+        line = s.take()
+        expected = base64.b64encode(b"\0alice\0" + self.SECRET.encode())
+        self.assertEqual(line, b"AUTH PLAIN " + expected + b"\r\n")
+        s.reply(b"235 2.7.0 ok\r\n")
+        self.successResultOf(s.proto.ready)
+
+    def test_auth_failure_never_reveals_secret(self) -> None:
+        logged: list[str] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            logged.append(repr(event))
+
+        globalLogPublisher.addObserver(observer)
+        try:
+            s = self._start()
+            sent = s.take()
+            s.reply(b"535 5.7.8 bad credentials\r\n")
+            sent += s.take()  # Twisted retries PLAIN in its other form
+            s.reply(b"535 5.7.8 bad credentials\r\n")
+            s.lose()
+            err = self.failureResultOf(s.proto.ready, AuthenticationError).value
+        finally:
+            globalLogPublisher.removeObserver(observer)
+        b64 = base64.b64encode(b"\0alice\0" + self.SECRET.encode()).decode()
+        self.assertIn(b64.encode(), sent)  # it was really sent, so scrubbing is meaningful
+        for text in [str(err), repr(err), err.response, *logged]:
+            self.assertNotIn(self.SECRET, text)
+            self.assertNotIn(b64, text)
+        self.assertEqual(err.code, 535)
+
+    def test_credentials_but_no_auth_offered(self) -> None:
+        s = Session(ehlo=[b"PIPELINING"], username="alice", password=self.SECRET)
+        s.handshake()
+        s.lose()
+        err = self.failureResultOf(s.proto.ready, AuthenticationError).value
+        self.assertIn("no usable AUTH", str(err))
+
+
+def ready_session(**kw: Any) -> Session:
+    s = Session(**kw)
+    s.handshake()
+    return s
+
+
+class TransactionTests(SynchronousTestCase):
+    def test_pipelined_envelope_in_one_write_and_exact_body(self) -> None:
+        s = ready_session()
+        d = s.proto.send(envelope("a@example.com", "b@example.com"))
+        self.assertEqual(
+            s.transport.writes,
+            [
+                b"MAIL FROM:<from@example.com>\r\nRCPT TO:<a@example.com>\r\n"
+                b"RCPT TO:<b@example.com>\r\nDATA\r\n"
+            ],
+        )
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(s.transport.writes, [WIRE_BODY])
+        s.take()
+        s.reply(b"250 2.0.0 queued as X\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(result.code, 250)
+        self.assertEqual(result.enhanced, "2.0.0")
+        self.assertEqual([r.code for r in result.recipients], [250, 250])
+
+    def test_lockstep_without_pipelining(self) -> None:
+        s = ready_session(ehlo=[b"8BITMIME"])
+        d = s.proto.send(envelope("a@example.com", "b@example.com"))
+        self.assertEqual(s.take(), b"MAIL FROM:<from@example.com>\r\n")
+        s.reply(b"250 ok\r\n")
+        self.assertEqual(s.take(), b"RCPT TO:<a@example.com>\r\n")
+        s.reply(b"550 5.1.1 no such user\r\n")
+        self.assertEqual(s.take(), b"RCPT TO:<b@example.com>\r\n")
+        s.reply(b"250 ok\r\n")
+        self.assertEqual(s.take(), b"DATA\r\n")
+        s.reply(b"354 go\r\n")
+        self.assertEqual(s.take(), WIRE_BODY)
+        s.reply(b"250 ok\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(
+            [(str(r.recipient), r.code, r.enhanced) for r in result.recipients],
+            [("a@example.com", 550, "5.1.1"), ("b@example.com", 250, None)],
+        )
+
+    def test_connection_reused_without_rset_after_success(self) -> None:
+        s = ready_session(ehlo=[b"8BITMIME"])
+        for n in range(3):
+            d = s.proto.send(envelope())
+            self.assertEqual(s.take(), b"MAIL FROM:<from@example.com>\r\n", n)
+            s.reply(b"250 ok\r\n")
+            s.take()
+            s.reply(b"250 ok\r\n")
+            s.take()
+            s.reply(b"354 go\r\n")
+            s.take()
+            s.reply(b"250 ok\r\n")
+            self.assertEqual(self.successResultOf(d).code, 250)
+        self.assertTrue(s.proto.usable)
+
+    def test_mixed_recipient_replies_map_to_the_right_recipient(self) -> None:
+        s = ready_session()
+        d = s.proto.send(envelope("ok@example.com", "busy@example.com", "gone@example.com"))
+        s.take()
+        s.reply(
+            b"250 ok\r\n250 ok\r\n451 4.2.1 busy\r\n"
+            b"550-5.1.1 no\r\n550 5.1.1 such user\r\n354 go\r\n"
+        )
+        s.take()
+        s.reply(b"250 ok\r\n")
+        result: TransactionResult = self.successResultOf(d)
+        got = [(str(r.recipient), r.code, r.text) for r in result.recipients]
+        self.assertEqual(
+            got,
+            [
+                ("ok@example.com", 250, "ok"),
+                ("busy@example.com", 451, "busy"),
+                ("gone@example.com", 550, "no\nsuch user"),
+            ],
+        )
+
+    def test_mail_refused_in_pipelined_group_then_rset_before_next(self) -> None:
+        s = ready_session()
+        d1 = s.proto.send(envelope("a@example.com"))
+        s.take()
+        s.reply(b"451 4.3.0 try later\r\n503 need MAIL\r\n503 need MAIL\r\n")
+        result = self.successResultOf(d1)
+        self.assertEqual([r.code for r in result.recipients], [451])
+        d2 = s.proto.send(envelope("b@example.com"))
+        self.assertTrue(s.take().startswith(b"RSET\r\nMAIL FROM:"))
+        s.reply(b"250 flushed\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        s.take()
+        s.reply(b"250 ok\r\n")
+        self.assertEqual(self.successResultOf(d2).code, 250)
+
+    def test_data_refused_with_no_valid_recipients(self) -> None:
+        s = ready_session()
+        d = s.proto.send(envelope("x@example.com", "y@example.com"))
+        s.take()
+        s.reply(b"250 ok\r\n550 no\r\n550 no\r\n554 5.5.1 no valid recipients\r\n")
+        self.assertEqual(s.take(), b"")  # no body went out
+        result = self.successResultOf(d)
+        self.assertEqual([r.code for r in result.recipients], [550, 550])
+
+    def test_4xx_after_dot_applies_to_accepted_recipients(self) -> None:
+        s = ready_session()
+        d = s.proto.send(envelope("a@example.com", "b@example.com"))
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n550 nope\r\n354 go\r\n")
+        s.take()
+        s.reply(b"452 4.3.1 out of space\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual([r.code for r in result.recipients], [452, 550])
+
+    def test_next_message_pipelined_behind_the_body(self) -> None:
+        s = ready_session()
+        d1 = s.proto.send(envelope("a@example.com"))
+        d2 = s.proto.send(envelope("b@example.com"))
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(
+            s.transport.writes,
+            [WIRE_BODY + b"MAIL FROM:<from@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"],
+        )
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        s.reply(b"250 ok\r\n")
+        self.assertEqual(self.successResultOf(d1).code, 250)
+        self.assertEqual(self.successResultOf(d2).code, 250)
+
+    def test_smtputf8_needed_but_not_offered(self) -> None:
+        s = ready_session(ehlo=[b"PIPELINING", b"8BITMIME"])
+        d = s.proto.send(envelope("jörg@example.com"))
+        self.failureResultOf(d, ExtensionRequiredError)
+        self.assertEqual(s.take(), b"")
+
+    def test_smtputf8_used_when_offered(self) -> None:
+        s = ready_session()
+        s.proto.send(envelope("jörg@example.com"))
+        self.assertIn(b" SMTPUTF8\r\nRCPT TO:<j\xc3\xb6rg@example.com>", s.take())
+
+
+class FailureTests(SynchronousTestCase):
+    def test_reply_timeout_aborts_and_fails_transaction(self) -> None:
+        s = ready_session(reply_timeout=5)
+        d = s.proto.send(envelope())
+        s.clock.advance(4)
+        self.assertNoResult(d)
+        s.clock.advance(1.5)
+        self.assertTrue(s.transport.aborted)
+        s.lose()
+        err = self.failureResultOf(d, SMTPTimeoutError).value
+        self.assertIsInstance(err, TimeoutError)
+        self.assertIn("MAIL", str(err))
+
+    def test_data_phase_timeout_even_with_trickling_replies(self) -> None:
+        s = ready_session(reply_timeout=5, data_timeout=8)
+        d = s.proto.send(envelope())
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        for _ in range(3):
+            s.clock.advance(3)
+            s.reply(b"250-still\r\n")  # keeps the per-reply timer alive, not the DATA one
+        self.assertTrue(s.transport.aborted)
+        s.lose()
+        self.assertIn("DATA phase", str(self.failureResultOf(d, SMTPTimeoutError).value))
+
+    def test_drop_after_data_is_transient_connection_lost(self) -> None:
+        s = ready_session()
+        d = s.proto.send(envelope())
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        s.proto.connectionLost(Failure(ConnectionError("reset")))
+        err = self.failureResultOf(d, ConnectionLostError).value
+        self.assertTrue(err.transient)
+        self.assertIn("after the message data", str(err))
+        self.assertFalse(s.proto.usable)
+
+    def test_421_fails_current_and_queued_transactions_transiently(self) -> None:
+        s = ready_session(ehlo=[b"8BITMIME"])
+        d1 = s.proto.send(envelope())
+        d2 = s.proto.send(envelope())
+        s.reply(b"421 4.7.0 closing\r\n")
+        s.lose()
+        e1 = self.failureResultOf(d1, TransientError).value
+        self.assertEqual(e1.code, 421)
+        self.failureResultOf(d2, ConnectionLostError)
+
+    def test_unsolicited_421_when_idle_closes(self) -> None:
+        s = ready_session()
+        s.reply(b"421 4.4.2 idle too long\r\n")
+        self.assertTrue(s.transport.disconnecting)
+        self.assertFalse(s.proto.usable)
+
+
+class CancellationTests(SynchronousTestCase):
+    def test_cancel_queued_transaction_sends_nothing(self) -> None:
+        s = ready_session(ehlo=[b"8BITMIME"])
+        d1 = s.proto.send(envelope("a@example.com"))
+        d2 = s.proto.send(envelope("b@example.com"))
+        s.take()
+        d2.cancel()
+        self.failureResultOf(d2, defer.CancelledError)
+        s.reply(b"250 ok\r\n")
+        s.take()
+        s.reply(b"250 ok\r\n")
+        s.take()
+        s.reply(b"354 go\r\n")
+        s.take()
+        s.reply(b"250 ok\r\n")
+        self.successResultOf(d1)
+        self.assertEqual(s.take(), b"")  # b's transaction never started
+        self.assertFalse(s.transport.aborted)
+
+    def test_cancel_started_transaction_drops_connection(self) -> None:
+        s = ready_session()
+        d = s.proto.send(envelope())
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertTrue(s.transport.aborted)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"garbage\r\n", b"99\r\n"],
+)
+def test_malformed_reply_aborts(line: bytes) -> None:
+    s = ready_session()
+    d = s.proto.send(envelope())
+    s.reply(line)
+    assert s.transport.aborted
+    s.lose()
+    failure = []
+    d.addErrback(failure.append)
+    assert failure
+    assert failure[0].check(TransientError)

@@ -1,0 +1,1 @@
+"""twistmail: bulk mail on Twisted."""

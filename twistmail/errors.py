@@ -1,0 +1,127 @@
+"""The one error taxonomy of twistmail.
+
+Every delivery problem is either a :class:`TransientError` (worth retrying later: 4xx replies,
+dropped connections, timeouts) or a :class:`PermanentError` (5xx replies, refused credentials,
+failed certificate checks, a message the server cannot take). Both carry the SMTP reply code,
+the enhanced status code, the server's text, the recipient concerned and the server host, and
+never any credential or protocol transcript.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AddressError",
+    "AuthenticationError",
+    "ConnectError",
+    "ConnectionLostError",
+    "DeliveryError",
+    "ExtensionRequiredError",
+    "HeaderInjectionError",
+    "MessageError",
+    "PermanentError",
+    "SMTPTimeoutError",
+    "TLSError",
+    "TransientError",
+    "TwistmailError",
+]
+
+
+class TwistmailError(Exception):
+    """Base class of every error twistmail raises on purpose."""
+
+
+class MessageError(TwistmailError, ValueError):
+    """A message or envelope that cannot be sent as given (caught before any connection)."""
+
+
+class AddressError(MessageError):
+    """An address that is malformed, empty, or cannot be used for SMTP."""
+
+    def __init__(self, message: str, *, address: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.address = address
+        self.field = field
+
+
+class HeaderInjectionError(MessageError):
+    """A header value carrying CR or LF, which would let data forge extra headers."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class DeliveryError(TwistmailError):
+    """A failure reported by, or while talking to, an SMTP server.
+
+    :ivar code: the SMTP reply code, or ``None`` when no reply was involved (a drop, a timeout).
+    :ivar enhanced: the RFC 3463 enhanced status code such as ``"5.1.1"``, when the server sent one.
+    :ivar response: the server's reply text (credentials never appear here).
+    :ivar recipient: the recipient this error concerns, when it concerns one.
+    :ivar host: the server, as ``host:port``.
+    """
+
+    transient = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: int | None = None,
+        enhanced: str | None = None,
+        response: str = "",
+        recipient: str | None = None,
+        host: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.enhanced = enhanced
+        self.response = response
+        self.recipient = recipient
+        self.host = host
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.code is not None:
+            reply = f"{self.code} {self.enhanced + ' ' if self.enhanced else ''}{self.response}"
+            parts.append(f"(server replied {reply.strip()})")
+        if self.recipient:
+            parts.append(f"[recipient {self.recipient}]")
+        if self.host:
+            parts.append(f"[host {self.host}]")
+        return " ".join(parts)
+
+
+class TransientError(DeliveryError):
+    """A failure that may succeed later: 4xx replies, drops, timeouts."""
+
+    transient = True
+
+
+class PermanentError(DeliveryError):
+    """A failure that will not succeed by retrying: 5xx replies and configuration problems."""
+
+
+class ConnectError(TransientError, ConnectionError):
+    """The TCP (or TLS) connection to the server could not be made."""
+
+
+class ConnectionLostError(TransientError, ConnectionError):
+    """The server closed the connection, or it broke, before the work was finished."""
+
+
+class SMTPTimeoutError(TransientError, TimeoutError):
+    """The server did not answer in time (connect, a reply, or the whole DATA phase)."""
+
+
+class TLSError(PermanentError):
+    """TLS could not be set up: no STARTTLS offered when required, or a failed certificate check."""
+
+
+class AuthenticationError(PermanentError):
+    """The server refused the credentials, or offers no mechanism we can use."""
+
+
+class ExtensionRequiredError(PermanentError):
+    """The message needs an SMTP extension (SMTPUTF8, 8BITMIME, SIZE) the server does not offer."""

@@ -1,0 +1,518 @@
+"""The Mailer: a long-lived, pooled sender bound to one SMTP server."""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import os
+from collections.abc import Callable, Iterable, Iterator, Sized
+from email.message import EmailMessage
+from typing import Any, TypeAlias, cast
+
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .errors import ConnectionLostError, DeliveryError, MessageError, PermanentError
+from .fanout import fan_out
+from .message import Envelope, envelope_from_bytes, envelope_from_message
+from .ratelimit import DomainLimiter, TokenBucket
+from .results import RecipientOutcome, RecipientStatus, SendReport, SendResult
+from .retry import RetryPolicy
+from .smtp._protocol import MailerProtocol, TransactionResult
+from .smtp.client import ServerConfig, connect, parse_url, tls_options
+from .smtp.pool import ConnectionPool
+
+__all__ = ["Mailer", "MessageLike", "OnResult", "send"]
+
+log = Logger()
+
+MessageLike: TypeAlias = EmailMessage | Envelope | tuple[str, Iterable[str], bytes]
+OnResult: TypeAlias = Callable[[int, SendResult | Exception], None]
+
+
+def _default_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class _Delivery:
+    """One message's progress through its attempts."""
+
+    __slots__ = ("attempts", "envelope", "error", "final", "outcomes", "retry_at")
+
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+        self.attempts = 0
+        self.outcomes: list[RecipientOutcome | None] = [None] * len(envelope.recipients)
+        self.final: TransactionResult | None = None
+        self.error: DeliveryError | None = None
+        self.retry_at = 0.0
+
+    def pending_envelope(self) -> Envelope:
+        """The envelope restricted to recipients not yet settled."""
+        if all(o is None or o.status == "deferred" for o in self.outcomes):
+            return self.envelope
+        rcpts = tuple(
+            r
+            for r, o in zip(self.envelope.recipients, self.outcomes, strict=True)
+            if o is None or o.status == "deferred"
+        )
+        return dataclasses.replace(self.envelope, recipients=rcpts)
+
+    @property
+    def done(self) -> bool:
+        return all(o is not None and o.status != "deferred" for o in self.outcomes)
+
+    def settle_deferred(self) -> None:
+        """Attempts are exhausted: recipients still deferred have failed."""
+        for o in self.outcomes:
+            if o is not None and o.status == "deferred":
+                o.status = "failed"
+
+    def result(self) -> SendResult:
+        outcomes = [o for o in self.outcomes if o is not None]
+        final = self.final
+        return SendResult(
+            sender=str(self.envelope.sender),
+            recipients=outcomes,
+            code=final.code if final else None,
+            response=final.text if final else "",
+            attempts=self.attempts,
+            message_id=self.envelope.message_id,
+            error=self.error,
+        )
+
+
+class Mailer:
+    """A pooled sender for one SMTP server, shared by any number of callers.
+
+    ``url`` is ``smtp://[user[:password]@]host[:port]`` (plain), ``smtp+tls://...`` (STARTTLS
+    required) or ``smtp+ssl://...`` (implicit TLS, port 465 by default). A password missing from
+    the URL comes from ``password=`` or the ``TWISTMAIL_SMTP_PASSWORD`` environment variable.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        concurrency: int = 10,
+        rate: float | None = None,
+        per_domain: int | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        password: str | None = None,
+        timeout: float = 60.0,
+        connect_timeout: float | None = None,
+        data_timeout: float = 600.0,
+        idle_timeout: float = 30.0,
+        max_attempts: int = 5,
+        retry_delay: float = 5.0,
+        max_retry_delay: float = 600.0,
+        local_hostname: str | None = None,
+        pipelining: bool = True,
+        retry_policy: RetryPolicy | None = None,
+        reactor: Any = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._reactor = reactor if reactor is not None else _default_reactor()
+        self._clock: IReactorTime = self._reactor
+        self.server: ServerConfig = parse_url(url, password=password)
+        self.concurrency = concurrency
+        self.retry = retry_policy or RetryPolicy(
+            max_attempts=max_attempts, initial_delay=retry_delay, max_delay=max_retry_delay
+        )
+        tls = None
+        if self.server.security != "plain":
+            tls = tls_options(self.server.host, ca_file=ca_file, insecure=insecure)
+        server = self.server
+        ctimeout = connect_timeout if connect_timeout is not None else timeout
+
+        def open_connection() -> defer.Deferred[MailerProtocol]:
+            return connect(
+                self._reactor,
+                server,
+                tls_creator=tls,
+                connect_timeout=ctimeout,
+                reply_timeout=timeout,
+                data_timeout=data_timeout,
+                local_hostname=local_hostname,
+                use_pipelining=pipelining,
+            )
+
+        self.pool = ConnectionPool(
+            open_connection, size=concurrency, clock=self._clock, idle_timeout=idle_timeout
+        )
+        self._bucket = TokenBucket(self._clock, rate) if rate else None
+        self._domains = DomainLimiter(per_domain) if per_domain else None
+        self._active: set[defer.Deferred[Any]] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Mailer {self.server.security} {self.server.label} concurrency={self.concurrency}>"
+
+    # ------------------------------------------------------------------ public API
+
+    def send(
+        self,
+        message: MessageLike | bytes,
+        *,
+        sender: str | None = None,
+        recipients: Iterable[str] | None = None,
+    ) -> defer.Deferred[SendResult]:
+        """Deliver one message, retrying temporary failures; fires with a :class:`SendResult`.
+
+        Fails with the delivery error (which carries ``.result``) when no recipient was
+        accepted, or with a :class:`~twistmail.errors.MessageError` for a message that cannot be
+        sent as given. Partial acceptance succeeds: look at ``result.rejected``.
+        """
+        try:
+            envelope = self._prepare(message, sender, recipients)
+        except MessageError as e:
+            return defer.fail(e)
+        if self._closed:
+            return defer.fail(ConnectionLostError("the mailer is closed"))
+        d = self._complete(_Delivery(envelope))
+        d.addCallback(_raise_if_nothing_accepted)
+        return self._track(d)
+
+    def send_many(
+        self,
+        messages: Iterable[MessageLike],
+        *,
+        on_result: OnResult | None = None,
+    ) -> defer.Deferred[SendReport]:
+        """Deliver every message of an iterable or generator, ``concurrency`` at a time.
+
+        Items are ``EmailMessage`` objects, :class:`~twistmail.message.Envelope` objects or
+        ``(sender, recipients, data_bytes)`` triples. The iterable is consumed lazily, and
+        outcomes go to ``on_result(index, result_or_error)`` and into the report's counters, so
+        memory does not grow with the number of messages.
+        """
+        report = SendReport()
+        started = self._clock.seconds()
+        if self._closed:
+            return defer.fail(ConnectionLostError("the mailer is closed"))
+
+        def finish(_: object) -> SendReport:
+            report.elapsed = self._clock.seconds() - started
+            return report
+
+        d: defer.Deferred[Any]
+        if isinstance(messages, Sized) and len(messages) <= _SMALL_BATCH:
+            d = defer.gatherResults(
+                [self._one_of_many(i, m, report, on_result) for i, m in enumerate(messages)],
+                consumeErrors=True,
+            )
+            d.addErrback(_first_error)
+        else:
+            run = _Run(self, enumerate(messages), report, on_result)
+            d = fan_out(self._reactor, run.work, self.concurrency)
+        d.addCallback(finish)
+        return self._track(d)
+
+    def close(self) -> defer.Deferred[None]:
+        """Stop taking work, wait for what is in flight, then QUIT every connection."""
+        self._closed = True
+        pending = list(self._active)
+        d = defer.DeferredList(pending, consumeErrors=True)
+        d.addCallback(lambda _: self.pool.close())
+        return d.addCallback(lambda _: None)
+
+    # ------------------------------------------------------------------ engine
+
+    def _track(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        self._active.add(d)
+
+        def untrack(result: object) -> object:
+            self._active.discard(d)
+            return result
+
+        return d.addBoth(untrack)
+
+    def _prepare(
+        self,
+        message: MessageLike | bytes,
+        sender: str | None = None,
+        recipients: Iterable[str] | None = None,
+    ) -> Envelope:
+        if isinstance(message, Envelope):
+            return message
+        if isinstance(message, EmailMessage):
+            return envelope_from_message(message, sender=sender, recipients=recipients)
+        if isinstance(message, bytes | bytearray):
+            if sender is None or recipients is None:
+                raise MessageError("raw bytes need an explicit sender= and recipients=")
+            return envelope_from_bytes(sender, recipients, bytes(message))
+        if isinstance(message, tuple) and len(message) == 3:
+            s, r, data = message
+            return envelope_from_bytes(s, r, data)
+        raise MessageError(
+            f"cannot send {type(message).__name__}: give an EmailMessage, an Envelope "
+            "or a (sender, recipients, bytes) triple"
+        )
+
+    def _complete(self, delivery: _Delivery) -> defer.Deferred[SendResult]:
+        """Attempt until every recipient is settled or attempts run out."""
+        return defer.Deferred.fromCoroutine(self._complete_coro(delivery))
+
+    async def _complete_coro(self, delivery: _Delivery) -> SendResult:
+        while True:
+            await self._attempt(delivery)
+            if delivery.done:
+                return delivery.result()
+            delay = max(0.0, delivery.retry_at - self._clock.seconds())
+            await task.deferLater(self._clock, delay, lambda: None)
+
+    def _one_of_many(
+        self, index: int, item: MessageLike, report: SendReport, on_result: OnResult | None
+    ) -> defer.Deferred[None]:
+        try:
+            envelope = self._prepare(item)
+        except MessageError as e:
+            _count_invalid(report, index, e, on_result)
+            return defer.succeed(None)
+        d = self._complete(_Delivery(envelope))
+        return d.addCallback(_count_result, index, report, on_result)
+
+    def _attempt(self, delivery: _Delivery) -> defer.Deferred[None]:
+        """One attempt at the recipients not yet settled; updates ``delivery``."""
+        delivery.attempts += 1
+        envelope = delivery.pending_envelope()
+        domains: list[str] = []
+        d: defer.Deferred[Any]
+        if self._bucket is None and self._domains is None:
+            d = self.pool.acquire()
+        else:
+            d = self._gate(envelope, domains)
+        d.addCallback(self._send_on, envelope)
+        if self._domains is not None:
+            d.addBoth(self._release_domains, domains)
+        d.addCallbacks(
+            self._on_transaction,
+            self._on_failure,
+            callbackArgs=(delivery,),
+            errbackArgs=(delivery,),
+        )
+        return cast("defer.Deferred[None]", d)
+
+    def _gate(self, envelope: Envelope, held: list[str]) -> defer.Deferred[MailerProtocol]:
+        async def gate() -> MailerProtocol:
+            if self._bucket is not None:
+                await self._bucket.acquire()
+            if self._domains is not None:
+                for domain in sorted({r.ascii_domain for r in envelope.recipients}):
+                    await self._domains.acquire(domain)
+                    held.append(domain)
+            return await self.pool.acquire()
+
+        return defer.Deferred.fromCoroutine(gate())
+
+    def _release_domains(self, result: object, held: list[str]) -> object:
+        assert self._domains is not None
+        for domain in held:
+            self._domains.release(domain)
+        held.clear()
+        return result
+
+    def _send_on(
+        self, proto: MailerProtocol, envelope: Envelope
+    ) -> defer.Deferred[TransactionResult]:
+        d = proto.send(envelope)
+
+        def release(result: object) -> object:
+            self.pool.release(proto)
+            return result
+
+        return d.addBoth(release)
+
+    def _on_transaction(self, result: TransactionResult, delivery: _Delivery) -> None:
+        delivery.final = result
+        delivery.error = None
+        outcomes = delivery.outcomes
+        replies = iter(result.recipients)
+        deferred = False
+        for i, o in enumerate(outcomes):
+            if o is not None and o.status != "deferred":
+                continue
+            reply = next(replies)
+            code = reply.code
+            status: RecipientStatus
+            if 200 <= code < 300:
+                status = "sent"
+            elif 400 <= code < 500:
+                status = "deferred"
+                deferred = True
+            else:
+                status = "failed"
+            outcomes[i] = RecipientOutcome(
+                str(reply.recipient), status, code, reply.enhanced, reply.text, delivery.attempts
+            )
+        if deferred:
+            self._schedule_retry(delivery)
+
+    def _on_failure(self, failure: Failure, delivery: _Delivery) -> Failure | None:
+        if failure.check(defer.CancelledError):
+            return failure
+        error = failure.value
+        if not isinstance(error, DeliveryError):
+            log.failure("unexpected error while sending", failure)
+            error = PermanentError(f"internal error: {error!r}")
+        delivery.error = error
+        status: RecipientStatus = "deferred" if error.transient else "failed"
+        outcomes = delivery.outcomes
+        for i, (rcpt, o) in enumerate(zip(delivery.envelope.recipients, outcomes, strict=True)):
+            if o is None or o.status == "deferred":
+                outcomes[i] = RecipientOutcome(
+                    str(rcpt),
+                    status,
+                    error.code,
+                    error.enhanced,
+                    error.response,
+                    delivery.attempts,
+                )
+        if error.transient:
+            self._schedule_retry(delivery)
+        return None
+
+    def _schedule_retry(self, delivery: _Delivery) -> None:
+        if self.retry.can_retry(delivery.attempts) and not self._closed:
+            delivery.retry_at = self._clock.seconds() + self.retry.delay(delivery.attempts)
+        else:
+            delivery.settle_deferred()
+
+
+# Sized batches up to this many go out through one DeferredList; larger ones and generators
+# go through `concurrency` cooperative workers sharing one iterator.
+_SMALL_BATCH = 100
+
+
+def _first_error(failure: Failure) -> Failure:
+    if isinstance(failure.value, defer.FirstError):
+        sub: Failure = failure.value.subFailure
+        return sub
+    return failure
+
+
+def _raise_if_nothing_accepted(result: SendResult) -> SendResult:
+    if result.accepted:
+        return result
+    first = result.recipients[0] if result.recipients else None
+    error = result.error
+    if error is None:
+        assert first is not None
+        error = PermanentError(
+            "no recipient was accepted",
+            code=first.code,
+            enhanced=first.enhanced,
+            response=first.response,
+            recipient=first.recipient,
+        )
+    error.result = result  # type: ignore[attr-defined]
+    raise error
+
+
+def _count_result(
+    result: SendResult, index: int, report: SendReport, on_result: OnResult | None
+) -> None:
+    report.add(result)
+    if not result.ok:
+        bad = result.rejected[0]
+        report.note_error(index, f"{bad.recipient}: {bad.code or ''} {bad.response}".strip())
+    if on_result is not None:
+        on_result(index, result)
+
+
+def _count_invalid(
+    report: SendReport, index: int, error: Exception, on_result: OnResult | None
+) -> None:
+    report.invalid += 1
+    report.note_error(index, str(error))
+    if on_result is not None:
+        on_result(index, error)
+
+
+class _Run:
+    """The shared state of a streaming ``send_many``: the iterator and the parked retries."""
+
+    def __init__(
+        self,
+        mailer: Mailer,
+        items: Iterator[tuple[int, MessageLike]],
+        report: SendReport,
+        on_result: OnResult | None,
+    ) -> None:
+        self.mailer = mailer
+        self.items = items
+        self.exhausted = False
+        self.report = report
+        self.on_result = on_result
+        self.parked: list[tuple[float, int, _Delivery]] = []
+        self.max_parked = max(1000, 50 * mailer.concurrency)
+
+    def _next(self) -> tuple[int, _Delivery] | None:
+        """A parked delivery that is due, else the next item from the iterator."""
+        clock = self.mailer._clock
+        if self.parked:
+            due, index, delivery = self.parked[0]
+            if due <= clock.seconds():
+                heapq.heappop(self.parked)
+                return index, delivery
+            if len(self.parked) >= self.max_parked:
+                return None
+        while not self.exhausted:
+            try:
+                index, item = next(self.items)
+            except StopIteration:
+                self.exhausted = True
+                break
+            try:
+                envelope = self.mailer._prepare(item)
+            except MessageError as e:
+                _count_invalid(self.report, index, e, self.on_result)
+                continue
+            return index, _Delivery(envelope)
+        return None
+
+    def work(self) -> Iterator[defer.Deferred[Any] | None]:
+        """One worker: attempt deliveries until the iterator and the parked retries are empty."""
+        clock = self.mailer._clock
+        while True:
+            nxt = self._next()
+            if nxt is None:
+                if not self.parked:
+                    return
+                wait = max(0.0, self.parked[0][0] - clock.seconds())
+                yield task.deferLater(clock, wait, lambda: None)
+                continue
+            index, delivery = nxt
+            d = self.mailer._attempt(delivery)
+            d.addCallback(self._after_attempt, index, delivery)
+            yield d
+
+    def _after_attempt(self, _: None, index: int, delivery: _Delivery) -> None:
+        if delivery.done:
+            _count_result(delivery.result(), index, self.report, self.on_result)
+        else:
+            heapq.heappush(self.parked, (delivery.retry_at, index, delivery))
+
+
+def send(
+    message: MessageLike | bytes,
+    url: str,
+    *,
+    sender: str | None = None,
+    recipients: Iterable[str] | None = None,
+    **options: Any,
+) -> defer.Deferred[SendResult]:
+    """Send one message through a Mailer made for the purpose, then close it."""
+    mailer = Mailer(url, concurrency=1, **options)
+    d = mailer.send(message, sender=sender, recipients=recipients)
+
+    def close(result: object) -> defer.Deferred[object]:
+        return mailer.close().addCallback(lambda _: result)
+
+    return d.addBoth(close)

@@ -1,0 +1,382 @@
+"""Messages ready for the wire: the SMTP envelope, the DATA payload and what the server must offer.
+
+Everything here is pure (no I/O). :func:`envelope_from_bytes` takes an already rendered message,
+:func:`envelope_from_message` renders an :class:`~email.message.EmailMessage`; both give an
+:class:`Envelope` whose ``payload`` can be written after ``DATA`` in one piece.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email import policy
+from email.headerregistry import Address as HeaderAddress
+from email.headerregistry import Group, HeaderRegistry
+from email.message import EmailMessage
+
+from twistmail.address import (
+    Address,
+    check_header_value,
+    parse_address,
+    parse_address_list,
+    parse_sender,
+)
+from twistmail.errors import AddressError, HeaderInjectionError, MessageError
+
+__all__ = [
+    "Envelope",
+    "envelope_from_bytes",
+    "envelope_from_message",
+    "reflatten_7bit",
+    "to_wire",
+    "unstuff",
+]
+
+_SMTP_7BIT = policy.SMTP.clone(cte_type="7bit")
+# Headers whose addresses are rendered into the message (Bcc never is).
+_ADDRESS_HEADERS = ("From", "Sender", "Reply-To", "To", "Cc")
+_ADDRESS_HEADER_KEYS = frozenset(name.lower() for name in _ADDRESS_HEADERS)
+_RECIPIENT_HEADERS = ("To", "Cc", "Bcc")
+# A line break followed by whitespace and then content: header folding, not a new header line.
+_FOLD = re.compile(r"(?:\r\n|[\r\n])(?=[ \t]+[^ \t\r\n])")
+_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+_HEADER_REGISTRY = HeaderRegistry()
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One message ready for the wire."""
+
+    sender: Address
+    """The reverse-path (``MAIL FROM``); may be the null path."""
+    recipients: tuple[Address, ...]
+    """The forward-paths (``RCPT TO``): at least one, without duplicates, in the order given."""
+    payload: bytes
+    """The DATA content: CRLF line ends, dot-stuffed, ending with ``b"\\r\\n.\\r\\n"``."""
+    size: int
+    """Octets of the message before dot-stuffing, for the ``SIZE=`` parameter."""
+    eight_bit: bool
+    """Whether the message has any byte above 127 (so needs 8BITMIME)."""
+    smtputf8: bool
+    """Whether an address or the header block needs SMTPUTF8."""
+    message_id: str | None
+    """The Message-ID header value, when the message has one."""
+    source: EmailMessage | None = None
+    """The message this was rendered from (None for raw bytes), for a 7-bit re-rendering."""
+
+
+def to_wire(data: bytes) -> bytes:
+    """The DATA payload for ``data``: CRLF line ends, a final CRLF, dot-stuffing and ``.\\r\\n``.
+
+    Bare LF, bare CR and CRLF all become CRLF; data already using CRLF is never given
+    ``\\r\\r\\n``.
+    """
+    return _to_wire(data)[0]
+
+
+def unstuff(payload: bytes) -> bytes:
+    """The message carried by a DATA payload: the inverse of :func:`to_wire`.
+
+    Raises :class:`MessageError` when ``payload`` is not terminated by ``CRLF . CRLF``.
+    """
+    if payload == b".\r\n":
+        return b""
+    if not payload.endswith(b"\r\n.\r\n"):
+        raise MessageError("DATA payload does not end with CRLF.CRLF")
+    body = payload[:-3]
+    if body.startswith(b"."):
+        body = body[1:]
+    return body.replace(b"\r\n.", b"\r\n")
+
+
+def envelope_from_bytes(
+    sender: str | Address, recipients: Iterable[str | Address], data: bytes
+) -> Envelope:
+    """An envelope for an already rendered message.
+
+    CRLF-formatted ``data`` is sent as it is apart from dot-stuffing and termination; other line
+    ends are normalised. String addresses are parsed and validated; an empty recipient list is
+    refused with :class:`AddressError`.
+    """
+    if not isinstance(data, bytes):
+        raise TypeError(f"data must be bytes, not {type(data).__name__}")
+    envelope_sender = (
+        sender if isinstance(sender, Address) else parse_sender(sender, field="sender")
+    )
+    forward_paths = _unique_recipients(
+        _parsed_recipients(recipients), field="recipients", empty="no recipients"
+    )
+    return _envelope(envelope_sender, forward_paths, data, None)
+
+
+def envelope_from_message(
+    msg: EmailMessage,
+    *,
+    sender: str | Address | None = None,
+    recipients: Iterable[str | Address] | None = None,
+) -> Envelope:
+    """An envelope for ``msg``, rendered with :data:`email.policy.SMTP`.
+
+    The envelope sender defaults to the first From address and the recipients to every To, Cc
+    and Bcc address. Bcc is left out of what is sent; ``msg`` itself is not changed. A header
+    with a non-ASCII local part makes the rendering use :data:`email.policy.SMTPUTF8`; non-ASCII
+    domains in address headers are written as A-labels otherwise. A header value carrying a line
+    break is refused with :class:`HeaderInjectionError`.
+    """
+    _check_headers(msg)
+    header_addresses = {name: _header_addresses(msg, name) for name in _ADDRESS_HEADERS}
+    if sender is None:
+        if not header_addresses["From"]:
+            raise AddressError("no sender: the message has no From address", field="From")
+        envelope_sender = header_addresses["From"][0]
+    elif isinstance(sender, Address):
+        envelope_sender = sender
+    else:
+        envelope_sender = parse_sender(sender, field="sender")
+    if recipients is None:
+        forward_paths = _unique_recipients(
+            (
+                address
+                for name in _RECIPIENT_HEADERS
+                for address in (
+                    header_addresses[name]
+                    if name in header_addresses
+                    else _header_addresses(msg, name)
+                )
+            ),
+            field="To",
+            empty="no recipients: the message has no To, Cc or Bcc address",
+        )
+    else:
+        forward_paths = _unique_recipients(
+            _parsed_recipients(recipients), field="recipients", empty="no recipients"
+        )
+    rendered, utf8_headers = _prepare(msg, header_addresses)
+    data = rendered.as_bytes(policy=policy.SMTPUTF8 if utf8_headers else policy.SMTP)
+    return _envelope(envelope_sender, forward_paths, data, msg)
+
+
+def reflatten_7bit(envelope: Envelope) -> Envelope | None:
+    """The envelope re-rendered with 7-bit transfer encodings, for a server without 8BITMIME.
+
+    Returns ``envelope`` itself when it is already 7-bit, and None when no 7-bit form exists:
+    raw bytes (no ``source``) or headers that need SMTPUTF8.
+    """
+    if not envelope.eight_bit:
+        return envelope
+    msg = envelope.source
+    if msg is None:
+        return None
+    rendered, utf8_headers = _prepare(
+        msg, {name: _header_addresses(msg, name) for name in _ADDRESS_HEADERS}
+    )
+    if utf8_headers:
+        return None
+    payload, size = _to_wire(rendered.as_bytes(policy=_SMTP_7BIT))
+    if not payload.isascii():
+        return None
+    return dataclasses.replace(
+        envelope,
+        payload=payload,
+        size=size,
+        eight_bit=False,
+        smtputf8=_addresses_need_smtputf8(envelope.sender, envelope.recipients),
+    )
+
+
+# -- internals -------------------------------------------------------------------------------
+
+
+def _envelope(
+    sender: Address, recipients: tuple[Address, ...], data: bytes, source: EmailMessage | None
+) -> Envelope:
+    payload, size = _to_wire(data)
+    header_end = _header_end(payload)
+    eight_bit = not payload.isascii()
+    return Envelope(
+        sender=sender,
+        recipients=recipients,
+        payload=payload,
+        size=size,
+        eight_bit=eight_bit,
+        smtputf8=_addresses_need_smtputf8(sender, recipients)
+        or (eight_bit and not payload[:header_end].isascii()),
+        message_id=_message_id(payload, header_end),
+        source=source,
+    )
+
+
+def _to_wire(data: bytes) -> tuple[bytes, int]:
+    """The DATA payload for ``data`` and the size of the message before dot-stuffing."""
+    line_feeds = data.count(b"\n")
+    if (
+        line_feeds == data.count(b"\r\n")
+        and line_feeds == data.count(b"\r")
+        and b"\n." not in data
+        and not data.startswith(b".")
+    ):
+        # Already CRLF-clean with nothing to stuff: the common case costs one concatenation.
+        if data.endswith(b"\r\n"):
+            return data + b".\r\n", len(data)
+        if not data:
+            return b".\r\n", 0
+        return data + b"\r\n.\r\n", len(data) + 2
+    text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if text and not text.endswith(b"\r\n"):
+        text += b"\r\n"
+    size = len(text)
+    if text.startswith(b"."):
+        text = b"." + text
+    return text.replace(b"\r\n.", b"\r\n..") + b".\r\n", size
+
+
+def _header_end(payload: bytes) -> int:
+    """Index just past the header block (its last CRLF) in a DATA payload."""
+    if payload.startswith(b"\r\n"):
+        return 0
+    blank = payload.find(b"\r\n\r\n")
+    return blank + 2 if blank >= 0 else len(payload) - 3
+
+
+def _message_id(payload: bytes, header_end: int) -> str | None:
+    """The (unfolded) Message-ID value from the header block, found case-insensitively."""
+    if payload.startswith(b"Message-ID:"):
+        start = 11
+    else:
+        found = payload.find(b"\r\nMessage-ID:", 0, header_end)
+        if found >= 0:
+            start = found + 13
+        else:
+            lowered = payload[:header_end].lower()
+            if lowered.startswith(b"message-id:"):
+                start = 11
+            else:
+                found = lowered.find(b"\r\nmessage-id:")
+                if found < 0:
+                    return None
+                start = found + 13
+    stop = start
+    while True:
+        stop = payload.find(b"\r\n", stop, header_end)
+        if stop < 0:
+            stop = header_end
+            break
+        if payload[stop + 2 : stop + 3] not in (b" ", b"\t"):
+            break
+        stop += 2
+    value = payload[start:stop].replace(b"\r\n", b"").strip()
+    return value.decode("utf-8", "replace") or None
+
+
+def _addresses_need_smtputf8(sender: Address, recipients: tuple[Address, ...]) -> bool:
+    return sender.needs_smtputf8 or any(address.needs_smtputf8 for address in recipients)
+
+
+def _parsed_recipients(recipients: Iterable[str | Address]) -> list[Address]:
+    if isinstance(recipients, str):
+        raise TypeError("recipients must be an iterable of addresses, not a single str")
+    return [
+        recipient
+        if isinstance(recipient, Address)
+        else parse_address(recipient, field="recipients")
+        for recipient in recipients
+    ]
+
+
+def _unique_recipients(
+    addresses: Iterable[Address], *, field: str, empty: str
+) -> tuple[Address, ...]:
+    """``addresses`` without repeats (domains compared case-insensitively), order kept."""
+    seen: set[tuple[str, str]] = set()
+    unique: list[Address] = []
+    for address in addresses:
+        if address.is_null:
+            raise AddressError("the null path <> cannot be a recipient", address="", field=field)
+        domain = address.domain
+        # An ASCII domain only needs case folding; a U-label is compared as its A-label.
+        key = (address.local, domain.lower() if domain.isascii() else address.ascii_domain)
+        if key not in seen:
+            seen.add(key)
+            unique.append(address)
+    if not unique:
+        raise AddressError(empty, field=field)
+    return tuple(unique)
+
+
+def _unfold(value: str) -> str:
+    """``value`` with header folding (a line break followed by whitespace) undone."""
+    return _FOLD.sub("", value) if ("\n" in value or "\r" in value) else value
+
+
+def _check_headers(msg: EmailMessage) -> None:
+    """Refuse header names and stored values that would break the header block when written.
+
+    The stored (raw) values are checked: the parsed view of a header hides line breaks that
+    the generator would still write out.
+    """
+    for name, value in msg.raw_items():
+        if _HEADER_NAME.fullmatch(name) is None:
+            raise HeaderInjectionError(f"header name {name!r} is not valid", field=name)
+        check_header_value(name, _unfold(str(value)))
+
+
+def _header_addresses(msg: EmailMessage, name: str) -> list[Address]:
+    addresses: list[Address] = []
+    for value in msg.get_all(name) or ():
+        addresses.extend(parse_address_list(_unfold(str(value)), field=name))
+    return addresses
+
+
+def _prepare(
+    msg: EmailMessage, header_addresses: dict[str, list[Address]]
+) -> tuple[EmailMessage, bool]:
+    """A copy of ``msg`` ready to render, and whether its headers need SMTPUTF8.
+
+    The copy has no Bcc and, when SMTPUTF8 is not needed, A-label domains in address headers.
+    """
+    rendered = copy.copy(msg)
+    # Message.__delitem__ builds a new header list, so the caller's msg keeps its own.
+    del rendered["Bcc"]
+    addresses = [a for name in _ADDRESS_HEADERS for a in header_addresses[name]]
+    if any(address.needs_smtputf8 for address in addresses):
+        return rendered, True
+    if not all(address.domain.isascii() for address in addresses):
+        _use_a_labels(rendered)
+    return rendered, False
+
+
+def _use_a_labels(msg: EmailMessage) -> None:
+    """Rewrite non-ASCII domains in ``msg``'s address headers as A-labels, keeping header order.
+
+    policy.SMTP would otherwise write a U-label as an encoded-word inside the address, which no
+    server can deliver to.
+    """
+    items = list(msg.raw_items())
+    for name in {name.lower() for name, _ in items}:
+        del msg[name]
+    for name, value in items:
+        if name.lower() in _ADDRESS_HEADER_KEYS and not str(value).isascii():
+            groups = getattr(value, "groups", None)
+            if groups is None:
+                groups = _HEADER_REGISTRY(name, _unfold(str(value))).groups  # type: ignore[attr-defined]
+            value = _HEADER_REGISTRY(
+                name,
+                [
+                    Group(
+                        group.display_name,
+                        [
+                            HeaderAddress(
+                                item.display_name,
+                                item.username,
+                                Address(item.username, item.domain).ascii_domain,
+                            )
+                            for item in group.addresses
+                        ],
+                    )
+                    for group in groups
+                ],
+            )
+        msg.set_raw(name, value)

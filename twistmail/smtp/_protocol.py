@@ -1,0 +1,712 @@
+"""The SMTP client protocol: Twisted's ESMTPClient for the handshake, a lean loop for mail.
+
+``ESMTPClient`` does what it is good at — greeting, EHLO (with HELO fallback), STARTTLS and
+AUTH. When it would start its first mail transaction (``smtpState_from``) the connection
+switches to raw mode and a lean reply parser takes over. Every command written is recorded in
+a queue of expected replies, so replies are matched in order; the same loop serves servers
+with and without RFC 2920 PIPELINING — only how many commands are written before waiting
+differs. One connection carries any number of transactions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.mail import smtp as tsmtp
+from twisted.mail._cred import (
+    CramMD5ClientAuthenticator,
+    LOGINAuthenticator,
+    PLAINAuthenticator,
+)
+from twisted.python.failure import Failure
+
+from ..address import Address
+from ..errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    DeliveryError,
+    ExtensionRequiredError,
+    PermanentError,
+    SMTPTimeoutError,
+    TLSError,
+    TransientError,
+)
+from ..message import Envelope, reflatten_7bit
+from .esmtp import Capabilities, split_enhanced
+
+__all__ = ["MailerProtocol", "RecipientReply", "TransactionResult"]
+
+# Kinds of expected reply.
+_MAIL, _RCPT, _DATA, _DOT, _RSET, _QUIT = range(6)
+
+_MAX_LINE = 64 * 1024
+
+
+@dataclass(slots=True)
+class RecipientReply:
+    """The server's final word on one recipient in one transaction."""
+
+    recipient: Address
+    code: int
+    enhanced: str | None
+    text: str
+
+    @property
+    def accepted(self) -> bool:
+        """The server took responsibility for delivering to this recipient."""
+        return 200 <= self.code < 300
+
+
+@dataclass(slots=True)
+class TransactionResult:
+    """Outcome of one MAIL/RCPT/DATA transaction on one connection."""
+
+    recipients: list[RecipientReply]
+    code: int
+    enhanced: str | None
+    text: str
+
+
+class _Txn:
+    """One message being sent on this connection."""
+
+    __slots__ = (
+        "accepted",
+        "canceller",
+        "data_failed",
+        "deferred",
+        "envelope",
+        "mail_failed",
+        "pending",
+        "rcpt_replies",
+        "started",
+    )
+
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+        self.deferred: defer.Deferred[TransactionResult] = defer.Deferred(self._cancelled)
+        self.canceller: Callable[[_Txn], None] | None = None
+        self.rcpt_replies: list[tuple[int, str] | None] = [None] * len(envelope.recipients)
+        self.accepted = 0
+        self.mail_failed: tuple[int, str] | None = None
+        self.data_failed: tuple[int, str] | None = None
+        # Commands not yet written (used when the server does not pipeline).
+        self.pending: deque[tuple[int, int, bytes]] = deque()
+        self.started = False
+
+    def _cancelled(self, _: defer.Deferred[TransactionResult]) -> None:
+        if self.canceller is not None:
+            self.canceller(self)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _reply(code: int, raw: bytes) -> tuple[int, str]:
+    return code, _text(raw)
+
+
+class MailerProtocol(tsmtp.ESMTPClient):
+    """An ESMTP client connection that sends many messages, one transaction after another.
+
+    :ivar ready: fires with this protocol once the session can take mail, or fails with a
+        :class:`~twistmail.errors.DeliveryError` subclass.
+    :ivar lost: fires (with ``None``) when the connection has closed, for whatever reason.
+    """
+
+    # Twisted's line log would keep "AUTH PLAIN <base64 secret>" and end up in error strings.
+    debug = False
+    # ESMTPClient overrides __setattr__ in Python for a deprecated attribute; the send loop sets
+    # attributes on every reply, so use the fast built-in one.
+    __setattr__ = object.__setattr__
+
+    def __init__(
+        self,
+        *,
+        host_label: str,
+        clock: IReactorTime,
+        identity: bytes,
+        username: str | None = None,
+        password: str | None = None,
+        starttls_context: Any = None,
+        require_tls: bool = False,
+        reply_timeout: float = 60.0,
+        data_timeout: float = 600.0,
+        use_pipelining: bool = True,
+    ) -> None:
+        secret = password.encode("utf-8") if password is not None else None
+        super().__init__(secret, starttls_context, identity)
+        self.host_label = host_label
+        self._clock = clock
+        self.callLater = clock.callLater  # type: ignore[method-assign,assignment]
+        self.timeout = reply_timeout  # type: ignore[assignment]  # TimeoutMixin, handshake phase
+        self._reply_timeout = reply_timeout
+        self._data_timeout = data_timeout
+        self._use_pipelining = use_pipelining
+        self.requireTransportSecurity = require_tls
+        self.requireAuthentication = username is not None
+        if username is not None:
+            user = username.encode("utf-8")
+            # smtplib's order: challenge-response first, then the ones that send the secret.
+            self.registerAuthenticator(CramMD5ClientAuthenticator(user))
+            self.registerAuthenticator(PLAINAuthenticator(user))
+            self.registerAuthenticator(LOGINAuthenticator(user))
+
+        self.capabilities = Capabilities()
+        self.ready: defer.Deferred[MailerProtocol] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.is_ready = False
+        self.is_closed = False
+        self._closing = False
+        self._quit_requested = False
+        self._close_error: DeliveryError | None = None
+
+        self._buf = b""
+        self._cont: list[bytes] = []
+        self._out: list[bytes] = []
+        self._expect: deque[tuple[int, _Txn | None, int]] = deque()
+        self._waiting: deque[_Txn] = deque()
+        self._envelope_txn: _Txn | None = None
+        self._body_txn: _Txn | None = None
+        self._need_rset = False
+        self._reply_timer: IDelayedCall | None = None
+        self._data_timer: IDelayedCall | None = None
+
+    # ------------------------------------------------------------------ handshake (ESMTPClient)
+
+    def connectionMade(self) -> None:
+        # Nagle + delayed ACK stalls every message's final "." by ~40 ms.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        super().connectionMade()
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        items: dict[bytes, bytes | None] = {}
+        for line in resp.splitlines()[1:]:
+            parts = line.split(None, 1)
+            if parts:
+                items[parts[0].upper()] = parts[1] if len(parts) > 1 else None
+        self.capabilities = Capabilities.from_items(items)
+        # Twisted looks keywords up case-sensitively; give it the upper-cased ones.
+        self.tryTLS(code, resp, items)
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        """Called by ESMTPClient when the session is ready for its first transaction."""
+        if self.is_ready:  # pragma: no cover - the lean loop never hands back to SMTPClient
+            return
+        self.setTimeout(None)
+        self.is_ready = True
+        self.setRawMode()
+        self.ready.callback(self)
+
+    def timeoutConnection(self) -> None:
+        self._abort(
+            SMTPTimeoutError(
+                f"no reply within {self._reply_timeout:g}s during the session setup",
+                host=self.host_label,
+            )
+        )
+
+    def sendError(self, exc: Exception) -> None:
+        """Translate ESMTPClient's handshake errors into ours (dropping its line log)."""
+        self._abort(self._translate_handshake_error(exc))
+
+    def _translate_handshake_error(self, exc: Exception) -> DeliveryError:
+        host = self.host_label
+        code = getattr(exc, "code", None)
+        code = code if isinstance(code, int) and code > 0 else None
+        raw = getattr(exc, "resp", b"")
+        text = _text(raw) if isinstance(raw, bytes) else str(raw or "")
+        enhanced, text = split_enhanced(text)
+        kwargs: dict[str, Any] = {"code": code, "enhanced": enhanced, "response": text}
+        if isinstance(exc, tsmtp.TLSRequiredError):
+            return TLSError(
+                "STARTTLS is required (smtp+tls://) but the server does not offer it",
+                host=host,
+            )
+        if isinstance(exc, tsmtp.TLSError):
+            return TLSError("the server refused STARTTLS", host=host, **kwargs)
+        if isinstance(exc, tsmtp.AUTHRequiredError):
+            offered = ", ".join(sorted(self.capabilities.auth)) or "none"
+            return AuthenticationError(
+                "credentials were given but the server offers no usable AUTH mechanism "
+                f"(offered: {offered}; supported: CRAM-MD5, PLAIN, LOGIN)",
+                host=host,
+            )
+        if isinstance(exc, tsmtp.EHLORequiredError):
+            return AuthenticationError(
+                "credentials were given but the server does not speak ESMTP", host=host
+            )
+        if isinstance(exc, tsmtp.AUTHDeclinedError | tsmtp.AuthenticationError):
+            if code is not None and 400 <= code < 500:
+                return TransientError("authentication failed temporarily", host=host, **kwargs)
+            return AuthenticationError("authentication failed", host=host, **kwargs)
+        if isinstance(exc, tsmtp.SMTPConnectError):
+            if code is not None and 400 <= code < 500:
+                return TransientError("the server refused the session", host=host, **kwargs)
+            return PermanentError("the server refused the session", host=host, **kwargs)
+        if isinstance(exc, tsmtp.SMTPProtocolError):
+            return TransientError("the server sent a malformed reply", host=host)
+        if code is not None and 400 <= code < 500:
+            return TransientError("session setup failed", host=host, **kwargs)
+        return PermanentError("session setup failed", host=host, **kwargs)
+
+    # ------------------------------------------------------------------ public send API
+
+    def send(self, envelope: Envelope) -> defer.Deferred[TransactionResult]:
+        """Queue one transaction; fires with the per-recipient replies.
+
+        Fails with a :class:`~twistmail.errors.DeliveryError` when the connection breaks
+        before the final reply, or when the server lacks an extension the message needs.
+        """
+        if self.is_closed or self._closing or not self.is_ready:
+            return defer.fail(
+                ConnectionLostError("connection is not usable for sending", host=self.host_label)
+            )
+        txn = _Txn(envelope)
+        txn.canceller = self._cancel_txn
+        self._waiting.append(txn)
+        self._pump()
+        self._flush()
+        return txn.deferred
+
+    @property
+    def usable(self) -> bool:
+        """The session is set up and not closing: it can take another transaction."""
+        return self.is_ready and not self._closing and not self.is_closed
+
+    @property
+    def busy(self) -> int:
+        """Number of transactions queued or in progress on this connection."""
+        n = len(self._waiting)
+        if self._envelope_txn is not None:
+            n += 1
+        if self._body_txn is not None:
+            n += 1
+        return n
+
+    def quit(self) -> defer.Deferred[None]:
+        """Say QUIT once queued work is done and wait for the connection to close."""
+        if self.is_closed:
+            return defer.succeed(None)
+        if not self._quit_requested and self._close_error is None:
+            self._quit_requested = True
+            self._closing = True
+            if self.busy == 0:
+                self._send_quit()
+        d: defer.Deferred[None] = defer.Deferred()
+        self.lost.addBoth(lambda _: d.callback(None))
+        return d
+
+    def abort(self, error: DeliveryError | None = None) -> None:
+        """Drop the connection now; queued transactions fail with ``error``."""
+        self._abort(
+            error or ConnectionLostError("connection closed by the client", host=self.host_label)
+        )
+
+    # ------------------------------------------------------------------ the send loop
+
+    def _pump(self) -> None:
+        """Start the next waiting transaction if the connection can take it now."""
+        while self._waiting and self._envelope_txn is None:
+            if self._body_txn is not None and not self._pipelining:
+                return
+            txn = self._waiting.popleft()
+            if not self._start(txn):
+                continue
+            return
+        if (
+            self._quit_requested
+            and self.busy == 0
+            and not self._expect
+            and self._close_error is None
+            and not self.is_closed
+        ):
+            self._send_quit()
+
+    @property
+    def _pipelining(self) -> bool:
+        return self._use_pipelining and self.capabilities.pipelining
+
+    def _start(self, txn: _Txn) -> bool:
+        """Write (or queue) the envelope commands of ``txn``; False if it failed locally."""
+        env = txn.envelope
+        caps = self.capabilities
+        if env.smtputf8 and not caps.smtputf8:
+            txn.deferred.errback(
+                ExtensionRequiredError(
+                    "the message needs SMTPUTF8 (a non-ASCII address or header) "
+                    "and the server does not offer it",
+                    host=self.host_label,
+                )
+            )
+            return False
+        if env.eight_bit and not caps.eight_bit_mime:
+            downgraded = reflatten_7bit(env)
+            if downgraded is None:
+                txn.deferred.errback(
+                    ExtensionRequiredError(
+                        "the message has 8-bit content and the server does not offer 8BITMIME",
+                        host=self.host_label,
+                    )
+                )
+                return False
+            txn.envelope = env = downgraded
+        if caps.size is not None and env.size > caps.size:
+            txn.deferred.errback(
+                PermanentError(
+                    f"the message is {env.size} octets and the server takes at most {caps.size}",
+                    code=552,
+                    host=self.host_label,
+                )
+            )
+            return False
+
+        txn.started = True
+        self._envelope_txn = txn
+        utf8 = env.smtputf8
+        params = b""
+        if caps.size is not None:
+            params += b" SIZE=%d" % env.size
+        if env.eight_bit and caps.eight_bit_mime:
+            params += b" BODY=8BITMIME"
+        if utf8:
+            params += b" SMTPUTF8"
+        commands = txn.pending
+        if self._need_rset:
+            self._need_rset = False
+            commands.append((_RSET, 0, b"RSET\r\n"))
+        commands.append(
+            (_MAIL, 0, b"MAIL FROM:<" + env.sender.smtp_path(utf8=utf8) + b">" + params + b"\r\n")
+        )
+        for i, rcpt in enumerate(env.recipients):
+            commands.append((_RCPT, i, b"RCPT TO:<" + rcpt.smtp_path(utf8=utf8) + b">\r\n"))
+        commands.append((_DATA, 0, b"DATA\r\n"))
+        self._issue(txn)
+        return True
+
+    def _issue(self, txn: _Txn) -> None:
+        """Write the next command(s): all of them when pipelining, else one."""
+        pending = txn.pending
+        if self._pipelining:
+            while pending:
+                kind, idx, line = pending.popleft()
+                self._command(kind, txn, idx, line)
+        elif pending:
+            kind, idx, line = pending.popleft()
+            if kind == _DATA and txn.accepted == 0:
+                # Every RCPT was refused: no DATA, and the open transaction needs RSET.
+                self._envelope_txn = None
+                self._need_rset = True
+                self._finish(txn, 554, b"no valid recipients")
+                return
+            self._command(kind, txn, idx, line)
+
+    def _command(self, kind: int, txn: _Txn | None, idx: int, line: bytes) -> None:
+        if not self._expect:
+            self._arm_reply_timer()
+        self._expect.append((kind, txn, idx))
+        self._out.append(line)
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None and not self.is_closed:
+            out = self._out
+            self._out = []
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._expect:
+            self._reset_reply_timer()  # any bytes from the server count as progress
+        buf = self._buf + data if self._buf else data
+        start = 0
+        find = buf.find
+        while True:
+            end = find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line[3:4] == b"-":
+                self._cont.append(line[4:])
+                continue
+            try:
+                code = int(line[:3])
+                if not 200 <= code <= 599 or (len(line) > 3 and line[3] != 32):
+                    raise ValueError(line)
+            except ValueError:
+                self._abort(
+                    TransientError(
+                        f"malformed reply from server: {line[:80]!r}", host=self.host_label
+                    )
+                )
+                return
+            if self._cont:
+                self._cont.append(line[4:])
+                text = b"\n".join(self._cont)
+                self._cont = []
+            else:
+                text = line[4:]
+            self._on_reply(code, text)
+            if self._close_error is not None or self.is_closed:
+                return
+        self._buf = buf[start:]
+        if len(self._buf) > _MAX_LINE:
+            self._abort(TransientError("server reply line too long", host=self.host_label))
+            return
+        self._flush()
+
+    def _on_reply(self, code: int, raw: bytes) -> None:
+        if not self._expect:
+            if code == 421:
+                self._abort(
+                    TransientError(
+                        "the server is closing the connection",
+                        code=421,
+                        response=_text(raw),
+                        host=self.host_label,
+                    ),
+                    graceful=True,
+                )
+                return
+            self._abort(
+                TransientError(f"unexpected reply {code} from server", host=self.host_label)
+            )
+            return
+        kind, txn, idx = self._expect.popleft()
+        if not self._expect:
+            self._cancel_reply_timer()
+
+        if code == 421 and kind != _QUIT:
+            # The server is shutting this session down: what is unanswered goes elsewhere.
+            enhanced, text = split_enhanced(_text(raw))
+            self._abort(
+                TransientError(
+                    "the server is closing the connection",
+                    code=421,
+                    enhanced=enhanced,
+                    response=text,
+                    host=self.host_label,
+                ),
+                graceful=True,
+            )
+            return
+
+        if kind == _DOT:
+            assert txn is not None
+            self._cancel_data_timer()
+            self._body_txn = None
+            self._finish(txn, code, raw)
+        elif kind == _RCPT:
+            assert txn is not None
+            txn.rcpt_replies[idx] = (code, _text(raw))
+            if 200 <= code < 300:
+                txn.accepted += 1
+            self._issue(txn)
+        elif kind == _MAIL:
+            assert txn is not None
+            if not 200 <= code < 300:
+                txn.mail_failed = _reply(code, raw)
+                if not self._pipelining:
+                    # Nothing more of this transaction goes out; no transaction is open.
+                    txn.pending.clear()
+                    self._envelope_txn = None
+                    self._finish(txn, code, raw)
+                    return
+            self._issue(txn)
+        elif kind == _DATA:
+            assert txn is not None
+            self._envelope_txn = None
+            if code == 354:
+                self._body_txn = txn
+                if txn.accepted and txn.mail_failed is None:
+                    self._out.append(txn.envelope.payload)
+                else:
+                    # A server that says 354 with no accepted recipient gets an empty message.
+                    txn.data_failed = txn.data_failed or (554, "no valid recipients")
+                    self._out.append(b".\r\n")
+                self._command(_DOT, txn, 0, b"")
+                self._arm_data_timer()
+            else:
+                self._need_rset = True
+                txn.data_failed = _reply(code, raw)
+                self._finish(txn, code, raw)
+        elif kind == _RSET:
+            pass
+        elif kind == _QUIT:
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        self._pump()
+
+    def _finish(self, txn: _Txn, code: int, raw: bytes) -> None:
+        """Fire the transaction's Deferred with each recipient's final reply."""
+        final = _reply(code, raw)
+        if txn.data_failed is not None:
+            final = txn.data_failed
+        if txn.mail_failed is not None:
+            final = txn.mail_failed
+            self._need_rset = True
+        replies: list[RecipientReply] = []
+        for rcpt, rr in zip(txn.envelope.recipients, txn.rcpt_replies, strict=True):
+            if txn.mail_failed is not None:
+                chosen = txn.mail_failed
+            elif rr is not None and not 200 <= rr[0] < 300:
+                chosen = rr
+            else:
+                chosen = final
+            enhanced, text = split_enhanced(chosen[1])
+            replies.append(RecipientReply(rcpt, chosen[0], enhanced, text))
+        enhanced, text = split_enhanced(final[1])
+        result = TransactionResult(replies, final[0], enhanced, text)
+        txn.deferred.callback(result)
+
+    def _send_quit(self) -> None:
+        self._quit_requested = True
+        self._closing = True
+        self._command(_QUIT, None, 0, b"QUIT\r\n")
+        self._flush()
+
+    # ------------------------------------------------------------------ timers
+
+    def _arm_reply_timer(self) -> None:
+        if self._reply_timer is None or not self._reply_timer.active():
+            self._reply_timer = self._clock.callLater(self._reply_timeout, self._reply_timed_out)
+
+    def _reset_reply_timer(self) -> None:
+        timer = self._reply_timer
+        if timer is not None and timer.active():
+            timer.reset(self._reply_timeout)
+        else:
+            self._arm_reply_timer()
+
+    def _cancel_reply_timer(self) -> None:
+        timer = self._reply_timer
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            self._reply_timer = None
+
+    def _arm_data_timer(self) -> None:
+        self._cancel_data_timer()
+        self._data_timer = self._clock.callLater(self._data_timeout, self._data_timed_out)
+
+    def _cancel_data_timer(self) -> None:
+        timer = self._data_timer
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            self._data_timer = None
+
+    def _reply_timed_out(self) -> None:
+        self._reply_timer = None
+        kind = self._expect[0][0] if self._expect else -1
+        what = {
+            _MAIL: "MAIL",
+            _RCPT: "RCPT",
+            _DATA: "DATA",
+            _DOT: "the end of data",
+            _RSET: "RSET",
+            _QUIT: "QUIT",
+        }.get(kind, "a command")
+        self._abort(
+            SMTPTimeoutError(
+                f"no reply to {what} within {self._reply_timeout:g}s", host=self.host_label
+            )
+        )
+
+    def _data_timed_out(self) -> None:
+        self._data_timer = None
+        self._abort(
+            SMTPTimeoutError(
+                f"the DATA phase took longer than {self._data_timeout:g}s", host=self.host_label
+            )
+        )
+
+    # ------------------------------------------------------------------ teardown
+
+    def _cancel_txn(self, txn: _Txn) -> None:
+        if not txn.started:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(txn)
+            return
+        # Half-sent transactions cannot be taken back: drop the connection (the server
+        # discards an unfinished transaction).
+        self._abort(ConnectionLostError("transaction cancelled", host=self.host_label))
+
+    def _abort(self, error: DeliveryError, *, graceful: bool = False) -> None:
+        if self._close_error is None:
+            self._close_error = error
+        self._closing = True
+        transport = self.transport
+        if transport is None or self.is_closed:
+            return
+        if graceful:
+            transport.loseConnection()
+        else:
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        super().connectionLost(reason)
+        self.is_closed = True
+        self._closing = True
+        self._cancel_reply_timer()
+        self._cancel_data_timer()
+        error = self._close_error or self._lost_error(reason)
+        txns: list[_Txn] = []
+        if self._body_txn is not None:
+            txns.append(self._body_txn)
+        if self._envelope_txn is not None:
+            txns.append(self._envelope_txn)
+        txns.extend(self._waiting)
+        self._body_txn = self._envelope_txn = None
+        self._waiting.clear()
+        self._expect.clear()
+        for txn in txns:
+            if not txn.deferred.called:
+                if txn.started:
+                    txn.deferred.errback(error)
+                else:
+                    txn.deferred.errback(
+                        ConnectionLostError(
+                            "connection closed before sending", host=self.host_label
+                        )
+                    )
+        if not self.ready.called:
+            self.ready.errback(error)
+        self.lost.callback(None)
+
+    def _lost_error(self, reason: Failure) -> DeliveryError:
+        if reason.check(SSL.Error):
+            return TLSError(
+                f"TLS handshake failed (certificate verification?): {_ssl_reason(reason)}",
+                host=self.host_label,
+            )
+        if self._body_txn is not None:
+            return ConnectionLostError(
+                "connection lost after the message data was sent, before the server replied",
+                host=self.host_label,
+            )
+        if self.is_ready:
+            return ConnectionLostError("connection lost", host=self.host_label)
+        return ConnectionLostError("connection lost during session setup", host=self.host_label)
+
+
+def _ssl_reason(reason: Failure) -> str:
+    value: Any = reason.value
+    try:
+        errors = value.args[0]
+        return "; ".join(str(e[2]) for e in errors if len(e) > 2) or str(value)
+    except (IndexError, TypeError, AttributeError):
+        return str(value)

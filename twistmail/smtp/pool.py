@@ -1,0 +1,145 @@
+"""A bounded pool of ready SMTP connections to one server."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
+
+from ..errors import ConnectionLostError
+from ._protocol import MailerProtocol
+
+__all__ = ["ConnectionPool"]
+
+
+class ConnectionPool:
+    """Up to ``size`` connections, each used by one sender at a time and reused afterwards.
+
+    A connection that stays idle for ``idle_timeout`` seconds is closed with QUIT; one the
+    server closes (421, a drop) is forgotten and replaced on the next demand.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], defer.Deferred[MailerProtocol]],
+        *,
+        size: int,
+        clock: IReactorTime,
+        idle_timeout: float = 30.0,
+    ) -> None:
+        if size < 1:
+            raise ValueError("pool size must be at least 1")
+        self._connect = connect
+        self.size = size
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._idle: deque[MailerProtocol] = deque()
+        self._idle_timers: dict[MailerProtocol, IDelayedCall] = {}
+        self._all: set[MailerProtocol] = set()
+        self._connecting: set[defer.Deferred[MailerProtocol]] = set()
+        self._waiters: deque[defer.Deferred[MailerProtocol]] = deque()
+        self._closed = False
+        self.connections_opened = 0
+
+    @property
+    def open_connections(self) -> int:
+        """Connections currently open (idle or in use)."""
+        return len(self._all)
+
+    def acquire(self) -> defer.Deferred[MailerProtocol]:
+        """A ready connection for the caller's exclusive use until :meth:`release`."""
+        if self._closed:
+            return defer.fail(ConnectionLostError("the connection pool is closed"))
+        while self._idle:
+            proto = self._idle.pop()  # the most recently used: warm, least likely to time out
+            self._stop_idle_timer(proto)
+            if proto.usable:
+                return defer.succeed(proto)
+        waiter: defer.Deferred[MailerProtocol] = defer.Deferred(self._waiters.remove)
+        self._waiters.append(waiter)
+        if len(self._all) + len(self._connecting) < self.size:
+            self._open()
+        return waiter
+
+    def release(self, proto: MailerProtocol) -> None:
+        """Give a connection back after use."""
+        if not proto.usable:
+            return  # its `lost` callback tidies up and replaces it if needed
+        if self._closed:
+            proto.quit()
+            return
+        if self._waiters:
+            self._waiters.popleft().callback(proto)
+            return
+        self._idle.append(proto)
+        self._idle_timers[proto] = self._clock.callLater(
+            self._idle_timeout, self._idle_expired, proto
+        )
+
+    def close(self) -> defer.Deferred[None]:
+        """QUIT every connection; waiters fail. Fires once every connection has closed."""
+        self._closed = True
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            waiter.errback(ConnectionLostError("the connection pool was closed"))
+        for attempt in list(self._connecting):
+            attempt.cancel()
+        for proto in list(self._idle_timers):
+            self._stop_idle_timer(proto)
+        self._idle.clear()
+        quits = [proto.quit() for proto in list(self._all)]
+        d = defer.gatherResults(quits, consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+    # ------------------------------------------------------------------ internals
+
+    def _open(self) -> None:
+        self.connections_opened += 1
+        attempt = self._connect()
+        self._connecting.add(attempt)
+
+        def opened(proto: MailerProtocol) -> None:
+            self._connecting.discard(attempt)
+            self._all.add(proto)
+            proto.lost.addCallback(lambda _: self._lost(proto))
+            if self._closed:
+                proto.quit()
+            else:
+                self.release(proto)
+
+        def failed(reason: Failure) -> None:
+            self._connecting.discard(attempt)
+            if self._closed:
+                return
+            # Waiters that no live or pending connection will serve get this error.
+            serving = len(self._all) + len(self._connecting)
+            while len(self._waiters) > serving:
+                self._waiters.popleft().errback(reason)
+
+        attempt.addCallbacks(opened, failed)
+
+    def _lost(self, proto: MailerProtocol) -> None:
+        self._all.discard(proto)
+        self._stop_idle_timer(proto)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(proto)
+        if not self._closed and self._waiters:
+            while len(self._all) + len(self._connecting) < min(self.size, len(self._waiters)):
+                self._open()
+
+    def _idle_expired(self, proto: MailerProtocol) -> None:
+        self._idle_timers.pop(proto, None)
+        try:
+            self._idle.remove(proto)
+        except ValueError:
+            return
+        proto.quit()
+
+    def _stop_idle_timer(self, proto: MailerProtocol) -> None:
+        timer = self._idle_timers.pop(proto, None)
+        if timer is not None and timer.active():
+            timer.cancel()
