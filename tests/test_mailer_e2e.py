@@ -316,6 +316,36 @@ async def test_twisted_server_starttls_auth_and_replies(
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
+async def test_auth_mechanism_against_twisted_server(
+    capture_server: Callable[..., CaptureServer], mechanism: str
+) -> None:
+    server = capture_server(credentials={"bob": "hunter2"}, auth_mechanisms=[mechanism])
+    m = Mailer(f"smtp://bob@127.0.0.1:{server.port}", password="hunter2", max_attempts=1)
+    result = await m.send(
+        b"Subject: a\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"]
+    )
+    await m.close()
+    assert result.ok
+    (got,) = server.messages
+    assert got.data == b"Subject: a\r\n\r\nx\r\n"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
+async def test_auth_mechanism_wrong_password_is_authentication_error(
+    capture_server: Callable[..., CaptureServer], mechanism: str
+) -> None:
+    server = capture_server(credentials={"bob": "hunter2"}, auth_mechanisms=[mechanism])
+    m = Mailer(f"smtp://bob@127.0.0.1:{server.port}", password="wrong-secret", max_attempts=1)
+    with pytest.raises(AuthenticationError) as info:
+        await m.send(b"Subject: a\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"])
+    await m.close()
+    assert "wrong-secret" not in str(info.value)
+    assert server.messages == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_tcp_nodelay_on_real_connection(capture_server: Callable[..., CaptureServer]) -> None:
     server = capture_server()
     m = mailer(server.port)

@@ -106,10 +106,26 @@ class PoolTests(SynchronousTestCase):
     def test_cancel_before_connect(self) -> None:
         h = Harness(size=1)
         d = h.pool.acquire()
+        attempt = h.pending.pop()
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
-        conn = h.complete()  # the connection still arrives and is kept idle
-        self.assertIs(self.successResultOf(h.pool.acquire()), conn)
+        # Nobody else wanted that connection: its attempt is cancelled too ...
+        self.assertTrue(attempt.called)
+        self.assertEqual(h.pool.open_connections, 0)
+        again = h.pool.acquire()  # ... so this size-1 pool opens a new one at once.
+        self.assertEqual(len(h.pending), 1)
+        conn = h.complete()
+        self.assertIs(self.successResultOf(again), conn)
+
+    def test_cancel_one_waiter_keeps_the_connection_another_waits_for(self) -> None:
+        h = Harness(size=1)
+        first = h.pool.acquire()
+        second = h.pool.acquire()
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.assertFalse(h.pending[0].called)  # still wanted by the second waiter
+        conn = h.complete()
+        self.assertIs(self.successResultOf(second), conn)
 
     def test_close_quits_idle_and_fails_waiters(self) -> None:
         h = Harness(size=1)

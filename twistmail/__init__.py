@@ -1,1 +1,58 @@
-"""twistmail: bulk mail on Twisted."""
+"""twistmail: bulk mail on Twisted — pooled ESMTP delivery with retries and rate limits.
+
+The public API is re-exported here; the modules behind it are implementation details.
+"""
+
+from .address import Address, parse_address, parse_address_list
+from .errors import (
+    AddressError,
+    AuthenticationError,
+    ConnectError,
+    ConnectionLostError,
+    DeliveryError,
+    ExtensionRequiredError,
+    HeaderInjectionError,
+    MessageError,
+    PermanentError,
+    SMTPTimeoutError,
+    TLSError,
+    TransientError,
+    TwistmailError,
+)
+from .mailer import Mailer, MessageLike, OnResult, send
+from .message import Envelope, envelope_from_bytes, envelope_from_message
+from .results import RecipientOutcome, RecipientStatus, SendReport, SendResult
+from .retry import RetryPolicy
+from .smtp.facade import SMTP
+
+__all__ = [
+    "SMTP",
+    "Address",
+    "AddressError",
+    "AuthenticationError",
+    "ConnectError",
+    "ConnectionLostError",
+    "DeliveryError",
+    "Envelope",
+    "ExtensionRequiredError",
+    "HeaderInjectionError",
+    "Mailer",
+    "MessageError",
+    "MessageLike",
+    "OnResult",
+    "PermanentError",
+    "RecipientOutcome",
+    "RecipientStatus",
+    "RetryPolicy",
+    "SMTPTimeoutError",
+    "SendReport",
+    "SendResult",
+    "TLSError",
+    "TransientError",
+    "TwistmailError",
+    "envelope_from_bytes",
+    "envelope_from_message",
+    "parse_address",
+    "parse_address_list",
+    "send",
+]

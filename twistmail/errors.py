@@ -80,6 +80,8 @@ class DeliveryError(TwistmailError):
         self.response = response
         self.recipient = recipient
         self.host = host
+        self.refused: dict[str, tuple[int, str]] = {}
+        """For a refused transaction: every refused recipient and its ``(code, text)``."""
 
     def __str__(self) -> str:
         parts = [self.message]

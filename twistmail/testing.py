@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import mailbox
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -80,6 +80,7 @@ class CaptureServer:
         reply to the final dot waits for them.
     :param credentials: username -> password. When given, AUTH PLAIN, LOGIN and CRAM-MD5 are
         advertised and ``MAIL`` is refused with ``530`` until the client authenticates.
+    :param auth_mechanisms: advertise only these of ``PLAIN``, ``LOGIN``, ``CRAM-MD5``.
     :param tls: a server TLS context factory (e.g. ``PrivateCertificate.options()``); when
         given, STARTTLS is advertised.
     :param rcpt_replies: local part -> ``(code, text)``: refuse ``RCPT TO`` for that local
@@ -94,6 +95,7 @@ class CaptureServer:
         *,
         maildir: str | os.PathLike[str] | None = None,
         credentials: Mapping[str, str] | None = None,
+        auth_mechanisms: Sequence[str] | None = None,
         tls: IOpenSSLServerConnectionCreator | None = None,
         rcpt_replies: Mapping[str, tuple[int, str]] | None = None,
         on_message: Callable[[CapturedMessage], None] | None = None,
@@ -124,6 +126,12 @@ class CaptureServer:
                 b"LOGIN": smtp.LOGINCredentials,
                 b"CRAM-MD5": functools.partial(CramMD5Credentials, _HOSTNAME),
             }
+            if auth_mechanisms is not None:
+                wanted = {name.upper().encode("ascii") for name in auth_mechanisms}
+                unknown = wanted - set(self._challengers)
+                if unknown:
+                    raise ValueError(f"unknown AUTH mechanisms: {sorted(unknown)}")
+                self._challengers = {k: v for k, v in self._challengers.items() if k in wanted}
         self._port: IListeningPort | None = None
         self._protocols: dict[_CaptureESMTP, defer.Deferred[None]] = {}
         self._pending: set[defer.Deferred[None]] = set()

@@ -59,7 +59,7 @@ class ConnectionPool:
             self._stop_idle_timer(proto)
             if proto.usable:
                 return defer.succeed(proto)
-        waiter: defer.Deferred[MailerProtocol] = defer.Deferred(self._waiters.remove)
+        waiter: defer.Deferred[MailerProtocol] = defer.Deferred(self._cancel_waiter)
         self._waiters.append(waiter)
         if len(self._all) + len(self._connecting) < self.size:
             self._open()
@@ -121,6 +121,14 @@ class ConnectionPool:
                 self._waiters.popleft().errback(reason)
 
         attempt.addCallbacks(opened, failed)
+
+    def _cancel_waiter(self, waiter: defer.Deferred[MailerProtocol]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        # A connection being opened only for callers who gave up is not wanted either.
+        if len(self._connecting) > len(self._waiters):
+            attempt = next(iter(self._connecting))
+            attempt.cancel()
 
     def _lost(self, proto: MailerProtocol) -> None:
         self._all.discard(proto)
