@@ -427,3 +427,65 @@ async def test_cancel_after_connect_mid_transaction(cue_server: Cue) -> None:
     await m.close()
     assert m.pool.open_connections == 0
     assert server.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_insecure_skips_verification_and_logs_a_warning(
+    cue_server: Cue, server_ssl_context: Any
+) -> None:
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        server = cue_server(starttls_context=server_ssl_context, require_starttls=True)
+        m = mailer(server.port, scheme="smtp+tls", host="localhost", insecure=True)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    result = await m.send(
+        b"Subject: t\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"]
+    )
+    await m.close()
+    assert result.ok  # the test CA is not trusted, yet insecure=True sends
+    warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
+    assert any("verification is disabled" in e["log_format"] for e in warnings)
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_domain_cap_limits_concurrent_transactions(
+    capture_server: Callable[..., CaptureServer],
+) -> None:
+    server = capture_server()
+    m = mailer(server.port, concurrency=8, per_domain=2)
+    peak = {"slow.example": 0, "fast.example": 0}
+    assert m._domains is not None
+    limiter = m._domains
+
+    def watch(index: int, result: object) -> None:
+        for domain in peak:
+            peak[domain] = max(peak[domain], limiter.active(domain))
+
+    original = limiter.acquire
+
+    def acquire(domain: str) -> defer.Deferred[None]:
+        d = original(domain)
+
+        def note(_: None) -> None:
+            peak[domain] = max(peak[domain], limiter.active(domain))
+
+        return d.addCallback(note)
+
+    limiter.acquire = acquire  # type: ignore[method-assign]
+    messages = [
+        (
+            "a@example.com",
+            [f"u{i}@{'slow' if i % 2 else 'fast'}.example"],
+            b"Subject: x\r\n\r\ny\r\n",
+        )
+        for i in range(200)
+    ]
+    report = await m.send_many(iter(messages), on_result=watch)
+    await m.close()
+    assert report.sent == 200
+    assert len(server.messages) == 200
+    assert peak == {"slow.example": 2, "fast.example": 2}
