@@ -1,0 +1,1 @@
+"""CSV mail merge: one CSV row is one recipient message, with a durable journal."""
