@@ -1,0 +1,486 @@
+"""The message template of a mail merge: a whole message as Jinja2 text, rendered once per row.
+
+A template file is UTF-8 text: header lines (``Name: value``; a line starting with a space or a
+tab continues the previous header), one blank line, then the body. Every header value and the
+body are Jinja2 templates (``StrictUndefined``, no autoescaping) whose variables are the CSV
+row's columns. Each header value and the body are compiled separately, so a Jinja2 block cannot
+span several headers, and a value that renders empty leaves its header out (``Cc: {{ cc }}``
+with an empty ``cc`` cell sends no Cc).
+
+Every rendered header value is checked before the message is built: a line break (CR, LF or
+any other) or NUL in it is a :class:`RowError` naming the header, so CSV cells cannot inject
+headers. Address headers (From, Sender, Reply-To, To, Cc, Bcc) are parsed and validated. Bcc stays
+on the message; :func:`twistmail.message.envelope_from_message` sends to it and strips it.
+
+Pseudo-headers, never sent as written:
+
+``Content-Type``
+    Chooses the body kind; the value is literal text, not a template.
+
+    - absent or ``text/plain``: a plain text body;
+    - ``text/html``: an HTML body, with no text part;
+    - ``text/markdown``: the rendered body is Markdown; the message is ``multipart/alternative``
+      with that Markdown as its ``text/plain`` part and the HTML made from it (by the
+      ``markdown`` package, with its ``extra`` and ``sane_lists`` extensions) as ``text/html``.
+
+``Attachment``
+    A file to attach (may repeat). The path is relative to the template file's directory; its
+    MIME type is guessed from the name (``application/octet-stream`` when unknown). A templated
+    path must stay inside the template's directory, so a CSV cell cannot attach arbitrary files;
+    a path rendering empty attaches nothing.
+
+Message-ID and Date are set per message by :meth:`MessageTemplate.render`; MIME-Version and
+Content-Transfer-Encoding follow from the body. None of them may appear in a template.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import policy
+from email.headerregistry import BaseHeader, HeaderRegistry
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Literal
+
+import jinja2
+import jinja2.meta
+import jinja2.nodes
+import markdown  # type: ignore[import-untyped]
+
+from twistmail.address import Address, check_header_value, parse_address_list
+from twistmail.errors import AddressError, HeaderInjectionError, TwistmailError
+
+__all__ = [
+    "BodyKind",
+    "MessageTemplate",
+    "Rendered",
+    "RowError",
+    "TemplateError",
+]
+
+BodyKind = Literal["plain", "html", "markdown"]
+
+_BODY_KINDS: dict[str, BodyKind] = {
+    "text/plain": "plain",
+    "text/html": "html",
+    "text/markdown": "markdown",
+}
+_ADDRESS_HEADERS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
+_RECIPIENT_HEADERS = ("to", "cc", "bcc")
+_RESERVED_HEADERS = {
+    "message-id": "Message-ID",
+    "date": "Date",
+    "mime-version": "MIME-Version",
+    "content-transfer-encoding": "Content-Transfer-Encoding",
+}
+_HEADER_LINE = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)")
+_JINJA_MARKUP = re.compile(r"\{[{%#]")
+_UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
+_ATTACHMENT_CACHE_BYTES = 64 * 1024 * 1024
+# What a value from a CSV cell may break when rendered: template code may do anything a
+# str can, so its ordinary failures are failures of the row, not of the campaign.
+_RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError)
+
+
+class _CachingHeaderRegistry(HeaderRegistry):
+    """The standard header registry, building each header class once instead of on every use.
+
+    HeaderRegistry makes a new class per header set, read or counted, which was about a fifth
+    of the cost of rendering a message.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(key)
+        return cls
+
+
+# policy.SMTP itself, with a faster header factory: messages render byte for byte the same.
+_POLICY = policy.SMTP.clone(header_factory=_CachingHeaderRegistry())
+
+
+class TemplateError(TwistmailError, ValueError):
+    """A message template that cannot be used: bad syntax, bad headers, or missing columns."""
+
+
+class RowError(TwistmailError, ValueError):
+    """A CSV row the template cannot turn into a message.
+
+    :ivar field: the header concerned (``"To"``, ``"Attachment"`` ...), or None for the body.
+    :ivar reason: what is wrong, for the report.
+    """
+
+    def __init__(self, field: str | None, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """One row's message, and the address it is reported under (the first To, else Cc, Bcc)."""
+
+    message: EmailMessage
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    name: str
+    key: str
+    line: int
+    literal: str | None
+    template: jinja2.Template | None
+    addresses: tuple[Address, ...] | None  # pre-parsed, for a literal address header
+    parsed: BaseHeader | None  # the header object of a literal value, built once
+
+
+@dataclass(frozen=True, slots=True)
+class _Attachment:
+    data: bytes
+    maintype: str
+    subtype: str
+    filename: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """A compiled piece of the template, and where it starts in the file, for messages."""
+
+    first_line: int
+    ast: jinja2.nodes.Template
+
+
+class MessageTemplate:
+    """A parsed message template, ready to render rows. Build one with :meth:`load`."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        name: str = "<template>",
+        base_dir: str | os.PathLike[str] = ".",
+    ) -> None:
+        """Parse ``source``; ``name`` labels error messages, ``base_dir`` roots attachments.
+
+        Raises :class:`TemplateError` on a Jinja2 syntax error or an unusable header.
+        """
+        self.name = name
+        self.base_dir = Path(base_dir)
+        self._base = os.path.normpath(os.path.abspath(base_dir))
+        self._env = jinja2.Environment(
+            undefined=jinja2.StrictUndefined,
+            # Headers and text bodies are not HTML; escaping would corrupt "&" and "<" in them.
+            autoescape=False,  # noqa: S701
+            keep_trailing_newline=True,
+        )
+        source = source.replace("\r\n", "\n").replace("\r", "\n")
+        # The whole text first, so a syntax error is reported at its line in the file.
+        self._parse(source, 1)
+        lines = source.split("\n")
+        blank = next((i for i, line in enumerate(lines) if not line.strip()), len(lines))
+        self._parts: list[_Part] = []
+        self._headers: list[_Header] = []
+        self._attachments: list[_Header] = []
+        self.kind: BodyKind = self._read_headers(lines[:blank])
+        body_line = blank + 2
+        body_ast = self._parse("\n".join(lines[blank + 1 :]), body_line)
+        self._parts.append(_Part(body_line, body_ast))
+        self._body = self._env.from_string(body_ast)
+        self.variables: frozenset[str] = frozenset(
+            name
+            for part in self._parts
+            for name in jinja2.meta.find_undeclared_variables(part.ast)
+            if name not in self._env.globals
+        )
+        self._markdown = (
+            markdown.Markdown(extensions=["extra", "sane_lists"])
+            if self.kind == "markdown"
+            else None
+        )
+        self._cache: OrderedDict[str, _Attachment] = OrderedDict()
+        self._cache_bytes = 0
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MessageTemplate:
+        """The template in the UTF-8 file at ``path``; attachments are relative to its directory.
+
+        Raises :class:`TemplateError` when the file cannot be read or used.
+        """
+        name = os.fspath(path)
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise TemplateError(f"{name}: cannot read the template: {exc.strerror}") from None
+        try:
+            source = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise TemplateError(
+                f"{name}: not valid UTF-8 at byte {exc.start}; save the file as UTF-8"
+            ) from None
+        return cls(source, name=name, base_dir=Path(path).parent)
+
+    @property
+    def header_names(self) -> tuple[str, ...]:
+        """The headers the template sets, as written (pseudo-headers left out)."""
+        return tuple(header.name for header in self._headers)
+
+    def check_columns(self, columns: Iterable[str]) -> None:
+        """Raise :class:`TemplateError` naming each variable no column of ``columns`` provides."""
+        missing = sorted(self.variables - set(columns))
+        if not missing:
+            return
+        described = ", ".join(
+            f"{name!r} (line {line})" if (line := self._first_use(name)) else repr(name)
+            for name in missing
+        )
+        plural = "s" if len(missing) > 1 else ""
+        raise TemplateError(f"{self.name}: no CSV column for template variable{plural} {described}")
+
+    def render(
+        self,
+        row_values: Mapping[str, str],
+        *,
+        message_id: str,
+        date: datetime | None = None,
+    ) -> Rendered:
+        """The message for one row, with the given Message-ID and a Date (default: now).
+
+        Raises :class:`RowError` when the row leaves a variable undefined, gives an invalid
+        address, a header value with a line break, no From or no recipient, or names an
+        attachment that cannot be read.
+        """
+        values = dict(row_values)
+        headers: list[tuple[str, str | BaseHeader]] = []
+        first: dict[str, Address] = {}
+        for header in self._headers:
+            value: str | BaseHeader | None = header.parsed
+            addresses = header.addresses
+            if value is None:
+                value = self._render_header(header, values)
+                if not value:
+                    continue
+                if header.key in _ADDRESS_HEADERS:
+                    addresses = tuple(_addresses(header.name, value))
+            if addresses:
+                first.setdefault(header.key, addresses[0])
+            headers.append((header.name, value))
+        if "from" not in first:
+            raise RowError("From", "no From address")
+        recipient = next((first[key] for key in _RECIPIENT_HEADERS if key in first), None)
+        if recipient is None:
+            raise RowError("To", "no recipient: To, Cc and Bcc are all empty")
+        attachments = [
+            self._attachment(path, templated=header.template is not None)
+            for header in self._attachments
+            if (path := self._render_header(header, values))
+        ]
+        if not message_id.startswith("<"):
+            message_id = f"<{message_id}>"
+        _checked("Message-ID", message_id)
+        body = self._render(self._body, values, None)
+
+        msg = EmailMessage(policy=_POLICY)
+        for name, value in headers:
+            if isinstance(value, BaseHeader):
+                msg.set_raw(name, value)
+                continue
+            try:
+                msg[name] = value
+            except (ValueError, TypeError, IndexError) as exc:
+                raise RowError(name, f"invalid header value {value!r}: {exc}") from None
+        msg["Date"] = date if date is not None else datetime.now(UTC)
+        msg["Message-ID"] = message_id
+        if self._markdown is not None:
+            html = self._markdown.reset().convert(body)
+            msg.set_content(body)
+            msg.add_alternative(html, subtype="html")
+        else:
+            msg.set_content(body, subtype=self.kind)
+        for attachment in attachments:
+            msg.add_attachment(
+                attachment.data,
+                maintype=attachment.maintype,
+                subtype=attachment.subtype,
+                filename=attachment.filename,
+            )
+        return Rendered(msg, str(recipient))
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _parse(self, source: str, first_line: int) -> jinja2.nodes.Template:
+        try:
+            return self._env.parse(source)
+        except jinja2.TemplateSyntaxError as exc:
+            line = first_line + (exc.lineno or 1) - 1
+            raise TemplateError(f"{self.name}, line {line}: {exc.message}") from None
+
+    def _fail(self, line: int, reason: str) -> TemplateError:
+        return TemplateError(f"{self.name}, line {line}: {reason}")
+
+    def _read_headers(self, lines: list[str]) -> BodyKind:
+        pending: list[tuple[int, str, str]] = []  # line, name, value (unfolded)
+        for number, line in enumerate(lines, 1):
+            if line[:1] in (" ", "\t"):
+                if not pending:
+                    raise self._fail(number, "a continuation line needs a header before it")
+                start, name, value = pending[-1]
+                pending[-1] = (start, name, f"{value} {line.strip()}")
+                continue
+            match = _HEADER_LINE.fullmatch(line)
+            if match is None:
+                raise self._fail(
+                    number,
+                    f"expected a header line 'Name: value', got {line!r} "
+                    "(the headers end at the first blank line)",
+                )
+            pending.append((number, match.group(1), match.group(2).strip()))
+        counts: dict[str, int] = {}
+        kind: BodyKind | None = None
+        for number, name, value in pending:
+            key = name.lower()
+            if key in _RESERVED_HEADERS:
+                raise self._fail(number, f"{_RESERVED_HEADERS[key]} is set by twistmail; remove it")
+            if key == "content-type":
+                if kind is not None:
+                    raise self._fail(number, "Content-Type appears twice")
+                kind = self._body_kind(number, value)
+                continue
+            if not value:  # an empty literal header is not sent
+                continue
+            header = self._compile_header(number, name, value)
+            if key == "attachment":
+                self._attachments.append(header)
+                continue
+            counts[key] = counts.get(key, 0) + 1
+            limit = policy.SMTP.header_max_count(key)
+            if limit is not None and counts[key] > limit:
+                raise self._fail(number, f"{name} may appear only once")
+            self._headers.append(header)
+        if "from" not in counts:
+            raise TemplateError(f"{self.name}: the template has no From header")
+        if not any(key in counts for key in _RECIPIENT_HEADERS):
+            raise TemplateError(f"{self.name}: the template has no To, Cc or Bcc header")
+        return kind or "plain"
+
+    def _body_kind(self, number: int, value: str) -> BodyKind:
+        media_type = value.split(";", 1)[0].strip().lower()
+        if media_type not in _BODY_KINDS:
+            raise self._fail(
+                number,
+                f"Content-Type {value!r} is not one of " + ", ".join(_BODY_KINDS),
+            )
+        return _BODY_KINDS[media_type]
+
+    def _compile_header(self, number: int, name: str, value: str) -> _Header:
+        key = name.lower()
+        if _JINJA_MARKUP.search(value) is None:
+            try:
+                check_header_value(name, value)
+            except HeaderInjectionError as exc:
+                raise self._fail(number, str(exc)) from None
+            addresses = None
+            if key in _ADDRESS_HEADERS and value:
+                try:
+                    addresses = tuple(_addresses(name, value))
+                except RowError as exc:
+                    raise self._fail(number, exc.reason) from None
+            parsed = _POLICY.header_factory(name, value)
+            return _Header(name, key, number, value, None, addresses, parsed)
+        ast = self._parse(value, number)
+        self._parts.append(_Part(number, ast))
+        try:
+            template = self._env.from_string(ast)
+        except jinja2.TemplateSyntaxError as exc:  # pragma: no cover - parse() caught it
+            raise self._fail(number, exc.message or str(exc)) from None
+        return _Header(name, key, number, None, template, None, None)
+
+    def _first_use(self, variable: str) -> int | None:
+        lines = [
+            part.first_line + node.lineno - 1
+            for part in self._parts
+            for node in part.ast.find_all(jinja2.nodes.Name)
+            if node.name == variable and node.ctx == "load"
+        ]
+        return min(lines) if lines else None
+
+    # -- rendering -------------------------------------------------------------------------------
+
+    def _render(self, template: jinja2.Template, values: dict[str, str], field: str | None) -> str:
+        try:
+            return template.render(values)
+        except _RENDER_ERRORS as exc:
+            reason = str(exc)
+            undefined = _UNDEFINED_NAME.search(reason)
+            if undefined is not None:
+                line = self._first_use(undefined.group(1))
+                where = f" (template line {line})" if line else ""
+                reason = f"no value for {undefined.group(1)!r}{where}"
+            raise RowError(field, reason) from None
+
+    def _render_header(self, header: _Header, values: dict[str, str]) -> str:
+        if header.template is None:
+            return header.literal or ""
+        value = self._render(header.template, values, header.name)
+        _checked(header.name, value)  # before stripping: a trailing line break is refused too
+        return value.strip()
+
+    def _attachment(self, path: str, *, templated: bool) -> _Attachment:
+        full = os.path.normpath(os.path.join(self._base, path))
+        if templated and os.path.commonpath([self._base, full]) != self._base:
+            raise RowError(
+                "Attachment", f"attachment path {path!r} leads outside the template's directory"
+            )
+        cached = self._cache.get(full)
+        if cached is not None:
+            self._cache.move_to_end(full)
+            return cached
+        try:
+            with open(full, "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            raise RowError("Attachment", f"attachment file not found: {full}") from None
+        except OSError as exc:
+            raise RowError("Attachment", f"cannot read attachment {full}: {exc.strerror}") from None
+        mime, encoding = mimetypes.guess_type(full, strict=False)
+        if mime is None or encoding is not None:
+            mime = "application/octet-stream"
+        maintype, subtype = mime.split("/", 1)
+        attachment = _Attachment(data, maintype, subtype, os.path.basename(full))
+        if len(data) <= _ATTACHMENT_CACHE_BYTES:
+            self._cache[full] = attachment
+            self._cache_bytes += len(data)
+            while self._cache_bytes > _ATTACHMENT_CACHE_BYTES:
+                _, evicted = self._cache.popitem(last=False)
+                self._cache_bytes -= len(evicted.data)
+        return attachment
+
+
+def _checked(name: str, value: str) -> None:
+    """Raise RowError when ``value`` could end header ``name``'s line early."""
+    try:
+        check_header_value(name, value)
+    except HeaderInjectionError:
+        raise RowError(
+            name, "the value contains CR, LF or another line break (or NUL), refused"
+        ) from None
+
+
+def _addresses(name: str, value: str) -> list[Address]:
+    """The addresses in header ``name``'s ``value``; raise RowError when one is invalid."""
+    try:
+        return parse_address_list(value, field=name)
+    except AddressError as exc:
+        raise RowError(exc.field or name, str(exc)) from None
