@@ -1,0 +1,5 @@
+"""``python -m twistmail``: the same as the ``twistmail`` command."""
+
+from .cli import main
+
+main()

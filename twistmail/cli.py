@@ -1,0 +1,280 @@
+"""The ``twistmail`` command: argument parsing only; the work is in :mod:`twistmail.merge`.
+
+Subcommands: ``send``, ``check``, ``preview``, ``status`` and ``capture``.
+Exit status: 0 every recipient sent; 1 some recipients failed or were invalid; 2 usage,
+configuration or template error (nothing sent); 3 interrupted, or rows remain to send.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+
+from .errors import TwistmailError
+from .merge import commands
+from .merge.run import EXIT_USAGE, SendOptions
+
+__all__ = ["build_parser", "main"]
+
+_SEND_EXAMPLE = """\
+example:
+  TWISTMAIL_SMTP_PASSWORD=... twistmail send recipients.csv message.txt \\
+      --smtp smtp+tls://alice@mail.example.com --rate 20 --concurrency 5
+
+The password of a URL naming a user comes from TWISTMAIL_SMTP_PASSWORD or --password-file,
+never from the command line. Re-running the same command resumes from the journal.
+exit status: 0 all sent; 1 some failed or invalid; 2 usage/template error; 3 interrupted or
+rows still to send (deferred, or --limit reached).
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``twistmail`` command."""
+    parser = argparse.ArgumentParser(
+        prog="twistmail",
+        description="Bulk mail on Twisted: send a CSV mail merge, check it, or run a capture "
+        "server.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    send = sub.add_parser(
+        "send",
+        help="send one message per CSV row",
+        description="Render TEMPLATE for each row of RECIPIENTS.csv and send it, journaling "
+        "every outcome so that an interrupted run resumes exactly.",
+        epilog=_SEND_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _inputs(send)
+    send.add_argument(
+        "--smtp",
+        required=True,
+        metavar="URL",
+        help="smtp://host[:port] (plain), smtp+tls://user@host (STARTTLS required) or "
+        "smtp+ssl://user@host (implicit TLS), e.g. smtp+tls://alice@mail.example.com:587",
+    )
+    send.add_argument(
+        "--password-file",
+        metavar="PATH",
+        help="read the SMTP password from this file (default: $TWISTMAIL_SMTP_PASSWORD)",
+    )
+    send.add_argument("--ca-file", metavar="PEM", help="trust this CA, e.g. --ca-file ca.pem")
+    send.add_argument(
+        "--insecure", action="store_true", help="do not verify the server's certificate"
+    )
+    send.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="SMTP connections to use (default: 10), e.g. --concurrency 20",
+    )
+    send.add_argument(
+        "--rate",
+        type=_positive_float,
+        metavar="R",
+        help="at most R messages per second for the whole run, e.g. --rate 50",
+    )
+    send.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="attempts per recipient for 4xx replies, drops and timeouts (default: 5)",
+    )
+    send.add_argument(
+        "--retry-delay",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="first backoff; doubles each attempt, with jitter (default: 5)",
+    )
+    send.add_argument(
+        "--from",
+        dest="envelope_from",
+        metavar="ADDR",
+        help="envelope sender (MAIL FROM); default: the From address, e.g. --from bounces@x.org",
+    )
+    send.add_argument(
+        "--journal",
+        metavar="PATH",
+        help="journal file (default: RECIPIENTS.journal.db beside the CSV)",
+    )
+    send.add_argument(
+        "--report",
+        metavar="PATH",
+        help="per-recipient report CSV (default: RECIPIENTS.report.csv beside the CSV)",
+    )
+    send.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="render and validate every row, print the first message, send nothing",
+    )
+    send.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="send at most N messages in this run"
+    )
+    send.add_argument(
+        "--strict",
+        action="store_true",
+        help="abort before sending anything if any row is invalid",
+    )
+    send.add_argument(
+        "--retry-failed", action="store_true", help="send again the rows that failed before"
+    )
+    send.add_argument(
+        "--new-campaign",
+        action="store_true",
+        help="start the journal over when the CSV or template changed (sends every row again)",
+    )
+    send.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="connect and reply timeout (default: 60)",
+    )
+
+    check = sub.add_parser(
+        "check",
+        help="validate a campaign and list every problem",
+        description="Render every row without sending; list each invalid row with the reason. "
+        "Example: twistmail check recipients.csv message.txt",
+    )
+    _inputs(check)
+    check.add_argument("--from", dest="envelope_from", metavar="ADDR", help="as for send")
+
+    preview = sub.add_parser(
+        "preview",
+        help="print the message for one row",
+        description="Print the rendered message of one row, with its envelope. "
+        "Example: twistmail preview recipients.csv message.txt --row 3",
+    )
+    _inputs(preview)
+    preview.add_argument(
+        "--row", type=_positive_int, default=1, metavar="N", help="data row (default: 1)"
+    )
+    preview.add_argument("--from", dest="envelope_from", metavar="ADDR", help="as for send")
+
+    status = sub.add_parser(
+        "status",
+        help="show a journal's counts and the recipients not yet sent",
+        description="Example: twistmail status recipients.journal.db",
+    )
+    status.add_argument("journal", metavar="JOURNAL")
+    status.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=20,
+        metavar="N",
+        help="list at most N unsent rows (default: 20)",
+    )
+
+    capture = sub.add_parser(
+        "capture",
+        help="run a local SMTP server that accepts and stores everything",
+        description="Twisted's ESMTP server on 127.0.0.1: accepts every message, prints a "
+        "line per message, and stores it in a Maildir. "
+        "Example: twistmail capture --port 2525 --maildir ./captured",
+    )
+    capture.add_argument(
+        "--port", type=int, default=2525, metavar="N", help="port (default: 2525; 0: any)"
+    )
+    capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
+    return parser
+
+
+def _inputs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipients", metavar="RECIPIENTS.csv", help="the recipients CSV")
+    parser.add_argument("template", metavar="TEMPLATE", help="the message template (Jinja2)")
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_file is None:
+        return None
+    text = Path(args.password_file).read_text(encoding="utf-8")
+    return text.rstrip("\r\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``twistmail`` command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "status":
+        sys.exit(commands.status(args.journal, args.limit, sys.stdout))
+    if args.command == "check":
+        sys.exit(commands.check(args.recipients, args.template, args.envelope_from, sys.stdout))
+    if args.command == "preview":
+        sys.exit(
+            commands.preview(
+                args.recipients, args.template, args.row, args.envelope_from, sys.stdout
+            )
+        )
+    if args.command == "capture":
+        task.react(lambda reactor: commands.capture(reactor, args.port, args.maildir, sys.stdout))
+        return
+    try:
+        password = _password(args)
+    except OSError as e:
+        print(f"error: cannot read --password-file: {e.strerror}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    options = SendOptions(
+        csv_path=args.recipients,
+        template_path=args.template,
+        smtp_url=args.smtp,
+        password=password,
+        ca_file=args.ca_file,
+        insecure=args.insecure,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        max_attempts=args.max_attempts,
+        retry_delay=args.retry_delay,
+        envelope_from=args.envelope_from,
+        journal_path=args.journal,
+        report_path=args.report,
+        limit=args.limit,
+        retry_failed=args.retry_failed,
+        new_campaign=args.new_campaign,
+        timeout=args.timeout,
+    )
+    if args.dry_run or args.strict:
+        code = commands.validate_before_send(options, dry_run=args.dry_run, out=sys.stdout)
+        if code is not None:
+            sys.exit(code)
+    _react_exit(options)
+
+
+def _react_exit(options: SendOptions) -> None:
+    from .merge.run import run
+
+    def go(reactor: Any) -> defer.Deferred[None]:
+        d = run(options, reactor)
+
+        def done(code: int) -> None:
+            if code:
+                raise SystemExit(code)
+
+        return d.addCallback(done)
+
+    try:
+        task.react(go)
+    except TwistmailError as e:  # pragma: no cover - run() reports its own errors
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

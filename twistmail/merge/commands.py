@@ -1,0 +1,140 @@
+"""The small commands of the CLI: check, preview, status, capture, and the pre-send validation."""
+
+from __future__ import annotations
+
+from email.header import decode_header, make_header
+from typing import Any, TextIO
+
+from twisted.internet import defer
+
+from twistmail.errors import TwistmailError
+from twistmail.message import unstuff
+from twistmail.testing import CapturedMessage, CaptureServer
+
+from .journal import read_status
+from .prepare import Prepared, Problem, load_inputs, prepare_row, problems
+from .run import EXIT_FAILED, EXIT_OK, EXIT_USAGE, SendOptions
+
+__all__ = ["capture", "check", "preview", "status", "validate_before_send"]
+
+
+def _show_message(prepared: Prepared, out: TextIO) -> None:
+    env = prepared.envelope
+    print(f"# row {prepared.row}", file=out)
+    print(f"# MAIL FROM:<{env.sender}>", file=out)
+    for rcpt in env.recipients:
+        print(f"# RCPT TO:<{rcpt}>", file=out)
+    print(unstuff(env.payload).decode("utf-8", "replace").replace("\r\n", "\n"), file=out)
+
+
+def check(csv_path: str, template_path: str, envelope_from: str | None, out: TextIO) -> int:
+    """List every problem of a campaign; 0 when there is none, 1 when rows are invalid."""
+    try:
+        source, template = load_inputs(csv_path, template_path)
+        found = 0
+        for problem in problems(source, template, envelope_from):
+            found += 1
+            print(problem.reason, file=out)
+    except (TwistmailError, OSError) as e:
+        print(f"error: {e}", file=out)
+        return EXIT_USAGE
+    if found:
+        print(f"{found} invalid row(s)", file=out)
+        return EXIT_FAILED
+    print("every row is valid", file=out)
+    return EXIT_OK
+
+
+def preview(
+    csv_path: str, template_path: str, row: int, envelope_from: str | None, out: TextIO
+) -> int:
+    """Print the rendered message of data row ``row``."""
+    try:
+        source, template = load_inputs(csv_path, template_path)
+        for candidate in source:
+            if candidate.number == row:
+                result = prepare_row(
+                    template, candidate, lambda n, d: f"<preview.{n}@{d}>", envelope_from
+                )
+                if isinstance(result, Problem):
+                    print(f"invalid: {result.reason}", file=out)
+                    return EXIT_FAILED
+                _show_message(result, out)
+                return EXIT_OK
+    except (TwistmailError, OSError) as e:
+        print(f"error: {e}", file=out)
+        return EXIT_USAGE
+    print(f"error: {csv_path} has no data row {row}", file=out)
+    return EXIT_USAGE
+
+
+def validate_before_send(options: SendOptions, *, dry_run: bool, out: TextIO) -> int | None:
+    """For --dry-run and --strict: validate every row; an exit status, or None to go on."""
+    shown: list[Prepared] = []
+    try:
+        source, template = load_inputs(options.csv_path, options.template_path)
+        found = [p for p in problems(source, template, options.envelope_from, first=shown.append)]
+    except (TwistmailError, OSError) as e:
+        print(f"error: {e}", file=out)
+        return EXIT_USAGE
+    for problem in found:
+        print(problem.reason, file=out)
+    if dry_run:
+        if shown:
+            _show_message(shown[0], out)
+        print(f"dry run: {len(found)} invalid row(s); nothing sent", file=out)
+        return EXIT_FAILED if found else EXIT_OK
+    if found:
+        print(f"--strict: {len(found)} invalid row(s); nothing sent", file=out)
+        return EXIT_USAGE
+    return None
+
+
+def status(journal_path: str, limit: int, out: TextIO) -> int:
+    """Print a journal's counts and its first rows not yet sent."""
+    try:
+        summary = read_status(journal_path, limit=limit)
+    except (TwistmailError, OSError) as e:
+        print(f"error: {e}", file=out)
+        return EXIT_USAGE
+    print(f"journal {summary.path} (campaign {summary.campaign_id})", file=out)
+    for state in ("sent", "failed", "deferred", "invalid", "pending"):
+        print(f"  {state:<9} {summary.counts.get(state, 0)}", file=out)
+    if summary.unsent:
+        print("not sent:", file=out)
+        for row in summary.unsent:
+            code = f" {row.code}" if row.code else ""
+            print(f"  row {row.row} {row.email} {row.state}{code} {row.response}", file=out)
+    not_sent = summary.total - summary.counts.get("sent", 0)
+    return EXIT_OK if not_sent == 0 else EXIT_FAILED
+
+
+def capture(reactor: Any, port: int, maildir: str | None, out: TextIO) -> defer.Deferred[None]:
+    """Run the capture server until interrupted, a line per message."""
+
+    def show(message: CapturedMessage) -> None:
+        to = ", ".join(r.decode("utf-8", "replace") for r in message.recipients)
+        subject = b""
+        for line in message.data.split(b"\r\n"):
+            if not line:
+                break
+            if line.lower().startswith(b"subject:"):
+                subject = line[8:].strip()
+        try:
+            title = str(make_header(decode_header(subject.decode("utf-8", "replace"))))
+        except (ValueError, LookupError):
+            title = subject.decode("utf-8", "replace")
+        print(
+            f"message from <{message.sender.decode('utf-8', 'replace')}> to {to}: "
+            f"{title} ({len(message.data)} bytes)",
+            file=out,
+            flush=True,
+        )
+
+    server = CaptureServer(reactor, maildir=maildir, on_message=show)
+    server.listen(port)
+    where = f" storing in Maildir {maildir}" if maildir else ""
+    print(f"capture server listening on 127.0.0.1:{server.port}{where}", file=out, flush=True)
+    done: defer.Deferred[None] = defer.Deferred()
+    reactor.addSystemEventTrigger("before", "shutdown", server.stop)
+    return done

@@ -1,0 +1,113 @@
+"""Turning CSV rows into envelopes: shared by ``send``, ``check``, ``preview`` and dry runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from twistmail.address import parse_address_list, parse_sender
+from twistmail.errors import MessageError
+from twistmail.message import Envelope, envelope_from_message
+
+from .csvsource import CsvSource, Row, open_csv
+from .template import MessageTemplate, RowError
+
+__all__ = ["Prepared", "Problem", "load_inputs", "prepare_row", "problems"]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One row ready to send."""
+
+    row: int
+    email: str
+    envelope: Envelope
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why one row cannot be sent."""
+
+    row: int
+    email: str
+    reason: str
+
+
+MessageIdFor = Callable[[int, str], str]
+
+
+def load_inputs(
+    csv_path: str | os.PathLike[str], template_path: str | os.PathLike[str]
+) -> tuple[CsvSource, MessageTemplate]:
+    """Open the CSV and the template and check that every template variable has a column.
+
+    Raises :class:`~.csvsource.CsvError`, :class:`~.template.TemplateError` or ``OSError``.
+    """
+    template = MessageTemplate.load(template_path)
+    source = open_csv(csv_path)
+    template.check_columns(source.columns)
+    return source, template
+
+
+def prepare_row(
+    template: MessageTemplate,
+    row: Row,
+    message_id_for: MessageIdFor,
+    envelope_from: str | None = None,
+) -> Prepared | Problem:
+    """Render ``row`` into an envelope, or say why it cannot be sent (naming the field)."""
+    guess = _guess_email(row)
+    if row.error is not None:
+        return Problem(row.number, guess, row.error)
+    try:
+        rendered = template.render(row.values, message_id=message_id_for(row.number, "invalid"))
+        msg = rendered.message
+        domain = _from_domain(msg.get("From", ""))
+        message_id = message_id_for(row.number, domain)
+        msg.replace_header("Message-ID", message_id)
+        sender = parse_sender(envelope_from, field="--from") if envelope_from else None
+        envelope = envelope_from_message(msg, sender=sender)
+    except RowError as e:
+        return Problem(row.number, guess, f"row {row.number}: {e}")
+    except MessageError as e:
+        return Problem(row.number, guess, f"row {row.number}: {e}")
+    return Prepared(row.number, rendered.email, envelope, message_id)
+
+
+def problems(
+    source: CsvSource,
+    template: MessageTemplate,
+    envelope_from: str | None = None,
+    *,
+    first: Callable[[Prepared], None] | None = None,
+) -> Iterator[Problem]:
+    """Every problem in the campaign, row by row; ``first`` sees the first good message."""
+    for row in source:
+        result = prepare_row(template, row, _preview_id, envelope_from)
+        if isinstance(result, Problem):
+            yield result
+        elif first is not None:
+            first(result)
+            first = None
+
+
+def _preview_id(row: int, domain: str) -> str:
+    return f"<preview.{row}@{domain}>"
+
+
+def _from_domain(value: str) -> str:
+    try:
+        addresses = parse_address_list(str(value), field="From")
+    except MessageError:
+        return "twistmail.invalid"
+    return addresses[0].ascii_domain if addresses else "twistmail.invalid"
+
+
+def _guess_email(row: Row) -> str:
+    for key in ("email", "Email", "EMAIL", "to", "To", "address", "mail"):
+        value = row.values.get(key)
+        if value:
+            return value[:200]
+    return ""

@@ -1,0 +1,423 @@
+"""The campaign loop of ``twistmail send``: CSV rows in, journaled outcomes out.
+
+Each CSV row becomes one message. Rows already settled in the journal (sent, invalid, and
+failed unless ``retry_failed``) are skipped, so re-running the same command resumes. A worker
+starts a new message only once the previous outcome of its slot is committed to the journal,
+so a kill at any moment can only duplicate the messages in flight (at most ``concurrency``).
+
+Retries are the campaign's own: the Mailer makes one attempt per call, a 4xx reply, a drop or
+a timeout parks the row as ``deferred`` (journaled with its next attempt time) and it comes
+back after an exponential backoff with jitter, for the recipients still deferred only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import itertools
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task, threads
+from twisted.python.failure import Failure
+
+from twistmail.errors import DeliveryError, TwistmailError
+from twistmail.fanout import fan_out
+from twistmail.mailer import Mailer
+from twistmail.results import SendResult
+from twistmail.retry import RetryPolicy
+
+from .csvsource import CsvSource, fingerprint
+from .journal import Journal, RowState, is_set
+from .prepare import Prepared, Problem, load_inputs, prepare_row
+from .progress import Progress
+from .report import write_report
+from .template import MessageTemplate
+
+__all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "Campaign", "SendOptions"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
+
+
+@dataclass
+class SendOptions:
+    """Everything ``twistmail send`` was asked to do."""
+
+    csv_path: str
+    template_path: str
+    smtp_url: str
+    password: str | None = None
+    ca_file: str | None = None
+    insecure: bool = False
+    concurrency: int = 10
+    rate: float | None = None
+    max_attempts: int = 5
+    retry_delay: float = 5.0
+    envelope_from: str | None = None
+    journal_path: str | None = None
+    report_path: str | None = None
+    limit: int | None = None
+    retry_failed: bool = False
+    new_campaign: bool = False
+    timeout: float = 60.0
+    grace: float = 30.0
+    progress: bool | None = None  # None: a live display when stdout is a terminal
+    out: Any = field(default_factory=lambda: sys.stdout)
+
+
+def default_journal_path(csv_path: str) -> str:
+    """``recipients.csv`` -> ``recipients.journal.db``, beside the CSV."""
+    path = Path(csv_path)
+    return str(path.with_name(path.stem + ".journal.db"))
+
+
+def default_report_path(csv_path: str) -> str:
+    """``recipients.csv`` -> ``recipients.report.csv``, beside the CSV."""
+    path = Path(csv_path)
+    return str(path.with_name(path.stem + ".report.csv"))
+
+
+@dataclass
+class _Job:
+    prepared: Prepared
+    attempts: int = 0
+    due: float = 0.0
+
+
+@dataclass
+class Counts:
+    """What this run did."""
+
+    sent: int = 0
+    failed: int = 0
+    deferred: int = 0
+    invalid: int = 0
+    skipped: int = 0
+    started: int = 0
+
+
+class Campaign:
+    """One run of a campaign; :meth:`run` fires with the exit status."""
+
+    def __init__(self, options: SendOptions, reactor: Any) -> None:
+        self.options = options
+        self.reactor = reactor
+        self.counts = Counts()
+        self.retry = RetryPolicy(
+            max_attempts=options.max_attempts, initial_delay=options.retry_delay
+        )
+        self.stopping = False
+        self.interrupted = False
+        self._parked: list[tuple[float, int, _Job]] = []
+        self._seq = itertools.count()
+        self._rows: Iterator[Prepared | Problem] | None = None
+        self._exhausted = False
+        self._limit_reached = False
+        self._journal: Journal | None = None
+        self._mailer: Mailer | None = None
+        self._abort_timer: Any = None
+
+    async def run(self) -> int:
+        """Send the campaign; the exit status (0, 1, 2 or 3 as documented by the CLI)."""
+        opts = self.options
+        try:
+            source, template = load_inputs(opts.csv_path, opts.template_path)
+        except (TwistmailError, OSError) as e:
+            self._say(f"error: {e}")
+            return EXIT_USAGE
+        journal_path = opts.journal_path or default_journal_path(opts.csv_path)
+        csv_fp, template_fp = await threads.deferToThread(
+            _fingerprints, opts.csv_path, opts.template_path
+        )
+        try:
+            journal = await Journal.open(
+                journal_path,
+                csv_fingerprint=csv_fp,
+                template_fingerprint=template_fp,
+                new_campaign=opts.new_campaign,
+                reactor=self.reactor,
+            )
+        except TwistmailError as e:
+            self._say(f"error: {e}")
+            return EXIT_USAGE
+        self._journal = journal
+        try:
+            return await self._run_with(journal, source, template)
+        finally:
+            await journal.close()
+
+    async def _run_with(
+        self, journal: Journal, source: CsvSource, template: MessageTemplate
+    ) -> int:
+        opts = self.options
+        settled = await journal.settled_rows(opts.retry_failed)
+        try:
+            self._mailer = Mailer(
+                opts.smtp_url,
+                concurrency=opts.concurrency,
+                rate=opts.rate,
+                ca_file=opts.ca_file,
+                insecure=opts.insecure,
+                password=opts.password,
+                timeout=opts.timeout,
+                max_attempts=1,
+                reactor=self.reactor,
+            )
+        except (ValueError, OSError) as e:
+            self._say(f"error: {e}")
+            return EXIT_USAGE
+        self._rows = self._prepared_rows(source, template, journal, settled)
+        total = await threads.deferToThread(_count_lines, opts.csv_path)
+        progress = Progress(opts.out, total=total, live=opts.progress, clock=self.reactor)
+        progress.start(self.counts)
+        restore = self._install_signal_handlers()
+        try:
+            await fan_out(self.reactor, self._work, opts.concurrency)
+        finally:
+            restore()
+            if self._abort_timer is not None and self._abort_timer.active():
+                self._abort_timer.cancel()
+            progress.stop()
+            await self._mailer.close()
+        return await self._finish(journal)
+
+    async def _finish(self, journal: Journal) -> int:
+        opts = self.options
+        # Rows still parked were journaled as deferred when they were parked.
+        counts = await journal.counts()
+        report_path = opts.report_path or default_report_path(opts.csv_path)
+        await journal.close()
+        lines = await threads.deferToThread(write_report, journal.path, report_path)
+        Progress.summary(opts.out, self.counts, counts, report_path, lines)
+        if self.interrupted:
+            self._say("interrupted: run the same command again to resume")
+            return EXIT_INTERRUPTED
+        if counts.get("failed", 0) or counts.get("invalid", 0):
+            return EXIT_FAILED
+        if counts.get("deferred", 0) or counts.get("pending", 0) or self._limit_reached:
+            return EXIT_INTERRUPTED
+        return EXIT_OK
+
+    # ------------------------------------------------------------------ rows
+
+    def _prepared_rows(
+        self,
+        source: CsvSource,
+        template: MessageTemplate,
+        journal: Journal,
+        settled: bytearray,
+    ) -> Iterator[Prepared | Problem]:
+        envelope_from = self.options.envelope_from
+        for row in source:
+            if is_set(settled, row.number):
+                self.counts.skipped += 1
+                continue
+            yield prepare_row(template, row, journal.message_id, envelope_from)
+
+    def _next_job(self) -> _Job | None:
+        """A parked job that is due, else the next good row (recording invalid ones)."""
+        now = self.reactor.seconds()
+        if self._parked and self._parked[0][0] <= now:
+            return heapq.heappop(self._parked)[2]
+        if self._exhausted or self.stopping or self._rows is None:
+            return None
+        limit = self.options.limit
+        for item in self._rows:
+            if isinstance(item, Problem):
+                self.counts.invalid += 1
+                self._record_problem(item)
+                continue
+            if limit is not None and self.counts.started >= limit:
+                self._limit_reached = True
+                self._exhausted = True
+                return None
+            self.counts.started += 1
+            return _Job(item)
+        self._exhausted = True
+        return None
+
+    def _record_problem(self, problem: Problem) -> None:
+        assert self._journal is not None
+        self._say(f"invalid: {problem.reason}", progress_line=True)
+        self._journal.record(
+            problem.row, email=problem.email, state="invalid", response=problem.reason
+        ).addErrback(self._journal_failed)
+
+    # ------------------------------------------------------------------ workers
+
+    def _work(self) -> Iterator[defer.Deferred[Any] | None]:
+        while True:
+            job = self._next_job()
+            if job is not None:
+                yield self._send(job)
+                continue
+            if self.stopping and not self._parked:
+                return
+            if self._parked:
+                if self.stopping:
+                    return
+                wait = max(0.0, self._parked[0][0] - self.reactor.seconds())
+                yield task.deferLater(self.reactor, min(wait, 1.0), lambda: None)
+                continue
+            return
+
+    def _send(self, job: _Job) -> defer.Deferred[None]:
+        assert self._mailer is not None
+        job.attempts += 1
+        return defer.ensureDeferred(self._send_and_record(job))
+
+    async def _send_and_record(self, job: _Job) -> None:
+        assert self._mailer is not None
+        result: SendResult | None
+        error: DeliveryError | None = None
+        try:
+            result = await self._mailer.send(job.prepared.envelope)
+        except DeliveryError as e:
+            result = getattr(e, "result", None)
+            error = e
+        except Exception as e:  # a bug, not a delivery outcome: fail the row, keep going
+            result, error = None, DeliveryError(f"internal error: {e!r}")
+        await self._settle(job, result, error)
+
+    def _settle(
+        self, job: _Job, result: SendResult | None, error: DeliveryError | None
+    ) -> defer.Deferred[None]:
+        assert self._journal is not None
+        prepared = job.prepared
+        error = error or (result.error if result is not None else None)
+        transient_error = error is not None and error.transient
+        retry, refused = [], []
+        if result is not None:
+            for outcome in result.recipients:
+                if outcome.status == "sent":
+                    continue
+                code = outcome.code
+                if (code is not None and 400 <= code < 500) or (code is None and transient_error):
+                    retry.append(outcome)
+                else:
+                    refused.append(outcome)
+        elif transient_error:
+            retry = []  # nothing known per recipient: retry the whole envelope
+        if result is not None and not retry and not refused:
+            self.counts.sent += 1
+            return self._record(job, "sent", result.code, result.response)
+        whole_retry = result is None and transient_error
+        if (retry or whole_retry) and not refused and self.retry.can_retry(job.attempts):
+            if retry:
+                keep = {o.recipient for o in retry}
+                recipients = tuple(r for r in prepared.envelope.recipients if str(r) in keep)
+                job.prepared = replace(
+                    prepared, envelope=replace(prepared.envelope, recipients=recipients)
+                )
+            first = retry[0] if retry else None
+            due = self.reactor.seconds() + self.retry.delay(job.attempts)
+            heapq.heappush(self._parked, (due, next(self._seq), job))
+            self.counts.deferred += 1
+            code = first.code if first else (error.code if error else None)
+            text = first.response if first else (str(error) if error else "")
+            recorded = self._record(job, "deferred", code, text, _wall(self.reactor, due))
+            return recorded.addCallback(self._undefer)
+        self.counts.failed += 1
+        bad = refused[0] if refused else (retry[0] if retry else None)
+        if bad is not None:
+            code, text = bad.code, f"{bad.recipient}: {bad.response}"
+        else:
+            code, text = (error.code if error else None), (str(error) if error else "")
+        self._say(f"failed: row {prepared.row} {prepared.email}: {text}", progress_line=True)
+        return self._record(job, "failed", code, text)
+
+    def _record(
+        self,
+        job: _Job,
+        state: RowState,
+        code: int | None,
+        response: str,
+        next_attempt_at: float | None = None,
+    ) -> defer.Deferred[None]:
+        assert self._journal is not None
+        prepared = job.prepared
+        return self._journal.record(
+            prepared.row,
+            email=prepared.email,
+            state=state,
+            code=code,
+            response=response,
+            attempts=job.attempts,
+            message_id=prepared.message_id,
+            next_attempt_at=next_attempt_at,
+        )
+
+    def _undefer(self, _: None) -> None:
+        self.counts.deferred -= 1  # counted again if it is deferred again
+
+    # ------------------------------------------------------------------ signals
+
+    def interrupt(self) -> None:
+        """Stop starting messages; abort what is in flight after the grace period."""
+        if self.stopping:
+            self._abort_now()
+            return
+        self.stopping = True
+        self.interrupted = True
+        self._say("stopping: letting messages in flight finish (signal again to abort)")
+        self._abort_timer = self.reactor.callLater(self.options.grace, self._abort_now)
+
+    def _abort_now(self) -> None:
+        if self._mailer is not None:
+            for proto in list(self._mailer.pool._all):
+                proto.abort()
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.interrupt)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                previous[sig] = signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+    # ------------------------------------------------------------------ output
+
+    def _say(self, text: str, *, progress_line: bool = False) -> None:
+        print(text, file=self.options.out, flush=True)
+
+    def _journal_failed(self, failure: Failure) -> None:
+        self._say(f"error: journal write failed: {failure.getErrorMessage()}")
+        self.interrupt()
+
+
+def _fingerprints(csv_path: str, template_path: str) -> tuple[str, str]:
+    return fingerprint(csv_path), hashlib.sha256(Path(template_path).read_bytes()).hexdigest()
+
+
+def _count_lines(path: str) -> int:
+    """Lines after the header: the number of rows for the progress display (cells with line
+    breaks make it an overestimate)."""
+    count = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            count += chunk.count(b"\n")
+    return max(0, count - 1)
+
+
+def _wall(reactor: Any, due: float) -> float:
+    import time
+
+    return time.time() + (due - float(reactor.seconds()))
+
+
+def run(options: SendOptions, reactor: Any) -> defer.Deferred[int]:
+    """Run a campaign; the Deferred fires with the exit status."""
+    return defer.ensureDeferred(Campaign(options, reactor).run())
