@@ -1,0 +1,348 @@
+"""One benchmark sender per subprocess: ``python senders.py NAME --port P --count N ...``.
+
+Each sender delivers ``count`` pre-formatted ~2.3 KB CRLF messages to 127.0.0.1:PORT over
+``connections`` connections and prints one JSON object on stdout: how many the client believes
+were accepted, the wall time of the sending window, and the CPU used during that window
+(``resource.getrusage(RUSAGE_SELF)``, which covers every thread). Peak RSS is taken by the driver
+from the child's rusage, so it includes interpreter start-up and imports.
+
+Only the standard library is imported at module level; each sender imports its own stack, so
+one sender's imports do not inflate another's RSS.
+
+New senders register themselves in ``SENDERS``. A later "CLI from CSV" sender (twistmail's
+command line fed a CSV file) belongs here as ``send_twistmail_cli_csv``; see ``driver.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+SENDER = "bench@sender.example"
+RECIPIENT_DOMAIN = "rcpt.example"
+TARGET_SIZE = 2300
+
+
+@dataclass
+class Options:
+    """What every sender is asked to do."""
+
+    host: str
+    port: int
+    count: int
+    connections: int
+    profile_out: str | None
+
+
+# ---------------------------------------------------------------------- messages
+
+
+def _template() -> bytes:
+    """A realistic-looking plain text message padded to ~2.3 KB, with a ``%d`` slot."""
+    head = (
+        "From: Bench Sender <bench@sender.example>\r\n"
+        "To: user%(n)d@rcpt.example\r\n"
+        "Subject: Benchmark message %(n)d\r\n"
+        "Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+        "Message-ID: <bench.%(n)d@sender.example>\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 7bit\r\n"
+        "\r\n"
+        "Hello user %(n)d,\r\n\r\n"
+    )
+    line = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n"
+    body = ""
+    tail = "-- \r\nThe benchmark\r\n"
+    while len(head) + len(body) + len(line) + len(tail) < TARGET_SIZE:
+        body += line
+    short = TARGET_SIZE - len(head) - len(body) - len(tail) - 2
+    if short > 0:
+        body += "x" * short + "\r\n"
+    return (head + body + tail).encode("ascii")
+
+
+TEMPLATE = _template()
+
+
+def message(n: int) -> bytes:
+    """Message number ``n`` as CRLF bytes (about 2.3 KB)."""
+    return TEMPLATE % {b"n": n}
+
+
+def recipient(n: int) -> str:
+    return f"user{n}@{RECIPIENT_DOMAIN}"
+
+
+def triples(count: int) -> Iterator[tuple[str, list[str], bytes]]:
+    """Lazily, ``(sender, [recipient], data)`` for every message."""
+    for n in range(count):
+        yield SENDER, [recipient(n)], message(n)
+
+
+# ---------------------------------------------------------------------- senders
+
+
+def send_twistmail(opts: Options) -> dict[str, object]:
+    """twistmail ``Mailer.send_many`` on Twisted's default reactor (epoll on Linux)."""
+    from twisted.internet import defer, task
+
+    from twistmail.mailer import Mailer
+
+    out: dict[str, object] = {}
+
+    async def main(reactor: object) -> None:
+        mailer = Mailer(
+            f"smtp://{opts.host}:{opts.port}", concurrency=opts.connections, reactor=reactor
+        )
+        t0, c0 = _mark()
+        report = await mailer.send_many(triples(opts.count))
+        await mailer.close()
+        out.update(_window(t0, c0))
+        out["sent"] = report.sent
+        out["failed"] = report.failed + report.partial + report.invalid
+        out["errors"] = [list(e) for e in report.errors[:5]]
+        out["connections_opened"] = mailer.pool.connections_opened
+        out["reactor"] = type(reactor).__name__
+
+    def run(reactor: object) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(main(reactor))
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        if e.code:
+            raise
+    return out
+
+
+def _send_aiosmtplib(opts: Options, *, use_uvloop: bool) -> dict[str, object]:
+    import asyncio
+
+    import aiosmtplib
+
+    out: dict[str, object] = {}
+
+    async def main() -> None:
+        items = iter(range(opts.count))
+        sent = 0
+        failed: list[str] = []
+
+        async def worker() -> None:
+            nonlocal sent
+            smtp = aiosmtplib.SMTP(hostname=opts.host, port=opts.port, start_tls=False)
+            await smtp.connect()
+            try:
+                for n in items:
+                    try:
+                        errors, _ = await smtp.sendmail(SENDER, [recipient(n)], message(n))
+                    except aiosmtplib.SMTPException as e:
+                        failed.append(repr(e))
+                        continue
+                    if errors:
+                        failed.append(repr(errors))
+                    else:
+                        sent += 1
+            finally:
+                await smtp.quit()
+
+        t0, c0 = _mark()
+        await asyncio.gather(*(worker() for _ in range(opts.connections)))
+        out.update(_window(t0, c0))
+        out["sent"] = sent
+        out["failed"] = len(failed)
+        out["errors"] = failed[:5]
+        out["loop"] = type(asyncio.get_running_loop()).__module__
+
+    if use_uvloop:
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+    return out
+
+
+def send_aiosmtplib_uvloop(opts: Options) -> dict[str, object]:
+    """aiosmtplib, one persistent connection per task, on uvloop."""
+    return _send_aiosmtplib(opts, use_uvloop=True)
+
+
+def send_aiosmtplib_asyncio(opts: Options) -> dict[str, object]:
+    """aiosmtplib, one persistent connection per task, on the stock asyncio loop."""
+    return _send_aiosmtplib(opts, use_uvloop=False)
+
+
+def send_smtplib_threads(opts: Options) -> dict[str, object]:
+    """Standard library smtplib: N threads, each holding one connection."""
+    import smtplib
+
+    items = iter(range(opts.count))
+    lock = threading.Lock()
+    sent = [0] * opts.connections
+    failed: list[str] = []
+
+    def worker(slot: int) -> None:
+        smtp = smtplib.SMTP(opts.host, opts.port, timeout=60)
+        try:
+            while True:
+                with lock:
+                    n = next(items, None)
+                if n is None:
+                    break
+                try:
+                    refused = smtp.sendmail(SENDER, [recipient(n)], message(n))
+                except smtplib.SMTPException as e:
+                    with lock:
+                        failed.append(repr(e))
+                    continue
+                if refused:
+                    with lock:
+                        failed.append(repr(refused))
+                else:
+                    sent[slot] += 1
+        finally:
+            smtp.quit()
+
+    t0, c0 = _mark()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(opts.connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = _window(t0, c0)
+    out["sent"] = sum(sent)
+    out["failed"] = len(failed)
+    out["errors"] = failed[:5]
+    return out
+
+
+def send_twisted_naive(opts: Options) -> dict[str, object]:
+    """``twisted.mail.smtp.sendmail()`` per message (one connection each), 20 in flight.
+
+    Fed LF line ends: ``SMTPClient.transformChunk`` turns every LF into CRLF, so giving it
+    CRLF data would put ``\\r\\r\\n`` on the wire.
+    """
+    from twisted.internet import defer, task
+    from twisted.mail import smtp
+
+    out: dict[str, object] = {}
+
+    async def main(reactor: object) -> None:
+        sem = defer.DeferredSemaphore(opts.connections)
+        sent = 0
+        failed: list[str] = []
+
+        def one(n: int) -> defer.Deferred[object]:
+            data = message(n).replace(b"\r\n", b"\n")
+            return smtp.sendmail(
+                opts.host, SENDER, [recipient(n)], data, port=opts.port, reactor=reactor
+            )
+
+        def ok(result: tuple[int, list[object]]) -> None:
+            nonlocal sent
+            accepted, _ = result
+            if accepted:
+                sent += 1
+            else:
+                failed.append(repr(result))
+
+        def bad(reason: object) -> None:
+            failed.append(str(reason)[:300])
+
+        t0, c0 = _mark()
+        ds = [sem.run(one, n).addCallbacks(ok, bad) for n in range(opts.count)]
+        await defer.DeferredList(ds)
+        out.update(_window(t0, c0))
+        out["sent"] = sent
+        out["failed"] = len(failed)
+        out["errors"] = failed[:5]
+        out["reactor"] = type(reactor).__name__
+
+    def run(reactor: object) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(main(reactor))
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        if e.code:
+            raise
+    return out
+
+
+SENDERS: dict[str, Callable[[Options], dict[str, object]]] = {
+    "twistmail": send_twistmail,
+    "aiosmtplib-uvloop": send_aiosmtplib_uvloop,
+    "aiosmtplib-asyncio": send_aiosmtplib_asyncio,
+    "smtplib-threads": send_smtplib_threads,
+    "twisted-naive": send_twisted_naive,
+}
+
+
+# ---------------------------------------------------------------------- measuring
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+# Set by --profile-out: profiles exactly the measured window (not imports or start-up).
+_profiler: Any = None
+
+
+def _mark() -> tuple[float, float]:
+    """Start the measured window."""
+    if _profiler is not None:
+        _profiler.enable()
+    return time.perf_counter(), _cpu()
+
+
+def _window(t0: float, c0: float) -> dict[str, object]:
+    """End the measured window: wall time and CPU time since :func:`_mark`."""
+    elapsed, cpu = time.perf_counter() - t0, _cpu() - c0
+    if _profiler is not None:
+        _profiler.disable()
+    return {"elapsed": elapsed, "cpu": cpu}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("sender", choices=sorted(SENDERS))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--connections", type=int, default=20)
+    parser.add_argument("--profile-out", help="run under cProfile and dump stats here")
+    ns = parser.parse_args(argv)
+    opts = Options(ns.host, ns.port, ns.count, ns.connections, ns.profile_out)
+    fn = SENDERS[ns.sender]
+    if opts.profile_out:
+        import cProfile
+
+        global _profiler
+        _profiler = cProfile.Profile()
+    result = fn(opts)
+    if _profiler is not None:
+        _profiler.dump_stats(opts.profile_out)
+    result["sender"] = ns.sender
+    result["count"] = opts.count
+    result["connections"] = opts.connections
+    result["message_bytes"] = len(message(0))
+    result["pid"] = os.getpid()
+    result["python"] = sys.version.split()[0]
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
