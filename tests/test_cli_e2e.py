@@ -369,3 +369,46 @@ async def test_sigterm_stops_cleanly_with_exit_3_and_resumes(
     rerun.stdout.close()
     assert len(server.messages) == n
     assert len(set(_message_ids(server))) == n
+
+
+def test_limit_sends_at_most_n_then_resumes(cue_server: Cue, tmp_path: Path) -> None:
+    server = cue_server()
+    csv_path, template_path = write_campaign(tmp_path, _many_rows(5))
+    url = f"smtp://127.0.0.1:{server.port}"
+    first = twistmail("send", csv_path, template_path, "--smtp", url, "--limit", "2")
+    assert first.returncode == 3  # rows remain to send
+    assert len(server.received) == 2
+    rest = twistmail("send", csv_path, template_path, "--smtp", url)
+    assert rest.returncode == 0
+    assert sorted(m.recipients[0] for m in server.received) == sorted(
+        f"user{i}@example.org" for i in range(5)
+    )
+
+
+def test_help_explains_every_option_with_an_example() -> None:
+    proc = twistmail("send", "--help")
+    assert proc.returncode == 0
+    for option in (
+        "--smtp",
+        "--password-file",
+        "--ca-file",
+        "--insecure",
+        "--concurrency",
+        "--rate",
+        "--max-attempts",
+        "--retry-delay",
+        "--from",
+        "--journal",
+        "--report",
+        "--dry-run",
+        "--limit",
+        "--strict",
+        "--retry-failed",
+        "--new-campaign",
+    ):
+        assert option in proc.stdout, option
+    assert "example:" in proc.stdout
+    for command in ("check", "preview", "status", "capture"):
+        sub = twistmail(command, "--help")
+        assert sub.returncode == 0
+        assert "Example: twistmail " + command in " ".join(sub.stdout.split())
