@@ -339,6 +339,14 @@ def test_html_body(tmp_path: Path) -> None:
     assert "text/markdown" not in str(msg)
 
 
+def test_html_body_escapes_cells_but_not_the_template(tmp_path: Path) -> None:
+    text = "From: a@example.com\nTo: {{ email }}\nContent-Type: text/html\n\n<b>{{ name }}</b>\n"
+    template = load(tmp_path, text)
+    row = {"email": "b@example.com", "name": "<script>x()</script> & Co"}
+    msg = render(template, row).message
+    assert msg.get_content() == "<b>&lt;script&gt;x()&lt;/script&gt; &amp; Co</b>\n"
+
+
 def test_markdown_body_is_multipart_alternative(tmp_path: Path) -> None:
     text = (
         "From: a@example.com\nTo: {{ email }}\nContent-Type: text/markdown\n\n"

@@ -198,7 +198,9 @@ class MessageTemplate:
         body_line = blank + 2
         body_ast = self._parse("\n".join(lines[blank + 1 :]), body_line)
         self._parts.append(_Part(body_line, body_ast))
-        self._body = self._env.from_string(body_ast)
+        # An HTML body escapes CSV cells ("<", "&"), so a cell cannot inject markup.
+        body_env = self._env.overlay(autoescape=True) if self.kind == "html" else self._env
+        self._body = body_env.from_string(body_ast)
         self.variables: frozenset[str] = frozenset(
             name
             for part in self._parts
