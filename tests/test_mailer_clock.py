@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -184,3 +186,24 @@ class CancelAndRateOnClockTests(SynchronousTestCase):
         self.assertTrue(all(n <= 1 for n in started))
         self.assertEqual(len(sent), 5)
         self.assertEqual(started[:5], [1, 1, 1, 1, 1])
+
+
+class SendManyOnClockTests(SynchronousTestCase):
+    def test_cancel_send_many_stops_consuming_the_generator(self) -> None:
+        reactor = MemoryReactorClock()
+        mailer = Mailer("smtp://127.0.0.1:2525", concurrency=2, reactor=reactor)
+        taken: list[int] = []
+
+        def messages() -> Iterator[tuple[str, list[str], bytes]]:
+            for i in range(1_000_000):
+                taken.append(i)
+                yield ("s@example.com", [f"r{i}@x.org"], DATA)
+
+        d = mailer.send_many(messages())
+        reactor.advance(0)  # let the cooperative workers start
+        self.assertLessEqual(len(taken), 2)  # one per worker, nothing materialised
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        for _ in range(5):
+            reactor.advance(1)
+        self.assertLessEqual(len(taken), 2)

@@ -489,3 +489,30 @@ async def test_per_domain_cap_limits_concurrent_transactions(
     assert report.sent == 200
     assert len(server.messages) == 200
     assert peak == {"slow.example": 2, "fast.example": 2}
+
+
+@pytest_twisted.ensureDeferred
+async def test_connect_timeout_when_the_server_never_completes_the_handshake() -> None:
+    # A listener whose accept backlog is full: the kernel drops further SYNs, so connect hangs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        m = mailer(port, connect_timeout=0.5, max_attempts=1)
+        started = reactor.seconds()
+        with pytest.raises(SMTPTimeoutError, match=r"could not connect within 0\.5s") as info:
+            await m.send(b"Subject: c\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"])
+        assert reactor.seconds() - started < 5
+        assert isinstance(info.value, TimeoutError)
+        await m.close()
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
