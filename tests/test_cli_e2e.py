@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import mailbox
 import os
 import re
 import signal
@@ -362,7 +363,8 @@ async def test_sigterm_stops_cleanly_with_exit_3_and_resumes(
     rows = report(tmp_path)
     sent_rows = [r for r in rows if r["status"] == "sent"]
     assert len(sent_rows) == len(server.messages) < n  # journal agrees with the server
-    assert {r["status"] for r in rows} == {"sent"}
+    assert {r["status"] for r in rows} == {"sent", "pending"}  # nothing failed or lost
+    assert len(rows) == n
     rerun = _popen(*args)
     assert await _finish(rerun) == 0
     assert rerun.stdout is not None
@@ -378,6 +380,11 @@ def test_limit_sends_at_most_n_then_resumes(cue_server: Cue, tmp_path: Path) -> 
     first = twistmail("send", csv_path, template_path, "--smtp", url, "--limit", "2")
     assert first.returncode == 3  # rows remain to send
     assert len(server.received) == 2
+    # Rows not reached yet are in the journal as pending: status and the report name them.
+    assert [r["status"] for r in report(tmp_path)] == ["sent"] * 2 + ["pending"] * 3
+    status = twistmail("status", str(tmp_path / "people.journal.db"))
+    assert re.search(r"pending\s+3", status.stdout)
+    assert "user4@example.org" in status.stdout
     rest = twistmail("send", csv_path, template_path, "--smtp", url)
     assert rest.returncode == 0
     assert sorted(m.recipients[0] for m in server.received) == sorted(
@@ -412,3 +419,51 @@ def test_help_explains_every_option_with_an_example() -> None:
         sub = twistmail(command, "--help")
         assert sub.returncode == 0
         assert "Example: twistmail " + command in " ".join(sub.stdout.split())
+
+
+def test_capture_command_receives_the_example_campaign(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent / "examples"
+    for name in ("recipients.csv", "message.txt", "terms.txt"):
+        (tmp_path / name).write_bytes((root / name).read_bytes())
+    maildir = tmp_path / "maildir"
+    capture = subprocess.Popen(
+        [sys.executable, "-m", "twistmail", "capture", "--port", "0", "--maildir", str(maildir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert capture.stdout is not None
+        first = capture.stdout.readline()
+        match = re.match(r"capture server listening on 127\.0\.0\.1:(\d+)", first)
+        assert match, first
+        url = f"smtp://127.0.0.1:{match.group(1)}"
+        sent = twistmail(
+            "send", str(tmp_path / "recipients.csv"), str(tmp_path / "message.txt"), "--smtp", url
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        lines = [capture.stdout.readline() for _ in range(4)]
+    finally:
+        capture.send_signal(signal.SIGTERM)
+        capture.wait(timeout=10)
+        if capture.stdout is not None:
+            capture.stdout.close()
+    assert capture.returncode == 0
+    assert sorted(line.split(" to ")[1].split(":")[0] for line in lines) == [
+        "ada@example.org",
+        "grace@example.org",
+        "jose@example.org",
+        "linus@example.org",
+    ]
+    assert any("Your Básico plan" in line for line in lines)  # subject decoded for display
+    stored = list(mailbox.Maildir(str(maildir), create=False))
+    assert len(stored) == 4
+    for message in stored:
+        assert message.get_content_type() == "multipart/mixed"
+        parts = [part.get_content_type() for part in message.walk()]
+        assert "multipart/alternative" in parts
+        assert "text/html" in parts
+        assert [p.get_filename() for p in message.walk() if p.get_filename()] == ["terms.txt"]
+        assert message["Attachment"] is None
+        assert message["Content-Type"].startswith("multipart/mixed")

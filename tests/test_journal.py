@@ -524,3 +524,24 @@ def test_reactor_shutdown_commits_and_closes_a_forgotten_journal(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert not Path(f"{path}-wal").exists(), "closed cleanly: SQLite removed the WAL"
     assert read_status(path).counts["sent"] == 50
+
+
+@pytest_twisted.inlineCallbacks
+def test_register_pending_keeps_settled_rows_and_commits_in_chunks(tmp_path: Path) -> Gen:
+    path = tmp_path / "j.db"
+    journal = yield open_journal(path)
+    yield journal.record(2, email="b@x.org", state="sent", code=250, attempts=1)
+    commits_before = journal.commits
+    read = yield journal.register_pending(((i, f"user{i}@x.org") for i in range(1, 26)), chunk=10)
+    assert read == 25
+    counts = yield journal.counts()
+    assert counts["pending"] == 24
+    assert counts["sent"] == 1
+    rows = rows_in_file(path)
+    assert rows[2][2] == "sent"  # a settled row is never turned back into pending
+    assert rows[25][1:3] == ("user25@x.org", "pending")
+    settled = yield journal.settled_rows()
+    assert is_set(settled, 2)
+    assert not is_set(settled, 3)
+    assert journal.commits == commits_before  # chunks are not group commits of records
+    yield journal.close()

@@ -20,12 +20,13 @@ the next single transaction, and at most one commit is in flight.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar, get_args
 
@@ -277,6 +278,29 @@ def _write_batch(conn: sqlite3.Connection, batch: list[_Record]) -> None:
         raise
 
 
+_INSERT_PENDING = (
+    "INSERT INTO rows (row, email, state, updated_at) VALUES (?, ?, 'pending', ?) "
+    "ON CONFLICT (row) DO NOTHING"
+)
+
+
+def _insert_pending(
+    conn: sqlite3.Connection, rows: Iterator[tuple[int, str]], chunk: int
+) -> tuple[int, bool]:
+    """Insert up to ``chunk`` rows from ``rows`` as pending (existing rows are kept)."""
+    now = time.time()
+    batch = [(row, email, now) for row, email in itertools.islice(rows, chunk)]
+    if batch:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_INSERT_PENDING, batch)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(batch), len(batch) < chunk
+
+
 def _settled_rows(conn: sqlite3.Connection, retry_failed: bool) -> bytearray:
     states = ["sent", "invalid"] if retry_failed else ["sent", "invalid", "failed"]
     (top,) = conn.execute("SELECT coalesce(max(row), 0) FROM rows").fetchone()
@@ -493,6 +517,30 @@ class Journal:
         return d
 
     # Reads (they see every commit made before they were asked for) --------------------------
+
+    def register_pending(
+        self, rows: Iterable[tuple[int, str]], *, chunk: int = 10_000
+    ) -> defer.Deferred[int]:
+        """Record every ``(row, email)`` not yet in the journal as ``pending``.
+
+        ``rows`` is consumed on the journal's thread (it may read a file), ``chunk`` rows per
+        transaction, so records made meanwhile are committed between chunks. Fires with the
+        number of rows read. Stops early, between chunks, once :meth:`close` is called.
+        """
+        iterator = iter(rows)
+
+        async def run() -> int:
+            total = 0
+            while self._closing is None:
+                count, finished = await self._in_thread(
+                    _insert_pending, self._conn, iterator, chunk
+                )
+                total += count
+                if finished:
+                    break
+            return total
+
+        return defer.ensureDeferred(run())
 
     def settled_rows(self, retry_failed: bool = False) -> defer.Deferred[bytearray]:
         """A bitmap of rows not to send again; test a row with :func:`is_set`.

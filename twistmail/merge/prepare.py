@@ -13,7 +13,7 @@ from twistmail.message import Envelope, envelope_from_message
 from .csvsource import CsvSource, Row, open_csv
 from .template import MessageTemplate, RowError
 
-__all__ = ["Prepared", "Problem", "load_inputs", "prepare_row", "problems"]
+__all__ = ["Prepared", "Problem", "guess_email", "load_inputs", "prepare_row", "problems"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ def prepare_row(
     envelope_from: str | None = None,
 ) -> Prepared | Problem:
     """Render ``row`` into an envelope, or say why it cannot be sent (naming the field)."""
-    guess = _guess_email(row)
+    guess = guess_email(row)
     if row.error is not None:
         return Problem(row.number, guess, row.error)
     try:
@@ -105,7 +105,8 @@ def _from_domain(value: str) -> str:
     return addresses[0].ascii_domain if addresses else "twistmail.invalid"
 
 
-def _guess_email(row: Row) -> str:
+def guess_email(row: Row) -> str:
+    """The row's recipient address as far as the CSV alone tells, for reports."""
     for key in ("email", "Email", "EMAIL", "to", "To", "address", "mail"):
         value = row.values.get(key)
         if value:

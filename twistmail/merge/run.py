@@ -34,7 +34,7 @@ from twistmail.retry import RetryPolicy
 
 from .csvsource import CsvSource, fingerprint
 from .journal import Journal, RowState, is_set
-from .prepare import Prepared, Problem, load_inputs, prepare_row
+from .prepare import Prepared, Problem, guess_email, load_inputs, prepare_row
 from .progress import Progress
 from .report import write_report
 from .template import MessageTemplate
@@ -172,12 +172,16 @@ class Campaign:
             self._say(f"error: {e}")
             return EXIT_USAGE
         self._rows = self._prepared_rows(source, template, journal, settled)
+        # Every row is in the journal from the start (as pending), so status and the report
+        # name the recipients not reached yet; runs on the journal's thread, in chunks.
+        registering = journal.register_pending((row.number, guess_email(row)) for row in source)
         total = await threads.deferToThread(_count_lines, opts.csv_path)
         progress = Progress(opts.out, total=total, live=opts.progress, clock=self.reactor)
         progress.start(self.counts)
         restore = self._install_signal_handlers()
         try:
             await fan_out(self.reactor, self._work, opts.concurrency)
+            await registering
         finally:
             restore()
             if self._abort_timer is not None and self._abort_timer.active():
