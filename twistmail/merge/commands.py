@@ -71,21 +71,23 @@ def preview(
 def validate_before_send(options: SendOptions, *, dry_run: bool, out: TextIO) -> int | None:
     """For --dry-run and --strict: validate every row; an exit status, or None to go on."""
     shown: list[Prepared] = []
+    found = 0
     try:
         source, template = load_inputs(options.csv_path, options.template_path)
-        found = [p for p in problems(source, template, options.envelope_from, first=shown.append)]
+        # Printed as found: a million bad rows never sit in memory.
+        for problem in problems(source, template, options.envelope_from, first=shown.append):
+            found += 1
+            print(problem.reason, file=out)
     except (TwistmailError, OSError) as e:
         print(f"error: {e}", file=out)
         return EXIT_USAGE
-    for problem in found:
-        print(problem.reason, file=out)
     if dry_run:
         if shown:
             _show_message(shown[0], out)
-        print(f"dry run: {len(found)} invalid row(s); nothing sent", file=out)
+        print(f"dry run: {found} invalid row(s); nothing sent", file=out)
         return EXIT_FAILED if found else EXIT_OK
     if found:
-        print(f"--strict: {len(found)} invalid row(s); nothing sent", file=out)
+        print(f"--strict: {found} invalid row(s); nothing sent", file=out)
         return EXIT_USAGE
     return None
 
