@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from twistmail.errors import ConnectionLostError
+from twistmail.errors import ConnectionLostError, TransientError
 from twistmail.mailer import Mailer
 from twistmail.results import SendResult
 from twistmail.retry import RetryPolicy
@@ -107,7 +107,7 @@ class MailerOnClockTests(SynchronousTestCase):
             server.say(reset + b"250 ok\r\n451 4.2.1 later\r\n554 no valid recipients\r\n")
             self.reactor.advance(100)
         self.assertNotIn(b"RCPT", server.take())  # no fourth attempt (only the idle QUIT)
-        failure = self.failureResultOf(d)
+        failure = self.failureResultOf(d, TransientError)  # 4xx to the end: still transient
         result: SendResult = failure.value.result
         self.assertEqual(result.attempts, 3)
         self.assertEqual([(r.status, r.code) for r in result.recipients], [("failed", 451)])

@@ -235,6 +235,37 @@ class TransactionTests(SynchronousTestCase):
             [("a@example.com", 550, "5.1.1"), ("b@example.com", 250, None)],
         )
 
+    def test_lockstep_refusals_then_rset_before_the_next_transaction(self) -> None:
+        s = ready_session(ehlo=[b"8BITMIME"])
+        d = s.proto.send(envelope())
+        self.assertEqual(s.take(), b"MAIL FROM:<from@example.com>\r\n")
+        s.reply(b"451 4.3.0 busy\r\n")
+        self.assertEqual(self.successResultOf(d).recipients[0].code, 451)
+        self.assertEqual(s.take(), b"")  # nothing more of the refused transaction
+        for refusal in (b"RCPT", b"DATA", None):
+            d = s.proto.send(envelope())
+            self.assertEqual(s.take(), b"RSET\r\n")
+            s.reply(b"250 reset\r\n")
+            self.assertEqual(s.take(), b"MAIL FROM:<from@example.com>\r\n")
+            s.reply(b"250 ok\r\n")
+            self.assertEqual(s.take(), b"RCPT TO:<to@example.com>\r\n")
+            if refusal == b"RCPT":
+                s.reply(b"550 5.1.1 no such user\r\n")  # no DATA with no recipient
+                self.assertEqual(self.successResultOf(d).recipients[0].code, 550)
+                continue
+            s.reply(b"250 ok\r\n")
+            self.assertEqual(s.take(), b"DATA\r\n")
+            if refusal == b"DATA":
+                s.reply(b"554 5.7.1 no\r\n")
+                self.assertEqual(self.successResultOf(d).code, 554)
+                continue
+            s.reply(b"354 go\r\n")
+            self.assertEqual(s.take(), WIRE_BODY)
+            s.reply(b"250 ok\r\n")
+            self.assertEqual(self.successResultOf(d).code, 250)
+        self.assertEqual(s.take(), b"")
+        self.assertTrue(s.proto.usable)
+
     def test_connection_reused_without_rset_after_success(self) -> None:
         s = ready_session(ehlo=[b"8BITMIME"])
         for n in range(3):

@@ -14,7 +14,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .errors import ConnectionLostError, DeliveryError, MessageError, PermanentError
+from .errors import (
+    ConnectionLostError,
+    DeliveryError,
+    MessageError,
+    PermanentError,
+    TransientError,
+)
 from .fanout import fan_out
 from .message import Envelope, envelope_from_bytes, envelope_from_message
 from .ratelimit import DomainLimiter, TokenBucket
@@ -404,7 +410,10 @@ def _raise_if_nothing_accepted(result: SendResult) -> SendResult:
     error = result.error
     if error is None:
         assert first is not None
-        error = PermanentError(
+        error_class: type[DeliveryError] = (
+            TransientError if first.code is not None and 400 <= first.code < 500 else PermanentError
+        )
+        error = error_class(
             "no recipient was accepted",
             code=first.code,
             enhanced=first.enhanced,

@@ -114,6 +114,7 @@ class Campaign:
         self.stopping = False
         self.interrupted = False
         self._parked: list[tuple[float, int, _Job]] = []
+        self._max_parked = max(1000, 50 * options.concurrency)
         self._seq = itertools.count()
         self._rows: Iterator[Prepared | Problem] | None = None
         self._exhausted = False
@@ -227,8 +228,13 @@ class Campaign:
         """A parked job that is due, else the next good row (recording invalid ones)."""
         now = self.reactor.seconds()
         if self._parked and self._parked[0][0] <= now:
-            return heapq.heappop(self._parked)[2]
+            job = heapq.heappop(self._parked)[2]
+            self.counts.deferred = len(self._parked)
+            return job
         if self._exhausted or self.stopping or self._rows is None:
+            return None
+        if len(self._parked) >= self._max_parked:
+            # A server refusing everything must not pull the whole CSV into the retry heap.
             return None
         limit = self.options.limit
         for item in self._rows:
@@ -321,11 +327,10 @@ class Campaign:
             first = retry[0] if retry else None
             due = self.reactor.seconds() + self.retry.delay(job.attempts)
             heapq.heappush(self._parked, (due, next(self._seq), job))
-            self.counts.deferred += 1
+            self.counts.deferred = len(self._parked)
             code = first.code if first else (error.code if error else None)
             text = first.response if first else (str(error) if error else "")
-            recorded = self._record(job, "deferred", code, text, _wall(self.reactor, due))
-            return recorded.addCallback(self._undefer)
+            return self._record(job, "deferred", code, text, _wall(self.reactor, due))
         self.counts.failed += 1
         bad = refused[0] if refused else (retry[0] if retry else None)
         if bad is not None:
@@ -355,9 +360,6 @@ class Campaign:
             message_id=prepared.message_id,
             next_attempt_at=next_attempt_at,
         )
-
-    def _undefer(self, _: None) -> None:
-        self.counts.deferred -= 1  # counted again if it is deferred again
 
     # ------------------------------------------------------------------ signals
 

@@ -543,7 +543,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
                 txn.data_failed = _reply(code, raw)
                 self._finish(txn, code, raw)
         elif kind == _RSET:
-            pass
+            if txn is not None:
+                self._issue(txn)  # without PIPELINING, MAIL waits for the RSET reply
         elif kind == _QUIT:
             if self.transport is not None:
                 self.transport.loseConnection()

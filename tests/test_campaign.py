@@ -1,0 +1,50 @@
+"""The campaign loop in-process against a real server (aiosmtpd) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest_twisted
+from servers import CueServer
+from twisted.internet import defer, reactor, task
+
+from twistmail.merge.run import EXIT_INTERRUPTED, Campaign, SendOptions
+
+TEMPLATE = "From: a@example.com\nTo: {{ email }}\nSubject: hi\n\nbody\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_deferring_everything_does_not_pull_the_csv_into_memory(
+    cue_server: Callable[..., CueServer], tmp_path: Path
+) -> None:
+    server = cue_server(mail_reply="451 4.3.0 busy, try later")
+    rows = 5000
+    csv_path = tmp_path / "r.csv"
+    csv_path.write_text(
+        "email\n" + "".join(f"u{i}@example.org\n" for i in range(rows)), encoding="utf-8"
+    )
+    (tmp_path / "t.txt").write_text(TEMPLATE, encoding="utf-8")
+    options = SendOptions(
+        csv_path=str(csv_path),
+        template_path=str(tmp_path / "t.txt"),
+        smtp_url=f"smtp://127.0.0.1:{server.port}",
+        concurrency=4,
+        retry_delay=600,
+        progress=False,
+        out=io.StringIO(),
+    )
+    campaign = Campaign(options, reactor)
+    done = defer.ensureDeferred(campaign.run())
+    for _ in range(200):
+        await task.deferLater(reactor, 0.05, lambda: None)
+        if campaign.counts.started >= 1000:
+            break
+    await task.deferLater(reactor, 0.5, lambda: None)
+    # max(1000, 50 * concurrency) rows parked (plus those in flight), then it waits.
+    assert 1000 <= campaign.counts.started <= 1000 + options.concurrency
+    assert campaign.counts.deferred == len(campaign._parked) == campaign.counts.started
+    campaign.interrupt()
+    assert await done == EXIT_INTERRUPTED
+    assert server.received == []
