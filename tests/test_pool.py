@@ -142,3 +142,42 @@ def _acquire_completed(h: Harness) -> defer.Deferred[FakeConnection]:
     d = h.pool.acquire()
     h.complete()
     return d  # type: ignore[return-value]
+
+
+class PipeliningConnection(FakeConnection):
+    class capabilities:  # mimics MailerProtocol.capabilities
+        pipelining = True
+
+
+class PipelineDepthTests(SynchronousTestCase):
+    def harness(self, size: int, depth: int) -> Harness:
+        h = Harness(size=size)
+        h.pool = ConnectionPool(h.connect, size=size, clock=h.clock, depth=depth)  # type: ignore[arg-type]
+        return h
+
+    def complete(self, h: Harness) -> PipeliningConnection:
+        conn = PipeliningConnection(len(h.made))
+        h.made.append(conn)
+        h.pending.pop(0).callback(conn)
+        return conn
+
+    def test_new_connections_first_then_up_to_depth_each(self) -> None:
+        h = self.harness(size=2, depth=2)
+        a, b = h.pool.acquire(), h.pool.acquire()
+        first, second = self.complete(h), self.complete(h)
+        self.assertIs(self.successResultOf(a), first)
+        self.assertIs(self.successResultOf(b), second)
+        c, d = h.pool.acquire(), h.pool.acquire()  # both connections take a second one
+        self.assertEqual({self.successResultOf(c), self.successResultOf(d)}, {first, second})
+        e = h.pool.acquire()
+        self.assertNoResult(e)  # 2 connections x depth 2 are in use
+        self.assertEqual(h.pending, [])  # and no third connection is opened
+        h.pool.release(first)  # type: ignore[arg-type]
+        self.assertIs(self.successResultOf(e), first)
+
+    def test_a_server_without_pipelining_gets_one_at_a_time(self) -> None:
+        h = self.harness(size=1, depth=3)
+        a = h.pool.acquire()
+        conn = h.complete()  # a FakeConnection: no PIPELINING
+        self.assertIs(self.successResultOf(a), conn)
+        self.assertNoResult(h.pool.acquire())

@@ -98,6 +98,11 @@ class Mailer:
     ``url`` is ``smtp://[user[:password]@]host[:port]`` (plain), ``smtp+tls://...`` (STARTTLS
     required) or ``smtp+ssl://...`` (implicit TLS, port 465 by default). A password missing from
     the URL comes from ``password=`` or the ``TWISTMAIL_SMTP_PASSWORD`` environment variable.
+
+    ``concurrency`` is the number of connections. With a server that offers PIPELINING, each
+    connection carries up to ``pipeline_depth`` transactions at once (the next message's
+    MAIL/RCPT/DATA go out with the previous message's body); ``pipelining=False`` sends in
+    lock step.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class Mailer:
         max_retry_delay: float = 600.0,
         local_hostname: str | None = None,
         pipelining: bool = True,
+        pipeline_depth: int = 2,
         retry_policy: RetryPolicy | None = None,
         reactor: Any = None,
     ) -> None:
@@ -150,7 +156,11 @@ class Mailer:
             )
 
         self.pool = ConnectionPool(
-            open_connection, size=concurrency, clock=self._clock, idle_timeout=idle_timeout
+            open_connection,
+            size=concurrency,
+            clock=self._clock,
+            idle_timeout=idle_timeout,
+            depth=pipeline_depth if pipelining else 1,
         )
         self._bucket = TokenBucket(self._clock, rate) if rate else None
         self._domains = DomainLimiter(per_domain) if per_domain else None
@@ -216,7 +226,8 @@ class Mailer:
             d.addErrback(_first_error)
         else:
             run = _Run(self, enumerate(messages), report, on_result)
-            d = fan_out(self._reactor, run.work, self.concurrency)
+            # Enough workers to keep every connection's pipeline full.
+            d = fan_out(self._reactor, run.work, self.concurrency * self.pool.depth)
         d.addCallback(finish)
         return self._track(d)
 

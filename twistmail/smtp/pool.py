@@ -17,10 +17,14 @@ __all__ = ["ConnectionPool"]
 
 
 class ConnectionPool:
-    """Up to ``size`` connections, each used by one sender at a time and reused afterwards.
+    """Up to ``size`` connections, reused from one message to the next.
 
-    A connection that stays idle for ``idle_timeout`` seconds is closed with QUIT; one the
-    server closes (421, a drop) is forgotten and replaced on the next demand.
+    A connection carries one transaction at a time, or up to ``depth`` queued transactions when
+    the server offers PIPELINING (the next message's commands then go out in the same write as
+    the previous message's body). New connections are opened, up to ``size``, before a busy
+    one takes a second transaction. A connection that stays idle for ``idle_timeout`` seconds
+    is closed with QUIT; one the server closes (421, a drop) is forgotten and replaced on the
+    next demand.
     """
 
     def __init__(
@@ -30,9 +34,15 @@ class ConnectionPool:
         size: int,
         clock: IReactorTime,
         idle_timeout: float = 30.0,
+        depth: int = 1,
     ) -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
+        if depth < 1:
+            raise ValueError("pipeline depth must be at least 1")
+        self.depth = depth
+        self._load: dict[MailerProtocol, int] = {}
+        self._partial: deque[MailerProtocol] = deque()
         self._connect = connect
         self.size = size
         self._clock = clock
@@ -51,34 +61,69 @@ class ConnectionPool:
         return len(self._all)
 
     def acquire(self) -> defer.Deferred[MailerProtocol]:
-        """A ready connection for the caller's exclusive use until :meth:`release`."""
+        """A ready connection for one transaction, until :meth:`release`."""
         if self._closed:
             return defer.fail(ConnectionLostError("the connection pool is closed"))
         while self._idle:
             proto = self._idle.pop()  # the most recently used: warm, least likely to time out
             self._stop_idle_timer(proto)
             if proto.usable:
-                return defer.succeed(proto)
-        waiter: defer.Deferred[MailerProtocol] = defer.Deferred(self._cancel_waiter)
-        self._waiters.append(waiter)
+                return defer.succeed(self._take(proto))
         if len(self._all) + len(self._connecting) < self.size:
+            waiter: defer.Deferred[MailerProtocol] = defer.Deferred(self._cancel_waiter)
+            self._waiters.append(waiter)
             self._open()
+            return waiter
+        while self._partial:
+            proto = self._partial[0]
+            if proto.usable and self._load.get(proto, 0) < self._capacity(proto):
+                return defer.succeed(self._take(proto))
+            self._partial.popleft()
+        waiter = defer.Deferred(self._cancel_waiter)
+        self._waiters.append(waiter)
         return waiter
 
     def release(self, proto: MailerProtocol) -> None:
-        """Give a connection back after use."""
+        """Give a connection back after its transaction."""
+        load = self._load.get(proto, 1) - 1
+        if load > 0:
+            self._load[proto] = load
+        else:
+            self._load.pop(proto, None)
         if not proto.usable:
             return  # its `lost` callback tidies up and replaces it if needed
         if self._closed:
-            proto.quit()
+            if load <= 0:
+                proto.quit()
             return
         if self._waiters:
-            self._waiters.popleft().callback(proto)
+            self._waiters.popleft().callback(self._take(proto))
             return
+        if load > 0:
+            if proto not in self._partial:
+                self._partial.append(proto)
+            return
+        with contextlib.suppress(ValueError):
+            self._partial.remove(proto)
         self._idle.append(proto)
         self._idle_timers[proto] = self._clock.callLater(
             self._idle_timeout, self._idle_expired, proto
         )
+
+    def _take(self, proto: MailerProtocol) -> MailerProtocol:
+        load = self._load.get(proto, 0) + 1
+        self._load[proto] = load
+        if load < self._capacity(proto):
+            if proto not in self._partial:
+                self._partial.append(proto)
+        else:
+            with contextlib.suppress(ValueError):
+                self._partial.remove(proto)
+        return proto
+
+    def _capacity(self, proto: MailerProtocol) -> int:
+        caps = getattr(proto, "capabilities", None)
+        return self.depth if caps is not None and caps.pipelining else 1
 
     def close(self) -> defer.Deferred[None]:
         """QUIT every connection; waiters fail. Fires once every connection has closed."""
@@ -108,8 +153,9 @@ class ConnectionPool:
             proto.lost.addCallback(lambda _: self._lost(proto))
             if self._closed:
                 proto.quit()
-            else:
-                self.release(proto)
+                return
+            self._load[proto] = 1
+            self.release(proto)  # to a waiter, or idle
 
         def failed(reason: Failure) -> None:
             self._connecting.discard(attempt)
@@ -132,6 +178,9 @@ class ConnectionPool:
 
     def _lost(self, proto: MailerProtocol) -> None:
         self._all.discard(proto)
+        self._load.pop(proto, None)
+        with contextlib.suppress(ValueError):
+            self._partial.remove(proto)
         self._stop_idle_timer(proto)
         with contextlib.suppress(ValueError):
             self._idle.remove(proto)
