@@ -341,8 +341,9 @@ async def test_sigkill_then_rerun_loses_nobody_and_duplicates_at_most_concurrenc
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_sigterm_stops_cleanly_with_exit_3_and_resumes(
-    capture_server: Callable[..., CaptureServer], tmp_path: Path
+    capture_server: Callable[..., CaptureServer], tmp_path: Path, signum: int
 ) -> None:
     server = capture_server()
     n = 300
@@ -351,7 +352,7 @@ async def test_sigterm_stops_cleanly_with_exit_3_and_resumes(
     proc = _popen(*args, "--rate", "100")
     try:
         await _wait_for(lambda: len(server.messages) >= 20, 60)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         assert await _finish(proc, 30) == 3
         assert proc.stdout is not None
         output = proc.stdout.read()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,20 @@ def test_readme_shows_the_library_example_verbatim() -> None:
     example = (ROOT / "examples" / "library.py").read_text(encoding="utf-8")
     body = example.split('"""\n', 2)[-1].strip()
     assert body in readme
+
+
+def test_readme_first_command_runs_the_example_campaign() -> None:
+    env = {**os.environ, "TWISTMAIL_VENV": sys.prefix}
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "report: examples/out/report.csv (4 rows)" in proc.stdout
+    assert "capture server listening on 127.0.0.1:" in proc.stdout
+    report = (ROOT / "examples" / "out" / "report.csv").read_text(encoding="utf-8")
+    assert report.count(",sent,") == 4
