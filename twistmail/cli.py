@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 
@@ -235,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as e:
         print(f"error: cannot read --password-file: {e.strerror}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    if urlsplit(args.smtp).password is not None:
+        print(
+            "warning: a password in --smtp is visible to other users in the process list; "
+            "prefer TWISTMAIL_SMTP_PASSWORD or --password-file",
+            file=sys.stderr,
+        )
     options = SendOptions(
         csv_path=args.recipients,
         template_path=args.template,
