@@ -23,6 +23,7 @@ __all__ = [
     "TLSError",
     "TransientError",
     "TwistmailError",
+    "for_reply",
 ]
 
 
@@ -127,3 +128,8 @@ class AuthenticationError(PermanentError):
 
 class ExtensionRequiredError(PermanentError):
     """The message needs an SMTP extension (SMTPUTF8, 8BITMIME, SIZE) the server does not offer."""
+
+
+def for_reply(code: int | None) -> type[DeliveryError]:
+    """The error class for a refusal with reply ``code``: 4xx is transient, the rest permanent."""
+    return TransientError if code is not None and 400 <= code < 500 else PermanentError

@@ -19,7 +19,7 @@ from .errors import (
     DeliveryError,
     MessageError,
     PermanentError,
-    TransientError,
+    for_reply,
 )
 from .fanout import fan_out
 from .message import Envelope, envelope_from_bytes, envelope_from_message
@@ -421,10 +421,7 @@ def _raise_if_nothing_accepted(result: SendResult) -> SendResult:
     error = result.error
     if error is None:
         assert first is not None
-        error_class: type[DeliveryError] = (
-            TransientError if first.code is not None and 400 <= first.code < 500 else PermanentError
-        )
-        error = error_class(
+        error = for_reply(first.code)(
             "no recipient was accepted",
             code=first.code,
             enhanced=first.enhanced,

@@ -268,14 +268,19 @@ def _open_in_thread(
     return conn, campaign_id, lock_fd
 
 
-def _write_batch(conn: sqlite3.Connection, batch: list[_Record]) -> None:
+def _execute_many(conn: sqlite3.Connection, sql: str, rows: list[Any]) -> None:
+    """``executemany`` in one write transaction, rolled back on any error."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(_UPSERT, batch)
+        conn.executemany(sql, rows)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _write_batch(conn: sqlite3.Connection, batch: list[_Record]) -> None:
+    _execute_many(conn, _UPSERT, batch)
 
 
 _INSERT_PENDING = (
@@ -291,13 +296,7 @@ def _insert_pending(
     now = time.time()
     batch = [(row, email, now) for row, email in itertools.islice(rows, chunk)]
     if batch:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(_INSERT_PENDING, batch)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        _execute_many(conn, _INSERT_PENDING, batch)
     return len(batch), len(batch) < chunk
 
 

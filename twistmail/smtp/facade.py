@@ -26,7 +26,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from ..errors import ConnectionLostError, DeliveryError, PermanentError, TransientError
+from ..errors import ConnectionLostError, for_reply
 from ..message import envelope_from_bytes, envelope_from_message
 from ._protocol import MailerProtocol
 from .client import Security, ServerConfig, connect, tls_options
@@ -204,10 +204,7 @@ class SMTP:
                 if not r.accepted
             }
             if len(refused) == len(result.recipients) or not 200 <= result.code < 300:
-                error_class: type[DeliveryError] = (
-                    TransientError if 400 <= result.code < 500 else PermanentError
-                )
-                error = error_class(
+                error = for_reply(result.code)(
                     "the server did not accept the message",
                     code=result.code,
                     enhanced=result.enhanced,
