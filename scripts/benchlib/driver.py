@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clirun import CLI_SENDER, CliInputs, run_cli
 from runner import BenchError, Run, Sink, run_child
 
 TWISTMAIL = "twistmail"
@@ -44,8 +45,18 @@ ALL_SENDERS = (
 # One connection per message with Nagle left on: far slower, so it gets fewer messages.
 SLOW_SENDERS = frozenset({"twisted-naive"})
 
+# --mode cli-csv: the command line, the library, and the issue's yardstick.
+CLI_MODE_SENDERS = (CLI_SENDER, TWISTMAIL, "aiosmtplib-uvloop")
+CLI_TARGET = ("aiosmtplib-uvloop", 2.0)  # CLI msg/s must be at least 2x this peer's
+
 DEFAULT_COUNT = 20_000
 QUICK_COUNT = 2_000
+
+# --mode memory
+MEMORY_ROWS = (100_000, 1_000_000)
+MEMORY_WHAT = ("dry-run", "send")
+MEMORY_MAX_GROWTH = 1.10
+MEMORY_MAX_MB = 80
 
 
 # ---------------------------------------------------------------------- modes
@@ -68,6 +79,8 @@ class Plan:
             return self.timeout
         n = self.count_for(sender)
         # Generous: a broken run should fail in minutes, not hang for ever.
+        if sender == CLI_SENDER:  # the whole process, at a few hundred rows/s
+            return 120.0 + n / 50.0
         return 60.0 + n / (20.0 if sender in SLOW_SENDERS else 200.0)
 
 
@@ -98,30 +111,134 @@ def run_library_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dic
 
 
 def run_cli_csv_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
-    """Hook, not implemented yet: the ``twistmail`` command fed a CSV file.
+    """The ``twistmail send`` command fed a CSV, interleaved with library senders.
 
-    Planned: write a CSV of ``count`` rows and a template to ``workdir``, run the CLI as a
-    subprocess against ``sink`` (a ``twistmail-cli-csv`` entry in ``senders.SENDERS`` or a
-    direct ``subprocess`` here), and report rows/s, CPU per row and peak RSS like
-    :func:`run_library_mode`, with the library sender as the peer.
+    The CLI's wall time covers the whole child (start-up, imports, CSV, journal, report), so
+    it is compared as is; a one-row send per round measures that fixed cost, reported apart.
     """
-    raise BenchError("the cli-csv mode is not implemented yet")
+    plan = make_plan(args)
+    inputs = CliInputs(workdir)
+    probe = run_cli(args.python, inputs, sink, 1, plan.connections, 120.0, dry_run=True)
+    print(
+        f"  template renders to ~{probe.extra.get('message_bytes', '?')} bytes; "
+        f"writing the {plan.count}-row CSV",
+        file=sys.stderr,
+    )
+    inputs.csv_for(plan.count)
+    runs: dict[str, list[Run]] = {s: [] for s in plan.senders}
+    startups: list[Run] = []
+    order = list(plan.senders)
+    for rnd in range(plan.repeat):
+        if CLI_SENDER in plan.senders:
+            startups.append(run_cli(args.python, inputs, sink, 1, plan.connections, 120.0))
+        for sender in order:
+            n = plan.count_for(sender)
+            print(
+                f"  round {rnd + 1}/{plan.repeat}  {sender:<20} {n:>7} msgs ...",
+                end="",
+                flush=True,
+                file=sys.stderr,
+            )
+            if sender == CLI_SENDER:
+                run = run_cli(
+                    args.python, inputs, sink, n, plan.connections, plan.timeout_for(sender)
+                )
+            else:
+                run = run_child(
+                    args.python,
+                    sender,
+                    sink,
+                    n,
+                    plan.connections,
+                    plan.timeout_for(sender),
+                    workdir,
+                )
+            runs[sender].append(run)
+            print(
+                f" {run.rate:9.0f} msg/s  {run.cpu_us_per_msg:6.0f} us/msg  "
+                f"{run.maxrss_mb:6.1f} MB",
+                file=sys.stderr,
+            )
+        order = order[1:] + order[:1]
+    doc = summarise(plan, runs, mode="cli-csv", reference=CLI_SENDER)
+    doc["settings"]["cli_message_bytes"] = probe.extra.get("message_bytes")
+    if startups:
+        wall = statistics.median(r.elapsed for r in startups)
+        doc["cli_one_row_send"] = {
+            "wall_s_median": round(wall, 3),
+            "cpu_s_median": round(statistics.median(r.cpu_total_s for r in startups), 3),
+            "maxrss_mb_max": round(max(r.maxrss_mb for r in startups), 1),
+        }
+        net = [r.count / (r.elapsed - wall) for r in runs[CLI_SENDER] if r.elapsed > wall]
+        if net:
+            doc["cli_rate_excluding_one_row_cost_median"] = round(statistics.median(net), 1)
+    peer, needed = CLI_TARGET
+    ratio = doc["ratio_to"].get(peer)
+    if ratio is not None:
+        doc["target"] = {
+            "what": f"{CLI_SENDER} msg/s >= {needed:g} x {peer} msg/s",
+            "ratio": ratio["rate"],
+            "pass": ratio["rate"] >= needed,
+        }
+    return doc
 
 
 def run_memory_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
-    """Hook, not implemented yet: peak RSS of the CLI at 100,000 and at 1,000,000 CSV rows.
+    """Peak RSS of ``twistmail send`` at each ``--memory-rows`` size, dry run and real send.
 
-    Planned: reuse :func:`run_cli_csv_mode`'s runner at both sizes and fail if peak RSS grows
-    with the row count (it should stay flat: the CSV is streamed).
+    The CSV is streamed, so peak RSS should stay flat as the row count grows. PASS/FAIL is
+    printed (largest size within 10% of the smallest, and under 80 MB), but only a run that
+    itself fails makes the benchmark fail.
     """
-    raise BenchError("the memory mode is not implemented yet")
+    sizes = sorted(set(args.memory_rows))
+    inputs = CliInputs(workdir)
+    results: dict[str, Any] = {}
+    for what in args.memory_what:
+        dry = what == "dry-run"
+        per: dict[str, Any] = {}
+        for n in sizes:
+            inputs.csv_for(n)
+            print(f"  {what:<8} {n:>9} rows ...", end="", flush=True, file=sys.stderr)
+            timeout = args.timeout or 300.0 + n / 100.0  # the CLI runs ~1,000 rows/s
+            run = run_cli(args.python, inputs, sink, n, args.connections, timeout, dry_run=dry)
+            print(
+                f" {run.maxrss_mb:7.1f} MB  {run.elapsed:8.1f} s  {run.rate:8.0f} rows/s",
+                file=sys.stderr,
+            )
+            per[str(n)] = {
+                "maxrss_mb": round(run.maxrss_mb, 1),
+                "elapsed_s": round(run.elapsed, 2),
+                "rows_per_s": round(run.rate, 1),
+                "cpu_us_per_row": round(run.cpu_us_per_msg, 1),
+                "sink_received": run.sink_received,
+            }
+        small, big = per[str(sizes[0])]["maxrss_mb"], per[str(sizes[-1])]["maxrss_mb"]
+        ratio = big / small
+        results[what] = {
+            "rows": per,
+            "smallest": sizes[0],
+            "largest": sizes[-1],
+            "ratio_big_small": round(ratio, 3),
+            "pass": ratio <= MEMORY_MAX_GROWTH and big < MEMORY_MAX_MB,
+        }
+    return {
+        "mode": "memory",
+        "settings": {
+            "rows": sizes,
+            "what": args.memory_what,
+            "connections": args.connections,
+            "criterion": f"peak RSS at the largest size within "
+            f"{(MEMORY_MAX_GROWTH - 1) * 100:.0f}% of the smallest and under {MEMORY_MAX_MB} MB",
+        },
+        "results": results,
+    }
 
 
 MODES: dict[str, Callable[[argparse.Namespace, Sink, Path], dict[str, Any]]] = {
     "library": run_library_mode,
+    "cli-csv": run_cli_csv_mode,
+    "memory": run_memory_mode,
 }
-# Hooks for later; add them to MODES once implemented.
-PLANNED_MODES = {"cli-csv": run_cli_csv_mode, "memory": run_memory_mode}
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -129,7 +246,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     slow = args.slow_count if args.slow_count is not None else max(100, count // 10)
     repeat = args.repeat if args.repeat is not None else (2 if args.quick else 3)
     return Plan(
-        senders=args.senders,
+        senders=args.senders or list(CLI_MODE_SENDERS if args.mode == "cli-csv" else ALL_SENDERS),
         count=count,
         slow_count=slow,
         repeat=repeat,
@@ -141,7 +258,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
 # ---------------------------------------------------------------------- results
 
 
-def summarise(plan: Plan, runs: dict[str, list[Run]]) -> dict[str, Any]:
+def summarise(
+    plan: Plan, runs: dict[str, list[Run]], mode: str = "library", reference: str = TWISTMAIL
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for sender, rs in runs.items():
         rates = [r.rate for r in rs]
@@ -155,20 +274,21 @@ def summarise(plan: Plan, runs: dict[str, list[Run]]) -> dict[str, Any]:
             "runs": [r.as_json() for r in rs],
         }
     ratios: dict[str, Any] = {}
-    if TWISTMAIL in results:
-        tm = results[TWISTMAIL]
+    if reference in results:
+        tm = results[reference]
         for sender, res in results.items():
-            if sender == TWISTMAIL:
+            if sender == reference:
                 continue
             ratios[sender] = {
-                # > 1: twistmail sends faster than the peer.
+                # > 1: the reference (twistmail, or the CLI) sends faster than the peer.
                 "rate": round(tm["rate_median"] / res["rate_median"], 2),
-                # < 1: twistmail spends less CPU per message than the peer.
+                # < 1: the reference spends less CPU per message than the peer.
                 "cpu_per_msg": round(tm["cpu_us_per_msg_median"] / res["cpu_us_per_msg_median"], 2),
                 "maxrss": round(tm["maxrss_mb_max"] / res["maxrss_mb_max"], 2),
             }
     return {
-        "mode": "library",
+        "mode": mode,
+        "reference": reference,
         "settings": {
             "messages": plan.count,
             "messages_slow_senders": plan.slow_count,
@@ -177,16 +297,22 @@ def summarise(plan: Plan, runs: dict[str, list[Run]]) -> dict[str, Any]:
             "connections": plan.connections,
         },
         "results": results,
-        "twistmail_ratio_to": ratios,
+        # Library mode keeps its historical key.
+        ("twistmail_ratio_to" if mode == "library" else "ratio_to"): ratios,
     }
 
 
 def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
+    if doc["mode"] == "memory":
+        print_memory_table(doc, out)
+        return
     results = doc["results"]
-    ratios = doc.get("twistmail_ratio_to", {})
+    ratios = doc.get("twistmail_ratio_to", doc.get("ratio_to", {}))
+    ref = doc.get("reference", TWISTMAIL)
+    tag = "tm" if ref == TWISTMAIL else "cli"
     head = (
         f"{'sender':<20} {'msgs':>7} {'msg/s med':>10} {'min':>9} {'max':>9} "
-        f"{'CPU us/msg':>10} {'RSS MB':>7} {'tm speed x':>10} {'tm CPU x':>9}"
+        f"{'CPU us/msg':>10} {'RSS MB':>7} {tag + ' speed x':>11} {tag + ' CPU x':>10}"
     )
     print(head, file=out)
     print("-" * len(head), file=out)
@@ -197,14 +323,57 @@ def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
         print(
             f"{sender:<20} {r['messages_per_run']:>7} {r['rate_median']:>10.0f} "
             f"{r['rate_min']:>9.0f} {r['rate_max']:>9.0f} {r['cpu_us_per_msg_median']:>10.0f} "
-            f"{r['maxrss_mb_max']:>7.1f} {speed:>10} {cpu:>9}",
+            f"{r['maxrss_mb_max']:>7.1f} {speed:>11} {cpu:>10}",
             file=out,
         )
     print(
-        "tm speed x = twistmail msg/s / peer msg/s (>1: twistmail faster); "
-        "tm CPU x = twistmail CPU per msg / peer's (<1: twistmail cheaper).",
+        f"{tag} speed x = {ref} msg/s / peer msg/s (>1: {ref} faster); "
+        f"{tag} CPU x = {ref} CPU per msg / peer's (<1: {ref} cheaper).",
         file=out,
     )
+    if doc["mode"] == "cli-csv":
+        print(
+            f"{CLI_SENDER}: wall time, CPU and RSS of the whole child process (start-up, "
+            "imports, CSV, journal, report included); the others: sending window only.",
+            file=out,
+        )
+        one = doc.get("cli_one_row_send")
+        if one:
+            print(
+                f"CLI fixed cost (one-row send): {one['wall_s_median']:.2f} s wall, "
+                f"{one['cpu_s_median']:.2f} s CPU; CLI msg/s without it: "
+                f"{doc.get('cli_rate_excluding_one_row_cost_median', float('nan')):.0f}",
+                file=out,
+            )
+        target = doc.get("target")
+        if target:
+            verdict = "PASS" if target["pass"] else "FAIL"
+            print(f"target {target['what']}: ratio {target['ratio']:.2f} -> {verdict}", file=out)
+
+
+def print_memory_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
+    head = (
+        f"{'what':<8} {'rows':>9} {'peak RSS MB':>11} {'wall s':>8} {'rows/s':>8} "
+        f"{'CPU us/row':>10}"
+    )
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for what, res in doc["results"].items():
+        for rows, r in res["rows"].items():
+            print(
+                f"{what:<8} {int(rows):>9} {r['maxrss_mb']:>11.1f} {r['elapsed_s']:>8.1f} "
+                f"{r['rows_per_s']:>8.0f} {r['cpu_us_per_row']:>10.0f}",
+                file=out,
+            )
+    print(f"criterion: {doc['settings']['criterion']}", file=out)
+    for what, res in doc["results"].items():
+        big = res["rows"][str(res["largest"])]["maxrss_mb"]
+        verdict = "PASS" if res["pass"] else "FAIL"
+        print(
+            f"{what:<8} RSS {res['largest']} / {res['smallest']} rows = "
+            f"{res['ratio_big_small']:.3f}, largest {big:.1f} MB -> {verdict}",
+            file=out,
+        )
 
 
 def run_profile(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
@@ -260,6 +429,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "CPU microseconds per message (sending window), peak RSS, and twistmail's ratio\n"
             "to each peer. The sink's counter must match every run, or the benchmark fails.\n"
             "Results are also written as JSON (default bench-results.json).\n\n"
+            "Modes (--mode):\n"
+            "  library   the senders above, interleaved (default)\n"
+            f"  cli-csv   the command line: `python -m twistmail send CSV TEMPLATE` over a\n"
+            f"            --count-row CSV (email,name,code; ~2.3 KB plain-text template),\n"
+            f"            fresh journal/report each run, interleaved with twistmail and\n"
+            f"            aiosmtplib-uvloop (--senders may add others; name: {CLI_SENDER}).\n"
+            "            The CLI is timed as a whole process (start-up included); it must\n"
+            "            exit 0 and the sink must count every row. Prints the target\n"
+            f"            CLI msg/s >= {CLI_TARGET[1]:g} x {CLI_TARGET[0]}.\n"
+            "  memory    peak RSS of the CLI at each --memory-rows size, with --dry-run\n"
+            "            and/or a real send (--memory-what). Prints PASS/FAIL for: largest\n"
+            f"            size within {(MEMORY_MAX_GROWTH - 1) * 100:.0f}% of the smallest and "
+            f"under {MEMORY_MAX_MB} MB; fails only\n"
+            "            if a run fails. The 1,000,000-row send takes minutes.\n\n"
             "scripts/bench sets up .bench-venv (the project + aiosmtplib + uvloop) and\n"
             "smtp-sink (from the system, or extracted from the Debian postfix package into\n"
             ".bench-cache/; no daemon is ever started)."
@@ -285,8 +468,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--senders",
-        default=",".join(ALL_SENDERS),
-        help="comma-separated subset, in first-round order (default: all)",
+        help="comma-separated subset, in first-round order (default: all; with --mode "
+        f"cli-csv: {','.join(CLI_MODE_SENDERS)})",
     )
     parser.add_argument(
         "--json",
@@ -312,7 +495,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--mode",
         choices=sorted(MODES),
         default="library",
-        help="what to measure (more modes are planned: CLI from CSV, memory)",
+        help="what to measure: library (default), cli-csv or memory; see above",
+    )
+    parser.add_argument(
+        "--memory-rows",
+        default=",".join(str(n) for n in MEMORY_ROWS),
+        metavar="N,N",
+        help="--mode memory: CSV sizes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--memory-what",
+        default=",".join(MEMORY_WHAT),
+        metavar="WHAT",
+        help="--mode memory: dry-run, send or both (default %(default)s)",
     )
     parser.add_argument(
         "--python",
@@ -325,10 +520,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="smtp-sink binary (default: $BENCH_SMTP_SINK, set by scripts/bench)",
     )
     args = parser.parse_args(argv)
-    args.senders = [s.strip() for s in args.senders.split(",") if s.strip()]
-    unknown = [s for s in args.senders if s not in ALL_SENDERS]
+    known = ALL_SENDERS + ((CLI_SENDER,) if args.mode == "cli-csv" else ())
+    args.senders = [s.strip() for s in (args.senders or "").split(",") if s.strip()]
+    unknown = [s for s in args.senders if s not in known]
     if unknown:
-        parser.error(f"unknown senders: {', '.join(unknown)}; known: {', '.join(ALL_SENDERS)}")
+        parser.error(f"unknown senders: {', '.join(unknown)}; known: {', '.join(known)}")
+    try:
+        args.memory_rows = [int(n.replace("_", "")) for n in args.memory_rows.split(",") if n]
+    except ValueError:
+        parser.error("--memory-rows takes comma-separated row counts, e.g. 100000,1000000")
+    if not args.memory_rows or min(args.memory_rows) < 1:
+        parser.error("--memory-rows: give at least one row count, each at least 1")
+    args.memory_what = [w.strip() for w in args.memory_what.split(",") if w.strip()]
+    if not args.memory_what or set(args.memory_what) - set(MEMORY_WHAT):
+        parser.error(f"--memory-what takes {' and/or '.join(MEMORY_WHAT)}")
     for name in ("count", "slow_count", "repeat", "connections"):
         value = getattr(args, name)
         if value is not None and value < 1:
