@@ -6,6 +6,7 @@ import collections
 import csv
 import mailbox
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -487,3 +488,41 @@ def test_capture_command_receives_the_example_campaign(tmp_path: Path) -> None:
         assert [p.get_filename() for p in message.walk() if p.get_filename()] == ["terms.txt"]
         assert message["Attachment"] is None
         assert message["Content-Type"].startswith("multipart/mixed")
+
+
+def test_live_progress_on_a_terminal(cue_server: Cue, tmp_path: Path) -> None:
+    server = cue_server()
+    csv_path, template_path = write_campaign(tmp_path, _many_rows(20))
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "twistmail",
+            "send",
+            csv_path,
+            template_path,
+            "--smtp",
+            f"smtp://127.0.0.1:{server.port}",
+        ],
+        stdout=secondary,
+        stderr=secondary,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed: the process has exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(primary)
+    assert proc.wait(timeout=60) == 0
+    text = output.decode("utf-8", "replace")
+    assert "sending" in text  # the rich progress bar, only shown on a terminal
+    assert "20/20" in text
+    assert "progress:" not in text  # not the plain line used when stdout is not a terminal
+    assert len(server.received) == 20
