@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twistmail.errors import TwistmailError
-from twistmail.merge.csvsource import CsvError, Row, fingerprint, open_csv
+from twistmail.merge.csvsource import CsvError, Row, fingerprint, open_csv, scan
 
 
 def write(tmp_path: Path, data: bytes, name: str = "recipients.csv") -> Path:
@@ -262,3 +262,11 @@ def test_round_trip_of_written_csv(
     # A row written as two empty cells reads back as a blank-looking '""'-less line only when the
     # writer leaves it empty; the csv writer quotes it, so every row comes back.
     assert got == expected
+
+
+def test_scan_gives_fingerprint_and_line_breaks_in_one_pass(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    data = b"email\na@x.org\nb@x.org\n"
+    path.write_bytes(data)
+    assert scan(path) == (hashlib.sha256(data).hexdigest(), 3)
+    assert fingerprint(path) == scan(path)[0]

@@ -23,6 +23,9 @@ class FakeConnection:
         self.drop()
         return defer.succeed(None)
 
+    def abort(self) -> None:
+        self.drop()
+
     def drop(self) -> None:
         if not self.is_closed:
             self.usable = False
@@ -126,6 +129,16 @@ class PoolTests(SynchronousTestCase):
         self.assertFalse(h.pending[0].called)  # still wanted by the second waiter
         conn = h.complete()
         self.assertIs(self.successResultOf(second), conn)
+
+    def test_abort_drops_every_open_connection_without_quit(self) -> None:
+        h = Harness(size=2)
+        first, second = h.pool.acquire(), h.pool.acquire()
+        a, b = h.complete(), h.complete()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        h.pool.abort()
+        self.assertEqual((a.is_closed, b.is_closed, a.quits, b.quits), (True, True, 0, 0))
+        self.assertEqual(h.pool.open_connections, 0)
 
     def test_close_quits_idle_and_fails_waiters(self) -> None:
         h = Harness(size=1)

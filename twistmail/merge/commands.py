@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from email.header import decode_header, make_header
 from typing import Any, TextIO
 
@@ -12,7 +13,14 @@ from twistmail.message import unstuff
 from twistmail.testing import CapturedMessage, CaptureServer
 
 from .journal import read_status
-from .prepare import Prepared, Problem, load_inputs, prepare_row, problems
+from .prepare import (
+    Prepared,
+    Problem,
+    load_inputs,
+    prepare_row,
+    preview_message_id,
+    problems,
+)
 from .run import EXIT_FAILED, EXIT_OK, EXIT_USAGE, SendOptions
 
 __all__ = ["capture", "check", "preview", "status", "validate_before_send"]
@@ -27,16 +35,32 @@ def _show_message(prepared: Prepared, out: TextIO) -> None:
     print(unstuff(env.payload).decode("utf-8", "replace").replace("\r\n", "\n"), file=out)
 
 
-def check(csv_path: str, template_path: str, envelope_from: str | None, out: TextIO) -> int:
-    """List every problem of a campaign; 0 when there is none, 1 when rows are invalid."""
+def _print_problems(
+    csv_path: str,
+    template_path: str,
+    envelope_from: str | None,
+    out: TextIO,
+    first: Callable[[Prepared], None] | None = None,
+) -> int | None:
+    """Print every problem of a campaign as it is found; their number, or None when the CSV
+    or the template cannot be used at all (that error is printed)."""
+    found = 0
     try:
         source, template = load_inputs(csv_path, template_path)
-        found = 0
-        for problem in problems(source, template, envelope_from):
+        # Printed as found: a million bad rows never sit in memory.
+        for problem in problems(source, template, envelope_from, first=first):
             found += 1
             print(problem.reason, file=out)
     except (TwistmailError, OSError) as e:
         print(f"error: {e}", file=out)
+        return None
+    return found
+
+
+def check(csv_path: str, template_path: str, envelope_from: str | None, out: TextIO) -> int:
+    """List every problem of a campaign; 0 when there is none, 1 when rows are invalid."""
+    found = _print_problems(csv_path, template_path, envelope_from, out)
+    if found is None:
         return EXIT_USAGE
     if found:
         print(f"{found} invalid row(s)", file=out)
@@ -53,9 +77,7 @@ def preview(
         source, template = load_inputs(csv_path, template_path)
         for candidate in source:
             if candidate.number == row:
-                result = prepare_row(
-                    template, candidate, lambda n, d: f"<preview.{n}@{d}>", envelope_from
-                )
+                result = prepare_row(template, candidate, preview_message_id, envelope_from)
                 if isinstance(result, Problem):
                     print(f"invalid: {result.reason}", file=out)
                     return EXIT_FAILED
@@ -71,15 +93,10 @@ def preview(
 def validate_before_send(options: SendOptions, *, dry_run: bool, out: TextIO) -> int | None:
     """For --dry-run and --strict: validate every row; an exit status, or None to go on."""
     shown: list[Prepared] = []
-    found = 0
-    try:
-        source, template = load_inputs(options.csv_path, options.template_path)
-        # Printed as found: a million bad rows never sit in memory.
-        for problem in problems(source, template, options.envelope_from, first=shown.append):
-            found += 1
-            print(problem.reason, file=out)
-    except (TwistmailError, OSError) as e:
-        print(f"error: {e}", file=out)
+    found = _print_problems(
+        options.csv_path, options.template_path, options.envelope_from, out, first=shown.append
+    )
+    if found is None:
         return EXIT_USAGE
     if dry_run:
         if shown:

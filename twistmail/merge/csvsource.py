@@ -213,11 +213,18 @@ def open_csv(path: str | os.PathLike[str], *, cell_limit: int = DEFAULT_CELL_LIM
 
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """The SHA-256 of the file's bytes, in hex: a changed file gives a different fingerprint."""
+    return scan(path)[0]
+
+
+def scan(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """One pass over the file: its :func:`fingerprint` and its number of line breaks."""
     digest = hashlib.sha256()
+    lines = 0
     with open(path, "rb") as raw:
         while chunk := raw.read(_HASH_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+            lines += chunk.count(b"\n")
+    return digest.hexdigest(), lines
 
 
 # -- internals -------------------------------------------------------------------------------

@@ -13,7 +13,15 @@ from twistmail.message import Envelope, envelope_from_message
 from .csvsource import CsvSource, Row, open_csv
 from .template import MessageTemplate, RowError
 
-__all__ = ["Prepared", "Problem", "guess_email", "load_inputs", "prepare_row", "problems"]
+__all__ = [
+    "Prepared",
+    "Problem",
+    "guess_email",
+    "load_inputs",
+    "prepare_row",
+    "preview_message_id",
+    "problems",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +77,7 @@ def prepare_row(
         msg.replace_header("Message-ID", message_id)
         sender = parse_sender(envelope_from, field="--from") if envelope_from else None
         envelope = envelope_from_message(msg, sender=sender)
-    except RowError as e:
-        return Problem(row.number, guess, f"row {row.number}: {e}")
-    except MessageError as e:
+    except (RowError, MessageError) as e:
         return Problem(row.number, guess, f"row {row.number}: {e}")
     return Prepared(row.number, rendered.email, envelope, message_id)
 
@@ -85,7 +91,7 @@ def problems(
 ) -> Iterator[Problem]:
     """Every problem in the campaign, row by row; ``first`` sees the first good message."""
     for row in source:
-        result = prepare_row(template, row, _preview_id, envelope_from)
+        result = prepare_row(template, row, preview_message_id, envelope_from)
         if isinstance(result, Problem):
             yield result
         elif first is not None:
@@ -93,7 +99,8 @@ def problems(
             first = None
 
 
-def _preview_id(row: int, domain: str) -> str:
+def preview_message_id(row: int, domain: str) -> str:
+    """The Message-ID of a message rendered only to be shown or checked."""
     return f"<preview.{row}@{domain}>"
 
 

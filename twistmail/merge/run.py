@@ -32,7 +32,7 @@ from twistmail.mailer import Mailer
 from twistmail.results import SendResult
 from twistmail.retry import RetryPolicy
 
-from .csvsource import CsvSource, fingerprint
+from .csvsource import CsvSource, scan
 from .journal import Journal, RowState, is_set
 from .prepare import Prepared, Problem, guess_email, load_inputs, prepare_row
 from .progress import Progress
@@ -132,7 +132,7 @@ class Campaign:
             self._say(f"error: {e}")
             return EXIT_USAGE
         journal_path = opts.journal_path or default_journal_path(opts.csv_path)
-        csv_fp, template_fp = await threads.deferToThread(
+        csv_fp, template_fp, lines = await threads.deferToThread(
             _fingerprints, opts.csv_path, opts.template_path
         )
         try:
@@ -148,12 +148,14 @@ class Campaign:
             return EXIT_USAGE
         self._journal = journal
         try:
-            return await self._run_with(journal, source, template)
+            # Rows for the progress display: lines after the header (an overestimate when
+            # cells hold line breaks).
+            return await self._run_with(journal, source, template, max(0, lines - 1))
         finally:
             await journal.close()
 
     async def _run_with(
-        self, journal: Journal, source: CsvSource, template: MessageTemplate
+        self, journal: Journal, source: CsvSource, template: MessageTemplate, total: int
     ) -> int:
         opts = self.options
         settled = await journal.settled_rows(opts.retry_failed)
@@ -176,7 +178,6 @@ class Campaign:
         # Every row is in the journal from the start (as pending), so status and the report
         # name the recipients not reached yet; runs on the journal's thread, in chunks.
         registering = journal.register_pending((row.number, guess_email(row)) for row in source)
-        total = await threads.deferToThread(_count_lines, opts.csv_path)
         progress = Progress(opts.out, total=total, live=opts.progress, clock=self.reactor)
         progress.start(self.counts)
         restore = self._install_signal_handlers()
@@ -253,7 +254,7 @@ class Campaign:
 
     def _record_problem(self, problem: Problem) -> None:
         assert self._journal is not None
-        self._say(f"invalid: {problem.reason}", progress_line=True)
+        self._say(f"invalid: {problem.reason}")
         self._journal.record(
             problem.row, email=problem.email, state="invalid", response=problem.reason
         ).addErrback(self._journal_failed)
@@ -311,12 +312,10 @@ class Campaign:
                     retry.append(outcome)
                 else:
                     refused.append(outcome)
-        elif transient_error:
-            retry = []  # nothing known per recipient: retry the whole envelope
         if result is not None and not retry and not refused:
             self.counts.sent += 1
             return self._record(job, "sent", result.code, result.response)
-        whole_retry = result is None and transient_error
+        whole_retry = result is None and transient_error  # nothing known per recipient
         if (retry or whole_retry) and not refused and self.retry.can_retry(job.attempts):
             if retry:
                 keep = {o.recipient for o in retry}
@@ -337,7 +336,7 @@ class Campaign:
             code, text = bad.code, f"{bad.recipient}: {bad.response}"
         else:
             code, text = (error.code if error else None), (str(error) if error else "")
-        self._say(f"failed: row {prepared.row} {prepared.email}: {text}", progress_line=True)
+        self._say(f"failed: row {prepared.row} {prepared.email}: {text}")
         return self._record(job, "failed", code, text)
 
     def _record(
@@ -375,8 +374,7 @@ class Campaign:
 
     def _abort_now(self) -> None:
         if self._mailer is not None:
-            for proto in list(self._mailer.pool._all):
-                proto.abort()
+            self._mailer.pool.abort()
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         previous: dict[int, Any] = {}
@@ -396,7 +394,7 @@ class Campaign:
 
     # ------------------------------------------------------------------ output
 
-    def _say(self, text: str, *, progress_line: bool = False) -> None:
+    def _say(self, text: str) -> None:
         print(text, file=self.options.out, flush=True)
 
     def _journal_failed(self, failure: Failure) -> None:
@@ -404,18 +402,9 @@ class Campaign:
         self.interrupt()
 
 
-def _fingerprints(csv_path: str, template_path: str) -> tuple[str, str]:
-    return fingerprint(csv_path), hashlib.sha256(Path(template_path).read_bytes()).hexdigest()
-
-
-def _count_lines(path: str) -> int:
-    """Lines after the header: the number of rows for the progress display (cells with line
-    breaks make it an overestimate)."""
-    count = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            count += chunk.count(b"\n")
-    return max(0, count - 1)
+def _fingerprints(csv_path: str, template_path: str) -> tuple[str, str, int]:
+    csv_fp, lines = scan(csv_path)
+    return csv_fp, hashlib.sha256(Path(template_path).read_bytes()).hexdigest(), lines
 
 
 def _wall(reactor: Any, due: float) -> float:

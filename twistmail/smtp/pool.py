@@ -140,6 +140,11 @@ class ConnectionPool:
         d = defer.gatherResults(quits, consumeErrors=True)
         return d.addCallback(lambda _: None)
 
+    def abort(self) -> None:
+        """Drop every open connection now; their transactions fail as connection losses."""
+        for proto in list(self._all):
+            proto.abort()
+
     # ------------------------------------------------------------------ internals
 
     def _open(self) -> None:
