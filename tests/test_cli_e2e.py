@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -526,3 +527,27 @@ def test_live_progress_on_a_terminal(cue_server: Cue, tmp_path: Path) -> None:
     assert "20/20" in text
     assert "progress:" not in text  # not the plain line used when stdout is not a terminal
     assert len(server.received) == 20
+
+
+def test_unreachable_server_is_named_in_the_report(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rows = [{"email": "ann@example.org", "name": "Ann", "code": "1"}]
+    csv_path, template_path = write_campaign(tmp_path, rows)
+    proc = twistmail(
+        "send",
+        csv_path,
+        template_path,
+        "--smtp",
+        f"smtp://127.0.0.1:{port}",
+        "--max-attempts",
+        "1",
+        "--timeout",
+        "2",
+    )
+    assert proc.returncode == 1
+    (row,) = report(tmp_path)
+    assert row["status"] == "failed"
+    assert f"127.0.0.1:{port}" in row["response"]
+    assert "could not connect" in row["response"]

@@ -332,9 +332,9 @@ class Campaign:
             return self._record(job, "deferred", code, text, _wall(self.reactor, due))
         self.counts.failed += 1
         bad = refused[0] if refused else (retry[0] if retry else None)
-        if bad is not None:
+        if bad is not None and bad.response:
             code, text = bad.code, f"{bad.recipient}: {bad.response}"
-        else:
+        else:  # a drop, a timeout or a refused connection: the error names the host
             code, text = (error.code if error else None), (str(error) if error else "")
         self._say(f"failed: row {prepared.row} {prepared.email}: {text}")
         return self._record(job, "failed", code, text)
