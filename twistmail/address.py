@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import idna
@@ -65,6 +65,9 @@ class Address:
 
     local: str
     domain: str
+    # Set by the parser for a plain ASCII dot-atom@host address, already validated: its paths
+    # and string form need no second regex pass.
+    _plain: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def is_null(self) -> bool:
@@ -94,6 +97,8 @@ class Address:
         is refused; with ``utf8=True`` it is UTF-8 and the domain is kept as given.
         """
         local = self.local
+        if self._plain:
+            return f"{local}@{self.domain if utf8 else self.domain.lower()}".encode("ascii")
         if not local and not self.domain:
             return b""
         try:
@@ -112,6 +117,8 @@ class Address:
         return f"{local}@{ascii_domain}".encode("ascii")
 
     def __str__(self) -> str:
+        if self._plain:
+            return f"{self.local}@{self.domain}"
         if self.is_null:
             return ""
         local = self.local
@@ -198,7 +205,9 @@ def _parse_plain(value: object) -> Address | None:
         or "--" in domain
     ):
         return None
-    return Address(local, domain)
+    address = Address(local, domain)
+    object.__setattr__(address, "_plain", True)
+    return address
 
 
 def _checked_str(value: object, field: str | None) -> str:

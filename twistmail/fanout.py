@@ -26,18 +26,18 @@ def fan_out(
     failure stops the rest and is passed on.
     """
     cooperator = task.Cooperator(scheduler=lambda f: reactor.callLater(0, f), started=True)
-    waiting: set[defer.Deferred[Any]] = set()
+    # What each task waits on now (a slot per task, overwritten: no bookkeeping per item).
+    waiting: list[defer.Deferred[Any] | None] = [None] * n
 
-    def tracked(work_items: Iterator[defer.Deferred[Any] | None]) -> Iterator[Any]:
+    def tracked(slot: int, work_items: Iterator[defer.Deferred[Any] | None]) -> Iterator[Any]:
         for item in work_items:
             if isinstance(item, defer.Deferred):
-                waiting.add(item)
-                item.addBoth(_forget, waiting, item)
+                waiting[slot] = item
                 # Once the fan-out has ended, a late failure of a stopped task is moot.
-                item.addErrback(lambda f: None if result.called else f)
+                item.addErrback(_unless_ended, result)
             yield item
 
-    tasks = [cooperator.cooperate(tracked(work())) for _ in range(n)]
+    tasks = [cooperator.cooperate(tracked(slot, work())) for slot in range(n)]
 
     def stop_all() -> None:
         # Not cooperator.stop(): a paused task that is completing right now is still in the
@@ -53,8 +53,9 @@ def fan_out(
         # then stop the workers that were between two items. A task must not be stopped while
         # what it waits on is still to be cancelled: it would complete twice.
         cancelling.append(True)
-        for d in list(waiting):
-            d.cancel()
+        for d in waiting:
+            if d is not None and not d.called:
+                d.cancel()
         stop_all()
 
     result: defer.Deferred[None] = defer.Deferred(cancel)
@@ -80,6 +81,5 @@ def fan_out(
     return result
 
 
-def _forget(result: object, waiting: set[defer.Deferred[Any]], d: defer.Deferred[Any]) -> object:
-    waiting.discard(d)
-    return result
+def _unless_ended(failure: Failure, result: defer.Deferred[None]) -> Failure | None:
+    return None if result.called else failure

@@ -47,10 +47,11 @@ def _default_reactor() -> Any:
 class _Delivery:
     """One message's progress through its attempts."""
 
-    __slots__ = ("attempts", "envelope", "error", "final", "outcomes", "retry_at")
+    __slots__ = ("attempts", "envelope", "error", "final", "index", "outcomes", "retry_at")
 
-    def __init__(self, envelope: Envelope) -> None:
+    def __init__(self, envelope: Envelope, index: int = 0) -> None:
         self.envelope = envelope
+        self.index = index
         self.attempts = 0
         self.outcomes: list[RecipientOutcome | None] = [None] * len(envelope.recipients)
         self.final: TransactionResult | None = None
@@ -124,7 +125,7 @@ class Mailer:
         max_retry_delay: float = 600.0,
         local_hostname: str | None = None,
         pipelining: bool = True,
-        pipeline_depth: int = 2,
+        pipeline_depth: int = 3,
         retry_policy: RetryPolicy | None = None,
         reactor: Any = None,
     ) -> None:
@@ -295,15 +296,32 @@ class Mailer:
         d = self._complete(_Delivery(envelope))
         return d.addCallback(_count_result, index, report, on_result)
 
-    def _attempt(self, delivery: _Delivery) -> defer.Deferred[None]:
-        """One attempt at the recipients not yet settled; updates ``delivery``."""
+    def _attempt(
+        self, delivery: _Delivery, after: Callable[[_Delivery], None] | None = None
+    ) -> defer.Deferred[None]:
+        """One attempt at the recipients not yet settled; updates ``delivery``.
+
+        ``after(delivery)``, when given, runs once the attempt's outcome is recorded (not when
+        the attempt is cancelled).
+        """
         delivery.attempts += 1
-        envelope = delivery.pending_envelope()
-        domains: list[str] = []
+        envelope = delivery.envelope if delivery.attempts == 1 else delivery.pending_envelope()
         d: defer.Deferred[Any]
         if self._bucket is None and self._domains is None:
+            proto = self.pool.acquire_now()
+            if proto is not None:
+                # The common case: a free connection, one Deferred and one callback pair.
+                d = proto.send(envelope)
+                d.addCallbacks(
+                    self._sent,
+                    self._not_sent,
+                    callbackArgs=(proto, delivery, after),
+                    errbackArgs=(proto, delivery, after),
+                )
+                return cast("defer.Deferred[None]", d)
             d = self.pool.acquire()
         else:
+            domains: list[str] = []
             d = self._gate(envelope, domains)
         d.addCallback(self._send_on, envelope)
         if self._domains is not None:
@@ -314,7 +332,34 @@ class Mailer:
             callbackArgs=(delivery,),
             errbackArgs=(delivery,),
         )
+        if after is not None:
+            d.addCallback(lambda _: after(delivery))
         return cast("defer.Deferred[None]", d)
+
+    def _sent(
+        self,
+        result: TransactionResult,
+        proto: MailerProtocol,
+        delivery: _Delivery,
+        after: Callable[[_Delivery], None] | None,
+    ) -> None:
+        self.pool.release(proto)
+        self._on_transaction(result, delivery)
+        if after is not None:
+            after(delivery)
+
+    def _not_sent(
+        self,
+        failure: Failure,
+        proto: MailerProtocol,
+        delivery: _Delivery,
+        after: Callable[[_Delivery], None] | None,
+    ) -> Failure | None:
+        self.pool.release(proto)
+        unhandled = self._on_failure(failure, delivery)
+        if unhandled is None and after is not None:
+            after(delivery)
+        return unhandled
 
     def _gate(self, envelope: Envelope, held: list[str]) -> defer.Deferred[MailerProtocol]:
         async def gate() -> MailerProtocol:
@@ -470,14 +515,14 @@ class _Run:
         self.parked: list[tuple[float, int, _Delivery]] = []
         self.max_parked = max(1000, 50 * mailer.concurrency)
 
-    def _next(self) -> tuple[int, _Delivery] | None:
+    def _next(self) -> _Delivery | None:
         """A parked delivery that is due, else the next item from the iterator."""
         clock = self.mailer._clock
         if self.parked:
-            due, index, delivery = self.parked[0]
+            due, _, delivery = self.parked[0]
             if due <= clock.seconds():
                 heapq.heappop(self.parked)
-                return index, delivery
+                return delivery
             if len(self.parked) >= self.max_parked:
                 return None
         while not self.exhausted:
@@ -491,30 +536,27 @@ class _Run:
             except MessageError as e:
                 _count_invalid(self.report, index, e, self.on_result)
                 continue
-            return index, _Delivery(envelope)
+            return _Delivery(envelope, index)
         return None
 
     def work(self) -> Iterator[defer.Deferred[Any] | None]:
         """One worker: attempt deliveries until the iterator and the parked retries are empty."""
         clock = self.mailer._clock
         while True:
-            nxt = self._next()
-            if nxt is None:
+            delivery = self._next()
+            if delivery is None:
                 if not self.parked:
                     return
                 wait = max(0.0, self.parked[0][0] - clock.seconds())
                 yield task.deferLater(clock, wait, lambda: None)
                 continue
-            index, delivery = nxt
-            d = self.mailer._attempt(delivery)
-            d.addCallback(self._after_attempt, index, delivery)
-            yield d
+            yield self.mailer._attempt(delivery, self._after_attempt)
 
-    def _after_attempt(self, _: None, index: int, delivery: _Delivery) -> None:
+    def _after_attempt(self, delivery: _Delivery) -> None:
         if delivery.done:
-            _count_result(delivery.result(), index, self.report, self.on_result)
+            _count_result(delivery.result(), delivery.index, self.report, self.on_result)
         else:
-            heapq.heappush(self.parked, (delivery.retry_at, index, delivery))
+            heapq.heappush(self.parked, (delivery.retry_at, delivery.index, delivery))
 
 
 def send(

@@ -103,13 +103,28 @@ def envelope_from_bytes(
     """
     if not isinstance(data, bytes):
         raise TypeError(f"data must be bytes, not {type(data).__name__}")
-    envelope_sender = (
-        sender if isinstance(sender, Address) else parse_sender(sender, field="sender")
-    )
+    envelope_sender = sender if isinstance(sender, Address) else _cached_sender(sender)
     forward_paths = _unique_recipients(
         _parsed_recipients(recipients), field="recipients", empty="no recipients"
     )
     return _envelope(envelope_sender, forward_paths, data, None)
+
+
+# Bulk mail repeats one sender: parse each sender string once (Address is immutable).
+_SENDERS: dict[str, Address] = {}
+_MAX_SENDERS = 1024
+
+
+def _cached_sender(sender: str) -> Address:
+    if type(sender) is not str:
+        return parse_sender(sender, field="sender")
+    address = _SENDERS.get(sender)
+    if address is None:
+        address = parse_sender(sender, field="sender")
+        if len(_SENDERS) >= _MAX_SENDERS:
+            _SENDERS.clear()
+        _SENDERS[sender] = address
+    return address
 
 
 def envelope_from_message(
@@ -290,6 +305,10 @@ def _unique_recipients(
     addresses: Iterable[Address], *, field: str, empty: str
 ) -> tuple[Address, ...]:
     """``addresses`` without repeats (domains compared case-insensitively), order kept."""
+    if type(addresses) is list and len(addresses) == 1:
+        only = addresses[0]
+        if not only.is_null:
+            return (only,)
     seen: set[tuple[str, str]] = set()
     unique: list[Address] = []
     for address in addresses:

@@ -48,6 +48,10 @@ __all__ = ["MailerProtocol", "RecipientReply", "TransactionResult"]
 _MAIL, _RCPT, _DATA, _DOT, _RSET, _QUIT = range(6)
 
 _MAX_LINE = 64 * 1024
+# Final reply lines that make up nearly all traffic, mapped to their code without int().
+_COMMON_CODES = {b"%d " % code: code for code in (221, 250, 251, 354)}
+# Slack when comparing a deadline with the clock, for float rounding of re-armed timers.
+_EPSILON = 1e-6
 
 
 @dataclass(slots=True)
@@ -94,17 +98,22 @@ class _Txn:
         self.envelope = envelope
         self.deferred: defer.Deferred[TransactionResult] = defer.Deferred(self._cancelled)
         self.canceller: Callable[[_Txn], None] | None = None
-        self.rcpt_replies: list[tuple[int, str] | None] = [None] * len(envelope.recipients)
+        # RCPT replies other than 2xx (accepted ones only count towards `accepted`).
+        self.rcpt_replies: list[tuple[int, bytes] | None] = [None] * len(envelope.recipients)
         self.accepted = 0
         self.mail_failed: tuple[int, str] | None = None
         self.data_failed: tuple[int, str] | None = None
-        # Commands not yet written (used when the server does not pipeline).
-        self.pending: deque[tuple[int, int, bytes]] = deque()
+        # Commands not yet written (only when the server does not pipeline; else stays empty).
+        self.pending: deque[tuple[int, int, bytes]] = _NO_COMMANDS
         self.started = False
 
     def _cancelled(self, _: defer.Deferred[TransactionResult]) -> None:
         if self.canceller is not None:
             self.canceller(self)
+
+
+# The `pending` of every pipelined transaction: never appended to.
+_NO_COMMANDS: deque[tuple[int, int, bytes]] = deque(maxlen=0)
 
 
 def _text(raw: bytes) -> str:
@@ -152,6 +161,10 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._reply_timeout = reply_timeout
         self._data_timeout = data_timeout
         self._use_pipelining = use_pipelining
+        # Decided once EHLO is answered: whether envelope commands go out in groups.
+        self._pipelining = False
+        # The MAIL FROM path of the last sender, reused while the sender stays the same.
+        self._sender_path: tuple[Address | None, bool, bytes] = (None, False, b"")
         self.requireTransportSecurity = require_tls
         self.requireAuthentication = username is not None
         if username is not None:
@@ -178,8 +191,10 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._envelope_txn: _Txn | None = None
         self._body_txn: _Txn | None = None
         self._need_rset = False
-        self._reply_timer: IDelayedCall | None = None
-        self._data_timer: IDelayedCall | None = None
+        self._watchdog: IDelayedCall | None = None
+        self._last_progress = 0.0
+        self._data_deadline: float | None = None
+        self._receiving = False
 
     # ------------------------------------------------------------------ handshake (ESMTPClient)
 
@@ -205,6 +220,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
         if self.is_ready:  # pragma: no cover - the lean loop never hands back to SMTPClient
             return
         self.setTimeout(None)
+        self._pipelining = self._use_pipelining and self.capabilities.pipelining
         self.is_ready = True
         self.setRawMode()
         self.ready.callback(self)
@@ -277,7 +293,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
         txn.canceller = self._cancel_txn
         self._waiting.append(txn)
         self._pump()
-        self._flush()
+        if not self._receiving:
+            self._flush()
         return txn.deferred
 
     @property
@@ -325,6 +342,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
             if not self._start(txn):
                 continue
             return
+        if not self._expect and self._data_deadline is None and self._watchdog is not None:
+            self._stop_watchdog()  # nothing outstanding: the connection is idle
         if (
             self._quit_requested
             and self.busy == 0
@@ -333,10 +352,6 @@ class MailerProtocol(tsmtp.ESMTPClient):
             and not self.is_closed
         ):
             self._send_quit()
-
-    @property
-    def _pipelining(self) -> bool:
-        return self._use_pipelining and self.capabilities.pipelining
 
     def _start(self, txn: _Txn) -> bool:
         """Write (or queue) the envelope commands of ``txn``; False if it failed locally."""
@@ -382,13 +397,34 @@ class MailerProtocol(tsmtp.ESMTPClient):
             params += b" BODY=8BITMIME"
         if utf8:
             params += b" SMTPUTF8"
-        commands = txn.pending
+        last_sender, last_utf8, sender_path = self._sender_path
+        if utf8 != last_utf8 or env.sender != last_sender:
+            sender_path = env.sender.smtp_path(utf8=utf8)
+            self._sender_path = (env.sender, utf8, sender_path)
+        mail = b"MAIL FROM:<" + sender_path + b">" + params + b"\r\n"
+        if self._pipelining:
+            # The whole envelope goes out in one group (RFC 2920), DATA last.
+            expect = self._expect
+            if not expect:
+                self._arm_reply_timer()
+            out = self._out
+            if self._need_rset:
+                self._need_rset = False
+                expect.append((_RSET, None, 0))
+                out.append(b"RSET\r\n")
+            expect.append((_MAIL, txn, 0))
+            out.append(mail)
+            for i, rcpt in enumerate(env.recipients):
+                expect.append((_RCPT, txn, i))
+                out.append(b"RCPT TO:<" + rcpt.smtp_path(utf8=utf8) + b">\r\n")
+            expect.append((_DATA, txn, 0))
+            out.append(b"DATA\r\n")
+            return True
+        commands = txn.pending = deque()
         if self._need_rset:
             self._need_rset = False
             commands.append((_RSET, 0, b"RSET\r\n"))
-        commands.append(
-            (_MAIL, 0, b"MAIL FROM:<" + env.sender.smtp_path(utf8=utf8) + b">" + params + b"\r\n")
-        )
+        commands.append((_MAIL, 0, mail))
         for i, rcpt in enumerate(env.recipients):
             commands.append((_RCPT, i, b"RCPT TO:<" + rcpt.smtp_path(utf8=utf8) + b">\r\n"))
         commands.append((_DATA, 0, b"DATA\r\n"))
@@ -426,46 +462,51 @@ class MailerProtocol(tsmtp.ESMTPClient):
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._expect:
-            self._reset_reply_timer()  # any bytes from the server count as progress
-        buf = self._buf + data if self._buf else data
-        start = 0
-        find = buf.find
-        while True:
-            end = find(b"\n", start)
-            if end < 0:
-                break
-            line = buf[start:end]
-            start = end + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if line[3:4] == b"-":
-                self._cont.append(line[4:])
-                continue
-            try:
-                code = int(line[:3])
-                if not 200 <= code <= 599 or (len(line) > 3 and line[3] != 32):
-                    raise ValueError(line)
-            except ValueError:
-                self._abort(
-                    TransientError(
-                        f"malformed reply from server: {line[:80]!r}", host=self.host_label
-                    )
-                )
-                return
-            if self._cont:
-                self._cont.append(line[4:])
-                text = b"\n".join(self._cont)
-                self._cont = []
-            else:
-                text = line[4:]
-            self._on_reply(code, text)
-            if self._close_error is not None or self.is_closed:
-                return
-        self._buf = buf[start:]
+            self._last_progress = self._clock.seconds()  # any bytes count as progress
+        lines = (self._buf + data if self._buf else data).split(b"\n")
+        self._buf = lines.pop()  # an incomplete line, or b""
+        codes = _COMMON_CODES
+        on_reply = self._on_reply
+        # Transactions started by callbacks fired from here go out in one write, at the end.
+        self._receiving = True
+        try:
+            for line in lines:
+                if line[-1:] == b"\r":
+                    line = line[:-1]
+                code = codes.get(line[:4])
+                if code is None:
+                    if line[3:4] == b"-":
+                        self._cont.append(line[4:])
+                        continue
+                    code = self._parse_code(line)
+                    if code is None:
+                        return
+                if self._cont:
+                    self._cont.append(line[4:])
+                    text = b"\n".join(self._cont)
+                    self._cont = []
+                else:
+                    text = line[4:]
+                on_reply(code, text)
+                if self._closing and (self._close_error is not None or self.is_closed):
+                    return
+        finally:
+            self._receiving = False
         if len(self._buf) > _MAX_LINE:
             self._abort(TransientError("server reply line too long", host=self.host_label))
             return
         self._flush()
+
+    def _parse_code(self, line: bytes) -> int | None:
+        """The reply code of a final reply line; None (and the connection aborted) if malformed."""
+        digits = line[:3]
+        code = int(digits) if digits.isdigit() else 0
+        if not 200 <= code <= 599 or (len(line) > 3 and line[3] != 32):
+            self._abort(
+                TransientError(f"malformed reply from server: {line[:80]!r}", host=self.host_label)
+            )
+            return None
+        return code
 
     def _on_reply(self, code: int, raw: bytes) -> None:
         if not self._expect:
@@ -485,8 +526,15 @@ class MailerProtocol(tsmtp.ESMTPClient):
             )
             return
         kind, txn, idx = self._expect.popleft()
-        if not self._expect:
-            self._cancel_reply_timer()
+
+        if self._pipelining and 200 <= code < 300:
+            # Fast path for accepted envelope commands of a pipelined group: just record.
+            if kind == _RCPT:
+                assert txn is not None
+                txn.accepted += 1
+                return
+            if kind == _MAIL:
+                return
 
         if code == 421 and kind != _QUIT:
             # The server is shutting this session down: what is unanswered goes elsewhere.
@@ -510,7 +558,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
             self._finish(txn, code, raw)
         elif kind == _RCPT:
             assert txn is not None
-            txn.rcpt_replies[idx] = (code, _text(raw))
+            txn.rcpt_replies[idx] = (code, raw)
             if 200 <= code < 300:
                 txn.accepted += 1
             self._issue(txn)
@@ -559,19 +607,17 @@ class MailerProtocol(tsmtp.ESMTPClient):
         if txn.mail_failed is not None:
             final = txn.mail_failed
             self._need_rset = True
+        final_enhanced, final_text = split_enhanced(final[1])
+        final_code = final[0]
         replies: list[RecipientReply] = []
+        mail_failed = txn.mail_failed is not None
         for rcpt, rr in zip(txn.envelope.recipients, txn.rcpt_replies, strict=True):
-            if txn.mail_failed is not None:
-                chosen = txn.mail_failed
-            elif rr is not None and not 200 <= rr[0] < 300:
-                chosen = rr
+            if mail_failed or rr is None or 200 <= rr[0] < 300:
+                replies.append(RecipientReply(rcpt, final_code, final_enhanced, final_text))
             else:
-                chosen = final
-            enhanced, text = split_enhanced(chosen[1])
-            replies.append(RecipientReply(rcpt, chosen[0], enhanced, text))
-        enhanced, text = split_enhanced(final[1])
-        result = TransactionResult(replies, final[0], enhanced, text)
-        txn.deferred.callback(result)
+                enhanced, text = split_enhanced(_text(rr[1]))
+                replies.append(RecipientReply(rcpt, rr[0], enhanced, text))
+        txn.deferred.callback(TransactionResult(replies, final_code, final_enhanced, final_text))
 
     def _send_quit(self) -> None:
         self._quit_requested = True
@@ -581,37 +627,59 @@ class MailerProtocol(tsmtp.ESMTPClient):
 
     # ------------------------------------------------------------------ timers
 
+    # One watchdog per connection, re-armed lazily: progress only records a time, so a busy
+    # connection does not create and cancel a timer per command.
+
     def _arm_reply_timer(self) -> None:
-        if self._reply_timer is None or not self._reply_timer.active():
-            self._reply_timer = self._clock.callLater(self._reply_timeout, self._reply_timed_out)
+        now = self._last_progress = self._clock.seconds()
+        self._watch_by(now, self._reply_timeout)
 
     def _reset_reply_timer(self) -> None:
-        timer = self._reply_timer
-        if timer is not None and timer.active():
-            timer.reset(self._reply_timeout)
-        else:
-            self._arm_reply_timer()
-
-    def _cancel_reply_timer(self) -> None:
-        timer = self._reply_timer
-        if timer is not None:
-            if timer.active():
-                timer.cancel()
-            self._reply_timer = None
+        self._last_progress = self._clock.seconds()
 
     def _arm_data_timer(self) -> None:
-        self._cancel_data_timer()
-        self._data_timer = self._clock.callLater(self._data_timeout, self._data_timed_out)
+        now = self._clock.seconds()
+        self._data_deadline = now + self._data_timeout
+        self._watch_by(now, self._data_timeout)
+
+    def _watch_by(self, now: float, delay: float) -> None:
+        """Make sure the watchdog wakes up within ``delay`` seconds of ``now``."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            self._watchdog = self._clock.callLater(delay, self._watch)
+        elif watchdog.getTime() > now + delay:
+            watchdog.reset(delay)
 
     def _cancel_data_timer(self) -> None:
-        timer = self._data_timer
-        if timer is not None:
-            if timer.active():
-                timer.cancel()
-            self._data_timer = None
+        self._data_deadline = None
+
+    def _stop_watchdog(self) -> None:
+        watchdog = self._watchdog
+        if watchdog is not None:
+            self._watchdog = None
+            if watchdog.active():
+                watchdog.cancel()
+
+    def _watch(self) -> None:
+        """Time out a silent server or an overlong DATA phase; else sleep until the next due."""
+        self._watchdog = None
+        now = self._clock.seconds()
+        due: list[float] = []
+        if self._expect:
+            reply_due = self._last_progress + self._reply_timeout
+            if now >= reply_due - _EPSILON:
+                self._reply_timed_out()
+                return
+            due.append(reply_due)
+        if self._data_deadline is not None:
+            if now >= self._data_deadline - _EPSILON:
+                self._data_timed_out()
+                return
+            due.append(self._data_deadline)
+        if due:
+            self._watchdog = self._clock.callLater(min(due) - now, self._watch)
 
     def _reply_timed_out(self) -> None:
-        self._reply_timer = None
         kind = self._expect[0][0] if self._expect else -1
         what = {
             _MAIL: "MAIL",
@@ -628,7 +696,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
         )
 
     def _data_timed_out(self) -> None:
-        self._data_timer = None
+        self._data_deadline = None
         self._abort(
             SMTPTimeoutError(
                 f"the DATA phase took longer than {self._data_timeout:g}s", host=self.host_label
@@ -662,8 +730,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
         super().connectionLost(reason)
         self.is_closed = True
         self._closing = True
-        self._cancel_reply_timer()
-        self._cancel_data_timer()
+        self._data_deadline = None
+        self._stop_watchdog()
         error = self._close_error or self._lost_error(reason)
         txns: list[_Txn] = []
         if self._body_txn is not None:

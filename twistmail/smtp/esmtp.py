@@ -33,6 +33,7 @@ class ReplyCode(IntEnum):
     TRANSACTION_FAILED = 554
 
 
+_CLASSES = frozenset("245")
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 
@@ -42,6 +43,8 @@ def split_enhanced(text: str) -> tuple[str | None, str]:
     ``"5.1.1 no such user"`` gives ``("5.1.1", "no such user")``; text without one gives
     ``(None, text)``.
     """
+    if text[:1] not in _CLASSES:
+        return None, text
     match = _ENHANCED.match(text)
     if match is None:
         return None, text

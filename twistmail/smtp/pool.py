@@ -64,24 +64,35 @@ class ConnectionPool:
         """A ready connection for one transaction, until :meth:`release`."""
         if self._closed:
             return defer.fail(ConnectionLostError("the connection pool is closed"))
+        proto = self.acquire_now()
+        if proto is not None:
+            return defer.succeed(proto)
+        waiter: defer.Deferred[MailerProtocol] = defer.Deferred(self._cancel_waiter)
+        self._waiters.append(waiter)
+        if len(self._all) + len(self._connecting) < self.size:
+            self._open()
+        return waiter
+
+    def acquire_now(self) -> MailerProtocol | None:
+        """A connection that can take a transaction right now, else None (see :meth:`acquire`).
+
+        None also when a new connection should be opened instead of sharing a busy one.
+        """
+        if self._closed:
+            return None
         while self._idle:
             proto = self._idle.pop()  # the most recently used: warm, least likely to time out
             self._stop_idle_timer(proto)
             if proto.usable:
-                return defer.succeed(self._take(proto))
+                return self._take(proto)
         if len(self._all) + len(self._connecting) < self.size:
-            waiter: defer.Deferred[MailerProtocol] = defer.Deferred(self._cancel_waiter)
-            self._waiters.append(waiter)
-            self._open()
-            return waiter
+            return None
         while self._partial:
             proto = self._partial[0]
             if proto.usable and self._load.get(proto, 0) < self._capacity(proto):
-                return defer.succeed(self._take(proto))
+                return self._take(proto)
             self._partial.popleft()
-        waiter = defer.Deferred(self._cancel_waiter)
-        self._waiters.append(waiter)
-        return waiter
+        return None
 
     def release(self, proto: MailerProtocol) -> None:
         """Give a connection back after its transaction."""
