@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import twistmail
 from twistmail import errors, mailer, message, results
+from twistmail.backends import api as backends_api
 from twistmail.smtp import facade
 
 EXPECTED = {
@@ -20,6 +21,8 @@ EXPECTED = {
     "ConnectionLostError": errors.ConnectionLostError,
     "TLSError": errors.TLSError,
     "AuthenticationError": errors.AuthenticationError,
+    "get_backend": backends_api.get_backend,
+    "send_mail": backends_api.send_mail,
 }
 
 

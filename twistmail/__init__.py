@@ -4,6 +4,7 @@ The public API is re-exported here; the modules behind it are implementation det
 """
 
 from .address import Address, parse_address, parse_address_list
+from .backends.api import get_backend, send_mail
 from .errors import (
     AddressError,
     AuthenticationError,
@@ -52,7 +53,9 @@ __all__ = [
     "TwistmailError",
     "envelope_from_bytes",
     "envelope_from_message",
+    "get_backend",
     "parse_address",
     "parse_address_list",
     "send",
+    "send_mail",
 ]

@@ -13,6 +13,10 @@ holding the envelope and the exact bytes that arrived (dot-unstuffed, CRLF line 
 
 It can also require AUTH (PLAIN, LOGIN, CRAM-MD5), offer STARTTLS, refuse chosen recipients and
 keep a copy of every message in a Maildir.
+
+:data:`outbox` is where the ``locmem`` backend puts what it "sends" (a list of
+:class:`OutboxMessage`, like Django's ``mail.outbox``); the pytest plugin installed with twistmail
+empties it before each test and offers it as the ``mail_outbox`` fixture.
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory, I
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["CaptureServer", "CapturedMessage"]
+from twistmail.backends.locmem import OutboxMessage, outbox
+
+__all__ = ["CaptureServer", "CapturedMessage", "OutboxMessage", "outbox"]
 
 _HOSTNAME = b"localhost"
 
