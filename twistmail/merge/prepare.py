@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from twistmail.address import parse_address_list, parse_sender
 from twistmail.errors import MessageError
@@ -12,6 +13,7 @@ from twistmail.message import Envelope, envelope_from_message
 
 from .csvsource import CsvSource, Row, open_csv
 from .template import MessageTemplate, RowError
+from .wire import render_direct
 
 __all__ = [
     "Prepared",
@@ -21,6 +23,7 @@ __all__ = [
     "prepare_row",
     "preview_message_id",
     "problems",
+    "render_full",
 ]
 
 
@@ -69,16 +72,44 @@ def prepare_row(
     guess = guess_email(row)
     if row.error is not None:
         return Problem(row.number, guess, row.error)
+    date = datetime.now(UTC).replace(microsecond=0)  # a Date header has whole seconds
     try:
-        rendered = template.render(row.values, message_id=message_id_for(row.number, "invalid"))
-        msg = rendered.message
-        domain = _from_domain(msg.get("From", ""))
-        message_id = message_id_for(row.number, domain)
-        msg.replace_header("Message-ID", message_id)
-        sender = parse_sender(envelope_from, field="--from") if envelope_from else None
-        envelope = envelope_from_message(msg, sender=sender)
+        direct = render_direct(
+            template,
+            row.values,
+            row=row.number,
+            message_id_for=message_id_for,
+            envelope_from=envelope_from,
+            date=date,
+        )
+        if direct is not None:
+            envelope, email, message_id = direct
+            return Prepared(row.number, email, envelope, message_id)
+        return render_full(template, row, message_id_for, envelope_from, date)
     except (RowError, MessageError) as e:
         return Problem(row.number, guess, f"row {row.number}: {e}")
+
+
+def render_full(
+    template: MessageTemplate,
+    row: Row,
+    message_id_for: MessageIdFor,
+    envelope_from: str | None,
+    date: datetime,
+) -> Prepared:
+    """``row`` rendered through the email package (any message the template can describe).
+
+    Raises :class:`RowError` or :class:`MessageError` when the row cannot be sent.
+    """
+    rendered = template.render(
+        row.values, message_id=message_id_for(row.number, "invalid"), date=date
+    )
+    msg = rendered.message
+    domain = _from_domain(msg.get("From", ""))
+    message_id = message_id_for(row.number, domain)
+    msg.replace_header("Message-ID", message_id)
+    sender = parse_sender(envelope_from, field="--from") if envelope_from else None
+    envelope = envelope_from_message(msg, sender=sender)
     return Prepared(row.number, rendered.email, envelope, message_id)
 
 

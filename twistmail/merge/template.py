@@ -39,7 +39,7 @@ import mimetypes
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
@@ -145,6 +145,7 @@ class _Header:
     template: jinja2.Template | None
     addresses: tuple[Address, ...] | None  # pre-parsed, for a literal address header
     parsed: BaseHeader | None  # the header object of a literal value, built once
+    wire: bytes | None  # how a literal value goes out (folded, CRLF), when that is ASCII
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,18 +265,14 @@ class MessageTemplate:
         address, a header value with a line break, no From or no recipient, or names an
         attachment that cannot be read.
         """
-        values = dict(row_values)
+        values = self.context(row_values)
         headers: list[tuple[str, str | BaseHeader]] = []
         first: dict[str, Address] = {}
-        for header in self._headers:
-            value: str | BaseHeader | None = header.parsed
+        for header, text in self.header_values(values):
+            value: str | BaseHeader = header.parsed or text
             addresses = header.addresses
-            if value is None:
-                value = self._render_header(header, values)
-                if not value:
-                    continue
-                if header.key in _ADDRESS_HEADERS:
-                    addresses = tuple(_addresses(header.name, value))
+            if header.parsed is None and header.key in _ADDRESS_HEADERS:
+                addresses = tuple(_addresses(header.name, text))
             if addresses:
                 first.setdefault(header.key, addresses[0])
             headers.append((header.name, value))
@@ -292,7 +289,7 @@ class MessageTemplate:
         if not message_id.startswith("<"):
             message_id = f"<{message_id}>"
         _checked("Message-ID", message_id)
-        body = self._render(self._body, values, None)
+        body = self.render_body(values)
 
         msg = EmailMessage(policy=_POLICY)
         for name, value in headers:
@@ -319,6 +316,37 @@ class MessageTemplate:
                 filename=attachment.filename,
             )
         return Rendered(msg, str(recipient))
+
+    @property
+    def has_attachments(self) -> bool:
+        """Whether the template has Attachment lines."""
+        return bool(self._attachments)
+
+    def context(self, values: Mapping[str, str]) -> dict[str, object]:
+        """What a row's templates see: Jinja2's globals and the row's cells (cells win)."""
+        context: dict[str, object] = dict(self._env.globals)
+        context.update(values)
+        return context
+
+    def header_values(self, context: dict[str, object]) -> Iterator[tuple[_Header, str]]:
+        """Each header to send for a row and its value, checked; empty values are left out.
+
+        ``context`` comes from :meth:`context`.
+
+        Raises :class:`RowError` naming the header when a value has a line break or a variable
+        is undefined.
+        """
+        for header in self._headers:
+            value = self._render_header(header, context)
+            if value:
+                yield header, value
+
+    def render_body(self, context: dict[str, object]) -> str:
+        """The body text for a row (``context`` from :meth:`context`).
+
+        Raises :class:`RowError` when a variable is undefined.
+        """
+        return self._render(self._body, context, None)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -400,14 +428,16 @@ class MessageTemplate:
                 except RowError as exc:
                     raise self._fail(number, exc.reason) from None
             parsed = _POLICY.header_factory(name, value)
-            return _Header(name, key, number, value, None, addresses, parsed)
+            folded = parsed.fold(policy=_POLICY)
+            wire = folded.encode("ascii") if folded.isascii() else None
+            return _Header(name, key, number, value, None, addresses, parsed, wire)
         ast = self._parse(value, number)
         self._parts.append(_Part(number, ast))
         try:
             template = self._env.from_string(ast)
         except jinja2.TemplateSyntaxError as exc:  # pragma: no cover - parse() caught it
             raise self._fail(number, exc.message or str(exc)) from None
-        return _Header(name, key, number, None, template, None, None)
+        return _Header(name, key, number, None, template, None, None, None)
 
     def _first_use(self, variable: str) -> int | None:
         lines = [
@@ -420,9 +450,13 @@ class MessageTemplate:
 
     # -- rendering -------------------------------------------------------------------------------
 
-    def _render(self, template: jinja2.Template, values: dict[str, str], field: str | None) -> str:
+    def _render(
+        self, template: jinja2.Template, context: dict[str, object], field: str | None
+    ) -> str:
         try:
-            return template.render(values)
+            # Template.render would copy the globals into a new dict for every call; the row's
+            # context already holds them (see `context`).
+            return "".join(template.root_render_func(template.new_context(context, shared=True)))
         except _RENDER_ERRORS as exc:
             reason = str(exc)
             undefined = _UNDEFINED_NAME.search(reason)
@@ -432,7 +466,7 @@ class MessageTemplate:
                 reason = f"no value for {undefined.group(1)!r}{where}"
             raise RowError(field, reason) from None
 
-    def _render_header(self, header: _Header, values: dict[str, str]) -> str:
+    def _render_header(self, header: _Header, values: dict[str, object]) -> str:
         if header.template is None:
             return header.literal or ""
         value = self._render(header.template, values, header.name)

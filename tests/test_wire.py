@@ -1,0 +1,215 @@
+"""The direct renderer writes exactly the bytes the email package path writes, or steps aside."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from twistmail.errors import MessageError
+from twistmail.merge.csvsource import Row
+from twistmail.merge.prepare import Prepared, prepare_row, render_full
+from twistmail.merge.template import MessageTemplate, RowError
+from twistmail.merge.wire import render_direct
+
+DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+
+
+def message_id_for(row: int, domain: str) -> str:
+    return f"<campaign.{row}@{domain}>"
+
+
+def both(
+    source: str, values: dict[str, str], envelope_from: str | None = None
+) -> tuple[Prepared | None, Prepared]:
+    template = MessageTemplate(source)
+    row = Row(7, values)
+    direct = render_direct(
+        template,
+        values,
+        row=7,
+        message_id_for=message_id_for,
+        envelope_from=envelope_from,
+        date=DATE,
+    )
+    full = render_full(template, row, message_id_for, envelope_from, DATE)
+    if direct is None:
+        return None, full
+    envelope, email, message_id = direct
+    return Prepared(7, email, envelope, message_id), full
+
+
+def assert_same(direct: Prepared | None, full: Prepared) -> None:
+    assert direct is not None, "the direct renderer stepped aside"
+    assert direct.envelope.payload == full.envelope.payload
+    assert direct.envelope.sender == full.envelope.sender
+    assert direct.envelope.recipients == full.envelope.recipients
+    assert direct.envelope.message_id == full.envelope.message_id
+    assert direct.envelope.size == full.envelope.size
+    assert (direct.envelope.eight_bit, direct.envelope.smtputf8) == (False, False)
+    assert direct.email == full.email
+    assert direct.message_id == full.message_id
+
+
+PLAIN = (
+    "From: Bench Sender <bench@sender.example>\n"
+    "To: {{ name }} <{{ email }}>\n"
+    "Subject: Your code {{ code }}\n"
+    "\n"
+    "Hello {{ name }},\n\n.a line that needs dot-stuffing\n.\nYour code is {{ code }}.\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "values"),
+    [
+        (PLAIN, {"name": "Ann Lee", "email": "ann@example.org", "code": "X1"}),
+        # Bcc is sent to but not shown; Cc before To keeps the To, Cc, Bcc recipient order.
+        (
+            "From: news@example.com\nCc: {{ cc }}\nTo: {{ email }}\nBcc: audit@example.com\n"
+            "Reply-To: Help Desk <help@example.com>\nX-Campaign: spring-2026\n"
+            "Subject: {{ subject }}\n\n{{ text }}\n",
+            {
+                "email": "a@example.org",
+                "cc": "b@example.org, Bee Two <c@example.org>",
+                "subject": "Hello (again) & welcome!",
+                "text": "",
+            },
+        ),
+        # An HTML body (escaped cells) and an empty Cc, which leaves the header out.
+        (
+            "From: news@example.com\nTo: {{ email }}\nCc: {{ cc }}\nContent-Type: text/html\n"
+            "Subject: Hi\n\n<p>Hello {{ name }}</p>\n",
+            {"email": "a@example.org", "cc": "", "name": "<Ann & Co>"},
+        ),
+        # A long literal header: folded once at load, and the same bytes as the full path.
+        (
+            "From: news@example.com\nTo: {{ email }}\n"
+            "X-Long: " + "word " * 30 + "\nSubject: Hi\n\nBody\n",
+            {"email": "a@example.org"},
+        ),
+    ],
+)
+def test_direct_bytes_equal_the_email_package_bytes(source: str, values: dict[str, str]) -> None:
+    direct, full = both(source, values)
+    assert_same(direct, full)
+
+
+def test_envelope_from_overrides_the_sender_in_both_paths() -> None:
+    direct, full = both(
+        PLAIN, {"name": "Ann", "email": "ann@example.org", "code": "1"}, "bounces@example.com"
+    )
+    assert_same(direct, full)
+    assert direct is not None
+    assert str(direct.envelope.sender) == "bounces@example.com"
+
+
+@pytest.mark.parametrize(
+    ("source", "values"),
+    [
+        (PLAIN, {"name": "Jörg", "email": "j@example.org", "code": "1"}),  # RFC 2047 name
+        (PLAIN, {"name": "J. Doe", "email": "j@example.org", "code": "1"}),  # quoted phrase
+        (PLAIN, {"name": "Ann", "email": "ann@bücher.example", "code": "1"}),  # IDN domain
+        (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "x" * 80}),  # folded
+        (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "=?utf-8?q?hi?="}),
+        ("From: a@example.com\nTo: {{ e }}\n\nGrüße\n", {"e": "b@example.org"}),  # 8-bit body
+        ("From: a@example.com\nTo: {{ e }}\n\n" + "y" * 79 + "\n", {"e": "b@example.org"}),
+        (
+            "From: a@example.com\nTo: {{ e }}\nContent-Type: text/markdown\n\n*hi*\n",
+            {"e": "b@example.org"},
+        ),
+    ],
+)
+def test_anything_unusual_takes_the_full_path(source: str, values: dict[str, str]) -> None:
+    direct, full = both(source, values)
+    assert direct is None
+    assert full.envelope.payload  # and the full path still sends it
+
+
+def test_row_errors_are_the_same_as_the_full_path() -> None:
+    template = MessageTemplate(PLAIN)
+    values = {"name": "Ann\r\nBcc: victim@example.org", "email": "a@example.org", "code": "1"}
+    with pytest.raises(RowError) as direct_error:
+        render_direct(
+            template,
+            values,
+            row=3,
+            message_id_for=message_id_for,
+            envelope_from=None,
+            date=DATE,
+        )
+    with pytest.raises(RowError) as full_error:
+        render_full(template, Row(3, values), message_id_for, None, DATE)
+    assert str(direct_error.value) == str(full_error.value)
+    assert direct_error.value.field == "To"
+
+
+def test_prepare_row_takes_the_direct_path_for_a_plain_row() -> None:
+    template = MessageTemplate(PLAIN)
+    prepared = prepare_row(
+        template, Row(1, {"name": "Ann", "email": "a@example.org", "code": "1"}), message_id_for
+    )
+    assert isinstance(prepared, Prepared)
+    # Only the email package path keeps the EmailMessage (for a 7-bit re-rendering).
+    assert prepared.envelope.source is None
+
+
+_CELL = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=90
+) | st.sampled_from(["Ann Lee", "O'Brien", "x" * 70, "a  b", " lead", "trail ", "=?x?=", "é"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=_CELL,
+    subject=_CELL,
+    text=_CELL,
+    local=st.from_regex(r"[a-z0-9.+_-]{1,20}", fullmatch=True),
+)
+def test_whenever_the_direct_path_answers_it_matches_the_full_path(
+    name: str, subject: str, text: str, local: str
+) -> None:
+    source = (
+        "From: Sender <sender@example.com>\nTo: {{ name }} <{{ email }}>\n"
+        "Subject: {{ subject }}\n\n{{ text }}\nBye\n"
+    )
+    values = {"name": name, "email": f"{local}@example.org", "subject": subject, "text": text}
+    template = MessageTemplate(source)
+    full_error = _error_of(
+        lambda: render_full(template, Row(7, values), message_id_for, None, DATE)
+    )
+    if full_error is not None:
+        # A row the full path refuses is refused the same way (or handed back) by the direct one.
+        answer: list[object] = []
+        direct_error = _error_of(
+            lambda: answer.append(
+                render_direct(
+                    template,
+                    values,
+                    row=7,
+                    message_id_for=message_id_for,
+                    envelope_from=None,
+                    date=DATE,
+                )
+            )
+        )
+        if direct_error is None:
+            assert answer == [None]
+        else:
+            assert str(direct_error) == full_error
+        return
+    direct, full = both(source, values)
+    if direct is not None:
+        assert_same(direct, full)
+
+
+def _error_of(call: Callable[[], object]) -> str | None:
+    """The message of the RowError or MessageError ``call`` raises, else None."""
+    try:
+        call()
+    except (RowError, MessageError) as error:
+        return str(error)
+    return None
