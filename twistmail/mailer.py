@@ -275,15 +275,22 @@ class Mailer:
 
     def _complete(self, delivery: _Delivery) -> defer.Deferred[SendResult]:
         """Attempt until every recipient is settled or attempts run out."""
-        return defer.Deferred.fromCoroutine(self._complete_coro(delivery))
+        d = self._attempt(delivery)
 
-    async def _complete_coro(self, delivery: _Delivery) -> SendResult:
-        while True:
-            await self._attempt(delivery)
+        def first_done(_: None) -> SendResult | defer.Deferred[SendResult]:
             if delivery.done:
                 return delivery.result()
+            return defer.Deferred.fromCoroutine(self._retry(delivery))
+
+        return d.addCallback(first_done)
+
+    async def _retry(self, delivery: _Delivery) -> SendResult:
+        """Wait for each retry time and attempt again, until every recipient is settled."""
+        while not delivery.done:
             delay = max(0.0, delivery.retry_at - self._clock.seconds())
             await task.deferLater(self._clock, delay, lambda: None)
+            await self._attempt(delivery)
+        return delivery.result()
 
     def _one_of_many(
         self, index: int, item: MessageLike, report: SendReport, on_result: OnResult | None

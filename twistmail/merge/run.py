@@ -280,20 +280,20 @@ class Campaign:
     def _send(self, job: _Job) -> defer.Deferred[None]:
         assert self._mailer is not None
         job.attempts += 1
-        return defer.ensureDeferred(self._send_and_record(job))
+        d = self._mailer.send(job.prepared.envelope)
+        return d.addCallbacks(
+            self._settle_result, self._settle_error, callbackArgs=(job,), errbackArgs=(job,)
+        )
 
-    async def _send_and_record(self, job: _Job) -> None:
-        assert self._mailer is not None
-        result: SendResult | None
-        error: DeliveryError | None = None
-        try:
-            result = await self._mailer.send(job.prepared.envelope)
-        except DeliveryError as e:
-            result = getattr(e, "result", None)
-            error = e
-        except Exception as e:  # a bug, not a delivery outcome: fail the row, keep going
-            result, error = None, DeliveryError(f"internal error: {e!r}")
-        await self._settle(job, result, error)
+    def _settle_result(self, result: SendResult, job: _Job) -> defer.Deferred[None]:
+        return self._settle(job, result, None)
+
+    def _settle_error(self, failure: Failure, job: _Job) -> defer.Deferred[None]:
+        error = failure.value
+        if isinstance(error, DeliveryError):
+            return self._settle(job, getattr(error, "result", None), error)
+        # A bug, not a delivery outcome: fail the row, keep going.
+        return self._settle(job, None, DeliveryError(f"internal error: {error!r}"))
 
     def _settle(
         self, job: _Job, result: SendResult | None, error: DeliveryError | None
