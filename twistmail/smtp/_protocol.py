@@ -467,6 +467,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._buf = lines.pop()  # an incomplete line, or b""
         codes = _COMMON_CODES
         on_reply = self._on_reply
+        expect = self._expect
+        pipelined = self._pipelining
         # Transactions started by callbacks fired from here go out in one write, at the end.
         self._receiving = True
         try:
@@ -485,6 +487,17 @@ class MailerProtocol(tsmtp.ESMTPClient):
                     self._cont.append(line[4:])
                     text = b"\n".join(self._cont)
                     self._cont = []
+                elif code == 250 and pipelined and expect:
+                    # An accepted MAIL or RCPT of a pipelined group only needs counting.
+                    kind, txn, _ = expect[0]
+                    if kind == _RCPT:
+                        expect.popleft()
+                        txn.accepted += 1  # type: ignore[union-attr]
+                        continue
+                    if kind == _MAIL:
+                        expect.popleft()
+                        continue
+                    text = line[4:]
                 else:
                     text = line[4:]
                 on_reply(code, text)
