@@ -1,6 +1,6 @@
 """The ``twistmail`` command: argument parsing only; the work is in :mod:`twistmail.merge`.
 
-Subcommands: ``send``, ``check``, ``preview``, ``status`` and ``capture``.
+Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture`` and ``drain``.
 Exit status: 0 every recipient sent; 1 some recipients failed or were invalid; 2 usage,
 configuration or template error (nothing sent); 3 interrupted, or rows remain to send.
 """
@@ -200,7 +200,138 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=2525, metavar="N", help="port (default: 2525; 0: any)"
     )
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
+    _drain_parser(sub)
     return parser
+
+
+_DRAIN_EXAMPLE = """\
+example (from cron):
+  TWISTMAIL_SMTP_PASSWORD=... twistmail drain --spool /var/spool/app/mail.db \\
+      --smtp smtp+tls://alice@mail.example.com --concurrency 5
+  twistmail drain --spool /var/spool/app/mail.db --status
+
+Delivers every message due now (queued, or deferred with its retry time reached), once each,
+then exits. Two drains may run at once on one spool: each message is claimed by one of them.
+exit status: 0 everything due was sent; 1 a message failed permanently; 2 usage/configuration
+error; 3 messages remain (deferred, not due yet, --limit reached, server unreachable).
+"""
+
+
+def _drain_parser(sub: Any) -> None:
+    drain = sub.add_parser(
+        "drain",
+        help="deliver the messages waiting in a spool, then exit",
+        description="Deliver what the spool backend enqueued in PATH and is due now, with "
+        "retries and backoff across runs; failed messages are kept with their reason.",
+        epilog=_DRAIN_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    drain.add_argument("--spool", required=True, metavar="PATH", help="the spool file")
+    drain.add_argument(
+        "--status",
+        action="store_true",
+        help="print the spool's counts and the messages not sent, deliver nothing",
+    )
+    drain.add_argument(
+        "--smtp",
+        metavar="URL",
+        help="as for send (required unless --status), e.g. smtp+tls://alice@mail.example.com",
+    )
+    drain.add_argument("--password-file", metavar="PATH", help="as for send")
+    drain.add_argument("--ca-file", metavar="PEM", help="trust this CA, e.g. --ca-file ca.pem")
+    drain.add_argument(
+        "--insecure", action="store_true", help="do not verify the server's certificate"
+    )
+    drain.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="SMTP connections to use (default: 10)",
+    )
+    drain.add_argument(
+        "--rate", type=_positive_float, metavar="R", help="at most R messages per second"
+    )
+    drain.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="attempts per recipient for 4xx replies, drops and timeouts, over all runs "
+        "(default: 5)",
+    )
+    drain.add_argument(
+        "--retry-delay",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="first backoff; doubles each attempt, with jitter (default: 5)",
+    )
+    drain.add_argument(
+        "--limit",
+        type=_positive_int,
+        metavar="N",
+        help="deliver at most N messages in this run (with --status: list at most N, default 20)",
+    )
+    drain.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="connect and reply timeout (default: 60)",
+    )
+    drain.add_argument(
+        "--lease",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long a claimed message stays reserved if this drain dies (renewed while it "
+        "runs; default: 300)",
+    )
+
+
+def _drain_main(args: argparse.Namespace) -> None:
+    from .queue import command
+
+    if args.status:
+        sys.exit(command.status(args.spool, args.limit or 20, sys.stdout))
+    if not args.smtp:
+        print("error: --smtp URL is required (or --status)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        password = _password(args)
+    except OSError as e:
+        print(f"error: cannot read --password-file: {e.strerror}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    if urlsplit(args.smtp).password is not None:
+        print(
+            "warning: a password in --smtp is visible to other users in the process list; "
+            "prefer TWISTMAIL_SMTP_PASSWORD or --password-file",
+            file=sys.stderr,
+        )
+    options = command.DrainOptions(
+        spool_path=args.spool,
+        smtp_url=args.smtp,
+        password=password,
+        ca_file=args.ca_file,
+        insecure=args.insecure,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        max_attempts=args.max_attempts,
+        retry_delay=args.retry_delay,
+        limit=args.limit,
+        timeout=args.timeout,
+        lease=args.lease,
+    )
+
+    def go(reactor: Any) -> defer.Deferred[None]:
+        def done(code: int) -> None:
+            if code:
+                raise SystemExit(code)
+
+        return command.drain(options, reactor).addCallback(done)
+
+    task.react(go)
 
 
 def _inputs(parser: argparse.ArgumentParser) -> None:
@@ -230,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if args.command == "capture":
         task.react(lambda reactor: commands.capture(reactor, args.port, args.maildir, sys.stdout))
+        return
+    if args.command == "drain":
+        _drain_main(args)
         return
     try:
         password = _password(args)

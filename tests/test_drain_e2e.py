@@ -1,0 +1,345 @@
+"""``twistmail drain`` as a subprocess: messages enqueued in process with the spool backend,
+delivered to real SMTP servers on 127.0.0.1 from a real SQLite spool.
+
+The subprocesses are started with Popen and polled with deferLater, so servers running in the
+test's reactor (CaptureServer) keep serving while a drain runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from servers import CueServer
+from twisted.internet import reactor, task
+
+from twistmail.backends.spool import SpoolBackend
+from twistmail.testing import CaptureServer
+
+Cue = Callable[..., CueServer]
+MESSAGE_ID = re.compile(rb"\r\nMessage-ID: (<[^>]+>)\r\n")
+
+
+def triple(n: int, *recipients: str) -> tuple[str, list[str], bytes]:
+    rcpts = list(recipients) or [f"user{n}@example.org"]
+    data = (
+        f"From: shop@example.com\r\nTo: {', '.join(rcpts)}\r\nMessage-ID: <m{n}@test>\r\n"
+        f"Subject: message {n}\r\n\r\nHello {n}.\r\n"
+    ).encode()
+    return ("shop@example.com", rcpts, data)
+
+
+async def enqueue(path: Path, messages: Iterable[Any]) -> int:
+    backend = SpoolBackend(path=path)
+    try:
+        count: int = await backend.send_messages(list(messages))
+    finally:
+        await backend.close()
+    return count
+
+
+def start_drain(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "twistmail", "drain", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+
+
+async def finish(proc: subprocess.Popen[str], seconds: float = 60) -> tuple[int, str]:
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError("drain did not finish in time")
+        await task.deferLater(reactor, 0.05, lambda: None)
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    proc.stdout.close()
+    return proc.returncode, output
+
+
+async def drain(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    return await finish(start_drain(*args, env=env))
+
+
+def query(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def states(path: Path) -> dict[str, int]:
+    return dict(query(path, "SELECT state, count(*) FROM messages GROUP BY state"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_drains_at_once_send_every_message_exactly_once(
+    capture_server: Callable[..., CaptureServer], tmp_path: Path
+) -> None:
+    server = capture_server()
+    path = tmp_path / "spool.db"
+    assert await enqueue(path, (triple(n) for n in range(2000))) == 2000
+    url = f"smtp://127.0.0.1:{server.port}"
+    # Small claims so that the two drains interleave.
+    procs = [start_drain("--spool", str(path), "--smtp", url, "--concurrency", "4") for _ in "ab"]
+    results = [await finish(p, 120) for p in procs]
+    for code, output in results:
+        # 0 for both: messages held by the other (live) drain are not "remaining".
+        assert code == 0, output
+    ids = collections.Counter(
+        m.group(1) for m in (MESSAGE_ID.search(msg.data) for msg in server.messages) if m
+    )
+    assert len(server.messages) == 2000
+    assert set(ids.values()) == {1}
+    assert set(ids) == {f"<m{n}@test>".encode() for n in range(2000)}
+    assert states(path) == {"sent": 2000}
+    sent = [re.search(r"drain: (\d+) sent", out) for _, out in results]
+    assert sum(int(m.group(1)) for m in sent if m) == 2000
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_deferrals_and_partial_retries_across_runs(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    server = cue_server(
+        rcpt_replies={"bounce": "550 5.1.1 no such user"},
+        rcpt_replies_once={
+            "slow": "451 4.2.1 mailbox busy",
+            "later": "452 4.2.2 over quota, try later",
+        },
+    )
+    path = tmp_path / "spool.db"
+    messages = [
+        triple(1, "ann@example.org"),
+        triple(2, "bounce@example.org"),
+        triple(3, "slow@example.org"),
+        triple(4, "carl@example.org", "later@example.org"),
+    ]
+    assert await enqueue(path, messages) == 4
+    url = f"smtp://127.0.0.1:{server.port}"
+    before = time.time()
+    code, output = await drain("--spool", str(path), "--smtp", url, "--retry-delay", "0.3")
+    assert code == 1, output  # the 550
+    assert re.search(r"failed: message \d+ <m2@test>: bounce@example.org: .*no such user", output)
+    assert "drain: 1 sent, 2 deferred, 1 failed;" in output
+    assert [m.recipients for m in server.received] == [["ann@example.org"], ["carl@example.org"]]
+
+    by_mid = {
+        mid: (state, attempts, due, code_, response)
+        for mid, state, attempts, due, code_, response in query(
+            path, "SELECT message_id, state, attempts, due, code, response FROM messages"
+        )
+    }
+    assert by_mid["<m2@test>"][:2] == ("failed", 1)
+    assert by_mid["<m2@test>"][3] == 550
+    assert "no such user" in by_mid["<m2@test>"][4]
+    for mid in ("<m3@test>", "<m4@test>"):
+        state, attempts, due, _, _ = by_mid[mid]
+        assert (state, attempts) == ("deferred", 1)
+        assert before + 0.3 * 0.8 <= due <= time.time() + 0.3 * 1.2
+    assert by_mid["<m3@test>"][3] == 451
+    assert query(
+        path,
+        "SELECT r.address, r.state, r.code FROM recipients r JOIN messages m "
+        "ON m.id = r.message WHERE m.message_id = '<m4@test>' ORDER BY r.position",
+    ) == [("carl@example.org", "sent", 250), ("later@example.org", "pending", 452)]
+
+    # Before the retry time: nothing is due, the deferred ones remain (exit 3).
+    code, output = await drain("--spool", str(path), "--smtp", url, "--retry-delay", "0.3")
+    if code == 3:
+        assert "drain: 0 sent, 0 deferred, 0 failed;" in output
+        await task.deferLater(reactor, 0.4, lambda: None)
+        code, output = await drain("--spool", str(path), "--smtp", url)
+    assert code == 0, output
+    assert "drain: 2 sent, 0 deferred, 0 failed;" in output
+    # Only the deferred recipient of message 4 was tried again.
+    assert sorted(m.recipients for m in server.received[2:]) == [
+        ["later@example.org"],
+        ["slow@example.org"],
+    ]
+    assert states(path) == {"sent": 3, "failed": 1}
+    # A later run finds nothing to do; the failed message stays, with its payload and reason.
+    code, output = await drain("--spool", str(path), "--smtp", url)
+    assert code == 0, output
+    assert len(server.received) == 4
+    assert query(path, "SELECT length(payload) > 0 FROM messages WHERE state = 'failed'") == [(1,)]
+    code, output = await drain("--spool", str(path), "--status")
+    assert code == 0
+    assert re.search(r"sent\s+3", output)
+    assert re.search(r"failed\s+1", output)
+    assert re.search(r"<m2@test> failed 550 attempts=1 bounce@example.org: .*no such user", output)
+
+
+@pytest_twisted.ensureDeferred
+async def test_attempts_run_out_into_failed(cue_server: Cue, tmp_path: Path) -> None:
+    server = cue_server(rcpt_replies={"slow": "421 4.3.2 not now"})
+    path = tmp_path / "spool.db"
+    await enqueue(path, [triple(1, "slow@example.org")])
+    url = f"smtp://127.0.0.1:{server.port}"
+    code, output = await drain("--spool", str(path), "--smtp", url, "--max-attempts", "1")
+    assert code == 1, output
+    assert "gave up after 1 attempts" in output
+    assert query(path, "SELECT state, attempts, code FROM messages") == [("failed", 1, 421)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_limit_leaves_the_rest_for_the_next_run(cue_server: Cue, tmp_path: Path) -> None:
+    server = cue_server()
+    path = tmp_path / "spool.db"
+    await enqueue(path, (triple(n) for n in range(5)))
+    url = f"smtp://127.0.0.1:{server.port}"
+    code, output = await drain("--spool", str(path), "--smtp", url, "--limit", "2")
+    assert code == 3, output
+    assert "drain: 2 sent, 0 deferred, 0 failed (--limit reached); spool: 3 queued" in output
+    assert len(server.received) == 2
+    code, output = await drain("--spool", str(path), "--smtp", url)
+    assert code == 0, output
+    found = [MESSAGE_ID.search(m.data) for m in server.received]
+    assert sorted(m.group(1) for m in found if m) == [f"<m{n}@test>".encode() for n in range(5)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_password_is_used_but_never_shown(cue_server: Cue, tmp_path: Path) -> None:
+    secret = "s3cr3t-pw"
+    server = cue_server(auth={"alice": secret})
+    path = tmp_path / "spool.db"
+    await enqueue(path, (triple(n) for n in range(3)))
+    url = f"smtp://alice@127.0.0.1:{server.port}"
+    # Wrong password: a configuration error, nothing is spent.
+    code, output = await drain(
+        "--spool", str(path), "--smtp", url, env={"TWISTMAIL_SMTP_PASSWORD": "wrong-pw"}
+    )
+    assert code == 2, output
+    assert "wrong-pw" not in output
+    assert "error:" in output
+    assert query(path, "SELECT DISTINCT state, attempts FROM messages") == [("queued", 0)]
+    # From the environment.
+    code, output = await drain(
+        "--spool", str(path), "--smtp", url, "--limit", "1", env={"TWISTMAIL_SMTP_PASSWORD": secret}
+    )
+    assert code == 3, output
+    assert secret not in output
+    # From a file.
+    password_file = tmp_path / "password"
+    password_file.write_text(secret + "\n", encoding="utf-8")
+    code, output = await drain(
+        "--spool", str(path), "--smtp", url, "--password-file", str(password_file)
+    )
+    assert code == 0, output
+    assert secret not in output
+    assert len(server.received) == 3
+    # In the URL: works, is warned about, and is never echoed.
+    await enqueue(path, [triple(9)])
+    code, output = await drain(
+        "--spool", str(path), "--smtp", f"smtp://alice:{secret}@127.0.0.1:{server.port}"
+    )
+    assert code == 0, output
+    assert "warning: a password in --smtp" in output
+    assert secret not in output
+    assert len(server.received) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.db")
+    code, output = await drain("--spool", missing, "--smtp", "smtp://127.0.0.1:1")
+    assert code == 2
+    assert "no such spool" in output
+    assert not os.path.exists(missing)
+    code, output = await drain("--spool", missing)
+    assert code == 2
+    assert "--smtp" in output
+    code, output = await drain("--spool", missing, "--smtp", "smtp://x", "--concurrency", "0")
+    assert code == 2
+    assert "--concurrency" in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_drains_messages_are_reclaimed_once_its_lease_expires(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    stalling = cue_server(stall_on="DOT")  # takes the message, never answers the final dot
+    working = cue_server()
+    path = tmp_path / "spool.db"
+    await enqueue(path, [triple(1)])
+    stuck = start_drain(
+        "--spool", str(path), "--smtp", f"smtp://127.0.0.1:{stalling.port}", "--lease", "1"
+    )
+    deadline = time.monotonic() + 30
+    while not any(c.startswith("DATA") for c in stalling.commands):
+        assert time.monotonic() < deadline, "the drain never reached DATA"
+        await task.deferLater(reactor, 0.05, lambda: None)
+    stuck.kill()  # SIGKILL: no chance to give the message back
+    await finish(stuck)
+    assert query(path, "SELECT state, attempts FROM messages") == [("sending", 0)]
+    (lease_until,) = query(path, "SELECT lease_until FROM messages")[0]
+    wait = max(0.0, lease_until - time.time()) + 0.1
+    await task.deferLater(reactor, wait, lambda: None)
+    code, output = await drain("--spool", str(path), "--smtp", f"smtp://127.0.0.1:{working.port}")
+    assert code == 0, output
+    assert [m.recipients for m in working.received] == [["user1@example.org"]]
+    assert query(path, "SELECT state, attempts, owner FROM messages") == [("sent", 1, None)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_stops_claiming_and_gives_unsent_messages_back(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    stalling = cue_server(stall_on="DOT")
+    path = tmp_path / "spool.db"
+    await enqueue(path, (triple(n) for n in range(100)))
+    proc = start_drain(
+        "--spool", str(path), "--smtp", f"smtp://127.0.0.1:{stalling.port}", "--concurrency", "2"
+    )
+    deadline = time.monotonic() + 30
+    while not any(c.startswith("DATA") for c in stalling.commands):
+        assert time.monotonic() < deadline, "the drain never reached DATA"
+        await task.deferLater(reactor, 0.05, lambda: None)
+    proc.send_signal(signal.SIGTERM)  # stop claiming; messages in flight may finish
+    await task.deferLater(reactor, 0.3, lambda: None)
+    assert proc.poll() is None  # still waiting for the stalled server
+    proc.send_signal(signal.SIGTERM)  # abort what is in flight
+    code, output = await finish(proc)
+    assert code == 3, output
+    assert "stopping: letting messages in flight finish" in output
+    assert "(interrupted)" in output
+    got = dict(query(path, "SELECT state || '/' || attempts, count(*) FROM messages GROUP BY 1"))
+    # Messages in flight were cut off (a drop: deferred, one attempt spent); the others were
+    # given back untouched. None is left claimed.
+    assert set(got) <= {"queued/0", "deferred/1"}
+    assert got["queued/0"] >= 50
+    assert sum(got.values()) == 100
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_with_a_ca_file_and_refusal_without_it(
+    cue_server: Cue, tmp_path: Path, server_ssl_context: ssl.SSLContext, ca_file: Path
+) -> None:
+    server = cue_server(starttls_context=server_ssl_context, require_starttls=True)
+    path = tmp_path / "spool.db"
+    await enqueue(path, (triple(n) for n in range(3)))
+    url = f"smtp+tls://localhost:{server.port}"
+    # Not trusting the test CA: the certificate check fails, a configuration error.
+    code, output = await drain("--spool", str(path), "--smtp", url)
+    assert code == 2, output
+    assert query(path, "SELECT DISTINCT state, attempts FROM messages") == [("queued", 0)]
+    code, output = await drain("--spool", str(path), "--smtp", url, "--ca-file", str(ca_file))
+    assert code == 0, output
+    assert len(server.received) == 3

@@ -1,0 +1,182 @@
+"""``twistmail drain``: deliver what a spool holds that is due now, then exit (the cron pattern).
+
+Exit status: 0 everything due was sent; 1 a message failed permanently in this run; 2 usage or
+configuration error (missing spool, bad URL, refused credentials or TLS); 3 messages remain
+(deferred, not due yet, ``--limit`` reached, the server could not be reached, or interrupted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from twisted.internet import defer
+
+from ..errors import AuthenticationError, TLSError, TwistmailError
+from ..mailer import Mailer
+from ..retry import RetryPolicy
+from .records import ClaimedMessage, Outcome, SpoolError
+from .sqlite import SqliteSpool, read_spool_status
+from .worker import Drain, DrainReport
+
+__all__ = ["DrainOptions", "drain", "status"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMAINING = 0, 1, 2, 3
+
+
+@dataclass
+class DrainOptions:
+    """Everything ``twistmail drain`` was asked to do."""
+
+    spool_path: str
+    smtp_url: str
+    password: str | None = None
+    ca_file: str | None = None
+    insecure: bool = False
+    concurrency: int = 10
+    rate: float | None = None
+    max_attempts: int = 5
+    retry_delay: float = 5.0
+    limit: int | None = None
+    timeout: float = 60.0
+    lease: float = 300.0
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+
+def drain(options: DrainOptions, reactor: Any) -> defer.Deferred[int]:
+    """Run one drain; the Deferred fires with the exit status."""
+    return defer.Deferred.fromCoroutine(_drain(options, reactor))
+
+
+async def _drain(opts: DrainOptions, reactor: Any) -> int:
+    out = opts.out
+    try:
+        mailer = Mailer(
+            opts.smtp_url,
+            concurrency=opts.concurrency,
+            rate=opts.rate,
+            ca_file=opts.ca_file,
+            insecure=opts.insecure,
+            password=opts.password,
+            timeout=opts.timeout,
+            max_attempts=1,  # the spool keeps the attempts and the backoff
+            reactor=reactor,
+        )
+    except (ValueError, OSError) as e:
+        _say(out, f"error: {e}")
+        return EXIT_USAGE
+    try:
+        spool = await SqliteSpool.open(opts.spool_path, create=False, reactor=reactor)
+    except SpoolError as e:
+        await mailer.close()
+        _say(out, f"error: {e}")
+        return EXIT_USAGE
+
+    def show(claimed: ClaimedMessage, outcome: Outcome) -> None:
+        if outcome.state == "failed":
+            mid = claimed.envelope.message_id or "(no Message-ID)"
+            _say(out, f"failed: message {outcome.id} {mid}: {outcome.response}")
+
+    worker = Drain(
+        spool,
+        mailer,
+        retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
+        limit=opts.limit,
+        lease=opts.lease,
+        on_outcome=show,
+        reactor=reactor,
+    )
+    interrupted: list[bool] = []
+
+    def interrupt() -> None:
+        if interrupted:  # a second signal: stop waiting for messages in flight
+            worker.abort()
+            mailer.pool.abort()
+            return
+        interrupted.append(True)
+        _say(out, "stopping: letting messages in flight finish (signal again to abort)")
+        worker.stop()
+
+    restore = _install_signal_handlers(reactor, interrupt)
+    try:
+        report = await worker.run()
+    finally:
+        restore()
+        await mailer.close()
+        await spool.close()
+    return _finish(report, bool(interrupted), out)
+
+
+def _finish(report: DrainReport, interrupted: bool, out: TextIO) -> int:
+    spool = report.spool
+    assert spool is not None
+    if report.abort is not None:
+        _say(out, f"error: {report.abort}")
+    counts = spool.counts
+    note = " (--limit reached)" if report.limit_reached else ""
+    note += " (interrupted)" if interrupted else ""
+    _say(
+        out,
+        f"drain: {report.sent} sent, {report.deferred} deferred, {report.failed} failed"
+        f"{note}; spool: {counts['queued']} queued, {counts['deferred']} deferred, "
+        f"{counts['sending']} sending, {counts['sent']} sent, {counts['failed']} failed",
+    )
+    if isinstance(report.abort, AuthenticationError | TLSError):
+        return EXIT_USAGE
+    if report.failed:
+        return EXIT_FAILED
+    if spool.waiting or report.abort is not None or interrupted:
+        return EXIT_REMAINING
+    return EXIT_OK
+
+
+def status(spool_path: str, limit: int, out: TextIO) -> int:
+    """Print a spool's counts and its first messages not sent; 0, or 2 for an unusable spool."""
+    try:
+        summary = read_spool_status(spool_path, limit=limit)
+    except (TwistmailError, OSError) as e:
+        print(f"error: {e}", file=out)
+        return EXIT_USAGE
+    counts = summary.counts
+    print(f"spool {spool_path}", file=out)
+    print(f"  queued    {counts['queued']}", file=out)
+    print(f"  deferred  {counts['deferred']}", file=out)
+    print(f"  sending   {counts['sending']} (lease expired: {summary.expired})", file=out)
+    print(f"  sent      {counts['sent']}", file=out)
+    print(f"  failed    {counts['failed']}", file=out)
+    print(f"  due now   {summary.due + summary.expired}", file=out)
+    if summary.unsent:
+        print("not sent:", file=out)
+        for row in summary.unsent:
+            code = f" {row.code}" if row.code else ""
+            print(
+                f"  #{row.id} {row.message_id or '(no Message-ID)'} {row.state}{code} "
+                f"attempts={row.attempts} {row.response} [{row.recipients}]",
+                file=out,
+            )
+    return EXIT_OK
+
+
+def _install_signal_handlers(reactor: Any, interrupt: Callable[[], None]) -> Callable[[], None]:
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(interrupt)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous[sig] = signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def _say(out: TextIO, text: str) -> None:
+    print(text, file=out, flush=True)
