@@ -647,9 +647,6 @@ class MailerProtocol(tsmtp.ESMTPClient):
         now = self._last_progress = self._clock.seconds()
         self._watch_by(now, self._reply_timeout)
 
-    def _reset_reply_timer(self) -> None:
-        self._last_progress = self._clock.seconds()
-
     def _arm_data_timer(self) -> None:
         now = self._clock.seconds()
         self._data_deadline = now + self._data_timeout
