@@ -116,7 +116,6 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
     elif name == "dummy":
         h = Harness(name, lambda **o: get_backend("dummy", **o), None)
     else:
-        pytest.importorskip("twistmail.backends.spool")
         spool_path = tmp_path / "spool.db"
         h = Harness(name, lambda **o: get_backend("spool", path=spool_path, **o), None)
     yield h

@@ -48,8 +48,9 @@ def test_aliases_name_the_backend_classes(tmp_path: Path) -> None:
 
 
 def test_spool_alias_loads_the_spool_backend(tmp_path: Path) -> None:
-    spool = pytest.importorskip("twistmail.backends.spool")
-    assert isinstance(get_backend("spool", path=tmp_path / "s.db"), spool.SpoolBackend)
+    from twistmail.backends.spool import SpoolBackend
+
+    assert isinstance(get_backend("spool", path=tmp_path / "s.db"), SpoolBackend)
 
 
 @implementer(IBackend)

@@ -516,3 +516,81 @@ async def test_connect_timeout_when_the_server_never_completes_the_handshake() -
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_refusals_inside_pipelined_groups_settle_each_message(
+    cue_server: Cue, pipelining: bool
+) -> None:
+    # One connection: refusals in the middle of a group must not disturb the next message.
+    server = cue_server(
+        pipelining=pipelining,
+        rcpt_replies={"gone": "550 5.1.1 no such user", "later": "451 4.2.0 try later"},
+    )
+    m = mailer(server.port, concurrency=1, max_attempts=1)
+    plan = [
+        ["ok1@x.org"],
+        ["gone@x.org"],
+        ["ok3@x.org", "gone@x.org"],
+        ["later@x.org"],
+        ["ok5@x.org"],
+    ]
+    messages = [
+        ("a@example.com", rcpts, b"Subject: %d\r\n\r\n.dot %d\r\n" % (i, i))
+        for i, rcpts in enumerate(plan)
+    ]
+    results: dict[int, Any] = {}
+    report = await m.send_many(messages, on_result=results.__setitem__)
+    await m.close()
+    statuses = {
+        i: [(o.recipient, o.status, o.code) for o in results[i].recipients] for i in results
+    }
+    assert statuses == {
+        0: [("ok1@x.org", "sent", 250)],
+        1: [("gone@x.org", "failed", 550)],
+        2: [("ok3@x.org", "sent", 250), ("gone@x.org", "failed", 550)],
+        3: [("later@x.org", "failed", 451)],  # attempts used up: still the 4xx reply
+        4: [("ok5@x.org", "sent", 250)],
+    }
+    assert report.sent == 2
+    assert [(r.recipients, r.data) for r in server.received] == [
+        (["ok1@x.org"], b"Subject: 0\r\n\r\n.dot 0\r\n"),
+        (["ok3@x.org"], b"Subject: 2\r\n\r\n.dot 2\r\n"),
+        (["ok5@x.org"], b"Subject: 4\r\n\r\n.dot 4\r\n"),
+    ]
+    assert server.connections == 1
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_mail_refused_in_every_group_keeps_the_connection(
+    cue_server: Cue, pipelining: bool
+) -> None:
+    server = cue_server(pipelining=pipelining, mail_reply="550 5.7.1 sender refused")
+    m = mailer(server.port, concurrency=1)
+    results: dict[int, Any] = {}
+    messages = [("a@example.com", [f"r{i}@x.org"], b"Subject: x\r\n\r\nx\r\n") for i in range(3)]
+    report = await m.send_many(messages, on_result=results.__setitem__)
+    await m.close()
+    assert report.sent == 0
+    assert [[(o.status, o.code, o.enhanced) for o in results[i].recipients] for i in range(3)] == [
+        [("failed", 550, "5.7.1")]
+    ] * 3
+    assert server.received == []
+    assert server.connections == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_4xx_after_the_dot_is_never_reported_sent(cue_server: Cue) -> None:
+    server = cue_server(pipelining=True, data_reply="451 4.3.0 queue full")
+    m = mailer(server.port, concurrency=1, max_attempts=2, retry_delay=0.01)
+    results: dict[int, Any] = {}
+    messages = [("a@example.com", [f"r{i}@x.org"], b"Subject: x\r\n\r\nx\r\n") for i in range(3)]
+    report = await m.send_many(messages, on_result=results.__setitem__)
+    await m.close()
+    assert report.sent == 0
+    for i in range(3):
+        (outcome,) = results[i].recipients
+        assert (outcome.status, outcome.code, outcome.attempts) == ("failed", 451, 2)
+    assert server.connections == 1
