@@ -298,17 +298,7 @@ def _drain_main(args: argparse.Namespace) -> None:
     if not args.smtp:
         print("error: --smtp URL is required (or --status)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    try:
-        password = _password(args)
-    except OSError as e:
-        print(f"error: cannot read --password-file: {e.strerror}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    if urlsplit(args.smtp).password is not None:
-        print(
-            "warning: a password in --smtp is visible to other users in the process list; "
-            "prefer TWISTMAIL_SMTP_PASSWORD or --password-file",
-            file=sys.stderr,
-        )
+    password = _smtp_password(args)
     options = command.DrainOptions(
         spool_path=args.spool,
         smtp_url=args.smtp,
@@ -339,10 +329,21 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("template", metavar="TEMPLATE", help="the message template (Jinja2)")
 
 
-def _password(args: argparse.Namespace) -> str | None:
+def _smtp_password(args: argparse.Namespace) -> str | None:
+    """The password from --password-file (exit 2 if unreadable); warns of one in --smtp."""
+    if urlsplit(args.smtp).password is not None:
+        print(
+            "warning: a password in --smtp is visible to other users in the process list; "
+            "prefer TWISTMAIL_SMTP_PASSWORD or --password-file",
+            file=sys.stderr,
+        )
     if args.password_file is None:
         return None
-    text = Path(args.password_file).read_text(encoding="utf-8")
+    try:
+        text = Path(args.password_file).read_text(encoding="utf-8")
+    except OSError as e:
+        print(f"error: cannot read --password-file: {e.strerror}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     return text.rstrip("\r\n")
 
 
@@ -365,17 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "drain":
         _drain_main(args)
         return
-    try:
-        password = _password(args)
-    except OSError as e:
-        print(f"error: cannot read --password-file: {e.strerror}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    if urlsplit(args.smtp).password is not None:
-        print(
-            "warning: a password in --smtp is visible to other users in the process list; "
-            "prefer TWISTMAIL_SMTP_PASSWORD or --password-file",
-            file=sys.stderr,
-        )
+    password = _smtp_password(args)
     options = SendOptions(
         csv_path=args.recipients,
         template_path=args.template,
