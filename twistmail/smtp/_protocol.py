@@ -103,17 +103,13 @@ class _Txn:
         self.accepted = 0
         self.mail_failed: tuple[int, str] | None = None
         self.data_failed: tuple[int, str] | None = None
-        # Commands not yet written (only when the server does not pipeline; else stays empty).
-        self.pending: deque[tuple[int, int, bytes]] = _NO_COMMANDS
+        # Commands not yet written, without PIPELINING (a pipelined envelope is written at once).
+        self.pending: deque[tuple[int, int, bytes]] | None = None
         self.started = False
 
     def _cancelled(self, _: defer.Deferred[TransactionResult]) -> None:
         if self.canceller is not None:
             self.canceller(self)
-
-
-# The `pending` of every pipelined transaction: never appended to.
-_NO_COMMANDS: deque[tuple[int, int, bytes]] = deque(maxlen=0)
 
 
 def _text(raw: bytes) -> str:
@@ -432,13 +428,9 @@ class MailerProtocol(tsmtp.ESMTPClient):
         return True
 
     def _issue(self, txn: _Txn) -> None:
-        """Write the next command(s): all of them when pipelining, else one."""
+        """Without PIPELINING, write the transaction's next command (if any is left)."""
         pending = txn.pending
-        if self._pipelining:
-            while pending:
-                kind, idx, line = pending.popleft()
-                self._command(kind, txn, idx, line)
-        elif pending:
+        if pending:
             kind, idx, line = pending.popleft()
             if kind == _DATA and txn.accepted == 0:
                 # Every RCPT was refused: no DATA, and the open transaction needs RSET.
@@ -581,7 +573,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
                 txn.mail_failed = _reply(code, raw)
                 if not self._pipelining:
                     # Nothing more of this transaction goes out; no transaction is open.
-                    txn.pending.clear()
+                    if txn.pending is not None:
+                        txn.pending.clear()
                     self._envelope_txn = None
                     self._finish(txn, code, raw)
                     return
