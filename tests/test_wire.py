@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import email
 from collections.abc import Callable
 from datetime import UTC, datetime
+from email import policy
+from email.message import EmailMessage
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +17,7 @@ from twistmail.merge.csvsource import Row
 from twistmail.merge.prepare import Prepared, prepare_row, render_full
 from twistmail.merge.template import MessageTemplate, RowError
 from twistmail.merge.wire import render_direct
+from twistmail.message import reflatten_7bit, unstuff
 
 DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
@@ -49,7 +53,10 @@ def assert_same(direct: Prepared | None, full: Prepared) -> None:
     assert direct.envelope.recipients == full.envelope.recipients
     assert direct.envelope.message_id == full.envelope.message_id
     assert direct.envelope.size == full.envelope.size
-    assert (direct.envelope.eight_bit, direct.envelope.smtputf8) == (False, False)
+    assert direct.envelope.eight_bit == full.envelope.eight_bit
+    assert (direct.envelope.smtputf8, full.envelope.smtputf8) == (False, False)
+    # A direct 8-bit envelope can still be rebuilt as 7-bit (from its bytes, not a message).
+    assert direct.envelope.rendered == direct.envelope.eight_bit
     assert direct.email == full.email
     assert direct.message_id == full.message_id
 
@@ -98,6 +105,24 @@ def test_direct_bytes_equal_the_email_package_bytes(source: str, values: dict[st
     assert_same(direct, full)
 
 
+def test_an_8bit_body_goes_direct_and_can_still_be_sent_as_7bit() -> None:
+    source = "From: a@example.com\nTo: {{ e }}\nSubject: Hi\n\nGrüße, {{ name }} ☃\n.dot\n"
+    values = {"e": "b@example.org", "name": "Jörg"}
+    direct, full = both(source, values)
+    assert_same(direct, full)
+    assert direct is not None
+    assert b"Content-Transfer-Encoding: 8bit\r\n" in direct.envelope.payload
+    seven = reflatten_7bit(direct.envelope)
+    assert seven is not None
+    assert seven.payload.isascii()
+    assert not seven.eight_bit
+    parsed = email.message_from_bytes(unstuff(seven.payload), policy=policy.default)
+    assert isinstance(parsed, EmailMessage)
+    # Base64 of text carries its canonical CRLF line breaks (RFC 2045, 6.8).
+    assert parsed.get_content().replace("\r\n", "\n") == "Grüße, Jörg ☃\n.dot\n"
+    assert parsed["Message-ID"] == direct.message_id
+
+
 def test_envelope_from_overrides_the_sender_in_both_paths() -> None:
     direct, full = both(
         PLAIN, {"name": "Ann", "email": "ann@example.org", "code": "1"}, "bounces@example.com"
@@ -115,7 +140,6 @@ def test_envelope_from_overrides_the_sender_in_both_paths() -> None:
         (PLAIN, {"name": "Ann", "email": "ann@bücher.example", "code": "1"}),  # IDN domain
         (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "x" * 80}),  # folded
         (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "=?utf-8?q?hi?="}),
-        ("From: a@example.com\nTo: {{ e }}\n\nGrüße\n", {"e": "b@example.org"}),  # 8-bit body
         ("From: a@example.com\nTo: {{ e }}\n\n" + "y" * 79 + "\n", {"e": "b@example.org"}),
         (
             "From: a@example.com\nTo: {{ e }}\nContent-Type: text/markdown\n\n*hi*\n",

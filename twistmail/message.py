@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import email
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ class Envelope:
     """The Message-ID header value, when the message has one."""
     source: EmailMessage | None = None
     """The message this was rendered from (None for raw bytes), for a 7-bit re-rendering."""
+    rendered: bool = False
+    """The payload was rendered by twistmail (a mail merge), so it may be re-encoded as 7-bit
+    from the bytes themselves; raw bytes from a caller are never changed."""
 
 
 def to_wire(data: bytes) -> bytes:
@@ -178,13 +182,17 @@ def reflatten_7bit(envelope: Envelope) -> Envelope | None:
     """The envelope re-rendered with 7-bit transfer encodings, for a server without 8BITMIME.
 
     Returns ``envelope`` itself when it is already 7-bit, and None when no 7-bit form exists:
-    raw bytes (no ``source``) or headers that need SMTPUTF8.
+    raw bytes from a caller (no ``source``, not ``rendered``) or headers that need SMTPUTF8.
     """
     if not envelope.eight_bit:
         return envelope
     msg = envelope.source
     if msg is None:
-        return None
+        if not envelope.rendered:
+            return None
+        parsed = email.message_from_bytes(unstuff(envelope.payload), policy=policy.SMTP)
+        assert isinstance(parsed, EmailMessage)
+        msg = parsed
     rendered, utf8_headers = _prepare(
         msg, {name: _header_addresses(msg, name) for name in _ADDRESS_HEADERS}
     )

@@ -1,21 +1,24 @@
 """The direct renderer: a template row straight to wire bytes, for the common simple message.
 
 Building an ``EmailMessage`` and flattening it costs about a millisecond a row, mostly in the
-email package's header parsing and folding. For a single-part ASCII message whose header values
-need no encoding or folding, the bytes that path produces are known in advance:
+email package's header parsing and folding. For a single-part message whose header values are
+ASCII and need no encoding or folding, and whose body lines are at most 78 octets, the bytes
+that path produces are known in advance:
 
     the template's headers in order (Bcc left out), ``Date``, ``Message-ID``,
-    ``Content-Type: text/<kind>; charset="utf-8"``, ``Content-Transfer-Encoding: 7bit``,
-    ``MIME-Version: 1.0``, a blank line, then the body's lines, each ending CRLF.
+    ``Content-Type: text/<kind>; charset="utf-8"``, ``Content-Transfer-Encoding: 7bit``
+    (``8bit`` for a non-ASCII body), ``MIME-Version: 1.0``, a blank line, then the body's
+    lines, each ending CRLF.
 
 :func:`render_direct` writes exactly those bytes and returns None for anything else (a
-non-ASCII value or body, a value that would be folded or encoded, a display name needing quotes,
-an attachment, Markdown), which then takes the email package path. Tests render both ways and
-compare the bytes.
+non-ASCII header value, a long body line, a value that would be folded or encoded, a display
+name needing quotes, an attachment, Markdown), which then takes the email package path. Tests
+render both ways and compare the bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -117,11 +120,10 @@ def render_direct(
     if sender is None or report_address is None:
         return None  # the full path raises the row's error
     body = template.render_body(context)
-    if not body.isascii():
-        return None
-    body_lines = body.encode("ascii").splitlines()
+    ascii_body = body.isascii()
+    body_lines = body.encode("utf-8").splitlines()
     if body_lines and max(map(len, body_lines)) > _MAX_LINE:
-        return None
+        return None  # the email package would choose quoted-printable or base64
     message_id = message_id_for(row, sender.ascii_domain)
     if not message_id.startswith("<"):
         message_id = f"<{message_id}>"
@@ -129,22 +131,26 @@ def render_direct(
         return None
     lines.append(_date_line(date))
     lines.append(f"Message-ID: {message_id}\r\n".encode("ascii"))
-    lines.append(_CONTENT_HEADERS[template.kind])
+    lines.append(_CONTENT_HEADERS[template.kind, ascii_body])
     lines.append(b"\r\n".join(body_lines) + b"\r\n")
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
     forward_paths = [address for key in _RECIPIENT_KEYS for address in recipients[key]]
     envelope = envelope_from_bytes(envelope_sender, forward_paths, b"".join(lines))
+    if not ascii_body:
+        # An 8-bit body: for a server without 8BITMIME, rebuilt as 7-bit from these bytes.
+        envelope = dataclasses.replace(envelope, rendered=True)
     return envelope, str(report_address), message_id
 
 
 _CONTENT_HEADERS = {
-    kind: (
+    (kind, ascii_body): (
         f'Content-Type: text/{kind}; charset="utf-8"\r\n'
-        "Content-Transfer-Encoding: 7bit\r\n"
+        f"Content-Transfer-Encoding: {'7bit' if ascii_body else '8bit'}\r\n"
         "MIME-Version: 1.0\r\n"
         "\r\n"
     ).encode("ascii")
     for kind in ("plain", "html")
+    for ascii_body in (True, False)
 }
 
 
