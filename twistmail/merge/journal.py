@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ..errors import TwistmailError
+from ..groupcommit import GroupCommit
 
 __all__ = [
     "CampaignChangedError",
@@ -279,8 +280,9 @@ def _execute_many(conn: sqlite3.Connection, sql: str, rows: list[Any]) -> None:
         raise
 
 
-def _write_batch(conn: sqlite3.Connection, batch: list[_Record]) -> None:
+def _write_batch(conn: sqlite3.Connection, batch: list[_Record]) -> list[None]:
     _execute_many(conn, _UPSERT, batch)
+    return [None] * len(batch)
 
 
 _INSERT_PENDING = (
@@ -372,7 +374,6 @@ class Journal:
     Get one with :meth:`Journal.open`; finish with :meth:`close`.
 
     :ivar campaign_id: random token made once per journal (and again on ``new_campaign``).
-    :ivar commits: number of write transactions committed so far (one per group commit).
     """
 
     def __init__(
@@ -387,18 +388,16 @@ class Journal:
         """Use :meth:`Journal.open`; this only wires an opened connection and running pool."""
         self.path = path
         self.campaign_id = campaign_id
-        self.commits = 0
         self._conn = conn
         self._lock_fd = lock_fd
         self._pool = pool
         self._reactor = reactor
-        self._queue: list[_Record] = []
-        self._waiters: list[defer.Deferred[None]] = []
-        self._committing = False
+        self._group: GroupCommit[_Record] = GroupCommit(
+            lambda batch: self._in_thread(_write_batch, self._conn, batch)
+        )
         self._closing: list[defer.Deferred[None]] | None = None  # None until close()
         self._closed = False
         self._close_failure: Failure | None = None
-        self._drained: list[defer.Deferred[None]] = []
         self._shutdown_trigger = reactor.addSystemEventTrigger("before", "shutdown", self.close)
 
     @classmethod
@@ -473,47 +472,14 @@ class Journal:
             raise ValueError(f"unknown journal state {state!r}; expected one of {ROW_STATES}")
         if self._closing is not None:
             raise JournalError(f"{self.path}: record() after close()")
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._queue.append(
+        return self._group.submit(
             (row, email, state, code, response, attempts, message_id, next_attempt_at, time.time())
         )
-        self._waiters.append(waiter)
-        if not self._committing:
-            self._commit_group()
-        return waiter
 
-    def _commit_group(self) -> None:
-        batch, waiters = self._queue, self._waiters
-        self._queue, self._waiters = [], []
-        self._committing = True
-        d = self._in_thread(_write_batch, self._conn, batch)
-
-        def done(result: Failure | None) -> None:
-            if not isinstance(result, Failure):
-                self.commits += 1
-            # Still "committing" while waiters run: records they make join the next group.
-            for waiter in waiters:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(None)
-            self._committing = False
-            if self._queue:
-                self._commit_group()
-            else:
-                drained, self._drained = self._drained, []
-                for notify in drained:
-                    notify.callback(None)
-
-        d.addBoth(done)
-
-    def _idle(self) -> defer.Deferred[None]:
-        """A Deferred that fires once nothing is queued or committing."""
-        if not self._committing and not self._queue:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._drained.append(d)
-        return d
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (one per group commit)."""
+        return self._group.commits
 
     # Reads (they see every commit made before they were asked for) --------------------------
 
@@ -584,7 +550,7 @@ class Journal:
                 for waiter in waiters:
                     self._fire_closed(waiter)
 
-            self._idle().addCallback(close_connection).addBoth(stop_pool)
+            self._group.idle().addCallback(close_connection).addBoth(stop_pool)
         waiter: defer.Deferred[None] = defer.Deferred()
         if self._closed:
             self._fire_closed(waiter)

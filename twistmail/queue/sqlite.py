@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from ..address import parse_address, parse_sender
+from ..groupcommit import GroupCommit
 from ..message import Envelope
 from .records import MESSAGE_STATES, ClaimedMessage, Outcome, SpoolError, SpoolRow, SpoolSummary
 
@@ -333,21 +334,17 @@ class SqliteSpool:
 
     Get one with :meth:`SqliteSpool.open`; finish with :meth:`close`. Times stored in the file
     (``due``, ``lease_until``) are wall-clock seconds, shared by every process using it.
-
-    :ivar commits: write transactions committed so far (one per group of writes).
     """
 
     def __init__(self, path: str, conn: sqlite3.Connection, pool: ThreadPool, reactor: Any):
         """Use :meth:`SqliteSpool.open`; this only wires an opened connection and pool."""
         self.path = path
-        self.commits = 0
         self._conn = conn
         self._pool = pool
         self._reactor = reactor
-        self._ops: list[Callable[[sqlite3.Connection], Any]] = []
-        self._waiters: list[defer.Deferred[Any]] = []
-        self._committing = False
-        self._idle_waiters: list[defer.Deferred[None]] = []
+        self._group: GroupCommit[Callable[[sqlite3.Connection], Any]] = GroupCommit(
+            lambda ops: self._in_thread(_run_group, self._conn, ops)
+        )
         self._closing: list[defer.Deferred[None]] | None = None  # None until close()
         self._closed = False
         self._close_failure: Failure | None = None
@@ -422,37 +419,13 @@ class SqliteSpool:
         """Queue a write for the next group commit."""
         if self._closing is not None:
             return defer.fail(SpoolError(f"{self.path}: the spool is closed"))
-        waiter: defer.Deferred[_T] = defer.Deferred()
-        self._ops.append(lambda conn: function(*args, conn))
-        self._waiters.append(waiter)
-        if not self._committing:
-            self._commit_group()
-        return waiter
+        d: defer.Deferred[_T] = self._group.submit(lambda conn: function(*args, conn))
+        return d
 
-    def _commit_group(self) -> None:
-        ops, waiters = self._ops, self._waiters
-        self._ops, self._waiters = [], []
-        self._committing = True
-        d = self._in_thread(_run_group, self._conn, ops)
-
-        def done(result: list[Any] | Failure) -> None:
-            if isinstance(result, Failure):
-                for waiter in waiters:
-                    waiter.errback(result)
-            else:
-                self.commits += 1
-                for waiter, value in zip(waiters, result, strict=True):
-                    waiter.callback(value)
-            # Still "committing" while waiters run: writes they make join the next group.
-            self._committing = False
-            if self._ops:
-                self._commit_group()
-            else:
-                idle, self._idle_waiters = self._idle_waiters, []
-                for notify in idle:
-                    notify.callback(None)
-
-        d.addBoth(done)
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (one per group of writes)."""
+        return self._group.commits
 
     # Reads ----------------------------------------------------------------------------------
 
@@ -482,12 +455,7 @@ class SqliteSpool:
             if self._trigger is not None:
                 self._reactor.removeSystemEventTrigger(self._trigger)
                 self._trigger = None
-            idle: defer.Deferred[None]
-            if self._committing or self._ops:
-                idle = defer.Deferred()
-                self._idle_waiters.append(idle)
-            else:
-                idle = defer.succeed(None)
+            idle = self._group.idle()
 
             def close_connection(_: None) -> defer.Deferred[None]:
                 return self._in_thread(self._conn.close)

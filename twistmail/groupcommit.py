@@ -1,0 +1,78 @@
+"""Group commit: writes submitted while one group is being committed go together in the next.
+
+Used by the CSV journal and the spool, each of which commits on its own single SQLite thread:
+many concurrent writers then share one transaction (and one fsync) instead of queueing one
+transaction each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+__all__ = ["GroupCommit"]
+
+_Item = TypeVar("_Item")
+
+
+class GroupCommit(Generic[_Item]):
+    """Submitted items, committed in groups by ``commit``.
+
+    ``commit(items)`` returns a Deferred firing with one result per item, in order, once the
+    group is durable; each :meth:`submit` Deferred then fires with its item's result, or every
+    one of the group fails with the commit's failure.
+
+    :ivar commits: groups committed so far.
+    """
+
+    def __init__(self, commit: Callable[[list[_Item]], defer.Deferred[list[Any]]]) -> None:
+        self.commits = 0
+        self._commit = commit
+        self._items: list[_Item] = []
+        self._waiters: list[defer.Deferred[Any]] = []
+        self._committing = False
+        self._idle_waiters: list[defer.Deferred[None]] = []
+
+    def submit(self, item: _Item) -> defer.Deferred[Any]:
+        """Queue ``item`` for the next group; fires with its result once committed."""
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        self._items.append(item)
+        self._waiters.append(waiter)
+        if not self._committing:
+            self._commit_group()
+        return waiter
+
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once nothing is queued or being committed."""
+        if not self._committing and not self._items:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _commit_group(self) -> None:
+        items, waiters = self._items, self._waiters
+        self._items, self._waiters = [], []
+        self._committing = True
+
+        def done(result: list[Any] | Failure) -> None:
+            if isinstance(result, Failure):
+                for waiter in waiters:
+                    waiter.errback(result)
+            else:
+                self.commits += 1
+                for waiter, value in zip(waiters, result, strict=True):
+                    waiter.callback(value)
+            # Still "committing" while waiters run: what they submit joins the next group.
+            self._committing = False
+            if self._items:
+                self._commit_group()
+            else:
+                idle, self._idle_waiters = self._idle_waiters, []
+                for notify in idle:
+                    notify.callback(None)
+
+        self._commit(items).addBoth(done)
