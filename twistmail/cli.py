@@ -66,49 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _inputs(send)
-    send.add_argument(
-        "--smtp",
-        required=True,
-        metavar="URL",
-        help="smtp://host[:port] (plain), smtp+tls://user@host (STARTTLS required) or "
-        "smtp+ssl://user@host (implicit TLS), e.g. smtp+tls://alice@mail.example.com:587",
-    )
-    send.add_argument(
-        "--password-file",
-        metavar="PATH",
-        help="read the SMTP password from this file (default: $TWISTMAIL_SMTP_PASSWORD)",
-    )
-    send.add_argument("--ca-file", metavar="PEM", help="trust this CA, e.g. --ca-file ca.pem")
-    send.add_argument(
-        "--insecure", action="store_true", help="do not verify the server's certificate"
-    )
-    send.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=10,
-        metavar="N",
-        help="SMTP connections to use (default: 10), e.g. --concurrency 20",
-    )
-    send.add_argument(
-        "--rate",
-        type=_positive_float,
-        metavar="R",
-        help="at most R messages per second for the whole run, e.g. --rate 50",
-    )
-    send.add_argument(
-        "--max-attempts",
-        type=_positive_int,
-        default=5,
-        metavar="N",
-        help="attempts per recipient for 4xx replies, drops and timeouts (default: 5)",
-    )
-    send.add_argument(
-        "--retry-delay",
-        type=_positive_float,
-        default=5.0,
-        metavar="SECONDS",
-        help="first backoff; doubles each attempt, with jitter (default: 5)",
-    )
+    _smtp_options(send, url_required=True, attempts_scope="")
     send.add_argument(
         "--from",
         dest="envelope_from",
@@ -145,13 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--new-campaign",
         action="store_true",
         help="start the journal over when the CSV or template changed (sends every row again)",
-    )
-    send.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=60.0,
-        metavar="SECONDS",
-        help="connect and reply timeout (default: 60)",
     )
 
     check = sub.add_parser(
@@ -232,53 +183,12 @@ def _drain_parser(sub: Any) -> None:
         action="store_true",
         help="print the spool's counts and the messages not sent, deliver nothing",
     )
-    drain.add_argument(
-        "--smtp",
-        metavar="URL",
-        help="as for send (required unless --status), e.g. smtp+tls://alice@mail.example.com",
-    )
-    drain.add_argument("--password-file", metavar="PATH", help="as for send")
-    drain.add_argument("--ca-file", metavar="PEM", help="trust this CA, e.g. --ca-file ca.pem")
-    drain.add_argument(
-        "--insecure", action="store_true", help="do not verify the server's certificate"
-    )
-    drain.add_argument(
-        "--concurrency",
-        type=_positive_int,
-        default=10,
-        metavar="N",
-        help="SMTP connections to use (default: 10)",
-    )
-    drain.add_argument(
-        "--rate", type=_positive_float, metavar="R", help="at most R messages per second"
-    )
-    drain.add_argument(
-        "--max-attempts",
-        type=_positive_int,
-        default=5,
-        metavar="N",
-        help="attempts per recipient for 4xx replies, drops and timeouts, over all runs "
-        "(default: 5)",
-    )
-    drain.add_argument(
-        "--retry-delay",
-        type=_positive_float,
-        default=5.0,
-        metavar="SECONDS",
-        help="first backoff; doubles each attempt, with jitter (default: 5)",
-    )
+    _smtp_options(drain, url_required=False, attempts_scope=", over all runs")
     drain.add_argument(
         "--limit",
         type=_positive_int,
         metavar="N",
         help="deliver at most N messages in this run (with --status: list at most N, default 20)",
-    )
-    drain.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=60.0,
-        metavar="SECONDS",
-        help="connect and reply timeout (default: 60)",
     )
     drain.add_argument(
         "--lease",
@@ -322,6 +232,64 @@ def _drain_main(args: argparse.Namespace) -> None:
         return command.drain(options, reactor).addCallback(done)
 
     task.react(go)
+
+
+def _smtp_options(
+    parser: argparse.ArgumentParser, *, url_required: bool, attempts_scope: str
+) -> None:
+    """The options saying where and how to deliver, shared by ``send`` and ``drain``."""
+    parser.add_argument(
+        "--smtp",
+        required=url_required,
+        metavar="URL",
+        help="smtp://host[:port] (plain), smtp+tls://user@host (STARTTLS required) or "
+        "smtp+ssl://user@host (implicit TLS), e.g. smtp+tls://alice@mail.example.com:587"
+        + ("" if url_required else " (required unless --status)"),
+    )
+    parser.add_argument(
+        "--password-file",
+        metavar="PATH",
+        help="read the SMTP password from this file (default: $TWISTMAIL_SMTP_PASSWORD)",
+    )
+    parser.add_argument("--ca-file", metavar="PEM", help="trust this CA, e.g. --ca-file ca.pem")
+    parser.add_argument(
+        "--insecure", action="store_true", help="do not verify the server's certificate"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="SMTP connections to use (default: 10), e.g. --concurrency 20",
+    )
+    parser.add_argument(
+        "--rate",
+        type=_positive_float,
+        metavar="R",
+        help="at most R messages per second for the whole run, e.g. --rate 50",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help=f"attempts per recipient for 4xx replies, drops and timeouts{attempts_scope} "
+        "(default: 5)",
+    )
+    parser.add_argument(
+        "--retry-delay",
+        type=_positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="first backoff; doubles each attempt, with jitter (default: 5)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="connect and reply timeout (default: 60)",
+    )
 
 
 def _inputs(parser: argparse.ArgumentParser) -> None:
