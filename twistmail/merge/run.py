@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from twistmail.errors import DeliveryError, TwistmailError
 from twistmail.fanout import fan_out
 from twistmail.mailer import Mailer
+from twistmail.options import DeliveryOptions
 from twistmail.results import SendResult
 from twistmail.retry import RetryPolicy
 
@@ -45,26 +46,17 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 
 @dataclass
-class SendOptions:
+class SendOptions(DeliveryOptions):
     """Everything ``twistmail send`` was asked to do."""
 
     csv_path: str
     template_path: str
-    smtp_url: str
-    password: str | None = None
-    ca_file: str | None = None
-    insecure: bool = False
-    concurrency: int = 10
-    rate: float | None = None
-    max_attempts: int = 5
-    retry_delay: float = 5.0
     envelope_from: str | None = None
     journal_path: str | None = None
     report_path: str | None = None
     limit: int | None = None
     retry_failed: bool = False
     new_campaign: bool = False
-    timeout: float = 60.0
     grace: float = 30.0
     progress: bool | None = None  # None: a live display when stdout is a terminal
     out: Any = field(default_factory=lambda: sys.stdout)
@@ -160,17 +152,8 @@ class Campaign:
         opts = self.options
         settled = await journal.settled_rows(opts.retry_failed)
         try:
-            self._mailer = Mailer(
-                opts.smtp_url,
-                concurrency=opts.concurrency,
-                rate=opts.rate,
-                ca_file=opts.ca_file,
-                insecure=opts.insecure,
-                password=opts.password,
-                timeout=opts.timeout,
-                max_attempts=1,
-                reactor=self.reactor,
-            )
+            # The campaign keeps attempts and backoff itself (in the journal).
+            self._mailer = opts.single_attempt_mailer(self.reactor)
         except (ValueError, OSError) as e:
             self._say(f"error: {e}")
             return EXIT_USAGE

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from twisted.internet import defer
 
 from ..errors import AuthenticationError, TLSError, TwistmailError
-from ..mailer import Mailer
+from ..options import DeliveryOptions
 from ..retry import RetryPolicy
 from .records import ClaimedMessage, Outcome, SpoolError
 from .sqlite import SqliteSpool, read_spool_status
@@ -29,20 +29,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMAINING = 0, 1, 2, 3
 
 
 @dataclass
-class DrainOptions:
+class DrainOptions(DeliveryOptions):
     """Everything ``twistmail drain`` was asked to do."""
 
     spool_path: str
-    smtp_url: str
-    password: str | None = None
-    ca_file: str | None = None
-    insecure: bool = False
-    concurrency: int = 10
-    rate: float | None = None
-    max_attempts: int = 5
-    retry_delay: float = 5.0
     limit: int | None = None
-    timeout: float = 60.0
     lease: float = 300.0
     out: TextIO = field(default_factory=lambda: sys.stdout)
 
@@ -55,17 +46,7 @@ def drain(options: DrainOptions, reactor: Any) -> defer.Deferred[int]:
 async def _drain(opts: DrainOptions, reactor: Any) -> int:
     out = opts.out
     try:
-        mailer = Mailer(
-            opts.smtp_url,
-            concurrency=opts.concurrency,
-            rate=opts.rate,
-            ca_file=opts.ca_file,
-            insecure=opts.insecure,
-            password=opts.password,
-            timeout=opts.timeout,
-            max_attempts=1,  # the spool keeps the attempts and the backoff
-            reactor=reactor,
-        )
+        mailer = opts.single_attempt_mailer(reactor)  # the spool keeps attempts and backoff
     except (ValueError, OSError) as e:
         _say(out, f"error: {e}")
         return EXIT_USAGE

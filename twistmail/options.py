@@ -1,0 +1,42 @@
+"""The delivery options the ``send`` and ``drain`` commands share, and the Mailer they make."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .mailer import Mailer
+
+__all__ = ["DeliveryOptions"]
+
+
+@dataclass(kw_only=True)
+class DeliveryOptions:
+    """Where and how a command delivers: the SMTP server, security, pace and retry rules."""
+
+    smtp_url: str
+    password: str | None = None
+    ca_file: str | None = None
+    insecure: bool = False
+    concurrency: int = 10
+    rate: float | None = None
+    max_attempts: int = 5
+    retry_delay: float = 5.0
+    timeout: float = 60.0
+
+    def single_attempt_mailer(self, reactor: Any) -> Mailer:
+        """A Mailer making one attempt per message: the command keeps attempts and backoff.
+
+        Raises ``ValueError`` or ``OSError`` for a bad URL or an unreadable ``ca_file``.
+        """
+        return Mailer(
+            self.smtp_url,
+            concurrency=self.concurrency,
+            rate=self.rate,
+            ca_file=self.ca_file,
+            insecure=self.insecure,
+            password=self.password,
+            timeout=self.timeout,
+            max_attempts=1,
+            reactor=reactor,
+        )
