@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,7 +18,7 @@ from twisted.internet import defer, task
 
 from .errors import TwistmailError
 from .merge import commands
-from .merge.run import EXIT_USAGE, SendOptions
+from .merge.run import EXIT_USAGE, SendOptions, run
 
 __all__ = ["build_parser", "main"]
 
@@ -208,30 +208,10 @@ def _drain_main(args: argparse.Namespace) -> None:
     if not args.smtp:
         print("error: --smtp URL is required (or --status)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    password = _smtp_password(args)
     options = command.DrainOptions(
-        spool_path=args.spool,
-        smtp_url=args.smtp,
-        password=password,
-        ca_file=args.ca_file,
-        insecure=args.insecure,
-        concurrency=args.concurrency,
-        rate=args.rate,
-        max_attempts=args.max_attempts,
-        retry_delay=args.retry_delay,
-        limit=args.limit,
-        timeout=args.timeout,
-        lease=args.lease,
+        spool_path=args.spool, limit=args.limit, lease=args.lease, **_delivery(args)
     )
-
-    def go(reactor: Any) -> defer.Deferred[None]:
-        def done(code: int) -> None:
-            if code:
-                raise SystemExit(code)
-
-        return command.drain(options, reactor).addCallback(done)
-
-    task.react(go)
+    _react_exit(lambda reactor: command.drain(options, reactor))
 
 
 def _smtp_options(
@@ -297,6 +277,21 @@ def _inputs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("template", metavar="TEMPLATE", help="the message template (Jinja2)")
 
 
+def _delivery(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~twistmail.options.DeliveryOptions` fields from ``_smtp_options``' arguments."""
+    return {
+        "smtp_url": args.smtp,
+        "password": _smtp_password(args),
+        "ca_file": args.ca_file,
+        "insecure": args.insecure,
+        "concurrency": args.concurrency,
+        "rate": args.rate,
+        "max_attempts": args.max_attempts,
+        "retry_delay": args.retry_delay,
+        "timeout": args.timeout,
+    }
+
+
 def _smtp_password(args: argparse.Namespace) -> str | None:
     """The password from --password-file (exit 2 if unreadable); warns of one in --smtp."""
     if urlsplit(args.smtp).password is not None:
@@ -334,47 +329,36 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "drain":
         _drain_main(args)
         return
-    password = _smtp_password(args)
     options = SendOptions(
         csv_path=args.recipients,
         template_path=args.template,
-        smtp_url=args.smtp,
-        password=password,
-        ca_file=args.ca_file,
-        insecure=args.insecure,
-        concurrency=args.concurrency,
-        rate=args.rate,
-        max_attempts=args.max_attempts,
-        retry_delay=args.retry_delay,
         envelope_from=args.envelope_from,
         journal_path=args.journal,
         report_path=args.report,
         limit=args.limit,
         retry_failed=args.retry_failed,
         new_campaign=args.new_campaign,
-        timeout=args.timeout,
+        **_delivery(args),
     )
     if args.dry_run or args.strict:
         code = commands.validate_before_send(options, dry_run=args.dry_run, out=sys.stdout)
         if code is not None:
             sys.exit(code)
-    _react_exit(options)
+    _react_exit(lambda reactor: run(options, reactor))
 
 
-def _react_exit(options: SendOptions) -> None:
-    from .merge.run import run
+def _react_exit(command: Callable[[Any], defer.Deferred[int]]) -> None:
+    """Run ``command(reactor)`` under ``task.react``; exit with the status it fires with."""
 
     def go(reactor: Any) -> defer.Deferred[None]:
-        d = run(options, reactor)
-
         def done(code: int) -> None:
             if code:
                 raise SystemExit(code)
 
-        return d.addCallback(done)
+        return command(reactor).addCallback(done)
 
     try:
         task.react(go)
-    except TwistmailError as e:  # pragma: no cover - run() reports its own errors
+    except TwistmailError as e:  # pragma: no cover - the commands report their own errors
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
