@@ -22,7 +22,7 @@ import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,8 +93,6 @@ def triples(count: int) -> Iterator[tuple[str, list[str], bytes]]:
 
 def send_twistmail(opts: Options) -> dict[str, object]:
     """twistmail ``Mailer.send_many`` on Twisted's default reactor (epoll on Linux)."""
-    from twisted.internet import defer, task
-
     from twistmail.mailer import Mailer
 
     out: dict[str, object] = {}
@@ -113,14 +111,7 @@ def send_twistmail(opts: Options) -> dict[str, object]:
         out["connections_opened"] = mailer.pool.connections_opened
         out["reactor"] = type(reactor).__name__
 
-    def run(reactor: object) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(main(reactor))
-
-    try:
-        task.react(run)
-    except SystemExit as e:
-        if e.code:
-            raise
+    _react(main)
     return out
 
 
@@ -231,7 +222,7 @@ def send_twisted_naive(opts: Options) -> dict[str, object]:
     Fed LF line ends: ``SMTPClient.transformChunk`` turns every LF into CRLF, so giving it
     CRLF data would put ``\\r\\r\\n`` on the wire.
     """
-    from twisted.internet import defer, task
+    from twisted.internet import defer
     from twisted.mail import smtp
 
     out: dict[str, object] = {}
@@ -267,14 +258,7 @@ def send_twisted_naive(opts: Options) -> dict[str, object]:
         out["errors"] = failed[:5]
         out["reactor"] = type(reactor).__name__
 
-    def run(reactor: object) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(main(reactor))
-
-    try:
-        task.react(run)
-    except SystemExit as e:
-        if e.code:
-            raise
+    _react(main)
     return out
 
 
@@ -288,6 +272,20 @@ SENDERS: dict[str, Callable[[Options], dict[str, object]]] = {
 
 
 # ---------------------------------------------------------------------- measuring
+
+
+def _react(main: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
+    """Run the coroutine function ``main(reactor)`` on Twisted's default reactor."""
+    from twisted.internet import defer, task
+
+    def run(reactor: object) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(main(reactor))
+
+    try:
+        task.react(run)
+    except SystemExit as e:
+        if e.code:
+            raise
 
 
 def _cpu() -> float:
