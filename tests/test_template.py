@@ -469,3 +469,12 @@ def test_unreadable_or_non_utf8_template_file(tmp_path: Path) -> None:
     path.write_bytes(b"From: a@example.com\nTo: b@example.com\n\nGr\xfc\xdfe\n")
     with pytest.raises(TemplateError, match=r"not valid UTF-8 at byte 41"):
         MessageTemplate.load(path)
+
+
+def test_a_phrase_the_email_package_cannot_parse_is_a_row_error_naming_the_header() -> None:
+    # ". <a@b>" passes our address parser but makes the email package raise AttributeError.
+    template = MessageTemplate("From: a@example.com\nTo: {{ name }} <{{ email }}>\n\nHi\n")
+    with pytest.raises(RowError) as info:
+        render(template, {"name": ".", "email": "x@example.org"})
+    assert info.value.field == "To"
+    assert "invalid header value" in str(info.value)

@@ -298,7 +298,8 @@ class MessageTemplate:
                 continue
             try:
                 msg[name] = value
-            except (ValueError, TypeError, IndexError) as exc:
+            # The email package's header parser raises AttributeError on some phrases (". <a@b>").
+            except (ValueError, TypeError, IndexError, AttributeError) as exc:
                 raise RowError(name, f"invalid header value {value!r}: {exc}") from None
         msg["Date"] = date if date is not None else datetime.now(UTC)
         msg["Message-ID"] = message_id
