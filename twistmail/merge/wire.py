@@ -23,14 +23,12 @@ import re
 from collections.abc import Callable
 from datetime import datetime
 from email.utils import format_datetime
-from typing import TYPE_CHECKING
 
 from twistmail.address import Address, parse_address, parse_sender
 from twistmail.errors import AddressError
 from twistmail.message import Envelope, envelope_from_bytes
 
-if TYPE_CHECKING:
-    from .template import MessageTemplate
+from .template import _ADDRESS_HEADERS, _RECIPIENT_HEADERS, MessageTemplate
 
 __all__ = ["render_direct"]
 
@@ -46,8 +44,6 @@ _ADDR_SPECS = re.compile(rf"<({_ADDR_SPEC})>|(?:^|, )({_ADDR_SPEC})(?=,|$)")
 _PLAIN_TEXT = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 # policy.SMTP folds header lines longer than this, and re-encodes body lines longer than it.
 _MAX_LINE = 78
-_ADDRESS_KEYS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
-_RECIPIENT_KEYS = ("to", "cc", "bcc")
 # Headers the email package parses as something other than unstructured text.
 _STRUCTURED_KEYS = frozenset(
     {
@@ -83,7 +79,7 @@ def render_direct(
         return None
     lines: list[bytes] = []
     first: dict[str, Address] = {}
-    recipients: dict[str, list[Address]] = {key: [] for key in _RECIPIENT_KEYS}
+    recipients: dict[str, list[Address]] = {key: [] for key in _RECIPIENT_HEADERS}
     context = template.context(values)
     for header, value in template.header_values(context):
         key = header.key
@@ -91,7 +87,7 @@ def render_direct(
             line = header.wire
         elif len(header.name) + 2 + len(value) > _MAX_LINE or not value.isascii():
             return None
-        elif key in _ADDRESS_KEYS:
+        elif key in _ADDRESS_HEADERS:
             if _PLAIN_ADDRESS_LIST.fullmatch(value) is None:
                 return None
             line = f"{header.name}: {value}\r\n".encode("ascii")
@@ -99,7 +95,7 @@ def render_direct(
             return None
         else:
             line = f"{header.name}: {value}\r\n".encode("ascii")
-        if key in _ADDRESS_KEYS:
+        if key in _ADDRESS_HEADERS:
             addresses = header.addresses
             if addresses is None:
                 try:
@@ -116,7 +112,7 @@ def render_direct(
         if key != "bcc":
             lines.append(line)
     sender = first.get("from")
-    report_address = next((first[key] for key in _RECIPIENT_KEYS if key in first), None)
+    report_address = next((first[key] for key in _RECIPIENT_HEADERS if key in first), None)
     if sender is None or report_address is None:
         return None  # the full path raises the row's error
     body = template.render_body(context)
@@ -134,7 +130,7 @@ def render_direct(
     lines.append(_CONTENT_HEADERS[template.kind, ascii_body])
     lines.append(b"\r\n".join(body_lines) + b"\r\n")
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
-    forward_paths = [address for key in _RECIPIENT_KEYS for address in recipients[key]]
+    forward_paths = [address for key in _RECIPIENT_HEADERS for address in recipients[key]]
     envelope = envelope_from_bytes(envelope_sender, forward_paths, b"".join(lines))
     if not ascii_body:
         # An 8-bit body: for a server without 8BITMIME, rebuilt as 7-bit from these bytes.

@@ -532,15 +532,6 @@ class MailerProtocol(tsmtp.ESMTPClient):
             return
         kind, txn, idx = self._expect.popleft()
 
-        if self._pipelining and 200 <= code < 300:
-            # Fast path for accepted envelope commands of a pipelined group: just record.
-            if kind == _RCPT:
-                assert txn is not None
-                txn.accepted += 1
-                return
-            if kind == _MAIL:
-                return
-
         if code == 421 and kind != _QUIT:
             # The server is shutting this session down: what is unanswered goes elsewhere.
             enhanced, text = split_enhanced(_text(raw))
