@@ -191,6 +191,10 @@ async def test_starttls_verified_with_private_ca(
     result = await m.send(
         b"Subject: t\r\n\r\nx\r\n", sender="a@example.com", recipients=["b@x.org"]
     )
+    proto = m.pool.acquire_now()
+    assert proto is not None
+    assert proto._socket is None  # after STARTTLS every write goes through TLS
+    m.pool.release(proto)
     await m.close()
     assert result.ok
     assert "STARTTLS" in server.commands
@@ -354,6 +358,30 @@ async def test_tcp_nodelay_on_real_connection(capture_server: Callable[..., Capt
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     m.pool.release(proto)
     await m.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_larger_than_the_socket_buffer_arrive_whole_and_in_order(
+    cue_server: Cue,
+) -> None:
+    # A plain TCP connection sends straight to its socket while the transport holds nothing;
+    # what the kernel does not take at once must go out through the transport, ahead of
+    # anything written later on the same connection.
+    server = cue_server(pipelining=True)
+    m = mailer(server.port, concurrency=1, timeout=30)
+    proto = await m.pool.acquire()
+    assert proto._socket is not None  # the direct path is in use on plain TCP
+    m.pool.release(proto)
+    bodies = [
+        b"Subject: big %d\r\n\r\n" % i + (b"%d" % i * 70 + b"\r\n") * 40_000 for i in range(3)
+    ]
+    small = [b"Subject: small %d\r\n\r\nx\r\n" % i for i in range(3)]
+    items = [("a@example.com", [f"r{i}@x.org"], data) for i, data in enumerate(bodies + small)]
+    report = await m.send_many(items)
+    await m.close()
+    assert (report.sent, report.failed) == (6, 0)
+    assert server.connections == 1
+    assert [r.data for r in server.received] == bodies + small
 
 
 @pytest_twisted.ensureDeferred

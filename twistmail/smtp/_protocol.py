@@ -11,13 +11,14 @@ differs. One connection carries any number of transactions.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.mail import smtp as tsmtp
@@ -77,6 +78,8 @@ class TransactionResult:
     code: int
     enhanced: str | None
     text: str
+    accepted_all: bool = False
+    """Every recipient was accepted and the message was taken (a 2xx after the data)."""
 
 
 class _Txn:
@@ -191,6 +194,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._last_progress = 0.0
         self._data_deadline: float | None = None
         self._receiving = False
+        # The socket of a plain TCP transport, written to directly when its buffer is empty.
+        self._socket: socket.socket | None = None
 
     # ------------------------------------------------------------------ handshake (ESMTPClient)
 
@@ -217,8 +222,13 @@ class MailerProtocol(tsmtp.ESMTPClient):
             return
         self.setTimeout(None)
         self._pipelining = self._use_pipelining and self.capabilities.pipelining
+        transport = self.transport
+        if isinstance(transport, tcp.Connection) and not transport.TLS:
+            self._socket = transport.socket
         self.is_ready = True
         self.setRawMode()
+        # From here on every byte goes to rawDataReceived: skip LineReceiver's dispatch.
+        self.dataReceived = self.rawDataReceived  # type: ignore[method-assign]
         self.ready.callback(self)
 
     def timeoutConnection(self) -> None:
@@ -447,10 +457,29 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._out.append(line)
 
     def _flush(self) -> None:
-        if self._out and self.transport is not None and not self.is_closed:
-            out = self._out
-            self._out = []
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out = self._out
+        transport = self.transport
+        if not out or transport is None or self.is_closed:
+            return
+        self._out = []
+        data = out[0] if len(out) == 1 else b"".join(out)
+        sock = self._socket
+        if (
+            sock is not None
+            and not transport.dataBuffer  # type: ignore[attr-defined]
+            and not transport._tempDataLen  # type: ignore[attr-defined]
+            and not transport.disconnecting  # type: ignore[attr-defined]
+        ):
+            # Nothing is buffered in the transport, so sending now keeps the order and saves
+            # the reactor a writer registration, a poll wake-up and a deregistration per write.
+            try:
+                sent = sock.send(data)
+            except OSError:
+                sent = 0  # would block, or broken: the transport's own write finds out which
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._expect:
@@ -606,15 +635,26 @@ class MailerProtocol(tsmtp.ESMTPClient):
             self._need_rset = True
         final_enhanced, final_text = split_enhanced(final[1])
         final_code = final[0]
-        replies: list[RecipientReply] = []
+        recipients = txn.envelope.recipients
         mail_failed = txn.mail_failed is not None
-        for rcpt, rr in zip(txn.envelope.recipients, txn.rcpt_replies, strict=True):
-            if mail_failed or rr is None or 200 <= rr[0] < 300:
-                replies.append(RecipientReply(rcpt, final_code, final_enhanced, final_text))
-            else:
-                enhanced, text = split_enhanced(_text(rr[1]))
-                replies.append(RecipientReply(rcpt, rr[0], enhanced, text))
-        txn.deferred.callback(TransactionResult(replies, final_code, final_enhanced, final_text))
+        if txn.accepted == len(recipients) and not mail_failed:
+            # Every RCPT was accepted: each recipient's fate is the final reply.
+            replies = [
+                RecipientReply(rcpt, final_code, final_enhanced, final_text) for rcpt in recipients
+            ]
+            accepted_all = 200 <= final_code < 300
+        else:
+            accepted_all = False
+            replies = []
+            for rcpt, rr in zip(recipients, txn.rcpt_replies, strict=True):
+                if mail_failed or rr is None or 200 <= rr[0] < 300:
+                    replies.append(RecipientReply(rcpt, final_code, final_enhanced, final_text))
+                else:
+                    enhanced, text = split_enhanced(_text(rr[1]))
+                    replies.append(RecipientReply(rcpt, rr[0], enhanced, text))
+        txn.deferred.callback(
+            TransactionResult(replies, final_code, final_enhanced, final_text, accepted_all)
+        )
 
     def _send_quit(self) -> None:
         self._quit_requested = True
