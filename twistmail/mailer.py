@@ -47,7 +47,16 @@ def _default_reactor() -> Any:
 class _Delivery:
     """One message's progress through its attempts."""
 
-    __slots__ = ("attempts", "envelope", "error", "final", "index", "outcomes", "retry_at")
+    __slots__ = (
+        "attempts",
+        "envelope",
+        "error",
+        "final",
+        "index",
+        "outcomes",
+        "retry_at",
+        "sent_all",
+    )
 
     def __init__(self, envelope: Envelope, index: int = 0) -> None:
         self.envelope = envelope
@@ -57,6 +66,8 @@ class _Delivery:
         self.final: TransactionResult | None = None
         self.error: DeliveryError | None = None
         self.retry_at = 0.0
+        # The first attempt delivered to every recipient: `outcomes` is filled in by result().
+        self.sent_all = False
 
     def pending_envelope(self) -> Envelope:
         """The envelope restricted to recipients not yet settled."""
@@ -71,7 +82,7 @@ class _Delivery:
 
     @property
     def done(self) -> bool:
-        return all(o is not None and o.status != "deferred" for o in self.outcomes)
+        return self.sent_all or all(o is not None and o.status != "deferred" for o in self.outcomes)
 
     def settle_deferred(self) -> None:
         """Attempts are exhausted: recipients still deferred have failed."""
@@ -80,8 +91,15 @@ class _Delivery:
                 o.status = "failed"
 
     def result(self) -> SendResult:
-        outcomes = [o for o in self.outcomes if o is not None]
         final = self.final
+        if self.sent_all:
+            assert final is not None
+            outcomes = [
+                RecipientOutcome(str(r.recipient), "sent", r.code, r.enhanced, r.text, 1)
+                for r in final.recipients
+            ]
+        else:
+            outcomes = [o for o in self.outcomes if o is not None]
         return SendResult(
             sender=str(self.envelope.sender),
             recipients=outcomes,
@@ -401,6 +419,9 @@ class Mailer:
     def _on_transaction(self, result: TransactionResult, delivery: _Delivery) -> None:
         delivery.final = result
         delivery.error = None
+        if result.accepted_all and delivery.attempts == 1:
+            delivery.sent_all = True  # the outcomes are made only if someone asks for them
+            return
         outcomes = delivery.outcomes
         replies = iter(result.recipients)
         deferred = False
@@ -560,7 +581,9 @@ class _Run:
             yield self.mailer._attempt(delivery, self._after_attempt)
 
     def _after_attempt(self, delivery: _Delivery) -> None:
-        if delivery.done:
+        if delivery.sent_all and self.on_result is None:
+            self.report.count_sent(len(delivery.envelope.recipients), delivery.attempts)
+        elif delivery.done:
             _count_result(delivery.result(), delivery.index, self.report, self.on_result)
         else:
             heapq.heappush(self.parked, (delivery.retry_at, delivery.index, delivery))

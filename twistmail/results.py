@@ -89,6 +89,13 @@ class SendReport:
         if len(self.errors) < self.max_errors:
             self.errors.append((index, reason))
 
+    def count_sent(self, recipients: int, attempts: int) -> None:
+        """Count one message delivered to all of its ``recipients``."""
+        self.messages += 1
+        self.attempts += attempts
+        self.recipients_accepted += recipients
+        self.sent += 1
+
     def add(self, result: SendResult) -> None:
         """Count one finished message."""
         self.messages += 1
