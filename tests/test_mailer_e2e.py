@@ -458,6 +458,65 @@ async def test_cancel_after_connect_mid_transaction(cue_server: Cue) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_cancel_send_many_with_transactions_in_flight(cue_server: Cue) -> None:
+    # The bulk path hands transactions to connections without a Deferred each: cancelling the
+    # run must still abort what is half-sent and stop taking messages.
+    server = cue_server(stall_on="DOT", pipelining=True)
+    m = mailer(server.port, concurrency=2, timeout=30)
+    # Both connections open beforehand, so every message takes the bulk path.
+    warm = [await m.pool.acquire(), await m.pool.acquire()]
+    for proto in warm:
+        m.pool.release(proto)
+    taken: list[int] = []
+
+    def messages() -> Iterator[tuple[str, list[str], bytes]]:
+        for i in range(10_000):
+            taken.append(i)
+            yield ("a@example.com", [f"r{i}@x.org"], b"Subject: %d\r\n\r\nx\r\n" % i)
+
+    d = m.send_many(messages())
+    for _ in range(100):
+        await task.deferLater(reactor, 0.02, lambda: None)
+        if server.commands.count("DATA") >= 2:
+            break
+    assert m.pool.open_connections == 2
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    assert len(taken) <= 2 * m.pool.depth
+    for _ in range(50):  # the half-sent transactions' connections are dropped, not waited on
+        await task.deferLater(reactor, 0.02, lambda: None)
+        if m.pool.open_connections == 0:
+            break
+    assert m.pool.open_connections == 0
+    await m.close()
+    assert server.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_on_result_error_fails_send_many_and_stops_it(
+    capture_server: Callable[..., CaptureServer],
+) -> None:
+    server = capture_server()
+    m = mailer(server.port, concurrency=2)
+    taken: list[int] = []
+
+    def messages() -> Iterator[tuple[str, list[str], bytes]]:
+        for i in range(1_000):
+            taken.append(i)
+            yield ("a@example.com", [f"r{i}@x.org"], b"Subject: %d\r\n\r\nx\r\n" % i)
+
+    def on_result(index: int, result: object) -> None:
+        if index == 10:
+            raise RuntimeError("the caller's callback broke")
+
+    with pytest.raises(RuntimeError, match="callback broke"):
+        await m.send_many(messages(), on_result=on_result)
+    assert len(taken) <= 11 + 2 * m.pool.depth  # it stopped soon after
+    await m.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_insecure_skips_verification_and_logs_a_warning(
     cue_server: Cue, server_ssl_context: Any
 ) -> None:

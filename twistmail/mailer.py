@@ -10,7 +10,7 @@ from email.message import EmailMessage
 from typing import Any, TypeAlias, cast
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -21,12 +21,11 @@ from .errors import (
     PermanentError,
     for_reply,
 )
-from .fanout import fan_out
 from .message import Envelope, envelope_from_bytes, envelope_from_message
 from .ratelimit import DomainLimiter, TokenBucket
 from .results import RecipientOutcome, RecipientStatus, SendReport, SendResult
 from .retry import RetryPolicy
-from .smtp._protocol import MailerProtocol, TransactionResult
+from .smtp._protocol import MailerProtocol, TransactionResult, _Txn
 from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
 
@@ -244,9 +243,7 @@ class Mailer:
             )
             d.addErrback(_first_error)
         else:
-            run = _Run(self, enumerate(messages), report, on_result)
-            # Enough workers to keep every connection's pipeline full.
-            d = fan_out(self._reactor, run.work, self.concurrency * self.pool.depth)
+            d = _Run(self, enumerate(messages), report, on_result).start()
         d.addCallback(finish)
         return self._track(d)
 
@@ -275,6 +272,9 @@ class Mailer:
         sender: str | None = None,
         recipients: Iterable[str] | None = None,
     ) -> Envelope:
+        if type(message) is tuple and len(message) == 3:  # the bulk case first
+            s, r, data = message
+            return envelope_from_bytes(s, r, data)
         if isinstance(message, Envelope):
             return message
         if isinstance(message, EmailMessage):
@@ -321,14 +321,8 @@ class Mailer:
         d = self._complete(_Delivery(envelope))
         return d.addCallback(_count_result, index, report, on_result)
 
-    def _attempt(
-        self, delivery: _Delivery, after: Callable[[_Delivery], None] | None = None
-    ) -> defer.Deferred[None]:
-        """One attempt at the recipients not yet settled; updates ``delivery``.
-
-        ``after(delivery)``, when given, runs once the attempt's outcome is recorded (not when
-        the attempt is cancelled).
-        """
+    def _attempt(self, delivery: _Delivery) -> defer.Deferred[None]:
+        """One attempt at the recipients not yet settled; fires once ``delivery`` is updated."""
         delivery.attempts += 1
         envelope = delivery.envelope if delivery.attempts == 1 else delivery.pending_envelope()
         d: defer.Deferred[Any]
@@ -340,8 +334,8 @@ class Mailer:
                 d.addCallbacks(
                     self._sent,
                     self._not_sent,
-                    callbackArgs=(proto, delivery, after),
-                    errbackArgs=(proto, delivery, after),
+                    callbackArgs=(proto, delivery),
+                    errbackArgs=(proto, delivery),
                 )
                 return cast("defer.Deferred[None]", d)
             d = self.pool.acquire()
@@ -357,8 +351,6 @@ class Mailer:
             callbackArgs=(delivery,),
             errbackArgs=(delivery,),
         )
-        if after is not None:
-            d.addCallback(lambda _: after(delivery))
         return cast("defer.Deferred[None]", d)
 
     def _sent(
@@ -366,25 +358,18 @@ class Mailer:
         result: TransactionResult,
         proto: MailerProtocol,
         delivery: _Delivery,
-        after: Callable[[_Delivery], None] | None,
     ) -> None:
         self.pool.release(proto)
         self._on_transaction(result, delivery)
-        if after is not None:
-            after(delivery)
 
     def _not_sent(
         self,
         failure: Failure,
         proto: MailerProtocol,
         delivery: _Delivery,
-        after: Callable[[_Delivery], None] | None,
     ) -> Failure | None:
         self.pool.release(proto)
-        unhandled = self._on_failure(failure, delivery)
-        if unhandled is None and after is not None:
-            after(delivery)
-        return unhandled
+        return self._on_failure(failure, delivery)
 
     def _gate(self, envelope: Envelope, held: list[str]) -> defer.Deferred[MailerProtocol]:
         async def gate() -> MailerProtocol:
@@ -526,7 +511,13 @@ def _count_invalid(
 
 
 class _Run:
-    """The shared state of a streaming ``send_many``: the iterator and the parked retries."""
+    """A streaming ``send_many``: keeps up to ``limit`` attempts in flight from one iterator.
+
+    Each finished attempt takes the next item right away, inside the reply that finished it, so
+    the next message's commands go out with that connection's next write. With a free pooled
+    connection and no rate limit an attempt is a plain callback from the connection
+    (:meth:`MailerProtocol.submit`); otherwise it goes through :meth:`Mailer._attempt`.
+    """
 
     def __init__(
         self,
@@ -542,6 +533,110 @@ class _Run:
         self.on_result = on_result
         self.parked: list[tuple[float, int, _Delivery]] = []
         self.max_parked = max(1000, 50 * mailer.concurrency)
+        # Enough attempts in flight to keep every connection's pipeline full.
+        self.limit = mailer.concurrency * mailer.pool.depth
+        self.in_flight = 0
+        # What is in flight, for cancellation: bulk transactions and slow-path Deferreds.
+        self.txns: dict[_Delivery, tuple[MailerProtocol, _Txn]] = {}
+        self.slow: set[defer.Deferred[None]] = set()
+        self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
+        self.ended = False
+        self._pumping = False
+        self._again = False
+        self._wake: IDelayedCall | None = None
+        self._fast = mailer._bucket is None and mailer._domains is None
+
+    def start(self) -> defer.Deferred[None]:
+        self.pump()
+        return self.done
+
+    def pump(self) -> None:
+        """Start attempts while there is room and work; end the run when nothing is left."""
+        if self._pumping:
+            self._again = True  # an attempt ended synchronously: the running loop goes on
+            return
+        self._pumping = True
+        started = 0
+        try:
+            while not self.ended:
+                self._again = False
+                while self.in_flight < self.limit and not self.ended:
+                    delivery = self._next()
+                    if delivery is None:
+                        break
+                    self.in_flight += 1
+                    self._attempt(delivery)
+                    started += 1
+                    if started >= _BURST:
+                        # Attempts that end at once (a dead server) must not starve the reactor.
+                        self._wake_in(0.0)
+                        return
+                if not self._again:
+                    break
+        except BaseException:
+            self._fail(Failure())
+            return
+        finally:
+            self._pumping = False
+        self._idle_check()
+
+    def _attempt(self, delivery: _Delivery) -> None:
+        mailer = self.mailer
+        if self._fast:
+            proto = mailer.pool.acquire_now()
+            if proto is not None:
+                delivery.attempts += 1
+                envelope = (
+                    delivery.envelope if delivery.attempts == 1 else delivery.pending_envelope()
+                )
+                self.txns[delivery] = (proto, _PLACEHOLDER)
+                txn = proto.submit(envelope, self._submitted, delivery)
+                if delivery in self.txns:  # not already ended
+                    self.txns[delivery] = (proto, txn)
+                return
+        d = mailer._attempt(delivery)
+        self.slow.add(d)
+        d.addBoth(self._slow_ended, delivery, d)
+
+    def _submitted(
+        self, delivery: _Delivery, result: TransactionResult | None, error: DeliveryError | None
+    ) -> None:
+        proto, _ = self.txns.pop(delivery)
+        mailer = self.mailer
+        mailer.pool.release(proto)
+        if self.ended:
+            return
+        try:
+            if result is not None:
+                mailer._on_transaction(result, delivery)
+            else:
+                assert error is not None
+                mailer._on_failure(Failure(error), delivery)
+        except BaseException:  # a bug: fail the run, not the connection that called us
+            self._fail(Failure())
+            return
+        self._ended_attempt(delivery)
+
+    def _slow_ended(self, outcome: object, delivery: _Delivery, d: defer.Deferred[None]) -> None:
+        self.slow.discard(d)
+        if isinstance(outcome, Failure):
+            self._fail(outcome)
+        elif not self.ended:
+            self._ended_attempt(delivery)
+
+    def _ended_attempt(self, delivery: _Delivery) -> None:
+        self.in_flight -= 1
+        try:
+            if delivery.sent_all and self.on_result is None:
+                self.report.count_sent(len(delivery.envelope.recipients), delivery.attempts)
+            elif delivery.done:
+                _count_result(delivery.result(), delivery.index, self.report, self.on_result)
+            else:
+                heapq.heappush(self.parked, (delivery.retry_at, delivery.index, delivery))
+        except BaseException:  # on_result raised: the run fails with it, as a worker would
+            self._fail(Failure())
+            return
+        self.pump()
 
     def _next(self) -> _Delivery | None:
         """A parked delivery that is due, else the next item from the iterator."""
@@ -567,26 +662,54 @@ class _Run:
             return _Delivery(envelope, index)
         return None
 
-    def work(self) -> Iterator[defer.Deferred[Any] | None]:
-        """One worker: attempt deliveries until the iterator and the parked retries are empty."""
-        clock = self.mailer._clock
-        while True:
-            delivery = self._next()
-            if delivery is None:
-                if not self.parked:
-                    return
-                wait = max(0.0, self.parked[0][0] - clock.seconds())
-                yield task.deferLater(clock, wait, lambda: None)
-                continue
-            yield self.mailer._attempt(delivery, self._after_attempt)
+    def _idle_check(self) -> None:
+        """Finish when everything is settled; else wake up for the next parked retry."""
+        if self.ended or self.in_flight >= self.limit:
+            return
+        if self.parked:
+            if self._wake is None:
+                delay = self.parked[0][0] - self.mailer._clock.seconds()
+                self._wake_in(max(0.0, delay))
+        elif self.exhausted and self.in_flight == 0:
+            self._end()
+            self.done.callback(None)
 
-    def _after_attempt(self, delivery: _Delivery) -> None:
-        if delivery.sent_all and self.on_result is None:
-            self.report.count_sent(len(delivery.envelope.recipients), delivery.attempts)
-        elif delivery.done:
-            _count_result(delivery.result(), delivery.index, self.report, self.on_result)
-        else:
-            heapq.heappush(self.parked, (delivery.retry_at, delivery.index, delivery))
+    def _wake_in(self, delay: float) -> None:
+        if self._wake is None:
+            self._wake = self.mailer._clock.callLater(delay, self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self.pump()
+
+    def _end(self) -> None:
+        self.ended = True
+        if self._wake is not None:
+            if self._wake.active():
+                self._wake.cancel()
+            self._wake = None
+
+    def _fail(self, failure: Failure) -> None:
+        if self.ended:
+            return
+        self._end()
+        self.done.errback(failure)
+
+    def _cancel(self, _: defer.Deferred[None]) -> None:
+        # Ended first: what the cancellations below report is then ignored, and Deferred.cancel
+        # fails `done` with its CancelledError.
+        self._end()
+        for proto, txn in list(self.txns.values()):
+            if txn is not _PLACEHOLDER:
+                proto.cancel(txn)
+        for d in list(self.slow):
+            d.cancel()
+
+
+# Attempts a run may start back to back before the reactor gets a turn.
+_BURST = 100
+# Stands for a transaction being submitted (the connection may end it before submit returns).
+_PLACEHOLDER: Any = object()
 
 
 def send(

@@ -44,8 +44,10 @@ _RECIPIENT_HEADERS = ("To", "Cc", "Bcc")
 # A line break followed by whitespace and then content: header folding, not a new header line.
 _FOLD = re.compile(r"(?:\r\n|[\r\n])(?=[ \t]+[^ \t\r\n])")
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
-# A regex search for a two-byte literal beats `in` on CRLF text, where LF is everywhere.
+# Regex searches led by a literal byte beat `in` and `count` of a pair on CRLF text, where LF
+# is everywhere.
 _LINE_STARTING_WITH_DOT = re.compile(rb"\n\.").search
+_CR_WITHOUT_LF = re.compile(rb"\r[^\n]").search
 _HEADER_REGISTRY = HeaderRegistry()
 
 
@@ -236,10 +238,11 @@ def _envelope(
 
 def _to_wire(data: bytes) -> tuple[bytes, int]:
     """The DATA payload for ``data`` and the size of the message before dot-stuffing."""
-    line_feeds = data.count(b"\n")
     if (
-        line_feeds == data.count(b"\r")  # counting one byte is cheaper than a pair: first
-        and line_feeds == data.count(b"\r\n")
+        # Every CR is followed by LF, and there are as many LF as CR: no bare CR, no bare LF.
+        _CR_WITHOUT_LF(data) is None
+        and data.count(b"\n") == data.count(b"\r")
+        and not data.endswith(b"\r")
         and _LINE_STARTING_WITH_DOT(data) is None
         and not data.startswith(b".")
     ):
@@ -297,7 +300,11 @@ def _message_id(payload: bytes, header_end: int) -> str | None:
 
 
 def _addresses_need_smtputf8(sender: Address, recipients: tuple[Address, ...]) -> bool:
-    return sender.needs_smtputf8 or any(address.needs_smtputf8 for address in recipients)
+    if not sender.local.isascii():
+        return True
+    if len(recipients) == 1:
+        return not recipients[0].local.isascii()
+    return any(not address.local.isascii() for address in recipients)
 
 
 def _parsed_recipients(recipients: Iterable[str | Address]) -> list[Address]:

@@ -165,7 +165,9 @@ class Campaign:
         progress.start(self.counts)
         restore = self._install_signal_handlers()
         try:
-            await fan_out(self.reactor, self._work, opts.concurrency)
+            # Enough workers to keep every connection's pipeline full; each still waits for
+            # its row's journal commit before taking the next row.
+            await fan_out(self.reactor, self._work, opts.concurrency * self._mailer.pool.depth)
             await registering
         finally:
             restore()

@@ -82,24 +82,43 @@ class TransactionResult:
     """Every recipient was accepted and the message was taken (a 2xx after the data)."""
 
 
+# What `MailerProtocol.submit` calls when a transaction ends: (context, result, None) or
+# (context, None, error).
+Notify = Callable[[Any, "TransactionResult | None", "DeliveryError | None"], None]
+
+
 class _Txn:
-    """One message being sent on this connection."""
+    """One message being sent on this connection.
+
+    Its end is reported either through ``deferred`` (:meth:`MailerProtocol.send`) or by calling
+    ``notify(context, ...)`` (:meth:`MailerProtocol.submit`, the bulk path: no Deferred).
+    """
 
     __slots__ = (
         "accepted",
         "canceller",
+        "context",
         "data_failed",
         "deferred",
         "envelope",
         "mail_failed",
+        "notify",
         "pending",
         "rcpt_replies",
+        "settled",
         "started",
     )
 
-    def __init__(self, envelope: Envelope) -> None:
+    def __init__(
+        self, envelope: Envelope, notify: Notify | None = None, context: Any = None
+    ) -> None:
         self.envelope = envelope
-        self.deferred: defer.Deferred[TransactionResult] = defer.Deferred(self._cancelled)
+        self.notify = notify
+        self.context = context
+        self.deferred: defer.Deferred[TransactionResult] | None = None
+        if notify is None:
+            self.deferred = defer.Deferred(self._cancelled)
+        self.settled = False
         self.canceller: Callable[[_Txn], None] | None = None
         # RCPT replies other than 2xx (accepted ones only count towards `accepted`).
         self.rcpt_replies: list[tuple[int, bytes] | None] = [None] * len(envelope.recipients)
@@ -113,6 +132,22 @@ class _Txn:
     def _cancelled(self, _: defer.Deferred[TransactionResult]) -> None:
         if self.canceller is not None:
             self.canceller(self)
+
+    def succeed(self, result: TransactionResult) -> None:
+        self.settled = True
+        if self.notify is not None:
+            self.notify(self.context, result, None)
+        elif self.deferred is not None and not self.deferred.called:  # not cancelled
+            self.deferred.callback(result)
+
+    def fail(self, error: DeliveryError) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if self.notify is not None:
+            self.notify(self.context, None, error)
+        elif self.deferred is not None and not self.deferred.called:  # not cancelled
+            self.deferred.errback(error)
 
 
 def _text(raw: bytes) -> str:
@@ -297,11 +332,36 @@ class MailerProtocol(tsmtp.ESMTPClient):
             )
         txn = _Txn(envelope)
         txn.canceller = self._cancel_txn
+        self._queue(txn)
+        assert txn.deferred is not None
+        return txn.deferred
+
+    def submit(self, envelope: Envelope, notify: Notify, context: Any) -> _Txn:
+        """Queue one transaction without a Deferred: ``notify(context, result, error)`` ends it.
+
+        ``notify`` gets either the per-recipient replies or the
+        :class:`~twistmail.errors.DeliveryError` that :meth:`send` would fail with (it may be
+        called before this returns). The returned handle can be passed to :meth:`cancel`.
+        """
+        txn = _Txn(envelope, notify, context)
+        if self.is_closed or self._closing or not self.is_ready:
+            txn.fail(
+                ConnectionLostError("connection is not usable for sending", host=self.host_label)
+            )
+            return txn
+        self._queue(txn)
+        return txn
+
+    def cancel(self, txn: _Txn) -> None:
+        """Give up on a transaction from :meth:`submit`; its ``notify`` may still be called."""
+        if not txn.settled:
+            self._cancel_txn(txn)
+
+    def _queue(self, txn: _Txn) -> None:
         self._waiting.append(txn)
         self._pump()
         if not self._receiving:
             self._flush()
-        return txn.deferred
 
     @property
     def usable(self) -> bool:
@@ -364,7 +424,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
         env = txn.envelope
         caps = self.capabilities
         if env.smtputf8 and not caps.smtputf8:
-            txn.deferred.errback(
+            txn.fail(
                 ExtensionRequiredError(
                     "the message needs SMTPUTF8 (a non-ASCII address or header) "
                     "and the server does not offer it",
@@ -375,7 +435,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
         if env.eight_bit and not caps.eight_bit_mime:
             downgraded = reflatten_7bit(env)
             if downgraded is None:
-                txn.deferred.errback(
+                txn.fail(
                     ExtensionRequiredError(
                         "the message has 8-bit content and the server does not offer 8BITMIME",
                         host=self.host_label,
@@ -384,7 +444,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
                 return False
             txn.envelope = env = downgraded
         if caps.size is not None and env.size > caps.size:
-            txn.deferred.errback(
+            txn.fail(
                 PermanentError(
                     f"the message is {env.size} octets and the server takes at most {caps.size}",
                     code=552,
@@ -652,7 +712,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
                 else:
                     enhanced, text = split_enhanced(_text(rr[1]))
                     replies.append(RecipientReply(rcpt, rr[0], enhanced, text))
-        txn.deferred.callback(
+        txn.succeed(
             TransactionResult(replies, final_code, final_enhanced, final_text, accepted_all)
         )
 
@@ -777,11 +837,11 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._waiting.clear()
         self._expect.clear()
         for txn in txns:
-            if not txn.deferred.called:
+            if not txn.settled:
                 if txn.started:
-                    txn.deferred.errback(error)
+                    txn.fail(error)
                 else:
-                    txn.deferred.errback(
+                    txn.fail(
                         ConnectionLostError(
                             "connection closed before sending", host=self.host_label
                         )

@@ -42,7 +42,9 @@ class ConnectionPool:
             raise ValueError("pipeline depth must be at least 1")
         self.depth = depth
         self._load: dict[MailerProtocol, int] = {}
-        self._partial: deque[MailerProtocol] = deque()
+        # Connections in use that can take another transaction (a dict as an ordered set).
+        self._partial: dict[MailerProtocol, None] = {}
+        self._capacities: dict[MailerProtocol, int] = {}
         self._connect = connect
         self.size = size
         self._clock = clock
@@ -87,11 +89,12 @@ class ConnectionPool:
                 return self._take(proto)
         if len(self._all) + len(self._connecting) < self.size:
             return None
-        while self._partial:
-            proto = self._partial[0]
+        partial = self._partial
+        while partial:
+            proto = next(iter(partial))
             if proto.usable and self._load.get(proto, 0) < self._capacity(proto):
                 return self._take(proto)
-            self._partial.popleft()
+            del partial[proto]
         return None
 
     def release(self, proto: MailerProtocol) -> None:
@@ -111,11 +114,9 @@ class ConnectionPool:
             self._waiters.popleft().callback(self._take(proto))
             return
         if load > 0:
-            if proto not in self._partial:
-                self._partial.append(proto)
+            self._partial[proto] = None
             return
-        with contextlib.suppress(ValueError):
-            self._partial.remove(proto)
+        self._partial.pop(proto, None)
         self._idle.append(proto)
         self._idle_timers[proto] = self._clock.callLater(
             self._idle_timeout, self._idle_expired, proto
@@ -125,16 +126,19 @@ class ConnectionPool:
         load = self._load.get(proto, 0) + 1
         self._load[proto] = load
         if load < self._capacity(proto):
-            if proto not in self._partial:
-                self._partial.append(proto)
+            self._partial[proto] = None
         else:
-            with contextlib.suppress(ValueError):
-                self._partial.remove(proto)
+            self._partial.pop(proto, None)
         return proto
 
     def _capacity(self, proto: MailerProtocol) -> int:
-        caps = getattr(proto, "capabilities", None)
-        return self.depth if caps is not None and caps.pipelining else 1
+        capacity = self._capacities.get(proto)
+        if capacity is None:
+            caps = getattr(proto, "capabilities", None)
+            capacity = self.depth if caps is not None and caps.pipelining else 1
+            if getattr(proto, "is_ready", False):  # capabilities are final once set up
+                self._capacities[proto] = capacity
+        return capacity
 
     def close(self) -> defer.Deferred[None]:
         """QUIT every connection; waiters fail. Fires once every connection has closed."""
@@ -195,8 +199,8 @@ class ConnectionPool:
     def _lost(self, proto: MailerProtocol) -> None:
         self._all.discard(proto)
         self._load.pop(proto, None)
-        with contextlib.suppress(ValueError):
-            self._partial.remove(proto)
+        self._partial.pop(proto, None)
+        self._capacities.pop(proto, None)
         self._stop_idle_timer(proto)
         with contextlib.suppress(ValueError):
             self._idle.remove(proto)
