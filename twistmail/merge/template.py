@@ -455,9 +455,12 @@ class MessageTemplate:
         self, template: jinja2.Template, context: dict[str, object], field: str | None
     ) -> str:
         try:
-            # Template.render would copy the globals into a new dict for every call; the row's
-            # context already holds them (see `context`).
-            return "".join(template.root_render_func(template.new_context(context, shared=True)))
+            # Template.render would copy the globals into a new dict, and new_context would
+            # list them, for every call; the row's context already holds them (see `context`),
+            # so the Context is made directly (`globals` only matters for template modules).
+            env = self._env
+            ctx = env.context_class(env, context, template.name, template.blocks)
+            return "".join(template.root_render_func(ctx))
         except _RENDER_ERRORS as exc:
             reason = str(exc)
             undefined = _UNDEFINED_NAME.search(reason)
