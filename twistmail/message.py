@@ -44,10 +44,6 @@ _RECIPIENT_HEADERS = ("To", "Cc", "Bcc")
 # A line break followed by whitespace and then content: header folding, not a new header line.
 _FOLD = re.compile(r"(?:\r\n|[\r\n])(?=[ \t]+[^ \t\r\n])")
 _HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
-# Regex searches led by a literal byte beat `in` and `count` of a pair on CRLF text, where LF
-# is everywhere.
-_LINE_STARTING_WITH_DOT = re.compile(rb"\n\.").search
-_CR_WITHOUT_LF = re.compile(rb"\r[^\n]").search
 _HEADER_REGISTRY = HeaderRegistry()
 
 
@@ -238,12 +234,13 @@ def _envelope(
 
 def _to_wire(data: bytes) -> tuple[bytes, int]:
     """The DATA payload for ``data`` and the size of the message before dot-stuffing."""
+    line_ends = data.count(b"\r\n")
     if (
-        # Every CR is followed by LF, and there are as many LF as CR: no bare CR, no bare LF.
-        _CR_WITHOUT_LF(data) is None
-        and data.count(b"\n") == data.count(b"\r")
-        and not data.endswith(b"\r")
-        and _LINE_STARTING_WITH_DOT(data) is None
+        # As many CR and as many LF as CRLF pairs: no bare CR, no bare LF. (These counts and
+        # the find cost fewer instructions per byte than any regex or `in` on a pair.)
+        data.count(b"\n") == line_ends
+        and data.count(b"\r") == line_ends
+        and data.find(b"\r\n.") < 0
         and not data.startswith(b".")
     ):
         # Already CRLF-clean with nothing to stuff: the common case costs one concatenation.
