@@ -165,9 +165,7 @@ class Campaign:
         progress.start(self.counts)
         restore = self._install_signal_handlers()
         try:
-            # Enough workers to keep every connection's pipeline full; each still waits for
-            # its row's journal commit before taking the next row.
-            await fan_out(self.reactor, self._work, opts.concurrency * self._mailer.pool.depth)
+            await fan_out(self.reactor, self._work, opts.concurrency)
             await registering
         finally:
             restore()
