@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import heapq
 import os
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Iterable, Sized
 from email.message import EmailMessage
-from typing import Any, TypeAlias, cast
+from typing import Any, cast
 
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ._bulk import MessageLike, OnResult, _count_invalid, _count_result, _Delivery, _Run
 from .errors import (
     ConnectionLostError,
     DeliveryError,
@@ -25,7 +24,7 @@ from .message import Envelope, envelope_from_bytes, envelope_from_message
 from .ratelimit import DomainLimiter, TokenBucket
 from .results import RecipientOutcome, RecipientStatus, SendReport, SendResult
 from .retry import RetryPolicy
-from .smtp._protocol import MailerProtocol, TransactionResult, _Txn
+from .smtp._protocol import MailerProtocol, TransactionResult
 from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
 
@@ -33,81 +32,11 @@ __all__ = ["Mailer", "MessageLike", "OnResult", "send"]
 
 log = Logger()
 
-MessageLike: TypeAlias = EmailMessage | Envelope | tuple[str, Iterable[str], bytes]
-OnResult: TypeAlias = Callable[[int, SendResult | Exception], None]
-
 
 def _default_reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
-
-
-class _Delivery:
-    """One message's progress through its attempts."""
-
-    __slots__ = (
-        "attempts",
-        "envelope",
-        "error",
-        "final",
-        "index",
-        "outcomes",
-        "retry_at",
-        "sent_all",
-    )
-
-    def __init__(self, envelope: Envelope, index: int = 0) -> None:
-        self.envelope = envelope
-        self.index = index
-        self.attempts = 0
-        self.outcomes: list[RecipientOutcome | None] = [None] * len(envelope.recipients)
-        self.final: TransactionResult | None = None
-        self.error: DeliveryError | None = None
-        self.retry_at = 0.0
-        # The first attempt delivered to every recipient: `outcomes` is filled in by result().
-        self.sent_all = False
-
-    def pending_envelope(self) -> Envelope:
-        """The envelope restricted to recipients not yet settled."""
-        if all(o is None or o.status == "deferred" for o in self.outcomes):
-            return self.envelope
-        rcpts = tuple(
-            r
-            for r, o in zip(self.envelope.recipients, self.outcomes, strict=True)
-            if o is None or o.status == "deferred"
-        )
-        return dataclasses.replace(self.envelope, recipients=rcpts)
-
-    @property
-    def done(self) -> bool:
-        return self.sent_all or all(o is not None and o.status != "deferred" for o in self.outcomes)
-
-    def settle_deferred(self) -> None:
-        """Attempts are exhausted: recipients still deferred have failed."""
-        for o in self.outcomes:
-            if o is not None and o.status == "deferred":
-                o.status = "failed"
-
-    def result(self) -> SendResult:
-        final = self.final
-        if self.sent_all:
-            assert final is not None
-            outcomes = [
-                RecipientOutcome(str(r.recipient), "sent", r.code, r.enhanced, r.text, 1)
-                for r in final.recipients
-            ]
-        else:
-            outcomes = [o for o in self.outcomes if o is not None]
-        return SendResult(
-            sender=str(self.envelope.sender),
-            recipients=outcomes,
-            code=final.code if final else None,
-            response=final.text if final else "",
-            attempts=self.attempts,
-            message_id=self.envelope.message_id,
-            error=self.error,
-        )
 
 
 class Mailer:
@@ -488,228 +417,6 @@ def _raise_if_nothing_accepted(result: SendResult) -> SendResult:
         )
     error.result = result  # type: ignore[attr-defined]
     raise error
-
-
-def _count_result(
-    result: SendResult, index: int, report: SendReport, on_result: OnResult | None
-) -> None:
-    report.add(result)
-    if not result.ok:
-        bad = result.rejected[0]
-        report.note_error(index, f"{bad.recipient}: {bad.code or ''} {bad.response}".strip())
-    if on_result is not None:
-        on_result(index, result)
-
-
-def _count_invalid(
-    report: SendReport, index: int, error: Exception, on_result: OnResult | None
-) -> None:
-    report.invalid += 1
-    report.note_error(index, str(error))
-    if on_result is not None:
-        on_result(index, error)
-
-
-class _Run:
-    """A streaming ``send_many``: keeps up to ``limit`` attempts in flight from one iterator.
-
-    Each finished attempt takes the next item right away, inside the reply that finished it, so
-    the next message's commands go out with that connection's next write. With a free pooled
-    connection and no rate limit an attempt is a plain callback from the connection
-    (:meth:`MailerProtocol.submit`); otherwise it goes through :meth:`Mailer._attempt`.
-    """
-
-    def __init__(
-        self,
-        mailer: Mailer,
-        items: Iterator[tuple[int, MessageLike]],
-        report: SendReport,
-        on_result: OnResult | None,
-    ) -> None:
-        self.mailer = mailer
-        self.items = items
-        self.exhausted = False
-        self.report = report
-        self.on_result = on_result
-        self.parked: list[tuple[float, int, _Delivery]] = []
-        self.max_parked = max(1000, 50 * mailer.concurrency)
-        # Enough attempts in flight to keep every connection's pipeline full.
-        self.limit = mailer.concurrency * mailer.pool.depth
-        self.in_flight = 0
-        # What is in flight, for cancellation: bulk transactions and slow-path Deferreds.
-        self.txns: dict[_Delivery, tuple[MailerProtocol, _Txn]] = {}
-        self.slow: set[defer.Deferred[None]] = set()
-        self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
-        self.ended = False
-        self._pumping = False
-        self._again = False
-        self._wake: IDelayedCall | None = None
-        self._fast = mailer._bucket is None and mailer._domains is None
-
-    def start(self) -> defer.Deferred[None]:
-        self.pump()
-        return self.done
-
-    def pump(self) -> None:
-        """Start attempts while there is room and work; end the run when nothing is left."""
-        if self._pumping:
-            self._again = True  # an attempt ended synchronously: the running loop goes on
-            return
-        self._pumping = True
-        started = 0
-        try:
-            while not self.ended:
-                self._again = False
-                while self.in_flight < self.limit and not self.ended:
-                    delivery = self._next()
-                    if delivery is None:
-                        break
-                    self.in_flight += 1
-                    self._attempt(delivery)
-                    started += 1
-                    if started >= _BURST:
-                        # Attempts that end at once (a dead server) must not starve the reactor.
-                        self._wake_in(0.0)
-                        return
-                if not self._again:
-                    break
-        except BaseException:
-            self._fail(Failure())
-            return
-        finally:
-            self._pumping = False
-        self._idle_check()
-
-    def _attempt(self, delivery: _Delivery) -> None:
-        mailer = self.mailer
-        if self._fast:
-            proto = mailer.pool.acquire_now()
-            if proto is not None:
-                delivery.attempts += 1
-                envelope = (
-                    delivery.envelope if delivery.attempts == 1 else delivery.pending_envelope()
-                )
-                self.txns[delivery] = (proto, _PLACEHOLDER)
-                txn = proto.submit(envelope, self._submitted, delivery)
-                if delivery in self.txns:  # not already ended
-                    self.txns[delivery] = (proto, txn)
-                return
-        d = mailer._attempt(delivery)
-        self.slow.add(d)
-        d.addBoth(self._slow_ended, delivery, d)
-
-    def _submitted(
-        self, delivery: _Delivery, result: TransactionResult | None, error: DeliveryError | None
-    ) -> None:
-        proto, _ = self.txns.pop(delivery)
-        mailer = self.mailer
-        mailer.pool.release(proto)
-        if self.ended:
-            return
-        try:
-            if result is not None:
-                mailer._on_transaction(result, delivery)
-            else:
-                assert error is not None
-                mailer._on_failure(Failure(error), delivery)
-        except BaseException:  # a bug: fail the run, not the connection that called us
-            self._fail(Failure())
-            return
-        self._ended_attempt(delivery)
-
-    def _slow_ended(self, outcome: object, delivery: _Delivery, d: defer.Deferred[None]) -> None:
-        self.slow.discard(d)
-        if isinstance(outcome, Failure):
-            self._fail(outcome)
-        elif not self.ended:
-            self._ended_attempt(delivery)
-
-    def _ended_attempt(self, delivery: _Delivery) -> None:
-        self.in_flight -= 1
-        try:
-            if delivery.sent_all and self.on_result is None:
-                self.report.count_sent(len(delivery.envelope.recipients), delivery.attempts)
-            elif delivery.done:
-                _count_result(delivery.result(), delivery.index, self.report, self.on_result)
-            else:
-                heapq.heappush(self.parked, (delivery.retry_at, delivery.index, delivery))
-        except BaseException:  # on_result raised: the run fails with it, as a worker would
-            self._fail(Failure())
-            return
-        self.pump()
-
-    def _next(self) -> _Delivery | None:
-        """A parked delivery that is due, else the next item from the iterator."""
-        clock = self.mailer._clock
-        if self.parked:
-            due, _, delivery = self.parked[0]
-            if due <= clock.seconds():
-                heapq.heappop(self.parked)
-                return delivery
-            if len(self.parked) >= self.max_parked:
-                return None
-        while not self.exhausted:
-            try:
-                index, item = next(self.items)
-            except StopIteration:
-                self.exhausted = True
-                break
-            try:
-                envelope = self.mailer._prepare(item)
-            except MessageError as e:
-                _count_invalid(self.report, index, e, self.on_result)
-                continue
-            return _Delivery(envelope, index)
-        return None
-
-    def _idle_check(self) -> None:
-        """Finish when everything is settled; else wake up for the next parked retry."""
-        if self.ended or self.in_flight >= self.limit:
-            return
-        if self.parked:
-            if self._wake is None:
-                delay = self.parked[0][0] - self.mailer._clock.seconds()
-                self._wake_in(max(0.0, delay))
-        elif self.exhausted and self.in_flight == 0:
-            self._end()
-            self.done.callback(None)
-
-    def _wake_in(self, delay: float) -> None:
-        if self._wake is None:
-            self._wake = self.mailer._clock.callLater(delay, self._woken)
-
-    def _woken(self) -> None:
-        self._wake = None
-        self.pump()
-
-    def _end(self) -> None:
-        self.ended = True
-        if self._wake is not None:
-            if self._wake.active():
-                self._wake.cancel()
-            self._wake = None
-
-    def _fail(self, failure: Failure) -> None:
-        if self.ended:
-            return
-        self._end()
-        self.done.errback(failure)
-
-    def _cancel(self, _: defer.Deferred[None]) -> None:
-        # Ended first: what the cancellations below report is then ignored, and Deferred.cancel
-        # fails `done` with its CancelledError.
-        self._end()
-        for proto, txn in list(self.txns.values()):
-            if txn is not _PLACEHOLDER:
-                proto.cancel(txn)
-        for d in list(self.slow):
-            d.cancel()
-
-
-# Attempts a run may start back to back before the reactor gets a turn.
-_BURST = 100
-# Stands for a transaction being submitted (the connection may end it before submit returns).
-_PLACEHOLDER: Any = object()
 
 
 def send(
