@@ -49,6 +49,7 @@ __all__ = ["MailerProtocol", "RecipientReply", "TransactionResult"]
 _MAIL, _RCPT, _DATA, _DOT, _RSET, _QUIT = range(6)
 
 _MAX_LINE = 64 * 1024
+_READ_SIZE = 4096
 # Final reply lines that make up nearly all traffic, mapped to their code without int().
 _COMMON_CODES = {b"%d " % code: code for code in (221, 250, 251, 354)}
 # Slack when comparing a deadline with the clock, for float rounding of re-armed timers.
@@ -260,6 +261,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
         transport = self.transport
         if isinstance(transport, tcp.Connection) and not transport.TLS:
             self._socket = transport.socket
+            # Replies are short: reading into a 64 KiB buffer per recv() only costs allocation.
+            transport.bufferSize = _READ_SIZE
         self.is_ready = True
         self.setRawMode()
         # From here on every byte goes to rawDataReceived: skip LineReceiver's dispatch.

@@ -48,7 +48,7 @@ def split_enhanced(text: str) -> tuple[str | None, str]:
     match = _ENHANCED.match(text)
     if match is None:
         return None, text
-    code = f"{match.group(1)}.{match.group(2)}.{match.group(3)}"
+    code = text[: match.end(3)]  # the match starts the text: "class.subject.detail"
     rest = text[match.end() :]
     if "\n" in rest:  # multi-line replies repeat the code on every line
         rest = "\n".join(
