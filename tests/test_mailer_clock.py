@@ -208,3 +208,27 @@ class SendManyOnClockTests(SynchronousTestCase):
         for _ in range(5):
             reactor.advance(1)
         self.assertLessEqual(len(taken), workers)
+
+    def test_a_sooner_retry_parked_later_is_not_held_back_by_a_later_one(self) -> None:
+        reactor = MemoryReactorClock()
+        policy = RetryPolicy(max_attempts=3, initial_delay=10.0, multiplier=2.0, jitter=0.0)
+        mailer = Mailer(
+            "smtp://127.0.0.1:2525", concurrency=2, retry_policy=policy, reactor=reactor
+        )
+        refused = b"250 ok\r\n451 4.2.1 later\r\n554 no valid recipients\r\n"
+        d = mailer.send_many(("s@example.com", [f"{name}@x.org"], DATA) for name in ("a", "b"))
+        a, b = FakeServer(reactor, 0), FakeServer(reactor, 1)
+        a.handshake()
+        b.handshake()
+        self.assertIn(b"a@x.org", a.take())
+        self.assertIn(b"b@x.org", b.take())
+        a.say(refused)  # a: first attempt deferred, retry due at 10
+        reactor.advance(10)
+        self.assertIn(b"a@x.org", a.take())
+        a.say(b"250 reset\r\n" + refused)  # a: second attempt deferred, retry due at 30
+        reactor.advance(5)
+        b.say(refused)  # b, answered only now: retry due at 25, before a's
+        reactor.advance(10.1)
+        self.assertIn(b"RCPT TO:<b@x.org>", b.take())  # at 25, not held until 30
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)

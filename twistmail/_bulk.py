@@ -270,16 +270,20 @@ class _Run:
         if self.ended or self.in_flight >= self.limit:
             return
         if self.parked:
-            if self._wake is None:
-                delay = self.parked[0][0] - self.mailer._clock.seconds()
-                self._wake_in(max(0.0, delay))
+            # The soonest retry may have been parked after the wake-up was set for a later one.
+            delay = max(0.0, self.parked[0][0] - self.mailer._clock.seconds())
+            self._wake_in(delay)
         elif self.exhausted and self.in_flight == 0:
             self._end()
             self.done.callback(None)
 
     def _wake_in(self, delay: float) -> None:
-        if self._wake is None:
+        """Make sure `pump` runs within ``delay`` seconds."""
+        wake = self._wake
+        if wake is None:
             self._wake = self.mailer._clock.callLater(delay, self._woken)
+        elif wake.getTime() > self.mailer._clock.seconds() + delay:
+            wake.reset(delay)
 
     def _woken(self) -> None:
         self._wake = None
