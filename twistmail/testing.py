@@ -54,6 +54,7 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory, I
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistmail._twisted import when_done
 from twistmail.backends.locmem import OutboxMessage, outbox
 
 __all__ = ["CaptureServer", "CapturedMessage", "OutboxMessage", "outbox"]
@@ -162,10 +163,10 @@ class CaptureServer:
         Connections are aborted, not closed politely, so that a stalled or idle client cannot
         hold the server (and its idle-timeout timer) open.
         """
-        waits = [_when_done(d) for d in [*self._pending, *self._protocols.values()]]
+        waits = [when_done(d) for d in [*self._pending, *self._protocols.values()]]
         port, self._port = self._port, None
         if port is not None:
-            waits.append(_when_done(defer.maybeDeferred(port.stopListening)))
+            waits.append(when_done(defer.maybeDeferred(port.stopListening)))
         for protocol in list(self._protocols):
             cast(ITCPTransport, protocol.transport).abortConnection()
         return defer.gatherResults(waits).addCallback(lambda _: None)
@@ -359,18 +360,6 @@ class _RecipientMessage:
 
     def connectionLost(self) -> None:
         """The message was cut short: nothing to keep."""
-
-
-def _when_done(observed: defer.Deferred[Any]) -> defer.Deferred[None]:
-    """A new Deferred that fires (with None) when ``observed`` fires, leaving its result alone."""
-    done: defer.Deferred[None] = defer.Deferred()
-
-    def fire(result: object) -> object:
-        done.callback(None)
-        return result
-
-    observed.addBoth(fire)
-    return done
 
 
 def _strip_angles(path: bytes) -> bytes:

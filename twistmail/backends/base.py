@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistmail._twisted import when_done
 from twistmail.errors import MessageError
 from twistmail.interfaces import IBackend
 from twistmail.mailer import MessageLike
@@ -77,18 +78,6 @@ def to_envelope(message: MessageLike) -> Envelope | None:
     )
 
 
-def _settled(observed: defer.Deferred[Any]) -> defer.Deferred[None]:
-    """A new Deferred firing with None once ``observed`` fires, leaving its result alone."""
-    done: defer.Deferred[None] = defer.Deferred()
-
-    def fire(result: object) -> object:
-        done.callback(None)
-        return result
-
-    observed.addBoth(fire)
-    return done
-
-
 @implementer(IBackend)
 class BaseBackend:
     """A backend that delivers one envelope at a time through :meth:`deliver`.
@@ -113,7 +102,7 @@ class BaseBackend:
 
     def settled(self) -> defer.Deferred[None]:
         """Fires (with None) once the ``send_messages`` calls now in flight have finished."""
-        return defer.gatherResults([_settled(d) for d in self._in_flight]).addCallback(
+        return defer.gatherResults([when_done(d) for d in self._in_flight]).addCallback(
             lambda _: None
         )
 

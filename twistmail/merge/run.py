@@ -12,13 +12,11 @@ back after an exponential backoff with jitter, for the recipients still deferred
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import heapq
 import itertools
-import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 from twisted.internet import defer, task, threads
 from twisted.python.failure import Failure
 
+from twistmail._twisted import install_signal_handlers
 from twistmail.errors import DeliveryError, TwistmailError
 from twistmail.fanout import fan_out
 from twistmail.mailer import Mailer
@@ -163,7 +162,7 @@ class Campaign:
         registering = journal.register_pending((row.number, guess_email(row)) for row in source)
         progress = Progress(opts.out, total=total, live=opts.progress, clock=self.reactor)
         progress.start(self.counts)
-        restore = self._install_signal_handlers()
+        restore = install_signal_handlers(self.reactor, self.interrupt)
         try:
             await fan_out(self.reactor, self._work, opts.concurrency)
             await registering
@@ -358,22 +357,6 @@ class Campaign:
     def _abort_now(self) -> None:
         if self._mailer is not None:
             self._mailer.pool.abort()
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        previous: dict[int, Any] = {}
-
-        def handler(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.interrupt)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread
-                previous[sig] = signal.signal(sig, handler)
-
-        def restore() -> None:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
-
-        return restore
 
     # ------------------------------------------------------------------ output
 

@@ -7,15 +7,13 @@ configuration error (missing spool, bad URL, refused credentials or TLS); 3 mess
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from twisted.internet import defer
 
+from .._twisted import install_signal_handlers
 from ..errors import AuthenticationError, TLSError, TwistmailError
 from ..options import DeliveryOptions
 from ..retry import RetryPolicy
@@ -82,7 +80,7 @@ async def _drain(opts: DrainOptions, reactor: Any) -> int:
         _say(out, "stopping: letting messages in flight finish (signal again to abort)")
         worker.stop()
 
-    restore = _install_signal_handlers(reactor, interrupt)
+    restore = install_signal_handlers(reactor, interrupt)
     try:
         report = await worker.run()
     finally:
@@ -140,23 +138,6 @@ def status(spool_path: str, limit: int, out: TextIO) -> int:
                 file=out,
             )
     return EXIT_OK
-
-
-def _install_signal_handlers(reactor: Any, interrupt: Callable[[], None]) -> Callable[[], None]:
-    previous: dict[int, Any] = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        reactor.callFromThread(interrupt)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):  # not the main thread
-            previous[sig] = signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-    return restore
 
 
 def _say(out: TextIO, text: str) -> None:
