@@ -6,7 +6,7 @@ import dataclasses
 import heapq
 from collections.abc import Callable, Iterable, Iterator
 from email.message import EmailMessage
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
@@ -50,6 +50,11 @@ class _Delivery:
         self.retry_at = 0.0
         # The first attempt delivered to every recipient: `outcomes` is filled in by result().
         self.sent_all = False
+
+    def start_attempt(self) -> Envelope:
+        """Count a new attempt; the envelope it sends (every recipient not yet settled)."""
+        self.attempts += 1
+        return self.envelope if self.attempts == 1 else self.pending_envelope()
 
     def pending_envelope(self) -> Envelope:
         """The envelope restricted to recipients not yet settled."""
@@ -140,7 +145,7 @@ class _Run:
         self.limit = mailer.concurrency * mailer.pool.depth
         self.in_flight = 0
         # What is in flight, for cancellation: bulk transactions and slow-path Deferreds.
-        self.txns: dict[_Delivery, tuple[MailerProtocol, _Txn]] = {}
+        self.txns: dict[_Delivery, tuple[MailerProtocol, _Txn | None]] = {}
         self.slow: set[defer.Deferred[None]] = set()
         self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
         self.ended = False
@@ -188,12 +193,9 @@ class _Run:
         if self._fast:
             proto = mailer.pool.acquire_now()
             if proto is not None:
-                delivery.attempts += 1
-                envelope = (
-                    delivery.envelope if delivery.attempts == 1 else delivery.pending_envelope()
-                )
-                self.txns[delivery] = (proto, _PLACEHOLDER)
-                txn = proto.submit(envelope, self._submitted, delivery)
+                # No handle yet: the connection may end the transaction before submit returns.
+                self.txns[delivery] = (proto, None)
+                txn = proto.submit(delivery.start_attempt(), self._submitted, delivery)
                 if delivery in self.txns:  # not already ended
                     self.txns[delivery] = (proto, txn)
                 return
@@ -307,7 +309,7 @@ class _Run:
         # fails `done` with its CancelledError.
         self._end()
         for proto, txn in list(self.txns.values()):
-            if txn is not _PLACEHOLDER:
+            if txn is not None:
                 proto.cancel(txn)
         for d in list(self.slow):
             d.cancel()
@@ -315,5 +317,3 @@ class _Run:
 
 # Attempts a run may start back to back before the reactor gets a turn.
 _BURST = 100
-# Stands for a transaction being submitted (the connection may end it before submit returns).
-_PLACEHOLDER: Any = object()

@@ -252,8 +252,7 @@ class Mailer:
 
     def _attempt(self, delivery: _Delivery) -> defer.Deferred[None]:
         """One attempt at the recipients not yet settled; fires once ``delivery`` is updated."""
-        delivery.attempts += 1
-        envelope = delivery.envelope if delivery.attempts == 1 else delivery.pending_envelope()
+        envelope = delivery.start_attempt()
         d: defer.Deferred[Any]
         if self._bucket is None and self._domains is None:
             proto = self.pool.acquire_now()

@@ -329,10 +329,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
         Fails with a :class:`~twistmail.errors.DeliveryError` when the connection breaks
         before the final reply, or when the server lacks an extension the message needs.
         """
-        if self.is_closed or self._closing or not self.is_ready:
-            return defer.fail(
-                ConnectionLostError("connection is not usable for sending", host=self.host_label)
-            )
+        if not self.usable:
+            return defer.fail(self._unusable())
         txn = _Txn(envelope)
         txn.canceller = self._cancel_txn
         self._queue(txn)
@@ -347,10 +345,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
         called before this returns). The returned handle can be passed to :meth:`cancel`.
         """
         txn = _Txn(envelope, notify, context)
-        if self.is_closed or self._closing or not self.is_ready:
-            txn.fail(
-                ConnectionLostError("connection is not usable for sending", host=self.host_label)
-            )
+        if not self.usable:
+            txn.fail(self._unusable())
             return txn
         self._queue(txn)
         return txn
@@ -359,6 +355,9 @@ class MailerProtocol(tsmtp.ESMTPClient):
         """Give up on a transaction from :meth:`submit`; its ``notify`` may still be called."""
         if not txn.settled:
             self._cancel_txn(txn)
+
+    def _unusable(self) -> ConnectionLostError:
+        return ConnectionLostError("connection is not usable for sending", host=self.host_label)
 
     def _queue(self, txn: _Txn) -> None:
         self._waiting.append(txn)
