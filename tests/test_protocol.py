@@ -214,7 +214,15 @@ class TransactionTests(SynchronousTestCase):
         result = self.successResultOf(d)
         self.assertEqual(result.code, 250)
         self.assertEqual(result.enhanced, "2.0.0")
-        self.assertEqual([r.code for r in result.recipients], [250, 250])
+        self.assertEqual(result.text, "queued as X")
+        self.assertTrue(result.accepted_all)
+        self.assertEqual(
+            [(str(r.recipient), r.code, r.enhanced, r.text) for r in result.recipients],
+            [
+                ("a@example.com", 250, "2.0.0", "queued as X"),
+                ("b@example.com", 250, "2.0.0", "queued as X"),
+            ],
+        )
 
     def test_lockstep_without_pipelining(self) -> None:
         s = ready_session(ehlo=[b"8BITMIME"])

@@ -71,16 +71,76 @@ class RecipientReply:
         return 200 <= self.code < 300
 
 
-@dataclass(slots=True)
 class TransactionResult:
     """Outcome of one MAIL/RCPT/DATA transaction on one connection."""
 
-    recipients: list[RecipientReply]
-    code: int
-    enhanced: str | None
-    text: str
-    accepted_all: bool = False
-    """Every recipient was accepted and the message was taken (a 2xx after the data)."""
+    __slots__ = ("_enhanced", "_raw", "_recipients", "_text", "accepted_all", "code")
+
+    def __init__(
+        self,
+        recipients: list[RecipientReply],
+        code: int,
+        enhanced: str | None,
+        text: str,
+        accepted_all: bool = False,
+    ) -> None:
+        self._recipients: list[RecipientReply] | tuple[Address, ...] = recipients
+        self.code = code
+        self._enhanced = enhanced
+        self._text = text
+        self._raw: bytes | None = None
+        self.accepted_all = accepted_all
+        """Every recipient was accepted and the message was taken (a 2xx after the data)."""
+
+    @classmethod
+    def _taken(cls, recipients: tuple[Address, ...], code: int, raw: bytes) -> TransactionResult:
+        """Every recipient accepted, then the message (``code`` 2xx, reply text ``raw``).
+
+        The reply text is decoded and the per-recipient replies are made only if asked for:
+        a bulk send that only counts them never pays for either.
+        """
+        result = cls.__new__(cls)
+        result._recipients = recipients
+        result.code = code
+        result._raw = raw
+        result.accepted_all = True
+        return result
+
+    def _parse(self) -> None:
+        raw = self._raw
+        if raw is not None:
+            self._enhanced, self._text = split_enhanced(_text(raw))
+            self._raw = None
+
+    @property
+    def enhanced(self) -> str | None:
+        """The enhanced status code of the final reply, if the server gave one."""
+        self._parse()
+        return self._enhanced
+
+    @property
+    def text(self) -> str:
+        """The text of the final reply, without its enhanced status code."""
+        self._parse()
+        return self._text
+
+    @property
+    def recipients(self) -> list[RecipientReply]:
+        """Each recipient's final reply, in the envelope's order."""
+        recipients = self._recipients
+        if type(recipients) is tuple:
+            self._parse()
+            code, enhanced, text = self.code, self._enhanced, self._text
+            recipients = self._recipients = [
+                RecipientReply(rcpt, code, enhanced, text) for rcpt in recipients
+            ]
+        return recipients  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return (
+            f"TransactionResult(recipients={self.recipients!r}, code={self.code!r}, "
+            f"enhanced={self.enhanced!r}, text={self.text!r}, accepted_all={self.accepted_all!r})"
+        )
 
 
 # What `MailerProtocol.submit` calls when a transaction ends: (context, result, None) or
@@ -689,6 +749,15 @@ class MailerProtocol(tsmtp.ESMTPClient):
 
     def _finish(self, txn: _Txn, code: int, raw: bytes) -> None:
         """Fire the transaction's Deferred with each recipient's final reply."""
+        recipients = txn.envelope.recipients
+        if (
+            200 <= code < 300
+            and txn.accepted == len(recipients)
+            and txn.data_failed is None
+            and txn.mail_failed is None
+        ):
+            txn.succeed(TransactionResult._taken(recipients, code, raw))
+            return
         final = _reply(code, raw)
         if txn.data_failed is not None:
             final = txn.data_failed
@@ -697,7 +766,6 @@ class MailerProtocol(tsmtp.ESMTPClient):
             self._need_rset = True
         final_enhanced, final_text = split_enhanced(final[1])
         final_code = final[0]
-        recipients = txn.envelope.recipients
         mail_failed = txn.mail_failed is not None
         if txn.accepted == len(recipients) and not mail_failed:
             # Every RCPT was accepted: each recipient's fate is the final reply.
