@@ -359,6 +359,56 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d1).code, 250)
         self.assertEqual(self.successResultOf(d2).code, 250)
 
+    def test_a_held_body_waits_for_release_and_nothing_is_written_before_it(self) -> None:
+        s = ready_session()
+        ready: list[str] = []
+        ended: list[tuple[str, int | None]] = []
+
+        def notify(name: str, result: TransactionResult | None, error: Exception | None) -> None:
+            ended.append((name, result.code if result is not None else None))
+
+        a = s.proto.submit(envelope("a@example.com"), notify, "a", ready=ready.append)
+        s.proto.submit(envelope("b@example.com"), notify, "b", ready=ready.append)
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        # The server waits for a's data: neither the body nor b's envelope may go out yet.
+        self.assertEqual((ready, s.transport.writes), (["a"], []))
+        s.proto.release_body(a)
+        self.assertEqual(
+            s.transport.writes,
+            [WIRE_BODY + b"MAIL FROM:<from@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"],
+        )
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual((ended, ready, s.transport.writes), ([("a", 250)], ["a", "b"], []))
+        s.proto.release_body(a)  # no longer held: nothing happens
+        self.assertEqual(s.transport.writes, [])
+
+    def test_a_held_body_is_released_from_inside_ready_in_the_same_write(self) -> None:
+        s = ready_session()
+        txns: list[Any] = []
+
+        def ready(_: object) -> None:
+            s.proto.release_body(txns[0])
+
+        txns.append(s.proto.submit(envelope("a@example.com"), lambda *_: None, None, ready=ready))
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(s.transport.writes, [WIRE_BODY])
+
+    def test_losing_the_connection_fails_a_transaction_whose_body_is_held(self) -> None:
+        s = ready_session()
+        errors: list[Exception | None] = []
+        s.proto.submit(
+            envelope("a@example.com"), lambda _, r, e: errors.append(e), None, ready=lambda _: None
+        )
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        s.lose()
+        self.assertEqual(len(errors), 1)
+        self.assertIsInstance(errors[0], ConnectionLostError)
+        self.assertTrue(errors[0].transient)  # type: ignore[union-attr]
+
     def test_smtputf8_needed_but_not_offered(self) -> None:
         s = ready_session(ehlo=[b"PIPELINING", b"8BITMIME"])
         d = s.proto.send(envelope("jörg@example.com"))

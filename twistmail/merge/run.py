@@ -21,18 +21,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
 from twistmail._twisted import install_signal_handlers
 from twistmail.errors import DeliveryError, TwistmailError
-from twistmail.fanout import fan_out
 from twistmail.mailer import Mailer
+from twistmail.message import Envelope
 from twistmail.options import DeliveryOptions
 from twistmail.results import SendResult
 from twistmail.retry import RetryPolicy
 
 from .csvsource import CsvSource, scan
+from .delivery import JournaledDelivery
 from .journal import Journal, RowState, is_set
 from .prepare import Prepared, Problem, guess_email, load_inputs, prepare_row
 from .progress import Progress
@@ -79,6 +80,10 @@ class _Job:
     attempts: int = 0
     due: float = 0.0
 
+    @property
+    def envelope(self) -> Envelope:
+        return self.prepared.envelope
+
 
 @dataclass
 class Counts:
@@ -113,6 +118,7 @@ class Campaign:
         self._journal: Journal | None = None
         self._mailer: Mailer | None = None
         self._abort_timer: Any = None
+        self._delivery: JournaledDelivery | None = None
 
     async def run(self) -> int:
         """Send the campaign; the exit status (0, 1, 2 or 3 as documented by the CLI)."""
@@ -164,7 +170,16 @@ class Campaign:
         progress.start(self.counts)
         restore = install_signal_handlers(self.reactor, self.interrupt)
         try:
-            await fan_out(self.reactor, self._work, opts.concurrency)
+            self._delivery = JournaledDelivery(
+                self._mailer,
+                self.reactor,
+                opts.concurrency,
+                next_job=self._next_job,
+                more_in=self._more_in,
+                settle=self._settle,
+                sent=self._settle_sent,
+            )
+            await self._delivery.run()
             await registering
         finally:
             restore()
@@ -241,41 +256,18 @@ class Campaign:
             problem.row, email=problem.email, state="invalid", response=problem.reason
         ).addErrback(self._journal_failed)
 
-    # ------------------------------------------------------------------ workers
+    def _more_in(self) -> float | None:
+        """Seconds until a parked retry is due; None when the campaign has nothing left."""
+        if self.stopping or not self._parked:
+            return None
+        return max(0.0, self._parked[0][0] - float(self.reactor.seconds()))
 
-    def _work(self) -> Iterator[defer.Deferred[Any] | None]:
-        while True:
-            job = self._next_job()
-            if job is not None:
-                yield self._send(job)
-                continue
-            if self.stopping and not self._parked:
-                return
-            if self._parked:
-                if self.stopping:
-                    return
-                wait = max(0.0, self._parked[0][0] - self.reactor.seconds())
-                yield task.deferLater(self.reactor, min(wait, 1.0), lambda: None)
-                continue
-            return
+    # ------------------------------------------------------------------ outcomes
 
-    def _send(self, job: _Job) -> defer.Deferred[None]:
-        assert self._mailer is not None
-        job.attempts += 1
-        d = self._mailer.send(job.prepared.envelope)
-        return d.addCallbacks(
-            self._settle_result, self._settle_error, callbackArgs=(job,), errbackArgs=(job,)
-        )
-
-    def _settle_result(self, result: SendResult, job: _Job) -> defer.Deferred[None]:
-        return self._settle(job, result, None)
-
-    def _settle_error(self, failure: Failure, job: _Job) -> defer.Deferred[None]:
-        error = failure.value
-        if isinstance(error, DeliveryError):
-            return self._settle(job, getattr(error, "result", None), error)
-        # A bug, not a delivery outcome: fail the row, keep going.
-        return self._settle(job, None, DeliveryError(f"internal error: {error!r}"))
+    def _settle_sent(self, job: _Job, code: int, response: str) -> defer.Deferred[None]:
+        """Every recipient of ``job`` was accepted and the message taken."""
+        self.counts.sent += 1
+        return self._record(job, "sent", code, response)
 
     def _settle(
         self, job: _Job, result: SendResult | None, error: DeliveryError | None
@@ -353,6 +345,8 @@ class Campaign:
         self.interrupted = True
         self._say("stopping: letting messages in flight finish (signal again to abort)")
         self._abort_timer = self.reactor.callLater(self.options.grace, self._abort_now)
+        if self._delivery is not None:
+            self._delivery.pump()  # it may be waiting for a parked retry: it ends now instead
 
     def _abort_now(self) -> None:
         if self._mailer is not None:

@@ -166,16 +166,24 @@ class _Txn:
         "notify",
         "pending",
         "rcpt_replies",
+        "ready",
         "settled",
         "started",
     )
 
     def __init__(
-        self, envelope: Envelope, notify: Notify | None = None, context: Any = None
+        self,
+        envelope: Envelope,
+        notify: Notify | None = None,
+        context: Any = None,
+        ready: Callable[[Any], None] | None = None,
     ) -> None:
         self.envelope = envelope
         self.notify = notify
         self.context = context
+        # Called with `context` when the server asks for the data; the body then waits for
+        # MailerProtocol.release_body (see MailerProtocol.submit).
+        self.ready = ready
         self.deferred: defer.Deferred[TransactionResult] | None = None
         if notify is None:
             self.deferred = defer.Deferred(self._cancelled)
@@ -285,6 +293,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._waiting: deque[_Txn] = deque()
         self._envelope_txn: _Txn | None = None
         self._body_txn: _Txn | None = None
+        # The transaction whose data the server is waiting for while its body is held back.
+        self._held: _Txn | None = None
         self._need_rset = False
         self._watchdog: IDelayedCall | None = None
         self._last_progress = 0.0
@@ -397,19 +407,41 @@ class MailerProtocol(tsmtp.ESMTPClient):
         assert txn.deferred is not None
         return txn.deferred
 
-    def submit(self, envelope: Envelope, notify: Notify, context: Any) -> _Txn:
+    def submit(
+        self,
+        envelope: Envelope,
+        notify: Notify,
+        context: Any,
+        *,
+        ready: Callable[[Any], None] | None = None,
+    ) -> _Txn:
         """Queue one transaction without a Deferred: ``notify(context, result, error)`` ends it.
 
         ``notify`` gets either the per-recipient replies or the
         :class:`~twistmail.errors.DeliveryError` that :meth:`send` would fail with (it may be
         called before this returns). The returned handle can be passed to :meth:`cancel`.
+
+        With ``ready``, the message's body is held back when the server asks for it:
+        ``ready(context)`` is called, and the body (and anything queued after it) goes out
+        only on :meth:`release_body`. A caller that must record each outcome before another
+        message can be delivered uses this to keep the next envelope pipelined meanwhile.
         """
-        txn = _Txn(envelope, notify, context)
+        txn = _Txn(envelope, notify, context, ready)
         if not self.usable:
             txn.fail(self._unusable())
             return txn
         self._queue(txn)
         return txn
+
+    def release_body(self, txn: _Txn) -> None:
+        """Send the body held back for ``txn`` (see :meth:`submit`); nothing if it is not held."""
+        if self._held is not txn or self.is_closed:
+            return
+        self._held = None
+        self._write_body(txn)
+        self._pump()
+        if not self._receiving:
+            self._flush()
 
     def cancel(self, txn: _Txn) -> None:
         """Give up on a transaction from :meth:`submit`; its ``notify`` may still be called."""
@@ -463,6 +495,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
 
     def _pump(self) -> None:
         """Start the next waiting transaction if the connection can take it now."""
+        if self._held is not None:
+            return  # the server is waiting for data: nothing else may be written before it
         while self._waiting and self._envelope_txn is None:
             if self._body_txn is not None and not self._pipelining:
                 return
@@ -526,7 +560,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
         if utf8:
             params += b" SMTPUTF8"
         last_sender, last_utf8, sender_path = self._sender_path
-        if utf8 != last_utf8 or env.sender != last_sender:
+        if utf8 != last_utf8 or (env.sender is not last_sender and env.sender != last_sender):
             sender_path = env.sender.smtp_path(utf8=utf8)
             self._sender_path = (env.sender, utf8, sender_path)
         mail = b"MAIL FROM:<" + sender_path + b">" + params + b"\r\n"
@@ -726,14 +760,11 @@ class MailerProtocol(tsmtp.ESMTPClient):
             self._envelope_txn = None
             if code == 354:
                 self._body_txn = txn
-                if txn.accepted and txn.mail_failed is None:
-                    self._out.append(txn.envelope.payload)
-                else:
-                    # A server that says 354 with no accepted recipient gets an empty message.
-                    txn.data_failed = txn.data_failed or (554, "no valid recipients")
-                    self._out.append(b".\r\n")
-                self._command(_DOT, txn, 0, b"")
-                self._arm_data_timer()
+                if txn.ready is not None and txn.accepted and txn.mail_failed is None:
+                    self._held = txn
+                    txn.ready(txn.context)  # may call release_body at once
+                    return
+                self._write_body(txn)
             else:
                 self._need_rset = True
                 txn.data_failed = _reply(code, raw)
@@ -746,6 +777,16 @@ class MailerProtocol(tsmtp.ESMTPClient):
                 self.transport.loseConnection()
             return
         self._pump()
+
+    def _write_body(self, txn: _Txn) -> None:
+        if txn.accepted and txn.mail_failed is None:
+            self._out.append(txn.envelope.payload)
+        else:
+            # A server that says 354 with no accepted recipient gets an empty message.
+            txn.data_failed = txn.data_failed or (554, "no valid recipients")
+            self._out.append(b".\r\n")
+        self._command(_DOT, txn, 0, b"")
+        self._arm_data_timer()
 
     def _finish(self, txn: _Txn, code: int, raw: bytes) -> None:
         """Fire the transaction's Deferred with each recipient's final reply."""
@@ -903,7 +944,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
         if self._envelope_txn is not None:
             txns.append(self._envelope_txn)
         txns.extend(self._waiting)
-        self._body_txn = self._envelope_txn = None
+        self._body_txn = self._envelope_txn = self._held = None
         self._waiting.clear()
         self._expect.clear()
         for txn in txns:

@@ -62,6 +62,11 @@ class ConnectionPool:
         """Connections currently open (idle or in use)."""
         return len(self._all)
 
+    @property
+    def has_room(self) -> bool:
+        """Another connection may be opened: :meth:`acquire` would open one rather than wait."""
+        return not self._closed and len(self._all) + len(self._connecting) < self.size
+
     def acquire(self) -> defer.Deferred[MailerProtocol]:
         """A ready connection for one transaction, until :meth:`release`."""
         if self._closed:

@@ -1,0 +1,146 @@
+"""The CSV command's delivery loop against a real server (aiosmtpd) on 127.0.0.1.
+
+The journal is played by the test: each outcome's record "commits" only when the test says so,
+which shows the bound the loop keeps on messages delivered but not yet recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import pytest_twisted
+from servers import CueServer
+from twisted.internet import defer, reactor, task
+
+from twistmail.mailer import Mailer
+from twistmail.merge.delivery import JournaledDelivery
+from twistmail.message import Envelope, envelope_from_bytes
+
+
+@dataclass
+class Job:
+    envelope: Envelope
+    attempts: int = 0
+
+
+def jobs(n: int) -> list[Job]:
+    data = b"Subject: x\r\n\r\nhi\r\n"
+    return [
+        Job(envelope_from_bytes("a@example.com", [f"u{i}@example.org"], data)) for i in range(n)
+    ]
+
+
+async def until(check: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+async def pause(seconds: float = 0.3) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+def recorded_as_sent(outcome: tuple[Any, ...]) -> bool:
+    """``sent(job, code, text)``, or ``settle(job, result, error)`` with every recipient sent."""
+    if isinstance(outcome[0], int):
+        return bool(outcome[0] == 250)
+    result, error = outcome
+    return error is None and result.ok and len(result.recipients) == 1
+
+
+class Records:
+    """The outcomes the loop recorded, each with the Deferred that commits it."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[Job, tuple[Any, ...]]] = []
+        self.commits: list[defer.Deferred[None]] = []
+
+    def record(self, job: Job, *outcome: Any) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self.outcomes.append((job, outcome))
+        self.commits.append(d)
+        return d
+
+    def commit_all(self) -> None:
+        for d in self.commits:
+            if not d.called:
+                d.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_at_most_concurrency_messages_are_delivered_and_not_yet_recorded(
+    cue_server: Callable[..., CueServer], pipelining: bool
+) -> None:
+    server = cue_server(pipelining=pipelining)
+    concurrency, n = 2, 8
+    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=concurrency, max_attempts=1)
+    pending = iter(jobs(n))
+    records = Records()
+    loop = JournaledDelivery(
+        mailer,
+        reactor,
+        concurrency,
+        next_job=lambda: next(pending, None),
+        more_in=lambda: None,
+        settle=records.record,
+        sent=records.record,
+    )
+    done = loop.run()
+    try:
+        await until(lambda: len(records.commits) == concurrency)
+        await pause()
+        # Nothing more reaches the server while those outcomes are not committed.
+        assert len(server.received) == len(records.commits) == concurrency
+        records.commits[0].callback(None)
+        await until(lambda: len(records.commits) == concurrency + 1)
+        await pause()
+        assert len(server.received) == concurrency + 1
+        while not done.called:
+            records.commit_all()
+            await pause(0.05)
+        await done
+    finally:
+        await mailer.close()
+    assert sorted(r.recipients[0] for r in server.received) == sorted(
+        f"u{i}@example.org" for i in range(n)
+    )
+    assert all(recorded_as_sent(outcome) for _, outcome in records.outcomes)
+    assert len(records.outcomes) == n
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_record_stops_the_loop_and_drops_held_messages(
+    cue_server: Callable[..., CueServer],
+) -> None:
+    server = cue_server(pipelining=True)
+    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=1, max_attempts=1)
+    pending = iter(jobs(5))
+    records = Records()
+    loop = JournaledDelivery(
+        mailer,
+        reactor,
+        1,
+        next_job=lambda: next(pending, None),
+        more_in=lambda: None,
+        settle=records.record,
+        sent=records.record,
+    )
+    done = loop.run()
+    try:
+        await until(lambda: len(records.commits) == 1)
+        await pause()
+        records.commits[0].errback(OSError("disk full"))
+        with pytest.raises(OSError, match="disk full"):
+            await done
+        await pause()
+        # The message whose data was held back was never completed on the server.
+        assert len(server.received) == 1
+    finally:
+        await mailer.close()
