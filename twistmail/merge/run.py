@@ -1,9 +1,10 @@
 """The campaign loop of ``twistmail send``: CSV rows in, journaled outcomes out.
 
 Each CSV row becomes one message. Rows already settled in the journal (sent, invalid, and
-failed unless ``retry_failed``) are skipped, so re-running the same command resumes. A worker
-starts a new message only once the previous outcome of its slot is committed to the journal,
-so a kill at any moment can only duplicate the messages in flight (at most ``concurrency``).
+failed unless ``retry_failed``) are skipped, so re-running the same command resumes. The
+delivery loop (:mod:`.delivery`) lets a message's data go out only while fewer than
+``concurrency`` messages wait for their outcome to be committed to the journal, so a kill at
+any moment can only duplicate at most ``concurrency`` messages.
 
 Retries are the campaign's own: the Mailer makes one attempt per call, a 4xx reply, a drop or
 a timeout parks the row as ``deferred`` (journaled with its next attempt time) and it comes
