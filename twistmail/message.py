@@ -114,6 +114,37 @@ def envelope_from_bytes(
     return _envelope(envelope_sender, forward_paths, data, None)
 
 
+def _envelope_from_crlf(
+    sender: Address,
+    recipients: list[Address],
+    data: bytes,
+    header_end: int,
+    message_id: str,
+) -> Envelope:
+    """An envelope for ``data`` that its caller built with CRLF line ends only.
+
+    For the mail merge's direct renderer, which knows where its header block ends and what
+    Message-ID it wrote: only dot-stuffing is left to check. Raises :class:`AddressError`
+    like :func:`envelope_from_bytes` for the recipients.
+    """
+    forward_paths = _unique_recipients(recipients, field="recipients", empty="no recipients")
+    if data.startswith(b".") or data.find(b"\n.") >= 0:
+        payload, size = _to_wire(data)
+    else:
+        payload, size = data + b".\r\n", len(data)
+    eight_bit = not payload.isascii()
+    return Envelope(
+        sender=sender,
+        recipients=forward_paths,
+        payload=payload,
+        size=size,
+        eight_bit=eight_bit,
+        smtputf8=_addresses_need_smtputf8(sender, forward_paths)
+        or (eight_bit and not payload[:header_end].isascii()),
+        message_id=message_id,
+    )
+
+
 # Bulk mail repeats one sender: parse each sender string once (Address is immutable).
 _SENDERS: dict[str, Address] = {}
 _MAX_SENDERS = 1024

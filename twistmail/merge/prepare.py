@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -72,7 +73,7 @@ def prepare_row(
     guess = guess_email(row)
     if row.error is not None:
         return Problem(row.number, guess, row.error)
-    date = datetime.now(UTC).replace(microsecond=0)  # a Date header has whole seconds
+    date = _this_second()
     try:
         direct = render_direct(
             template,
@@ -88,6 +89,19 @@ def prepare_row(
         return render_full(template, row, message_id_for, envelope_from, date)
     except (RowError, MessageError) as e:
         return Problem(row.number, guess, f"row {row.number}: {e}")
+
+
+_second: list[tuple[int, datetime]] = [(0, datetime.fromtimestamp(0, UTC))]
+
+
+def _this_second() -> datetime:
+    """Now, in whole seconds (as a Date header has them); rows in the same second share it."""
+    now = int(time.time())
+    second, date = _second[0]
+    if now != second:
+        date = datetime.fromtimestamp(now, UTC)
+        _second[0] = (now, date)
+    return date
 
 
 def render_full(

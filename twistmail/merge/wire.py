@@ -26,7 +26,7 @@ from email.utils import format_datetime
 
 from twistmail.address import Address, parse_address, parse_sender
 from twistmail.errors import AddressError
-from twistmail.message import Envelope, envelope_from_bytes
+from twistmail.message import Envelope, _envelope_from_crlf
 
 from .template import _ADDRESS_HEADERS, _RECIPIENT_HEADERS, MessageTemplate
 
@@ -128,10 +128,18 @@ def render_direct(
     lines.append(_date_line(date))
     lines.append(f"Message-ID: {message_id}\r\n".encode("ascii"))
     lines.append(_CONTENT_HEADERS[template.kind, ascii_body])
-    lines.append(b"\r\n".join(body_lines) + b"\r\n")
+    head = b"".join(lines)
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
     forward_paths = [address for key in _RECIPIENT_HEADERS for address in recipients[key]]
-    envelope = envelope_from_bytes(envelope_sender, forward_paths, b"".join(lines))
+    # Every line above ends in CRLF (values with a line break were refused, literal headers
+    # are folded by policy.SMTP, body lines are re-joined with CRLF).
+    envelope = _envelope_from_crlf(
+        envelope_sender,
+        forward_paths,
+        head + b"\r\n".join(body_lines) + b"\r\n",
+        len(head) - 2,
+        message_id,
+    )
     if not ascii_body:
         # An 8-bit body: for a server without 8BITMIME, rebuilt as 7-bit from these bytes.
         envelope = dataclasses.replace(envelope, rendered=True)
