@@ -237,3 +237,47 @@ def _error_of(call: Callable[[], object]) -> str | None:
     except (RowError, MessageError) as error:
         return str(error)
     return None
+
+
+def piece_by_piece(template: MessageTemplate, values: dict[str, str]) -> object:
+    context = template.context(values)
+    try:
+        return list(template.header_values(context)), template.render_body(context)
+    except RowError as e:
+        return str(e)
+
+
+def at_once(template: MessageTemplate, values: dict[str, str]) -> object:
+    context = template.context(values)
+    try:
+        header_values, body = template.render_row(context)
+        return list(header_values), body if body is not None else template.render_body(context)
+    except RowError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"name": "Ann", "email": "a@example.org", "code": "1"},
+        {"name": "Ann", "email": "a@example.org", "code": "1\x002"},  # NUL in the body
+        {"name": "A\x00nn", "email": "a@example.org", "code": "1"},  # NUL in a header
+        {"name": "Ann", "email": "a@example.org"},  # no code: undefined in the body
+        {"name": "Ann\nBcc: x@example.org", "email": "a@example.org", "code": "1"},
+    ],
+)
+def test_a_row_rendered_at_once_equals_the_row_rendered_piece_by_piece(
+    values: dict[str, str],
+) -> None:
+    template = MessageTemplate(PLAIN)
+    assert template._joined is not None  # the case under test: headers and body in one render
+    assert at_once(template, values) == piece_by_piece(template, values)
+
+
+def test_a_set_statement_in_one_header_does_not_reach_another() -> None:
+    template = MessageTemplate(
+        "From: a@example.com\nTo: {{ email }}\nSubject: {% set x = 'leaked' %}hi\n"
+        "X-Note: {{ x | default('none') }}\n\nbody\n"
+    )
+    values, _ = template.render_row(template.context({"email": "b@example.org"}))
+    assert [(h.name, v) for h, v in list(values)][-2:] == [("Subject", "hi"), ("X-Note", "none")]

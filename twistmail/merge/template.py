@@ -85,6 +85,8 @@ _UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
 _ATTACHMENT_CACHE_BYTES = 64 * 1024 * 1024
 # What a value from a CSV cell may break when rendered: template code may do anything a
 # str can, so its ordinary failures are failures of the row, not of the campaign.
+# Between the parts of a row rendered at once (see MessageTemplate.render_row).
+_SEPARATOR = "\x00"
 _RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError)
 
 
@@ -146,6 +148,7 @@ class _Header:
     addresses: tuple[Address, ...] | None  # pre-parsed, for a literal address header
     parsed: BaseHeader | None  # the header object of a literal value, built once
     wire: bytes | None  # how a literal value goes out (folded, CRLF), when that is ASCII
+    source: str = ""  # the template text of a templated value
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,11 +200,13 @@ class MessageTemplate:
         self._attachments: list[_Header] = []
         self.kind: BodyKind = self._read_headers(lines[:blank])
         body_line = blank + 2
-        body_ast = self._parse("\n".join(lines[blank + 1 :]), body_line)
+        body_source = "\n".join(lines[blank + 1 :])
+        body_ast = self._parse(body_source, body_line)
         self._parts.append(_Part(body_line, body_ast))
         # An HTML body escapes CSV cells ("<", "&"), so a cell cannot inject markup.
         body_env = self._env.overlay(autoescape=True) if self.kind == "html" else self._env
         self._body = body_env.from_string(body_ast)
+        self._joined, self._joined_body = self._join(body_source)
         self.variables: frozenset[str] = frozenset(
             name
             for part in self._parts
@@ -329,6 +334,39 @@ class MessageTemplate:
         context.update(values)
         return context
 
+    def render_row(
+        self, context: dict[str, object]
+    ) -> tuple[Iterable[tuple[_Header, str]], str | None]:
+        """:meth:`header_values` and, if it came with them, the body (else None).
+
+        The templated values (and the body, when it can be) are rendered as one Jinja2
+        template, their texts separated by NUL, which no accepted header value contains. A
+        row whose pieces do not all come out right gets the lazy :meth:`header_values` and no
+        body, so its errors are raised exactly as rendering piece by piece raises them.
+        """
+        joined = self._joined
+        if joined is not None:
+            try:
+                pieces = self._render(joined, context, None).split(_SEPARATOR)
+            except RowError:
+                pieces = []
+            if len(pieces) == self._joined_count:
+                body = pieces.pop() if self._joined_body else None
+                values: list[tuple[_Header, str]] = []
+                taken = iter(pieces)
+                for header in self._headers:
+                    if header.template is None:
+                        value = header.literal or ""
+                    else:
+                        value = next(taken)
+                        if not _is_clean(header.name, value):
+                            return self.header_values(context), None
+                        value = value.strip()
+                    if value:
+                        values.append((header, value))
+                return values, body
+        return self.header_values(context), None
+
     def header_values(self, context: dict[str, object]) -> Iterator[tuple[_Header, str]]:
         """Each header to send for a row and its value, checked; empty values are left out.
 
@@ -438,7 +476,22 @@ class MessageTemplate:
             template = self._env.from_string(ast)
         except jinja2.TemplateSyntaxError as exc:  # pragma: no cover - parse() caught it
             raise self._fail(number, exc.message or str(exc)) from None
-        return _Header(name, key, number, None, template, None, None, None)
+        return _Header(name, key, number, None, template, None, None, None, value)
+
+    def _join(self, body_source: str) -> tuple[jinja2.Template | None, bool]:
+        """The template for :meth:`render_row`, and whether it includes the body.
+
+        Parts with statements are left out (a ``{% set %}`` would leak into the next part), and
+        an HTML body, which escapes its values, is rendered on its own.
+        """
+        sources = [h.source for h in self._headers if h.template is not None]
+        with_body = self.kind != "html" and "{%" not in body_source
+        if with_body:
+            sources.append(body_source)
+        if len(sources) < 2 or any("{%" in source or _SEPARATOR in source for source in sources):
+            return None, False
+        self._joined_count = len(sources)
+        return self._env.from_string(_SEPARATOR.join(sources)), with_body
 
     def _first_use(self, variable: str) -> int | None:
         lines = [
@@ -506,6 +559,14 @@ class MessageTemplate:
                 _, evicted = self._cache.popitem(last=False)
                 self._cache_bytes -= len(evicted.data)
         return attachment
+
+
+def _is_clean(name: str, value: str) -> bool:
+    try:
+        check_header_value(name, value)
+    except HeaderInjectionError:
+        return False
+    return True
 
 
 def _checked(name: str, value: str) -> None:

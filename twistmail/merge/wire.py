@@ -81,7 +81,8 @@ def render_direct(
     first: dict[str, Address] = {}
     recipients: dict[str, list[Address]] = {key: [] for key in _RECIPIENT_HEADERS}
     context = template.context(values)
-    for header, value in template.header_values(context):
+    header_values, body = template.render_row(context)
+    for header, value in header_values:
         key = header.key
         if header.template is None and header.wire is not None:
             line = header.wire
@@ -115,7 +116,8 @@ def render_direct(
     report_address = next((first[key] for key in _RECIPIENT_HEADERS if key in first), None)
     if sender is None or report_address is None:
         return None  # the full path raises the row's error
-    body = template.render_body(context)
+    if body is None:
+        body = template.render_body(context)
     ascii_body = body.isascii()
     body_lines = body.encode("utf-8").splitlines()
     if body_lines and max(map(len, body_lines)) > _MAX_LINE:
