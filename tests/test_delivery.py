@@ -144,3 +144,42 @@ async def test_a_failed_record_stops_the_loop_and_drops_held_messages(
         assert len(server.received) == 1
     finally:
         await mailer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_waiting_for_their_commit_stop_new_rows_at_the_cap(
+    cue_server: Callable[..., CueServer],
+) -> None:
+    server = cue_server(pipelining=True, mail_reply="550 5.7.1 not from you")
+    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=2, max_attempts=1)
+    pending = iter(jobs(20))
+    records = Records()
+    loop = JournaledDelivery(
+        mailer,
+        reactor,
+        2,
+        next_job=lambda: next(pending, None),
+        more_in=lambda: None,
+        settle=records.record,
+        sent=records.record,
+        max_recording=5,
+    )
+    done = loop.run()
+    try:
+        await until(lambda: len(records.commits) >= 5)
+        await pause()
+        waiting = len(records.commits)
+        # No row is read while five outcomes wait; those already in flight (two connections,
+        # three pipelined each) still end and are recorded.
+        assert 5 <= waiting <= 5 + 2 * 3
+        await pause()
+        assert len(records.commits) == waiting
+        while not done.called:
+            records.commit_all()
+            await pause(0.05)
+        await done
+    finally:
+        await mailer.close()
+    assert len(records.outcomes) == 20
+    assert server.received == []
+    assert all(result.recipients[0].code == 550 for _, (result, _) in records.outcomes)

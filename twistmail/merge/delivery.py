@@ -65,8 +65,9 @@ class JournaledDelivery:
 
     ``next_job()`` gives the next job or None; ``more_in()`` then says in how many seconds to
     ask again (a retry parked for later), or None when the campaign has nothing left.
-    ``settle`` and ``sent`` record outcomes. :meth:`run` fires once every outcome is committed;
-    it fails if recording one fails.
+    ``settle`` and ``sent`` record outcomes; no new job starts while ``max_recording`` of them
+    (default: 50 per connection, at least 1,000) wait for their commit. :meth:`run` fires once
+    every outcome is committed; it fails if recording one fails.
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class JournaledDelivery:
         more_in: Callable[[], float | None],
         settle: Settle,
         sent: Sent,
+        max_recording: int | None = None,
     ) -> None:
         self._mailer = mailer
         self._reactor = reactor
@@ -92,6 +94,9 @@ class JournaledDelivery:
         self._limit = concurrency * (mailer.pool.depth if self._fast else 1)
         self._in_flight = 0  # attempts whose transaction has not ended
         self._recording = 0  # outcomes not yet committed
+        # Outcomes that need no commit before the next message (refusals, deferrals) still
+        # wait for one before more rows are read, so a slow journal cannot let them pile up.
+        self._max_recording = max_recording or max(1000, 50 * concurrency)
         self._held: deque[_Attempt] = deque()
         self._attempts: set[_Attempt] = set()
         self._done: defer.Deferred[None] = defer.Deferred()
@@ -115,7 +120,11 @@ class JournaledDelivery:
         try:
             while not self._ended:
                 self._again = False
-                while self._in_flight < self._limit and started < _BURST:
+                while (
+                    self._in_flight < self._limit
+                    and self._recording < self._max_recording
+                    and started < _BURST
+                ):
                     proto = None
                     if self._fast:
                         proto = self._mailer.pool.acquire_now()
