@@ -41,6 +41,7 @@ ALL_SENDERS = (
     "aiosmtplib-asyncio",
     "smtplib-threads",
     "twisted-naive",
+    "twisted-bare",
 )
 # One connection per message with Nagle left on: far slower, so it gets fewer messages.
 SLOW_SENDERS = frozenset({"twisted-naive"})
@@ -424,7 +425,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "  aiosmtplib-asyncio  aiosmtplib, N persistent connections, stock asyncio\n"
             "  smtplib-threads     smtplib, N threads with one connection each\n"
             "  twisted-naive       twisted.mail.smtp.sendmail() per message, N in flight\n"
-            "                      (gets --slow-count messages: one connection per message)\n\n"
+            "                      (gets --slow-count messages: one connection per message)\n"
+            "  twisted-bare        a floor, not a peer: a bare pipelining Twisted Protocol with\n"
+            "                      no checks, outcomes, timeouts or retries\n\n"
             "Runs are interleaved and repeated; the table shows median/min/max messages/s,\n"
             "CPU microseconds per message (sending window), peak RSS, and twistmail's ratio\n"
             "to each peer. The sink's counter must match every run, or the benchmark fails.\n"

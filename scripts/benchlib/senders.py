@@ -262,12 +262,106 @@ def send_twisted_naive(opts: Options) -> dict[str, object]:
     return out
 
 
+def send_twisted_bare(opts: Options) -> dict[str, object]:
+    """A floor, not a peer: a bare Twisted ``Protocol`` pipelining like twistmail does.
+
+    MAIL, RCPT and DATA in one write; after the 354, the body and the next message's commands
+    in one write (RFC 2920). No address or byte checks, no per-recipient outcomes, no timeouts,
+    retries or pool: what Python and Twisted's reactor cost on this machine for the same
+    exchange, so a reader can see how much of twistmail's time its features take.
+    """
+    from twisted.internet import defer, protocol
+
+    out: dict[str, object] = {}
+
+    async def main(reactor: Any) -> None:
+        items = iter(range(opts.count))
+        done: defer.Deferred[None] = defer.Deferred()
+        tally = {"sent": 0, "failed": 0, "open": opts.connections}
+        failed: list[str] = []
+
+        class Bare(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.transport.setTcpNoDelay(True)
+                self.buf = b""
+                self.stage = 0  # 0: greeting, 1: EHLO, 2: sending
+                self.expect: list[tuple[bytes, int]] = []  # (what, message number)
+
+            def dataReceived(self, data: bytes) -> None:
+                lines = (self.buf + data).split(b"\r\n")
+                self.buf = lines.pop()
+                out: list[bytes] = []
+                for line in lines:
+                    if line[3:4] == b"-":
+                        continue
+                    if self.stage < 2:
+                        self.stage += 1
+                        if self.stage == 1:
+                            out.append(b"EHLO bench.example\r\n")
+                        elif not self.queue_next(out):
+                            out.append(b"QUIT\r\n")
+                        continue
+                    if not self.expect:
+                        continue  # the reply to QUIT
+                    what, n = self.expect.pop(0)
+                    code = line[:3]
+                    if what == b"DATA":
+                        if code == b"354":
+                            out.append(message(n) + b".\r\n")
+                            self.expect.append((b".", n))
+                        else:
+                            failed.append(line.decode(errors="replace"))
+                        if not self.queue_next(out):
+                            out.append(b"QUIT\r\n")
+                    elif what == b".":
+                        if code == b"250":
+                            tally["sent"] += 1
+                        else:
+                            failed.append(line.decode(errors="replace"))
+                    elif code != b"250":
+                        failed.append(line.decode(errors="replace"))
+                if out:
+                    self.transport.write(b"".join(out))
+
+            def queue_next(self, out: list[bytes]) -> bool:
+                n = next(items, None)
+                if n is None:
+                    return False
+                out.append(
+                    b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n"
+                    % (SENDER.encode(), recipient(n).encode())
+                )
+                self.expect += [(b"MAIL", n), (b"RCPT", n), (b"DATA", n)]
+                return True
+
+            def connectionLost(self, reason: object) -> None:
+                tally["open"] -= 1
+                if tally["open"] == 0:
+                    done.callback(None)
+
+        factory = protocol.ClientFactory()
+        factory.protocol = Bare
+        t0, c0 = _mark()
+        for _ in range(opts.connections):
+            reactor.connectTCP(opts.host, opts.port, factory)
+        await done
+        out.update(_window(t0, c0))
+        out["sent"] = tally["sent"]
+        out["failed"] = len(failed)
+        out["errors"] = failed[:5]
+        out["reactor"] = type(reactor).__name__
+
+    _react(main)
+    return out
+
+
 SENDERS: dict[str, Callable[[Options], dict[str, object]]] = {
     "twistmail": send_twistmail,
     "aiosmtplib-uvloop": send_aiosmtplib_uvloop,
     "aiosmtplib-asyncio": send_aiosmtplib_asyncio,
     "smtplib-threads": send_smtplib_threads,
     "twisted-naive": send_twisted_naive,
+    "twisted-bare": send_twisted_bare,
 }
 
 
