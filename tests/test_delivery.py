@@ -73,16 +73,12 @@ class Records:
                 d.callback(None)
 
 
-@pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("pipelining", [True, False])
-async def test_at_most_concurrency_messages_are_delivered_and_not_yet_recorded(
-    cue_server: Callable[..., CueServer], pipelining: bool
-) -> None:
-    server = cue_server(pipelining=pipelining)
-    concurrency, n = 2, 8
+def start(
+    server: CueServer, concurrency: int, n: int, records: Records, **options: Any
+) -> tuple[Mailer, defer.Deferred[None]]:
+    """A loop over ``n`` jobs on a fresh mailer; ``records`` plays the journal."""
     mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=concurrency, max_attempts=1)
     pending = iter(jobs(n))
-    records = Records()
     loop = JournaledDelivery(
         mailer,
         reactor,
@@ -91,8 +87,28 @@ async def test_at_most_concurrency_messages_are_delivered_and_not_yet_recorded(
         more_in=lambda: None,
         settle=records.record,
         sent=records.record,
+        **options,
     )
-    done = loop.run()
+    return mailer, loop.run()
+
+
+async def commit_until(done: defer.Deferred[None], records: Records) -> None:
+    """Commit every outcome as it comes, until the loop is done."""
+    while not done.called:
+        records.commit_all()
+        await pause(0.05)
+    await done
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_at_most_concurrency_messages_are_delivered_and_not_yet_recorded(
+    cue_server: Callable[..., CueServer], pipelining: bool
+) -> None:
+    server = cue_server(pipelining=pipelining)
+    concurrency, n = 2, 8
+    records = Records()
+    mailer, done = start(server, concurrency, n, records)
     try:
         await until(lambda: len(records.commits) == concurrency)
         await pause()
@@ -102,10 +118,7 @@ async def test_at_most_concurrency_messages_are_delivered_and_not_yet_recorded(
         await until(lambda: len(records.commits) == concurrency + 1)
         await pause()
         assert len(server.received) == concurrency + 1
-        while not done.called:
-            records.commit_all()
-            await pause(0.05)
-        await done
+        await commit_until(done, records)
     finally:
         await mailer.close()
     assert sorted(r.recipients[0] for r in server.received) == sorted(
@@ -120,19 +133,8 @@ async def test_a_failed_record_stops_the_loop_and_drops_held_messages(
     cue_server: Callable[..., CueServer],
 ) -> None:
     server = cue_server(pipelining=True)
-    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=1, max_attempts=1)
-    pending = iter(jobs(5))
     records = Records()
-    loop = JournaledDelivery(
-        mailer,
-        reactor,
-        1,
-        next_job=lambda: next(pending, None),
-        more_in=lambda: None,
-        settle=records.record,
-        sent=records.record,
-    )
-    done = loop.run()
+    mailer, done = start(server, 1, 5, records)
     try:
         await until(lambda: len(records.commits) == 1)
         await pause()
@@ -151,20 +153,8 @@ async def test_refusals_waiting_for_their_commit_stop_new_rows_at_the_cap(
     cue_server: Callable[..., CueServer],
 ) -> None:
     server = cue_server(pipelining=True, mail_reply="550 5.7.1 not from you")
-    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=2, max_attempts=1)
-    pending = iter(jobs(20))
     records = Records()
-    loop = JournaledDelivery(
-        mailer,
-        reactor,
-        2,
-        next_job=lambda: next(pending, None),
-        more_in=lambda: None,
-        settle=records.record,
-        sent=records.record,
-        max_recording=5,
-    )
-    done = loop.run()
+    mailer, done = start(server, 2, 20, records, max_recording=5)
     try:
         await until(lambda: len(records.commits) >= 5)
         await pause()
@@ -174,10 +164,7 @@ async def test_refusals_waiting_for_their_commit_stop_new_rows_at_the_cap(
         assert 5 <= waiting <= 5 + 2 * 3
         await pause()
         assert len(records.commits) == waiting
-        while not done.called:
-            records.commit_all()
-            await pause(0.05)
-        await done
+        await commit_until(done, records)
     finally:
         await mailer.close()
     assert len(records.outcomes) == 20

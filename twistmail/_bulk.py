@@ -9,9 +9,9 @@ from email.message import EmailMessage
 from typing import TYPE_CHECKING, TypeAlias
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
+from ._twisted import Alarm
 from .errors import DeliveryError, MessageError
 from .message import Envelope
 from .results import RecipientOutcome, SendReport, SendResult
@@ -151,7 +151,7 @@ class _Run:
         self.ended = False
         self._pumping = False
         self._again = False
-        self._wake: IDelayedCall | None = None
+        self._alarm = Alarm(self.mailer._clock, self.pump)
         self._fast = mailer._bucket is None and mailer._domains is None
 
     def start(self) -> defer.Deferred[None]:
@@ -177,7 +177,7 @@ class _Run:
                     started += 1
                     if started >= _BURST:
                         # Attempts that end at once (a dead server) must not starve the reactor.
-                        self._wake_in(0.0)
+                        self._alarm.within(0.0)
                         return
                 if not self._again:
                     break
@@ -274,29 +274,14 @@ class _Run:
         if self.parked:
             # The soonest retry may have been parked after the wake-up was set for a later one.
             delay = max(0.0, self.parked[0][0] - self.mailer._clock.seconds())
-            self._wake_in(delay)
+            self._alarm.within(delay)
         elif self.exhausted and self.in_flight == 0:
             self._end()
             self.done.callback(None)
 
-    def _wake_in(self, delay: float) -> None:
-        """Make sure `pump` runs within ``delay`` seconds."""
-        wake = self._wake
-        if wake is None:
-            self._wake = self.mailer._clock.callLater(delay, self._woken)
-        elif wake.getTime() > self.mailer._clock.seconds() + delay:
-            wake.reset(delay)
-
-    def _woken(self) -> None:
-        self._wake = None
-        self.pump()
-
     def _end(self) -> None:
         self.ended = True
-        if self._wake is not None:
-            if self._wake.active():
-                self._wake.cancel()
-            self._wake = None
+        self._alarm.cancel()
 
     def _fail(self, failure: Failure) -> None:
         if self.ended:

@@ -8,8 +8,36 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["install_signal_handlers", "when_done"]
+__all__ = ["Alarm", "install_signal_handlers", "when_done"]
+
+
+class Alarm:
+    """One pending call of ``wake``, brought forward as needed but never pushed back."""
+
+    def __init__(self, clock: IReactorTime, wake: Callable[[], None]) -> None:
+        self._clock = clock
+        self._wake = wake
+        self._call: IDelayedCall | None = None
+
+    def within(self, delay: float) -> None:
+        """Make sure ``wake`` runs within ``delay`` seconds."""
+        call = self._call
+        if call is None:
+            self._call = self._clock.callLater(delay, self._ring)
+        elif call.getTime() > self._clock.seconds() + delay:
+            call.reset(delay)
+
+    def cancel(self) -> None:
+        """No call pending any more."""
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _ring(self) -> None:
+        self._call = None
+        self._wake()
 
 
 def when_done(observed: defer.Deferred[Any]) -> defer.Deferred[None]:

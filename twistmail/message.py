@@ -130,19 +130,10 @@ def _envelope_from_crlf(
     forward_paths = _unique_recipients(recipients, field="recipients", empty="no recipients")
     if data.startswith(b".") or data.find(b"\n.") >= 0:
         payload, size = _to_wire(data)
+        header_end = _header_end(payload)  # a stuffed dot may have moved it
     else:
         payload, size = data + b".\r\n", len(data)
-    eight_bit = not payload.isascii()
-    return Envelope(
-        sender=sender,
-        recipients=forward_paths,
-        payload=payload,
-        size=size,
-        eight_bit=eight_bit,
-        smtputf8=_addresses_need_smtputf8(sender, forward_paths)
-        or (eight_bit and not payload[:header_end].isascii()),
-        message_id=message_id,
-    )
+    return _built(sender, forward_paths, payload, size, header_end, message_id)
 
 
 # Bulk mail repeats one sender: parse each sender string once (Address is immutable).
@@ -249,6 +240,20 @@ def _envelope(
 ) -> Envelope:
     payload, size = _to_wire(data)
     header_end = _header_end(payload)
+    return _built(
+        sender, recipients, payload, size, header_end, _message_id(payload, header_end), source
+    )
+
+
+def _built(
+    sender: Address,
+    recipients: tuple[Address, ...],
+    payload: bytes,
+    size: int,
+    header_end: int,
+    message_id: str | None,
+    source: EmailMessage | None = None,
+) -> Envelope:
     eight_bit = not payload.isascii()
     return Envelope(
         sender=sender,
@@ -258,7 +263,7 @@ def _envelope(
         eight_bit=eight_bit,
         smtputf8=_addresses_need_smtputf8(sender, recipients)
         or (eight_bit and not payload[:header_end].isascii()),
-        message_id=_message_id(payload, header_end),
+        message_id=message_id,
         source=source,
     )
 

@@ -21,10 +21,10 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from twistmail._bulk import _Delivery
+from twistmail._twisted import Alarm
 from twistmail.errors import DeliveryError
 from twistmail.mailer import Mailer
 from twistmail.message import Envelope
@@ -103,7 +103,7 @@ class JournaledDelivery:
         self._ended = False
         self._pumping = False
         self._again = False
-        self._wake: IDelayedCall | None = None
+        self._alarm = Alarm(self._reactor, self.pump)
 
     def run(self) -> defer.Deferred[None]:
         """Start; fires when the campaign has nothing left in flight or to record."""
@@ -147,7 +147,7 @@ class JournaledDelivery:
         finally:
             self._pumping = False
         if started >= _BURST:
-            self._wake_in(0.0)  # let the reactor in before starting more
+            self._alarm.within(0.0)  # let the reactor in before starting more
         else:
             self._idle_check()
 
@@ -263,25 +263,11 @@ class JournaledDelivery:
             self._end()
             self._done.callback(None)
         else:
-            self._wake_in(delay)
-
-    def _wake_in(self, delay: float) -> None:
-        wake = self._wake
-        if wake is None:
-            self._wake = self._reactor.callLater(delay, self._woken)
-        elif wake.getTime() > self._reactor.seconds() + delay:
-            wake.reset(delay)
-
-    def _woken(self) -> None:
-        self._wake = None
-        self.pump()
+            self._alarm.within(delay)
 
     def _end(self) -> None:
         self._ended = True
-        if self._wake is not None:
-            if self._wake.active():
-                self._wake.cancel()
-            self._wake = None
+        self._alarm.cancel()
 
     def _fail(self, failure: Failure) -> None:
         if self._ended:
