@@ -48,3 +48,39 @@ async def test_a_server_deferring_everything_does_not_pull_the_csv_into_memory(
     campaign.interrupt()
     assert await done == EXIT_INTERRUPTED
     assert server.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pipelining_server_that_defers_and_drops_gets_every_row_exactly_once(
+    cue_server: Callable[..., CueServer], tmp_path: Path
+) -> None:
+    # The delivery loop's pipelined path (envelopes ahead, bodies held for the journal) with a
+    # 4xx on one recipient and a connection dropped after the data of the first message.
+    server = cue_server(
+        pipelining=True,
+        rcpt_replies_once={"u7": "451 4.2.1 busy, try later"},
+        drop_after_data_count=1,
+    )
+    rows = 60
+    csv_path = tmp_path / "r.csv"
+    csv_path.write_text(
+        "email\n" + "".join(f"u{i}@example.org\n" for i in range(rows)), encoding="utf-8"
+    )
+    (tmp_path / "t.txt").write_text(TEMPLATE, encoding="utf-8")
+    out = io.StringIO()
+    options = SendOptions(
+        csv_path=str(csv_path),
+        template_path=str(tmp_path / "t.txt"),
+        smtp_url=f"smtp://127.0.0.1:{server.port}",
+        concurrency=3,
+        retry_delay=0.05,
+        progress=False,
+        out=out,
+    )
+    assert await defer.ensureDeferred(Campaign(options, reactor).run()) == 0, out.getvalue()
+    delivered = sorted(r.recipients[0] for r in server.received)
+    assert delivered == sorted(f"u{i}@example.org" for i in range(rows))  # once each
+    assert len(server.dropped) == 1
+    report = (tmp_path / "r.report.csv").read_text(encoding="utf-8").splitlines()
+    assert len(report) == rows + 1
+    assert all(",sent," in line for line in report[1:])
