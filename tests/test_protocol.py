@@ -20,7 +20,8 @@ from twistmail.errors import (
     TransientError,
 )
 from twistmail.message import envelope_from_bytes
-from twistmail.smtp._protocol import MailerProtocol, TransactionResult
+from twistmail.smtp._protocol import MailerProtocol
+from twistmail.smtp._transaction import TransactionResult
 
 BODY = b"Subject: hi\r\n\r\nline one\r\n.starts with a dot\r\n"
 WIRE_BODY = b"Subject: hi\r\n\r\nline one\r\n..starts with a dot\r\n.\r\n"

@@ -15,7 +15,8 @@ from ._twisted import Alarm
 from .errors import DeliveryError, MessageError
 from .message import Envelope
 from .results import RecipientOutcome, SendReport, SendResult
-from .smtp._protocol import MailerProtocol, TransactionResult, _Txn
+from .smtp._protocol import MailerProtocol
+from .smtp._transaction import TransactionResult, _Txn
 
 if TYPE_CHECKING:
     from .mailer import Mailer

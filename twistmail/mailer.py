@@ -24,7 +24,8 @@ from .message import Envelope, envelope_from_bytes, envelope_from_message
 from .ratelimit import DomainLimiter, TokenBucket
 from .results import RecipientOutcome, RecipientStatus, SendReport, SendResult
 from .retry import RetryPolicy
-from .smtp._protocol import MailerProtocol, TransactionResult
+from .smtp._protocol import MailerProtocol
+from .smtp._transaction import TransactionResult
 from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
 

@@ -29,7 +29,8 @@ from twistmail.errors import DeliveryError
 from twistmail.mailer import Mailer
 from twistmail.message import Envelope
 from twistmail.results import SendResult
-from twistmail.smtp._protocol import MailerProtocol, TransactionResult, _Txn
+from twistmail.smtp._protocol import MailerProtocol
+from twistmail.smtp._transaction import TransactionResult, _Txn
 
 __all__ = ["Job", "JournaledDelivery"]
 
