@@ -30,7 +30,6 @@ from twisted.python.failure import Failure
 
 from ..address import Address
 from ..errors import (
-    AuthenticationError,
     ConnectionLostError,
     DeliveryError,
     ExtensionRequiredError,
@@ -40,6 +39,7 @@ from ..errors import (
     TransientError,
 )
 from ..message import Envelope, reflatten_7bit
+from ._failures import handshake_error, ssl_reason
 from ._transaction import Notify, RecipientReply, TransactionResult, _reply, _text, _Txn
 from .esmtp import Capabilities, split_enhanced
 
@@ -181,44 +181,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._abort(self._translate_handshake_error(exc))
 
     def _translate_handshake_error(self, exc: Exception) -> DeliveryError:
-        host = self.host_label
-        code = getattr(exc, "code", None)
-        code = code if isinstance(code, int) and code > 0 else None
-        raw = getattr(exc, "resp", b"")
-        text = _text(raw) if isinstance(raw, bytes) else str(raw or "")
-        enhanced, text = split_enhanced(text)
-        kwargs: dict[str, Any] = {"code": code, "enhanced": enhanced, "response": text}
-        if isinstance(exc, tsmtp.TLSRequiredError):
-            return TLSError(
-                "STARTTLS is required (smtp+tls://) but the server does not offer it",
-                host=host,
-            )
-        if isinstance(exc, tsmtp.TLSError):
-            return TLSError("the server refused STARTTLS", host=host, **kwargs)
-        if isinstance(exc, tsmtp.AUTHRequiredError):
-            offered = ", ".join(sorted(self.capabilities.auth)) or "none"
-            return AuthenticationError(
-                "credentials were given but the server offers no usable AUTH mechanism "
-                f"(offered: {offered}; supported: CRAM-MD5, PLAIN, LOGIN)",
-                host=host,
-            )
-        if isinstance(exc, tsmtp.EHLORequiredError):
-            return AuthenticationError(
-                "credentials were given but the server does not speak ESMTP", host=host
-            )
-        if isinstance(exc, tsmtp.AUTHDeclinedError | tsmtp.AuthenticationError):
-            if code is not None and 400 <= code < 500:
-                return TransientError("authentication failed temporarily", host=host, **kwargs)
-            return AuthenticationError("authentication failed", host=host, **kwargs)
-        if isinstance(exc, tsmtp.SMTPConnectError):
-            if code is not None and 400 <= code < 500:
-                return TransientError("the server refused the session", host=host, **kwargs)
-            return PermanentError("the server refused the session", host=host, **kwargs)
-        if isinstance(exc, tsmtp.SMTPProtocolError):
-            return TransientError("the server sent a malformed reply", host=host)
-        if code is not None and 400 <= code < 500:
-            return TransientError("session setup failed", host=host, **kwargs)
-        return PermanentError("session setup failed", host=host, **kwargs)
+        return handshake_error(exc, self.host_label, self.capabilities.auth)
 
     # ------------------------------------------------------------------ public send API
 
@@ -793,7 +756,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
     def _lost_error(self, reason: Failure) -> DeliveryError:
         if reason.check(SSL.Error):
             return TLSError(
-                f"TLS handshake failed (certificate verification?): {_ssl_reason(reason)}",
+                f"TLS handshake failed (certificate verification?): {ssl_reason(reason)}",
                 host=self.host_label,
             )
         if self._body_txn is not None:
@@ -804,12 +767,3 @@ class MailerProtocol(tsmtp.ESMTPClient):
         if self.is_ready:
             return ConnectionLostError("connection lost", host=self.host_label)
         return ConnectionLostError("connection lost during session setup", host=self.host_label)
-
-
-def _ssl_reason(reason: Failure) -> str:
-    value: Any = reason.value
-    try:
-        errors = value.args[0]
-        return "; ".join(str(e[2]) for e in errors if len(e) > 2) or str(value)
-    except (IndexError, TypeError, AttributeError):
-        return str(value)
