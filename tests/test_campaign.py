@@ -84,3 +84,52 @@ async def test_a_pipelining_server_that_defers_and_drops_gets_every_row_exactly_
     report = (tmp_path / "r.report.csv").read_text(encoding="utf-8").splitlines()
     assert len(report) == rows + 1
     assert all(",sent," in line for line in report[1:])
+
+
+@pytest_twisted.ensureDeferred
+async def test_interrupted_with_pipelined_messages_unanswered_then_resumed_elsewhere(
+    cue_server: Callable[..., CueServer], tmp_path: Path
+) -> None:
+    # The server takes each message's data and never answers the final dot: every connection
+    # has one message sent and unanswered and the next ones queued behind it. An interrupt
+    # drops them after the grace period; nothing is recorded as sent, and a rerun against a
+    # working server delivers every row exactly once.
+    stalled = cue_server(pipelining=True, stall_on="DOT")
+    rows = 30
+    csv_path = tmp_path / "r.csv"
+    csv_path.write_text(
+        "email\n" + "".join(f"u{i}@example.org\n" for i in range(rows)), encoding="utf-8"
+    )
+    (tmp_path / "t.txt").write_text(TEMPLATE, encoding="utf-8")
+
+    def options(port: int) -> SendOptions:
+        return SendOptions(
+            csv_path=str(csv_path),
+            template_path=str(tmp_path / "t.txt"),
+            smtp_url=f"smtp://127.0.0.1:{port}",
+            concurrency=2,
+            grace=0.3,
+            progress=False,
+            out=io.StringIO(),
+        )
+
+    campaign = Campaign(options(stalled.port), reactor)
+    done = defer.ensureDeferred(campaign.run())
+    for _ in range(100):
+        await task.deferLater(reactor, 0.05, lambda: None)
+        if campaign.counts.started >= 2:
+            break
+    await task.deferLater(reactor, 0.3, lambda: None)
+    campaign.interrupt()
+    assert await done == EXIT_INTERRUPTED
+    assert stalled.received == []
+    assert campaign.counts.sent == 0
+    report = (tmp_path / "r.report.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(report) == rows
+    assert not any(",sent," in line for line in report)
+
+    working = cue_server(pipelining=True)
+    assert await defer.ensureDeferred(Campaign(options(working.port), reactor).run()) == 0
+    assert sorted(r.recipients[0] for r in working.received) == sorted(
+        f"u{i}@example.org" for i in range(rows)
+    )
