@@ -170,3 +170,33 @@ async def test_refusals_waiting_for_their_commit_stop_new_rows_at_the_cap(
     assert len(records.outcomes) == 20
     assert server.received == []
     assert all(result.recipients[0].code == 550 for _, (result, _) in records.outcomes)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_outcome_that_cannot_be_recorded_fails_the_loop(
+    cue_server: Callable[..., CueServer],
+) -> None:
+    server = cue_server(pipelining=True)
+
+    def refuse(job: Job, *outcome: Any) -> defer.Deferred[None]:
+        raise RuntimeError("the journal is closed")
+
+    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=1, max_attempts=1)
+    pending = iter(jobs(3))
+    loop = JournaledDelivery(
+        mailer,
+        reactor,
+        1,
+        next_job=lambda: next(pending, None),
+        more_in=lambda: None,
+        settle=refuse,
+        sent=refuse,
+    )
+    done = loop.run()
+    try:
+        await until(lambda: done.called)
+        with pytest.raises(RuntimeError, match="journal is closed"):
+            await done
+    finally:
+        await mailer.close()
+    assert len(server.received) == 1  # nothing after the outcome that could not be recorded

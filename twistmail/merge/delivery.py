@@ -53,7 +53,7 @@ Sent = Callable[[Any, int, str], defer.Deferred[None]]
 class _Attempt:
     __slots__ = ("at_risk", "ended", "job", "proto", "txn")
 
-    def __init__(self, job: Any) -> None:
+    def __init__(self, job: Job) -> None:
         self.job = job
         self.proto: MailerProtocol | None = None
         self.txn: _Txn | None = None
@@ -77,7 +77,7 @@ class JournaledDelivery:
         reactor: Any,
         concurrency: int,
         *,
-        next_job: Callable[[], Any],
+        next_job: Callable[[], Job | None],
         more_in: Callable[[], float | None],
         settle: Settle,
         sent: Sent,
@@ -154,7 +154,7 @@ class JournaledDelivery:
 
     # ------------------------------------------------------------------ attempts
 
-    def _start(self, job: Any, proto: MailerProtocol | None) -> None:
+    def _start(self, job: Job, proto: MailerProtocol | None) -> None:
         attempt = _Attempt(job)
         self._attempts.add(attempt)
         self._in_flight += 1
@@ -225,17 +225,25 @@ class JournaledDelivery:
         self._recording_started(attempt, recorded)
 
     def _ended_slow(self, result: SendResult, attempt: _Attempt) -> None:
-        if not self._ended:
-            self._recording_started(attempt, self._settle(attempt.job, result, None))
+        self._settle_slow(attempt, result, None)
 
     def _failed_slow(self, failure: Failure, attempt: _Attempt) -> None:
-        if self._ended:
-            return
         error = failure.value
         if isinstance(error, DeliveryError):
-            recorded = self._settle(attempt.job, getattr(error, "result", None), error)
+            self._settle_slow(attempt, getattr(error, "result", None), error)
         else:  # a bug, not a delivery outcome: fail the row, keep going
-            recorded = self._settle(attempt.job, None, DeliveryError(f"internal error: {error!r}"))
+            self._settle_slow(attempt, None, DeliveryError(f"internal error: {error!r}"))
+
+    def _settle_slow(
+        self, attempt: _Attempt, result: SendResult | None, error: DeliveryError | None
+    ) -> None:
+        if self._ended:
+            return
+        try:
+            recorded = self._settle(attempt.job, result, error)
+        except BaseException:  # recording could not even start: the run fails with it
+            self._fail(Failure())
+            return
         self._recording_started(attempt, recorded)
 
     def _recording_started(self, attempt: _Attempt, recorded: defer.Deferred[None]) -> None:
