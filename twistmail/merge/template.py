@@ -562,6 +562,7 @@ class MessageTemplate:
 
 
 def _is_clean(name: str, value: str) -> bool:
+    """Whether ``value`` keeps header ``name`` on its line (no line break, no NUL)."""
     try:
         check_header_value(name, value)
     except HeaderInjectionError:
@@ -571,12 +572,8 @@ def _is_clean(name: str, value: str) -> bool:
 
 def _checked(name: str, value: str) -> None:
     """Raise RowError when ``value`` could end header ``name``'s line early."""
-    try:
-        check_header_value(name, value)
-    except HeaderInjectionError:
-        raise RowError(
-            name, "the value contains CR, LF or another line break (or NUL), refused"
-        ) from None
+    if not _is_clean(name, value):
+        raise RowError(name, "the value contains CR, LF or another line break (or NUL), refused")
 
 
 def _addresses(name: str, value: str) -> list[Address]:
