@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 from servers import CueServer
@@ -15,26 +16,30 @@ from twistmail.merge.run import EXIT_INTERRUPTED, Campaign, SendOptions
 TEMPLATE = "From: a@example.com\nTo: {{ email }}\nSubject: hi\n\nbody\n"
 
 
+def campaign_options(tmp_path: Path, rows: int, port: int, **options: Any) -> SendOptions:
+    """Options for a campaign of ``rows`` recipients u0..u{rows-1}@example.org, quiet."""
+    csv_path = tmp_path / "r.csv"
+    if not csv_path.exists():
+        csv_path.write_text(
+            "email\n" + "".join(f"u{i}@example.org\n" for i in range(rows)), encoding="utf-8"
+        )
+        (tmp_path / "t.txt").write_text(TEMPLATE, encoding="utf-8")
+    return SendOptions(
+        csv_path=str(csv_path),
+        template_path=str(tmp_path / "t.txt"),
+        smtp_url=f"smtp://127.0.0.1:{port}",
+        progress=False,
+        out=io.StringIO(),
+        **options,
+    )
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_server_deferring_everything_does_not_pull_the_csv_into_memory(
     cue_server: Callable[..., CueServer], tmp_path: Path
 ) -> None:
     server = cue_server(mail_reply="451 4.3.0 busy, try later")
-    rows = 5000
-    csv_path = tmp_path / "r.csv"
-    csv_path.write_text(
-        "email\n" + "".join(f"u{i}@example.org\n" for i in range(rows)), encoding="utf-8"
-    )
-    (tmp_path / "t.txt").write_text(TEMPLATE, encoding="utf-8")
-    options = SendOptions(
-        csv_path=str(csv_path),
-        template_path=str(tmp_path / "t.txt"),
-        smtp_url=f"smtp://127.0.0.1:{server.port}",
-        concurrency=4,
-        retry_delay=600,
-        progress=False,
-        out=io.StringIO(),
-    )
+    options = campaign_options(tmp_path, 5000, server.port, concurrency=4, retry_delay=600)
     campaign = Campaign(options, reactor)
     done = defer.ensureDeferred(campaign.run())
     for _ in range(200):
@@ -62,22 +67,8 @@ async def test_a_pipelining_server_that_defers_and_drops_gets_every_row_exactly_
         drop_after_data_count=1,
     )
     rows = 60
-    csv_path = tmp_path / "r.csv"
-    csv_path.write_text(
-        "email\n" + "".join(f"u{i}@example.org\n" for i in range(rows)), encoding="utf-8"
-    )
-    (tmp_path / "t.txt").write_text(TEMPLATE, encoding="utf-8")
-    out = io.StringIO()
-    options = SendOptions(
-        csv_path=str(csv_path),
-        template_path=str(tmp_path / "t.txt"),
-        smtp_url=f"smtp://127.0.0.1:{server.port}",
-        concurrency=3,
-        retry_delay=0.05,
-        progress=False,
-        out=out,
-    )
-    assert await defer.ensureDeferred(Campaign(options, reactor).run()) == 0, out.getvalue()
+    options = campaign_options(tmp_path, rows, server.port, concurrency=3, retry_delay=0.05)
+    assert await defer.ensureDeferred(Campaign(options, reactor).run()) == 0, options.out.getvalue()
     delivered = sorted(r.recipients[0] for r in server.received)
     assert delivered == sorted(f"u{i}@example.org" for i in range(rows))  # once each
     assert len(server.dropped) == 1
@@ -96,22 +87,9 @@ async def test_interrupted_with_pipelined_messages_unanswered_then_resumed_elsew
     # working server delivers every row exactly once.
     stalled = cue_server(pipelining=True, stall_on="DOT")
     rows = 30
-    csv_path = tmp_path / "r.csv"
-    csv_path.write_text(
-        "email\n" + "".join(f"u{i}@example.org\n" for i in range(rows)), encoding="utf-8"
-    )
-    (tmp_path / "t.txt").write_text(TEMPLATE, encoding="utf-8")
 
     def options(port: int) -> SendOptions:
-        return SendOptions(
-            csv_path=str(csv_path),
-            template_path=str(tmp_path / "t.txt"),
-            smtp_url=f"smtp://127.0.0.1:{port}",
-            concurrency=2,
-            grace=0.3,
-            progress=False,
-            out=io.StringIO(),
-        )
+        return campaign_options(tmp_path, rows, port, concurrency=2, grace=0.3)
 
     campaign = Campaign(options(stalled.port), reactor)
     done = defer.ensureDeferred(campaign.run())
