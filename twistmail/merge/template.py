@@ -83,10 +83,10 @@ _HEADER_LINE = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)")
 _JINJA_MARKUP = re.compile(r"\{[{%#]")
 _UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
 _ATTACHMENT_CACHE_BYTES = 64 * 1024 * 1024
-# What a value from a CSV cell may break when rendered: template code may do anything a
-# str can, so its ordinary failures are failures of the row, not of the campaign.
 # Between the parts of a row rendered at once (see MessageTemplate.render_row).
 _SEPARATOR = "\x00"
+# What a value from a CSV cell may break when rendered: template code may do anything a
+# str can, so its ordinary failures are failures of the row, not of the campaign.
 _RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError)
 
 
@@ -484,6 +484,7 @@ class MessageTemplate:
         Parts with statements are left out (a ``{% set %}`` would leak into the next part), and
         an HTML body, which escapes its values, is rendered on its own.
         """
+        self._joined_count = 0
         sources = [h.source for h in self._headers if h.template is not None]
         with_body = self.kind != "html" and "{%" not in body_source
         if with_body:
