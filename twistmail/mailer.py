@@ -149,7 +149,9 @@ class Mailer:
         *,
         on_result: OnResult | None = None,
     ) -> defer.Deferred[SendReport]:
-        """Deliver every message of an iterable or generator, ``concurrency`` at a time.
+        """Deliver every message of an iterable or generator over ``concurrency`` connections.
+
+        Up to ``pipeline_depth`` messages are in flight on each connection (with PIPELINING).
 
         Items are ``EmailMessage`` objects, :class:`~twistmail.message.Envelope` objects or
         ``(sender, recipients, data_bytes)`` triples. The iterable is consumed lazily, and
@@ -390,7 +392,7 @@ class Mailer:
 
 
 # Sized batches up to this many go out through one DeferredList; larger ones and generators
-# go through `concurrency` cooperative workers sharing one iterator.
+# stream through one `_Run` (concurrency x pipeline depth attempts in flight).
 _SMALL_BATCH = 100
 
 
