@@ -89,7 +89,7 @@ def start(
         sent=records.record,
         **options,
     )
-    return mailer, loop.run()
+    return mailer, loop.start()
 
 
 async def commit_until(done: defer.Deferred[None], records: Records) -> None:
@@ -192,7 +192,7 @@ async def test_an_outcome_that_cannot_be_recorded_fails_the_loop(
         settle=refuse,
         sent=refuse,
     )
-    done = loop.run()
+    done = loop.start()
     try:
         await until(lambda: done.called)
         with pytest.raises(RuntimeError, match="journal is closed"):

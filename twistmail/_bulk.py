@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from ._twisted import Alarm
+from ._twisted import Pump
 from .errors import DeliveryError, MessageError
 from .message import Envelope
 from .results import RecipientOutcome, SendReport, SendResult
@@ -119,7 +119,7 @@ def _count_invalid(
         on_result(index, error)
 
 
-class _Run:
+class _Run(Pump):
     """A streaming ``send_many``: keeps up to ``limit`` attempts in flight from one iterator.
 
     Each finished attempt takes the next item right away, inside the reply that finished it, so
@@ -148,46 +148,18 @@ class _Run:
         # What is in flight, for cancellation: bulk transactions and slow-path Deferreds.
         self.txns: dict[_Delivery, tuple[MailerProtocol, _Txn | None]] = {}
         self.slow: set[defer.Deferred[None]] = set()
-        self.done: defer.Deferred[None] = defer.Deferred(self._cancel)
-        self.ended = False
-        self._pumping = False
-        self._again = False
-        self._alarm = Alarm(self.mailer._clock, self.pump)
+        super().__init__(mailer._clock, defer.Deferred(self._cancel))
         self._fast = mailer._bucket is None and mailer._domains is None
 
-    def start(self) -> defer.Deferred[None]:
-        self.pump()
-        return self.done
-
-    def pump(self) -> None:
-        """Start attempts while there is room and work; end the run when nothing is left."""
-        if self._pumping:
-            self._again = True  # an attempt ended synchronously: the running loop goes on
-            return
-        self._pumping = True
-        started = 0
-        try:
-            while not self.ended:
-                self._again = False
-                while self.in_flight < self.limit and not self.ended:
-                    delivery = self._next()
-                    if delivery is None:
-                        break
-                    self.in_flight += 1
-                    self._attempt(delivery)
-                    started += 1
-                    if started >= _BURST:
-                        # Attempts that end at once (a dead server) must not starve the reactor.
-                        self._alarm.within(0.0)
-                        return
-                if not self._again:
-                    break
-        except BaseException:
-            self._fail(Failure())
-            return
-        finally:
-            self._pumping = False
-        self._idle_check()
+    def _start_one(self) -> bool:
+        if self.in_flight >= self.limit:
+            return False
+        delivery = self._next()
+        if delivery is None:
+            return False
+        self.in_flight += 1
+        self._attempt(delivery)
+        return True
 
     def _attempt(self, delivery: _Delivery) -> None:
         mailer = self.mailer
@@ -268,27 +240,16 @@ class _Run:
             return _Delivery(envelope, index)
         return None
 
-    def _idle_check(self) -> None:
+    def _idle(self) -> None:
         """Finish when everything is settled; else wake up for the next parked retry."""
-        if self.ended or self.in_flight >= self.limit:
+        if self.in_flight >= self.limit:
             return
         if self.parked:
             # The soonest retry may have been parked after the wake-up was set for a later one.
             delay = max(0.0, self.parked[0][0] - self.mailer._clock.seconds())
             self._alarm.within(delay)
         elif self.exhausted and self.in_flight == 0:
-            self._end()
-            self.done.callback(None)
-
-    def _end(self) -> None:
-        self.ended = True
-        self._alarm.cancel()
-
-    def _fail(self, failure: Failure) -> None:
-        if self.ended:
-            return
-        self._end()
-        self.done.errback(failure)
+            self._finish()
 
     def _cancel(self, _: defer.Deferred[None]) -> None:
         # Ended first: what the cancellations below report is then ignored, and Deferred.cancel
@@ -299,7 +260,3 @@ class _Run:
                 proto.cancel(txn)
         for d in list(self.slow):
             d.cancel()
-
-
-# Attempts a run may start back to back before the reactor gets a turn.
-_BURST = 100

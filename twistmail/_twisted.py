@@ -9,8 +9,9 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 
-__all__ = ["Alarm", "install_signal_handlers", "when_done"]
+__all__ = ["Alarm", "Pump", "install_signal_handlers", "when_done"]
 
 
 class Alarm:
@@ -38,6 +39,79 @@ class Alarm:
     def _ring(self) -> None:
         self._call = None
         self._wake()
+
+
+class Pump:
+    """Starts work from the callbacks that make room for it, until ``done`` fires.
+
+    A subclass says how to start one piece of work (:meth:`_start_one`: False when nothing can
+    start now) and what to do when nothing could (:meth:`_idle`: finish, or wake up later).
+    :meth:`pump` may be called again from inside work it starts (an attempt that ends at once);
+    the running loop then carries on. After ``BURST`` starts in a row the reactor gets a turn
+    before more start, so work that ends at once (a dead server) cannot starve it.
+    """
+
+    BURST = 100
+
+    def __init__(self, clock: IReactorTime, done: defer.Deferred[None]) -> None:
+        self.done = done
+        self.ended = False
+        self._pumping = False
+        self._again = False
+        self._alarm = Alarm(clock, self.pump)
+
+    def start(self) -> defer.Deferred[None]:
+        """Start the work; ``done`` fires when it has all ended, or fails with the run."""
+        self.pump()
+        return self.done
+
+    def pump(self) -> None:
+        """Start what there is room for; else let :meth:`_idle` decide what comes next."""
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        started = 0
+        try:
+            while not self.ended:
+                self._again = False
+                while started < self.BURST and not self.ended and self._start_one():
+                    started += 1
+                if not self._again:
+                    break
+        except BaseException:
+            self._fail(Failure())
+            return
+        finally:
+            self._pumping = False
+        if started >= self.BURST:
+            self._alarm.within(0.0)
+        elif not self.ended:
+            self._idle()
+
+    def _start_one(self) -> bool:
+        raise NotImplementedError
+
+    def _idle(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        self._end()
+        self.done.callback(None)
+
+    def _end(self) -> None:
+        self.ended = True
+        self._alarm.cancel()
+
+    def _fail(self, failure: Failure) -> None:
+        if self.ended:
+            return
+        self._end()
+        self._abandon()
+        self.done.errback(failure)
+
+    def _abandon(self) -> None:
+        """The run failed: let go of what is still in flight (nothing to do by default)."""
 
 
 def when_done(observed: defer.Deferred[Any]) -> defer.Deferred[None]:

@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from twistmail._bulk import _Delivery
-from twistmail._twisted import Alarm
+from twistmail._twisted import Pump
 from twistmail.errors import DeliveryError
 from twistmail.mailer import Mailer
 from twistmail.message import Envelope
@@ -61,13 +61,13 @@ class _Attempt:
         self.ended = False
 
 
-class JournaledDelivery:
+class JournaledDelivery(Pump):
     """Runs jobs from ``next_job`` until ``more_in`` says nothing more will come.
 
     ``next_job()`` gives the next job or None; ``more_in()`` then says in how many seconds to
     ask again (a retry parked for later), or None when the campaign has nothing left.
     ``settle`` and ``sent`` record outcomes; no new job starts while ``max_recording`` of them
-    (default: 50 per connection, at least 1,000) wait for their commit. :meth:`run` fires once
+    (default: 50 per connection, at least 1,000) wait for their commit. :meth:`start` fires once
     every outcome is committed; it fails if recording one fails.
     """
 
@@ -84,7 +84,6 @@ class JournaledDelivery:
         max_recording: int | None = None,
     ) -> None:
         self._mailer = mailer
-        self._reactor = reactor
         self._next_job = next_job
         self._more_in = more_in
         self._settle = settle
@@ -100,57 +99,26 @@ class JournaledDelivery:
         self._max_recording = max_recording or max(1000, 50 * concurrency)
         self._held: deque[_Attempt] = deque()
         self._attempts: set[_Attempt] = set()
-        self._done: defer.Deferred[None] = defer.Deferred()
-        self._ended = False
-        self._pumping = False
-        self._again = False
-        self._alarm = Alarm(self._reactor, self.pump)
+        super().__init__(reactor, defer.Deferred())
 
-    def run(self) -> defer.Deferred[None]:
-        """Start; fires when the campaign has nothing left in flight or to record."""
-        self.pump()
-        return self._done
-
-    def pump(self) -> None:
-        """Start what there is room for; finish, or wake up later, when nothing can start."""
-        if self._pumping:
-            self._again = True
-            return
-        self._pumping = True
-        started = 0
-        try:
-            while not self._ended:
-                self._again = False
-                while (
-                    self._in_flight < self._limit
-                    and self._recording < self._max_recording
-                    and started < _BURST
-                ):
-                    proto = None
-                    if self._fast:
-                        proto = self._mailer.pool.acquire_now()
-                        if proto is None and not self._mailer.pool.has_room:
-                            break  # every connection is full: an ending attempt pumps again
-                    if proto is None and self._at_risk >= self._risk_limit:
-                        break  # Mailer.send cannot hold its data back: wait for a commit
-                    job = self._next_job()
-                    if job is None:
-                        if proto is not None:
-                            self._mailer.pool.release(proto)
-                        break
-                    started += 1
-                    self._start(job, proto)
-                if not self._again:
-                    break
-        except BaseException:
-            self._fail(Failure())
-            return
-        finally:
-            self._pumping = False
-        if started >= _BURST:
-            self._alarm.within(0.0)  # let the reactor in before starting more
-        else:
-            self._idle_check()
+    def _start_one(self) -> bool:
+        if self._in_flight >= self._limit or self._recording >= self._max_recording:
+            return False
+        pool = self._mailer.pool
+        proto = None
+        if self._fast:
+            proto = pool.acquire_now()
+            if proto is None and not pool.has_room:
+                return False  # every connection is full: an ending attempt pumps again
+        if proto is None and self._at_risk >= self._risk_limit:
+            return False  # Mailer.send cannot hold its data back: wait for a commit
+        job = self._next_job()
+        if job is None:
+            if proto is not None:
+                pool.release(proto)
+            return False
+        self._start(job, proto)
+        return True
 
     # ------------------------------------------------------------------ attempts
 
@@ -202,7 +170,7 @@ class JournaledDelivery:
         assert proto is not None
         attempt.proto = attempt.txn = None
         self._mailer.pool.release(proto)
-        if self._ended:
+        if self.ended:
             return
         job = attempt.job
         try:
@@ -237,7 +205,7 @@ class JournaledDelivery:
     def _settle_slow(
         self, attempt: _Attempt, result: SendResult | None, error: DeliveryError | None
     ) -> None:
-        if self._ended:
+        if self.ended:
             return
         try:
             recorded = self._settle(attempt.job, result, error)
@@ -264,31 +232,18 @@ class JournaledDelivery:
 
     # ------------------------------------------------------------------ the end
 
-    def _idle_check(self) -> None:
-        if self._ended or self._in_flight or self._recording:
+    def _idle(self) -> None:
+        if self._in_flight or self._recording:
             return
         delay = self._more_in()
         if delay is None:
-            self._end()
-            self._done.callback(None)
+            self._finish()
         else:
             self._alarm.within(delay)
 
-    def _end(self) -> None:
-        self._ended = True
-        self._alarm.cancel()
-
-    def _fail(self, failure: Failure) -> None:
-        if self._ended:
-            return
-        self._end()
+    def _abandon(self) -> None:
         # Data held back must not wait for commits that will not come: dropping those
         # connections makes the server discard the unfinished messages.
         for attempt in list(self._attempts):
             if attempt.proto is not None and attempt.txn is not None:
                 attempt.proto.cancel(attempt.txn)
-        self._done.errback(failure)
-
-
-# Attempts started back to back before the reactor gets a turn.
-_BURST = 100

@@ -180,7 +180,7 @@ class Campaign:
                 settle=self._settle,
                 sent=self._settle_sent,
             )
-            await self._delivery.run()
+            await self._delivery.start()
             await registering
         finally:
             restore()
