@@ -204,7 +204,7 @@ class Mailer:
         sender: str | None = None,
         recipients: Iterable[str] | None = None,
     ) -> Envelope:
-        if type(message) is tuple and len(message) == 3:  # the bulk case first
+        if isinstance(message, tuple) and len(message) == 3:  # the bulk case first
             s, r, data = message
             return envelope_from_bytes(s, r, data)
         if isinstance(message, Envelope):
@@ -215,9 +215,6 @@ class Mailer:
             if sender is None or recipients is None:
                 raise MessageError("raw bytes need an explicit sender= and recipients=")
             return envelope_from_bytes(sender, recipients, bytes(message))
-        if isinstance(message, tuple) and len(message) == 3:
-            s, r, data = message
-            return envelope_from_bytes(s, r, data)
         raise MessageError(
             f"cannot send {type(message).__name__}: give an EmailMessage, an Envelope "
             "or a (sender, recipients, bytes) triple"

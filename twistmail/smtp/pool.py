@@ -76,7 +76,7 @@ class ConnectionPool:
             return defer.succeed(proto)
         waiter: defer.Deferred[MailerProtocol] = defer.Deferred(self._cancel_waiter)
         self._waiters.append(waiter)
-        if len(self._all) + len(self._connecting) < self.size:
+        if self.has_room:
             self._open()
         return waiter
 
@@ -92,7 +92,7 @@ class ConnectionPool:
             self._stop_idle_timer(proto)
             if proto.usable:
                 return self._take(proto)
-        if len(self._all) + len(self._connecting) < self.size:
+        if self.has_room:
             return None
         partial = self._partial
         while partial:
