@@ -180,7 +180,7 @@ class JournaledDelivery(Pump):
                 # The library's own bookkeeping turns replies or an error into per-recipient
                 # outcomes, as Mailer.send would have.
                 delivery = _Delivery(job.envelope)
-                delivery.attempts = 1
+                delivery.start_attempt()  # the loop's own attempt (the Mailer makes one each)
                 if result is not None:
                     self._mailer._on_transaction(result, delivery)
                 else:

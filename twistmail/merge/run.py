@@ -265,7 +265,7 @@ class Campaign:
 
     # ------------------------------------------------------------------ outcomes
 
-    def _settle_sent(self, job: _Job, code: int, response: str) -> defer.Deferred[None]:
+    def _settle_sent(self, job: _Job, code: int | None, response: str) -> defer.Deferred[None]:
         """Every recipient of ``job`` was accepted and the message taken."""
         self.counts.sent += 1
         return self._record(job, "sent", code, response)
@@ -288,8 +288,7 @@ class Campaign:
                 else:
                     refused.append(outcome)
         if result is not None and not retry and not refused:
-            self.counts.sent += 1
-            return self._record(job, "sent", result.code, result.response)
+            return self._settle_sent(job, result.code, result.response)
         whole_retry = result is None and transient_error  # nothing known per recipient
         if (retry or whole_retry) and not refused and self.retry.can_retry(job.attempts):
             if retry:
