@@ -74,9 +74,13 @@ class Records:
 
 
 def start(
-    server: CueServer, concurrency: int, n: int, records: Records, **options: Any
+    server: CueServer,
+    concurrency: int,
+    n: int,
+    record: Callable[..., defer.Deferred[None]],
+    **options: Any,
 ) -> tuple[Mailer, defer.Deferred[None]]:
-    """A loop over ``n`` jobs on a fresh mailer; ``records`` plays the journal."""
+    """A loop over ``n`` jobs on a fresh mailer; ``record`` plays the journal."""
     mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=concurrency, max_attempts=1)
     pending = iter(jobs(n))
     loop = JournaledDelivery(
@@ -85,8 +89,8 @@ def start(
         concurrency,
         next_job=lambda: next(pending, None),
         more_in=lambda: None,
-        settle=records.record,
-        sent=records.record,
+        settle=record,
+        sent=record,
         **options,
     )
     return mailer, loop.start()
@@ -108,7 +112,7 @@ async def test_at_most_concurrency_messages_are_delivered_and_not_yet_recorded(
     server = cue_server(pipelining=pipelining)
     concurrency, n = 2, 8
     records = Records()
-    mailer, done = start(server, concurrency, n, records)
+    mailer, done = start(server, concurrency, n, records.record)
     try:
         await until(lambda: len(records.commits) == concurrency)
         await pause()
@@ -134,7 +138,7 @@ async def test_a_failed_record_stops_the_loop_and_drops_held_messages(
 ) -> None:
     server = cue_server(pipelining=True)
     records = Records()
-    mailer, done = start(server, 1, 5, records)
+    mailer, done = start(server, 1, 5, records.record)
     try:
         await until(lambda: len(records.commits) == 1)
         await pause()
@@ -154,7 +158,7 @@ async def test_refusals_waiting_for_their_commit_stop_new_rows_at_the_cap(
 ) -> None:
     server = cue_server(pipelining=True, mail_reply="550 5.7.1 not from you")
     records = Records()
-    mailer, done = start(server, 2, 20, records, max_recording=5)
+    mailer, done = start(server, 2, 20, records.record, max_recording=5)
     try:
         await until(lambda: len(records.commits) >= 5)
         await pause()
@@ -181,18 +185,7 @@ async def test_an_outcome_that_cannot_be_recorded_fails_the_loop(
     def refuse(job: Job, *outcome: Any) -> defer.Deferred[None]:
         raise RuntimeError("the journal is closed")
 
-    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=1, max_attempts=1)
-    pending = iter(jobs(3))
-    loop = JournaledDelivery(
-        mailer,
-        reactor,
-        1,
-        next_job=lambda: next(pending, None),
-        more_in=lambda: None,
-        settle=refuse,
-        sent=refuse,
-    )
-    done = loop.start()
+    mailer, done = start(server, 1, 3, refuse)
     try:
         await until(lambda: done.called)
         with pytest.raises(RuntimeError, match="journal is closed"):
