@@ -257,7 +257,10 @@ def test_password_never_on_the_command_line_or_in_output(cue_server: Cue, tmp_pa
         str(secret),
         "--new-campaign",
     )
-    assert bad.returncode == 1
+    # A refused login stops the run (exit 2) naming the host, and spends no attempt on the row.
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "authentication failed" in bad.stdout
+    assert f"127.0.0.1:{server.port}" in bad.stdout
     assert "wrong-pa55" not in bad.stdout + bad.stderr
     assert "wrong-pa55" not in (tmp_path / "people.report.csv").read_text(encoding="utf-8")
 
@@ -545,9 +548,14 @@ def test_unreachable_server_is_named_in_the_report(tmp_path: Path) -> None:
         "1",
         "--timeout",
         "2",
+        "--give-up-after",
+        "1",
     )
-    assert proc.returncode == 1
+    # Nobody to deliver to says nothing about the row: it stays pending for the next run,
+    # with no attempt spent, and the run ends with 3 naming the server and the reason.
+    assert proc.returncode == 3, proc.stdout + proc.stderr
     (row,) = report(tmp_path)
-    assert row["status"] == "failed"
-    assert f"127.0.0.1:{port}" in row["response"]
-    assert "could not connect" in row["response"]
+    assert row["status"] == "pending"
+    assert row["attempts"] in ("", "0")
+    assert "error: could not connect" in proc.stdout
+    assert f"127.0.0.1:{port}" in proc.stdout

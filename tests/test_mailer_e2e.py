@@ -263,7 +263,8 @@ async def test_auth_refused_error_has_no_secret(cue_server: Cue) -> None:
     assert "wrong battery" not in text
     assert "d3JvbmcgYmF0dGVyeQ" not in text  # base64 of the secret
     assert info.value.code == 535
-    assert info.value.result.attempts == 1  # type: ignore[attr-defined]  # permanent: no retry
+    # Refused at login: the message never reached the server, so no attempt is counted.
+    assert info.value.result.attempts == 0  # type: ignore[attr-defined]
     assert server.received == []
 
 
@@ -637,7 +638,8 @@ async def test_refusals_inside_pipelined_groups_settle_each_message(
         0: [("ok1@x.org", "sent", 250)],
         1: [("gone@x.org", "failed", 550)],
         2: [("ok3@x.org", "sent", 250), ("gone@x.org", "failed", 550)],
-        3: [("later@x.org", "failed", 451)],  # attempts used up: still the 4xx reply
+        # max_attempts=1: the caller owns retries, so a 4xx leaves the recipient deferred.
+        3: [("later@x.org", "deferred", 451)],
         4: [("ok5@x.org", "sent", 250)],
     }
     assert report.sent == 2

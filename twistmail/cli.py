@@ -41,6 +41,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be zero or more")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -183,7 +190,7 @@ def _drain_parser(sub: Any) -> None:
         action="store_true",
         help="print the spool's counts and the messages not sent, deliver nothing",
     )
-    _smtp_options(drain, url_required=False, attempts_scope=", over all runs")
+    _smtp_options(drain, url_required=False, attempts_scope=", over all runs", patience=0.0)
     drain.add_argument(
         "--limit",
         type=_positive_int,
@@ -215,7 +222,11 @@ def _drain_main(args: argparse.Namespace) -> None:
 
 
 def _smtp_options(
-    parser: argparse.ArgumentParser, *, url_required: bool, attempts_scope: str
+    parser: argparse.ArgumentParser,
+    *,
+    url_required: bool,
+    attempts_scope: str,
+    patience: float = 60.0,
 ) -> None:
     """The options saying where and how to deliver, shared by ``send`` and ``drain``."""
     parser.add_argument(
@@ -270,6 +281,17 @@ def _smtp_options(
         metavar="SECONDS",
         help="connect and reply timeout (default: 60)",
     )
+    parser.add_argument(
+        "--give-up-after",
+        dest="server_patience",
+        type=_non_negative_float,
+        default=patience,
+        metavar="SECONDS",
+        help="how long to keep trying a server that cannot be reached, with backoff "
+        f"(1, 2, 4 ... 30 s between tries) before stopping with the rows kept for the next "
+        f"run (default: {patience:g}{'' if patience else ': stop at once'}). A refused login "
+        "or TLS check stops at once.",
+    )
 
 
 def _inputs(parser: argparse.ArgumentParser) -> None:
@@ -289,6 +311,7 @@ def _delivery(args: argparse.Namespace) -> dict[str, Any]:
         "max_attempts": args.max_attempts,
         "retry_delay": args.retry_delay,
         "timeout": args.timeout,
+        "server_patience": args.server_patience,
     }
 
 

@@ -9,6 +9,11 @@ never any credential or protocol transcript.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .results import SendResult
+
 __all__ = [
     "AddressError",
     "AuthenticationError",
@@ -60,9 +65,18 @@ class DeliveryError(TwistmailError):
     :ivar response: the server's reply text (credentials never appear here).
     :ivar recipient: the recipient this error concerns, when it concerns one.
     :ivar host: the server, as ``host:port``.
+    :ivar attempted: False when the message never reached the server (nothing of it was
+        written: the connection could not be made, or it broke before the message's turn), so
+        no delivery attempt is to be counted for it.
+    :ivar session_setup: True when the failure happened while setting up a session (connect,
+        TLS, greeting, EHLO, AUTH): it is about the server or our configuration, not about
+        the message.
+    :ivar result: the :class:`~twistmail.results.SendResult` of the message this error ended,
+        when :meth:`twistmail.Mailer.send` fails with it (no recipient was accepted).
     """
 
     transient = False
+    result: SendResult | None = None
 
     def __init__(
         self,
@@ -73,6 +87,8 @@ class DeliveryError(TwistmailError):
         response: str = "",
         recipient: str | None = None,
         host: str | None = None,
+        attempted: bool = True,
+        session_setup: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -81,6 +97,8 @@ class DeliveryError(TwistmailError):
         self.response = response
         self.recipient = recipient
         self.host = host
+        self.attempted = attempted
+        self.session_setup = session_setup
         self.refused: dict[str, tuple[int, str]] = {}
         """For a refused transaction: every refused recipient and its ``(code, text)``."""
 

@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sized
+from collections.abc import Callable, Iterable, Sized
 from email.message import EmailMessage
-from typing import Any, cast
+from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._bulk import MessageLike, OnResult, _count_invalid, _count_result, _Delivery, _Run
-from .errors import (
-    ConnectionLostError,
-    DeliveryError,
-    MessageError,
-    PermanentError,
-    for_reply,
-)
+from ._messages import MessageLike, MessagesDoor, OnResult, count_invalid, count_result
+from .engine import DeliveryLoop, Notify, untried
+from .errors import ConnectionLostError, DeliveryError, MessageError, for_reply
 from .message import Envelope, envelope_from_bytes, envelope_from_message
 from .ratelimit import DomainLimiter, TokenBucket
-from .results import RecipientOutcome, RecipientStatus, SendReport, SendResult
+from .results import SendReport, SendResult
 from .retry import RetryPolicy
 from .smtp._protocol import MailerProtocol
-from .smtp._transaction import TransactionResult
+from .smtp._transaction import TransactionResult, _Txn
 from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
 
-__all__ = ["Mailer", "MessageLike", "OnResult", "send"]
+__all__ = ["Attempt", "Mailer", "MessageLike", "OnResult", "send"]
 
 log = Logger()
 
@@ -50,7 +45,12 @@ class Mailer:
     ``concurrency`` is the number of connections. With a server that offers PIPELINING, each
     connection carries up to ``pipeline_depth`` transactions at once (the next message's
     MAIL/RCPT/DATA go out with the previous message's body); ``pipelining=False`` sends in
-    lock step.
+    lock step, and so does a Mailer with a ``rate`` (each MAIL goes out when its token is
+    taken).
+
+    :meth:`send` and :meth:`send_many` retry by ``retry_policy`` (or ``max_attempts``,
+    ``retry_delay``, ``max_retry_delay``); :meth:`attempt`, :attr:`capacity` and :meth:`abort`
+    are the seam the delivery loop (:mod:`twistmail.engine`) drives.
     """
 
     def __init__(
@@ -108,10 +108,13 @@ class Mailer:
             size=concurrency,
             clock=self._clock,
             idle_timeout=idle_timeout,
-            depth=pipeline_depth if pipelining else 1,
+            depth=pipeline_depth if pipelining and not rate else 1,
         )
         self._bucket = TokenBucket(self._clock, rate) if rate else None
         self._domains = DomainLimiter(per_domain) if per_domain else None
+        self._fast = self._bucket is None and self._domains is None
+        # max_attempts=1: the caller owns retries, so temporary failures stay "deferred".
+        self._door_policy = self.retry if self.retry.max_attempts > 1 else None
         self._active: set[defer.Deferred[Any]] = set()
         self._closed = False
 
@@ -131,7 +134,9 @@ class Mailer:
 
         Fails with the delivery error (which carries ``.result``) when no recipient was
         accepted, or with a :class:`~twistmail.errors.MessageError` for a message that cannot be
-        sent as given. Partial acceptance succeeds: look at ``result.rejected``.
+        sent as given. Partial acceptance succeeds: look at ``result.rejected``. With
+        ``max_attempts=1`` the caller owns retries: recipients refused temporarily (4xx, a drop,
+        a timeout) come back ``"deferred"``.
         """
         try:
             envelope = self._prepare(message, sender, recipients)
@@ -139,7 +144,8 @@ class Mailer:
             return defer.fail(e)
         if self._closed:
             return defer.fail(ConnectionLostError("the mailer is closed"))
-        d = self._complete(_Delivery(envelope))
+        door = MessagesDoor.single(envelope, self._clock, self._door_policy)
+        d = self._run(door).addCallback(lambda _: door.single_result())
         d.addCallback(_raise_if_nothing_accepted)
         return self._track(d)
 
@@ -175,7 +181,16 @@ class Mailer:
             )
             d.addErrback(_first_error)
         else:
-            d = _Run(self, enumerate(messages), report, on_result).start()
+            door = MessagesDoor(
+                enumerate(messages),
+                self._prepare,
+                report,
+                on_result,
+                self._clock,
+                self._door_policy,
+                max_parked=max(1000, 50 * self.concurrency),
+            )
+            d = self._run(door)
         d.addCallback(finish)
         return self._track(d)
 
@@ -187,7 +202,54 @@ class Mailer:
         d.addCallback(lambda _: self.pool.close())
         return d.addCallback(lambda _: None)
 
-    # ------------------------------------------------------------------ engine
+    # ------------------------------------------------------------------ the engine's seam
+
+    @property
+    def capacity(self) -> int:
+        """Attempts worth having in flight at once: connections times pipeline depth."""
+        return self.concurrency * self.pool.depth
+
+    def attempt(
+        self,
+        envelope: Envelope,
+        notify: Notify,
+        context: Any,
+        *,
+        ready: Callable[[Any], None] | None = None,
+    ) -> Attempt:
+        """Make one attempt at ``envelope``; ``notify(context, result, error)`` ends it.
+
+        No retry: ``notify`` gets the server's replies (a
+        :class:`~twistmail.smtp.TransactionResult`) or the
+        :class:`~twistmail.errors.DeliveryError` that ended the attempt (``attempted`` is False
+        when the server never saw the message; ``session_setup`` when no session could be set
+        up). It may be called before this returns. With ``ready``, the message's data is held
+        back when the server asks for it: ``ready(context)`` is called, and the data goes out
+        on :meth:`Attempt.release_body`. The rate limit and per-domain cap apply.
+        """
+        attempt = Attempt(self, envelope, notify, context, ready)
+        if self._fast:
+            proto = self.pool.acquire_now()
+            if proto is not None:
+                attempt._submit(proto)
+                return attempt
+        attempt._gate = gate = defer.Deferred.fromCoroutine(self._gate(attempt))
+        gate.addCallbacks(attempt._submit, attempt._not_started)
+        return attempt
+
+    def abort(self) -> None:
+        """Drop every connection now: what is in flight on them fails as a drop."""
+        self.pool.abort()
+
+    # ------------------------------------------------------------------ internals
+
+    def _run(self, door: MessagesDoor) -> defer.Deferred[None]:
+        """Deliver what ``door`` holds through one delivery loop."""
+        # A server that cannot be reached is waited for (with backoff) only when the Mailer
+        # retries; with max_attempts=1 the caller owns retries and hears of it at once.
+        patience = 60.0 if door.policy is not None else 0.0
+        loop = DeliveryLoop(self, door, door.policy, clock=self._clock, patience=patience)
+        return loop.start().addCallback(lambda _: door.stopped(loop.stopped_by))
 
     def _track(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
         self._active.add(d)
@@ -220,176 +282,143 @@ class Mailer:
             "or a (sender, recipients, bytes) triple"
         )
 
-    def _complete(self, delivery: _Delivery) -> defer.Deferred[SendResult]:
-        """Attempt until every recipient is settled or attempts run out."""
-        d = self._attempt(delivery)
-
-        def first_done(_: None) -> SendResult | defer.Deferred[SendResult]:
-            if delivery.done:
-                return delivery.result()
-            return defer.Deferred.fromCoroutine(self._retry(delivery))
-
-        return d.addCallback(first_done)
-
-    async def _retry(self, delivery: _Delivery) -> SendResult:
-        """Wait for each retry time and attempt again, until every recipient is settled."""
-        while not delivery.done:
-            delay = max(0.0, delivery.retry_at - self._clock.seconds())
-            await task.deferLater(self._clock, delay, lambda: None)
-            await self._attempt(delivery)
-        return delivery.result()
-
     def _one_of_many(
         self, index: int, item: MessageLike, report: SendReport, on_result: OnResult | None
     ) -> defer.Deferred[None]:
         try:
             envelope = self._prepare(item)
         except MessageError as e:
-            _count_invalid(report, index, e, on_result)
+            count_invalid(report, index, e, on_result)
             return defer.succeed(None)
-        d = self._complete(_Delivery(envelope))
-        return d.addCallback(_count_result, index, report, on_result)
+        door = MessagesDoor.single(envelope, self._clock, self._door_policy, index=index)
+        d = self._run(door)
+        return d.addCallback(lambda _: count_result(door.single_result(), index, report, on_result))
 
-    def _attempt(self, delivery: _Delivery) -> defer.Deferred[None]:
-        """One attempt at the recipients not yet settled; fires once ``delivery`` is updated."""
-        envelope = delivery.start_attempt()
-        d: defer.Deferred[Any]
-        if self._bucket is None and self._domains is None:
-            proto = self.pool.acquire_now()
-            if proto is not None:
-                # The common case: a free connection, one Deferred and one callback pair.
-                d = proto.send(envelope)
-                d.addCallbacks(
-                    self._sent,
-                    self._not_sent,
-                    callbackArgs=(proto, delivery),
-                    errbackArgs=(proto, delivery),
-                )
-                return cast("defer.Deferred[None]", d)
-            d = self.pool.acquire()
-        else:
-            domains: list[str] = []
-            d = self._gate(envelope, domains)
-        d.addCallback(self._send_on, envelope)
-        if self._domains is not None:
-            d.addBoth(self._release_domains, domains)
-        d.addCallbacks(
-            self._on_transaction,
-            self._on_failure,
-            callbackArgs=(delivery,),
-            errbackArgs=(delivery,),
-        )
-        return cast("defer.Deferred[None]", d)
-
-    def _sent(
-        self,
-        result: TransactionResult,
-        proto: MailerProtocol,
-        delivery: _Delivery,
-    ) -> None:
-        self.pool.release(proto)
-        self._on_transaction(result, delivery)
-
-    def _not_sent(
-        self,
-        failure: Failure,
-        proto: MailerProtocol,
-        delivery: _Delivery,
-    ) -> Failure | None:
-        self.pool.release(proto)
-        return self._on_failure(failure, delivery)
-
-    def _gate(self, envelope: Envelope, held: list[str]) -> defer.Deferred[MailerProtocol]:
-        async def gate() -> MailerProtocol:
-            if self._bucket is not None:
+    async def _gate(self, attempt: Attempt) -> MailerProtocol:
+        """Wait for a per-domain slot, a connection, then a rate-limit token (last, so the
+        MAIL command goes out when the token is taken)."""
+        domains = self._domains
+        if domains is not None:
+            for domain in sorted({r.ascii_domain for r in attempt.envelope.recipients}):
+                await domains.acquire(domain)
+                attempt._domains.append(domain)
+        proto = await self.pool.acquire()
+        if self._bucket is not None:
+            try:
                 await self._bucket.acquire()
-            if self._domains is not None:
-                for domain in sorted({r.ascii_domain for r in envelope.recipients}):
-                    await self._domains.acquire(domain)
-                    held.append(domain)
-            return await self.pool.acquire()
+            except BaseException:
+                self.pool.release(proto)
+                raise
+        return proto
 
-        return defer.Deferred.fromCoroutine(gate())
-
-    def _release_domains(self, result: object, held: list[str]) -> object:
+    def _release_domains(self, held: list[str]) -> None:
         assert self._domains is not None
         for domain in held:
             self._domains.release(domain)
         held.clear()
-        return result
 
-    def _send_on(
-        self, proto: MailerProtocol, envelope: Envelope
-    ) -> defer.Deferred[TransactionResult]:
-        d = proto.send(envelope)
 
-        def release(result: object) -> object:
-            self.pool.release(proto)
-            return result
+class Attempt:
+    """One attempt in progress (see :meth:`Mailer.attempt`)."""
 
-        return d.addBoth(release)
+    __slots__ = (
+        "_domains",
+        "_gate",
+        "_mailer",
+        "_proto",
+        "_txn",
+        "context",
+        "ended",
+        "envelope",
+        "notify",
+        "ready",
+    )
 
-    def _on_transaction(self, result: TransactionResult, delivery: _Delivery) -> None:
-        delivery.final = result
-        delivery.error = None
-        if result.accepted_all and delivery.attempts == 1:
-            delivery.sent_all = True  # the outcomes are made only if someone asks for them
+    def __init__(
+        self,
+        mailer: Mailer,
+        envelope: Envelope,
+        notify: Notify,
+        context: Any,
+        ready: Callable[[Any], None] | None,
+    ) -> None:
+        self._mailer = mailer
+        self.envelope = envelope
+        self.notify = notify
+        self.context = context
+        self.ready = ready
+        self.ended = False
+        self._proto: MailerProtocol | None = None
+        self._txn: _Txn | None = None
+        self._gate: defer.Deferred[MailerProtocol] | None = None
+        self._domains: list[str] = []
+
+    def release_body(self) -> None:
+        """Send the data held back for this attempt; nothing if it is not held."""
+        proto, txn = self._proto, self._txn
+        if proto is not None and txn is not None:
+            proto.release_body(txn)
+
+    def cancel(self) -> None:
+        """Give up: an attempt that reached the server ends as a drop (its connection is
+        dropped, so the server discards the unfinished message)."""
+        if self.ended:
             return
-        outcomes = delivery.outcomes
-        replies = iter(result.recipients)
-        deferred = False
-        for i, o in enumerate(outcomes):
-            if o is not None and o.status != "deferred":
-                continue
-            reply = next(replies)
-            code = reply.code
-            status: RecipientStatus
-            if 200 <= code < 300:
-                status = "sent"
-            elif 400 <= code < 500:
-                status = "deferred"
-                deferred = True
-            else:
-                status = "failed"
-            outcomes[i] = RecipientOutcome(
-                str(reply.recipient), status, code, reply.enhanced, reply.text, delivery.attempts
-            )
-        if deferred:
-            self._schedule_retry(delivery)
+        gate = self._gate
+        if gate is not None:
+            gate.cancel()
+        elif self._proto is not None and self._txn is not None:
+            self._proto.cancel(self._txn)
 
-    def _on_failure(self, failure: Failure, delivery: _Delivery) -> Failure | None:
-        if failure.check(defer.CancelledError):
-            return failure
+    def _submit(self, proto: MailerProtocol) -> None:
+        self._gate = None
+        self._proto = proto
+        txn = proto.submit(
+            self.envelope, _attempt_ended, self, ready=_body_wanted if self.ready else None
+        )
+        if not self.ended:
+            self._txn = txn
+
+    def _not_started(self, failure: Failure) -> None:
+        self._gate = None
         error = failure.value
-        if not isinstance(error, DeliveryError):
-            log.failure("unexpected error while sending", failure)
-            error = PermanentError(f"internal error: {error!r}")
-        delivery.error = error
-        status: RecipientStatus = "deferred" if error.transient else "failed"
-        outcomes = delivery.outcomes
-        for i, (rcpt, o) in enumerate(zip(delivery.envelope.recipients, outcomes, strict=True)):
-            if o is None or o.status == "deferred":
-                outcomes[i] = RecipientOutcome(
-                    str(rcpt),
-                    status,
-                    error.code,
-                    error.enhanced,
-                    error.response,
-                    delivery.attempts,
-                )
-        if error.transient:
-            self._schedule_retry(delivery)
-        return None
-
-    def _schedule_retry(self, delivery: _Delivery) -> None:
-        if self.retry.can_retry(delivery.attempts) and not self._closed:
-            delivery.retry_at = self._clock.seconds() + self.retry.delay(delivery.attempts)
+        if isinstance(error, DeliveryError):
+            # The pool could not give a connection: about the server, not this message.
+            error.attempted = False
+            error.session_setup = True
+        elif failure.check(defer.CancelledError):
+            error = untried("the attempt was cancelled before it reached the server")
         else:
-            delivery.settle_deferred()
+            log.failure("unexpected error while connecting", failure)
+            error = untried(f"internal error: {error!r}")
+        self._end(None, error)
+
+    def _end(self, result: TransactionResult | None, error: DeliveryError | None) -> None:
+        self.ended = True
+        mailer = self._mailer
+        proto = self._proto
+        if proto is not None:
+            self._proto = self._txn = None
+            mailer.pool.release(proto)
+        if self._domains:
+            mailer._release_domains(self._domains)
+        self.notify(self.context, result, error)
 
 
-# Sized batches up to this many go out through one DeferredList; larger ones and generators
-# stream through one `_Run` (concurrency x pipeline depth attempts in flight).
+def _attempt_ended(
+    attempt: Attempt, result: TransactionResult | None, error: DeliveryError | None
+) -> None:
+    attempt._end(result, error)
+
+
+def _body_wanted(attempt: Attempt) -> None:
+    ready = attempt.ready
+    assert ready is not None
+    ready(attempt.context)
+
+
+# Sized batches up to this many go out through one DeferredList of single deliveries; larger
+# ones and generators stream through one DeliveryLoop.
 _SMALL_BATCH = 100
 
 
@@ -414,7 +443,7 @@ def _raise_if_nothing_accepted(result: SendResult) -> SendResult:
             response=first.response,
             recipient=first.recipient,
         )
-    error.result = result  # type: ignore[attr-defined]
+    error.result = result
     raise error
 
 

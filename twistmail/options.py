@@ -23,9 +23,11 @@ class DeliveryOptions:
     max_attempts: int = 5
     retry_delay: float = 5.0
     timeout: float = 60.0
+    server_patience: float = 60.0
+    """Seconds of backoff, in a row, spent waiting for a server that cannot be reached."""
 
-    def single_attempt_mailer(self, reactor: Any) -> Mailer:
-        """A Mailer making one attempt per message: the command keeps attempts and backoff.
+    def mailer(self, reactor: Any) -> Mailer:
+        """The Mailer the command's delivery loop drives (the loop keeps attempts and backoff).
 
         Raises ``ValueError`` or ``OSError`` for a bad URL or an unreadable ``ca_file``.
         """

@@ -1,24 +1,25 @@
 """The campaign loop of ``twistmail send``: CSV rows in, journaled outcomes out.
 
 Each CSV row becomes one message. Rows already settled in the journal (sent, invalid, and
-failed unless ``retry_failed``) are skipped, so re-running the same command resumes. The
-delivery loop (:mod:`.delivery`) lets a message's data go out only while fewer than
-``concurrency`` messages wait for their outcome to be committed to the journal, so a kill at
+failed unless ``retry_failed``) are skipped, so re-running the same command resumes. A kill at
 any moment can only duplicate at most ``concurrency`` messages.
 
-Retries are the campaign's own: the Mailer makes one attempt per call, a 4xx reply, a drop or
-a timeout parks the row as ``deferred`` (journaled with its next attempt time) and it comes
-back after an exponential backoff with jitter, for the recipients still deferred only.
+The campaign is a door of the one delivery loop (:mod:`twistmail.engine`), which keeps that
+bound: a message's data goes out only while fewer than ``concurrency`` delivered messages wait
+for their outcome's commit to the journal. Retries are planned by
+:func:`twistmail.retry.plan`: a 4xx reply, a drop or a timeout parks the row as ``deferred``
+(journaled with its next attempt time) and it comes back after an exponential backoff with
+jitter, for the recipients still deferred only. A refused login or TLS check stops the run
+(exit 2) without spending an attempt on any row; a server that cannot be reached keeps the rows
+pending and stops the run (exit 3) once ``--server-patience`` seconds of backoff are spent.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
-import itertools
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,13 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
 from twistmail._twisted import install_signal_handlers
-from twistmail.errors import DeliveryError, TwistmailError
+from twistmail.engine import DeliveryLoop, Job, Parked
+from twistmail.errors import PermanentError, TwistmailError
 from twistmail.mailer import Mailer
-from twistmail.message import Envelope
 from twistmail.options import DeliveryOptions
-from twistmail.results import SendResult
-from twistmail.retry import RetryPolicy
+from twistmail.retry import Plan, RetryPolicy
 
 from .csvsource import CsvSource, scan
-from .delivery import JournaledDelivery
 from .journal import Journal, RowState, is_set
 from .prepare import Prepared, Problem, guess_email, load_inputs, prepare_row
 from .progress import Progress
@@ -75,15 +74,12 @@ def default_report_path(csv_path: str) -> str:
     return str(path.with_name(path.stem + ".report.csv"))
 
 
-@dataclass
-class _Job:
-    prepared: Prepared
-    attempts: int = 0
-    due: float = 0.0
+class _Job(Job):
+    __slots__ = ("prepared",)
 
-    @property
-    def envelope(self) -> Envelope:
-        return self.prepared.envelope
+    def __init__(self, prepared: Prepared) -> None:
+        super().__init__(prepared.envelope)
+        self.prepared = prepared
 
 
 @dataclass
@@ -96,10 +92,17 @@ class Counts:
     invalid: int = 0
     skipped: int = 0
     started: int = 0
+    trouble: Any = None
+    """What knows of a server that cannot be reached now (``server_error``), if anything."""
 
 
 class Campaign:
-    """One run of a campaign; :meth:`run` fires with the exit status."""
+    """One run of a campaign; :meth:`run` fires with the exit status.
+
+    The campaign is a door of the delivery loop (:class:`~twistmail.engine.DeliveryLoop`):
+    rendered rows in, each outcome journaled before the message's data of one more row may go
+    out (the duplicate bound), deferred rows parked in memory until due.
+    """
 
     def __init__(self, options: SendOptions, reactor: Any) -> None:
         self.options = options
@@ -110,16 +113,14 @@ class Campaign:
         )
         self.stopping = False
         self.interrupted = False
-        self._parked: list[tuple[float, int, _Job]] = []
-        self._max_parked = max(1000, 50 * options.concurrency)
-        self._seq = itertools.count()
+        self._parked = Parked(reactor, max(1000, 50 * options.concurrency))
         self._rows: Iterator[Prepared | Problem] | None = None
         self._exhausted = False
         self._limit_reached = False
         self._journal: Journal | None = None
         self._mailer: Mailer | None = None
         self._abort_timer: Any = None
-        self._delivery: JournaledDelivery | None = None
+        self._loop: DeliveryLoop | None = None
 
     async def run(self) -> int:
         """Send the campaign; the exit status (0, 1, 2 or 3 as documented by the CLI)."""
@@ -158,8 +159,7 @@ class Campaign:
         opts = self.options
         settled = await journal.settled_rows(opts.retry_failed)
         try:
-            # The campaign keeps attempts and backoff itself (in the journal).
-            self._mailer = opts.single_attempt_mailer(self.reactor)
+            self._mailer = opts.mailer(self.reactor)
         except (ValueError, OSError) as e:
             self._say(f"error: {e}")
             return EXIT_USAGE
@@ -170,17 +170,20 @@ class Campaign:
         progress = Progress(opts.out, total=total, live=opts.progress, clock=self.reactor)
         progress.start(self.counts)
         restore = install_signal_handlers(self.reactor, self.interrupt)
+        loop = self._loop = DeliveryLoop(
+            self._mailer,
+            self,
+            self.retry,
+            clock=self.reactor,
+            # A message's data goes out only while fewer than `concurrency` delivered
+            # messages wait for their journal commit: a kill duplicates at most that many.
+            hold_bodies=opts.concurrency,
+            limit=self._mailer.capacity,
+            patience=opts.server_patience,
+        )
+        self.counts.trouble = loop
         try:
-            self._delivery = JournaledDelivery(
-                self._mailer,
-                self.reactor,
-                opts.concurrency,
-                next_job=self._next_job,
-                more_in=self._more_in,
-                settle=self._settle,
-                sent=self._settle_sent,
-            )
-            await self._delivery.start()
+            await loop.start()
             await registering
         finally:
             restore()
@@ -188,7 +191,15 @@ class Campaign:
                 self._abort_timer.cancel()
             progress.stop()
             await self._mailer.close()
-        return await self._finish(journal)
+        stopped_by = loop.stopped_by
+        if stopped_by is not None:
+            self._say(f"error: {stopped_by}")
+        code = await self._finish(journal)
+        if isinstance(stopped_by, PermanentError):
+            return EXIT_USAGE  # refused login or TLS: fix the configuration, run again
+        if stopped_by is not None:
+            return EXIT_INTERRUPTED  # the server could not be reached: rows stay pending
+        return code
 
     async def _finish(self, journal: Journal) -> int:
         opts = self.options
@@ -223,16 +234,18 @@ class Campaign:
                 continue
             yield prepare_row(template, row, journal.message_id, envelope_from)
 
-    def _next_job(self) -> _Job | None:
-        """A parked job that is due, else the next good row (recording invalid ones)."""
-        now = self.reactor.seconds()
-        if self._parked and self._parked[0][0] <= now:
-            job = heapq.heappop(self._parked)[2]
+    # ------------------------------------------------------------------ the loop's door
+
+    def next_job(self) -> _Job | None:
+        """A job given back or due again, else the next good row (recording invalid ones)."""
+        job = self._parked.pop_due()
+        if job is not None:
             self.counts.deferred = len(self._parked)
+            assert isinstance(job, _Job)
             return job
         if self._exhausted or self.stopping or self._rows is None:
             return None
-        if len(self._parked) >= self._max_parked:
+        if self._parked.full:
             # A server refusing everything must not pull the whole CSV into the retry heap.
             return None
         limit = self.options.limit
@@ -250,68 +263,39 @@ class Campaign:
         self._exhausted = True
         return None
 
+    def wake_in(self) -> float | None:
+        """Seconds until a parked retry is due; None when the campaign has nothing left."""
+        if self.stopping:
+            return None
+        return self._parked.due_in()
+
+    def record(self, job: Job, outcome: Plan) -> defer.Deferred[None]:
+        """Journal what an attempt settled; park a deferred row until it is due."""
+        assert isinstance(job, _Job)
+        if outcome.state == "sent":
+            self.counts.sent += 1
+            return self._record(job, "sent", outcome.code, outcome.response)
+        if outcome.state == "deferred":
+            due = self._parked.park(job, outcome.delay)
+            self.counts.deferred = len(self._parked)
+            return self._record(
+                job, "deferred", outcome.code, outcome.response, _wall(self.reactor, due)
+            )
+        self.counts.failed += 1
+        prepared = job.prepared
+        self._say(f"failed: row {prepared.row} {prepared.email}: {outcome.response}")
+        return self._record(job, "failed", outcome.code, outcome.response)
+
+    def put_back(self, job: Job) -> None:
+        """A row whose message never reached the server: it goes again first, uncounted."""
+        self._parked.again(job)
+
     def _record_problem(self, problem: Problem) -> None:
         assert self._journal is not None
         self._say(f"invalid: {problem.reason}")
         self._journal.record(
             problem.row, email=problem.email, state="invalid", response=problem.reason
         ).addErrback(self._journal_failed)
-
-    def _more_in(self) -> float | None:
-        """Seconds until a parked retry is due; None when the campaign has nothing left."""
-        if self.stopping or not self._parked:
-            return None
-        return max(0.0, self._parked[0][0] - float(self.reactor.seconds()))
-
-    # ------------------------------------------------------------------ outcomes
-
-    def _settle_sent(self, job: _Job, code: int | None, response: str) -> defer.Deferred[None]:
-        """Every recipient of ``job`` was accepted and the message taken."""
-        self.counts.sent += 1
-        return self._record(job, "sent", code, response)
-
-    def _settle(
-        self, job: _Job, result: SendResult | None, error: DeliveryError | None
-    ) -> defer.Deferred[None]:
-        assert self._journal is not None
-        prepared = job.prepared
-        error = error or (result.error if result is not None else None)
-        transient_error = error is not None and error.transient
-        retry, refused = [], []
-        if result is not None:
-            for outcome in result.recipients:
-                if outcome.status == "sent":
-                    continue
-                code = outcome.code
-                if (code is not None and 400 <= code < 500) or (code is None and transient_error):
-                    retry.append(outcome)
-                else:
-                    refused.append(outcome)
-        if result is not None and not retry and not refused:
-            return self._settle_sent(job, result.code, result.response)
-        whole_retry = result is None and transient_error  # nothing known per recipient
-        if (retry or whole_retry) and not refused and self.retry.can_retry(job.attempts):
-            if retry:
-                keep = {o.recipient for o in retry}
-                recipients = tuple(r for r in prepared.envelope.recipients if str(r) in keep)
-                job.prepared = replace(
-                    prepared, envelope=replace(prepared.envelope, recipients=recipients)
-                )
-            first = retry[0] if retry else None
-            due = self.reactor.seconds() + self.retry.delay(job.attempts)
-            heapq.heappush(self._parked, (due, next(self._seq), job))
-            self.counts.deferred = len(self._parked)
-            code = first.code if first else (error.code if error else None)
-            text = first.response if first else (str(error) if error else "")
-            return self._record(job, "deferred", code, text, _wall(self.reactor, due))
-        self.counts.failed += 1
-        bad = refused[0] if refused else (retry[0] if retry else None)
-        if bad is not None and bad.response:
-            code, text = bad.code, f"{bad.recipient}: {bad.response}"
-        else:  # a drop, a timeout or a refused connection: the error names the host
-            code, text = (error.code if error else None), (str(error) if error else "")
-        self._say(f"failed: row {prepared.row} {prepared.email}: {text}")
-        return self._record(job, "failed", code, text)
 
     def _record(
         self,
@@ -339,18 +323,19 @@ class Campaign:
     def interrupt(self) -> None:
         """Stop starting messages; abort what is in flight after the grace period."""
         if self.stopping:
+            self._say("aborting: cutting off the messages in flight")
             self._abort_now()
             return
         self.stopping = True
         self.interrupted = True
         self._say("stopping: letting messages in flight finish (signal again to abort)")
         self._abort_timer = self.reactor.callLater(self.options.grace, self._abort_now)
-        if self._delivery is not None:
-            self._delivery.pump()  # it may be waiting for a parked retry: it ends now instead
+        if self._loop is not None:
+            self._loop.stop()
 
     def _abort_now(self) -> None:
-        if self._mailer is not None:
-            self._mailer.pool.abort()
+        if self._loop is not None:
+            self._loop.abort()
 
     # ------------------------------------------------------------------ output
 

@@ -26,11 +26,13 @@ __all__ = ["DrainOptions", "drain", "status"]
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMAINING = 0, 1, 2, 3
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DrainOptions(DeliveryOptions):
     """Everything ``twistmail drain`` was asked to do."""
 
     spool_path: str
+    # A cron job reports an unreachable server at once and leaves the messages for next time.
+    server_patience: float = 0.0
     limit: int | None = None
     lease: float = 300.0
     out: TextIO = field(default_factory=lambda: sys.stdout)
@@ -44,7 +46,7 @@ def drain(options: DrainOptions, reactor: Any) -> defer.Deferred[int]:
 async def _drain(opts: DrainOptions, reactor: Any) -> int:
     out = opts.out
     try:
-        mailer = opts.single_attempt_mailer(reactor)  # the spool keeps attempts and backoff
+        mailer = opts.mailer(reactor)  # the delivery loop and the spool keep attempts
     except (ValueError, OSError) as e:
         _say(out, f"error: {e}")
         return EXIT_USAGE
@@ -66,6 +68,8 @@ async def _drain(opts: DrainOptions, reactor: Any) -> int:
         retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
         limit=opts.limit,
         lease=opts.lease,
+        hold_bodies=opts.concurrency,
+        patience=opts.server_patience,
         on_outcome=show,
         reactor=reactor,
     )
@@ -74,7 +78,6 @@ async def _drain(opts: DrainOptions, reactor: Any) -> int:
     def interrupt() -> None:
         if interrupted:  # a second signal: stop waiting for messages in flight
             worker.abort()
-            mailer.pool.abort()
             return
         interrupted.append(True)
         _say(out, "stopping: letting messages in flight finish (signal again to abort)")

@@ -1,24 +1,29 @@
-"""Draining a spool: claim what is due, deliver it through a Mailer, record each outcome.
+"""Draining a queue: claim what is due, deliver it through the one delivery loop, record it.
 
 :class:`Drain` makes one pass (the cron pattern: deliver what is due when it starts, then
-stop); a long-running service can start a new pass whenever the previous one ends. Each pass
-makes at most one attempt per message: a message deferred during the pass is due later and is
-left for a later pass. Retries follow a :class:`~twistmail.retry.RetryPolicy`: a 4xx reply, a
-drop or a timeout defers the recipients concerned to ``now + policy.delay(attempts)``; once the
-attempts are used up they fail. A 5xx fails its recipient at once.
+stop). It is a door of :class:`~twistmail.engine.DeliveryLoop`: claims in, each attempt's
+:class:`~twistmail.retry.Plan` recorded in the queue. Each pass makes at most one attempt per
+message: a message deferred during the pass is due later and is left for a later pass.
+
+Like every door with a store, it keeps the duplicate bound: a message's data goes out only
+while fewer than ``concurrency`` delivered messages wait for their outcome's commit, so a drain
+killed at any moment can have delivered at most that many messages it has no record of (they
+go out again once their lease expires).
 
 A server that cannot be reached or refuses our credentials or TLS says nothing about the
-messages: the pass stops, gives the messages it holds back untouched (no attempt counted) and
-reports the error in :attr:`DrainReport.abort`.
+messages: the pass stops (after ``patience`` seconds of backoff for an unreachable server; at
+once by default), gives the messages it holds back untouched (no attempt counted) and reports
+the error in :attr:`DrainReport.abort`.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,27 +31,18 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..errors import (
-    AuthenticationError,
-    ConnectError,
-    ConnectionLostError,
-    DeliveryError,
-    PermanentError,
-    TLSError,
-)
-from ..fanout import fan_out
-from ..mailer import Mailer
-from ..results import SendResult
-from ..retry import RetryPolicy
+from ..engine import DeliveryLoop, Job, Sender
+from ..errors import DeliveryError
+from ..results import RecipientOutcome
+from ..retry import Plan, RetryPolicy
 from .records import ClaimedMessage, Outcome, RecipientState, SpoolSummary
 from .sqlite import SqliteSpool
 
-__all__ = ["Drain", "DrainReport", "settle"]
+__all__ = ["Drain", "DrainReport", "outcome_of"]
 
 log = Logger()
 
-# Errors about the server or our configuration, not about a message: they stop the pass.
-_ABORT_ERRORS = (AuthenticationError, TLSError, ConnectError)
+_STATES: dict[str, RecipientState] = {"sent": "sent", "deferred": "pending", "failed": "failed"}
 
 
 @dataclass
@@ -68,74 +64,49 @@ class DrainReport:
     spool: SpoolSummary | None = None
 
 
-def settle(
-    claimed: ClaimedMessage,
-    result: SendResult | None,
-    error: DeliveryError | None,
-    retry: RetryPolicy,
-    now: float,
-) -> Outcome:
-    """The outcome of one attempt at ``claimed`` (one Mailer attempt: ``result`` or ``error``)."""
-    attempts = claimed.attempts + 1
-    transient = error is not None and error.transient
-    by_recipient = {o.recipient: o for o in result.recipients} if result is not None else {}
-    settled: list[tuple[int, RecipientState, int | None, str]] = []
-    pending: list[tuple[int, str, int | None, str]] = []
-    refused: list[tuple[str, int | None, str]] = []
-    for position, address in zip(claimed.positions, claimed.envelope.recipients, strict=True):
-        rcpt = str(address)
-        found = by_recipient.get(rcpt)
-        if found is not None and found.status == "sent":
-            settled.append((position, "sent", found.code, found.response))
-            continue
-        if found is not None and (found.code is not None or found.response):
-            code, text = found.code, found.response
-        else:  # a drop, a timeout, a refused connection: the error text names the host
-            code, text = (error.code, str(error)) if error is not None else (None, "")
-        if (code is not None and 400 <= code < 500) or (code is None and transient):
-            pending.append((position, rcpt, code, text))
-        else:
-            settled.append((position, "failed", code, text))
-            refused.append((rcpt, code, text))
-    if pending and retry.can_retry(attempts):
-        settled += [(position, "pending", code, text) for position, _, code, text in pending]
-        _, rcpt, code, text = pending[0]
-        due = now + retry.delay(attempts)
-        return Outcome(
-            claimed.id, "deferred", attempts, due, code, f"{rcpt}: {text}", tuple(settled)
-        )
-    for position, rcpt, code, text in pending:
-        text = f"{text} (gave up after {attempts} attempts)".lstrip()
-        settled.append((position, "failed", code, text))
-        refused.append((rcpt, code, text))
-    first = refused[0] if refused else claimed.refused_before
-    if first is not None:
-        rcpt, code, text = first
-        return Outcome(claimed.id, "failed", attempts, now, code, f"{rcpt}: {text}", tuple(settled))
-    assert result is not None
-    return Outcome(claimed.id, "sent", attempts, now, result.code, result.response, tuple(settled))
+def outcome_of(claimed: ClaimedMessage, plan: Plan, now: float) -> Outcome:
+    """The queue record of one planned attempt at ``claimed`` (wall-clock ``now``)."""
+    recipients = tuple(
+        (position, _STATES[o.status], o.code, o.response)
+        for position, o in zip(claimed.positions, plan.outcomes, strict=True)
+    )
+    due = now + plan.delay if plan.state == "deferred" else now
+    return Outcome(claimed.id, plan.state, plan.attempts, due, plan.code, plan.response, recipients)
+
+
+class _ClaimJob(Job):
+    __slots__ = ("claimed",)
+
+    def __init__(self, claimed: ClaimedMessage) -> None:
+        super().__init__(claimed.envelope, claimed.attempts)
+        self.claimed = claimed
+        before = claimed.refused_before
+        if before is not None:
+            rcpt, code, text = before
+            self.refused = RecipientOutcome(rcpt, "failed", code, None, text, claimed.attempts)
 
 
 class Drain:
-    """One pass over a spool: deliver every message due when :meth:`run` starts.
+    """One pass over a queue: deliver every message due when :meth:`run` starts.
 
-    ``limit`` caps the messages claimed in this pass. ``workers`` messages are in flight at
-    once (default: enough to keep every connection of ``mailer`` busy). Messages are claimed
-    ``batch`` at a time under a ``lease`` of that many seconds, renewed while the pass runs.
-    ``on_outcome`` is called with each recorded outcome (for a progress line or a log).
+    ``limit`` caps the messages claimed in this pass. Messages are claimed ``batch`` at a time
+    under a ``lease`` of that many seconds, renewed while the pass runs. ``hold_bodies`` is the
+    duplicate bound (default: the mailer's connections). ``on_outcome`` is called with each
+    recorded outcome (for a progress line or a log).
     """
 
     def __init__(
         self,
         spool: SqliteSpool,
-        mailer: Mailer,
+        mailer: Sender,
         *,
         retry: RetryPolicy,
         limit: int | None = None,
-        workers: int | None = None,
         batch: int | None = None,
         lease: float = 300.0,
         owner: str | None = None,
+        hold_bodies: int | None = None,
+        patience: float = 0.0,
         on_outcome: Callable[[ClaimedMessage, Outcome], None] | None = None,
         reactor: Any = None,
     ) -> None:
@@ -147,19 +118,24 @@ class Drain:
         self.mailer = mailer
         self.retry = retry
         self.limit = limit
-        self.workers = workers or mailer.concurrency * mailer.pool.depth
-        self.batch = batch or max(10, 2 * self.workers)
+        self.batch = batch or max(10, 2 * mailer.capacity)
         self.lease = lease
         self.owner = owner or f"{socket.gethostname()}:{secrets.token_hex(8)}"
         self.report = DrainReport()
         self._on_outcome = on_outcome
         self._reactor = reactor
-        self._buffer: deque[ClaimedMessage] = deque()
+        self._buffer: deque[_ClaimJob] = deque()
         self._claiming: defer.Deferred[None] | None = None
         self._exhausted = False
-        self._stopping = False
         self._due_by = 0.0
-        self._sending: set[defer.Deferred[SendResult]] = set()
+        self._loop = DeliveryLoop(
+            mailer,
+            self,
+            retry,
+            clock=reactor,
+            hold_bodies=hold_bodies if hold_bodies is not None else _connections(mailer),
+            patience=patience,
+        )
 
     def run(self) -> defer.Deferred[DrainReport]:
         """Deliver what is due now; fires with the report once every outcome is committed."""
@@ -167,13 +143,11 @@ class Drain:
 
     def stop(self) -> None:
         """Start no more messages; those in flight finish and are recorded."""
-        self._stopping = True
+        self._loop.stop()
 
     def abort(self) -> None:
         """Start no more messages and cut off those in flight (recorded as drops: deferred)."""
-        self._stopping = True
-        for sending in list(self._sending):
-            sending.cancel()
+        self._loop.abort()
 
     async def _run(self) -> DrainReport:
         self._due_by = time.time()
@@ -183,17 +157,18 @@ class Drain:
             lambda f: log.failure("renewing the spool leases failed", f)
         )
         try:
-            await fan_out(self._reactor, self._work, self.workers)
+            await self._loop.start()
         finally:
             if renewal.running:
                 renewal.stop()
             if self._claiming is not None:
                 await self._claiming
             if self._buffer:
-                held = [c.id for c in self._buffer]
+                held = [job.claimed.id for job in self._buffer]
                 self._buffer.clear()
                 released = await self.spool.release(self.owner, held)
                 self.report.released += released
+        self.report.abort = self._loop.stopped_by
         self.report.spool = await self.spool.summary()
         return self.report
 
@@ -201,67 +176,38 @@ class Drain:
         d = self.spool.renew(self.owner, self.lease)
         return d.addCallback(lambda _: None)
 
-    def _work(self) -> Iterator[defer.Deferred[Any] | None]:
-        while not self._stopping:
-            if self._buffer:
-                yield self._deliver(self._buffer.popleft())
-            elif self._exhausted:
-                return
-            else:
-                yield self._wait_for_claim()
+    # ------------------------------------------------------------------ the loop's door
 
-    def _wait_for_claim(self) -> defer.Deferred[None]:
-        if self._claiming is None:
-            want = self.batch
-            if self.limit is not None:
-                want = min(want, self.limit - self.report.claimed)
-            if want <= 0:
-                self.report.limit_reached = True
-                self._exhausted = True
-                return defer.succeed(None)
-            claiming = self.spool.claim(self.owner, want, lease=self.lease, due_by=self._due_by)
-            self._claiming = claiming.addCallbacks(self._claimed, self._claim_failed)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._claiming.addBoth(_chain_to, waiter)
-        return waiter
+    def next_job(self) -> Job | None:
+        """The next claimed message; claims more when the buffer runs out."""
+        if self._buffer:
+            return self._buffer.popleft()
+        self._claim()
+        return None
 
-    def _claimed(self, claimed: list[ClaimedMessage]) -> None:
-        self._claiming = None
-        self.report.claimed += len(claimed)
-        self._buffer.extend(claimed)
-        if not claimed:
-            self._exhausted = True
+    def wake_in(self) -> float | None:
+        """Nothing to deliver now: wait for a claim, or stop once the queue has nothing due."""
+        if self._buffer:
+            return 0.0
+        if self._exhausted:
+            return None
+        self._claim()
+        return math.inf
 
-    def _claim_failed(self, failure: Failure) -> Failure:
-        self._claiming = None
-        self._exhausted = True
-        return failure
+    def record(self, job: Job, plan: Plan) -> defer.Deferred[None]:
+        """Write the outcome to the queue; a lease lost meanwhile is counted, not an error."""
+        assert isinstance(job, _ClaimJob)
+        claimed = job.claimed
+        outcome = outcome_of(claimed, plan, time.time())
+        return self.spool.record(self.owner, outcome).addCallback(self._recorded, claimed, outcome)
 
-    def _deliver(self, claimed: ClaimedMessage) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(self._deliver_one(claimed))
+    def put_back(self, job: Job) -> None:
+        """A message the server never saw: it goes again first (or back to the queue)."""
+        assert isinstance(job, _ClaimJob)
+        self._buffer.appendleft(job)
 
-    async def _deliver_one(self, claimed: ClaimedMessage) -> None:
-        result: SendResult | None = None
-        error: DeliveryError | None = None
-        sending = self.mailer.send(claimed.envelope)
-        self._sending.add(sending)
-        try:
-            result = await sending
-        except DeliveryError as e:
-            result, error = getattr(e, "result", None), e
-        except defer.CancelledError:  # abort(): the server may or may not have it
-            error = ConnectionLostError("sending was interrupted", host=self.mailer.server.label)
-        except Exception as e:  # a bug, not a delivery outcome: fail the message, keep going
-            error = PermanentError(f"internal error: {e!r}")
-        finally:
-            self._sending.discard(sending)
-        if isinstance(error, _ABORT_ERRORS) and not (result and result.accepted):
-            self._abort(error)
-            released = await self.spool.release(self.owner, [claimed.id])
-            self.report.released += released  # not `+= await`: that reads before waiting
-            return
-        outcome = settle(claimed, result, error, self.retry, time.time())
-        if not await self.spool.record(self.owner, outcome):
+    def _recorded(self, kept: bool, claimed: ClaimedMessage, outcome: Outcome) -> None:
+        if not kept:
             self.report.lost += 1
             return
         if outcome.state == "sent":
@@ -273,15 +219,35 @@ class Drain:
         if self._on_outcome is not None:
             self._on_outcome(claimed, outcome)
 
-    def _abort(self, error: DeliveryError) -> None:
-        if self.report.abort is None:
-            self.report.abort = error
-        self._stopping = True
+    # ------------------------------------------------------------------ claims
+
+    def _claim(self) -> None:
+        if self._claiming is not None or self._exhausted:
+            return
+        want = self.batch
+        if self.limit is not None:
+            want = min(want, self.limit - self.report.claimed)
+            if want <= 0:
+                self.report.limit_reached = True
+                self._exhausted = True
+                return
+        claiming = self.spool.claim(self.owner, want, lease=self.lease, due_by=self._due_by)
+        self._claiming = claiming.addCallbacks(self._claimed, self._claim_failed)
+
+    def _claimed(self, claimed: list[ClaimedMessage]) -> None:
+        self._claiming = None
+        self.report.claimed += len(claimed)
+        self._buffer.extend(_ClaimJob(c) for c in claimed)
+        if not claimed:
+            self._exhausted = True
+        self._loop.pump()
+
+    def _claim_failed(self, failure: Failure) -> None:
+        self._claiming = None
+        self._exhausted = True
+        self._loop._fail(failure)
 
 
-def _chain_to(result: object, waiter: defer.Deferred[None]) -> object:
-    if isinstance(result, Failure):
-        waiter.errback(result)
-        return None  # handled by the waiter
-    waiter.callback(None)
-    return result
+def _connections(mailer: Sender) -> int:
+    concurrency = getattr(mailer, "concurrency", None)
+    return concurrency if isinstance(concurrency, int) else mailer.capacity

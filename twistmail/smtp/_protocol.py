@@ -241,7 +241,9 @@ class MailerProtocol(tsmtp.ESMTPClient):
             self._cancel_txn(txn)
 
     def _unusable(self) -> ConnectionLostError:
-        return ConnectionLostError("connection is not usable for sending", host=self.host_label)
+        return ConnectionLostError(
+            "connection is not usable for sending", host=self.host_label, attempted=False
+        )
 
     def _queue(self, txn: _Txn) -> None:
         self._waiting.append(txn)
@@ -746,7 +748,9 @@ class MailerProtocol(tsmtp.ESMTPClient):
                 else:
                     txn.fail(
                         ConnectionLostError(
-                            "connection closed before sending", host=self.host_label
+                            "connection closed before sending",
+                            host=self.host_label,
+                            attempted=False,
                         )
                     )
         if not self.ready.called:

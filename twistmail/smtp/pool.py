@@ -117,6 +117,14 @@ class ConnectionPool:
             return
         if self._waiters:
             self._waiters.popleft().callback(self._take(proto))
+            # With PIPELINING one connection takes several transactions: serve more waiters.
+            while (
+                self._waiters
+                and proto.usable
+                and self._load.get(proto, 0) < self._capacity(proto)
+                and not self.has_room
+            ):
+                self._waiters.popleft().callback(self._take(proto))
             return
         if load > 0:
             self._partial[proto] = None
