@@ -1,4 +1,8 @@
-"""The spool store (real SQLite files), the ``spool`` backend and the drain's outcome rules."""
+"""The SQLite queue's own promises (real files: WAL, fsync, group commit, two stores on one file,
+schema migration), the ``spool`` backend and the drain's outcome rules.
+
+What every queue store promises is in ``test_queue_contract.py``, run against this one too.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
 from twistmail.backends.spool import SpoolBackend
@@ -25,8 +29,8 @@ from twistmail.errors import (
 from twistmail.interfaces import IBackend
 from twistmail.mailer import Mailer
 from twistmail.message import Envelope, envelope_from_bytes
-from twistmail.queue.records import ClaimedMessage, Outcome, SpoolError
-from twistmail.queue.sqlite import SqliteSpool, read_spool_status
+from twistmail.queue.records import ClaimedMessage, Outcome, QueueError
+from twistmail.queue.sqlite import SCHEMA_VERSION, SqliteQueue, read_queue_status
 from twistmail.queue.worker import Drain, settle
 from twistmail.results import RecipientOutcome, SendResult
 from twistmail.retry import RetryPolicy
@@ -65,13 +69,19 @@ def rows(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 # The store ----------------------------------------------------------------------------------
 
 
+def stopped_clock() -> task.Clock:
+    clock = task.Clock()
+    clock.advance(T0)
+    return clock
+
+
 @pytest_twisted.inlineCallbacks
-def test_spool_is_wal_with_synchronous_full_and_commits_before_firing(tmp_path: Path) -> Gen:
+def test_queue_is_wal_with_synchronous_full_and_commits_before_firing(tmp_path: Path) -> Gen:
     path = tmp_path / "spool.db"
-    spool = yield SqliteSpool.open(path)
+    queue = yield SqliteQueue.open(path)
     try:
-        assert (yield spool.settings()) == ("wal", 2)  # 2 = FULL: fsync at every commit
-        ids = yield spool.enqueue([envelope(1), envelope(2, "a@example.org", "b@example.org")])
+        assert (yield queue.settings()) == ("wal", 2)  # 2 = FULL: fsync at every commit
+        ids = yield queue.enqueue([envelope(1), envelope(2, "a@example.org", "b@example.org")])
         # Committed by the time the Deferred fired: another connection sees it.
         got = rows(path, "SELECT id, state, message_id, sender FROM messages ORDER BY id")
         assert got == [
@@ -83,51 +93,68 @@ def test_spool_is_wal_with_synchronous_full_and_commits_before_firing(tmp_path: 
             ("b@example.org",),
         ]
     finally:
-        yield spool.close()
-    yield spool.close()  # idempotent
+        yield queue.close()
+    yield queue.close()  # idempotent
 
 
 @pytest_twisted.inlineCallbacks
 def test_concurrent_enqueues_share_one_commit(tmp_path: Path) -> Gen:
-    spool = yield SqliteSpool.open(tmp_path / "spool.db")
+    queue = yield SqliteQueue.open(tmp_path / "spool.db")
     try:
-        results = yield defer.gatherResults([spool.enqueue([envelope(i)]) for i in range(50)])
+        results = yield defer.gatherResults([queue.enqueue([envelope(i)]) for i in range(50)])
         ids = [r[0] for r in results]
         assert len(set(ids)) == 50
         # The first enqueue commits alone; the 49 made meanwhile share the next commit.
-        assert spool.commits == 2
+        assert queue.commits == 2
     finally:
-        yield spool.close()
+        yield queue.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_claimed_envelope_is_the_stored_one(tmp_path: Path) -> Gen:
-    spool = yield SqliteSpool.open(tmp_path / "spool.db")
+def test_times_in_the_file_come_from_the_queues_clock(tmp_path: Path) -> Gen:
+    path = tmp_path / "spool.db"
+    clock = stopped_clock()
+    queue = yield SqliteQueue.open(path, clock=clock.seconds)
     try:
-        original = envelope(7, "x@example.org", "Zoë@例え.jp")
-        yield spool.enqueue([original], now=T0)
-        (claimed,) = yield spool.claim("a", 10, lease=60, now=T0)
-        env = claimed.envelope
-        assert env.payload == original.payload
-        assert env.payload.endswith(b"\r\n..dot line\r\n.\r\n")
-        assert (env.sender, env.recipients) == (original.sender, original.recipients)
-        assert (env.message_id, env.size, env.smtputf8) == ("<m7@test>", original.size, True)
-        assert claimed.positions == (0, 1)
-        assert claimed.attempts == 0
+        yield queue.enqueue([envelope(1)])
+        clock.advance(5)
+        (claimed,) = yield queue.claim("a", 5, lease=30)
+        assert rows(path, "SELECT due, lease_until, fence, created_at FROM messages") == [
+            (T0, T0 + 35, 1, T0)
+        ]
+        clock.advance(1)
+        outcome = Outcome(
+            id=claimed.id,
+            fence=claimed.fence,
+            state="deferred",
+            attempts=1,
+            retry_in=60,
+            code=421,
+            response="later",
+            recipients=((0, "pending", 421, "later"),),
+        )
+        assert (yield queue.record("a", outcome)) is True
+        assert rows(path, "SELECT state, due, lease_until, updated_at FROM messages") == [
+            ("deferred", T0 + 66, None, T0 + 6)
+        ]
+        # read_queue_status compares with its own clock argument.
+        assert read_queue_status(path, clock=lambda: T0 + 65).due == 0
+        assert read_queue_status(path, clock=lambda: T0 + 66).due == 1
     finally:
-        yield spool.close()
+        yield queue.close()
 
 
 @pytest_twisted.inlineCallbacks
 def test_two_stores_on_one_file_never_claim_the_same_message(tmp_path: Path) -> Gen:
     path = tmp_path / "spool.db"
-    one = yield SqliteSpool.open(path)
-    two = yield SqliteSpool.open(path)
+    clock = stopped_clock()
+    one = yield SqliteQueue.open(path, clock=clock.seconds)
+    two = yield SqliteQueue.open(path, clock=clock.seconds)
     try:
-        yield one.enqueue([envelope(i) for i in range(200)], now=T0)
+        yield one.enqueue([envelope(i) for i in range(200)])
         batches = yield defer.gatherResults(
             [
-                store.claim(owner, 15, lease=60, now=T0)
+                store.claim(owner, 15, lease=60)
                 for _ in range(10)
                 for owner, store in (("one", one), ("two", two))
             ]
@@ -137,77 +164,65 @@ def test_two_stores_on_one_file_never_claim_the_same_message(tmp_path: Path) -> 
         assert len(set(ids)) == 200
         owners = rows(path, "SELECT owner, count(*) FROM messages GROUP BY owner ORDER BY owner")
         assert [o for o, _ in owners] == ["one", "two"]
-        assert (yield one.claim("three", 10, lease=60, now=T0 + 1)) == []
+        clock.advance(1)
+        assert (yield one.claim("three", 10, lease=60)) == []
+        # A claim made through one store is fenced for the other too.
+        clock.advance(60)
+        (taken,) = yield two.claim("four", 1, lease=60)
+        stale = next(c for batch in batches for c in batch if c.id == taken.id)
+        late = Outcome(
+            id=stale.id,
+            fence=stale.fence,
+            state="sent",
+            attempts=1,
+            code=250,
+            response="ok",
+            recipients=((0, "sent", 250, "ok"),),
+        )
+        owner = rows(path, "SELECT owner FROM messages WHERE id = ?", stale.id)
+        assert owner == [("four",)]
+        assert (yield one.record("one", late)) is False
+        assert (yield two.record("two", late)) is False
     finally:
         yield one.close()
         yield two.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_an_expired_lease_is_reclaimed_and_the_old_owner_cannot_record(tmp_path: Path) -> Gen:
+def test_sent_drops_the_payload_and_failed_keeps_it(tmp_path: Path) -> Gen:
     path = tmp_path / "spool.db"
-    spool = yield SqliteSpool.open(path)
+    queue = yield SqliteQueue.open(path)
     try:
-        (mid,) = yield spool.enqueue([envelope(1)], now=T0)
-        assert [c.id for c in (yield spool.claim("dead", 5, lease=30, now=T0))] == [mid]
-        assert (yield spool.claim("live", 5, lease=30, now=T0 + 29)) == []
-        summary = yield spool.summary(now=T0 + 29)
-        assert (summary.held, summary.expired, summary.waiting) == (1, 0, 0)
-        summary = yield spool.summary(now=T0 + 31)
-        assert (summary.held, summary.expired, summary.waiting) == (0, 1, 1)
-        (again,) = yield spool.claim("live", 5, lease=30, now=T0 + 31)
-        assert again.id == mid
-        sent = Outcome(mid, "sent", 1, T0 + 32, 250, "ok", ((0, "sent", 250, "ok"),))
-        assert (yield spool.record("dead", sent, now=T0 + 32)) is False
-        assert rows(path, "SELECT state, owner FROM messages") == [("sending", "live")]
-        assert (yield spool.record("live", sent, now=T0 + 32)) is True
-        # Sent: kept as a record, but the payload is dropped.
-        assert rows(path, "SELECT state, owner, length(payload) FROM messages") == [
-            ("sent", None, 0)
+        yield queue.enqueue([envelope(1), envelope(2)])
+        one, two = yield queue.claim("a", 5, lease=30)
+        for claimed, state, code in ((one, "sent", 250), (two, "failed", 550)):
+            outcome = Outcome(
+                id=claimed.id,
+                fence=claimed.fence,
+                state=state,
+                attempts=1,
+                code=code,
+                response="reply",
+                recipients=((0, state, code, "reply"),),
+            )
+            assert (yield queue.record("a", outcome)) is True
+        # Sent: kept as a record, without its bytes; failed: kept whole, to inspect or requeue.
+        assert rows(path, "SELECT state, owner, length(payload) > 0 FROM messages ORDER BY id") == [
+            ("sent", None, 0),
+            ("failed", None, 1),
         ]
     finally:
-        yield spool.close()
+        yield queue.close()
 
 
 @pytest_twisted.inlineCallbacks
-def test_renew_extends_only_the_owners_leases(tmp_path: Path) -> Gen:
-    spool = yield SqliteSpool.open(tmp_path / "spool.db")
-    try:
-        yield spool.enqueue([envelope(1), envelope(2)], now=T0)
-        yield spool.claim("a", 1, lease=30, now=T0)
-        yield spool.claim("b", 1, lease=30, now=T0)
-        assert (yield spool.renew("a", 30, now=T0 + 20)) == 1
-        (taken,) = yield spool.claim("c", 5, lease=30, now=T0 + 40)  # b's lapsed, a's not
-        assert taken.id == 2
-    finally:
-        yield spool.close()
-
-
-@pytest_twisted.inlineCallbacks
-def test_release_gives_messages_back_without_counting_an_attempt(tmp_path: Path) -> Gen:
+def test_the_drains_outcome_rules_leave_the_right_states_in_the_file(tmp_path: Path) -> Gen:
     path = tmp_path / "spool.db"
-    spool = yield SqliteSpool.open(path)
+    clock = stopped_clock()
+    queue = yield SqliteQueue.open(path, clock=clock.seconds)
     try:
-        ids = yield spool.enqueue([envelope(1), envelope(2)], now=T0)
-        yield spool.claim("a", 5, lease=30, now=T0)
-        assert (yield spool.release("b", ids)) == 0  # not b's to give back
-        assert (yield spool.release("a", ids)) == 2
-        assert rows(path, "SELECT DISTINCT state, attempts, owner FROM messages") == [
-            ("queued", 0, None)
-        ]
-    finally:
-        yield spool.close()
-
-
-@pytest_twisted.inlineCallbacks
-def test_only_pending_recipients_come_back_and_only_when_due(tmp_path: Path) -> Gen:
-    path = tmp_path / "spool.db"
-    spool = yield SqliteSpool.open(path)
-    try:
-        yield spool.enqueue(
-            [envelope(1, "ok@example.org", "bad@example.org", "slow@example.org")], now=T0
-        )
-        (claimed,) = yield spool.claim("a", 5, lease=30, now=T0)
+        yield queue.enqueue([envelope(1, "ok@example.org", "bad@example.org", "slow@example.org")])
+        (claimed,) = yield queue.claim("a", 5, lease=30)
         result = SendResult(
             sender="sender@example.com",
             recipients=[
@@ -219,20 +234,17 @@ def test_only_pending_recipients_come_back_and_only_when_due(tmp_path: Path) -> 
             response="queued",
             attempts=1,
         )
-        outcome = settle(claimed, result, None, NO_JITTER, T0)
-        assert (outcome.state, outcome.due, outcome.attempts) == ("deferred", T0 + 10, 1)
-        assert (yield spool.record("a", outcome, now=T0)) is True
+        outcome = settle(claimed, result, None, NO_JITTER)
+        assert (outcome.state, outcome.retry_in, outcome.attempts) == ("deferred", 10, 1)
+        assert (outcome.id, outcome.fence) == (claimed.id, claimed.fence)
+        assert (yield queue.record("a", outcome)) is True
         assert rows(path, "SELECT address, state, code FROM recipients ORDER BY position") == [
             ("ok@example.org", "sent", 250),
             ("bad@example.org", "failed", 550),
             ("slow@example.org", "pending", 451),
         ]
-        assert (yield spool.claim("b", 5, lease=30, now=T0 + 9)) == []
-        (later,) = yield spool.claim("b", 5, lease=30, now=T0 + 10)
-        assert [str(r) for r in later.envelope.recipients] == ["slow@example.org"]
-        assert later.positions == (2,)
-        assert later.attempts == 1
-        assert later.refused_before == ("bad@example.org", 550, "no such user")
+        clock.advance(10)
+        (later,) = yield queue.claim("b", 5, lease=30)
         # The last recipient goes through; the message still failed (bad@ was refused).
         accepted = SendResult(
             "sender@example.com",
@@ -241,46 +253,167 @@ def test_only_pending_recipients_come_back_and_only_when_due(tmp_path: Path) -> 
             "queued",
             1,
         )
-        final = settle(later, accepted, None, NO_JITTER, T0 + 10)
+        final = settle(later, accepted, None, NO_JITTER)
         assert (final.state, final.code) == ("failed", 550)
         assert final.response == "bad@example.org: no such user"
-        yield spool.record("b", final, now=T0 + 10)
-        status = read_spool_status(path)
+        assert (yield queue.record("b", final)) is True
+        status = read_queue_status(path)
         assert status.counts["failed"] == 1
         (row,) = status.unsent
         assert row.recipients == (
             "ok@example.org sent, bad@example.org failed, slow@example.org sent"
         )
-        # A failed message keeps its payload (to inspect or requeue it).
-        assert rows(path, "SELECT length(payload) > 0 FROM messages") == [(1,)]
     finally:
-        yield spool.close()
+        yield queue.close()
 
 
 @pytest_twisted.inlineCallbacks
 def test_a_file_that_is_not_a_spool_is_refused(tmp_path: Path) -> Gen:
     bogus = tmp_path / "bogus.db"
     bogus.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(SpoolError, match="not a twistmail spool"):
-        yield SqliteSpool.open(bogus)
+    with pytest.raises(QueueError, match="not a twistmail spool"):
+        yield SqliteQueue.open(bogus)
     other = tmp_path / "other.db"
     conn = sqlite3.connect(other)
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
     conn.commit()
     conn.close()
-    with pytest.raises(SpoolError, match="not a twistmail spool"):
-        yield SqliteSpool.open(other)
+    with pytest.raises(QueueError, match="not a twistmail spool"):
+        yield SqliteQueue.open(other)
     # Left as it was: no spool tables, and not switched to WAL.
     assert rows(other, "SELECT name FROM sqlite_master") == [
         ("meta",),
         ("sqlite_autoindex_meta_1",),
     ]
     assert rows(other, "PRAGMA journal_mode") == [("delete",)]
-    with pytest.raises(SpoolError, match="no such spool"):
-        yield SqliteSpool.open(tmp_path / "missing.db", create=False)
+    with pytest.raises(QueueError, match="no such spool"):
+        yield SqliteQueue.open(tmp_path / "missing.db", create=False)
     assert not (tmp_path / "missing.db").exists()
-    with pytest.raises(SpoolError, match="no such spool"):
-        read_spool_status(tmp_path / "missing.db")
+    with pytest.raises(QueueError, match="no such spool"):
+        read_queue_status(tmp_path / "missing.db")
+
+
+# The schema version 1 made by twistmail before fencing numbers, verbatim.
+_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    sender TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    eight_bit INTEGER NOT NULL,
+    smtputf8 INTEGER NOT NULL,
+    message_id TEXT,
+    state TEXT NOT NULL
+        CHECK (state IN ('queued', 'sending', 'deferred', 'sent', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    due REAL NOT NULL,
+    owner TEXT,
+    lease_until REAL,
+    code INTEGER,
+    response TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX messages_due ON messages (due, id) WHERE state IN ('queued', 'deferred');
+CREATE INDEX messages_lease ON messages (lease_until) WHERE state = 'sending';
+CREATE TABLE recipients (
+    message INTEGER NOT NULL REFERENCES messages (id),
+    position INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+    code INTEGER,
+    response TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (message, position)
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('kind', 'twistmail-spool'), ('schema_version', '1');
+"""
+
+
+def make_v1_spool(path: Path) -> None:
+    """A version-1 spool holding a queued message and one held by a (dead) version-1 drain."""
+    data = b"Subject: old\r\n\r\nfrom v1\r\n.\r\n"
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(_SCHEMA_V1)
+        for mid, state, owner, lease in ((1, "queued", None, None), (2, "sending", "old", T0)):
+            conn.execute(
+                "INSERT INTO messages (id, sender, payload, size, eight_bit, smtputf8, "
+                "message_id, state, due, owner, lease_until, created_at, updated_at) "
+                "VALUES (?, 'old@example.com', ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    mid,
+                    data,
+                    len(data) - 3,
+                    f"<v1.{mid}@test>",
+                    state,
+                    T0 - 10,
+                    owner,
+                    lease,
+                    T0 - 10,
+                    T0 - 10,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO recipients (message, position, address, state) "
+                "VALUES (?, 0, ?, 'pending')",
+                (mid, f"rcpt{mid}@example.org"),
+            )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_version_1_spool_is_migrated_in_place_and_its_messages_claimed(tmp_path: Path) -> Gen:
+    path = tmp_path / "v1.db"
+    make_v1_spool(path)
+    clock = stopped_clock()
+    queue = yield SqliteQueue.open(path, create=False, clock=clock.seconds)
+    try:
+        assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+            (SCHEMA_VERSION,)
+        ]
+        assert SCHEMA_VERSION == "2"
+        claimed = yield queue.claim("new", 10, lease=30)
+        assert [(c.id, c.envelope.message_id, c.fence) for c in claimed] == [
+            (1, "<v1.1@test>", 1),
+            (2, "<v1.2@test>", 1),  # the old drain's lease (to T0) has expired
+        ]
+        assert [str(r) for r in claimed[1].envelope.recipients] == ["rcpt2@example.org"]
+        assert claimed[0].envelope.payload == b"Subject: old\r\n\r\nfrom v1\r\n.\r\n"
+        outcome = Outcome(
+            id=2,
+            fence=claimed[1].fence,
+            state="sent",
+            attempts=1,
+            code=250,
+            response="ok",
+            recipients=((0, "sent", 250, "ok"),),
+        )
+        assert (yield queue.record("new", outcome)) is True
+    finally:
+        yield queue.close()
+    # Opening it again finds version 2: nothing to migrate, nothing lost.
+    again = yield SqliteQueue.open(path, create=False)
+    try:
+        assert (yield again.summary()).counts["sent"] == 1
+    finally:
+        yield again.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_spool_of_a_newer_version_is_refused_and_left_alone(tmp_path: Path) -> Gen:
+    path = tmp_path / "future.db"
+    queue = yield SqliteQueue.open(path)
+    yield queue.close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(QueueError, match=r"schema version '99'.*upgrade twistmail"):
+        yield SqliteQueue.open(path)
+    assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("99",)]
 
 
 # Outcome rules --------------------------------------------------------------------------------
@@ -288,17 +421,24 @@ def test_a_file_that_is_not_a_spool_is_refused(tmp_path: Path) -> Gen:
 
 def claimed_message(*recipients: str, attempts: int = 0) -> ClaimedMessage:
     env = envelope(1, *recipients)
-    return ClaimedMessage(1, env, tuple(range(len(env.recipients))), attempts, None)
+    return ClaimedMessage(
+        id=1,
+        fence=3,
+        envelope=env,
+        positions=tuple(range(len(env.recipients))),
+        attempts=attempts,
+        refused_before=None,
+    )
 
 
 def test_a_drop_defers_every_recipient_until_attempts_run_out() -> None:
     claimed = claimed_message("a@example.org", "b@example.org")
     drop = ConnectionLostError("connection lost during DATA", host="127.0.0.1:25")
-    first = settle(claimed, None, drop, NO_JITTER, T0)
-    assert (first.state, first.due, first.code) == ("deferred", T0 + 10, None)
+    first = settle(claimed, None, drop, NO_JITTER)
+    assert (first.state, first.retry_in, first.code, first.fence) == ("deferred", 10, None, 3)
     assert "connection lost" in first.response
     assert [r[1] for r in first.recipients] == ["pending", "pending"]
-    third = settle(claimed_message("a@example.org", attempts=2), None, drop, NO_JITTER, T0)
+    third = settle(claimed_message("a@example.org", attempts=2), None, drop, NO_JITTER)
     assert third.state == "failed"
     assert third.attempts == 3
     assert "gave up after 3 attempts" in third.response
@@ -306,17 +446,17 @@ def test_a_drop_defers_every_recipient_until_attempts_run_out() -> None:
 
 def test_backoff_doubles_with_the_attempts() -> None:
     transient = TransientError("busy", code=421, response="busy")
-    dues = [
-        settle(claimed_message(attempts=n), None, transient, NO_JITTER, T0).due - T0
-        for n in range(2)
+    delays = [
+        settle(claimed_message(attempts=n), None, transient, NO_JITTER).retry_in for n in range(2)
     ]
-    assert dues == [10.0, 20.0]
+    assert delays == [10.0, 20.0]
 
 
 def test_a_5xx_fails_at_once_and_names_the_recipient() -> None:
     refused = PermanentError("refused", code=554, response="5.7.1 spam")
-    outcome = settle(claimed_message("a@example.org"), None, refused, NO_JITTER, T0)
+    outcome = settle(claimed_message("a@example.org"), None, refused, NO_JITTER)
     assert (outcome.state, outcome.code, outcome.attempts) == ("failed", 554, 1)
+    assert (outcome.retry_in, outcome.fence) == (0, 3)
     assert outcome.response == "a@example.org: refused (server replied 554 5.7.1 spam)"
 
 
@@ -366,12 +506,12 @@ def test_backend_counts_enqueued_skips_no_recipients_and_refuses_bad_ones(
 def test_backend_open_is_idempotent_and_sending_after_close_reopens(tmp_path: Path) -> Gen:
     backend = SpoolBackend(path=tmp_path / "spool.db")
     yield defer.gatherResults([backend.open(), backend.open()])
-    first = backend.spool
+    first = backend.queue
     yield backend.open()
-    assert backend.spool is first is not None
+    assert backend.queue is first is not None
     assert (yield backend.send_messages([message()])) == 1
     yield backend.close()
-    assert backend.spool is None
+    assert backend.queue is None
     assert (yield backend.send_messages([message(), message()])) == 2
     yield backend.close()
     assert rows(tmp_path / "spool.db", "SELECT count(*) FROM messages") == [(3,)]
@@ -390,7 +530,7 @@ def test_an_unreachable_server_stops_the_drain_without_spending_attempts(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = tmp_path / "spool.db"
-    spool = yield SqliteSpool.open(path)
+    spool = yield SqliteQueue.open(path)
     mailer = Mailer(f"smtp://127.0.0.1:{port}", concurrency=2, max_attempts=1)
     try:
         yield spool.enqueue([envelope(i) for i in range(30)])
@@ -403,4 +543,26 @@ def test_an_unreachable_server_stops_the_drain_without_spending_attempts(
     assert report.released == report.claimed > 0
     assert rows(path, "SELECT DISTINCT state, attempts, owner FROM messages") == [
         ("queued", 0, None)
+    ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_drain_makes_one_attempt_per_message_even_when_the_retry_is_due_at_once(
+    capture_server: Any, tmp_path: Path
+) -> Gen:
+    server = capture_server(rcpt_replies={"busy": (451, "4.2.1 try later")})
+    path = tmp_path / "spool.db"
+    queue = yield SqliteQueue.open(path)
+    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=2, max_attempts=1)
+    retry_at_once = RetryPolicy(max_attempts=5, initial_delay=0.0, jitter=0.0)
+    try:
+        yield queue.enqueue([envelope(i, "busy@example.org") for i in range(6)])
+        report = yield Drain(queue, mailer, retry=retry_at_once, batch=2).run()
+    finally:
+        yield mailer.close()
+        yield queue.close()
+    assert (report.claimed, report.deferred, report.failed, report.sent) == (6, 6, 0, 0)
+    # Due again at once, but left for the next pass: one attempt each, none of them held.
+    assert rows(path, "SELECT DISTINCT state, attempts, owner FROM messages") == [
+        ("deferred", 1, None)
     ]

@@ -25,10 +25,21 @@ _FORGETFUL = {
             for row in range(1, 51):
                 store.record(row, email=f"r{row}@x.org", state="sent")
         """,
+    "queue": r"""
+        from twistmail.message import envelope_from_bytes
+        from twistmail.queue import SqliteQueue
+
+        async def main(reactor):
+            store = await SqliteQueue.open(sys.argv[1], reactor=reactor)
+            message = envelope_from_bytes("a@x.org", ["b@x.org"], b"Subject: x\r\n\r\nx\r\n")
+            for n in range(50):
+                store.enqueue([message])
+        """,
 }
 
 _COUNT = {
     "journal": "SELECT count(*) FROM rows WHERE state = 'sent'",
+    "queue": "SELECT count(*) FROM messages WHERE state = 'queued'",
 }
 
 

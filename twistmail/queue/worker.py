@@ -4,8 +4,8 @@
 stop); a long-running service can start a new pass whenever the previous one ends. Each pass
 makes at most one attempt per message: a message deferred during the pass is due later and is
 left for a later pass. Retries follow a :class:`~twistmail.retry.RetryPolicy`: a 4xx reply, a
-drop or a timeout defers the recipients concerned to ``now + policy.delay(attempts)``; once the
-attempts are used up they fail. A 5xx fails its recipient at once.
+drop or a timeout defers the recipients concerned by ``policy.delay(attempts)`` seconds; once
+the attempts are used up they fail. A 5xx fails its recipient at once.
 
 A server that cannot be reached or refuses our credentials or TLS says nothing about the
 messages: the pass stops, gives the messages it holds back untouched (no attempt counted) and
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import secrets
 import socket
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,8 +37,8 @@ from ..fanout import fan_out
 from ..mailer import Mailer
 from ..results import SendResult
 from ..retry import RetryPolicy
-from .records import ClaimedMessage, Outcome, RecipientState, SpoolSummary
-from .sqlite import SqliteSpool
+from .records import ClaimedMessage, Outcome, QueueSummary, RecipientState
+from .sqlite import SqliteQueue
 
 __all__ = ["Drain", "DrainReport", "settle"]
 
@@ -65,7 +64,7 @@ class DrainReport:
     released: int = 0
     limit_reached: bool = False
     abort: DeliveryError | None = None
-    spool: SpoolSummary | None = None
+    spool: QueueSummary | None = None
 
 
 def settle(
@@ -73,7 +72,6 @@ def settle(
     result: SendResult | None,
     error: DeliveryError | None,
     retry: RetryPolicy,
-    now: float,
 ) -> Outcome:
     """The outcome of one attempt at ``claimed`` (one Mailer attempt: ``result`` or ``error``)."""
     attempts = claimed.attempts + 1
@@ -100,9 +98,15 @@ def settle(
     if pending and retry.can_retry(attempts):
         settled += [(position, "pending", code, text) for position, _, code, text in pending]
         _, rcpt, code, text = pending[0]
-        due = now + retry.delay(attempts)
         return Outcome(
-            claimed.id, "deferred", attempts, due, code, f"{rcpt}: {text}", tuple(settled)
+            id=claimed.id,
+            fence=claimed.fence,
+            state="deferred",
+            attempts=attempts,
+            retry_in=retry.delay(attempts),
+            code=code,
+            response=f"{rcpt}: {text}",
+            recipients=tuple(settled),
         )
     for position, rcpt, code, text in pending:
         text = f"{text} (gave up after {attempts} attempts)".lstrip()
@@ -111,9 +115,25 @@ def settle(
     first = refused[0] if refused else claimed.refused_before
     if first is not None:
         rcpt, code, text = first
-        return Outcome(claimed.id, "failed", attempts, now, code, f"{rcpt}: {text}", tuple(settled))
+        return Outcome(
+            id=claimed.id,
+            fence=claimed.fence,
+            state="failed",
+            attempts=attempts,
+            code=code,
+            response=f"{rcpt}: {text}",
+            recipients=tuple(settled),
+        )
     assert result is not None
-    return Outcome(claimed.id, "sent", attempts, now, result.code, result.response, tuple(settled))
+    return Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state="sent",
+        attempts=attempts,
+        code=result.code,
+        response=result.response,
+        recipients=tuple(settled),
+    )
 
 
 class Drain:
@@ -127,7 +147,7 @@ class Drain:
 
     def __init__(
         self,
-        spool: SqliteSpool,
+        spool: SqliteQueue,
         mailer: Mailer,
         *,
         retry: RetryPolicy,
@@ -158,7 +178,7 @@ class Drain:
         self._claiming: defer.Deferred[None] | None = None
         self._exhausted = False
         self._stopping = False
-        self._due_by = 0.0
+        self._attempted: set[int] = set()  # ids attempted in this pass
         self._sending: set[defer.Deferred[SendResult]] = set()
 
     def run(self) -> defer.Deferred[DrainReport]:
@@ -176,7 +196,6 @@ class Drain:
             sending.cancel()
 
     async def _run(self) -> DrainReport:
-        self._due_by = time.time()
         renewal = task.LoopingCall(self._renew)
         renewal.clock = self._reactor
         renewal.start(self.lease / 3, now=False).addErrback(
@@ -190,7 +209,7 @@ class Drain:
             if self._claiming is not None:
                 await self._claiming
             if self._buffer:
-                held = [c.id for c in self._buffer]
+                held = list(self._buffer)
                 self._buffer.clear()
                 released = await self.spool.release(self.owner, held)
                 self.report.released += released
@@ -219,18 +238,25 @@ class Drain:
                 self.report.limit_reached = True
                 self._exhausted = True
                 return defer.succeed(None)
-            claiming = self.spool.claim(self.owner, want, lease=self.lease, due_by=self._due_by)
+            claiming = self.spool.claim(self.owner, want, lease=self.lease)
             self._claiming = claiming.addCallbacks(self._claimed, self._claim_failed)
         waiter: defer.Deferred[None] = defer.Deferred()
         self._claiming.addBoth(_chain_to, waiter)
         return waiter
 
-    def _claimed(self, claimed: list[ClaimedMessage]) -> None:
+    def _claimed(self, claimed: list[ClaimedMessage]) -> defer.Deferred[None] | None:
         self._claiming = None
-        self.report.claimed += len(claimed)
-        self._buffer.extend(claimed)
-        if not claimed:
+        # One attempt per message per pass: one deferred during this pass and due again
+        # already (a short retry delay) is given back for the next pass.
+        again = [c for c in claimed if c.id in self._attempted]
+        fresh = [c for c in claimed if c.id not in self._attempted]
+        self.report.claimed += len(fresh)
+        self._buffer.extend(fresh)
+        if not fresh:
             self._exhausted = True
+        if again:
+            return self.spool.release(self.owner, again).addCallback(lambda _: None)
+        return None
 
     def _claim_failed(self, failure: Failure) -> Failure:
         self._claiming = None
@@ -243,6 +269,7 @@ class Drain:
     async def _deliver_one(self, claimed: ClaimedMessage) -> None:
         result: SendResult | None = None
         error: DeliveryError | None = None
+        self._attempted.add(claimed.id)
         sending = self.mailer.send(claimed.envelope)
         self._sending.add(sending)
         try:
@@ -257,10 +284,10 @@ class Drain:
             self._sending.discard(sending)
         if isinstance(error, _ABORT_ERRORS) and not (result and result.accepted):
             self._abort(error)
-            released = await self.spool.release(self.owner, [claimed.id])
+            released = await self.spool.release(self.owner, [claimed])
             self.report.released += released  # not `+= await`: that reads before waiting
             return
-        outcome = settle(claimed, result, error, self.retry, time.time())
+        outcome = settle(claimed, result, error, self.retry)
         if not await self.spool.record(self.owner, outcome):
             self.report.lost += 1
             return
