@@ -138,6 +138,8 @@ async def test_claims_take_the_oldest_due_first_up_to_the_limit(
 ) -> None:
     queue = await open_queue()
     first, second, third = [(await queue.enqueue([envelope(n)]))[0] for n in range(3)]
+    assert await queue.claim("a", 0, lease=60) == []
+    assert await queue.claim("a", -1, lease=60) == []
     # first is deferred to T0+50: the two others, due at T0, come before it, and it only
     # comes once due.
     (claimed,) = await queue.claim("a", 1, lease=60)
@@ -149,7 +151,6 @@ async def test_claims_take_the_oldest_due_first_up_to_the_limit(
     assert await queue.claim("a", 5, lease=60) == []
     clock.advance(1)
     assert [c.id for c in await queue.claim("a", 5, lease=60)] == [first]
-    assert await queue.claim("a", 0, lease=60) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -211,6 +212,18 @@ async def test_the_fence_tells_two_claims_by_one_owner_apart(
     assert (await queue.summary()).counts["sending"] == 1
     assert await queue.record("worker", deferred(new, 5)) is True
     assert (await queue.summary()).counts["deferred"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_lease_nobody_took_over_still_records(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    await queue.enqueue([envelope(1)])
+    (claimed,) = await queue.claim("slow", 5, lease=30)
+    clock.advance(100)
+    assert await queue.record("slow", sent(claimed)) is True
+    assert (await queue.summary()).counts["sent"] == 1
 
 
 @pytest_twisted.ensureDeferred

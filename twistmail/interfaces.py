@@ -90,8 +90,9 @@ class IQueue(Interface):
 
         Fires with False, writing nothing, unless the message is still held by ``owner`` under
         the fencing number ``outcome.fence`` (a worker whose lease expired and was taken over
-        can never overwrite the outcome of the worker that took over). A ``deferred`` outcome
-        is due ``outcome.retry_in`` seconds from now.
+        can never overwrite the outcome of the worker that took over; one whose lease expired
+        but which nobody took over still records). A ``deferred`` outcome is due
+        ``outcome.retry_in`` seconds from now.
         """
 
     def release(owner: str, claimed: Sequence[ClaimedMessage]) -> Deferred[int]:

@@ -237,7 +237,8 @@ def _insert(envelopes: Sequence[Envelope], conn: sqlite3.Connection, now: float)
 def _claim(
     owner: str, limit: int, lease: float, conn: sqlite3.Connection, now: float
 ) -> list[ClaimedMessage]:
-    rows = conn.execute(_CLAIM, (owner, now + lease, now, now, now, limit)).fetchall()
+    # max(0, ...): SQLite reads a negative LIMIT as no limit at all.
+    rows = conn.execute(_CLAIM, (owner, now + lease, now, now, now, max(0, limit))).fetchall()
     claimed = []
     for row in sorted(rows, key=lambda r: r[0]):
         message, fence, sender, payload, size, eight_bit, smtputf8, message_id, attempts = row
@@ -331,7 +332,7 @@ def _unsent(conn: sqlite3.Connection, limit: int) -> list[QueueRow]:
         "group_concat(r.address || ' ' || r.state, ', ') FROM messages m "
         "JOIN recipients r ON r.message = m.id WHERE m.state != 'sent' "
         "GROUP BY m.id ORDER BY m.id LIMIT ?",
-        (limit,),
+        (max(0, limit),),
     ).fetchall()
     return [QueueRow(*row) for row in rows]
 
