@@ -3,7 +3,9 @@
 txacme's pattern: the ``open_queue`` fixture is parametrized over the stores, so each test runs
 against each of them. Every store is driven by one injected clock (``task.Clock``), so leases
 and due times are tested without waiting. To add a store, add one line to ``STORES``: a
-function that opens it on a given clock in a given directory.
+function that opens it on a given clock in a given directory. A store whose clock is its
+database server's (PostgreSQL's ``now()``) takes the clock for tests all the same, e.g. by
+passing ``clock()`` where its SQL would otherwise read ``now()``.
 """
 
 from __future__ import annotations
