@@ -7,6 +7,7 @@ What every queue store promises is in ``test_queue_contract.py``, run against th
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Generator
 from email.message import EmailMessage
 from pathlib import Path
@@ -291,6 +292,8 @@ def test_a_file_that_is_not_a_spool_is_refused(tmp_path: Path) -> Gen:
     assert not (tmp_path / "missing.db").exists()
     with pytest.raises(QueueError, match="no such spool"):
         read_queue_status(tmp_path / "missing.db")
+    # No refused opening leaves its writer thread behind.
+    assert not [t for t in threading.enumerate() if "twistmail-queue" in t.name]
 
 
 # The schema version 1 made by twistmail before fencing numbers, verbatim.
