@@ -569,3 +569,33 @@ def test_a_drain_makes_one_attempt_per_message_even_when_the_retry_is_due_at_onc
     assert rows(path, "SELECT DISTINCT state, attempts, owner FROM messages") == [
         ("deferred", 1, None)
     ]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_drain_pass_leaves_messages_enqueued_during_it_for_the_next_pass(
+    capture_server: Any, tmp_path: Path
+) -> Gen:
+    path = tmp_path / "spool.db"
+    queue = yield SqliteQueue.open(path)
+    producing: list[defer.Deferred[Any]] = []
+
+    def produce(_: Any) -> None:  # every delivery enqueues another message, 20 at most
+        if len(producing) < 20:
+            producing.append(queue.enqueue([envelope(100 + len(producing))]))
+
+    server = capture_server(on_message=produce)
+    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=1, max_attempts=1)
+    try:
+        yield queue.enqueue([envelope(i) for i in range(5)])
+        report = yield Drain(queue, mailer, retry=NO_JITTER, batch=2).run()
+        yield defer.gatherResults(producing)
+    finally:
+        yield mailer.close()
+        yield queue.close()
+    assert (report.claimed, report.sent, report.limit_reached) == (5, 5, False)
+    assert len(server.messages) == 5
+    assert len(producing) == 5
+    assert rows(path, "SELECT state, count(*) FROM messages GROUP BY state ORDER BY state") == [
+        ("queued", 5),
+        ("sent", 5),
+    ]

@@ -179,6 +179,7 @@ class Drain:
         self._exhausted = False
         self._stopping = False
         self._attempted: set[int] = set()  # ids attempted in this pass
+        self._waiting_at_start = 0  # claimable messages when the pass began: its bound
         self._sending: set[defer.Deferred[SendResult]] = set()
 
     def run(self) -> defer.Deferred[DrainReport]:
@@ -196,6 +197,10 @@ class Drain:
             sending.cancel()
 
     async def _run(self) -> DrainReport:
+        # The pass takes at most what could be claimed when it began, so messages enqueued
+        # meanwhile (by a producer faster than delivery) cannot keep it running.
+        start = await self.spool.summary()
+        self._waiting_at_start = start.due + start.expired
         renewal = task.LoopingCall(self._renew)
         renewal.clock = self._reactor
         renewal.start(self.lease / 3, now=False).addErrback(
@@ -236,6 +241,10 @@ class Drain:
                 want = min(want, self.limit - self.report.claimed)
             if want <= 0:
                 self.report.limit_reached = True
+                self._exhausted = True
+                return defer.succeed(None)
+            want = min(want, self._waiting_at_start - self.report.claimed)
+            if want <= 0:
                 self._exhausted = True
                 return defer.succeed(None)
             claiming = self.spool.claim(self.owner, want, lease=self.lease)
