@@ -599,3 +599,20 @@ def test_a_drain_pass_leaves_messages_enqueued_during_it_for_the_next_pass(
         ("queued", 5),
         ("sent", 5),
     ]
+
+
+def test_one_name_per_idea_the_old_spool_names_are_gone() -> None:
+    import twistmail.queue
+    import twistmail.queue.records
+    import twistmail.queue.sqlite
+    import twistmail.testing
+    from twistmail.queue.memory import MemoryQueue
+
+    old = ("SqliteSpool", "SpoolError", "SpoolSummary", "SpoolRow", "read_spool_status")
+    for module in (twistmail.queue, twistmail.queue.records, twistmail.queue.sqlite):
+        assert not [name for name in old if hasattr(module, name)], module
+    assert {"SqliteQueue", "QueueError", "QueueSummary", "QueueRow", "read_queue_status"} <= set(
+        twistmail.queue.__all__
+    )
+    assert twistmail.testing.MemoryQueue is MemoryQueue
+    assert "MemoryQueue" in twistmail.testing.__all__
