@@ -244,6 +244,10 @@ class DeliveryLoop(Pump):
         self._sender.abort()
         self.pump()
 
+    def fail(self, failure: Failure) -> None:
+        """End the run with ``failure`` (a door whose store broke); in-flight work is dropped."""
+        self._fail(failure)
+
     @property
     def in_flight(self) -> int:
         """Attempts started and not yet ended."""

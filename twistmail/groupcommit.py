@@ -1,8 +1,8 @@
 """Group commit: writes submitted while one group is being committed go together in the next.
 
-Used by the CSV journal and the spool, each of which commits on its own single SQLite thread:
-many concurrent writers then share one transaction (and one fsync) instead of queueing one
-transaction each.
+Used by the SQLite store thread (:class:`twistmail._sqlite.SqliteThread`) that the campaign
+journal and the SQLite queue share, each committing on its own single thread: many concurrent
+writers then share one transaction (and one fsync) instead of queueing one transaction each.
 """
 
 from __future__ import annotations

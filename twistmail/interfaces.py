@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from zope.interface import Attribute, Interface
 
-__all__ = ["IBackend"]
+if TYPE_CHECKING:  # annotations only: the queue records import the message model
+    from twisted.internet.defer import Deferred
+
+    from .message import Envelope
+    from .queue.records import ClaimedMessage, Outcome, QueueRow, QueueSummary
+
+__all__ = ["IBackend", "IQueue"]
 
 
 class IBackend(Interface):
@@ -41,4 +50,72 @@ class IBackend(Interface):
 
         With ``fail_silently`` false, the Deferred fails with the first delivery error, after
         every message has been tried.
+        """
+
+
+class IQueue(Interface):
+    """A durable queue of messages waiting for delivery, shared by any number of workers.
+
+    Every method returns a Deferred. Time belongs to the store: due times and leases are set
+    and compared on the store's own clock (an injected one for the SQLite and memory stores,
+    the database server's for a server), never on a worker's; "now" below is the store's.
+
+    A message is ``queued`` (never tried), ``sending`` (claimed under a lease), ``deferred``
+    (to be tried again from its due time), ``sent`` (every recipient accepted; kept as a
+    record) or ``failed`` (kept with its reason). Each recipient is ``pending``, ``sent`` or
+    ``failed``, so a message some of whose recipients were accepted is retried for the others
+    only. Each claim of a message gets a larger fencing number; an outcome is recorded only
+    with the owner and fencing number of the message's current claim.
+
+    Implementations: :class:`twistmail.queue.SqliteQueue` (a SQLite file) and
+    :class:`twistmail.testing.MemoryQueue` (in memory, for tests).
+    """
+
+    def enqueue(envelopes: Sequence[Envelope]) -> Deferred[list[int]]:
+        """Store ``envelopes`` as ``queued``, due now; fires with their ids, in order.
+
+        Fires only once they are committed (for a file, fsync'd): they survive a crash.
+        """
+
+    def claim(owner: str, limit: int, *, lease: float) -> Deferred[list[ClaimedMessage]]:
+        """Take up to ``limit`` messages for ``owner`` under a lease of ``lease`` seconds.
+
+        Claims queued and deferred messages that are due, oldest due first, and ``sending``
+        messages whose lease has expired. Each comes back with its pending recipients only and
+        a fencing number larger than any earlier claim of it had.
+        """
+
+    def record(owner: str, outcome: Outcome) -> Deferred[bool]:
+        """Write one attempt's ``outcome`` and end the claim.
+
+        Fires with False, writing nothing, unless the message is still held by ``owner`` under
+        the fencing number ``outcome.fence`` (a worker whose lease expired and was taken over
+        can never overwrite the outcome of the worker that took over; one whose lease expired
+        but which nobody took over still records). A ``deferred`` outcome is due
+        ``outcome.retry_in`` seconds from now.
+        """
+
+    def release(owner: str, claimed: Sequence[ClaimedMessage]) -> Deferred[int]:
+        """Give back claims not attempted, counting no attempt; fires with how many were."""
+
+    def renew(owner: str, lease: float) -> Deferred[int]:
+        """Extend every lease ``owner`` holds to ``lease`` seconds from now; fires with how many."""
+
+    def next_due() -> Deferred[float | None]:
+        """Seconds until the earliest waiting message can be claimed.
+
+        A waiting message is a queued or deferred one (its due time) or a ``sending`` one (its
+        lease's end). 0.0 when one can be claimed now; None when none waits.
+        """
+
+    def summary() -> Deferred[QueueSummary]:
+        """Counts by state, and how many are due, held under a live lease, or expired."""
+
+    def unsent(limit: int = 20) -> Deferred[list[QueueRow]]:
+        """The first ``limit`` messages not sent (by id), with their recipients' states."""
+
+    def close() -> Deferred[None]:
+        """Commit what is pending and release the store; idempotent.
+
+        Afterwards every other method fails with :class:`twistmail.queue.QueueError`.
         """

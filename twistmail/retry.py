@@ -182,8 +182,8 @@ def plan(
                 refused = outcome
     else:
         assert error is not None
-        # A drop or a refused connection has no reply text: its description names the host.
-        reason = error.response or str(error)
+        # The error's description: what happened, the server's reply if any, and the host.
+        reason = str(error)
         if error.transient:
             status, reason = _temporary(reason, can_retry, attempts)
         else:

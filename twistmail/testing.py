@@ -17,6 +17,12 @@ keep a copy of every message in a Maildir.
 :data:`outbox` is where the ``locmem`` backend puts what it "sends" (a list of
 :class:`OutboxMessage`, like Django's ``mail.outbox``); the pytest plugin installed with twistmail
 empties it before each test and offers it as the ``mail_outbox`` fixture.
+
+:class:`MemoryQueue` is an in-memory :class:`~twistmail.interfaces.IQueue` (the contract the
+SQLite queue keeps) for code that enqueues or works a queue, driven by an injected clock::
+
+    clock = task.Clock()
+    queue = MemoryQueue(clock=clock.seconds)
 """
 
 from __future__ import annotations
@@ -56,8 +62,9 @@ from zope.interface import implementer
 
 from twistmail._twisted import when_done
 from twistmail.backends.locmem import OutboxMessage, outbox
+from twistmail.queue.memory import MemoryQueue
 
-__all__ = ["CaptureServer", "CapturedMessage", "OutboxMessage", "outbox"]
+__all__ = ["CaptureServer", "CapturedMessage", "MemoryQueue", "OutboxMessage", "outbox"]
 
 _HOSTNAME = b"localhost"
 

@@ -100,7 +100,7 @@ async def run_variant(
             ]
         backend = SpoolBackend(path=os.path.join(directory, "spool.db"), reactor=reactor)
         await backend.open()
-        spool = backend.spool
+        spool = backend.queue
         assert spool is not None
         commits_before = spool.commits
 

@@ -1,9 +1,9 @@
 """The ``spool`` backend: enqueue messages durably now, deliver them later with ``twistmail drain``.
 
 ``send_messages`` validates each message exactly as :class:`twistmail.Mailer` would (through
-:func:`~twistmail.backends.base.to_envelope`), stores the envelopes in a SQLite spool
-(:class:`~twistmail.queue.sqlite.SqliteSpool`) and fires once they are committed and fsync'd,
-without talking to any server. ``twistmail drain --spool PATH --smtp URL`` (or
+:func:`~twistmail.backends.base.to_envelope`), stores the envelopes in a spool file (the SQLite
+queue, :class:`~twistmail.queue.sqlite.SqliteQueue`) and fires once they are committed and
+fsync'd, without talking to any server. ``twistmail drain --spool PATH --smtp URL`` (or
 :class:`~twistmail.queue.worker.Drain`) delivers them.
 """
 
@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twistmail.errors import MessageError
 from twistmail.mailer import MessageLike
 from twistmail.message import Envelope
-from twistmail.queue.sqlite import SqliteSpool
+from twistmail.queue.sqlite import SqliteQueue
 
 from .base import BaseBackend, to_envelope
 
@@ -34,7 +34,7 @@ class SpoolBackend(BaseBackend):
     The count is the number of messages enqueued: messages without recipients are skipped and
     not counted; an invalid message (bad address, CR/LF in a header) is not enqueued, and once
     the valid ones are committed the Deferred fails with the first such error, naming the
-    message's position, unless ``fail_silently``. The spool opens on :meth:`open` or the first
+    message's position, unless ``fail_silently``. The queue opens on :meth:`open` or the first
     send and stays open until :meth:`close` (or reactor shutdown).
     """
 
@@ -48,7 +48,7 @@ class SpoolBackend(BaseBackend):
         super().__init__(fail_silently)
         self.path = os.fspath(path)
         self._reactor = reactor
-        self._spool: SqliteSpool | None = None
+        self._queue: SqliteQueue | None = None
         self._opening: defer.Deferred[None] | None = None
         self._waiting: list[defer.Deferred[None]] = []
 
@@ -56,28 +56,28 @@ class SpoolBackend(BaseBackend):
         return f"<SpoolBackend {self.path!r}>"
 
     @property
-    def spool(self) -> SqliteSpool | None:
-        """The open spool store, or None before :meth:`open` / after :meth:`close`."""
-        return self._spool
+    def queue(self) -> SqliteQueue | None:
+        """The open queue, or None before :meth:`open` / after :meth:`close`."""
+        return self._queue
 
     def open(self) -> defer.Deferred[None]:
         """Open (and create) the spool file; idempotent, concurrent calls share the work."""
-        if self._spool is not None:
+        if self._queue is not None:
             return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred()
         self._waiting.append(waiter)
         if self._opening is None:
-            self._opening = SqliteSpool.open(self.path, reactor=self._reactor).addBoth(self._opened)
+            self._opening = SqliteQueue.open(self.path, reactor=self._reactor).addBoth(self._opened)
         return waiter
 
-    def _opened(self, result: SqliteSpool | Failure) -> None:
+    def _opened(self, result: SqliteQueue | Failure) -> None:
         self._opening = None
         waiting, self._waiting = self._waiting, []
         if isinstance(result, Failure):
             for waiter in waiting:
                 waiter.errback(result)
             return
-        self._spool = result
+        self._queue = result
         for waiter in waiting:
             waiter.callback(None)
 
@@ -85,10 +85,10 @@ class SpoolBackend(BaseBackend):
         """Wait for enqueues in flight, then close the file; idempotent, safe without open()."""
         if self._opening is not None:
             return self.open().addBoth(lambda _: self.close())
-        spool, self._spool = self._spool, None
-        if spool is None:
+        queue, self._queue = self._queue, None
+        if queue is None:
             return defer.succeed(None)
-        return spool.close()
+        return queue.close()
 
     def send_messages(self, messages: Iterable[MessageLike]) -> defer.Deferred[int]:
         """Enqueue ``messages``; a Deferred firing with the number enqueued once committed."""
@@ -117,9 +117,9 @@ class SpoolBackend(BaseBackend):
         return self._enqueue(envelopes).addCallback(counted)
 
     def _enqueue(self, envelopes: list[Envelope]) -> defer.Deferred[list[int]]:
-        spool = self._spool
-        if spool is not None:
-            return spool.enqueue(envelopes)
+        queue = self._queue
+        if queue is not None:
+            return queue.enqueue(envelopes)
 
         def opened(_: None) -> defer.Deferred[list[int]]:
             return self._enqueue(envelopes)

@@ -10,10 +10,11 @@ Only an operating-system crash or power loss can drop the last few commits (neve
 file); ``synchronous=FULL`` would cover that at the cost of one fsync per commit.
 
 Threading: SQLite calls block, so every call on the campaign's connection runs on one dedicated
-writer thread (a one-thread :class:`~twisted.python.threadpool.ThreadPool`), never on the reactor
-thread. Work on that thread runs in submission order, so writes serialize and reads see every
-commit made before them. Writes use group commit: records queued while a commit runs all go into
-the next single transaction, and at most one commit is in flight.
+writer thread (:class:`~twistmail._sqlite.SqliteThread`), never on the reactor thread. Work on
+that thread runs in submission order, so writes serialize and reads see every commit made before
+them. Writes use group commit: records queued while a commit runs all go into the next single
+transaction, and at most one commit is in flight. Reactor shutdown commits what was recorded and
+closes a journal left open.
 
 :func:`read_status` is the synchronous reader for ``twistmail status JOURNAL``, outside a reactor.
 """
@@ -28,14 +29,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, get_args
 
-from twisted.internet import defer, threads
-from twisted.python.failure import Failure
+from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
+from .. import _sqlite
+from .._sqlite import SqliteThread
 from ..errors import TwistmailError
-from ..groupcommit import GroupCommit
 
 __all__ = [
     "CampaignChangedError",
@@ -51,8 +52,6 @@ __all__ = [
 RowState = Literal["pending", "sent", "deferred", "failed", "invalid"]
 ROW_STATES: Final[tuple[str, ...]] = get_args(RowState)
 SCHEMA_VERSION: Final = "1"
-
-_T = TypeVar("_T")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -153,24 +152,13 @@ def _set_bit(bitmap: bytearray, row: int) -> None:
     bitmap[index] |= 1 << (row & 7)
 
 
-def _default_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
 # Functions that run on the writer thread (or, for read_status, in the caller's thread). -----
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one group is one transaction.
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = _sqlite.connect(path, busy_timeout=5)
     try:
-        conn.execute("PRAGMA busy_timeout = 5000")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise JournalError(f"{path}: SQLite could not use WAL mode here (got {mode!r})")
-        conn.execute("PRAGMA synchronous = NORMAL")
+        _sqlite.configure(conn, "NORMAL", lambda text: JournalError(f"{path}: {text}"))
     except BaseException:
         conn.close()
         raise
@@ -205,6 +193,10 @@ def _close(conn: sqlite3.Connection, lock_fd: int | None) -> None:
         os.close(lock_fd)
 
 
+def _unlock(lock_fd: int | None) -> Callable[[], None] | None:
+    return None if lock_fd is None else lambda: os.close(lock_fd)
+
+
 def _read_meta(conn: sqlite3.Connection, path: str) -> dict[str, str]:
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -237,8 +229,7 @@ def _open_in_thread(
     lock_fd: int | None = None
     try:
         lock_fd = _lock(path)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _sqlite.transaction(conn):
             # Not executescript(): it would COMMIT our BEGIN IMMEDIATE.
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
@@ -259,10 +250,6 @@ def _open_in_thread(
                 if changed:
                     raise CampaignChangedError(path, changed)
                 campaign_id = meta["campaign_id"]
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
     except BaseException:
         _close(conn, lock_fd)
         raise
@@ -271,13 +258,8 @@ def _open_in_thread(
 
 def _execute_many(conn: sqlite3.Connection, sql: str, rows: list[Any]) -> None:
     """``executemany`` in one write transaction, rolled back on any error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _sqlite.transaction(conn):
         conn.executemany(sql, rows)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def _write_batch(conn: sqlite3.Connection, batch: list[_Record]) -> list[None]:
@@ -371,34 +353,18 @@ def read_status(path: str | os.PathLike[str], *, limit: int = 20) -> StatusSumma
 class Journal:
     """A campaign's journal, used from the reactor thread; all SQLite work runs on its own thread.
 
-    Get one with :meth:`Journal.open`; finish with :meth:`close`.
+    Get one with :meth:`Journal.open`; finish with :meth:`close` (reactor shutdown closes a
+    journal left open, committing what was recorded).
 
     :ivar campaign_id: random token made once per journal (and again on ``new_campaign``).
     """
 
-    def __init__(
-        self,
-        path: str,
-        conn: sqlite3.Connection,
-        lock_fd: int | None,
-        pool: ThreadPool,
-        campaign_id: str,
-        reactor: Any,
-    ) -> None:
-        """Use :meth:`Journal.open`; this only wires an opened connection and running pool."""
-        self.path = path
+    def __init__(self, db: SqliteThread[_Record], campaign_id: str) -> None:
+        """Use :meth:`Journal.open`; this only wires an opened store thread."""
+        self.path = db.path
         self.campaign_id = campaign_id
-        self._conn = conn
-        self._lock_fd = lock_fd
-        self._pool = pool
-        self._reactor = reactor
-        self._group: GroupCommit[_Record] = GroupCommit(
-            lambda batch: self._in_thread(_write_batch, self._conn, batch)
-        )
-        self._closing: list[defer.Deferred[None]] | None = None  # None until close()
-        self._closed = False
-        self._close_failure: Failure | None = None
-        self._shutdown_trigger = reactor.addSystemEventTrigger("before", "shutdown", self.close)
+        self._db = db
+        self._submit = db.submit
 
     @classmethod
     def open(
@@ -418,13 +384,11 @@ class Journal:
         every row is sent again under new Message-IDs. Only one open Journal may use a file at a
         time (an exclusive ``flock``); a second one fails with :class:`JournalError`.
         """
-        reactor = reactor if reactor is not None else _default_reactor()
+        reactor = reactor if reactor is not None else _sqlite.default_reactor()
         name = os.fspath(path)
-        pool = ThreadPool(minthreads=1, maxthreads=1, name=f"twistmail-journal {name}")
-        pool.start()
-        d = threads.deferToThreadPool(
+        d = SqliteThread.start(
             reactor,
-            pool,
+            f"twistmail-journal {name}",
             _open_in_thread,
             name,
             csv_fingerprint,
@@ -432,15 +396,22 @@ class Journal:
             new_campaign,
         )
 
-        def opened(result: tuple[sqlite3.Connection, str, int | None]) -> Journal:
-            conn, campaign_id, lock_fd = result
-            return cls(name, conn, lock_fd, pool, campaign_id, reactor)
+        def opened(
+            result: tuple[ThreadPool, tuple[sqlite3.Connection, str, int | None]],
+        ) -> Journal:
+            pool, (conn, campaign_id, lock_fd) = result
+            db: SqliteThread[_Record] = SqliteThread(
+                name,
+                conn,
+                pool,
+                reactor,
+                commit=_write_batch,
+                closed=JournalError,
+                after_close=_unlock(lock_fd),
+            )
+            return cls(db, campaign_id)
 
-        def failed(failure: Failure) -> Failure:
-            pool.stop()
-            return failure
-
-        return d.addCallbacks(opened, failed)
+        return d.addCallback(opened)
 
     def message_id(self, row: int, domain: str) -> str:
         """The Message-ID of ``row``'s message: stable across runs and retries of this journal."""
@@ -470,16 +441,16 @@ class Journal:
         """
         if state not in ROW_STATES:
             raise ValueError(f"unknown journal state {state!r}; expected one of {ROW_STATES}")
-        if self._closing is not None:
+        if self._db.closing:
             raise JournalError(f"{self.path}: record() after close()")
-        return self._group.submit(
+        return self._submit(
             (row, email, state, code, response, attempts, message_id, next_attempt_at, time.time())
         )
 
     @property
     def commits(self) -> int:
         """Write transactions committed so far (one per group commit)."""
-        return self._group.commits
+        return self._db.commits
 
     # Reads (they see every commit made before they were asked for) --------------------------
 
@@ -496,10 +467,8 @@ class Journal:
 
         async def run() -> int:
             total = 0
-            while self._closing is None:
-                count, finished = await self._in_thread(
-                    _insert_pending, self._conn, iterator, chunk
-                )
+            while not self._db.closing:
+                count, finished = await self._db.run(_insert_pending, iterator, chunk)
                 total += count
                 if finished:
                     break
@@ -513,19 +482,23 @@ class Journal:
         Bit ``row`` is set for rows that are ``sent`` or ``invalid``, and ``failed`` unless
         ``retry_failed``. One bit per row: a million-row campaign resumes with ~125 KB.
         """
-        return self._read(_settled_rows, retry_failed)
+        return self._db.read(_settled_rows, retry_failed)
 
     def deferred_rows(self) -> defer.Deferred[list[tuple[int, float]]]:
         """``(row, next_attempt_at)`` of every deferred row, soonest first (unknown time = 0)."""
-        return self._read(_deferred_rows)
+        return self._db.read(_deferred_rows)
 
     def counts(self) -> defer.Deferred[dict[str, int]]:
         """Number of rows in each state (every state present, zero if none)."""
-        return self._read(_counts)
+        return self._db.read(_counts)
 
     def unsent_rows(self, limit: int = 20) -> defer.Deferred[list[JournalRow]]:
         """At most ``limit`` rows whose state is not ``sent``, in row order."""
-        return self._read(_unsent_rows, limit)
+        return self._db.read(_unsent_rows, limit)
+
+    def settings(self) -> defer.Deferred[tuple[str, int]]:
+        """``(journal_mode, synchronous)`` of the journal's connection (1 is NORMAL)."""
+        return self._db.settings()
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -534,40 +507,4 @@ class Journal:
 
         Idempotent: every call returns a Deferred firing when the journal is closed.
         """
-        if self._closing is None:
-            self._closing = []
-            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
-
-            def close_connection(_: None) -> defer.Deferred[None]:
-                return self._in_thread(_close, self._conn, self._lock_fd)
-
-            def stop_pool(result: Failure | None) -> None:
-                # The only thread is idle now, so stopping (joining) it takes no time.
-                self._pool.stop()
-                self._closed = True
-                self._close_failure = result
-                waiters, self._closing = self._closing or [], []
-                for waiter in waiters:
-                    self._fire_closed(waiter)
-
-            self._group.idle().addCallback(close_connection).addBoth(stop_pool)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        if self._closed:
-            self._fire_closed(waiter)
-        else:
-            self._closing.append(waiter)
-        return waiter
-
-    def _fire_closed(self, waiter: defer.Deferred[None]) -> None:
-        if self._close_failure is None:
-            waiter.callback(None)
-        else:
-            waiter.errback(self._close_failure)
-
-    def _read(self, function: Callable[..., _T], *args: object) -> defer.Deferred[_T]:
-        if self._closing is not None:
-            return defer.fail(JournalError(f"{self.path}: read after close()"))
-        return self._in_thread(function, self._conn, *args)
-
-    def _in_thread(self, function: Callable[..., _T], *args: object) -> defer.Deferred[_T]:
-        return threads.deferToThreadPool(self._reactor, self._pool, function, *args)
+        return self._db.close()

@@ -1,12 +1,14 @@
 """Durable queues of messages waiting for delivery, and the worker that drains them.
 
-:class:`~twistmail.queue.sqlite.SqliteSpool` is the SQLite store behind the ``spool`` backend;
-:class:`~twistmail.queue.worker.Drain` delivers what is due from it through a
+:class:`~twistmail.interfaces.IQueue` is the contract every store keeps;
+:class:`~twistmail.queue.sqlite.SqliteQueue` is the SQLite store behind the ``spool`` backend
+and ``twistmail drain --spool``, :class:`twistmail.testing.MemoryQueue` the in-memory one.
+:class:`~twistmail.queue.worker.Drain` delivers what is due from a queue through a
 :class:`~twistmail.Mailer`.
 """
 
-from .records import ClaimedMessage, Outcome, SpoolError, SpoolSummary
-from .sqlite import SqliteSpool, read_spool_status
+from .records import ClaimedMessage, Outcome, QueueError, QueueRow, QueueSummary
+from .sqlite import SqliteQueue, read_queue_status
 from .worker import Drain, DrainReport
 
 __all__ = [
@@ -14,8 +16,9 @@ __all__ = [
     "Drain",
     "DrainReport",
     "Outcome",
-    "SpoolError",
-    "SpoolSummary",
-    "SqliteSpool",
-    "read_spool_status",
+    "QueueError",
+    "QueueRow",
+    "QueueSummary",
+    "SqliteQueue",
+    "read_queue_status",
 ]

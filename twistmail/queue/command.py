@@ -17,8 +17,8 @@ from .._twisted import install_signal_handlers
 from ..errors import AuthenticationError, TLSError, TwistmailError
 from ..options import DeliveryOptions
 from ..retry import RetryPolicy
-from .records import ClaimedMessage, Outcome, SpoolError
-from .sqlite import SqliteSpool, read_spool_status
+from .records import ClaimedMessage, Outcome, QueueError
+from .sqlite import SqliteQueue, read_queue_status
 from .worker import Drain, DrainReport
 
 __all__ = ["DrainOptions", "drain", "status"]
@@ -51,8 +51,8 @@ async def _drain(opts: DrainOptions, reactor: Any) -> int:
         _say(out, f"error: {e}")
         return EXIT_USAGE
     try:
-        spool = await SqliteSpool.open(opts.spool_path, create=False, reactor=reactor)
-    except SpoolError as e:
+        spool = await SqliteQueue.open(opts.spool_path, create=False, reactor=reactor)
+    except QueueError as e:
         await mailer.close()
         _say(out, f"error: {e}")
         return EXIT_USAGE
@@ -119,7 +119,7 @@ def _finish(report: DrainReport, interrupted: bool, out: TextIO) -> int:
 def status(spool_path: str, limit: int, out: TextIO) -> int:
     """Print a spool's counts and its first messages not sent; 0, or 2 for an unusable spool."""
     try:
-        summary = read_spool_status(spool_path, limit=limit)
+        summary = read_queue_status(spool_path, limit=limit)
     except (TwistmailError, OSError) as e:
         print(f"error: {e}", file=out)
         return EXIT_USAGE

@@ -1,4 +1,4 @@
-"""What the spool stores and hands out: states, claimed messages, outcomes, summaries."""
+"""What a queue stores and hands out: states, claimed messages, outcomes, summaries."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ __all__ = [
     "ClaimedMessage",
     "MessageState",
     "Outcome",
+    "QueueError",
+    "QueueRow",
+    "QueueSummary",
     "RecipientState",
-    "SpoolError",
-    "SpoolRow",
-    "SpoolSummary",
 ]
 
 MessageState = Literal["queued", "sending", "deferred", "sent", "failed"]
@@ -24,15 +24,18 @@ RecipientState = Literal["pending", "sent", "failed"]
 MESSAGE_STATES: Final[tuple[str, ...]] = ("queued", "sending", "deferred", "sent", "failed")
 
 
-class SpoolError(TwistmailError):
-    """A spool file that cannot be used: missing, not a spool, or of another version."""
+class QueueError(TwistmailError):
+    """A queue that cannot be used: a missing file, not a queue, another version, or closed."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ClaimedMessage:
-    """A message a drain holds under lease: its envelope restricted to pending recipients."""
+    """A message a worker holds under lease: its envelope restricted to pending recipients."""
 
     id: int
+    fence: int
+    """The fencing number of this claim: each claim of a message gets a larger one, and only
+    an :class:`Outcome` carrying the current one is recorded."""
     envelope: Envelope
     positions: tuple[int, ...]
     """The recipient position (in the original message) of each ``envelope.recipients``."""
@@ -42,26 +45,28 @@ class ClaimedMessage:
     """``(recipient, code, response)`` of the first recipient refused by an earlier attempt."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Outcome:
-    """What one attempt at a claimed message settled, as written by :meth:`SqliteSpool.record`.
+    """What one attempt at a claimed message settled, for :meth:`IQueue.record`.
 
-    ``recipients`` holds ``(position, state, code, response)`` for the recipients tried;
-    ``state`` is the message's new state and ``due`` its next attempt time (wall clock).
+    ``id`` and ``fence`` are the claim's. ``state`` is the message's new state; ``retry_in``
+    the seconds from the store's now until its next attempt (for ``deferred``; 0 otherwise).
+    ``recipients`` holds ``(position, state, code, response)`` for the recipients tried.
     """
 
     id: int
+    fence: int
     state: Literal["sent", "deferred", "failed"]
     attempts: int
-    due: float
+    retry_in: float = 0.0
     code: int | None
     response: str
     recipients: tuple[tuple[int, RecipientState, int | None, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
-class SpoolRow:
-    """One message as ``--status`` lists it."""
+class QueueRow:
+    """One message as a status listing shows it (``due`` on the store's clock)."""
 
     id: int
     message_id: str | None
@@ -71,11 +76,12 @@ class SpoolRow:
     code: int | None
     response: str
     recipients: str
+    """``"address state"`` of every recipient, comma-separated, in order."""
 
 
 @dataclass(frozen=True, slots=True)
-class SpoolSummary:
-    """Counts by state at one moment, and (from :func:`read_spool_status`) unsent messages.
+class QueueSummary:
+    """Counts by state at one moment, and (from ``read_queue_status``) unsent messages.
 
     ``due`` counts queued and deferred messages due by then; ``held`` counts ``sending``
     messages under a lease that has not expired; ``expired`` those whose lease has.
@@ -85,9 +91,9 @@ class SpoolSummary:
     due: int
     held: int
     expired: int
-    unsent: list[SpoolRow] = field(default_factory=list)
+    unsent: list[QueueRow] = field(default_factory=list)
 
     @property
     def waiting(self) -> int:
-        """Messages not yet settled and not held by a live drain."""
+        """Messages not yet settled and not held by a live worker."""
         return self.counts["queued"] + self.counts["deferred"] + self.expired

@@ -1,10 +1,13 @@
-"""The spool: messages waiting for delivery, kept durably in one SQLite file.
+"""The SQLite queue (the spool file): messages waiting for delivery, kept durably in one file.
+
+:class:`SqliteQueue` provides :class:`~twistmail.interfaces.IQueue`; the ``spool`` backend
+enqueues into it and ``twistmail drain --spool PATH`` delivers from it.
 
 Each message is stored as its SMTP envelope (sender, DATA payload ready for the wire,
 Message-ID) with one row per recipient, so a message some of whose recipients were accepted is
 retried for the others only.
 
-Message states: ``queued`` (never tried), ``sending`` (claimed by a drain, under a lease),
+Message states: ``queued`` (never tried), ``sending`` (claimed by a worker, under a lease),
 ``deferred`` (a 4xx, drop or timeout; tried again from ``due``), ``sent`` (every recipient
 accepted; the payload is then dropped, the row kept as a record) and ``failed`` (a recipient
 refused permanently, or attempts ran out; kept with its reason, payload included, never
@@ -17,14 +20,20 @@ sequential append and one fsync (a rollback journal with FULL needs several fsyn
 commit), and because readers (``twistmail drain --status``, a second drain) never block the
 writer.
 
-Threading: every SQLite call of a :class:`SqliteSpool` runs on its own single writer thread,
-never on the reactor thread. Writes made while a commit runs are committed together in the next
-transaction (group commit), so many concurrent enqueues share one fsync.
+Threading: every SQLite call of a :class:`SqliteQueue` runs on its own single writer thread
+(:class:`~twistmail._sqlite.SqliteThread`), never on the reactor thread. Writes made while a
+commit runs are committed together in the next transaction (group commit), so many concurrent
+enqueues share one fsync. Reactor shutdown commits pending writes and closes a queue left open.
 
-Claims: a drain takes messages with ``BEGIN IMMEDIATE`` and one ``UPDATE ... RETURNING`` that
-sets ``state='sending'``, its ``owner`` token and a ``lease_until`` time, so two drains (in any
-processes) never hold the same message. A message whose drain died keeps ``sending`` until its
-lease expires, then is claimed again: delivery is at-least-once after a crash.
+Claims: a worker takes messages with ``BEGIN IMMEDIATE`` and one ``UPDATE ... RETURNING`` that
+sets ``state='sending'``, its ``owner`` token, a ``lease_until`` time and the next ``fence``
+(fencing number), so two workers (in any processes) never hold the same message. A message
+whose worker died keeps ``sending`` until its lease expires, then is claimed again: delivery is
+at-least-once after a crash. An outcome is written only with the claim's owner and fence, so a
+worker whose lease expired cannot overwrite what the worker that took over recorded.
+
+Time: every time stored or compared (``due``, ``lease_until``) comes from the queue's clock
+(``time.time`` unless another is given), read on the writer thread once per transaction.
 """
 
 from __future__ import annotations
@@ -35,21 +44,26 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
-from twisted.internet import defer, threads
-from twisted.python.failure import Failure
+from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
 
+from .. import _sqlite
+from .._sqlite import SqliteThread
 from ..address import parse_address, parse_sender
-from ..groupcommit import GroupCommit
+from ..interfaces import IQueue
 from ..message import Envelope
-from .records import MESSAGE_STATES, ClaimedMessage, Outcome, SpoolError, SpoolRow, SpoolSummary
+from .records import MESSAGE_STATES, ClaimedMessage, Outcome, QueueError, QueueRow, QueueSummary
 
-__all__ = ["SqliteSpool", "read_spool_status"]
+__all__ = ["SqliteQueue", "read_queue_status"]
 
 
-SCHEMA_VERSION: Final = "1"
+SCHEMA_VERSION: Final = "2"
+"""2 added ``messages.fence``; a version-1 file is migrated in place when opened."""
 
 _T = TypeVar("_T")
+_Op = Callable[[sqlite3.Connection, float], Any]
+Clock = Callable[[], float]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,6 +81,7 @@ CREATE TABLE IF NOT EXISTS messages (
     due REAL NOT NULL,
     owner TEXT,
     lease_until REAL,
+    fence INTEGER NOT NULL DEFAULT 0,
     code INTEGER,
     response TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
@@ -86,6 +101,11 @@ CREATE TABLE IF NOT EXISTS recipients (
 ) WITHOUT ROWID
 """
 
+# From each older schema version to the next, run in the opening transaction.
+_MIGRATIONS: Final[dict[str, str]] = {
+    "1": "ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",
+}
+
 _INSERT_MESSAGE = """
 INSERT INTO messages (sender, payload, size, eight_bit, smtputf8, message_id, state, due,
                       created_at, updated_at)
@@ -93,65 +113,58 @@ VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)
 """
 
 _CLAIM = """
-UPDATE messages SET state = 'sending', owner = ?, lease_until = ?, updated_at = ?
+UPDATE messages SET state = 'sending', owner = ?, lease_until = ?, fence = fence + 1,
+    updated_at = ?
 WHERE id IN (
     SELECT id FROM (
         SELECT id, due FROM messages WHERE state IN ('queued', 'deferred') AND due <= ?
         UNION ALL
-        SELECT id, due FROM messages WHERE state = 'sending' AND lease_until < ?
+        SELECT id, due FROM messages WHERE state = 'sending' AND lease_until <= ?
     ) ORDER BY due, id LIMIT ?
 )
-RETURNING id, sender, payload, size, eight_bit, smtputf8, message_id, attempts
+RETURNING id, fence, sender, payload, size, eight_bit, smtputf8, message_id, attempts
 """
 
 _RECORD = """
 UPDATE messages SET state = ?, attempts = ?, due = ?, code = ?, response = ?, owner = NULL,
     lease_until = NULL, updated_at = ?,
     payload = CASE WHEN ? = 'sent' THEN x'' ELSE payload END
-WHERE id = ? AND owner = ? AND state = 'sending'
+WHERE id = ? AND owner = ? AND fence = ? AND state = 'sending'
 """
 
 _RELEASE = """
 UPDATE messages SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
     owner = NULL, lease_until = NULL, updated_at = ?
-WHERE id = ? AND owner = ? AND state = 'sending'
+WHERE id = ? AND owner = ? AND fence = ? AND state = 'sending'
 """
 
-
-def _default_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
+_NEXT_DUE = """
+SELECT min(at) FROM (
+    SELECT min(due) AS at FROM messages WHERE state IN ('queued', 'deferred')
+    UNION ALL
+    SELECT min(lease_until) FROM messages WHERE state = 'sending'
+)
+"""
 
 
 # Functions that run on the writer thread. -----------------------------------------------------
 
 
-def _connect(path: str, *, create: bool) -> sqlite3.Connection:
+def _connect(path: str, create: bool) -> sqlite3.Connection:
     if not create and not os.path.isfile(path):
-        raise SpoolError(f"{path}: no such spool")
+        raise QueueError(f"{path}: no such spool")
     try:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one group is one commit.
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn = _sqlite.connect(path, busy_timeout=10)
     except sqlite3.Error as e:
-        raise SpoolError(f"{path}: cannot open the spool ({e})") from e
+        raise QueueError(f"{path}: cannot open the spool ({e})") from e
     try:
-        conn.execute("PRAGMA busy_timeout = 10000")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _sqlite.transaction(conn):
             _check_or_create_schema(conn, path)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        # Only once the file is known to be a spool (another database is left as it was).
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise SpoolError(f"{path}: SQLite could not use WAL mode here (got {mode!r})")
-        conn.execute("PRAGMA synchronous = FULL")
+        # Only once the file is known to be a queue (another database is left as it was).
+        _sqlite.configure(conn, "FULL", lambda text: QueueError(f"{path}: {text}"))
     except sqlite3.DatabaseError as e:
         conn.close()
-        raise SpoolError(f"{path}: not a twistmail spool ({e})") from e
+        raise QueueError(f"{path}: not a twistmail spool ({e})") from e
     except BaseException:
         conn.close()
         raise
@@ -173,25 +186,27 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: str) -> None:
         )
         return
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
-    if meta.get("kind") != "twistmail-spool" or meta.get("schema_version") != SCHEMA_VERSION:
-        raise SpoolError(f"{path}: not a twistmail spool, or one of another version")
+    if meta.get("kind") != "twistmail-spool":
+        raise QueueError(f"{path}: not a twistmail spool")
+    version = meta.get("schema_version", "")
+    if version not in _MIGRATIONS and version != SCHEMA_VERSION:
+        raise QueueError(
+            f"{path}: a twistmail spool of schema version {version!r}, which this twistmail "
+            f"(schema {SCHEMA_VERSION}) cannot use; upgrade twistmail to use this file"
+        )
+    while version in _MIGRATIONS:
+        conn.execute(_MIGRATIONS[version])
+        version = str(int(version) + 1)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
 
 
-def _run_group(
-    conn: sqlite3.Connection, ops: list[Callable[[sqlite3.Connection], Any]]
-) -> list[Any]:
-    """Run every op in one write transaction; roll back all of them on any error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        results = [op(conn) for op in ops]
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return results
+def _run_group(conn: sqlite3.Connection, ops: list[_Op], now: float) -> list[Any]:
+    """Run every op in one write transaction at ``now``; roll back all of them on any error."""
+    with _sqlite.transaction(conn):
+        return [op(conn, now) for op in ops]
 
 
-def _insert(envelopes: Sequence[Envelope], now: float, conn: sqlite3.Connection) -> list[int]:
+def _insert(envelopes: Sequence[Envelope], conn: sqlite3.Connection, now: float) -> list[int]:
     ids = []
     for env in envelopes:
         cursor = conn.execute(
@@ -220,11 +235,13 @@ def _insert(envelopes: Sequence[Envelope], now: float, conn: sqlite3.Connection)
 
 
 def _claim(
-    owner: str, limit: int, lease: float, due_by: float, now: float, conn: sqlite3.Connection
+    owner: str, limit: int, lease: float, conn: sqlite3.Connection, now: float
 ) -> list[ClaimedMessage]:
-    rows = conn.execute(_CLAIM, (owner, now + lease, now, due_by, now, limit)).fetchall()
+    # max(0, ...): SQLite reads a negative LIMIT as no limit at all.
+    rows = conn.execute(_CLAIM, (owner, now + lease, now, now, now, max(0, limit))).fetchall()
     claimed = []
-    for message, sender, payload, size, eight_bit, smtputf8, message_id, attempts in sorted(rows):
+    for row in sorted(rows, key=lambda r: r[0]):
+        message, fence, sender, payload, size, eight_bit, smtputf8, message_id, attempts = row
         positions, addresses = [], []
         refused: tuple[str, int | None, str] | None = None
         for position, address, state, code, response in conn.execute(
@@ -246,18 +263,28 @@ def _claim(
             smtputf8=bool(smtputf8),
             message_id=message_id,
         )
-        claimed.append(ClaimedMessage(message, envelope, tuple(positions), attempts, refused))
+        claimed.append(
+            ClaimedMessage(
+                id=message,
+                fence=fence,
+                envelope=envelope,
+                positions=tuple(positions),
+                attempts=attempts,
+                refused_before=refused,
+            )
+        )
     return claimed
 
 
-def _record(owner: str, outcome: Outcome, now: float, conn: sqlite3.Connection) -> bool:
+def _record(owner: str, outcome: Outcome, conn: sqlite3.Connection, now: float) -> bool:
     o = outcome
+    due = now + o.retry_in if o.state == "deferred" else now
     cursor = conn.execute(
         _RECORD,
-        (o.state, o.attempts, o.due, o.code, o.response, now, o.state, o.id, owner),
+        (o.state, o.attempts, due, o.code, o.response, now, o.state, o.id, owner, o.fence),
     )
     if cursor.rowcount != 1:
-        return False  # the lease expired and another drain took the message over
+        return False  # the lease expired and another claim took the message over
     conn.executemany(
         "UPDATE recipients SET state = ?, code = ?, response = ? "
         "WHERE message = ? AND position = ?",
@@ -266,11 +293,15 @@ def _record(owner: str, outcome: Outcome, now: float, conn: sqlite3.Connection) 
     return True
 
 
-def _release(owner: str, ids: Sequence[int], now: float, conn: sqlite3.Connection) -> int:
-    return sum(conn.execute(_RELEASE, (now, message, owner)).rowcount for message in ids)
+def _release(
+    owner: str, claims: Sequence[tuple[int, int]], conn: sqlite3.Connection, now: float
+) -> int:
+    return sum(
+        conn.execute(_RELEASE, (now, message, owner, fence)).rowcount for message, fence in claims
+    )
 
 
-def _renew(owner: str, lease: float, now: float, conn: sqlite3.Connection) -> int:
+def _renew(owner: str, lease: float, conn: sqlite3.Connection, now: float) -> int:
     cursor = conn.execute(
         "UPDATE messages SET lease_until = ? WHERE owner = ? AND state = 'sending'",
         (now + lease, owner),
@@ -278,47 +309,58 @@ def _renew(owner: str, lease: float, now: float, conn: sqlite3.Connection) -> in
     return cursor.rowcount
 
 
-def _summary(conn: sqlite3.Connection, now: float) -> SpoolSummary:
+def _summary(conn: sqlite3.Connection, now: float) -> QueueSummary:
     counts = dict.fromkeys(MESSAGE_STATES, 0)
     counts.update(conn.execute("SELECT state, count(*) FROM messages GROUP BY state").fetchall())
     (due,) = conn.execute(
         "SELECT count(*) FROM messages WHERE state IN ('queued', 'deferred') AND due <= ?", (now,)
     ).fetchone()
     (expired,) = conn.execute(
-        "SELECT count(*) FROM messages WHERE state = 'sending' AND lease_until < ?", (now,)
+        "SELECT count(*) FROM messages WHERE state = 'sending' AND lease_until <= ?", (now,)
     ).fetchone()
-    return SpoolSummary(counts, int(due), counts["sending"] - int(expired), int(expired))
+    return QueueSummary(counts, int(due), counts["sending"] - int(expired), int(expired))
 
 
-def _unsent(conn: sqlite3.Connection, limit: int) -> list[SpoolRow]:
+def _next_due(conn: sqlite3.Connection, now: float) -> float | None:
+    (at,) = conn.execute(_NEXT_DUE).fetchone()
+    return None if at is None else max(0.0, float(at) - now)
+
+
+def _unsent(conn: sqlite3.Connection, limit: int) -> list[QueueRow]:
     rows = conn.execute(
         "SELECT m.id, m.message_id, m.state, m.attempts, m.due, m.code, m.response, "
         "group_concat(r.address || ' ' || r.state, ', ') FROM messages m "
         "JOIN recipients r ON r.message = m.id WHERE m.state != 'sent' "
         "GROUP BY m.id ORDER BY m.id LIMIT ?",
-        (limit,),
+        (max(0, limit),),
     ).fetchall()
-    return [SpoolRow(*row) for row in rows]
+    return [QueueRow(*row) for row in rows]
 
 
-def _settings(conn: sqlite3.Connection) -> tuple[str, int]:
-    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    synchronous = conn.execute("PRAGMA synchronous").fetchone()[0]
-    return str(mode), int(synchronous)
+def _at(clock: Clock, function: Callable[..., _T]) -> Callable[..., _T]:
+    """``function(conn, *args)`` run as ``function(conn, clock(), *args)``, the clock read then."""
+
+    def timed(conn: sqlite3.Connection, *args: Any) -> _T:
+        return function(conn, clock(), *args)
+
+    return timed
 
 
-def read_spool_status(path: str | os.PathLike[str], *, limit: int = 20) -> SpoolSummary:
-    """Counts and the first ``limit`` unsent messages of a spool, read synchronously.
+def read_queue_status(
+    path: str | os.PathLike[str], *, limit: int = 20, clock: Clock = time.time
+) -> QueueSummary:
+    """Counts and the first ``limit`` unsent messages of a spool file, read synchronously.
 
-    For ``twistmail drain --status`` outside a reactor; safe while drains are running.
+    For ``twistmail drain --status`` outside a reactor; safe while workers are running. Leases
+    and due times are compared with ``clock()``.
 
-    :raises SpoolError: if ``path`` does not exist or is not a spool.
+    :raises QueueError: if ``path`` does not exist or is not a spool.
     """
     name = os.fspath(path)
     conn = _connect(name, create=False)
     try:
         conn.execute("BEGIN")  # one snapshot
-        summary = _summary(conn, time.time())
+        summary = _summary(conn, clock())
         summary.unsent.extend(_unsent(conn, limit))
         conn.execute("COMMIT")
         return summary
@@ -329,166 +371,105 @@ def read_spool_status(path: str | os.PathLike[str], *, limit: int = 20) -> Spool
 # The reactor-side object. ---------------------------------------------------------------------
 
 
-class SqliteSpool:
-    """A spool file used from the reactor thread; all SQLite work runs on its own thread.
+@implementer(IQueue)
+class SqliteQueue:
+    """The queue in one SQLite file, used from the reactor thread (see :class:`IQueue`).
 
-    Get one with :meth:`SqliteSpool.open`; finish with :meth:`close`. Times stored in the file
-    (``due``, ``lease_until``) are wall-clock seconds, shared by every process using it.
+    Get one with :meth:`SqliteQueue.open`; finish with :meth:`close`. Times stored in the file
+    (``due``, ``lease_until``) come from the queue's clock, so every process using one file
+    should use the same clock (the default, wall-clock seconds).
     """
 
-    def __init__(self, path: str, conn: sqlite3.Connection, pool: ThreadPool, reactor: Any):
-        """Use :meth:`SqliteSpool.open`; this only wires an opened connection and pool."""
-        self.path = path
-        self._conn = conn
-        self._pool = pool
-        self._reactor = reactor
-        self._group: GroupCommit[Callable[[sqlite3.Connection], Any]] = GroupCommit(
-            lambda ops: self._in_thread(_run_group, self._conn, ops)
-        )
-        self._closing: list[defer.Deferred[None]] | None = None  # None until close()
-        self._closed = False
-        self._close_failure: Failure | None = None
-        self._trigger: Any = reactor.addSystemEventTrigger(
-            "before", "shutdown", self._close_at_shutdown
-        )
+    def __init__(self, db: SqliteThread[_Op], clock: Clock) -> None:
+        """Use :meth:`SqliteQueue.open`; this only wires an opened store thread."""
+        self.path = db.path
+        self._db = db
+        self._clock = clock
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, create: bool = True, reactor: Any = None
-    ) -> defer.Deferred[SqliteSpool]:
-        """Open the spool at ``path``, creating the file unless ``create`` is false.
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        clock: Clock = time.time,
+        reactor: Any = None,
+    ) -> defer.Deferred[SqliteQueue]:
+        """Open the spool file at ``path``, creating it unless ``create`` is false.
 
-        Fails with :class:`SpoolError` for a missing file (``create=False``) or a file that is
-        not a spool.
+        ``clock()`` gives the store's now in seconds (e.g. ``task.Clock().seconds`` in tests).
+        A version-1 file is migrated in place. Fails with :class:`QueueError` for a missing
+        file (``create=False``), a file that is not a spool, or one of a newer version.
         """
-        reactor = reactor if reactor is not None else _default_reactor()
+        reactor = reactor if reactor is not None else _sqlite.default_reactor()
         name = os.fspath(path)
-        pool = ThreadPool(minthreads=1, maxthreads=1, name=f"twistmail-spool {name}")
-        pool.start()
-        d = threads.deferToThreadPool(reactor, pool, _connect, name, create=create)
+        d = SqliteThread.start(reactor, f"twistmail-queue {name}", _connect, name, create)
 
-        def failed(failure: Failure) -> Failure:
-            pool.stop()
-            return failure
+        def opened(result: tuple[ThreadPool, sqlite3.Connection]) -> SqliteQueue:
+            pool, conn = result
 
-        return d.addCallbacks(lambda conn: cls(name, conn, pool, reactor), failed)
+            def commit(conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
+                return _run_group(conn, ops, clock())
+
+            db = SqliteThread(name, conn, pool, reactor, commit=commit, closed=QueueError)
+            return cls(db, clock)
+
+        return d.addCallback(opened)
 
     # Writes (group commit) ------------------------------------------------------------------
 
-    def enqueue(
-        self, envelopes: Sequence[Envelope], *, now: float | None = None
-    ) -> defer.Deferred[list[int]]:
-        """Store ``envelopes`` as ``queued``, due ``now``; fires with their ids once committed."""
-        return self._write(_insert, list(envelopes), _now(now))
+    def enqueue(self, envelopes: Sequence[Envelope]) -> defer.Deferred[list[int]]:
+        """Store ``envelopes`` as ``queued``, due now; fires with their ids once fsync'd."""
+        batch = list(envelopes)
+        return self._write(lambda conn, now: _insert(batch, conn, now))
 
     def claim(
-        self,
-        owner: str,
-        limit: int,
-        *,
-        lease: float,
-        due_by: float | None = None,
-        now: float | None = None,
+        self, owner: str, limit: int, *, lease: float
     ) -> defer.Deferred[list[ClaimedMessage]]:
-        """Take up to ``limit`` messages for ``owner`` for ``lease`` seconds, oldest due first.
+        """Take up to ``limit`` due messages for ``owner`` for ``lease`` seconds (see IQueue)."""
+        return self._write(lambda conn, now: _claim(owner, limit, lease, conn, now))
 
-        Claims queued and deferred messages due by ``due_by`` (default: now) and ``sending``
-        messages whose lease has expired. Each comes back with its pending recipients only.
-        """
-        current = _now(now)
-        cutoff = current if due_by is None else due_by
-        return self._write(_claim, owner, limit, lease, cutoff, current)
+    def record(self, owner: str, outcome: Outcome) -> defer.Deferred[bool]:
+        """Write an attempt's outcome unless ``owner`` lost the claim; False if it did."""
+        return self._write(lambda conn, now: _record(owner, outcome, conn, now))
 
-    def record(
-        self, owner: str, outcome: Outcome, *, now: float | None = None
-    ) -> defer.Deferred[bool]:
-        """Write an attempt's outcome and release the message; False if ``owner`` lost it."""
-        return self._write(_record, owner, outcome, _now(now))
+    def release(self, owner: str, claimed: Sequence[ClaimedMessage]) -> defer.Deferred[int]:
+        """Give back claims not attempted (no attempt counted); fires with how many."""
+        claims = [(c.id, c.fence) for c in claimed]
+        return self._write(lambda conn, now: _release(owner, claims, conn, now))
 
-    def release(
-        self, owner: str, ids: Sequence[int], *, now: float | None = None
-    ) -> defer.Deferred[int]:
-        """Give back claimed messages not attempted; fires with how many were released."""
-        return self._write(_release, owner, list(ids), _now(now))
+    def renew(self, owner: str, lease: float) -> defer.Deferred[int]:
+        """Extend every lease ``owner`` holds to ``lease`` seconds from now; fires with how many."""
+        return self._write(lambda conn, now: _renew(owner, lease, conn, now))
 
-    def renew(self, owner: str, lease: float, *, now: float | None = None) -> defer.Deferred[int]:
-        """Extend every lease ``owner`` holds to ``lease`` seconds from now."""
-        return self._write(_renew, owner, lease, _now(now))
-
-    def _write(self, function: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
-        """Queue a write for the next group commit."""
-        if self._closing is not None:
-            return defer.fail(SpoolError(f"{self.path}: the spool is closed"))
-        d: defer.Deferred[_T] = self._group.submit(lambda conn: function(*args, conn))
-        return d
+    def _write(self, op: _Op) -> defer.Deferred[Any]:
+        return self._db.submit(op)
 
     @property
     def commits(self) -> int:
         """Write transactions committed so far (one per group of writes)."""
-        return self._group.commits
+        return self._db.commits
 
     # Reads ----------------------------------------------------------------------------------
 
-    def summary(self, *, now: float | None = None) -> defer.Deferred[SpoolSummary]:
-        """Counts by state, and how many messages are due, held or with an expired lease."""
-        return self._read(_summary, _now(now))
+    def next_due(self) -> defer.Deferred[float | None]:
+        """Seconds until the earliest waiting message is due: 0.0 if now, None if none waits."""
+        return self._db.read(_at(self._clock, _next_due))
 
-    def unsent(self, limit: int = 20) -> defer.Deferred[list[SpoolRow]]:
+    def summary(self) -> defer.Deferred[QueueSummary]:
+        """Counts by state, and how many messages are due, held or with an expired lease."""
+        return self._db.read(_at(self._clock, _summary))
+
+    def unsent(self, limit: int = 20) -> defer.Deferred[list[QueueRow]]:
         """The first ``limit`` messages not sent, with their recipients' states."""
-        return self._read(_unsent, limit)
+        return self._db.read(_unsent, limit)
 
     def settings(self) -> defer.Deferred[tuple[str, int]]:
-        """``(journal_mode, synchronous)`` of this spool's own connection (2 is FULL)."""
-        return self._read(_settings)
-
-    def _read(self, function: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
-        if self._closing is not None:
-            return defer.fail(SpoolError(f"{self.path}: the spool is closed"))
-        return self._in_thread(function, self._conn, *args)
+        """``(journal_mode, synchronous)`` of this queue's own connection (2 is FULL)."""
+        return self._db.settings()
 
     # Lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> defer.Deferred[None]:
         """Commit what is pending, close the file and stop the thread; idempotent."""
-        if self._closing is None:
-            self._closing = []
-            if self._trigger is not None:
-                self._reactor.removeSystemEventTrigger(self._trigger)
-                self._trigger = None
-            idle = self._group.idle()
-
-            def close_connection(_: None) -> defer.Deferred[None]:
-                return self._in_thread(self._conn.close)
-
-            def stop_pool(result: Failure | None) -> None:
-                self._pool.stop()  # its only thread is idle now
-                self._closed = True
-                self._close_failure = result
-                waiters, self._closing = self._closing or [], []
-                for waiter in waiters:
-                    self._fire_closed(waiter)
-
-            idle.addCallback(close_connection).addBoth(stop_pool)
-        waiter: defer.Deferred[None] = defer.Deferred()
-        if self._closed:
-            self._fire_closed(waiter)
-        else:
-            self._closing.append(waiter)
-        return waiter
-
-    def _close_at_shutdown(self) -> defer.Deferred[None]:
-        self._trigger = None  # firing now: removing it would be an error
-        return self.close()
-
-    def _fire_closed(self, waiter: defer.Deferred[None]) -> None:
-        if self._close_failure is None:
-            waiter.callback(None)
-        else:
-            waiter.errback(self._close_failure)
-
-    def _in_thread(self, function: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
-        return threads.deferToThreadPool(self._reactor, self._pool, function, *args)
-
-
-def _now(now: float | None) -> float:
-    return time.time() if now is None else now
+        return self._db.close()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import secrets
 import socket
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,12 +32,13 @@ from twisted.python.failure import Failure
 
 from ..engine import DeliveryLoop, Job, Sender
 from ..errors import DeliveryError
+from ..interfaces import IQueue
 from ..results import RecipientOutcome
-from ..retry import Plan, RetryPolicy
-from .records import ClaimedMessage, Outcome, RecipientState, SpoolSummary
-from .sqlite import SqliteSpool
+from ..retry import Plan, RetryPolicy, plan
+from ..smtp._transaction import TransactionResult
+from .records import ClaimedMessage, Outcome, QueueSummary, RecipientState
 
-__all__ = ["Drain", "DrainReport", "outcome_of"]
+__all__ = ["Drain", "DrainReport", "outcome_of", "settle"]
 
 log = Logger()
 
@@ -61,17 +61,45 @@ class DrainReport:
     released: int = 0
     limit_reached: bool = False
     abort: DeliveryError | None = None
-    spool: SpoolSummary | None = None
+    spool: QueueSummary | None = None
 
 
-def outcome_of(claimed: ClaimedMessage, plan: Plan, now: float) -> Outcome:
-    """The queue record of one planned attempt at ``claimed`` (wall-clock ``now``)."""
+def outcome_of(claimed: ClaimedMessage, planned: Plan) -> Outcome:
+    """The queue record of one planned attempt at ``claimed``."""
     recipients = tuple(
         (position, _STATES[o.status], o.code, o.response)
-        for position, o in zip(claimed.positions, plan.outcomes, strict=True)
+        for position, o in zip(claimed.positions, planned.outcomes, strict=True)
     )
-    due = now + plan.delay if plan.state == "deferred" else now
-    return Outcome(claimed.id, plan.state, plan.attempts, due, plan.code, plan.response, recipients)
+    return Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state=planned.state,
+        attempts=planned.attempts,
+        retry_in=planned.delay if planned.state == "deferred" else 0.0,
+        code=planned.code,
+        response=planned.response,
+        recipients=recipients,
+    )
+
+
+def settle(
+    claimed: ClaimedMessage,
+    result: TransactionResult | None,
+    error: DeliveryError | None,
+    policy: RetryPolicy,
+) -> Outcome:
+    """The queue record of one attempt at ``claimed``: the server's ``result`` or the
+    ``error`` that ended it, planned by :func:`~twistmail.retry.plan` as every door does."""
+    refused = _ClaimJob(claimed).refused
+    outcome = plan(
+        claimed.envelope.recipients,
+        result,
+        error,
+        claimed.attempts + 1,
+        policy,
+        refused_before=refused,
+    )
+    return outcome_of(claimed, outcome)
 
 
 class _ClaimJob(Job):
@@ -97,7 +125,7 @@ class Drain:
 
     def __init__(
         self,
-        spool: SqliteSpool,
+        spool: IQueue,
         mailer: Sender,
         *,
         retry: RetryPolicy,
@@ -127,7 +155,8 @@ class Drain:
         self._buffer: deque[_ClaimJob] = deque()
         self._claiming: defer.Deferred[None] | None = None
         self._exhausted = False
-        self._due_by = 0.0
+        self._attempted: set[int] = set()  # ids attempted in this pass
+        self._waiting_at_start = 0  # claimable messages when the pass began: its bound
         self._loop = DeliveryLoop(
             mailer,
             self,
@@ -150,7 +179,10 @@ class Drain:
         self._loop.abort()
 
     async def _run(self) -> DrainReport:
-        self._due_by = time.time()
+        # The pass takes at most what could be claimed when it began, so messages enqueued
+        # meanwhile (by a producer faster than delivery) cannot keep it running.
+        start = await self.spool.summary()
+        self._waiting_at_start = start.due + start.expired
         renewal = task.LoopingCall(self._renew)
         renewal.clock = self._reactor
         renewal.start(self.lease / 3, now=False).addErrback(
@@ -164,7 +196,7 @@ class Drain:
             if self._claiming is not None:
                 await self._claiming
             if self._buffer:
-                held = [job.claimed.id for job in self._buffer]
+                held = [job.claimed for job in self._buffer]
                 self._buffer.clear()
                 released = await self.spool.release(self.owner, held)
                 self.report.released += released
@@ -198,7 +230,7 @@ class Drain:
         """Write the outcome to the queue; a lease lost meanwhile is counted, not an error."""
         assert isinstance(job, _ClaimJob)
         claimed = job.claimed
-        outcome = outcome_of(claimed, plan, time.time())
+        outcome = outcome_of(claimed, plan)
         return self.spool.record(self.owner, outcome).addCallback(self._recorded, claimed, outcome)
 
     def put_back(self, job: Job) -> None:
@@ -231,21 +263,34 @@ class Drain:
                 self.report.limit_reached = True
                 self._exhausted = True
                 return
-        claiming = self.spool.claim(self.owner, want, lease=self.lease, due_by=self._due_by)
-        self._claiming = claiming.addCallbacks(self._claimed, self._claim_failed)
+        want = min(want, self._waiting_at_start - self.report.claimed)
+        if want <= 0:
+            self._exhausted = True
+            return
+        # Set before the callbacks: a store may answer at once (MemoryQueue).
+        self._claiming = claiming = self.spool.claim(self.owner, want, lease=self.lease)
+        claiming.addCallbacks(self._claimed, self._claim_failed)
 
-    def _claimed(self, claimed: list[ClaimedMessage]) -> None:
+    def _claimed(self, claimed: list[ClaimedMessage]) -> defer.Deferred[None] | None:
         self._claiming = None
-        self.report.claimed += len(claimed)
-        self._buffer.extend(_ClaimJob(c) for c in claimed)
-        if not claimed:
+        # One attempt per message per pass: one deferred during this pass and due again
+        # already (a short retry delay) is given back for the next pass.
+        again = [c for c in claimed if c.id in self._attempted]
+        fresh = [c for c in claimed if c.id not in self._attempted]
+        self.report.claimed += len(fresh)
+        self._attempted.update(c.id for c in fresh)
+        self._buffer.extend(_ClaimJob(c) for c in fresh)
+        if not fresh:
             self._exhausted = True
         self._loop.pump()
+        if again:
+            return self.spool.release(self.owner, again).addCallback(lambda _: None)
+        return None
 
     def _claim_failed(self, failure: Failure) -> None:
         self._claiming = None
         self._exhausted = True
-        self._loop._fail(failure)
+        self._loop.fail(failure)
 
 
 def _connections(mailer: Sender) -> int:

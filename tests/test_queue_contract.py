@@ -1,0 +1,411 @@
+"""The queue contract (``IQueue``): one suite that every queue store passes.
+
+txacme's pattern: the ``open_queue`` fixture is parametrized over the stores, so each test runs
+against each of them. Every store is driven by one injected clock (``task.Clock``), so leases
+and due times are tested without waiting. To add a store, add one line to ``STORES``: a
+function that opens it on a given clock in a given directory. A store whose clock is its
+database server's (PostgreSQL's ``now()``) takes the clock for tests all the same, e.g. by
+passing ``clock()`` where its SQL would otherwise read ``now()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+from zope.interface.verify import verifyObject
+
+from twistmail.interfaces import IQueue
+from twistmail.message import Envelope, envelope_from_bytes
+from twistmail.queue import ClaimedMessage, Outcome, QueueError, SqliteQueue
+from twistmail.testing import MemoryQueue
+
+T0 = 1_700_000_000.0
+Clock = Callable[[], float]
+
+
+async def _sqlite(clock: Clock, directory: Path) -> Any:
+    return await SqliteQueue.open(directory / "queue.db", clock=clock)
+
+
+async def _memory(clock: Clock, directory: Path) -> Any:
+    return MemoryQueue(clock=clock)
+
+
+STORES: dict[str, Callable[[Clock, Path], Awaitable[Any]]] = {
+    "sqlite": _sqlite,
+    "memory": _memory,
+}
+
+OpenQueue = Callable[[], Awaitable[Any]]
+
+
+@pytest.fixture
+def clock() -> task.Clock:
+    """The store's clock, at ``T0``."""
+    clock = task.Clock()
+    clock.advance(T0)
+    return clock
+
+
+@pytest.fixture(params=sorted(STORES))
+def open_queue(
+    request: pytest.FixtureRequest, clock: task.Clock, tmp_path: Path
+) -> Iterator[OpenQueue]:
+    """Factory: ``await open_queue()`` opens the store under test on ``clock``; closed after."""
+    opened: list[Any] = []
+
+    async def open_one() -> Any:
+        store = await STORES[request.param](clock.seconds, tmp_path)
+        opened.append(store)
+        return store
+
+    yield open_one
+    if opened:
+        pytest_twisted.blockon(defer.gatherResults([store.close() for store in opened]))
+
+
+def envelope(n: int, *recipients: str) -> Envelope:
+    rcpts = recipients or (f"user{n}@example.org",)
+    data = f"Message-ID: <m{n}@test>\r\nSubject: {n}\r\n\r\nbody {n}\r\n.dot line\r\n".encode()
+    return envelope_from_bytes("sender@example.com", rcpts, data)
+
+
+def sent(claimed: ClaimedMessage) -> Outcome:
+    """Every recipient of ``claimed`` accepted."""
+    return Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state="sent",
+        attempts=claimed.attempts + 1,
+        code=250,
+        response="ok",
+        recipients=tuple((p, "sent", 250, "ok") for p in claimed.positions),
+    )
+
+
+def deferred(claimed: ClaimedMessage, retry_in: float) -> Outcome:
+    """Every recipient of ``claimed`` to be tried again in ``retry_in`` seconds."""
+    return Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state="deferred",
+        attempts=claimed.attempts + 1,
+        retry_in=retry_in,
+        code=451,
+        response="busy",
+        recipients=tuple((p, "pending", 451, "busy") for p in claimed.positions),
+    )
+
+
+# The interface --------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_provides_iqueue(open_queue: OpenQueue) -> None:
+    assert verifyObject(IQueue, await open_queue())
+
+
+# Enqueue and claim ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claim_returns_the_envelope_as_enqueued(open_queue: OpenQueue) -> None:
+    queue = await open_queue()
+    original = envelope(7, "x@example.org", "Zoë@例え.jp")
+    ids = await queue.enqueue([envelope(1), original])
+    assert len(set(ids)) == 2
+    assert ids == sorted(ids)
+    claimed = await queue.claim("a", 10, lease=60)
+    assert [c.id for c in claimed] == ids
+    mine = claimed[1]
+    env = mine.envelope
+    assert env.payload == original.payload
+    assert env.payload.endswith(b"\r\n..dot line\r\n.\r\n")
+    assert (env.sender, env.recipients) == (original.sender, original.recipients)
+    assert (env.message_id, env.size, env.smtputf8) == ("<m7@test>", original.size, True)
+    assert mine.positions == (0, 1)
+    assert mine.attempts == 0
+    assert mine.refused_before is None
+    assert mine.fence >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_claims_take_the_oldest_due_first_up_to_the_limit(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    first, second, third = [(await queue.enqueue([envelope(n)]))[0] for n in range(3)]
+    assert await queue.claim("a", 0, lease=60) == []
+    assert await queue.claim("a", -1, lease=60) == []
+    # first is deferred to T0+50: the two others, due at T0, come before it, and it only
+    # comes once due.
+    (claimed,) = await queue.claim("a", 1, lease=60)
+    assert claimed.id == first
+    assert await queue.record("a", deferred(claimed, 50)) is True
+    assert [c.id for c in await queue.claim("a", 1, lease=60)] == [second]
+    assert [c.id for c in await queue.claim("a", 5, lease=60)] == [third]
+    clock.advance(49)
+    assert await queue.claim("a", 5, lease=60) == []
+    clock.advance(1)
+    assert [c.id for c in await queue.claim("a", 5, lease=60)] == [first]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claimed_message_is_not_claimed_again_until_its_lease_expires(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    (mid,) = await queue.enqueue([envelope(1)])
+    (first,) = await queue.claim("dead", 5, lease=30)
+    clock.advance(29)
+    assert await queue.claim("live", 5, lease=30) == []
+    summary = await queue.summary()
+    assert (summary.held, summary.expired, summary.waiting) == (1, 0, 0)
+    clock.advance(1)  # the lease ends at T0+30: expired from then on, by the store's clock
+    summary = await queue.summary()
+    assert (summary.held, summary.expired, summary.waiting) == (0, 1, 1)
+    (again,) = await queue.claim("live", 5, lease=30)
+    assert again.id == mid
+    assert again.fence > first.fence
+    assert again.attempts == 0
+
+
+# Fencing ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_whose_lease_expired_cannot_overwrite_the_new_owners_outcome(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    await queue.enqueue([envelope(1)])
+    (stale,) = await queue.claim("slow", 5, lease=30)
+    clock.advance(31)  # "slow" paused past its lease; "fast" takes the message over
+    (fresh,) = await queue.claim("fast", 5, lease=30)
+    assert await queue.record("fast", sent(fresh)) is True
+    # "slow" wakes up and reports a deferral: it must not undo the delivery.
+    assert await queue.record("slow", deferred(stale, 10)) is False
+    summary = await queue.summary()
+    assert summary.counts["sent"] == 1
+    assert summary.counts["deferred"] == 0
+    assert await queue.unsent() == []
+    assert await queue.next_due() is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_fence_tells_two_claims_by_one_owner_apart(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    # One owner token reused (a restarted worker with a fixed name): only the newest claim
+    # may record, and only the newest may release.
+    queue = await open_queue()
+    await queue.enqueue([envelope(1)])
+    (old,) = await queue.claim("worker", 5, lease=30)
+    clock.advance(30)
+    (new,) = await queue.claim("worker", 5, lease=30)
+    assert new.fence > old.fence
+    assert await queue.record("worker", sent(old)) is False
+    assert await queue.release("worker", [old]) == 0
+    assert (await queue.summary()).counts["sending"] == 1
+    assert await queue.record("worker", deferred(new, 5)) is True
+    assert (await queue.summary()).counts["deferred"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_lease_nobody_took_over_still_records(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    await queue.enqueue([envelope(1)])
+    (claimed,) = await queue.claim("slow", 5, lease=30)
+    clock.advance(100)
+    assert await queue.record("slow", sent(claimed)) is True
+    assert (await queue.summary()).counts["sent"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_owner_cannot_record_or_release(open_queue: OpenQueue) -> None:
+    queue = await open_queue()
+    await queue.enqueue([envelope(1)])
+    (claimed,) = await queue.claim("a", 5, lease=30)
+    assert await queue.record("b", sent(claimed)) is False
+    assert await queue.release("b", [claimed]) == 0
+    assert await queue.record("a", sent(claimed)) is True
+    assert await queue.record("a", sent(claimed)) is False  # once only
+
+
+# Release and renew ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_gives_claims_back_without_counting_an_attempt(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    ids = await queue.enqueue([envelope(1), envelope(2)])
+    claimed = await queue.claim("a", 5, lease=30)
+    assert await queue.release("a", claimed) == 2
+    summary = await queue.summary()
+    assert (summary.counts["queued"], summary.counts["sending"], summary.due) == (2, 0, 2)
+    again = await queue.claim("b", 5, lease=30)
+    assert [c.id for c in again] == ids
+    assert [c.attempts for c in again] == [0, 0]
+    # A message tried once and claimed again goes back as deferred, its attempt kept.
+    assert await queue.record("b", deferred(again[0], 10)) is True
+    clock.advance(10)
+    (retry,) = await queue.claim("c", 5, lease=30)
+    assert await queue.release("c", [retry]) == 1
+    (row, _) = await queue.unsent()
+    assert (row.id, row.state, row.attempts) == (ids[0], "deferred", 1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_renew_extends_only_the_owners_leases(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    await queue.enqueue([envelope(1), envelope(2)])
+    (a,) = await queue.claim("a", 1, lease=30)
+    (b,) = await queue.claim("b", 1, lease=30)
+    clock.advance(20)
+    assert await queue.renew("a", 30) == 1
+    assert await queue.renew("nobody", 30) == 0
+    clock.advance(20)  # T0+40: b's lease (to T0+30) lapsed, a's (to T0+50) did not
+    (taken,) = await queue.claim("c", 5, lease=30)
+    assert taken.id == b.id
+    clock.advance(10)
+    (late,) = await queue.claim("c", 5, lease=30)
+    assert late.id == a.id
+
+
+# Outcomes -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_partly_accepted_is_retried_for_the_rest_only(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    await queue.enqueue([envelope(1, "ok@example.org", "bad@example.org", "slow@example.org")])
+    (claimed,) = await queue.claim("a", 5, lease=30)
+    outcome = Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state="deferred",
+        attempts=1,
+        retry_in=10,
+        code=451,
+        response="slow@example.org: busy",
+        recipients=(
+            (0, "sent", 250, "ok"),
+            (1, "failed", 550, "no such user"),
+            (2, "pending", 451, "busy"),
+        ),
+    )
+    assert await queue.record("a", outcome) is True
+    (row,) = await queue.unsent()
+    assert (row.state, row.attempts, row.code, row.due) == ("deferred", 1, 451, T0 + 10)
+    assert row.response == "slow@example.org: busy"
+    assert row.recipients == (
+        "ok@example.org sent, bad@example.org failed, slow@example.org pending"
+    )
+    clock.advance(9)
+    assert await queue.claim("b", 5, lease=30) == []
+    clock.advance(1)
+    (later,) = await queue.claim("b", 5, lease=30)
+    assert [str(r) for r in later.envelope.recipients] == ["slow@example.org"]
+    assert later.positions == (2,)
+    assert later.attempts == 1
+    assert later.refused_before == ("bad@example.org", 550, "no such user")
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_keeps_its_reason_and_sent_keeps_its_record(open_queue: OpenQueue) -> None:
+    queue = await open_queue()
+    failing, sending = await queue.enqueue([envelope(1), envelope(2)])
+    one, two = await queue.claim("a", 5, lease=30)
+    refused = Outcome(
+        id=one.id,
+        fence=one.fence,
+        state="failed",
+        attempts=1,
+        code=554,
+        response="user1@example.org: 5.7.1 spam",
+        recipients=((0, "failed", 554, "5.7.1 spam"),),
+    )
+    assert await queue.record("a", refused) is True
+    assert await queue.record("a", sent(two)) is True
+    summary = await queue.summary()
+    assert {k: v for k, v in summary.counts.items() if v} == {"failed": 1, "sent": 1}
+    assert summary.waiting == 0
+    (row,) = await queue.unsent()
+    assert (row.id, row.message_id, row.state, row.code) == (failing, "<m1@test>", "failed", 554)
+    assert row.response == "user1@example.org: 5.7.1 spam"
+    assert row.recipients == "user1@example.org failed"
+    # Settled: neither comes back, and nothing is waiting.
+    assert await queue.claim("b", 5, lease=30) == []
+    assert await queue.next_due() is None
+    assert sending not in [r.id for r in await queue.unsent()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsent_lists_by_id_up_to_the_limit(open_queue: OpenQueue) -> None:
+    queue = await open_queue()
+    ids = await queue.enqueue([envelope(n) for n in range(5)])
+    assert [r.id for r in await queue.unsent(3)] == ids[:3]
+    assert [r.state for r in await queue.unsent()] == ["queued"] * 5
+
+
+# Next due -------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_next_due_says_how_long_a_worker_may_sleep(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    assert await queue.next_due() is None  # nothing waits
+    await queue.enqueue([envelope(1)])
+    assert await queue.next_due() == 0.0  # due now
+    (claimed,) = await queue.claim("a", 5, lease=30)
+    assert await queue.next_due() == 30.0  # the lease's end
+    clock.advance(10)
+    assert await queue.next_due() == 20.0
+    assert await queue.record("a", deferred(claimed, 60)) is True
+    assert await queue.next_due() == 60.0  # the retry
+    await queue.enqueue([envelope(2)])
+    assert await queue.next_due() == 0.0
+    (second,) = await queue.claim("a", 5, lease=100)
+    assert await queue.next_due() == 60.0  # the earlier of a retry and a lease
+    clock.advance(200)  # both overdue: still 0, never negative
+    assert await queue.next_due() == 0.0
+    summary = await queue.summary()
+    assert (summary.due, summary.expired) == (1, 1)
+    assert {c.id for c in await queue.claim("b", 5, lease=30)} == {claimed.id, second.id}
+
+
+# Closing --------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_is_idempotent_and_refuses_later_calls(open_queue: OpenQueue) -> None:
+    queue = await open_queue()
+    await queue.enqueue([envelope(1)])
+    await queue.close()
+    await queue.close()
+    calls = [
+        lambda: queue.enqueue([envelope(2)]),
+        lambda: queue.claim("a", 5, lease=30),
+        lambda: queue.renew("a", 30),
+        lambda: queue.next_due(),
+        lambda: queue.summary(),
+        lambda: queue.unsent(),
+    ]
+    for call in calls:
+        with pytest.raises(QueueError):
+            await call()

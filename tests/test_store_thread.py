@@ -1,0 +1,172 @@
+"""The SQLite store thread shared by the journal and the queue (``twistmail._sqlite``).
+
+Reactor shutdown closes a store left open, committing what was written, without removing the
+trigger that is firing; close waits for queued writes; a group commits whole or not at all.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from twistmail import _sqlite
+
+# Each script opens a store, writes without waiting and never closes it: the reactor's shutdown
+# trigger must commit and close it. "-W always" shows every DeprecationWarning, among them
+# Twisted's "Removing already-fired system event triggers" if a store removed its own trigger.
+_FORGETFUL = {
+    "journal": """
+        from twistmail.merge.journal import Journal
+
+        async def main(reactor):
+            store = await Journal.open(
+                sys.argv[1], csv_fingerprint="c", template_fingerprint="t", reactor=reactor
+            )
+            for row in range(1, 51):
+                store.record(row, email=f"r{row}@x.org", state="sent")
+        """,
+    "queue": r"""
+        from twistmail.message import envelope_from_bytes
+        from twistmail.queue import SqliteQueue
+
+        async def main(reactor):
+            store = await SqliteQueue.open(sys.argv[1], reactor=reactor)
+            message = envelope_from_bytes("a@x.org", ["b@x.org"], b"Subject: x\r\n\r\nx\r\n")
+            for n in range(50):
+                store.enqueue([message])
+        """,
+}
+
+_COUNT = {
+    "journal": "SELECT count(*) FROM rows WHERE state = 'sent'",
+    "queue": "SELECT count(*) FROM messages WHERE state = 'queued'",
+}
+
+
+@pytest.mark.parametrize("store", sorted(_FORGETFUL))
+def test_reactor_shutdown_closes_a_forgotten_store_without_a_warning(
+    store: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "store.db"
+    script = "import sys\nfrom twisted.internet import defer, task\n" + textwrap.dedent(
+        _FORGETFUL[store]
+    )
+    script += "\ntask.react(lambda reactor: defer.ensureDeferred(main(reactor)))\n"
+    done = subprocess.run(
+        [sys.executable, "-W", "always", "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "already-fired" not in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not Path(f"{path}-wal").exists(), "closed cleanly: SQLite removed the WAL"
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute(_COUNT[store]).fetchone() == (50,)
+    finally:
+        conn.close()
+
+
+# The base itself, with a store of one table -------------------------------------------------
+
+
+class ToyError(Exception):
+    pass
+
+
+def _open_toy(path: str) -> sqlite3.Connection:
+    conn = _sqlite.connect(path, busy_timeout=5)
+    conn.execute("CREATE TABLE IF NOT EXISTS t (value INTEGER NOT NULL CHECK (value >= 0))")
+    _sqlite.configure(conn, "FULL", ToyError)
+    return conn
+
+
+def _insert_all(conn: sqlite3.Connection, values: list[int]) -> list[int]:
+    with _sqlite.transaction(conn):
+        return [conn.execute("INSERT INTO t VALUES (?)", (v,)).lastrowid or 0 for v in values]
+
+
+def _count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM t").fetchone()[0])
+
+
+def toy_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "-toy " in t.name]
+
+
+async def open_toy(path: Path) -> _sqlite.SqliteThread[int]:
+    pool, conn = await _sqlite.SqliteThread.start(reactor, f"toy {path}", _open_toy, str(path))
+    return _sqlite.SqliteThread(str(path), conn, pool, reactor, commit=_insert_all, closed=ToyError)
+
+
+def values_in(path: Path) -> list[int]:
+    conn = sqlite3.connect(path)
+    try:
+        return [v for (v,) in conn.execute("SELECT value FROM t ORDER BY rowid")]
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_commits_queued_writes_then_refuses_work_and_stops_the_thread(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "toy.db"
+    store = await open_toy(path)
+    assert toy_threads()
+    assert await store.settings() == ("wal", 2)
+    writes = [store.submit(v) for v in range(5)]  # not waited for
+    closing = store.close()
+    assert store.closing
+    await closing
+    assert [await w for w in writes] == [1, 2, 3, 4, 5]
+    assert store.commits == 2  # the first alone, the four queued meanwhile together
+    assert values_in(path) == [0, 1, 2, 3, 4]
+    assert not toy_threads()
+    with pytest.raises(ToyError, match="write after close"):
+        await store.submit(9)
+    with pytest.raises(ToyError, match="read after close"):
+        await store.read(_count)
+    await store.close()  # idempotent, and fires at once now
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_write_fails_its_whole_group_and_commits_none_of_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "toy.db"
+    store = await open_toy(path)
+    try:
+        first = store.submit(1)
+        group = [store.submit(2), store.submit(-1), store.submit(3)]  # -1 breaks the CHECK
+        assert await first == 1
+        for write in group:
+            with pytest.raises(sqlite3.IntegrityError):
+                await write
+        assert await store.read(_count) == 1
+        assert await store.submit(4) == 2  # the store carries on
+    finally:
+        await store.close()
+    assert values_in(path) == [1, 4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_opening_stops_its_thread(tmp_path: Path) -> None:
+    def refuse(path: str) -> sqlite3.Connection:
+        raise ToyError(f"{path}: no")
+
+    with pytest.raises(ToyError, match="no"):
+        await _sqlite.SqliteThread.start(reactor, f"toy {tmp_path}", refuse, str(tmp_path))
+    assert not toy_threads()

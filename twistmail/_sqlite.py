@@ -1,0 +1,240 @@
+"""A SQLite database used from the reactor thread, with all its work on one thread of its own.
+
+Both SQLite stores (the campaign journal and the queue) are built on :class:`SqliteThread`: it
+owns the connection and its one-thread pool, runs each store's functions there in submission
+order, commits writes in groups (:class:`~twistmail.groupcommit.GroupCommit`: writes made while
+a commit runs all go into the next transaction, and at most one commit is in flight), closes on
+request or at reactor shutdown, and fails reads and writes once closing has begun. The stores
+keep only their SQL and their durability level (:func:`configure`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Generic, Literal, TypeVar
+
+from twisted.internet import defer, threads
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from .groupcommit import GroupCommit
+
+__all__ = [
+    "SqliteThread",
+    "Synchronous",
+    "configure",
+    "connect",
+    "default_reactor",
+    "read_settings",
+    "transaction",
+]
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+_T = TypeVar("_T")
+_Item = TypeVar("_Item")
+
+
+def default_reactor() -> Any:
+    """The global reactor (imported late, so importing twistmail installs none)."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
+# Functions that run on a store's thread. -----------------------------------------------------
+
+
+def connect(path: str, *, busy_timeout: float) -> sqlite3.Connection:
+    """A connection that leaves transactions to us and waits ``busy_timeout`` s for locks."""
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves, so one group is one transaction.
+    # check_same_thread=False: opened on the store's thread, closed there too, but the pool's
+    # thread objects are not promised to be the same one across a ThreadPool's life.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def configure(
+    conn: sqlite3.Connection,
+    synchronous: Synchronous,
+    fail: Callable[[str], Exception],
+) -> None:
+    """Switch ``conn``'s file to WAL mode and set its ``synchronous`` level.
+
+    WAL: a commit is one sequential append to the ``-wal`` file, and readers never block the
+    writer. ``NORMAL`` writes each commit to the WAL before it returns (it survives the process
+    being killed); ``FULL`` also fsyncs it (it survives a power loss). ``fail(text)`` makes the
+    store's own error when WAL is not available.
+    """
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise fail(f"SQLite could not use WAL mode here (got {mode!r})")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction (``BEGIN IMMEDIATE``), rolled back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def read_settings(conn: sqlite3.Connection) -> tuple[str, int]:
+    """``(journal_mode, synchronous)`` of ``conn`` (synchronous: 1 is NORMAL, 2 is FULL)."""
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    synchronous = conn.execute("PRAGMA synchronous").fetchone()[0]
+    return str(mode), int(synchronous)
+
+
+# The reactor-side object. ---------------------------------------------------------------------
+
+
+class SqliteThread(Generic[_Item]):
+    """One open SQLite connection and the single thread all its work runs on.
+
+    Writes are items of the store's own kind, committed in groups by ``commit(conn, items)``
+    (which returns one result per item, or raises to fail the whole group). ``closed(text)``
+    makes the store's error for work asked of it once :meth:`close` was called.
+    ``after_close`` runs on the thread once the connection is closed (e.g. to drop a lock).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        conn: sqlite3.Connection,
+        pool: ThreadPool,
+        reactor: Any,
+        *,
+        commit: Callable[[sqlite3.Connection, list[_Item]], list[Any]],
+        closed: Callable[[str], Exception],
+        after_close: Callable[[], None] | None = None,
+    ) -> None:
+        """Use :meth:`start` to get a running ``pool`` and the connection opened on it."""
+        self.path = path
+        self._conn = conn
+        self._pool = pool
+        self._reactor = reactor
+        self._closed_error = closed
+        self._after_close = after_close
+        self._group: GroupCommit[_Item] = GroupCommit(
+            lambda items: self._in_thread(commit, self._conn, items)
+        )
+        self._closing: list[defer.Deferred[None]] | None = None  # None until close()
+        self._closed = False
+        self._close_failure: Failure | None = None
+        self._trigger: Any = reactor.addSystemEventTrigger(
+            "before", "shutdown", self._close_at_shutdown
+        )
+
+    @staticmethod
+    def start(
+        reactor: Any, name: str, opening: Callable[..., _T], *args: Any
+    ) -> defer.Deferred[tuple[ThreadPool, _T]]:
+        """Start a one-thread pool called ``name`` and run ``opening(*args)`` on it.
+
+        Fires with the running pool and what ``opening`` returned (typically the connection);
+        if ``opening`` fails, the pool is stopped and the Deferred fails likewise.
+        """
+        pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+        pool.start()
+        d = threads.deferToThreadPool(reactor, pool, opening, *args)
+
+        def failed(failure: Failure) -> Failure:
+            pool.stop()
+            return failure
+
+        return d.addCallbacks(lambda result: (pool, result), failed)
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` has been called (or the reactor began shutting down)."""
+        return self._closing is not None
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (one per group)."""
+        return self._group.commits
+
+    def submit(self, item: _Item) -> defer.Deferred[Any]:
+        """Queue ``item`` for the next group commit; fires with its result once committed."""
+        if self._closing is not None:
+            return defer.fail(self._closed_error(f"{self.path}: write after close()"))
+        return self._group.submit(item)
+
+    def read(self, function: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        """Run ``function(conn, *args)`` on the thread; it sees every commit made before it."""
+        if self._closing is not None:
+            return defer.fail(self._closed_error(f"{self.path}: read after close()"))
+        return self._in_thread(function, self._conn, *args)
+
+    def run(self, function: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        """Like :meth:`read`, for the store's own multi-step work (checks nothing)."""
+        return self._in_thread(function, self._conn, *args)
+
+    def settings(self) -> defer.Deferred[tuple[str, int]]:
+        """``(journal_mode, synchronous)`` of this connection (1 is NORMAL, 2 is FULL)."""
+        return self.read(read_settings)
+
+    def close(self) -> defer.Deferred[None]:
+        """Commit what is queued, close the connection and stop the thread; idempotent.
+
+        Every call returns a Deferred firing once closed (or failing as closing failed).
+        """
+        if self._closing is None:
+            self._closing = []
+            if self._trigger is not None:
+                self._reactor.removeSystemEventTrigger(self._trigger)
+                self._trigger = None
+
+            def close_connection(_: None) -> defer.Deferred[None]:
+                return self._in_thread(self._close_connection)
+
+            def stop_pool(result: Failure | None) -> None:
+                # The only thread is idle now, so stopping (joining) it takes no time.
+                self._pool.stop()
+                self._closed = True
+                self._close_failure = result
+                waiters, self._closing = self._closing or [], []
+                for waiter in waiters:
+                    self._fire_closed(waiter)
+
+            self._group.idle().addCallback(close_connection).addBoth(stop_pool)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        if self._closed:
+            self._fire_closed(waiter)
+        else:
+            self._closing.append(waiter)
+        return waiter
+
+    def _close_connection(self) -> None:
+        try:
+            self._conn.close()
+        finally:
+            if self._after_close is not None:
+                self._after_close()
+
+    def _close_at_shutdown(self) -> defer.Deferred[None]:
+        # This trigger is firing: removing it now would make Twisted warn (and later raise).
+        self._trigger = None
+        return self.close()
+
+    def _fire_closed(self, waiter: defer.Deferred[None]) -> None:
+        if self._close_failure is None:
+            waiter.callback(None)
+        else:
+            waiter.errback(self._close_failure)
+
+    def _in_thread(self, function: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        return threads.deferToThreadPool(self._reactor, self._pool, function, *args)

@@ -1,0 +1,249 @@
+"""The queue in memory: the :class:`~twistmail.interfaces.IQueue` contract with no file.
+
+For tests of code that enqueues or works a queue (re-exported as
+:class:`twistmail.testing.MemoryQueue`). Every Deferred has fired by the time the method
+returns; nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from ..interfaces import IQueue
+from ..message import Envelope
+from .records import (
+    MESSAGE_STATES,
+    ClaimedMessage,
+    MessageState,
+    Outcome,
+    QueueError,
+    QueueRow,
+    QueueSummary,
+    RecipientState,
+)
+
+__all__ = ["MemoryQueue"]
+
+
+@dataclass
+class _Recipient:
+    address: str
+    state: RecipientState = "pending"
+    code: int | None = None
+    response: str = ""
+
+
+@dataclass
+class _Message:
+    envelope: Envelope
+    recipients: list[_Recipient]
+    due: float
+    state: MessageState = "queued"
+    attempts: int = 0
+    owner: str | None = None
+    lease_until: float | None = None
+    fence: int = 0
+    code: int | None = None
+    response: str = ""
+
+    @property
+    def waiting_until(self) -> float | None:
+        """When it can be claimed: its due time, its lease's end, or None once settled."""
+        if self.state in ("queued", "deferred"):
+            return self.due
+        if self.state == "sending":
+            return self.lease_until
+        return None
+
+
+@implementer(IQueue)
+class MemoryQueue:
+    """A queue held in memory, with the same contract and clock injection as the SQLite one.
+
+    ``clock()`` gives the store's now in seconds (pass ``task.Clock().seconds`` to drive
+    leases and due times from a test).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._messages: dict[int, _Message] = {}
+        self._next_id = 1
+        self._closed = False
+
+    def enqueue(self, envelopes: Sequence[Envelope]) -> defer.Deferred[list[int]]:
+        """Store ``envelopes`` as ``queued``, due now; fires with their ids."""
+        if self._closed:
+            return self._closed_error()
+        now = self._clock()
+        ids = []
+        for envelope in envelopes:
+            recipients = [_Recipient(str(address)) for address in envelope.recipients]
+            self._messages[self._next_id] = _Message(envelope, recipients, due=now)
+            ids.append(self._next_id)
+            self._next_id += 1
+        return defer.succeed(ids)
+
+    def claim(
+        self, owner: str, limit: int, *, lease: float
+    ) -> defer.Deferred[list[ClaimedMessage]]:
+        """Take up to ``limit`` due messages for ``owner`` for ``lease`` seconds (see IQueue)."""
+        if self._closed:
+            return self._closed_error()
+        now = self._clock()
+        ready = [
+            (message.due, id_)
+            for id_, message in self._messages.items()
+            if (at := message.waiting_until) is not None and at <= now
+        ]
+        claimed = []
+        for _, id_ in sorted(ready)[: max(0, limit)]:
+            message = self._messages[id_]
+            message.state = "sending"
+            message.owner = owner
+            message.lease_until = now + lease
+            message.fence += 1
+            claimed.append(self._claimed(id_, message))
+        claimed.sort(key=lambda c: c.id)
+        return defer.succeed(claimed)
+
+    def record(self, owner: str, outcome: Outcome) -> defer.Deferred[bool]:
+        """Write an attempt's outcome unless ``owner`` lost the claim; False if it did."""
+        if self._closed:
+            return self._closed_error()
+        message = self._held(owner, outcome.id, outcome.fence)
+        if message is None:
+            return defer.succeed(False)
+        now = self._clock()
+        message.state = outcome.state
+        message.attempts = outcome.attempts
+        message.due = now + outcome.retry_in if outcome.state == "deferred" else now
+        message.code = outcome.code
+        message.response = outcome.response
+        message.owner = message.lease_until = None
+        for position, state, code, response in outcome.recipients:
+            recipient = message.recipients[position]
+            recipient.state, recipient.code, recipient.response = state, code, response
+        return defer.succeed(True)
+
+    def release(self, owner: str, claimed: Sequence[ClaimedMessage]) -> defer.Deferred[int]:
+        """Give back claims not attempted (no attempt counted); fires with how many."""
+        if self._closed:
+            return self._closed_error()
+        released = 0
+        for claim in claimed:
+            message = self._held(owner, claim.id, claim.fence)
+            if message is not None:
+                message.state = "queued" if message.attempts == 0 else "deferred"
+                message.owner = message.lease_until = None
+                released += 1
+        return defer.succeed(released)
+
+    def renew(self, owner: str, lease: float) -> defer.Deferred[int]:
+        """Extend every lease ``owner`` holds to ``lease`` seconds from now; fires with how many."""
+        if self._closed:
+            return self._closed_error()
+        now = self._clock()
+        renewed = 0
+        for message in self._messages.values():
+            if message.state == "sending" and message.owner == owner:
+                message.lease_until = now + lease
+                renewed += 1
+        return defer.succeed(renewed)
+
+    def next_due(self) -> defer.Deferred[float | None]:
+        """Seconds until the earliest waiting message is due: 0.0 if now, None if none waits."""
+        if self._closed:
+            return self._closed_error()
+        times = [at for m in self._messages.values() if (at := m.waiting_until) is not None]
+        if not times:
+            return defer.succeed(None)
+        return defer.succeed(max(0.0, min(times) - self._clock()))
+
+    def summary(self) -> defer.Deferred[QueueSummary]:
+        """Counts by state, and how many messages are due, held or with an expired lease."""
+        if self._closed:
+            return self._closed_error()
+        now = self._clock()
+        counts = dict.fromkeys(MESSAGE_STATES, 0)
+        due = expired = 0
+        for message in self._messages.values():
+            counts[message.state] += 1
+            at = message.waiting_until
+            if at is not None and at <= now:
+                if message.state == "sending":
+                    expired += 1
+                else:
+                    due += 1
+        return defer.succeed(QueueSummary(counts, due, counts["sending"] - expired, expired))
+
+    def unsent(self, limit: int = 20) -> defer.Deferred[list[QueueRow]]:
+        """The first ``limit`` messages not sent, with their recipients' states."""
+        if self._closed:
+            return self._closed_error()
+        rows = [
+            QueueRow(
+                id_,
+                m.envelope.message_id,
+                m.state,
+                m.attempts,
+                m.due,
+                m.code,
+                m.response,
+                ", ".join(f"{r.address} {r.state}" for r in m.recipients),
+            )
+            for id_, m in sorted(self._messages.items())
+            if m.state != "sent"
+        ]
+        return defer.succeed(rows[: max(0, limit)])
+
+    def close(self) -> defer.Deferred[None]:
+        """Refuse every later call; idempotent."""
+        self._closed = True
+        return defer.succeed(None)
+
+    def _held(self, owner: str, id_: int, fence: int) -> _Message | None:
+        message = self._messages.get(id_)
+        if message is None or message.state != "sending":
+            return None
+        if message.owner != owner or message.fence != fence:
+            return None
+        return message
+
+    def _claimed(self, id_: int, message: _Message) -> ClaimedMessage:
+        env = message.envelope
+        pending = [
+            (position, address)
+            for position, (address, recipient) in enumerate(
+                zip(env.recipients, message.recipients, strict=True)
+            )
+            if recipient.state == "pending"
+        ]
+        refused = next(
+            ((r.address, r.code, r.response) for r in message.recipients if r.state == "failed"),
+            None,
+        )
+        return ClaimedMessage(
+            id=id_,
+            fence=message.fence,
+            envelope=Envelope(
+                sender=env.sender,
+                recipients=tuple(address for _, address in pending),
+                payload=env.payload,
+                size=env.size,
+                eight_bit=env.eight_bit,
+                smtputf8=env.smtputf8,
+                message_id=env.message_id,
+            ),
+            positions=tuple(position for position, _ in pending),
+            attempts=message.attempts,
+            refused_before=refused,
+        )
+
+    def _closed_error(self) -> defer.Deferred[Any]:
+        return defer.fail(QueueError("the memory queue is closed"))
