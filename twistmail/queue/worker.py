@@ -153,7 +153,7 @@ class Drain:
         self._on_outcome = on_outcome
         self._reactor = reactor
         self._buffer: deque[_ClaimJob] = deque()
-        self._claiming: defer.Deferred[None] | None = None
+        self._claiming: defer.Deferred[Any] | None = None
         self._exhausted = False
         self._attempted: set[int] = set()  # ids attempted in this pass
         self._waiting_at_start = 0  # claimable messages when the pass began: its bound
