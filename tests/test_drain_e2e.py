@@ -343,3 +343,39 @@ async def test_starttls_with_a_ca_file_and_refusal_without_it(
     code, output = await drain("--spool", str(path), "--smtp", url, "--ca-file", str(ca_file))
     assert code == 0, output
     assert len(server.received) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_mid_run_then_rerun_after_the_lease_duplicates_at_most_concurrency(
+    capture_server: Callable[..., CaptureServer], tmp_path: Path
+) -> None:
+    server = capture_server()
+    n, concurrency = 3000, 5
+    path = tmp_path / "spool.db"
+    await enqueue(path, (triple(i) for i in range(n)))
+    args = ("--spool", str(path), "--smtp", f"smtp://127.0.0.1:{server.port}")
+    args += ("--concurrency", str(concurrency), "--lease", "1")
+    killed = start_drain(*args)
+    try:
+        deadline = time.monotonic() + 120
+        while len(server.messages) < n // 3 and killed.poll() is None:
+            assert time.monotonic() < deadline, "the drain made no progress"
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert killed.poll() is None, "finished before it could be killed"
+        killed.kill()  # SIGKILL: no chance to record or give anything back
+    finally:
+        code, _ = await finish(killed)
+    assert code == -signal.SIGKILL
+    assert len(server.messages) < n
+    # Its claims stay "sending" until the one-second lease runs out; then a new drain takes
+    # them over (the lease is read from the file, so this waits for real time).
+    (lease_until,) = query(path, "SELECT max(lease_until) FROM messages WHERE state = 'sending'")[0]
+    if lease_until is not None:
+        await task.deferLater(reactor, max(0.0, lease_until - time.time()) + 0.1, lambda: None)
+    code, output = await drain(*args)
+    assert code == 0, output
+    delivered = collections.Counter(tuple(m.recipients) for m in server.messages)
+    assert set(delivered) == {(f"user{i}@example.org".encode(),) for i in range(n)}  # none lost
+    duplicates = sum(count - 1 for count in delivered.values())
+    assert duplicates <= concurrency
+    assert states(path) == {"sent": n}
