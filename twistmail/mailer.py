@@ -367,8 +367,13 @@ class Attempt:
         gate = self._gate
         if gate is not None:
             gate.cancel()
-        elif self._proto is not None and self._txn is not None:
-            self._proto.cancel(self._txn)
+            return
+        txn = self._txn
+        if self._proto is not None and txn is not None:
+            self._proto.cancel(txn)
+            if not txn.started and not txn.settled:
+                # Taken off the connection's queue before its turn: it ends here, untried.
+                self._end(None, untried("the attempt was cancelled before it reached the server"))
 
     def _submit(self, proto: MailerProtocol) -> None:
         self._gate = None
