@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from twistmail.errors import TwistmailError
+from twistmail.errors import CsvError
 
 __all__ = [
     "DEFAULT_CELL_LIMIT",
@@ -46,10 +46,6 @@ _MIN_RECORD_HARD_LIMIT = 1024 * 1024
 _CR_LINES = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|$)")
 _HASH_CHUNK = 1024 * 1024
 _QUOTED = re.compile(r'"[^"]*"?')
-
-
-class CsvError(TwistmailError, ValueError):
-    """A recipients CSV that cannot be read: bad encoding, bad header, or broken quoting."""
 
 
 @dataclass(frozen=True, slots=True)
