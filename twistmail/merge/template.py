@@ -3,14 +3,23 @@
 A template file is UTF-8 text: header lines (``Name: value``; a line starting with a space or a
 tab continues the previous header), one blank line, then the body. Every header value and the
 body are Jinja2 templates (``StrictUndefined``, no autoescaping) whose variables are the CSV
-row's columns. Each header value and the body are compiled separately, so a Jinja2 block cannot
-span several headers, and a value that renders empty leaves its header out (``Cc: {{ cc }}``
-with an empty ``cc`` cell sends no Cc).
+row's columns. A column whose name is not an identifier (``First Name``) is reachable as
+``row["First Name"]`` and by its identifier form: lower case, each run of other characters
+turned into ``_`` (``first_name``, ``e_mail_address``, ``company_legal``); ``row`` maps every
+column name to its cell (unless a column is itself named ``row``). Each header value and the
+body are compiled separately, so a Jinja2 block cannot span several headers, and a value that
+renders empty leaves its header out (``Cc: {{ cc }}`` with an empty ``cc`` cell sends no Cc).
 
 Every rendered header value is checked before the message is built: a line break (CR, LF or
 any other) or NUL in it is a :class:`RowError` naming the header, so CSV cells cannot inject
 headers. Address headers (From, Sender, Reply-To, To, Cc, Bcc) are parsed and validated. Bcc stays
 on the message; :func:`twistmail.message.envelope_from_message` sends to it and strips it.
+A display name from a cell goes through the ``mailbox`` filter (``To: {{ name|mailbox(email) }}``
+gives ``"Doe, Jane" <jane@example.org>``) or ``display_name`` (the quoted name alone), which
+quote and escape whatever the cell holds. A NUL in the body is a :class:`RowError` too.
+
+Cells are HTML-escaped wherever they become HTML: in a ``text/html`` body, and in the HTML part
+made from a Markdown body (its ``text/plain`` part keeps them as they are); ``|safe`` opts out.
 
 Pseudo-headers, never sent as written:
 
@@ -35,6 +44,8 @@ Content-Transfer-Encoding follow from the body. None of them may appear in a tem
 
 from __future__ import annotations
 
+import difflib
+import keyword
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -51,7 +62,7 @@ import jinja2.meta
 import jinja2.nodes
 import markdown  # type: ignore[import-untyped]
 
-from twistmail.address import Address, check_header_value
+from twistmail.address import Address, check_header_value, format_display_name, format_mailbox
 from twistmail.errors import HeaderInjectionError, RowError, TemplateError
 
 from .attachments import AttachmentFiles
@@ -89,6 +100,11 @@ _RESERVED_HEADERS = {
 _HEADER_LINE = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)")
 _JINJA_MARKUP = re.compile(r"\{[{%#]")
 _UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
+_NOT_IDENTIFIER = re.compile(r"\W+")
+# Names Jinja2 reads as something else, never offered as a column's identifier form.
+_JINJA_WORDS = frozenset({"and", "or", "not", "in", "is", "if", "else", "true", "false", "none"})
+# The header line length beyond which the email package refolds a value (policy.SMTP).
+_FOLD_AT = 78
 # Between the parts of a row rendered at once (see MessageTemplate.render_row).
 _SEPARATOR = "\x00"
 # What a value from a CSV cell may break when rendered: template code may do anything a
@@ -135,6 +151,9 @@ class MessageTemplate:
             autoescape=False,  # noqa: S701
             keep_trailing_newline=True,
         )
+        self._env.filters["display_name"] = format_display_name
+        self._env.filters["mailbox"] = format_mailbox
+        self._aliases: tuple[tuple[str, str], ...] | None = None  # set by check_columns
         source = source.replace("\r\n", "\n").replace("\r", "\n")
         # The whole text first, so a syntax error is reported at its line in the file.
         self._parse(source, 1)
@@ -148,9 +167,15 @@ class MessageTemplate:
         body_source = "\n".join(lines[blank + 1 :])
         body_ast = self._parse(body_source, body_line)
         self._parts.append(_Part(body_line, body_ast))
-        # An HTML body escapes CSV cells ("<", "&"), so a cell cannot inject markup.
-        body_env = self._env.overlay(autoescape=True) if self.kind == "html" else self._env
-        self._body = body_env.from_string(body_ast)
+        # An HTML body escapes CSV cells ("<", "&"), so a cell cannot inject markup; so does the
+        # HTML made from a Markdown body, rendered a second time for it.
+        html_env = self._env.overlay(autoescape=True)
+        self._body = self._compile(
+            html_env if self.kind == "html" else self._env, body_ast, body_line
+        )
+        self._html_body = (
+            self._compile(html_env, body_ast, body_line) if self.kind == "markdown" else None
+        )
         self._joined, self._joined_body = self._join(body_source)
         self.variables: frozenset[str] = frozenset(
             name
@@ -189,16 +214,51 @@ class MessageTemplate:
         return tuple(header.name for header in self._headers)
 
     def check_columns(self, columns: Iterable[str]) -> None:
-        """Raise :class:`TemplateError` naming each variable no column of ``columns`` provides."""
-        missing = sorted(self.variables - set(columns))
-        if not missing:
+        """Check that ``columns`` provide every variable, and render rows with these columns.
+
+        Raises :class:`TemplateError` naming each variable (and each ``row["..."]``) no column
+        provides, with the closest column and the list of columns.
+        """
+        columns = tuple(columns)
+        self._aliases = column_aliases(columns)
+        provided = {*columns, *(alias for alias, _ in self._aliases), "row"}
+        missing = sorted(self.variables - provided)
+        keys = sorted(self._row_keys(columns) - set(columns))
+        if not missing and not keys:
             return
-        described = ", ".join(
-            f"{name!r} (line {line})" if (line := self._first_use(name)) else repr(name)
+        aliases = dict(self._aliases)
+        problems = [
+            f"{name!r}{self._where(name)}{_closest(name, sorted(provided - {'row'}), aliases)}"
             for name in missing
+        ]
+        problems += [f"row[{key!r}]{_closest(key, list(columns), {})}" for key in keys]
+        plural = "s" if len(problems) > 1 else ""
+        listed = ", ".join(
+            f"{column!r} ({alias})" if (alias := _alias_of(column, self._aliases)) else repr(column)
+            for column in columns
         )
-        plural = "s" if len(missing) > 1 else ""
-        raise TemplateError(f"{self.name}: no CSV column for template variable{plural} {described}")
+        raise TemplateError(
+            f"{self.name}: no CSV column for template variable{plural} {'; '.join(problems)}. "
+            f"The columns are: {listed}"
+        )
+
+    def _where(self, name: str) -> str:
+        line = self._first_use(name)
+        return f" (line {line})" if line else ""
+
+    def _row_keys(self, columns: tuple[str, ...]) -> set[str]:
+        """The constant keys the template looks up in ``row`` (``row["First Name"]``)."""
+        if "row" in columns:
+            return set()
+        return {
+            node.arg.value
+            for part in self._parts
+            for node in part.ast.find_all(jinja2.nodes.Getitem)
+            if isinstance(node.node, jinja2.nodes.Name)
+            and node.node.name == "row"
+            and isinstance(node.arg, jinja2.nodes.Const)
+            and isinstance(node.arg.value, str)
+        }
 
     def render(
         self,
@@ -249,10 +309,13 @@ class MessageTemplate:
             # The email package's header parser raises AttributeError on some phrases (". <a@b>").
             except (ValueError, TypeError, IndexError, AttributeError) as exc:
                 raise RowError(name, f"invalid header value {value!r}: {exc}") from None
+            if len(name) + 2 + len(value) > _FOLD_AT and '"' in value:
+                _check_folding(msg, name)
         msg["Date"] = date if date is not None else datetime.now(UTC)
         msg["Message-ID"] = message_id
         if self._markdown is not None:
-            html = self._markdown.reset().convert(body)
+            assert self._html_body is not None
+            html = self._markdown.reset().convert(self._render(self._html_body, values, None))
             msg.set_content(body)
             msg.add_alternative(html, subtype="html")
         else:
@@ -272,9 +335,16 @@ class MessageTemplate:
         return bool(self._attachments)
 
     def context(self, values: Mapping[str, str]) -> dict[str, object]:
-        """What a row's templates see: Jinja2's globals and the row's cells (cells win)."""
+        """What a row's templates see: Jinja2's globals, ``row`` and the row's cells by column
+        name and identifier form (cells win)."""
         context: dict[str, object] = dict(self._env.globals)
+        context["row"] = values
         context.update(values)
+        aliases = self._aliases
+        if aliases is None:  # rendering without check_columns: the row's own names
+            aliases = column_aliases(tuple(values))
+        for alias, column in aliases:
+            context[alias] = values[column]
         return context
 
     def render_row(
@@ -326,9 +396,12 @@ class MessageTemplate:
     def render_body(self, context: dict[str, object]) -> str:
         """The body text for a row (``context`` from :meth:`context`).
 
-        Raises :class:`RowError` when a variable is undefined.
+        Raises :class:`RowError` when a variable is undefined or a cell puts a NUL in the body.
         """
-        return self._render(self._body, context, None)
+        body = self._render(self._body, context, None)
+        if "\x00" in body:
+            raise RowError("body", _nul_reason(context))
+        return body
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -415,11 +488,27 @@ class MessageTemplate:
             return CompiledHeader(name, key, number, value, None, addresses, parsed, wire)
         ast = self._parse(value, number)
         self._parts.append(_Part(number, ast))
-        try:
-            template = self._env.from_string(ast)
-        except jinja2.TemplateSyntaxError as exc:  # pragma: no cover - parse() caught it
-            raise self._fail(number, exc.message or str(exc)) from None
+        template = self._compile(self._env, ast, number)
         return CompiledHeader(name, key, number, None, template, None, None, None, value)
+
+    def _compile(
+        self, env: jinja2.Environment, ast: jinja2.nodes.Template, first_line: int
+    ) -> jinja2.Template:
+        """``ast`` compiled; an unknown filter or test is a TemplateError naming its line."""
+        # Jinja2 leaves the check of those inside a condition to rendering: every row would fail.
+        for node in ast.find_all((jinja2.nodes.Filter, jinja2.nodes.Test)):
+            what, known = (
+                ("filter", env.filters)
+                if isinstance(node, jinja2.nodes.Filter)
+                else ("test", env.tests)
+            )
+            if node.name not in known:
+                raise self._fail(first_line + node.lineno - 1, f"No {what} named {node.name!r}.")
+        try:
+            return env.from_string(ast)
+        except jinja2.TemplateSyntaxError as exc:  # TemplateAssertionError among them
+            line = first_line + (exc.lineno or 1) - 1
+            raise self._fail(line, exc.message or str(exc)) from None
 
     def _join(self, body_source: str) -> tuple[jinja2.Template | None, bool]:
         """The template for :meth:`render_row`, and whether it includes the body.
@@ -473,3 +562,73 @@ class MessageTemplate:
         value = self._render(header.template, values, header.name)
         check_value(header.name, value)  # before stripping: a trailing line break is refused too
         return value.strip()
+
+
+def column_aliases(columns: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """``(identifier form, column)`` for each column reachable under another name.
+
+    The identifier form is the column's name in lower case with each run of characters that
+    cannot be in a name turned into ``_`` (``E-mail Address`` -> ``e_mail_address``). A form
+    equal to a column's own name, shared by two columns, or not a usable name is left out.
+    """
+    names = set(columns)
+    forms: dict[str, list[str]] = {}
+    for column in columns:
+        form = column_identifier(column)
+        if form is not None and form not in names:
+            forms.setdefault(form, []).append(column)
+    return tuple((form, found[0]) for form, found in forms.items() if len(found) == 1)
+
+
+def column_identifier(column: str) -> str | None:
+    """The identifier form of a column name (see :func:`column_aliases`), or None."""
+    form = _NOT_IDENTIFIER.sub("_", column.strip().lower()).strip("_")
+    if form[:1].isdigit():
+        form = "_" + form
+    if not form.isidentifier() or keyword.iskeyword(form) or form in _JINJA_WORDS:
+        return None
+    return form
+
+
+def _alias_of(column: str, aliases: tuple[tuple[str, str], ...]) -> str | None:
+    return next((alias for alias, named in aliases if named == column), None)
+
+
+def _closest(name: str, candidates: list[str], aliases: dict[str, str]) -> str:
+    """``; did you mean ...?`` for the candidate most like ``name``, or nothing."""
+    by_fold = {candidate.casefold(): candidate for candidate in candidates}
+    found = difflib.get_close_matches(name.casefold(), list(by_fold), n=1, cutoff=0.6)
+    if not found:
+        return ""
+    match = by_fold[found[0]]
+    column = f" (column {aliases[match]!r})" if match in aliases else ""
+    return f", did you mean {match!r}{column}?"
+
+
+def _nul_reason(context: Mapping[str, object]) -> str:
+    """Why a body holding NUL is refused, naming the columns that put it there."""
+    columns = sorted(
+        name
+        for name, value in context.items()
+        if isinstance(value, str) and "\x00" in value and name != "row"
+    )
+    where = f"the cell in column {columns[0]!r}" if columns else "the rendered body"
+    return f"{where} contains a NUL byte, refused"
+
+
+def _check_folding(msg: EmailMessage, name: str) -> None:
+    """Refuse a long address header the email package would fold wrongly.
+
+    On Python 3.11 folding a quoted display name longer than a line drops its quotes
+    (``"Doe, Jane ..."`` becomes two mailboxes): the folded header must read back as the same
+    addresses.
+    """
+    header = msg[name]
+    unfolded = header.fold(policy=POLICY).split(":", 1)[1].replace("\r\n", "").strip()
+    again = POLICY.header_factory(name, unfolded)
+    before = [a.addr_spec for a in getattr(header, "addresses", ())]
+    after = [a.addr_spec for a in getattr(again, "addresses", ())]
+    if before != after:
+        raise RowError(
+            name, "a display name this long cannot be folded safely; shorten it (quoted text)"
+        )
