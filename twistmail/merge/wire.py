@@ -82,9 +82,10 @@ def render_direct(
         elif len(header.name) + 2 + len(value) > _MAX_LINE or not value.isascii():
             return None
         elif key in ADDRESS_HEADERS:
-            # Written back unchanged by the email package only in this plainest form; an invalid
-            # address steps aside too: the full path reports it, naming the field.
-            addresses = parse_plain_address_list(value)
+            # Written back unchanged by the email package only in this plainest form, without an
+            # encoded-word lookalike (which it decodes); an invalid address steps aside too: the
+            # full path reports it, naming the field.
+            addresses = None if "=?" in value else parse_plain_address_list(value)
             if addresses is None:
                 return None
             line = f"{header.name}: {value}\r\n".encode("ascii")
