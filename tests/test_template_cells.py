@@ -251,3 +251,11 @@ def test_mailbox_key_ignores_case_display_name_and_idna_form() -> None:
     assert mailbox_key("ann@example.org") != mailbox_key("ann2@example.org")
     with pytest.raises(AddressError):
         mailbox_key("not an address")
+
+
+def test_reports_find_the_address_in_a_spreadsheet_column() -> None:
+    from twistmail.merge.prepare import guess_email
+
+    row = Row(1, {"First Name": "Ann", "E-mail Address": "ann@example.org"})
+    assert guess_email(row) == "ann@example.org"
+    assert guess_email(Row(2, {"Name": "Ann", "Mail notes": "none"})) == ""

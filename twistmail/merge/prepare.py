@@ -187,8 +187,16 @@ def _from_domain(value: str) -> str:
 
 def guess_email(row: Row) -> str:
     """The row's recipient address as far as the CSV alone tells, for reports."""
-    for key in ("email", "Email", "EMAIL", "to", "To", "address", "mail"):
-        value = row.values.get(key)
+    values = row.values
+    for key in _EMAIL_COLUMNS:
+        value = values.get(key)
         if value:
             return value[:200]
+    # A spreadsheet's "E-mail Address" or "Work email": the first such column with an "@".
+    for key, value in values.items():
+        if "@" in value and "mail" in key.lower():
+            return value[:200]
     return ""
+
+
+_EMAIL_COLUMNS = ("email", "Email", "EMAIL", "to", "To", "address", "mail")
