@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from email import policy
 from email.headerregistry import BaseHeader, HeaderRegistry
+from email.message import EmailMessage
 
 import jinja2
 
@@ -21,6 +22,7 @@ __all__ = [
     "POLICY",
     "RECIPIENT_HEADERS",
     "CompiledHeader",
+    "check_folding",
     "check_value",
     "is_clean",
     "parse_addresses",
@@ -91,3 +93,21 @@ def parse_addresses(name: str, value: str) -> list[Address]:
         return parse_address_list(value, field=name)
     except AddressError as exc:
         raise RowError(exc.field or name, str(exc)) from None
+
+
+def check_folding(msg: EmailMessage, name: str) -> None:
+    """Refuse a long address header the email package would fold wrongly.
+
+    On Python 3.11 folding a quoted display name longer than a line drops its quotes
+    (``"Doe, Jane ..."`` becomes two mailboxes): the folded header must read back as the same
+    addresses.
+    """
+    header = msg[name]
+    unfolded = header.fold(policy=POLICY).split(":", 1)[1].replace("\r\n", "").strip()
+    again = POLICY.header_factory(name, unfolded)
+    before = [a.addr_spec for a in getattr(header, "addresses", ())]
+    after = [a.addr_spec for a in getattr(again, "addresses", ())]
+    if before != after:
+        raise RowError(
+            name, "a display name this long cannot be folded safely; shorten it (quoted text)"
+        )

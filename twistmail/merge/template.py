@@ -44,8 +44,6 @@ Content-Transfer-Encoding follow from the body. None of them may appear in a tem
 
 from __future__ import annotations
 
-import difflib
-import keyword
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -66,11 +64,13 @@ from twistmail.address import Address, check_header_value, format_display_name, 
 from twistmail.errors import HeaderInjectionError, RowError, TemplateError
 
 from .attachments import AttachmentFiles
+from .columns import column_aliases, unknown_columns_error
 from .headers import (
     ADDRESS_HEADERS,
     POLICY,
     RECIPIENT_HEADERS,
     CompiledHeader,
+    check_folding,
     check_value,
     is_clean,
     parse_addresses,
@@ -100,9 +100,6 @@ _RESERVED_HEADERS = {
 _HEADER_LINE = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)")
 _JINJA_MARKUP = re.compile(r"\{[{%#]")
 _UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
-_NOT_IDENTIFIER = re.compile(r"\W+")
-# Names Jinja2 reads as something else, never offered as a column's identifier form.
-_JINJA_WORDS = frozenset({"and", "or", "not", "in", "is", "if", "else", "true", "false", "none"})
 # The header line length beyond which the email package refolds a value (policy.SMTP).
 _FOLD_AT = 78
 # Between the parts of a row rendered at once (see MessageTemplate.render_row).
@@ -224,27 +221,14 @@ class MessageTemplate:
         provided = {*columns, *(alias for alias, _ in self._aliases), "row"}
         missing = sorted(self.variables - provided)
         keys = sorted(self._row_keys(columns) - set(columns))
-        if not missing and not keys:
-            return
-        aliases = dict(self._aliases)
-        problems = [
-            f"{name!r}{self._where(name)}{_closest(name, sorted(provided - {'row'}), aliases)}"
-            for name in missing
-        ]
-        problems += [f"row[{key!r}]{_closest(key, list(columns), {})}" for key in keys]
-        plural = "s" if len(problems) > 1 else ""
-        listed = ", ".join(
-            f"{column!r} ({alias})" if (alias := _alias_of(column, self._aliases)) else repr(column)
-            for column in columns
-        )
-        raise TemplateError(
-            f"{self.name}: no CSV column for template variable{plural} {'; '.join(problems)}. "
-            f"The columns are: {listed}"
-        )
-
-    def _where(self, name: str) -> str:
-        line = self._first_use(name)
-        return f" (line {line})" if line else ""
+        if missing or keys:
+            raise unknown_columns_error(
+                self.name,
+                [(name, self._first_use(name)) for name in missing],
+                keys,
+                columns,
+                self._aliases,
+            )
 
     def _row_keys(self, columns: tuple[str, ...]) -> set[str]:
         """The constant keys the template looks up in ``row`` (``row["First Name"]``)."""
@@ -310,7 +294,7 @@ class MessageTemplate:
             except (ValueError, TypeError, IndexError, AttributeError) as exc:
                 raise RowError(name, f"invalid header value {value!r}: {exc}") from None
             if len(name) + 2 + len(value) > _FOLD_AT and '"' in value:
-                _check_folding(msg, name)
+                check_folding(msg, name)
         msg["Date"] = date if date is not None else datetime.now(UTC)
         msg["Message-ID"] = message_id
         if self._markdown is not None:
@@ -564,47 +548,6 @@ class MessageTemplate:
         return value.strip()
 
 
-def column_aliases(columns: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """``(identifier form, column)`` for each column reachable under another name.
-
-    The identifier form is the column's name in lower case with each run of characters that
-    cannot be in a name turned into ``_`` (``E-mail Address`` -> ``e_mail_address``). A form
-    equal to a column's own name, shared by two columns, or not a usable name is left out.
-    """
-    names = set(columns)
-    forms: dict[str, list[str]] = {}
-    for column in columns:
-        form = column_identifier(column)
-        if form is not None and form not in names:
-            forms.setdefault(form, []).append(column)
-    return tuple((form, found[0]) for form, found in forms.items() if len(found) == 1)
-
-
-def column_identifier(column: str) -> str | None:
-    """The identifier form of a column name (see :func:`column_aliases`), or None."""
-    form = _NOT_IDENTIFIER.sub("_", column.strip().lower()).strip("_")
-    if form[:1].isdigit():
-        form = "_" + form
-    if not form.isidentifier() or keyword.iskeyword(form) or form in _JINJA_WORDS:
-        return None
-    return form
-
-
-def _alias_of(column: str, aliases: tuple[tuple[str, str], ...]) -> str | None:
-    return next((alias for alias, named in aliases if named == column), None)
-
-
-def _closest(name: str, candidates: list[str], aliases: dict[str, str]) -> str:
-    """``; did you mean ...?`` for the candidate most like ``name``, or nothing."""
-    by_fold = {candidate.casefold(): candidate for candidate in candidates}
-    found = difflib.get_close_matches(name.casefold(), list(by_fold), n=1, cutoff=0.6)
-    if not found:
-        return ""
-    match = by_fold[found[0]]
-    column = f" (column {aliases[match]!r})" if match in aliases else ""
-    return f", did you mean {match!r}{column}?"
-
-
 def _nul_reason(context: Mapping[str, object]) -> str:
     """Why a body holding NUL is refused, naming the columns that put it there."""
     columns = sorted(
@@ -614,21 +557,3 @@ def _nul_reason(context: Mapping[str, object]) -> str:
     )
     where = f"the cell in column {columns[0]!r}" if columns else "the rendered body"
     return f"{where} contains a NUL byte, refused"
-
-
-def _check_folding(msg: EmailMessage, name: str) -> None:
-    """Refuse a long address header the email package would fold wrongly.
-
-    On Python 3.11 folding a quoted display name longer than a line drops its quotes
-    (``"Doe, Jane ..."`` becomes two mailboxes): the folded header must read back as the same
-    addresses.
-    """
-    header = msg[name]
-    unfolded = header.fold(policy=POLICY).split(":", 1)[1].replace("\r\n", "").strip()
-    again = POLICY.header_factory(name, unfolded)
-    before = [a.addr_spec for a in getattr(header, "addresses", ())]
-    after = [a.addr_spec for a in getattr(again, "addresses", ())]
-    if before != after:
-        raise RowError(
-            name, "a display name this long cannot be folded safely; shorten it (quoted text)"
-        )
