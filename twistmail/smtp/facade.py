@@ -292,7 +292,8 @@ class _SessionProtocol(MailerProtocol):
         super().esmtpState_serverConfig(code, resp)
 
     def smtpState_helo(self, code: int, resp: bytes) -> None:
-        # An old server refused EHLO: its reply to HELO stands in for it.
+        # An old server refused EHLO (ESMTPClient says HELO next): smtplib's ehlo() returns
+        # that refusal too.
         self.replies["ehlo"] = (code, resp)
         super().smtpState_helo(code, resp)  # type: ignore[no-untyped-call]
 
