@@ -293,7 +293,11 @@ class MessageTemplate:
             # The email package's header parser raises AttributeError on some phrases (". <a@b>").
             except (ValueError, TypeError, IndexError, AttributeError) as exc:
                 raise RowError(name, f"invalid header value {value!r}: {exc}") from None
-            if len(name) + 2 + len(value) > _FOLD_AT and '"' in value:
+            if (
+                len(name) + 2 + len(value) > _FOLD_AT
+                and '"' in value
+                and name.lower() in ADDRESS_HEADERS
+            ):
                 check_folding(msg, name)
         msg["Date"] = date if date is not None else datetime.now(UTC)
         msg["Message-ID"] = message_id
