@@ -170,6 +170,40 @@ def test_format_display_name_is_one_mailbox_for_our_parser(cell: str) -> None:
     assert str(address) == "jane@example.org"
 
 
+_NAME_CHARS = st.one_of(
+    st.sampled_from(' ,"\\<>@;:.()'), st.characters(blacklist_categories=("Cc", "Cs"))
+)
+# Long names made of words and ", " (as "Doe, Jane"), where folding goes wrong, and anything else.
+_ANY_NAME = st.one_of(
+    st.lists(
+        st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=15),
+        max_size=15,
+    ).map(", ".join),
+    st.text(_NAME_CHARS, max_size=200),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_ANY_NAME)
+def test_any_cell_makes_one_recipient_or_a_row_error(cell: str) -> None:
+    """Whatever its length, a name never turns the header into several addresses."""
+    template = MessageTemplate(DISPLAY)
+    refused: str | None = None
+    try:
+        msg = template.render({"name": cell, "email": "jane@example.org"}, message_id="m").message
+    except RowError as error:
+        refused = error.field
+    if refused is not None:
+        assert refused in ("To", "Cc")
+        return
+    got = reparsed(msg)
+    assert [a.addr_spec for a in got["To"].addresses] == ["jane@example.org"]
+    assert [str(r) for r in envelope_from_message(msg).recipients] == [
+        "jane@example.org",
+        "c@example.org",
+    ]
+
+
 def test_a_long_quoted_name_the_email_package_would_break_is_refused() -> None:
     template = MessageTemplate(DISPLAY)
     with pytest.raises(RowError) as info:
