@@ -293,3 +293,12 @@ def test_reports_find_the_address_in_a_spreadsheet_column() -> None:
     row = Row(1, {"First Name": "Ann", "E-mail Address": "ann@example.org"})
     assert guess_email(row) == "ann@example.org"
     assert guess_email(Row(2, {"Name": "Ann", "Mail notes": "none"})) == ""
+
+
+def test_a_row_without_an_aliased_column_is_a_row_error_naming_the_variable() -> None:
+    template = MessageTemplate(SHEET)
+    template.check_columns(COLUMNS)
+    with pytest.raises(RowError, match="no value for 'first_name'"):
+        template.render(
+            {"E-mail Address": "ann@example.org", "Company (legal)": "ACME"}, message_id="m"
+        )

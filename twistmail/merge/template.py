@@ -332,7 +332,9 @@ class MessageTemplate:
         if aliases is None:  # rendering without check_columns: the row's own names
             aliases = column_aliases(tuple(values))
         for alias, column in aliases:
-            context[alias] = values[column]
+            value = values.get(column)
+            if value is not None:  # else StrictUndefined names the variable, as for any
+                context[alias] = value
         return context
 
     def render_row(
