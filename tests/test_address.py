@@ -371,3 +371,23 @@ def test_check_header_value_never_accepts_line_breaks(before: str, brk: str, aft
 @given(st.text(alphabet=st.characters(blacklist_characters=LINE_BREAKS)))
 def test_check_header_value_accepts_text_without_line_breaks(value: str) -> None:
     check_header_value("X-Any", value)
+
+
+def test_parse_plain_address_list_takes_only_the_plainest_form() -> None:
+    from twistmail.address import parse_plain_address_list
+
+    got = parse_plain_address_list("Ann Lee <ann@example.org>, bob@example.org")
+    assert got is not None
+    assert [str(a) for a in got] == ["ann@example.org", "bob@example.org"]
+    assert got == tuple(parse_address_list("Ann Lee <ann@example.org>, bob@example.org"))
+    for value in (
+        '"Lee, Ann" <ann@example.org>',  # quoted
+        "Ann <ann@example.org>,bob@example.org",  # not joined by ", "
+        "ann@bücher.example",  # non-ASCII
+        "Team: ann@example.org;",  # a group
+        "ann@exa_mple.org",  # not a host name
+    ):
+        assert parse_plain_address_list(value) is None, value
+    # An IDNA A-label domain is checked by the full parser, not refused.
+    (idna,) = parse_plain_address_list("a@xn--bcher-kva.example") or ()
+    assert idna.domain == "xn--bcher-kva.example"

@@ -265,23 +265,21 @@ def test_password_never_on_the_command_line_or_in_output(cue_server: Cue, tmp_pa
     assert "wrong-pa55" not in (tmp_path / "people.report.csv").read_text(encoding="utf-8")
 
 
-def test_password_in_the_url_is_warned_about_and_never_echoed(tmp_path: Path) -> None:
+def test_password_in_the_url_is_refused_and_never_echoed(tmp_path: Path) -> None:
     rows = [{"email": "ann@example.org", "name": "Ann", "code": "1"}]
     csv_path, template_path = write_campaign(tmp_path, rows)
-    proc = twistmail(
-        "send",
-        csv_path,
-        template_path,
-        "--smtp",
-        "smtp://bob:s3cr3t-pw@127.0.0.1:1",
-        "--max-attempts",
-        "1",
-        "--timeout",
-        "2",
-    )
-    assert "process list" in proc.stderr
-    assert "s3cr3t-pw" not in proc.stdout + proc.stderr
-    assert "s3cr3t-pw" not in (tmp_path / "people.report.csv").read_text(encoding="utf-8")
+    for command in (
+        ["send", csv_path, template_path],
+        ["drain", "--spool", str(tmp_path / "spool.db")],
+    ):
+        proc = twistmail(*command, "--smtp", "smtp://bob:s3cr3t-pw@127.0.0.1:1")
+        assert proc.returncode == 2
+        assert "process list" in proc.stderr
+        assert "TWISTMAIL_SMTP_PASSWORD" in proc.stderr
+        assert "--password-file" in proc.stderr
+        assert "s3cr3t-pw" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "people.report.csv").exists()
+    assert not (tmp_path / "people.journal.db").exists()
 
 
 # Interruption ---------------------------------------------------------------------------------
@@ -557,5 +555,7 @@ def test_unreachable_server_is_named_in_the_report(tmp_path: Path) -> None:
     (row,) = report(tmp_path)
     assert row["status"] == "pending"
     assert row["attempts"] in ("", "0")
+    # From the first failure on, the output says what the run is waiting for.
+    assert "waiting for the server: could not connect" in proc.stdout
     assert "error: could not connect" in proc.stdout
     assert f"127.0.0.1:{port}" in proc.stdout

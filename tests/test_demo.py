@@ -21,6 +21,9 @@ def test_demo_runs_end_to_end_as_a_subprocess() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "sent 30 of 30 messages" in proc.stdout
     assert "the capture server received 30" in proc.stdout
+    assert "first message: MAIL FROM:<demo@example.com> RCPT TO:<user0@example.org>\n" in (
+        proc.stdout
+    )
     assert "Subject: Hello #0 =?utf-8?" in proc.stdout  # non-ASCII subject RFC 2047-encoded
 
 

@@ -245,15 +245,18 @@ async def test_the_password_is_used_but_never_shown(cue_server: Cue, tmp_path: P
     assert code == 0, output
     assert secret not in output
     assert len(server.received) == 3
-    # In the URL: works, is warned about, and is never echoed.
+    # In the URL: refused before anything is spent, and never echoed.
     await enqueue(path, [triple(9)])
     code, output = await drain(
         "--spool", str(path), "--smtp", f"smtp://alice:{secret}@127.0.0.1:{server.port}"
     )
-    assert code == 0, output
-    assert "warning: a password in --smtp" in output
+    assert code == 2, output
+    assert "error: --smtp must not contain the password" in output
     assert secret not in output
-    assert len(server.received) == 4
+    assert len(server.received) == 3
+    assert query(path, "SELECT state, attempts FROM messages WHERE state != 'sent'") == [
+        ("queued", 0)
+    ]
 
 
 @pytest_twisted.ensureDeferred

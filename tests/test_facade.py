@@ -91,3 +91,43 @@ async def test_login_failure_and_untrusted_tls_surface_from_their_calls(
 def test_send_before_connect_is_a_clear_error() -> None:
     with pytest.raises(ConnectionError, match="connect"):
         SMTP().sendmail("a@example.com", "b@example.org", b"x\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_calls_return_code_and_message_like_smtplib(
+    cue_server: Callable[..., CueServer], server_ssl_context: Any, ca_file: Path
+) -> None:
+    server = cue_server(
+        starttls_context=server_ssl_context, require_starttls=True, auth={"bob": "s3cret"}
+    )
+    smtp = SMTP(ca_file=ca_file, timeout=5)
+    code, greeting = await smtp.connect("localhost", server.port)
+    assert code == 220
+    assert isinstance(greeting, bytes)
+    assert greeting
+    code, features = await smtp.ehlo()
+    assert code == 250
+    assert b"STARTTLS" in features.split(b"\n")
+    assert await smtp.starttls() == (220, b"Ready to start TLS")
+    code, features = await smtp.ehlo()  # the EHLO sent over TLS
+    assert code == 250
+    assert b"STARTTLS" not in features.split(b"\n")
+    code, text = await smtp.login("bob", "s3cret")
+    assert code == 235
+    assert b"s3cret" not in text
+    await smtp.quit()
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_on_a_server_without_it_names_no_url(
+    cue_server: Callable[..., CueServer],
+) -> None:
+    server = cue_server()
+    smtp = SMTP(timeout=5)
+    await smtp.connect("127.0.0.1", server.port)
+    with pytest.raises(TLSError) as info:
+        await smtp.starttls()
+    assert "does not offer STARTTLS" in str(info.value)
+    assert "smtp+tls" not in str(info.value)
+    assert "://" not in str(info.value)
+    await smtp.quit()

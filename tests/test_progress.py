@@ -51,3 +51,31 @@ def test_live_progress_uses_rich_and_summary_table() -> None:
     sent_line = next(line for line in text.splitlines() if "sent" in line and "│" in line)
     assert "7" in sent_line
     assert "9" in sent_line
+
+
+def test_rate_and_eta_count_only_rows_attempted_in_this_run() -> None:
+    clock = task.Clock()
+    out = io.StringIO()
+    counts = Counts()
+    progress = Progress(out, total=1000, live=False, clock=clock)
+    progress.start(counts)
+    # A resumed run: 800 rows settled before are skipped at once, 50 are sent in 5 s.
+    counts.skipped, counts.sent = 800, 50
+    clock.advance(5)
+    line = out.getvalue().strip()
+    assert line.startswith("progress: 850/~1000")
+    assert " 10/s" in line  # 50 attempted in 5 s, not 850
+    assert "eta 15s" in line  # 150 rows left at 10/s
+    progress.stop()
+
+
+def test_live_progress_shows_the_same_rate_and_eta() -> None:
+    clock = task.Clock()
+    out = io.StringIO()
+    counts = Counts()
+    progress = Progress(out, total=1000, live=True, clock=clock)
+    progress.start(counts)
+    counts.skipped, counts.sent = 800, 50
+    clock.advance(5)
+    progress.stop()
+    assert "10/s  eta 15s" in out.getvalue()

@@ -123,10 +123,11 @@ def test_check_columns_names_missing_variables_and_lines(tmp_path: Path) -> None
     template.check_columns(["name", "email", "code", "extra"])  # no error
     with pytest.raises(TemplateError) as info:
         template.check_columns(["name"])
-    message = str(info.value)
-    assert "'code' (line 6)" in message
-    assert "'email' (line 2)" in message
-    assert "'name'" not in message
+    missing, columns = str(info.value).split("The columns are: ")
+    assert "'code' (line 6)" in missing
+    assert "'email' (line 2)" in missing
+    assert "'name'" not in missing
+    assert columns == "'name'"
 
 
 def test_loop_and_set_variables_are_not_columns(tmp_path: Path) -> None:

@@ -140,6 +140,8 @@ def test_envelope_from_overrides_the_sender_in_both_paths() -> None:
         (PLAIN, {"name": "Ann", "email": "ann@bücher.example", "code": "1"}),  # IDN domain
         (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "x" * 80}),  # folded
         (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "=?utf-8?q?hi?="}),
+        # An encoded-word lookalike as a display name: the email package decodes it.
+        ("From: a@example.com\nTo: {{ to }}\n\nhi\n", {"to": "=?utf-8?q?x?= <a@example.org>"}),
         ("From: a@example.com\nTo: {{ e }}\n\n" + "y" * 79 + "\n", {"e": "b@example.org"}),
         (
             "From: a@example.com\nTo: {{ e }}\nContent-Type: text/markdown\n\n*hi*\n",

@@ -20,8 +20,12 @@ from twistmail.errors import AddressError, HeaderInjectionError
 __all__ = [
     "Address",
     "check_header_value",
+    "format_display_name",
+    "format_mailbox",
+    "mailbox_key",
     "parse_address",
     "parse_address_list",
+    "parse_plain_address_list",
     "parse_sender",
 ]
 
@@ -39,11 +43,19 @@ _LDH_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # An ASCII host name. Without "--" in it (checked separately: "xn--" labels and other reserved
 # hyphen positions need IDNA's own checks) its A-label form is simply its lower-cased self.
 _PLAIN_DOMAIN = re.compile(f"{_LDH_LABEL}(?:\\.{_LDH_LABEL})*")
+_PLAIN_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_SPEC = f"{_PLAIN_ATOM}(?:\\.{_PLAIN_ATOM})*@{_LDH_LABEL}(?:\\.{_LDH_LABEL})*"
 # The common case, "local@domain" in plain ASCII, recognised in one regex pass.
 _PLAIN_ADDRESS = re.compile(
-    r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)@"
-    f"({_LDH_LABEL}(?:\\.{_LDH_LABEL})*)"
+    f"({_PLAIN_ATOM}(?:\\.{_PLAIN_ATOM})*)@({_LDH_LABEL}(?:\\.{_LDH_LABEL})*)"
 )
+# A plain mailbox: "local@domain", or ASCII atoms as the display name and "<local@domain>".
+_PLAIN_MAILBOX = f"(?:{_PLAIN_SPEC}|{_PLAIN_ATOM}(?: {_PLAIN_ATOM})* <{_PLAIN_SPEC}>)"
+_PLAIN_LIST = re.compile(f"{_PLAIN_MAILBOX}(?:, {_PLAIN_MAILBOX})*")
+# The addr-specs of a value matching _PLAIN_LIST: bracketed, or a bare mailbox.
+_PLAIN_LIST_SPECS = re.compile(f"<({_PLAIN_SPEC})>|(?:^|, )({_PLAIN_SPEC})(?=,|$)")
+# A display name written as it is: ASCII atoms separated by single spaces.
+_PLAIN_PHRASE = re.compile(f"{_PLAIN_ATOM}(?: {_PLAIN_ATOM})*")
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 
 # Control characters (C0, DEL, C1) and every character str.splitlines() treats as a line break.
@@ -165,6 +177,65 @@ def parse_address_list(value: str, *, field: str | None = None) -> list[Address]
     """
     mailboxes, _ = _split_list(_checked_str(value, field), value, field)
     return [_parse_mailbox(text, field) for text in mailboxes]
+
+
+def parse_plain_address_list(value: str) -> tuple[Address, ...] | None:
+    """The addresses of a header value in the plainest form, else None.
+
+    The plainest form is what the email package writes back unchanged: mailboxes joined by
+    ``", "``, each ``local@domain`` or ASCII atoms and ``<local@domain>`` (``Ann Lee
+    <ann@example.org>``). Anything else (quotes, comments, groups, non-ASCII, an address the
+    parser refuses) gives None: the caller then takes :func:`parse_address_list`'s full path.
+    """
+    if _PLAIN_LIST.fullmatch(value) is None:
+        return None
+    addresses = []
+    for bracketed, bare in _PLAIN_LIST_SPECS.findall(value):
+        spec = bracketed or bare
+        address = _parse_plain(spec)
+        if address is None:  # e.g. over a length limit, or an IDNA "xn--" domain
+            try:
+                address = parse_address(spec)
+            except AddressError:
+                return None
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def format_display_name(text: str) -> str:
+    """``text`` as the display name of a mailbox in a header: quoted when it needs to be.
+
+    Any text works, commas, quotes, backslashes and non-ASCII included (the message's policy
+    encodes non-ASCII as RFC 2047 words); each run of whitespace becomes one space and the ends
+    are trimmed, as a display name cannot keep them. Plain words stay unquoted. Control
+    characters other than whitespace are kept, so a header check refuses them.
+    """
+    name = " ".join(text.split())
+    if not name or _PLAIN_PHRASE.fullmatch(name):
+        return name
+    return '"' + _QUOTE_NEEDED.sub(r"\\\1", name) + '"'
+
+
+def format_mailbox(display_name: str, address: str) -> str:
+    """``Display Name <address>`` for a header, the name quoted as needed; the bare address when
+    the name is empty. See :func:`format_display_name`."""
+    name = format_display_name(display_name)
+    address = address.strip()
+    return f"{name} <{address}>" if name else address
+
+
+def mailbox_key(address: Address | str) -> str:
+    """The mailbox of ``address`` in one spelling, to tell whether two addresses are the same.
+
+    Case is ignored in the local part and the domain, the domain is compared as its A-label,
+    and a display name does not count: ``Ann <ANN@Example.org>`` and ``ann@example.org`` have the
+    same key. Raises :class:`AddressError` for a value that is not one valid address.
+    """
+    if isinstance(address, str):
+        address = parse_address(address)
+    if address.is_null:
+        return ""
+    return f"{address.local.casefold()}@{address.ascii_domain}"
 
 
 def check_header_value(name: str, value: str) -> None:

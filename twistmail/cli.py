@@ -8,6 +8,7 @@ configuration or template error (nothing sent); 3 interrupted, or rows remain to
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,30 +29,61 @@ example:
       --smtp smtp+tls://alice@mail.example.com --rate 20 --concurrency 5
 
 The password of a URL naming a user comes from TWISTMAIL_SMTP_PASSWORD or --password-file,
-never from the command line. Re-running the same command resumes from the journal.
-exit status: 0 all sent; 1 some failed or invalid; 2 usage/template error; 3 interrupted or
-rows still to send (deferred, or --limit reached).
+never from the command line: a URL holding one is refused. Re-running the same command
+resumes from the journal.
+exit status: 0 all sent; 1 some failed or invalid; 2 usage/template error, or the server
+refused the login or the TLS check (no row attempted); 3 interrupted, or rows still to send
+(deferred, --limit reached, or the server could not be reached within --give-up-after).
 """
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    """A count: a whole number, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be zero or more")
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds (0 or more), got {text!r}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
+def _positive(what: str) -> Callable[[str], float]:
+    """An argparse type for a positive number of ``what`` ("seconds", "messages per second")."""
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not value > 0 or math.isinf(value):
+            raise argparse.ArgumentTypeError(f"expected a positive number of {what}, got {text!r}")
+        return value
+
+    return convert
+
+
+_seconds = _positive("seconds")
+_per_second = _positive("messages per second")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
     return value
 
 
@@ -115,8 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="validate a campaign and list every problem",
-        description="Render every row without sending; list each invalid row with the reason. "
+        description="Render every row without sending; list each invalid row with the reason, "
+        "and each row whose address repeats an earlier row's (ignoring case). "
         "Example: twistmail check recipients.csv message.txt",
+        epilog="exit status: 0 every row is valid (repeated addresses are listed only); "
+        "1 some rows are invalid; 2 the CSV or the template cannot be used.",
     )
     _inputs(check)
     check.add_argument("--from", dest="envelope_from", metavar="ADDR", help="as for send")
@@ -137,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show a journal's counts and the recipients not yet sent",
         description="Example: twistmail status recipients.journal.db",
+        epilog="exit status: 0 every row of the campaign was sent; 1 some rows are not sent "
+        "(failed, invalid, deferred or pending); 2 the journal cannot be read.",
     )
     status.add_argument("journal", metavar="JOURNAL")
     status.add_argument(
@@ -155,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Example: twistmail capture --port 2525 --maildir ./captured",
     )
     capture.add_argument(
-        "--port", type=int, default=2525, metavar="N", help="port (default: 2525; 0: any)"
+        "--port", type=_port, default=2525, metavar="N", help="port (default: 2525; 0: any)"
     )
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
     _drain_parser(sub)
@@ -199,7 +236,7 @@ def _drain_parser(sub: Any) -> None:
     )
     drain.add_argument(
         "--lease",
-        type=_positive_float,
+        type=_seconds,
         default=300.0,
         metavar="SECONDS",
         help="how long a claimed message stays reserved if this drain dies (renewed while it "
@@ -244,7 +281,9 @@ def _smtp_options(
     )
     parser.add_argument("--ca-file", metavar="PEM", help="trust this CA, e.g. --ca-file ca.pem")
     parser.add_argument(
-        "--insecure", action="store_true", help="do not verify the server's certificate"
+        "--insecure",
+        action="store_true",
+        help="do not verify the server's certificate (prints a warning; testing only)",
     )
     parser.add_argument(
         "--concurrency",
@@ -255,7 +294,7 @@ def _smtp_options(
     )
     parser.add_argument(
         "--rate",
-        type=_positive_float,
+        type=_per_second,
         metavar="R",
         help="at most R messages per second for the whole run, e.g. --rate 50",
     )
@@ -269,14 +308,14 @@ def _smtp_options(
     )
     parser.add_argument(
         "--retry-delay",
-        type=_positive_float,
+        type=_seconds,
         default=5.0,
         metavar="SECONDS",
         help="first backoff; doubles each attempt, with jitter (default: 5)",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_seconds,
         default=60.0,
         metavar="SECONDS",
         help="connect and reply timeout (default: 60)",
@@ -284,7 +323,7 @@ def _smtp_options(
     parser.add_argument(
         "--give-up-after",
         dest="server_patience",
-        type=_non_negative_float,
+        type=_non_negative_seconds,
         default=patience,
         metavar="SECONDS",
         help="how long to keep trying a server that cannot be reached, with backoff "
@@ -316,11 +355,23 @@ def _delivery(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _smtp_password(args: argparse.Namespace) -> str | None:
-    """The password from --password-file (exit 2 if unreadable); warns of one in --smtp."""
-    if urlsplit(args.smtp).password is not None:
+    """The password from --password-file (exit 2 if unreadable, or if --smtp holds one)."""
+    try:
+        password = urlsplit(args.smtp).password
+    except ValueError:  # an invalid port, say: the Mailer reports the URL itself
+        password = None
+    if password is not None:
         print(
-            "warning: a password in --smtp is visible to other users in the process list; "
-            "prefer TWISTMAIL_SMTP_PASSWORD or --password-file",
+            "error: --smtp must not contain the password (other users can read the process "
+            "list): remove it from the URL and set TWISTMAIL_SMTP_PASSWORD or use "
+            "--password-file PATH",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_USAGE)
+    if args.insecure:
+        print(
+            "warning: --insecure: the server's certificate is not verified; anyone on the path "
+            "can read the messages and the password",
             file=sys.stderr,
         )
     if args.password_file is None:
@@ -347,7 +398,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         )
     if args.command == "capture":
-        task.react(lambda reactor: commands.capture(reactor, args.port, args.maildir, sys.stdout))
+        _react_exit(
+            lambda reactor: commands.capture(
+                reactor, args.port, args.maildir, sys.stdout, sys.stderr
+            )
+        )
         return
     if args.command == "drain":
         _drain_main(args)

@@ -46,7 +46,8 @@ async def run(reactor: Any, count: int = 200) -> int:
     )
     if server.messages:
         first = server.messages[0]
-        print(f"first message: MAIL FROM:<{first.sender.decode()}> RCPT TO:{first.recipients}")
+        rcpts = " ".join(f"RCPT TO:<{rcpt.decode()}>" for rcpt in first.recipients)
+        print(f"first message: MAIL FROM:<{first.sender.decode()}> {rcpts}")
         print(first.data.decode("utf-8", "replace").split("\r\n\r\n", 1)[0])
     return 0 if report.sent == count == len(server.messages) else 1
 

@@ -183,7 +183,8 @@ class DeliveryLoop(Pump):
     ``hold_bodies`` is the duplicate bound (None: data goes out at once). No new job starts
     while ``max_recording`` outcomes wait for their commit, or while ``limit`` attempts
     (default: the sender's capacity) are in flight. ``patience`` is how long, in seconds of
-    backoff in a row, a server that cannot be reached is waited for.
+    backoff in a row, a server that cannot be reached is waited for; ``on_server(error,
+    retry_in)`` hears of each pause (and ``(None, 0)`` once a session works again).
 
     :ivar stopped_by: the server-level error that stopped the run, if one did.
     :ivar server_error: the server-level error of the ongoing trouble, None once a session
@@ -204,6 +205,7 @@ class DeliveryLoop(Pump):
         max_recording: int | None = None,
         limit: int | None = None,
         patience: float = 60.0,
+        on_server: Callable[[DeliveryError | None, float], None] | None = None,
     ) -> None:
         self._sender = sender
         self._door = door
@@ -214,6 +216,7 @@ class DeliveryLoop(Pump):
         self._limit = limit or sender.capacity
         self._max_recording = max_recording or max(1000, 50 * self._limit)
         self._patience = patience
+        self._on_server = on_server
         self._in_flight: set[Job] = set()
         self._recording = 0
         self._at_risk = 0
@@ -382,12 +385,16 @@ class DeliveryLoop(Pump):
         self._waited += self._backoff
         self._paused_until = self._clock.seconds() + self._backoff
         self._alarm.within(self._backoff)
+        if self._on_server is not None:
+            self._on_server(error, self._backoff)
 
     def _server_back(self) -> None:
         self.server_error = None
         self._backoff = 0.0
         self._waited = 0.0
         self._paused_until = 0.0
+        if self._on_server is not None:
+            self._on_server(None, 0.0)
 
     # ------------------------------------------------------------------ the end
 

@@ -19,13 +19,16 @@ __all__ = [
     "AuthenticationError",
     "ConnectError",
     "ConnectionLostError",
+    "CsvError",
     "DeliveryError",
     "ExtensionRequiredError",
     "HeaderInjectionError",
     "MessageError",
     "PermanentError",
+    "RowError",
     "SMTPTimeoutError",
     "TLSError",
+    "TemplateError",
     "TransientError",
     "TwistmailError",
     "for_reply",
@@ -55,6 +58,27 @@ class HeaderInjectionError(MessageError):
     def __init__(self, message: str, *, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class CsvError(TwistmailError, ValueError):
+    """A recipients CSV that cannot be read: bad encoding, bad header, or broken quoting."""
+
+
+class TemplateError(TwistmailError, ValueError):
+    """A message template that cannot be used: bad syntax, bad headers, or missing columns."""
+
+
+class RowError(TwistmailError, ValueError):
+    """A CSV row the template cannot turn into a message.
+
+    :ivar field: the header concerned (``"To"``, ``"Attachment"`` ...), or None for the body.
+    :ivar reason: what is wrong, for the report.
+    """
+
+    def __init__(self, field: str | None, reason: str) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.field = field
+        self.reason = reason
 
 
 class DeliveryError(TwistmailError):

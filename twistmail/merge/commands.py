@@ -7,6 +7,7 @@ from email.header import decode_header, make_header
 from typing import Any, TextIO
 
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 
 from twistmail.errors import TwistmailError
 from twistmail.message import unstuff
@@ -14,6 +15,7 @@ from twistmail.testing import CapturedMessage, CaptureServer
 
 from .journal import read_status
 from .prepare import (
+    Duplicates,
     Prepared,
     Problem,
     load_inputs,
@@ -41,6 +43,7 @@ def _print_problems(
     envelope_from: str | None,
     out: TextIO,
     first: Callable[[Prepared], None] | None = None,
+    each: Callable[[Prepared], None] | None = None,
 ) -> int | None:
     """Print every problem of a campaign as it is found; their number, or None when the CSV
     or the template cannot be used at all (that error is printed)."""
@@ -48,7 +51,7 @@ def _print_problems(
     try:
         source, template = load_inputs(csv_path, template_path)
         # Printed as found: a million bad rows never sit in memory.
-        for problem in problems(source, template, envelope_from, first=first):
+        for problem in problems(source, template, envelope_from, first=first, each=each):
             found += 1
             print(problem.reason, file=out)
     except (TwistmailError, OSError) as e:
@@ -58,10 +61,28 @@ def _print_problems(
 
 
 def check(csv_path: str, template_path: str, envelope_from: str | None, out: TextIO) -> int:
-    """List every problem of a campaign; 0 when there is none, 1 when rows are invalid."""
-    found = _print_problems(csv_path, template_path, envelope_from, out)
+    """List every problem of a campaign; 0 when there is none, 1 when rows are invalid.
+
+    Rows whose recipient repeats an earlier row's are listed too, without failing the check.
+    """
+    duplicates = Duplicates()
+    repeated = 0
+
+    def each(prepared: Prepared) -> None:
+        nonlocal repeated
+        earlier = duplicates.earlier_row(prepared)
+        if earlier is not None:
+            repeated += 1
+            print(
+                f"row {prepared.row}: duplicate of row {earlier}: {prepared.email}",
+                file=out,
+            )
+
+    found = _print_problems(csv_path, template_path, envelope_from, out, each=each)
     if found is None:
         return EXIT_USAGE
+    if repeated:
+        print(f"{repeated} row(s) repeat the address of an earlier row", file=out)
     if found:
         print(f"{found} invalid row(s)", file=out)
         return EXIT_FAILED
@@ -128,8 +149,11 @@ def status(journal_path: str, limit: int, out: TextIO) -> int:
     return EXIT_OK if not_sent == 0 else EXIT_FAILED
 
 
-def capture(reactor: Any, port: int, maildir: str | None, out: TextIO) -> defer.Deferred[None]:
-    """Run the capture server until interrupted, a line per message."""
+def capture(
+    reactor: Any, port: int, maildir: str | None, out: TextIO, err: TextIO
+) -> defer.Deferred[int]:
+    """Run the capture server until interrupted, a line per message; fires with 2 at once when
+    the port cannot be listened on."""
 
     def show(message: CapturedMessage) -> None:
         to = ", ".join(r.decode("utf-8", "replace") for r in message.recipients)
@@ -151,9 +175,14 @@ def capture(reactor: Any, port: int, maildir: str | None, out: TextIO) -> defer.
         )
 
     server = CaptureServer(reactor, maildir=maildir, on_message=show)
-    server.listen(port)
+    try:
+        server.listen(port)
+    except CannotListenError as e:
+        reason = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
+        print(f"error: cannot listen on 127.0.0.1:{port}: {reason}", file=err, flush=True)
+        return defer.succeed(EXIT_USAGE)
     where = f" storing in Maildir {maildir}" if maildir else ""
     print(f"capture server listening on 127.0.0.1:{server.port}{where}", file=out, flush=True)
-    done: defer.Deferred[None] = defer.Deferred()
+    done: defer.Deferred[int] = defer.Deferred()
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     return done

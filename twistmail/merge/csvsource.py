@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from twistmail.errors import TwistmailError
+from twistmail.errors import CsvError
 
 __all__ = [
     "DEFAULT_CELL_LIMIT",
@@ -46,10 +46,6 @@ _MIN_RECORD_HARD_LIMIT = 1024 * 1024
 _CR_LINES = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|$)")
 _HASH_CHUNK = 1024 * 1024
 _QUOTED = re.compile(r'"[^"]*"?')
-
-
-class CsvError(TwistmailError, ValueError):
-    """A recipients CSV that cannot be read: bad encoding, bad header, or broken quoting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +187,15 @@ class CsvSource:
 def open_csv(path: str | os.PathLike[str], *, cell_limit: int = DEFAULT_CELL_LIMIT) -> CsvSource:
     """Open the recipients CSV at ``path``: sniff its dialect and read its header.
 
-    Raises :class:`CsvError` when the header is missing, has an empty or a repeated column name,
-    or is not UTF-8, and :class:`OSError` when the file cannot be read.
+    Raises :class:`CsvError` when the file cannot be read, or its header is missing, has an
+    empty or a repeated column name, or is not UTF-8.
     """
     name = os.fspath(path)
-    with open(path, "rb") as raw:
-        sample = raw.read(_SNIFF_BYTES)
+    try:
+        with open(path, "rb") as raw:
+            sample = raw.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise CsvError(f"{name}: cannot read the recipients CSV: {exc.strerror}") from None
     dialect = _sniff(sample)
     hard_limit = max(cell_limit * _RECORD_HARD_LIMIT_FACTOR, _MIN_RECORD_HARD_LIMIT)
     _raise_field_size_limit()

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from twistmail.address import parse_address_list, parse_sender
-from twistmail.errors import MessageError
+from twistmail.address import mailbox_key, parse_address_list, parse_sender
+from twistmail.errors import AddressError, MessageError
 from twistmail.message import Envelope, envelope_from_message
 
 from .csvsource import CsvSource, Row, open_csv
@@ -17,6 +17,7 @@ from .template import MessageTemplate, RowError
 from .wire import render_direct
 
 __all__ = [
+    "Duplicates",
     "Prepared",
     "Problem",
     "guess_email",
@@ -24,6 +25,7 @@ __all__ = [
     "prepare_row",
     "preview_message_id",
     "problems",
+    "recipient_key",
     "render_full",
 ]
 
@@ -55,7 +57,7 @@ def load_inputs(
 ) -> tuple[CsvSource, MessageTemplate]:
     """Open the CSV and the template and check that every template variable has a column.
 
-    Raises :class:`~.csvsource.CsvError`, :class:`~.template.TemplateError` or ``OSError``.
+    Raises :class:`~twistmail.errors.CsvError` or :class:`~twistmail.errors.TemplateError`.
     """
     template = MessageTemplate.load(template_path)
     source = open_csv(csv_path)
@@ -133,15 +135,41 @@ def problems(
     envelope_from: str | None = None,
     *,
     first: Callable[[Prepared], None] | None = None,
+    each: Callable[[Prepared], None] | None = None,
 ) -> Iterator[Problem]:
-    """Every problem in the campaign, row by row; ``first`` sees the first good message."""
+    """Every problem in the campaign, row by row; ``first`` sees the first good message and
+    ``each`` every good one."""
     for row in source:
         result = prepare_row(template, row, preview_message_id, envelope_from)
         if isinstance(result, Problem):
             yield result
-        elif first is not None:
+            continue
+        if first is not None:
             first(result)
             first = None
+        if each is not None:
+            each(result)
+
+
+def recipient_key(prepared: Prepared) -> str:
+    """The mailbox a row is sent to, in one spelling (:func:`twistmail.address.mailbox_key` of
+    its report address): two rows with the same key reach the same person."""
+    try:
+        return mailbox_key(prepared.email)
+    except AddressError:  # pragma: no cover - a prepared row's address was parsed already
+        return prepared.email.casefold()
+
+
+class Duplicates:
+    """Finds rows whose recipient (see :func:`recipient_key`) an earlier row already has."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, int] = {}
+
+    def earlier_row(self, prepared: Prepared) -> int | None:
+        """The first row with the same recipient as ``prepared``, or None if it is the first."""
+        first = self._first.setdefault(recipient_key(prepared), prepared.row)
+        return None if first == prepared.row else first
 
 
 def preview_message_id(row: int, domain: str) -> str:
@@ -159,8 +187,16 @@ def _from_domain(value: str) -> str:
 
 def guess_email(row: Row) -> str:
     """The row's recipient address as far as the CSV alone tells, for reports."""
-    for key in ("email", "Email", "EMAIL", "to", "To", "address", "mail"):
-        value = row.values.get(key)
+    values = row.values
+    for key in _EMAIL_COLUMNS:
+        value = values.get(key)
         if value:
             return value[:200]
+    # A spreadsheet's "E-mail Address" or "Work email": the first such column with an "@".
+    for key, value in values.items():
+        if "@" in value and "mail" in key.lower():
+            return value[:200]
     return ""
+
+
+_EMAIL_COLUMNS = ("email", "Email", "EMAIL", "to", "To", "address", "mail")

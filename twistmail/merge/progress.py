@@ -1,5 +1,9 @@
 """Progress of a campaign: a live rich display on a terminal, a plain line every few seconds
-otherwise, and the summary table at the end."""
+otherwise, and the summary table at the end.
+
+The rate and the time left count only the rows this run attempted: rows skipped because an
+earlier run settled them are read in a moment and say nothing about how fast sending goes.
+"""
 
 from __future__ import annotations
 
@@ -45,12 +49,7 @@ class Progress:
         self._started = self.clock.seconds()
         self._last = (self._started, 0)
         if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
             from rich.progress import Progress as RichProgress
 
             self._rich = RichProgress(
@@ -58,7 +57,6 @@ class Progress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[detail]}"),
-                TimeRemainingColumn(),
                 console=Console(file=self.out),
                 auto_refresh=False,
                 transient=False,
@@ -83,23 +81,27 @@ class Progress:
         if counts is None:
             return
         now = self.clock.seconds()
-        done = counts.sent + counts.failed + counts.invalid + counts.skipped
-        last_time, last_done = self._last
+        attempted = counts.sent + counts.failed + counts.invalid
+        done = attempted + counts.skipped
+        last_time, last_attempted = self._last
         if now > last_time:
-            instant = (done - last_done) / (now - last_time)
+            instant = (attempted - last_attempted) / (now - last_time)
             self._rate = instant if not self._rate else 0.7 * self._rate + 0.3 * instant
-        self._last = (now, done)
+        self._last = (now, attempted)
+        remaining = max(0, self.total - done)
+        eta = f"  eta {remaining / self._rate:,.0f}s" if self._rate > 0 and remaining else ""
         detail = (
             f"sent {counts.sent}  failed {counts.failed}  deferred {counts.deferred}  "
-            f"invalid {counts.invalid}  {self._rate:,.0f}/s"
+            f"invalid {counts.invalid}  {self._rate:,.0f}/s{eta}"
         )
+        waiting = getattr(counts, "waiting", None)
+        if waiting:
+            detail += f"  waiting for the server: {waiting}"
         if self._rich is not None:
             self._rich.update(self._task, completed=done, detail=detail)
             self._rich.refresh()
             return
-        remaining = max(0, self.total - done)
-        eta = f"  eta {remaining / self._rate:,.0f}s" if self._rate > 0 and remaining else ""
-        print(f"progress: {done}/~{self.total}  {detail}{eta}", file=self.out, flush=True)
+        print(f"progress: {done}/~{self.total}  {detail}", file=self.out, flush=True)
 
     @staticmethod
     def summary(

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from twistmail._twisted import install_signal_handlers
 from twistmail.engine import DeliveryLoop, Job, Parked
-from twistmail.errors import PermanentError, TwistmailError
+from twistmail.errors import DeliveryError, PermanentError, TwistmailError
 from twistmail.mailer import Mailer
 from twistmail.options import DeliveryOptions
 from twistmail.retry import Plan, RetryPolicy
@@ -92,8 +92,8 @@ class Counts:
     invalid: int = 0
     skipped: int = 0
     started: int = 0
-    trouble: Any = None
-    """What knows of a server that cannot be reached now (``server_error``), if anything."""
+    waiting: str | None = None
+    """Why the run is waiting for the server, while it is (for the progress line)."""
 
 
 class Campaign:
@@ -180,8 +180,8 @@ class Campaign:
             hold_bodies=opts.concurrency,
             limit=self._mailer.capacity,
             patience=opts.server_patience,
+            on_server=self._server_trouble,
         )
-        self.counts.trouble = loop
         try:
             await loop.start()
             await registering
@@ -332,6 +332,14 @@ class Campaign:
         self._abort_timer = self.reactor.callLater(self.options.grace, self._abort_now)
         if self._loop is not None:
             self._loop.stop()
+
+    def _server_trouble(self, error: DeliveryError | None, retry_in: float) -> None:
+        """The loop paused for a server that cannot be reached (or it works again)."""
+        if error is None:
+            self.counts.waiting = None
+            return
+        self.counts.waiting = str(error)
+        self._say(f"waiting for the server: {error}; trying again in {retry_in:g}s")
 
     def _abort_now(self) -> None:
         if self._loop is not None:

@@ -3,14 +3,23 @@
 A template file is UTF-8 text: header lines (``Name: value``; a line starting with a space or a
 tab continues the previous header), one blank line, then the body. Every header value and the
 body are Jinja2 templates (``StrictUndefined``, no autoescaping) whose variables are the CSV
-row's columns. Each header value and the body are compiled separately, so a Jinja2 block cannot
-span several headers, and a value that renders empty leaves its header out (``Cc: {{ cc }}``
-with an empty ``cc`` cell sends no Cc).
+row's columns. A column whose name is not an identifier (``First Name``) is reachable as
+``row["First Name"]`` and by its identifier form: lower case, each run of other characters
+turned into ``_`` (``first_name``, ``e_mail_address``, ``company_legal``); ``row`` maps every
+column name to its cell (unless a column is itself named ``row``). Each header value and the
+body are compiled separately, so a Jinja2 block cannot span several headers, and a value that
+renders empty leaves its header out (``Cc: {{ cc }}`` with an empty ``cc`` cell sends no Cc).
 
 Every rendered header value is checked before the message is built: a line break (CR, LF or
 any other) or NUL in it is a :class:`RowError` naming the header, so CSV cells cannot inject
 headers. Address headers (From, Sender, Reply-To, To, Cc, Bcc) are parsed and validated. Bcc stays
 on the message; :func:`twistmail.message.envelope_from_message` sends to it and strips it.
+A display name from a cell goes through the ``mailbox`` filter (``To: {{ name|mailbox(email) }}``
+gives ``"Doe, Jane" <jane@example.org>``) or ``display_name`` (the quoted name alone), which
+quote and escape whatever the cell holds. A NUL in the body is a :class:`RowError` too.
+
+Cells are HTML-escaped wherever they become HTML: in a ``text/html`` body, and in the HTML part
+made from a Markdown body (its ``text/plain`` part keeps them as they are); ``|safe`` opts out.
 
 Pseudo-headers, never sent as written:
 
@@ -35,15 +44,13 @@ Content-Transfer-Encoding follow from the body. None of them may appear in a tem
 
 from __future__ import annotations
 
-import mimetypes
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
-from email.headerregistry import BaseHeader, HeaderRegistry
+from email.headerregistry import BaseHeader
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Literal
@@ -53,8 +60,21 @@ import jinja2.meta
 import jinja2.nodes
 import markdown  # type: ignore[import-untyped]
 
-from twistmail.address import Address, check_header_value, parse_address_list
-from twistmail.errors import AddressError, HeaderInjectionError, TwistmailError
+from twistmail.address import Address, check_header_value, format_display_name, format_mailbox
+from twistmail.errors import HeaderInjectionError, RowError, TemplateError
+
+from .attachments import AttachmentFiles
+from .columns import column_aliases, unknown_columns_error
+from .headers import (
+    ADDRESS_HEADERS,
+    POLICY,
+    RECIPIENT_HEADERS,
+    CompiledHeader,
+    check_folding,
+    check_value,
+    is_clean,
+    parse_addresses,
+)
 
 __all__ = [
     "BodyKind",
@@ -71,8 +91,6 @@ _BODY_KINDS: dict[str, BodyKind] = {
     "text/html": "html",
     "text/markdown": "markdown",
 }
-_ADDRESS_HEADERS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
-_RECIPIENT_HEADERS = ("to", "cc", "bcc")
 _RESERVED_HEADERS = {
     "message-id": "Message-ID",
     "date": "Date",
@@ -82,52 +100,13 @@ _RESERVED_HEADERS = {
 _HEADER_LINE = re.compile(r"([\x21-\x39\x3b-\x7e]+):(.*)")
 _JINJA_MARKUP = re.compile(r"\{[{%#]")
 _UNDEFINED_NAME = re.compile(r"'([^']+)' is undefined")
-_ATTACHMENT_CACHE_BYTES = 64 * 1024 * 1024
+# The header line length beyond which the email package refolds a value (policy.SMTP).
+_FOLD_AT = 78
 # Between the parts of a row rendered at once (see MessageTemplate.render_row).
 _SEPARATOR = "\x00"
 # What a value from a CSV cell may break when rendered: template code may do anything a
 # str can, so its ordinary failures are failures of the row, not of the campaign.
 _RENDER_ERRORS = (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError)
-
-
-class _CachingHeaderRegistry(HeaderRegistry):
-    """The standard header registry, building each header class once instead of on every use.
-
-    HeaderRegistry makes a new class per header set, read or counted, which was about a fifth
-    of the cost of rendering a message.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._classes: dict[str, type[BaseHeader]] = {}
-
-    def __getitem__(self, name: str) -> type[BaseHeader]:
-        key = name.lower()
-        cls = self._classes.get(key)
-        if cls is None:
-            cls = self._classes[key] = super().__getitem__(key)
-        return cls
-
-
-# policy.SMTP itself, with a faster header factory: messages render byte for byte the same.
-_POLICY = policy.SMTP.clone(header_factory=_CachingHeaderRegistry())
-
-
-class TemplateError(TwistmailError, ValueError):
-    """A message template that cannot be used: bad syntax, bad headers, or missing columns."""
-
-
-class RowError(TwistmailError, ValueError):
-    """A CSV row the template cannot turn into a message.
-
-    :ivar field: the header concerned (``"To"``, ``"Attachment"`` ...), or None for the body.
-    :ivar reason: what is wrong, for the report.
-    """
-
-    def __init__(self, field: str | None, reason: str) -> None:
-        super().__init__(f"{field}: {reason}" if field else reason)
-        self.field = field
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,27 +115,6 @@ class Rendered:
 
     message: EmailMessage
     email: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Header:
-    name: str
-    key: str
-    line: int
-    literal: str | None
-    template: jinja2.Template | None
-    addresses: tuple[Address, ...] | None  # pre-parsed, for a literal address header
-    parsed: BaseHeader | None  # the header object of a literal value, built once
-    wire: bytes | None  # how a literal value goes out (folded, CRLF), when that is ASCII
-    source: str = ""  # the template text of a templated value
-
-
-@dataclass(frozen=True, slots=True)
-class _Attachment:
-    data: bytes
-    maintype: str
-    subtype: str
-    filename: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,29 +141,38 @@ class MessageTemplate:
         """
         self.name = name
         self.base_dir = Path(base_dir)
-        self._base = os.path.normpath(os.path.abspath(base_dir))
+        self._files = AttachmentFiles(base_dir)
         self._env = jinja2.Environment(
             undefined=jinja2.StrictUndefined,
             # Headers and text bodies are not HTML; escaping would corrupt "&" and "<" in them.
             autoescape=False,  # noqa: S701
             keep_trailing_newline=True,
         )
+        self._env.filters["display_name"] = format_display_name
+        self._env.filters["mailbox"] = format_mailbox
+        self._aliases: tuple[tuple[str, str], ...] | None = None  # set by check_columns
         source = source.replace("\r\n", "\n").replace("\r", "\n")
         # The whole text first, so a syntax error is reported at its line in the file.
         self._parse(source, 1)
         lines = source.split("\n")
         blank = next((i for i, line in enumerate(lines) if not line.strip()), len(lines))
         self._parts: list[_Part] = []
-        self._headers: list[_Header] = []
-        self._attachments: list[_Header] = []
+        self._headers: list[CompiledHeader] = []
+        self._attachments: list[CompiledHeader] = []
         self.kind: BodyKind = self._read_headers(lines[:blank])
         body_line = blank + 2
         body_source = "\n".join(lines[blank + 1 :])
         body_ast = self._parse(body_source, body_line)
         self._parts.append(_Part(body_line, body_ast))
-        # An HTML body escapes CSV cells ("<", "&"), so a cell cannot inject markup.
-        body_env = self._env.overlay(autoescape=True) if self.kind == "html" else self._env
-        self._body = body_env.from_string(body_ast)
+        # An HTML body escapes CSV cells ("<", "&"), so a cell cannot inject markup; so does the
+        # HTML made from a Markdown body, rendered a second time for it.
+        html_env = self._env.overlay(autoescape=True)
+        self._body = self._compile(
+            html_env if self.kind == "html" else self._env, body_ast, body_line
+        )
+        self._html_body = (
+            self._compile(html_env, body_ast, body_line) if self.kind == "markdown" else None
+        )
         self._joined, self._joined_body = self._join(body_source)
         self.variables: frozenset[str] = frozenset(
             name
@@ -218,8 +185,6 @@ class MessageTemplate:
             if self.kind == "markdown"
             else None
         )
-        self._cache: OrderedDict[str, _Attachment] = OrderedDict()
-        self._cache_bytes = 0
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> MessageTemplate:
@@ -246,16 +211,38 @@ class MessageTemplate:
         return tuple(header.name for header in self._headers)
 
     def check_columns(self, columns: Iterable[str]) -> None:
-        """Raise :class:`TemplateError` naming each variable no column of ``columns`` provides."""
-        missing = sorted(self.variables - set(columns))
-        if not missing:
-            return
-        described = ", ".join(
-            f"{name!r} (line {line})" if (line := self._first_use(name)) else repr(name)
-            for name in missing
-        )
-        plural = "s" if len(missing) > 1 else ""
-        raise TemplateError(f"{self.name}: no CSV column for template variable{plural} {described}")
+        """Check that ``columns`` provide every variable, and render rows with these columns.
+
+        Raises :class:`TemplateError` naming each variable (and each ``row["..."]``) no column
+        provides, with the closest column and the list of columns.
+        """
+        columns = tuple(columns)
+        self._aliases = column_aliases(columns)
+        provided = {*columns, *(alias for alias, _ in self._aliases), "row"}
+        missing = sorted(self.variables - provided)
+        keys = sorted(self._row_keys(columns) - set(columns))
+        if missing or keys:
+            raise unknown_columns_error(
+                self.name,
+                [(name, self._first_use(name)) for name in missing],
+                keys,
+                columns,
+                self._aliases,
+            )
+
+    def _row_keys(self, columns: tuple[str, ...]) -> set[str]:
+        """The constant keys the template looks up in ``row`` (``row["First Name"]``)."""
+        if "row" in columns:
+            return set()
+        return {
+            node.arg.value
+            for part in self._parts
+            for node in part.ast.find_all(jinja2.nodes.Getitem)
+            if isinstance(node.node, jinja2.nodes.Name)
+            and node.node.name == "row"
+            and isinstance(node.arg, jinja2.nodes.Const)
+            and isinstance(node.arg.value, str)
+        }
 
     def render(
         self,
@@ -276,27 +263,27 @@ class MessageTemplate:
         for header, text in self.header_values(values):
             value: str | BaseHeader = header.parsed or text
             addresses = header.addresses
-            if header.parsed is None and header.key in _ADDRESS_HEADERS:
-                addresses = tuple(_addresses(header.name, text))
+            if header.parsed is None and header.key in ADDRESS_HEADERS:
+                addresses = tuple(parse_addresses(header.name, text))
             if addresses:
                 first.setdefault(header.key, addresses[0])
             headers.append((header.name, value))
         if "from" not in first:
             raise RowError("From", "no From address")
-        recipient = next((first[key] for key in _RECIPIENT_HEADERS if key in first), None)
+        recipient = next((first[key] for key in RECIPIENT_HEADERS if key in first), None)
         if recipient is None:
             raise RowError("To", "no recipient: To, Cc and Bcc are all empty")
         attachments = [
-            self._attachment(path, templated=header.template is not None)
+            self._files.get(path, templated=header.template is not None)
             for header in self._attachments
             if (path := self._render_header(header, values))
         ]
         if not message_id.startswith("<"):
             message_id = f"<{message_id}>"
-        _checked("Message-ID", message_id)
+        check_value("Message-ID", message_id)
         body = self.render_body(values)
 
-        msg = EmailMessage(policy=_POLICY)
+        msg = EmailMessage(policy=POLICY)
         for name, value in headers:
             if isinstance(value, BaseHeader):
                 msg.set_raw(name, value)
@@ -306,10 +293,17 @@ class MessageTemplate:
             # The email package's header parser raises AttributeError on some phrases (". <a@b>").
             except (ValueError, TypeError, IndexError, AttributeError) as exc:
                 raise RowError(name, f"invalid header value {value!r}: {exc}") from None
+            if (
+                len(name) + 2 + len(value) > _FOLD_AT
+                and '"' in value
+                and name.lower() in ADDRESS_HEADERS
+            ):
+                check_folding(msg, name)
         msg["Date"] = date if date is not None else datetime.now(UTC)
         msg["Message-ID"] = message_id
         if self._markdown is not None:
-            html = self._markdown.reset().convert(body)
+            assert self._html_body is not None
+            html = self._markdown.reset().convert(self._render(self._html_body, values, None))
             msg.set_content(body)
             msg.add_alternative(html, subtype="html")
         else:
@@ -329,14 +323,23 @@ class MessageTemplate:
         return bool(self._attachments)
 
     def context(self, values: Mapping[str, str]) -> dict[str, object]:
-        """What a row's templates see: Jinja2's globals and the row's cells (cells win)."""
+        """What a row's templates see: Jinja2's globals, ``row`` and the row's cells by column
+        name and identifier form (cells win)."""
         context: dict[str, object] = dict(self._env.globals)
+        context["row"] = values
         context.update(values)
+        aliases = self._aliases
+        if aliases is None:  # rendering without check_columns: the row's own names
+            aliases = column_aliases(tuple(values))
+        for alias, column in aliases:
+            value = values.get(column)
+            if value is not None:  # else StrictUndefined names the variable, as for any
+                context[alias] = value
         return context
 
     def render_row(
         self, context: dict[str, object]
-    ) -> tuple[Iterable[tuple[_Header, str]], str | None]:
+    ) -> tuple[Iterable[tuple[CompiledHeader, str]], str | None]:
         """:meth:`header_values` and, if it came with them, the body (else None).
 
         The templated values (and the body, when it can be) are rendered as one Jinja2
@@ -352,14 +355,14 @@ class MessageTemplate:
                 pieces = []
             if len(pieces) == self._joined_count:
                 body = pieces.pop() if self._joined_body else None
-                values: list[tuple[_Header, str]] = []
+                values: list[tuple[CompiledHeader, str]] = []
                 taken = iter(pieces)
                 for header in self._headers:
                     if header.template is None:
                         value = header.literal or ""
                     else:
                         value = next(taken)
-                        if not _is_clean(header.name, value):
+                        if not is_clean(header.name, value):
                             return self.header_values(context), None
                         value = value.strip()
                     if value:
@@ -367,7 +370,7 @@ class MessageTemplate:
                 return values, body
         return self.header_values(context), None
 
-    def header_values(self, context: dict[str, object]) -> Iterator[tuple[_Header, str]]:
+    def header_values(self, context: dict[str, object]) -> Iterator[tuple[CompiledHeader, str]]:
         """Each header to send for a row and its value, checked; empty values are left out.
 
         ``context`` comes from :meth:`context`.
@@ -383,9 +386,12 @@ class MessageTemplate:
     def render_body(self, context: dict[str, object]) -> str:
         """The body text for a row (``context`` from :meth:`context`).
 
-        Raises :class:`RowError` when a variable is undefined.
+        Raises :class:`RowError` when a variable is undefined or a cell puts a NUL in the body.
         """
-        return self._render(self._body, context, None)
+        body = self._render(self._body, context, None)
+        if "\x00" in body:
+            raise RowError("body", _nul_reason(context))
+        return body
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -440,7 +446,7 @@ class MessageTemplate:
             self._headers.append(header)
         if "from" not in counts:
             raise TemplateError(f"{self.name}: the template has no From header")
-        if not any(key in counts for key in _RECIPIENT_HEADERS):
+        if not any(key in counts for key in RECIPIENT_HEADERS):
             raise TemplateError(f"{self.name}: the template has no To, Cc or Bcc header")
         return kind or "plain"
 
@@ -453,7 +459,7 @@ class MessageTemplate:
             )
         return _BODY_KINDS[media_type]
 
-    def _compile_header(self, number: int, name: str, value: str) -> _Header:
+    def _compile_header(self, number: int, name: str, value: str) -> CompiledHeader:
         key = name.lower()
         if _JINJA_MARKUP.search(value) is None:
             try:
@@ -461,22 +467,38 @@ class MessageTemplate:
             except HeaderInjectionError as exc:
                 raise self._fail(number, str(exc)) from None
             addresses = None
-            if key in _ADDRESS_HEADERS and value:
+            if key in ADDRESS_HEADERS and value:
                 try:
-                    addresses = tuple(_addresses(name, value))
+                    addresses = tuple(parse_addresses(name, value))
                 except RowError as exc:
                     raise self._fail(number, exc.reason) from None
-            parsed = _POLICY.header_factory(name, value)
-            folded = parsed.fold(policy=_POLICY)
+            parsed = POLICY.header_factory(name, value)
+            folded = parsed.fold(policy=POLICY)
             wire = folded.encode("ascii") if folded.isascii() else None
-            return _Header(name, key, number, value, None, addresses, parsed, wire)
+            return CompiledHeader(name, key, number, value, None, addresses, parsed, wire)
         ast = self._parse(value, number)
         self._parts.append(_Part(number, ast))
+        template = self._compile(self._env, ast, number)
+        return CompiledHeader(name, key, number, None, template, None, None, None, value)
+
+    def _compile(
+        self, env: jinja2.Environment, ast: jinja2.nodes.Template, first_line: int
+    ) -> jinja2.Template:
+        """``ast`` compiled; an unknown filter or test is a TemplateError naming its line."""
+        # Jinja2 leaves the check of those inside a condition to rendering: every row would fail.
+        for node in ast.find_all((jinja2.nodes.Filter, jinja2.nodes.Test)):
+            what, known = (
+                ("filter", env.filters)
+                if isinstance(node, jinja2.nodes.Filter)
+                else ("test", env.tests)
+            )
+            if node.name not in known:
+                raise self._fail(first_line + node.lineno - 1, f"No {what} named {node.name!r}.")
         try:
-            template = self._env.from_string(ast)
-        except jinja2.TemplateSyntaxError as exc:  # pragma: no cover - parse() caught it
-            raise self._fail(number, exc.message or str(exc)) from None
-        return _Header(name, key, number, None, template, None, None, None, value)
+            return env.from_string(ast)
+        except jinja2.TemplateSyntaxError as exc:  # TemplateAssertionError among them
+            line = first_line + (exc.lineno or 1) - 1
+            raise self._fail(line, exc.message or str(exc)) from None
 
     def _join(self, body_source: str) -> tuple[jinja2.Template | None, bool]:
         """The template for :meth:`render_row`, and whether it includes the body.
@@ -524,62 +546,20 @@ class MessageTemplate:
                 reason = f"no value for {undefined.group(1)!r}{where}"
             raise RowError(field, reason) from None
 
-    def _render_header(self, header: _Header, values: dict[str, object]) -> str:
+    def _render_header(self, header: CompiledHeader, values: dict[str, object]) -> str:
         if header.template is None:
             return header.literal or ""
         value = self._render(header.template, values, header.name)
-        _checked(header.name, value)  # before stripping: a trailing line break is refused too
+        check_value(header.name, value)  # before stripping: a trailing line break is refused too
         return value.strip()
 
-    def _attachment(self, path: str, *, templated: bool) -> _Attachment:
-        full = os.path.normpath(os.path.join(self._base, path))
-        if templated and os.path.commonpath([self._base, full]) != self._base:
-            raise RowError(
-                "Attachment", f"attachment path {path!r} leads outside the template's directory"
-            )
-        cached = self._cache.get(full)
-        if cached is not None:
-            self._cache.move_to_end(full)
-            return cached
-        try:
-            with open(full, "rb") as file:
-                data = file.read()
-        except FileNotFoundError:
-            raise RowError("Attachment", f"attachment file not found: {full}") from None
-        except OSError as exc:
-            raise RowError("Attachment", f"cannot read attachment {full}: {exc.strerror}") from None
-        mime, encoding = mimetypes.guess_type(full, strict=False)
-        if mime is None or encoding is not None:
-            mime = "application/octet-stream"
-        maintype, subtype = mime.split("/", 1)
-        attachment = _Attachment(data, maintype, subtype, os.path.basename(full))
-        if len(data) <= _ATTACHMENT_CACHE_BYTES:
-            self._cache[full] = attachment
-            self._cache_bytes += len(data)
-            while self._cache_bytes > _ATTACHMENT_CACHE_BYTES:
-                _, evicted = self._cache.popitem(last=False)
-                self._cache_bytes -= len(evicted.data)
-        return attachment
 
-
-def _is_clean(name: str, value: str) -> bool:
-    """Whether ``value`` keeps header ``name`` on its line (no line break, no NUL)."""
-    try:
-        check_header_value(name, value)
-    except HeaderInjectionError:
-        return False
-    return True
-
-
-def _checked(name: str, value: str) -> None:
-    """Raise RowError when ``value`` could end header ``name``'s line early."""
-    if not _is_clean(name, value):
-        raise RowError(name, "the value contains CR, LF or another line break (or NUL), refused")
-
-
-def _addresses(name: str, value: str) -> list[Address]:
-    """The addresses in header ``name``'s ``value``; raise RowError when one is invalid."""
-    try:
-        return parse_address_list(value, field=name)
-    except AddressError as exc:
-        raise RowError(exc.field or name, str(exc)) from None
+def _nul_reason(context: Mapping[str, object]) -> str:
+    """Why a body holding NUL is refused, naming the columns that put it there."""
+    columns = sorted(
+        name
+        for name, value in context.items()
+        if isinstance(value, str) and "\x00" in value and name != "row"
+    )
+    where = f"the cell in column {columns[0]!r}" if columns else "the rendered body"
+    return f"{where} contains a NUL byte, refused"

@@ -24,22 +24,14 @@ from collections.abc import Callable
 from datetime import datetime
 from email.utils import format_datetime
 
-from twistmail.address import Address, parse_address, parse_sender
-from twistmail.errors import AddressError
+from twistmail.address import Address, parse_plain_address_list, parse_sender
 from twistmail.message import Envelope, _envelope_from_crlf
 
-from .template import _ADDRESS_HEADERS, _RECIPIENT_HEADERS, MessageTemplate
+from .headers import ADDRESS_HEADERS, RECIPIENT_HEADERS
+from .template import MessageTemplate
 
 __all__ = ["render_direct"]
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LDH = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_ADDR_SPEC = rf"{_ATEXT}(?:\.{_ATEXT})*@{_LDH}(?:\.{_LDH})*"
-_MAILBOX = rf"(?:{_ADDR_SPEC}|{_ATEXT}(?: {_ATEXT})* <{_ADDR_SPEC}>)"
-# Address lists the email package writes back unchanged: plain mailboxes joined by ", ".
-_PLAIN_ADDRESS_LIST = re.compile(rf"{_MAILBOX}(?:, {_MAILBOX})*")
-# The addr-specs of a value that matched _PLAIN_ADDRESS_LIST: bracketed, or a bare mailbox.
-_ADDR_SPECS = re.compile(rf"<({_ADDR_SPEC})>|(?:^|, )({_ADDR_SPEC})(?=,|$)")
 # Unstructured values written back unchanged: printable ASCII words separated by one space.
 _PLAIN_TEXT = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 # policy.SMTP folds header lines longer than this, and re-encodes body lines longer than it.
@@ -79,33 +71,30 @@ def render_direct(
         return None
     lines: list[bytes] = []
     first: dict[str, Address] = {}
-    recipients: dict[str, list[Address]] = {key: [] for key in _RECIPIENT_HEADERS}
+    recipients: dict[str, list[Address]] = {key: [] for key in RECIPIENT_HEADERS}
     context = template.context(values)
     header_values, body = template.render_row(context)
     for header, value in header_values:
         key = header.key
+        addresses = header.addresses
         if header.template is None and header.wire is not None:
             line = header.wire
         elif len(header.name) + 2 + len(value) > _MAX_LINE or not value.isascii():
             return None
-        elif key in _ADDRESS_HEADERS:
-            if _PLAIN_ADDRESS_LIST.fullmatch(value) is None:
+        elif key in ADDRESS_HEADERS:
+            # Written back unchanged by the email package only in this plainest form, without an
+            # encoded-word lookalike (which it decodes); an invalid address steps aside too: the
+            # full path reports it, naming the field.
+            addresses = None if "=?" in value else parse_plain_address_list(value)
+            if addresses is None:
                 return None
             line = f"{header.name}: {value}\r\n".encode("ascii")
         elif key in _STRUCTURED_KEYS or "=?" in value or _PLAIN_TEXT.fullmatch(value) is None:
             return None
         else:
             line = f"{header.name}: {value}\r\n".encode("ascii")
-        if key in _ADDRESS_HEADERS:
-            addresses = header.addresses
-            if addresses is None:
-                try:
-                    addresses = tuple(
-                        parse_address(match[0] or match[1], field=header.name)
-                        for match in _ADDR_SPECS.findall(value)
-                    )
-                except AddressError:
-                    return None  # the full path reports it, naming the field
+        if key in ADDRESS_HEADERS:
+            assert addresses is not None
             if addresses:
                 first.setdefault(key, addresses[0])
             if key in recipients:
@@ -113,7 +102,7 @@ def render_direct(
         if key != "bcc":
             lines.append(line)
     sender = first.get("from")
-    report_address = next((first[key] for key in _RECIPIENT_HEADERS if key in first), None)
+    report_address = next((first[key] for key in RECIPIENT_HEADERS if key in first), None)
     if sender is None or report_address is None:
         return None  # the full path raises the row's error
     if body is None:
@@ -132,7 +121,7 @@ def render_direct(
     lines.append(_CONTENT_HEADERS[template.kind, ascii_body])
     head = b"".join(lines)
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
-    forward_paths = [address for key in _RECIPIENT_HEADERS for address in recipients[key]]
+    forward_paths = [address for key in RECIPIENT_HEADERS for address in recipients[key]]
     # Every line above ends in CRLF (values with a line break were refused, literal headers
     # are folded by policy.SMTP, body lines are re-joined with CRLF).
     envelope = _envelope_from_crlf(

@@ -3,11 +3,15 @@
 Each method returns a Deferred instead of blocking::
 
     smtp = SMTP(ca_file="ca.pem")
-    await smtp.connect("mail.example.com", 587)
+    code, greeting = await smtp.connect("mail.example.com", 587)
     await smtp.starttls()
     await smtp.login("alice", password)
     refused = await smtp.send_message(msg)
     await smtp.quit()
+
+As with smtplib, :meth:`~SMTP.connect`, :meth:`~SMTP.ehlo`, :meth:`~SMTP.starttls` and
+:meth:`~SMTP.login` fire with the server's ``(code, message)``, the message as bytes with the
+lines of a multi-line reply joined by ``\n``.
 
 The session handshake (greeting, EHLO, STARTTLS, AUTH) is Twisted's ``ESMTPClient``, which
 negotiates TLS and authentication while the session is set up. So :meth:`starttls` and
@@ -25,12 +29,20 @@ from email.message import EmailMessage
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.endpoints import wrapClientTLS
+from twisted.internet.error import ConnectError as TwistedConnectError
+from twisted.internet.error import TimeoutError as TwistedTimeoutError
+from twisted.mail.smtp import DNSNAME
+from twisted.python.failure import Failure
 
-from ..errors import ConnectionLostError, for_reply
+from ..errors import ConnectError, ConnectionLostError, SMTPTimeoutError, TLSError, for_reply
 from ..message import envelope_from_bytes, envelope_from_message
 from ._protocol import MailerProtocol
-from .client import Security, ServerConfig, connect, tls_options
+from .client import Security, ServerConfig, _endpoint, _Factory, tls_options
 from .esmtp import Capabilities
+
+Reply = tuple[int, bytes]
+"""A server reply as smtplib gives it: the code, and the text (lines joined by ``\n``)."""
 
 __all__ = ["SMTP"]
 
@@ -59,7 +71,7 @@ class SMTP:
         self._local_hostname = local_hostname
         self._implicit_tls = implicit_tls
         self._config: ServerConfig | None = None
-        self._proto: MailerProtocol | None = None
+        self._proto: _SessionProtocol | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -81,32 +93,46 @@ class SMTP:
         }
         return offered.get(key, False)
 
-    def connect(self, host: str = "localhost", port: int = 0) -> defer.Deferred[None]:
-        """Open the session: greeting and EHLO (HELO for an old server)."""
+    def connect(self, host: str = "localhost", port: int = 0) -> defer.Deferred[Reply]:
+        """Open the session: greeting and EHLO (HELO for an old server).
+
+        Fires with the greeting's ``(code, message)``, as smtplib's ``connect`` returns.
+        """
         security: Security = "tls" if self._implicit_tls else "plain"
         self._config = ServerConfig(host, port or (465 if self._implicit_tls else 25), security)
-        return self._open()
+        return self._open().addCallback(lambda proto: proto.replies["greeting"])
 
-    def ehlo(self) -> defer.Deferred[Capabilities]:
-        """The server's EHLO capabilities (EHLO was sent when the session opened)."""
+    def ehlo(self) -> defer.Deferred[Reply]:
+        """The server's reply to EHLO, ``(250, b"host\nPIPELINING\n...")`` (EHLO was sent when
+        the session opened; :attr:`capabilities` has the reply parsed)."""
         proto = self._require_open()
-        return defer.succeed(proto.capabilities)
+        return defer.succeed(proto.replies["ehlo"])
 
-    def starttls(self) -> defer.Deferred[None]:
-        """Require STARTTLS, with certificate and hostname checks unless ``insecure=True``."""
+    def starttls(self) -> defer.Deferred[Reply]:
+        """Require STARTTLS, with certificate and hostname checks unless ``insecure=True``.
+
+        Fires with the server's reply to STARTTLS. Fails with :class:`~twistmail.TLSError` when
+        the server does not offer STARTTLS (smtplib's ``SMTPNotSupportedError``).
+        """
         config = self._require_config()
+        proto = self._require_open()
         if config.security != "plain":
-            return defer.succeed(None)
+            return defer.succeed(proto.replies.get("starttls", proto.replies["greeting"]))
+        if not proto.capabilities.starttls:
+            return defer.fail(TLSError("the server does not offer STARTTLS", host=proto.host_label))
         self._config = ServerConfig(
             config.host, config.port, "starttls", config.username, config.password
         )
-        return self._reopen()
+        return self._reopen().addCallback(lambda proto: proto.replies["starttls"])
 
-    def login(self, user: str, password: str) -> defer.Deferred[None]:
-        """Authenticate (CRAM-MD5, PLAIN or LOGIN, whichever the server offers first)."""
+    def login(self, user: str, password: str) -> defer.Deferred[Reply]:
+        """Authenticate (CRAM-MD5, PLAIN or LOGIN, whichever the server offers first).
+
+        Fires with the server's reply to the authentication, ``(235, b"...")``.
+        """
         config = self._require_config()
         self._config = ServerConfig(config.host, config.port, config.security, user, password)
-        return self._reopen()
+        return self._reopen().addCallback(lambda proto: proto.replies["auth"])
 
     def sendmail(
         self, from_addr: str, to_addrs: str | Iterable[str], msg: bytes | str
@@ -160,7 +186,7 @@ class SMTP:
             raise ConnectionLostError("not connected: call connect() first")
         return self._config
 
-    def _require_open(self) -> MailerProtocol:
+    def _require_open(self) -> _SessionProtocol:
         if self._proto is None or not self._proto.usable:
             raise ConnectionLostError(
                 "not connected: call connect() first",
@@ -168,27 +194,58 @@ class SMTP:
             )
         return self._proto
 
-    def _open(self) -> defer.Deferred[None]:
+    def _open(self) -> defer.Deferred[_SessionProtocol]:
         config = self._require_config()
         tls = None
         if config.security != "plain":
             tls = tls_options(config.host, ca_file=self._ca_file, insecure=self._insecure)
-        d = connect(
-            self._reactor,
-            config,
-            tls_creator=tls,
-            connect_timeout=self._timeout,
-            reply_timeout=self._timeout,
-            local_hostname=self._local_hostname,
-            use_pipelining=False,
-        )
+        d = self._connect(config, tls)
 
-        def opened(proto: MailerProtocol) -> None:
+        def opened(proto: _SessionProtocol) -> _SessionProtocol:
             self._proto = proto
+            return proto
 
         return d.addCallback(opened)
 
-    def _reopen(self) -> defer.Deferred[None]:
+    def _connect(self, config: ServerConfig, tls: Any) -> defer.Deferred[_SessionProtocol]:
+        """:func:`~twistmail.smtp.client.connect`, with a protocol that keeps the handshake's
+        replies (smtplib returns them; the Mailer has no use for them)."""
+        identity = (self._local_hostname or DNSNAME.decode("ascii", "replace")).encode("idna")
+        starttls = config.security == "starttls"
+
+        def build() -> _SessionProtocol:
+            return _SessionProtocol(
+                host_label=config.label,
+                clock=self._reactor,
+                identity=identity,
+                username=config.username,
+                password=config.password,
+                starttls_context=tls if starttls else None,
+                require_tls=starttls,
+                reply_timeout=self._timeout,
+                use_pipelining=False,
+            )
+
+        endpoint = _endpoint(self._reactor, config.host, config.port, self._timeout)
+        if config.security == "tls":
+            endpoint = wrapClientTLS(tls, endpoint)
+
+        def connected(proto: _SessionProtocol) -> defer.Deferred[_SessionProtocol]:
+            return proto.ready.addCallback(lambda _: proto)
+
+        def failed(reason: Failure) -> Failure:
+            if reason.check(TwistedTimeoutError):
+                message = f"could not connect within {self._timeout:g}s"
+                return Failure(SMTPTimeoutError(message, host=config.label))
+            if reason.check(TwistedConnectError):
+                message = f"could not connect: {reason.value}"
+                return Failure(ConnectError(message, host=config.label))
+            return reason
+
+        d: defer.Deferred[Any] = endpoint.connect(_Factory(build))
+        return d.addCallback(connected).addErrback(failed)
+
+    def _reopen(self) -> defer.Deferred[_SessionProtocol]:
         d = self.quit()
         return d.addCallback(lambda _: self._open())
 
@@ -216,3 +273,35 @@ class SMTP:
             return refused
 
         return proto.send(envelope).addCallback(done)
+
+
+class _SessionProtocol(MailerProtocol):
+    """A MailerProtocol that keeps the replies of its session setup, by step."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.replies: dict[str, Reply] = {}
+
+    def esmtpState_ehlo(self, code: int, resp: bytes) -> None:
+        # Called with the greeting, and again with the STARTTLS reply to send EHLO anew.
+        self.replies.setdefault("greeting", (code, resp))
+        super().esmtpState_ehlo(code, resp)  # type: ignore[no-untyped-call]
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        self.replies["ehlo"] = (code, resp)
+        super().esmtpState_serverConfig(code, resp)
+
+    def smtpState_helo(self, code: int, resp: bytes) -> None:
+        # An old server refused EHLO (ESMTPClient says HELO next): smtplib's ehlo() returns
+        # that refusal too.
+        self.replies["ehlo"] = (code, resp)
+        super().smtpState_helo(code, resp)  # type: ignore[no-untyped-call]
+
+    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        self.replies["starttls"] = (code, resp)
+        super().esmtpState_starttls(code, resp)  # type: ignore[no-untyped-call]
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        if code == 235:
+            self.replies["auth"] = (code, resp)
+        super().smtpState_from(code, resp)
