@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import io
+import itertools
 import os
 import re
 import subprocess
@@ -27,6 +28,8 @@ from twistmail.backends.smtp import DEFAULT_URL, SMTPBackend
 from twistmail.errors import ConnectError
 from twistmail.message import unstuff
 
+_ids = itertools.count()
+
 
 def message(subject: str, **headers: str) -> EmailMessage:
     msg = EmailMessage()
@@ -35,6 +38,9 @@ def message(subject: str, **headers: str) -> EmailMessage:
     for name, value in headers.items():
         msg[name] = value
     msg["Subject"] = subject
+    # Given, so that rendering the message again gives the same bytes.
+    msg["Date"] = "Mon, 02 Nov 2026 10:00:00 +0000"
+    msg["Message-ID"] = f"<m{next(_ids)}@example.com>"
     msg.set_content(f"Body of {subject}.\n")
     return msg
 

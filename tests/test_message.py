@@ -260,6 +260,8 @@ def test_envelope_from_message_derives_addresses_from_headers() -> None:
         To="Bob <bob@example.org>, Team: carol@example.net, bob@EXAMPLE.org;",
         Cc="dave@example.com",
         Bcc="eve@example.com",
+        Date="Mon, 02 Nov 2026 10:00:00 +0000",
+        Message_ID="<m1@example.com>",
     )
     envelope = envelope_from_message(msg)
     assert envelope.sender == Address("alice", "example.com")
@@ -315,12 +317,20 @@ def test_invalid_address_header_is_refused_with_field() -> None:
     assert info.value.field == "Reply-To"
 
 
-def test_no_headers_are_added() -> None:
+def test_only_a_missing_date_and_message_id_are_added() -> None:
     msg = make_message(From="a@example.com", To="b@example.org")
     envelope = envelope_from_message(msg)
     names = [line.split(b":")[0] for line in header_block(envelope.payload).split(b"\r\n")]
-    assert names == [b"From", b"To", b"Content-Type", b"Content-Transfer-Encoding", b"MIME-Version"]
-    assert envelope.message_id is None
+    assert names == [
+        b"From",
+        b"To",
+        b"Content-Type",
+        b"Content-Transfer-Encoding",
+        b"MIME-Version",
+        b"Date",
+        b"Message-ID",
+    ]
+    assert envelope.message_id is not None
 
 
 def test_message_id_from_message() -> None:
@@ -368,7 +378,8 @@ def test_header_name_injection_is_refused() -> None:
 def test_folded_headers_of_a_parsed_message_are_accepted() -> None:
     raw = (
         b"From: a@example.com\r\nTo: b@example.org,\r\n c@example.org\r\n"
-        b"Subject: a long\r\n\tfolded subject\r\n\r\nbody\r\n"
+        b"Subject: a long\r\n\tfolded subject\r\nDate: Mon, 02 Nov 2026 10:00:00 +0000\r\n"
+        b"Message-ID: <m1@example.com>\r\n\r\nbody\r\n"
     )
     msg = email.message_from_bytes(raw, _class=EmailMessage, policy=policy.default)
     envelope = envelope_from_message(msg)
@@ -440,3 +451,32 @@ def test_reflatten_7bit_of_raw_bytes_is_impossible() -> None:
 def test_reflatten_7bit_of_7bit_envelope_is_the_envelope() -> None:
     envelope = envelope_from_bytes("a@example.com", ["b@example.org"], CRLF_MESSAGE)
     assert reflatten_7bit(envelope) is envelope
+
+
+def test_a_message_without_date_or_message_id_gets_both_and_the_callers_is_unchanged() -> None:
+    msg = EmailMessage()
+    msg["From"] = "Ann <ann@example.com>"
+    msg["To"] = "bob@example.org"
+    msg["Subject"] = "hi"
+    msg.set_content("hello\n")
+    env = envelope_from_message(msg)
+    sent = email.message_from_bytes(unstuff(env.payload), policy=policy.SMTP)
+    assert sent["Date"] is not None
+    assert env.message_id is not None
+    assert env.message_id.endswith("@example.com>")
+    assert sent["Message-ID"] == env.message_id
+    assert msg["Date"] is None
+    assert msg["Message-ID"] is None
+
+
+def test_a_message_with_date_and_message_id_keeps_them_exactly() -> None:
+    msg = EmailMessage()
+    msg["From"] = "ann@example.com"
+    msg["To"] = "bob@example.org"
+    msg["Date"] = "Mon, 02 Nov 2026 10:00:00 +0000"
+    msg["Message-ID"] = "<fixed@example.com>"
+    msg.set_content("hello\n")
+    env = envelope_from_message(msg)
+    assert env.message_id == "<fixed@example.com>"
+    assert b"\r\nDate: Mon, 02 Nov 2026 10:00:00 +0000\r\n" in env.payload
+    assert env.payload.count(b"Message-ID:") == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import email
+import email.utils
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -195,9 +196,29 @@ def envelope_from_message(
         forward_paths = _unique_recipients(
             _parsed_recipients(recipients), field="recipients", empty="no recipients"
         )
+    msg = _dated_and_identified(msg, header_addresses["From"] or [envelope_sender])
     rendered, utf8_headers = _prepare(msg, header_addresses)
     data = rendered.as_bytes(policy=policy.SMTPUTF8 if utf8_headers else policy.SMTP)
     return _envelope(envelope_sender, forward_paths, data, msg)
+
+
+def _dated_and_identified(msg: EmailMessage, authors: list[Address]) -> EmailMessage:
+    """``msg``, or a copy of it with the ``Date`` and ``Message-ID`` it lacks (RFC 5322 wants
+    both; a Message-ID is what lets a resent message be recognised). ``msg`` is not changed."""
+    missing_date = msg.get("Date") is None
+    missing_id = msg.get("Message-ID") is None
+    if not (missing_date or missing_id):
+        return msg
+    stamped = copy.copy(msg)
+    # A shallow copy shares the header list: give the copy its own before adding to it.
+    fields = vars(stamped)
+    fields["_headers"] = list(fields["_headers"])
+    if missing_date:
+        stamped["Date"] = email.utils.formatdate(localtime=True)
+    if missing_id:
+        domain = next((a.ascii_domain for a in authors if not a.is_null), "localhost")
+        stamped["Message-ID"] = email.utils.make_msgid(domain=domain)
+    return stamped
 
 
 def reflatten_7bit(envelope: Envelope) -> Envelope | None:
