@@ -22,6 +22,8 @@ def message() -> EmailMessage:
     msg["To"] = "b@example.org"
     msg["Bcc"] = "hidden@example.org"
     msg["Subject"] = "ported"
+    msg["Date"] = "Mon, 02 Nov 2026 10:00:00 +0000"
+    msg["Message-ID"] = "<ported@example.com>"
     msg.set_content("from smtplib code\n")
     return msg
 

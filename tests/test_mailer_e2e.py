@@ -32,6 +32,9 @@ def sample_message(**headers: str) -> EmailMessage:
     msg["From"] = "Sender <sender@example.com>"
     msg["To"] = "one@example.com, two@example.com"
     msg["Subject"] = "Grüße"
+    # Given, so that rendering the message again (for the expected bytes) is byte-identical.
+    msg["Date"] = "Mon, 02 Nov 2026 10:00:00 +0000"
+    msg["Message-ID"] = "<sample@example.com>"
     for name, value in headers.items():
         msg[name.replace("_", "-")] = value
     msg.set_content("Hello\n.a line with a leading dot\nZürich ☃\n")

@@ -219,12 +219,13 @@ class Drain:
 
     def wake_in(self) -> float | None:
         """Nothing to deliver now: wait for a claim, or stop once the queue has nothing due."""
+        if not self._buffer and not self._exhausted:
+            self._claim()  # may find the pass's bound reached, or be answered at once
         if self._buffer:
             return 0.0
-        if self._exhausted:
-            return None
-        self._claim()
-        return math.inf
+        if self._claiming is not None:
+            return math.inf  # the claim's answer pumps the loop
+        return None
 
     def record(self, job: Job, plan: Plan) -> defer.Deferred[None]:
         """Write the outcome to the queue; a lease lost meanwhile is counted, not an error."""

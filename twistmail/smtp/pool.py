@@ -117,12 +117,12 @@ class ConnectionPool:
             return
         if self._waiters:
             self._waiters.popleft().callback(self._take(proto))
-            # With PIPELINING one connection takes several transactions: serve more waiters.
+            # With PIPELINING one connection takes several transactions: serve the waiters
+            # that the connections still being opened will not.
             while (
-                self._waiters
+                len(self._waiters) > len(self._connecting)
                 and proto.usable
                 and self._load.get(proto, 0) < self._capacity(proto)
-                and not self.has_room
             ):
                 self._waiters.popleft().callback(self._take(proto))
             return
