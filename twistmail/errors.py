@@ -60,6 +60,10 @@ class DeliveryError(TwistmailError):
     :ivar response: the server's reply text (credentials never appear here).
     :ivar recipient: the recipient this error concerns, when it concerns one.
     :ivar host: the server, as ``host:port``.
+    :ivar attempted: whether the server may have seen this message. False when the failure
+        happened before any command of the transaction was written (a connection that could
+        not be made or was refused, a circuit breaker open, a transaction queued behind others
+        on a connection that died): such a failure must not count as a delivery attempt.
     """
 
     transient = False
@@ -73,6 +77,7 @@ class DeliveryError(TwistmailError):
         response: str = "",
         recipient: str | None = None,
         host: str | None = None,
+        attempted: bool = True,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -81,6 +86,7 @@ class DeliveryError(TwistmailError):
         self.response = response
         self.recipient = recipient
         self.host = host
+        self.attempted = attempted
         self.refused: dict[str, tuple[int, str]] = {}
         """For a refused transaction: every refused recipient and its ``(code, text)``."""
 
