@@ -109,8 +109,10 @@ class Mailer:
             clock=self._clock,
             idle_timeout=idle_timeout,
             depth=pipeline_depth if pipelining else 1,
+            # The pool's connections take a token right before each MAIL they write.
+            throttle=TokenBucket(self._clock, rate) if rate else None,
         )
-        self._bucket = TokenBucket(self._clock, rate) if rate else None
+        self._bucket: TokenBucket | None = None  # the rate is kept by the pool's throttle
         self._domains = DomainLimiter(per_domain) if per_domain else None
         self._active: set[defer.Deferred[Any]] = set()
         self._closed = False
@@ -365,6 +367,16 @@ class Mailer:
             log.failure("unexpected error while sending", failure)
             error = PermanentError(f"internal error: {error!r}")
         delivery.error = error
+        retry_now = (
+            not error.attempted
+            and error.transient
+            and self.pool.breaker_error is None
+            and not self._closed
+        )
+        if retry_now:
+            # The server never saw this message (queued on a connection that died): it costs
+            # no attempt. Refusals by the server (the pool's breaker) still count.
+            delivery.attempts -= 1
         status: RecipientStatus = "deferred" if error.transient else "failed"
         outcomes = delivery.outcomes
         for i, (rcpt, o) in enumerate(zip(delivery.envelope.recipients, outcomes, strict=True)):
@@ -377,7 +389,9 @@ class Mailer:
                     error.response,
                     delivery.attempts,
                 )
-        if error.transient:
+        if retry_now:
+            delivery.retry_at = self._clock.seconds()
+        elif error.transient:
             self._schedule_retry(delivery)
         return None
 
