@@ -58,6 +58,10 @@ class CueServer:
       ``"DOT"`` is the final dot), keep the socket open until :meth:`stop`.
     - ``close_421_after``: once K messages were accepted on a connection, answer the next
       command with ``421 4.7.0 closing`` and close.
+    - ``close_after``: close the connection right after the 250 of its Nth message, without
+      421; later (pipelined) commands on it are never answered. Counted in :attr:`closed`.
+    - ``max_connections``: with K sessions open, greet another one with
+      ``421 4.7.0 too many connections`` and close it. Counted in :attr:`refused`.
 
     Extensions: ``auth`` (username -> password; AUTH PLAIN and LOGIN offered, MAIL/RCPT/DATA
     refused with 530 until authenticated), ``starttls_context`` (+ ``require_starttls``),
@@ -75,6 +79,8 @@ class CueServer:
         drop_after_data_count: int = 0,
         stall_on: str | None = None,
         close_421_after: int | None = None,
+        close_after: int | None = None,
+        max_connections: int | None = None,
         auth: dict[str, str] | None = None,
         starttls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
@@ -91,6 +97,8 @@ class CueServer:
         self.drop_after_data_count = drop_after_data_count
         self.stall_on = stall_on
         self.close_421_after = close_421_after
+        self.close_after = close_after
+        self.max_connections = max_connections
         self.auth = dict(auth) if auth is not None else None
         self.starttls_context = starttls_context
         self.require_starttls = require_starttls
@@ -105,6 +113,8 @@ class CueServer:
         self.rejected: list[Received] = []
         self.connections = 0
         self.commands: list[str] = []
+        self.closed = 0  # connections ended by close_after
+        self.refused = 0  # connections refused by max_connections
 
         self._seen_once: set[str] = set()
         self._sessions: set[_CueSMTP] = set()
@@ -252,6 +262,12 @@ class CueServer:
             return self.data_reply
         self.received.append(message)
         server.accepted += 1
+        if self.close_after is not None and server.accepted >= self.close_after:
+            # Closed once the 250 below is written; nothing after it is answered.
+            server.closing = True
+            self.closed += 1
+            assert server.transport is not None
+            asyncio.get_running_loop().call_soon(server.transport.close)
         return self.data_reply or "250 OK"
 
     def authenticate(
@@ -279,6 +295,7 @@ class _CueSMTP(SMTP):
         self.cue = cue
         self.index = -1
         self.accepted = 0  # messages accepted on this connection
+        self.closing = False  # close_after: answer nothing more
         self._smtp_methods = {
             name: self._cued(name, method) for name, method in self._smtp_methods.items()
         }
@@ -295,6 +312,13 @@ class _CueSMTP(SMTP):
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
+        limit = self.cue.max_connections
+        if limit is not None and len(self.cue._sessions) > limit:
+            self.cue.refused += 1
+            await self.push("421 4.7.0 too many connections")
+            assert self.transport is not None
+            self.transport.close()
+            return
         if self.cue.stall_on == "greeting":
             await self.cue._wait_until_stopped()
             return
@@ -317,6 +341,8 @@ class _CueSMTP(SMTP):
         self, name: str, arg: str | None, method: Callable[[str | None], Awaitable[None]]
     ) -> None:
         cue = self.cue
+        if self.closing:
+            return
         if name == "AUTH":
             cue.commands.append("AUTH <redacted>")
         else:

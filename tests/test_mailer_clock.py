@@ -217,8 +217,9 @@ class SendManyOnClockTests(SynchronousTestCase):
         )
         refused = b"250 ok\r\n451 4.2.1 later\r\n554 no valid recipients\r\n"
         d = mailer.send_many(("s@example.com", [f"{name}@x.org"], DATA) for name in ("a", "b"))
-        a, b = FakeServer(reactor, 0), FakeServer(reactor, 1)
-        a.handshake()
+        a = FakeServer(reactor, 0)
+        a.handshake()  # the second connection is opened once the first has succeeded
+        b = FakeServer(reactor, 1)
         b.handshake()
         self.assertIn(b"a@x.org", a.take())
         self.assertIn(b"b@x.org", b.take())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
@@ -53,8 +55,38 @@ class TokenBucketTests(SynchronousTestCase):
             bucket.acquire().addCallback(take)
 
         take()
-        clock.pump([0.01] * 1000)  # 10 s
-        self.assertTrue(495 <= count[0] <= 507, count[0])
+        clock.pump([0.001] * 10_000)  # 10 s; a wake-up up to 1 ms late loses that much
+        self.assertTrue(470 <= count[0] <= 501, count[0])
+
+    def test_any_window_holds_at_most_rate_times_width_plus_one(self) -> None:
+        clock = task.Clock()
+        rate = 7.5
+        bucket = TokenBucket(clock, rate=rate)
+        times: list[float] = []
+
+        def take(_: object = None) -> None:
+            times.append(clock.seconds())
+            bucket.acquire().addCallback(take)
+
+        take()
+        for step in [0.001] * 3000 + [0.4, 0.0005] * 20 + [0.05] * 100:
+            clock.advance(step)
+        self.assertGreater(len(times), 50)
+        _assert_rate_bound(times, rate)
+
+    def test_try_take_takes_only_a_free_token_nobody_waits_for(self) -> None:
+        clock = task.Clock()
+        bucket = TokenBucket(clock, rate=2)
+        self.assertTrue(bucket.try_take())
+        self.assertFalse(bucket.try_take())
+        waiter = bucket.acquire()
+        clock.advance(0.4)
+        self.assertFalse(bucket.try_take())  # not yet refilled
+        clock.advance(0.1)
+        self.successResultOf(waiter)  # the waiter had the place
+        self.assertFalse(bucket.try_take())
+        clock.advance(0.5)
+        self.assertTrue(bucket.try_take())
 
     def test_cancelled_waiter_gives_up_its_place(self) -> None:
         clock = task.Clock()
@@ -84,3 +116,13 @@ class DomainLimiterTests(SynchronousTestCase):
         for _ in range(2):
             limiter.release("a.example")
         self.assertEqual(limiter.active("a.example"), 0)
+
+
+def _assert_rate_bound(times: list[float], rate: float) -> None:
+    """At most ceil(rate * w) + 1 events in any window of w >= 1 second."""
+    times = sorted(times)
+    for i, start in enumerate(times):
+        for j in range(i, len(times)):
+            width = max(1.0, times[j] - start)
+            allowed = math.ceil(rate * width - 1e-9) + 1
+            assert j - i + 1 <= allowed, (start, times[j], j - i + 1, allowed)

@@ -89,9 +89,10 @@ class DeliveryError(TwistmailError):
     :ivar response: the server's reply text (credentials never appear here).
     :ivar recipient: the recipient this error concerns, when it concerns one.
     :ivar host: the server, as ``host:port``.
-    :ivar attempted: False when the message never reached the server (nothing of it was
-        written: the connection could not be made, or it broke before the message's turn), so
-        no delivery attempt is to be counted for it.
+    :ivar attempted: whether the server may have seen this message. False when the failure
+        happened before any command of the transaction was written (a connection that could
+        not be made or was refused, a circuit breaker open, a transaction queued behind others
+        on a connection that died): such a failure must not count as a delivery attempt.
     :ivar session_setup: True when the failure happened while setting up a session (connect,
         TLS, greeting, EHLO, AUTH): it is about the server or our configuration, not about
         the message.

@@ -45,8 +45,7 @@ class Mailer:
     ``concurrency`` is the number of connections. With a server that offers PIPELINING, each
     connection carries up to ``pipeline_depth`` transactions at once (the next message's
     MAIL/RCPT/DATA go out with the previous message's body); ``pipelining=False`` sends in
-    lock step, and so does a Mailer with a ``rate`` (each MAIL goes out when its token is
-    taken).
+    lock step. With a ``rate``, each connection takes a token right before it writes a MAIL.
 
     :meth:`send` and :meth:`send_many` retry by ``retry_policy`` (or ``max_attempts``,
     ``retry_delay``, ``max_retry_delay``); :meth:`attempt`, :attr:`capacity` and :meth:`abort`
@@ -108,11 +107,13 @@ class Mailer:
             size=concurrency,
             clock=self._clock,
             idle_timeout=idle_timeout,
-            depth=pipeline_depth if pipelining and not rate else 1,
+            depth=pipeline_depth if pipelining else 1,
+            # The pool's connections take a token right before each MAIL they write, so the
+            # rate holds at the server even with pipelined transactions.
+            throttle=TokenBucket(self._clock, rate) if rate else None,
         )
-        self._bucket = TokenBucket(self._clock, rate) if rate else None
         self._domains = DomainLimiter(per_domain) if per_domain else None
-        self._fast = self._bucket is None and self._domains is None
+        self._fast = self._domains is None
         # max_attempts=1: the caller owns retries, so temporary failures stay "deferred".
         self._door_policy = self.retry if self.retry.max_attempts > 1 else None
         self._active: set[defer.Deferred[Any]] = set()
@@ -295,21 +296,14 @@ class Mailer:
         return d.addCallback(lambda _: count_result(door.single_result(), index, report, on_result))
 
     async def _gate(self, attempt: Attempt) -> MailerProtocol:
-        """Wait for a per-domain slot, a connection, then a rate-limit token (last, so the
-        MAIL command goes out when the token is taken)."""
+        """Wait for a per-domain slot, then a connection (the rate limit is kept by the
+        connections themselves: each takes a token right before it writes a MAIL)."""
         domains = self._domains
         if domains is not None:
             for domain in sorted({r.ascii_domain for r in attempt.envelope.recipients}):
                 await domains.acquire(domain)
                 attempt._domains.append(domain)
-        proto = await self.pool.acquire()
-        if self._bucket is not None:
-            try:
-                await self._bucket.acquire()
-            except BaseException:
-                self.pool.release(proto)
-                raise
-        return proto
+        return await self.pool.acquire()
 
     def _release_domains(self, held: list[str]) -> None:
         assert self._domains is not None

@@ -10,12 +10,18 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 __all__ = ["DomainLimiter", "TokenBucket"]
 
+# A token refilled to within float rounding of whole counts as whole: a timer set for the
+# exact refill time must find it there, or it would re-arm itself for no time at all.
+_WHOLE = 1 - 1e-9
+
 
 class TokenBucket:
     """At most ``rate`` acquisitions per second on average, with bursts of up to ``burst``.
 
-    :meth:`acquire` fires at once while tokens remain, otherwise when the bucket refills;
-    waiters are served in order by a single timer (no polling, no sleeping).
+    With the default ``burst`` of 1, any window of ``w`` seconds holds at most
+    ``ceil(rate * w) + 1`` acquisitions. :meth:`acquire` fires at once while tokens remain,
+    otherwise when the bucket refills; waiters are served in order by a single timer (no
+    polling, no sleeping).
     """
 
     def __init__(self, clock: IReactorTime, rate: float, burst: float | None = None) -> None:
@@ -23,7 +29,7 @@ class TokenBucket:
             raise ValueError("rate must be positive")
         self._clock = clock
         self.rate = float(rate)
-        self.burst = float(burst) if burst is not None else max(1.0, self.rate / 10)
+        self.burst = float(burst) if burst is not None else 1.0
         if self.burst < 1:
             raise ValueError("burst must be at least 1")
         self._tokens = self.burst
@@ -38,11 +44,21 @@ class TokenBucket:
             self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
         self._stamp = now
 
+    def try_take(self) -> bool:
+        """Take a token if one is free now and nobody is waiting for one."""
+        if self._waiters:
+            return False
+        self._refill()
+        if self._tokens >= _WHOLE:
+            self._tokens -= 1
+            return True
+        return False
+
     def acquire(self) -> defer.Deferred[None]:
         """Fires when the caller may go ahead; cancelling gives the place up."""
         if not self._waiters:
             self._refill()
-            if self._tokens >= 1:
+            if self._tokens >= _WHOLE:
                 self._tokens -= 1
                 return defer.succeed(None)
         waiter: defer.Deferred[None] = defer.Deferred(self._cancel)
@@ -67,7 +83,7 @@ class TokenBucket:
     def _wake(self) -> None:
         self._timer = None
         self._refill()
-        while self._waiters and self._tokens >= 1:
+        while self._waiters and self._tokens >= _WHOLE:
             self._tokens -= 1
             self._waiters.popleft().callback(None)
         if self._waiters:

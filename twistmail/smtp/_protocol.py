@@ -14,7 +14,7 @@ import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from OpenSSL import SSL
 from twisted.internet import defer, tcp
@@ -43,7 +43,18 @@ from ._failures import handshake_error, ssl_reason
 from ._transaction import Notify, RecipientReply, TransactionResult, _reply, _text, _Txn
 from .esmtp import Capabilities, split_enhanced
 
-__all__ = ["MailerProtocol", "Notify", "RecipientReply", "TransactionResult"]
+__all__ = ["MailerProtocol", "Notify", "RecipientReply", "Throttle", "TransactionResult"]
+
+
+class Throttle(Protocol):
+    """Paces MAIL commands across connections (e.g. a :class:`~twistmail.ratelimit.TokenBucket`)."""
+
+    def try_take(self) -> bool:
+        """Take a token now if one is free and nobody waits for one."""
+
+    def acquire(self) -> defer.Deferred[None]:
+        """Fires once a token has been taken for the caller; cancelling gives the place up."""
+
 
 # Kinds of expected reply.
 _MAIL, _RCPT, _DATA, _DOT, _RSET, _QUIT = range(6)
@@ -131,6 +142,18 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._receiving = False
         # The socket of a plain TCP transport, written to directly when its buffer is empty.
         self._socket: socket.socket | None = None
+        # At most this many transactions on this connection, then QUIT (None: no limit).
+        self.message_cap: int | None = None
+        self.transactions_taken = 0
+        """Transactions queued on this connection so far (see :attr:`message_cap`)."""
+        self.transactions_done = 0
+        """Transactions the server gave its final answer to on this connection."""
+        self.closed_early = False
+        """The server ended the session (a drop, or a 421) while transactions were unfinished."""
+        # Paces MAIL commands: a token is taken right before each MAIL is written.
+        self.throttle: Throttle | None = None
+        self._token = False
+        self._token_wait: defer.Deferred[None] | None = None
 
     # ------------------------------------------------------------------ handshake (ESMTPClient)
 
@@ -245,8 +268,26 @@ class MailerProtocol(tsmtp.ESMTPClient):
             "connection is not usable for sending", host=self.host_label, attempted=False
         )
 
+    def set_message_cap(self, cap: int | None) -> None:
+        """Carry at most ``cap`` transactions in all on this connection, then QUIT."""
+        self.message_cap = cap
+        if cap is not None and self.transactions_taken >= cap and not self._closing:
+            self._end_after_queued()
+
+    def _end_after_queued(self) -> None:
+        """Take no more transactions; QUIT once the queued ones are done."""
+        self._quit_requested = True
+        self._closing = True
+        if self.is_ready and self.busy == 0 and not self._expect and not self.is_closed:
+            self._send_quit()
+
     def _queue(self, txn: _Txn) -> None:
         self._waiting.append(txn)
+        taken = self.transactions_taken = self.transactions_taken + 1
+        cap = self.message_cap
+        if cap is not None and taken >= cap:
+            self._quit_requested = True
+            self._closing = True
         self._pump()
         if not self._receiving:
             self._flush()
@@ -294,6 +335,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
         while self._waiting and self._envelope_txn is None:
             if self._body_txn is not None and not self._pipelining:
                 return
+            if self.throttle is not None and not self._token and not self._wait_for_token():
+                return
             txn = self._waiting.popleft()
             if not self._start(txn):
                 continue
@@ -309,6 +352,28 @@ class MailerProtocol(tsmtp.ESMTPClient):
         ):
             self._send_quit()
 
+    def _wait_for_token(self) -> bool:
+        """Take a token for the next MAIL now (True), or ask to be woken when one is ours."""
+        throttle = self.throttle
+        assert throttle is not None
+        if self._token_wait is not None:
+            return False
+        if throttle.try_take():
+            self._token = True
+            return True
+        wait = self._token_wait = throttle.acquire()
+        wait.addCallbacks(self._token_granted, _ignore_cancel)
+        return False
+
+    def _token_granted(self, _: None) -> None:
+        self._token_wait = None
+        if self.is_closed:
+            return
+        self._token = True
+        self._pump()
+        if not self._receiving:
+            self._flush()
+
     def _start(self, txn: _Txn) -> bool:
         """Write (or queue) the envelope commands of ``txn``; False if it failed locally."""
         env = txn.envelope
@@ -319,6 +384,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
                     "the message needs SMTPUTF8 (a non-ASCII address or header) "
                     "and the server does not offer it",
                     host=self.host_label,
+                    attempted=False,
                 )
             )
             return False
@@ -329,6 +395,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
                     ExtensionRequiredError(
                         "the message has 8-bit content and the server does not offer 8BITMIME",
                         host=self.host_label,
+                        attempted=False,
                     )
                 )
                 return False
@@ -339,11 +406,13 @@ class MailerProtocol(tsmtp.ESMTPClient):
                     f"the message is {env.size} octets and the server takes at most {caps.size}",
                     code=552,
                     host=self.host_label,
+                    attempted=False,
                 )
             )
             return False
 
         txn.started = True
+        self._token = False
         self._envelope_txn = txn
         utf8 = env.smtputf8
         params = b""
@@ -584,6 +653,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
 
     def _finish(self, txn: _Txn, code: int, raw: bytes) -> None:
         """Fire the transaction's Deferred with each recipient's final reply."""
+        self.transactions_done += 1
         recipients = txn.envelope.recipients
         if (
             200 <= code < 300
@@ -731,7 +801,11 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._closing = True
         self._data_deadline = None
         self._stop_watchdog()
-        error = self._close_error or self._lost_error(reason)
+        if self._token_wait is not None:
+            wait, self._token_wait = self._token_wait, None
+            wait.cancel()
+        close_error = self._close_error
+        error = close_error or self._lost_error(reason)
         txns: list[_Txn] = []
         if self._body_txn is not None:
             txns.append(self._body_txn)
@@ -741,19 +815,20 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._body_txn = self._envelope_txn = self._held = None
         self._waiting.clear()
         self._expect.clear()
-        for txn in txns:
-            if not txn.settled:
-                if txn.started:
-                    txn.fail(error)
-                else:
-                    txn.fail(
-                        ConnectionLostError(
-                            "connection closed before sending",
-                            host=self.host_label,
-                            attempted=False,
-                        )
+        unfinished = [txn for txn in txns if not txn.settled]
+        # A drop by the server (no QUIT, no abort of ours) or its 421, with work outstanding.
+        self.closed_early = bool(unfinished) and (close_error is None or close_error.code == 421)
+        for txn in unfinished:
+            if _mail_written(txn):
+                txn.fail(error)
+            else:
+                txn.fail(
+                    ConnectionLostError(
+                        "connection closed before sending", host=self.host_label, attempted=False
                     )
+                )
         if not self.ready.called:
+            error.attempted = False  # no transaction is queued before the session is ready
             self.ready.errback(error)
         self.lost.callback(None)
 
@@ -771,3 +846,15 @@ class MailerProtocol(tsmtp.ESMTPClient):
         if self.is_ready:
             return ConnectionLostError("connection lost", host=self.host_label)
         return ConnectionLostError("connection lost during session setup", host=self.host_label)
+
+
+def _mail_written(txn: _Txn) -> bool:
+    """Whether the MAIL command of ``txn`` has been written (the server may have seen it)."""
+    if not txn.started:
+        return False
+    pending = txn.pending  # without PIPELINING, commands not yet written
+    return not pending or pending[0][0] not in (_RSET, _MAIL)
+
+
+def _ignore_cancel(reason: Failure) -> None:
+    reason.trap(defer.CancelledError)

@@ -201,11 +201,17 @@ def connect(
         if reason.check(TwistedTimeoutError):
             return Failure(
                 SMTPTimeoutError(
-                    f"could not connect within {connect_timeout:g}s", host=config.label
+                    f"could not connect within {connect_timeout:g}s",
+                    host=config.label,
+                    attempted=False,
                 )
             )
         if reason.check(TwistedConnectError):
-            return Failure(ConnectError(f"could not connect: {reason.value}", host=config.label))
+            return Failure(
+                ConnectError(
+                    f"could not connect: {reason.value}", host=config.label, attempted=False
+                )
+            )
         return reason
 
     connecting: defer.Deferred[Any] = endpoint.connect(_Factory(build))

@@ -1,8 +1,10 @@
-"""A bounded pool of ready SMTP connections to one server."""
+"""A bounded pool of ready SMTP connections to one server, that adapts to how the server behaves."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import random as _random
 from collections import deque
 from collections.abc import Callable
 
@@ -10,10 +12,14 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
-from ..errors import ConnectionLostError
-from ._protocol import MailerProtocol
+from ..errors import ConnectionLostError, DeliveryError
+from ._protocol import MailerProtocol, Throttle
 
 __all__ = ["ConnectionPool"]
+
+# Clean connection ends at the learned message cap before one connection tries one more.
+_GROW_CAP_AFTER = 8
+_GROW_CAP_AFTER_MAX = 1024
 
 
 class ConnectionPool:
@@ -25,6 +31,30 @@ class ConnectionPool:
     one takes a second transaction. A connection that stays idle for ``idle_timeout`` seconds
     is closed with QUIT; one the server closes (421, a drop) is forgotten and replaced on the
     next demand.
+
+    The pool adapts to the server:
+
+    - **Circuit breaker.** A connection attempt that fails (no TCP connection, a TLS or login
+      refusal, a session refused at the greeting) while no other connection is open or being
+      opened makes the pool open no new connection for a backoff (``backoff`` seconds,
+      doubling up to ``max_backoff``, with jitter): what was waiting fails at once with that
+      error, and so does :meth:`acquire` until :attr:`retry_at`. Then one probe connection is
+      tried; its success closes the breaker. Until a connection has succeeded since the last
+      refusal (and at the start), only one connection attempt is made at a time.
+    - **Connection limit.** An attempt refused while other connections are alive lowers the
+      effective size (:attr:`limit`) to what is alive (at least 1); waiters stay queued for the
+      live connections. One connection beyond the limit is tried again after a backoff that
+      grows with each refusal.
+    - **Message cap.** A connection the server ends early (a drop or a 421 with transactions
+      unfinished) after N completed transactions teaches the pool a cap of N transactions per
+      connection (:attr:`message_cap`): connections then QUIT on their own after N. After a
+      run of connections that ended cleanly at the cap, one connection tries one more.
+
+    Failures caused by the breaker, or by a connection that could not be made, carry
+    ``attempted=False``: the server never saw the message.
+
+    ``throttle`` (e.g. a :class:`~twistmail.ratelimit.TokenBucket`) paces MAIL commands over
+    every connection: a token is taken right before each MAIL is written.
     """
 
     def __init__(
@@ -35,11 +65,17 @@ class ConnectionPool:
         clock: IReactorTime,
         idle_timeout: float = 30.0,
         depth: int = 1,
+        throttle: Throttle | None = None,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        random: Callable[[], float] = _random.random,
     ) -> None:
         if size < 1:
             raise ValueError("pool size must be at least 1")
         if depth < 1:
             raise ValueError("pipeline depth must be at least 1")
+        if backoff <= 0 or max_backoff < backoff:
+            raise ValueError("backoff must be positive and at most max_backoff")
         self.depth = depth
         self._load: dict[MailerProtocol, int] = {}
         # Connections in use that can take another transaction (a dict as an ordered set).
@@ -56,6 +92,37 @@ class ConnectionPool:
         self._waiters: deque[defer.Deferred[MailerProtocol]] = deque()
         self._closed = False
         self.connections_opened = 0
+        """Connection attempts made so far."""
+        self.connections_refused = 0
+        """Connection attempts that failed (not counting ones the pool cancelled)."""
+        self.throttle = throttle
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._random = random
+
+        # Circuit breaker.
+        self.breaker_error: DeliveryError | None = None
+        """The last connection refusal not followed by a successful connection, else None."""
+        self._retry_at: float | None = None
+        self._failures = 0  # refusals in a row with nothing else alive
+        self._proven = False  # a connection succeeded since the last refusal
+
+        # Adaptive connection limit.
+        self.limit = size
+        """How many connections the pool opens at most now (``size`` until the server refuses)."""
+        self._grow_failures = 0
+        self._grow_at = 0.0
+        self._growing: defer.Deferred[MailerProtocol] | None = None
+
+        # Learned message cap.
+        self.message_cap: int | None = None
+        """At most this many transactions per connection (learned), or None."""
+        self._clean_at_cap = 0
+        self._grow_cap_after = _GROW_CAP_AFTER
+        self._cap_probe: MailerProtocol | None = None
+        self._probe_cap_next = False
+
+    # ------------------------------------------------------------------ state
 
     @property
     def open_connections(self) -> int:
@@ -63,21 +130,65 @@ class ConnectionPool:
         return len(self._all)
 
     @property
+    def retry_at(self) -> float | None:
+        """Clock time from which a new connection may be tried after a refusal; None when
+        no refusal has happened since the last successful connection."""
+        return self._retry_at
+
+    @property
+    def breaker_open(self) -> bool:
+        """:meth:`acquire` fails at once now: the server refused, no connection is alive or
+        being made, and :attr:`retry_at` has not come yet."""
+        return (
+            self.breaker_error is not None
+            and not self._all
+            and not self._connecting
+            and self._retry_at is not None
+            and self._clock.seconds() < self._retry_at
+        )
+
+    @property
     def has_room(self) -> bool:
-        """Another connection may be opened: :meth:`acquire` would open one rather than wait."""
-        return not self._closed and len(self._all) + len(self._connecting) < self.size
+        """:meth:`acquire` would not merely wait for a busy connection: it would open one now
+        (or fail at once, the breaker being open)."""
+        if self._closed:
+            return False
+        alive = len(self._all) + len(self._connecting)
+        if alive == 0:
+            return True
+        return self._may_open() and (alive < self.limit or self._may_grow())
+
+    def _may_open(self) -> bool:
+        if self._retry_at is not None and self._clock.seconds() < self._retry_at:
+            return False
+        # Until a connection succeeds after a refusal (or at the start): one attempt at a time.
+        return self._proven or not self._connecting
+
+    def _may_grow(self) -> bool:
+        return (
+            self.limit < self.size
+            and self._growing is None
+            and not self._connecting
+            and self._clock.seconds() >= self._grow_at
+        )
+
+    # ------------------------------------------------------------------ acquire / release
 
     def acquire(self) -> defer.Deferred[MailerProtocol]:
-        """A ready connection for one transaction, until :meth:`release`."""
+        """A ready connection for one transaction, until :meth:`release`.
+
+        Fails at once with the refusal (``attempted=False``) while the breaker is open.
+        """
         if self._closed:
-            return defer.fail(ConnectionLostError("the connection pool is closed"))
+            return defer.fail(ConnectionLostError("the connection pool is closed", attempted=False))
         proto = self.acquire_now()
         if proto is not None:
             return defer.succeed(proto)
+        if self.breaker_open:
+            return defer.fail(self._refusal())
         waiter: defer.Deferred[MailerProtocol] = defer.Deferred(self._cancel_waiter)
         self._waiters.append(waiter)
-        if self.has_room:
-            self._open()
+        self._open_for_waiters()
         return waiter
 
     def acquire_now(self) -> MailerProtocol | None:
@@ -115,21 +226,28 @@ class ConnectionPool:
             if load <= 0:
                 proto.quit()
             return
-        if self._waiters:
-            self._waiters.popleft().callback(self._take(proto))
-            # With PIPELINING one connection takes several transactions: serve the waiters
-            # that the connections still being opened will not.
-            while (
-                len(self._waiters) > len(self._connecting)
-                and proto.usable
-                and self._load.get(proto, 0) < self._capacity(proto)
-            ):
-                self._waiters.popleft().callback(self._take(proto))
+        self._serve(proto)
+
+    def _serve(self, proto: MailerProtocol) -> None:
+        """Hand a usable connection to waiters while it has room; else keep it for later."""
+        waiters = self._waiters
+        served = False
+        while waiters and proto.usable and self._load.get(proto, 0) < self._capacity(proto):
+            if served and self.has_room:
+                break  # new connections first, before one takes a second transaction
+            served = True
+            waiters.popleft().callback(self._take(proto))
+        if not proto.usable:
+            self._partial.pop(proto, None)
             return
+        load = self._load.get(proto, 0)
         if load > 0:
-            self._partial[proto] = None
+            if load < self._capacity(proto):
+                self._partial[proto] = None
             return
         self._partial.pop(proto, None)
+        if proto in self._idle_timers:
+            return
         self._idle.append(proto)
         self._idle_timers[proto] = self._clock.callLater(
             self._idle_timeout, self._idle_expired, proto
@@ -158,7 +276,7 @@ class ConnectionPool:
         self._closed = True
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
-            waiter.errback(ConnectionLostError("the connection pool was closed"))
+            waiter.errback(ConnectionLostError("the connection pool was closed", attempted=False))
         for attempt in list(self._connecting):
             attempt.cancel()
         for proto in list(self._idle_timers):
@@ -173,33 +291,104 @@ class ConnectionPool:
         for proto in list(self._all):
             proto.abort()
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ opening connections
 
-    def _open(self) -> None:
+    def _open_for_waiters(self) -> None:
+        """Open connections for waiters, within the limit, the backoff and the probe rule."""
+        while not self._closed and len(self._connecting) < len(self._waiters):
+            alive = len(self._all) + len(self._connecting)
+            if alive and not self._may_open():
+                return
+            if alive < self.limit:
+                self._open()
+            elif self._may_grow() and not self._partial:
+                self._growing = self._open()
+            else:
+                return
+
+    def _open(self) -> defer.Deferred[MailerProtocol]:
         self.connections_opened += 1
         attempt = self._connect()
         self._connecting.add(attempt)
 
         def opened(proto: MailerProtocol) -> None:
             self._connecting.discard(attempt)
+            growing = self._growing is attempt
+            if growing:
+                self._growing = None
             self._all.add(proto)
             proto.lost.addCallback(lambda _: self._lost(proto))
             if self._closed:
                 proto.quit()
                 return
-            self._load[proto] = 1
-            self.release(proto)  # to a waiter, or idle
+            self._connected(growing)
+            if self.throttle is not None:
+                proto.throttle = self.throttle
+            self._apply_cap(proto)
+            self._serve(proto)
+            self._open_for_waiters()
 
         def failed(reason: Failure) -> None:
             self._connecting.discard(attempt)
+            if self._growing is attempt:
+                self._growing = None
             if self._closed:
                 return
-            # Waiters that no live or pending connection will serve get this error.
-            serving = len(self._all) + len(self._connecting)
-            while len(self._waiters) > serving:
-                self._waiters.popleft().errback(reason)
+            if reason.check(defer.CancelledError):
+                self._open_for_waiters()
+                return
+            self._refused(reason)
 
         attempt.addCallbacks(opened, failed)
+        return attempt
+
+    def _connected(self, growing: bool) -> None:
+        """A connection attempt succeeded: the breaker closes; a probe beyond the limit grows it."""
+        self._failures = 0
+        self._retry_at = None
+        self.breaker_error = None
+        self._proven = True
+        if growing or len(self._all) > self.limit:
+            self.limit = min(self.size, max(self.limit, len(self._all)))
+            self._grow_failures = 0
+            self._grow_at = self._clock.seconds()
+
+    def _refused(self, reason: Failure) -> None:
+        self.connections_refused += 1
+        error = reason.value
+        if isinstance(error, DeliveryError):
+            error.attempted = False
+        now = self._clock.seconds()
+        alive = len(self._all) + len(self._connecting)
+        if alive:
+            # The server serves the others: it limits how many connections we may have.
+            self.limit = max(1, min(self.limit, alive))
+            self._grow_failures += 1
+            self._grow_at = now + self._delay(self._grow_failures)
+            return
+        self._failures += 1
+        self._proven = False
+        self._retry_at = now + self._delay(self._failures)
+        waiters, self._waiters = self._waiters, deque()
+        if isinstance(error, DeliveryError):
+            self.breaker_error = error
+            for waiter in waiters:
+                waiter.errback(self._refusal())
+        else:
+            for waiter in waiters:
+                waiter.errback(reason)
+
+    def _delay(self, failures: int) -> float:
+        base: float = min(self._max_backoff, self._backoff * 2.0 ** min(failures - 1, 30))
+        return base * (0.75 + 0.5 * self._random())
+
+    def _refusal(self) -> DeliveryError:
+        """A copy of the breaker's error for one caller (callers may annotate their error)."""
+        error = self.breaker_error
+        assert error is not None
+        mine = copy.copy(error)
+        mine.attempted = False
+        return mine
 
     def _cancel_waiter(self, waiter: defer.Deferred[MailerProtocol]) -> None:
         with contextlib.suppress(ValueError):
@@ -209,6 +398,8 @@ class ConnectionPool:
             attempt = next(iter(self._connecting))
             attempt.cancel()
 
+    # ------------------------------------------------------------------ connections ending
+
     def _lost(self, proto: MailerProtocol) -> None:
         self._all.discard(proto)
         self._load.pop(proto, None)
@@ -217,9 +408,49 @@ class ConnectionPool:
         self._stop_idle_timer(proto)
         with contextlib.suppress(ValueError):
             self._idle.remove(proto)
+        self._learn_cap(proto)
         if not self._closed and self._waiters:
-            while len(self._all) + len(self._connecting) < min(self.size, len(self._waiters)):
-                self._open()
+            self._open_for_waiters()
+
+    def _apply_cap(self, proto: MailerProtocol) -> None:
+        cap = self.message_cap
+        if cap is None:
+            return
+        if self._probe_cap_next and self._cap_probe is None:
+            self._probe_cap_next = False
+            self._cap_probe = proto
+            cap += 1
+        proto.set_message_cap(cap)
+
+    def _learn_cap(self, proto: MailerProtocol) -> None:
+        """Lower the message cap after an early end; raise it after clean ends at the cap."""
+        probe = self._cap_probe is proto
+        if probe:
+            self._cap_probe = None
+        done = proto.transactions_done
+        if proto.closed_early and done >= 1:
+            cap = done if self.message_cap is None else min(self.message_cap, done)
+            if probe:
+                self._grow_cap_after = min(_GROW_CAP_AFTER_MAX, self._grow_cap_after * 2)
+            self._clean_at_cap = 0
+            if cap != self.message_cap:
+                self.message_cap = cap
+                for other in self._all:
+                    if other.message_cap is None or other.message_cap > cap:
+                        other.set_message_cap(cap)
+            return
+        carried = proto.message_cap
+        if self.message_cap is None or carried is None or done < carried or proto.closed_early:
+            if probe:
+                self._probe_cap_next = True  # inconclusive: try again
+            return
+        if probe:
+            self.message_cap = max(self.message_cap, carried)
+            return
+        self._clean_at_cap += 1
+        if self._clean_at_cap >= self._grow_cap_after:
+            self._clean_at_cap = 0
+            self._probe_cap_next = True
 
     def _idle_expired(self, proto: MailerProtocol) -> None:
         self._idle_timers.pop(proto, None)
