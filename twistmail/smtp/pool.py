@@ -156,7 +156,10 @@ class ConnectionPool:
         alive = len(self._all) + len(self._connecting)
         if alive == 0:
             return True
-        return self._may_open() and (alive < self.limit or self._may_grow())
+        limit = self.limit
+        if alive >= limit and (limit >= self.size or not self._may_grow()):
+            return False  # the common busy case, decided without a clock reading
+        return self._may_open()
 
     def _may_open(self) -> bool:
         if self._retry_at is not None and self._clock.seconds() < self._retry_at:
