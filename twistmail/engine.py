@@ -312,7 +312,11 @@ class DeliveryLoop(Pump):
         if self.ended:
             return
         try:
-            if error is not None and not error.attempted:
+            if (
+                error is not None
+                and not error.attempted
+                and (error.transient or error.session_setup)
+            ):
                 self._untried(job, error)
             else:
                 self._settle(job, result, error)
