@@ -12,10 +12,12 @@ import mimetypes
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
 
 from twistmail.errors import RowError
 
-__all__ = ["Attachment", "AttachmentFiles"]
+__all__ = ["Attachment", "AttachmentFiles", "encode_part"]
 
 _CACHE_BYTES = 64 * 1024 * 1024
 
@@ -38,6 +40,8 @@ class AttachmentFiles:
         self._limit = cache_bytes
         self._cache: OrderedDict[str, Attachment] = OrderedDict()
         self._cache_bytes = 0
+        # Each cached file's MIME part, encoded once (the Attachment keeps its id unique).
+        self._parts: dict[int, tuple[Attachment, bytes]] = {}
 
     def get(self, path: str, *, templated: bool) -> Attachment:
         """The file at ``path`` (relative to the base directory).
@@ -73,4 +77,36 @@ class AttachmentFiles:
             while self._cache_bytes > self._limit:
                 _, evicted = self._cache.popitem(last=False)
                 self._cache_bytes -= len(evicted.data)
+                self._parts.pop(id(evicted), None)
         return attachment
+
+    def part(self, attachment: Attachment) -> bytes:
+        """``attachment`` as a MIME part, the bytes the email package writes for it inside a
+        multipart message: its headers, a blank line, base64 lines, CRLF line ends.
+
+        Encoded once per cached file, so a campaign attaching one file encodes it once.
+        """
+        cached = self._parts.get(id(attachment))
+        if cached is not None and cached[0] is attachment:
+            return cached[1]
+        encoded = encode_part(attachment)
+        # Kept while its file is cached (evicted with it), so at most 4/3 of the cache's size.
+        if any(cached is attachment for cached in self._cache.values()):
+            self._parts[id(attachment)] = (attachment, encoded)
+        return encoded
+
+
+def encode_part(attachment: Attachment) -> bytes:
+    """The MIME part the email package makes of ``attachment`` in ``add_attachment``, flattened
+    with :data:`email.policy.SMTP` as the generator writes a subpart."""
+    part = EmailMessage(policy=policy.SMTP)
+    # What EmailMessage._add_multipart does for add_attachment.
+    part.set_content(
+        attachment.data,
+        maintype=attachment.maintype,
+        subtype=attachment.subtype,
+        filename=attachment.filename,
+    )
+    if "content-disposition" not in part:
+        part["Content-Disposition"] = "attachment"
+    return part.as_bytes(policy=policy.SMTP)
