@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from twistmail.errors import MessageError
 from twistmail.merge import attachments
 from twistmail.merge.csvsource import Row
+from twistmail.merge.headers import POLICY
 from twistmail.merge.prepare import Prepared, prepare_row, render_full
 from twistmail.merge.template import MessageTemplate, RowError
-from twistmail.merge.wire import render_direct
+from twistmail.merge.wire import fold_encoded, render_direct
 from twistmail.message import reflatten_7bit, unstuff
 
 DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
@@ -447,3 +448,44 @@ def test_a_set_statement_in_one_header_does_not_reach_another() -> None:
     )
     values, _ = template.render_row(template.context({"email": "b@example.org"}))
     assert [(h.name, v) for h, v in list(values)][-2:] == [("Subject", "hi"), ("X-Note", "none")]
+
+
+_WORD = st.sampled_from(
+    ["Zoë", "Müller", "Ann", "0", "Grüße,", "Иван", "Łukasz", "日本", "a:b", "ß"]
+) | (
+    st.text(
+        alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Zs", "Cc")), max_size=12
+    )
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    words=st.lists(_WORD, min_size=1, max_size=8),
+    name=st.sampled_from(["Subject", "To", "From", "Reply-To", "X-Note"]),
+    quoted=st.booleans(),
+    spaces=st.sampled_from([" ", "  ", "\t"]),
+)
+def test_encoded_words_built_directly_are_the_email_package_fold(
+    words: list[str], name: str, quoted: bool, spaces: str
+) -> None:
+    phrase = (" " if spaces == " " else spaces).join(words)
+    if name in ("To", "From", "Reply-To"):
+        value = (f'"{phrase}"' if quoted else phrase) + " <zoe@example.org>"
+    else:
+        value = phrase
+    fast = fold_encoded(name, name.lower(), value)
+    if fast is None:
+        return
+    assert fast == POLICY.header_factory(name, value).fold(policy=POLICY)
+
+
+def test_the_direct_fold_answers_the_common_names() -> None:
+    for value, name in [
+        ("Grüße, Zoë Müller 12: Ihr Code C000000012", "Subject"),
+        ('"Zoë Müller 12" <user12@example.org>', "To"),
+        ("José Núñez <jose@example.org>", "To"),
+    ]:
+        fast = fold_encoded(name, name.lower(), value)
+        assert fast is not None
+        assert fast == POLICY.header_factory(name, value).fold(policy=POLICY)

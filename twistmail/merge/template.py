@@ -324,8 +324,9 @@ class MessageTemplate:
             if (path := self._render_header(header, context))
         ]
 
-    def attachment_part(self, attachment: Attachment) -> bytes:
-        """``attachment`` as the email package writes it inside a multipart message (CRLF)."""
+    def attachment_part(self, attachment: Attachment) -> tuple[bytes, bytes]:
+        """``attachment`` as the email package writes it inside a multipart message (CRLF),
+        and the same dot-stuffed; encoded once per campaign."""
         return self._files.part(attachment)
 
     def render_markdown_html(self, context: dict[str, object]) -> str:

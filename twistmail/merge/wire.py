@@ -22,7 +22,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 from datetime import datetime
-from email import contentmanager
+from email import _encoded_words, contentmanager  # type: ignore[attr-defined]
 from email.generator import BytesGenerator
 from email.policy import Policy
 from email.utils import format_datetime
@@ -34,8 +34,9 @@ from twistmail.address import (
     parse_sender,
 )
 from twistmail.errors import MessageError
-from twistmail.message import Envelope, _envelope_from_crlf
+from twistmail.message import Envelope, envelope_from_stuffed
 
+from .attachments import dot_stuffed
 from .headers import ADDRESS_HEADERS, POLICY, RECIPIENT_HEADERS, is_clean, parse_addresses
 from .template import MessageTemplate
 
@@ -130,6 +131,7 @@ def render_direct(
         return None
     lines.append(_date_line(date))
     lines.append(f"Message-ID: {message_id}\r\n".encode("ascii"))
+    stuffed: dict[int, bytes] = {}
     text_kind = "html" if template.kind == "html" else "plain"
     content, text = text_part(text_kind, body)
     if html is None and not attachments:
@@ -149,22 +151,27 @@ def render_direct(
         else:
             tail = [text]
         if attachments:
+            parts = [template.attachment_part(a) for a in attachments]
             content, tail = multipart(
                 "mixed",
-                [
-                    b"".join([content, b"\r\n", *tail]),
-                    *(template.attachment_part(a) for a in attachments),
-                ],
+                [b"".join([content, b"\r\n", *tail]), *(part for part, _ in parts)],
                 cached=len(attachments),
             )
+            stuffed = {id(part): wire for part, wire in parts}
         lines += (b"MIME-Version: 1.0\r\n", content, b"\r\n")
     head = b"".join(lines)
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
     forward_paths = [address for key in RECIPIENT_HEADERS for address in recipients[key]]
     # Every line above ends in CRLF (values with a line break were refused, literal headers
-    # are folded by policy.SMTP, body lines are re-joined with CRLF).
-    data = b"".join([head, *tail])
-    envelope = _envelope_from_crlf(envelope_sender, forward_paths, data, len(head) - 2, message_id)
+    # are folded by policy.SMTP, body lines are re-joined with CRLF), and every piece starts
+    # a line: each is dot-stuffed on its own, an attachment part once per campaign.
+    size = len(head) + sum(map(len, tail))
+    payload = b"".join(
+        [head, *(stuffed.get(id(piece)) or dot_stuffed(piece) for piece in tail), b".\r\n"]
+    )
+    envelope = envelope_from_stuffed(
+        envelope_sender, forward_paths, payload, size, len(head) - 2, message_id
+    )
     if envelope.eight_bit:
         # An 8-bit body: for a server without 8BITMIME, rebuilt as 7-bit from these bytes.
         envelope = dataclasses.replace(envelope, rendered=True)
@@ -184,6 +191,13 @@ def _folded(name: str, key: str, value: str) -> tuple[bytes, tuple[Address, ...]
     if key in _STRUCTURED_KEYS or "=?" in value:
         return None
     addresses: tuple[Address, ...] | None = None
+    fast = fold_encoded(name, key, value)
+    if fast is not None:
+        if key in ADDRESS_HEADERS:
+            addresses = tuple(parse_addresses(name, value))
+            if not all(a.local.isascii() and a.domain.isascii() for a in addresses):
+                return None
+        return fast.encode("ascii"), addresses
     if key in ADDRESS_HEADERS:
         if len(name) + 2 + len(value) > _MAX_LINE and '"' in value:
             return None
@@ -206,6 +220,72 @@ def _folded(name: str, key: str, value: str) -> tuple[bytes, tuple[Address, ...]
     if not folded.isascii() or not is_clean(name, str(parsed)):
         return None
     return folded.encode("ascii"), addresses
+
+
+# Words the email package's folder writes as they are (unstructured text: any printable ASCII;
+# a display name: letters and digits only, so no special needs quoting), and words of
+# non-ASCII letters and digits it puts in an RFC 2047 encoded word.
+_PRINTABLE_WORD = re.compile(r"[\x21-\x7e]+")
+_NAME_WORD = re.compile(r"[A-Za-z0-9]+")
+_MAILBOX = re.compile(r'(?:"([^"\\]+)"|([^"<>]+)) <([\x21-\x3b\x3d\x3f-\x7e]+)>')
+_encode_word: Callable[..., str] = _encoded_words.encode
+
+
+def fold_encoded(name: str, key: str, value: str) -> str | None:
+    """The header line policy.SMTP writes for a short value with non-ASCII words, built
+    directly; None for anything else.
+
+    Handled: an unstructured value (a Subject) or a single mailbox with a display name
+    (``"Zoë Müller" <zoe@example.org>``), its words separated by single spaces, the line
+    fitting in 78 characters once encoded. The email package then writes the ASCII words
+    before the first non-ASCII word and after the last one as they are, and everything from
+    the first non-ASCII word to the last as one encoded word (it combines each new encoded
+    word with the previous one), Q or B as :func:`email._encoded_words.encode` chooses. Tests
+    compare this with the email package's folding.
+    """
+    if key in ADDRESS_HEADERS:
+        match = _MAILBOX.fullmatch(value)
+        if match is None:
+            return None
+        phrase = match.group(1) or match.group(2)
+        tail = f" <{match.group(3)}>"
+        plain_word = _NAME_WORD
+    elif key in _STRUCTURED_KEYS:
+        return None
+    else:
+        phrase, tail, plain_word = value, "", _PRINTABLE_WORD
+    if "\t" in phrase:
+        return None
+    words = phrase.split(" ")
+    encoded = [i for i, word in enumerate(words) if not word.isascii()]
+    if not encoded:
+        return None
+    for word in words:
+        if word.isascii():
+            if plain_word.fullmatch(word) is None:
+                return None
+        elif plain_word is _NAME_WORD and not word.isalnum():
+            return None
+    first, last = encoded[0], encoded[-1]
+    line = f"{name}: " + "".join(word + " " for word in words[:first])
+    room = _MAX_LINE - len(line)
+    # Each combined encoded word (and the plain words after it, up to the next) must fit on
+    # the line as it grows, or the email package would have folded.
+    for index, end in enumerate(encoded):
+        text = " ".join(words[first : end + 1])
+        if len(text) > room - _EW_CHROME:
+            return None
+        word = _encode_word(text, charset="utf-8")
+        following = encoded[index + 1] if index + 1 < len(encoded) else len(words)
+        between = sum(len(w) + 1 for w in words[end + 1 : following])
+        if len(word) + between + (len(tail) if following == len(words) else 1) > room:
+            return None
+    line += word + "".join(" " + w for w in words[last + 1 :]) + tail
+    return line + "\r\n" if len(line) <= _MAX_LINE else None
+
+
+# "=?utf-8?q?" and "?=": the room an encoded word takes besides its text.
+_EW_CHROME = 12
 
 
 _CONTENT_HEADERS = {
