@@ -323,7 +323,12 @@ def multipart(subtype: str, parts: list[bytes], *, cached: int = 0) -> tuple[byt
     searched = parts[: len(parts) - cached] + [
         part[: part.index(b"\r\n\r\n") + 4] for part in parts[len(parts) - cached :]
     ]
-    boundary = _make_boundary(b"\r\n".join(searched))
+    text = b"\r\n".join(searched)
+    # The generator's search (a regex compiled per boundary, "^--boundary(--)?$" in MULTILINE
+    # mode) cannot match text whose lines all end in CRLF ("$" matches only before "\n" or at
+    # the end): for such text the boundary is its first random pick, made by the same call.
+    crlf_only = text.endswith(b"\r\n") and text.count(b"\n") == text.count(b"\r\n")
+    boundary = _make_boundary(None if crlf_only else text)
     delimiter = b"\r\n--" + boundary.encode("ascii") + b"\r\n"
     body: list[bytes] = [delimiter[2:]]
     for index, part in enumerate(parts):
@@ -334,7 +339,7 @@ def multipart(subtype: str, parts: list[bytes], *, cached: int = 0) -> tuple[byt
     return _content_type(subtype, boundary), body
 
 
-_make_boundary: Callable[[bytes], str] = BytesGenerator._make_boundary  # type: ignore[attr-defined]
+_make_boundary: Callable[[bytes | None], str] = BytesGenerator._make_boundary  # type: ignore[attr-defined]
 _folded_types: dict[tuple[str, int], tuple[str, bytes]] = {}
 
 
