@@ -28,9 +28,11 @@ import json
 import os
 import platform
 import random
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,6 +133,66 @@ def make_inputs(root: Path, attachment_kb: int) -> dict[str, ShapeInputs]:
     return inputs
 
 
+def sink_ceiling(sink: Sink, message: bytes, count: int, connections: int) -> dict[str, Any]:
+    """What smtp-sink takes on this machine: ``count`` copies of ``message`` (already CRLF and
+    dot-stuffed) over ``connections`` plain sockets, one transaction at a time each, no
+    rendering. The attachment shape's rate is read against this ceiling."""
+    before = sink.received()
+    numbers = iter(range(count))
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def expect(f: Any, code: bytes) -> None:
+        while True:
+            line = f.readline()
+            if not line.startswith(code):
+                raise BenchError(f"sink ceiling: expected {code!r}, got {line!r}")
+            if line[3:4] != b"-":
+                return
+
+    def worker() -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", sink.port)) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                f = s.makefile("rb")
+                expect(f, b"220")
+                s.sendall(b"EHLO bench\r\n")
+                expect(f, b"250")
+                while True:
+                    with lock:
+                        n = next(numbers, None)
+                    if n is None:
+                        break
+                    s.sendall(b"MAIL FROM:<bench@sender.example>\r\nRCPT TO:<u@rcpt.example>\r\n")
+                    expect(f, b"250")
+                    expect(f, b"250")
+                    s.sendall(b"DATA\r\n")
+                    expect(f, b"354")
+                    s.sendall(message + b".\r\n")
+                    expect(f, b"250")
+                s.sendall(b"QUIT\r\n")
+        except (OSError, BenchError) as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    received = sink.wait_for(before + count) - before
+    if errors or received != count:
+        raise BenchError(f"sink ceiling: {received} of {count} taken; {errors[:3]}")
+    return {"rows": count, "rate": round(count / elapsed, 1), "bytes": len(message)}
+
+
+def attachment_message(inputs: ShapeInputs) -> bytes:
+    """About the size of one rendered attachment message: the file in base64 plus the text."""
+    data = (inputs.workdir / "brochure.pdf").read_bytes()
+    return b"x" * (len(data) * 4 // 3 + len(data) // 57 * 2 + 2000)
+
+
 def summarize(runs: list[Run]) -> dict[str, Any]:
     best = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
     return {
@@ -166,6 +228,14 @@ def run_all(args: argparse.Namespace, sink: Sink, root: Path) -> dict[str, Any]:
             )
         order = order[1:] + order[:1]
     results = {s: summarize(rs) for s, rs in runs.items()}
+    ceiling = None
+    if "attachment" in shapes:
+        # The same size as one rendered attachment message (the dry run's first row).
+        size = len(attachment_message(inputs["attachment"]))
+        message = b"Subject: x\r\n\r\n" + b"A" * 76 + b"\r\n"
+        message = message * max(1, size // len(message))
+        ceiling = sink_ceiling(sink, message, rows["attachment"], args.concurrency)
+        print(f"  sink ceiling (raw bytes): {ceiling['rate']:.1f} msgs/s", file=sys.stderr)
     reference = results.get("plain", {}).get("rate")
     targets: dict[str, Any] = {}
     for shape, r in results.items():
@@ -177,6 +247,9 @@ def run_all(args: argparse.Namespace, sink: Sink, root: Path) -> dict[str, Any]:
                 "pass": r["ratio_to_plain"] >= TEXT_RATIO,
             }
         if shape == "attachment":
+            if ceiling is not None:
+                r["sink_ceiling_rate"] = ceiling["rate"]
+                r["ratio_to_sink_ceiling"] = round(r["rate"] / ceiling["rate"], 3)
             want = 5 * args.attachment_baseline
             targets[shape] = {
                 "what": f"rate >= 5 x {args.attachment_baseline:g} rows/s and RSS < "
@@ -218,6 +291,14 @@ def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
         "x plain: rate / the short plain-text rate of the same run.",
         file=out,
     )
+    attachment = doc["results"].get("attachment", {})
+    if "sink_ceiling_rate" in attachment:
+        print(
+            f"attachment: smtp-sink itself takes {attachment['sink_ceiling_rate']:.1f} msgs/s of "
+            f"that size from raw sockets here; twistmail reaches "
+            f"{attachment['ratio_to_sink_ceiling']:.0%} of it.",
+            file=out,
+        )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
