@@ -193,11 +193,14 @@ def _folded(name: str, key: str, value: str) -> tuple[bytes, tuple[Address, ...]
     addresses: tuple[Address, ...] | None = None
     fast = fold_encoded(name, key, value)
     if fast is not None:
-        if key in ADDRESS_HEADERS:
-            addresses = tuple(parse_addresses(name, value))
-            if not all(a.local.isascii() and a.domain.isascii() for a in addresses):
-                return None
-        return fast.encode("ascii"), addresses
+        if key not in ADDRESS_HEADERS:
+            return fast.encode("ascii"), None
+        # One mailbox: its address in the plainest form is the one the full path reads.
+        mailbox = _MAILBOX.fullmatch(value)
+        assert mailbox is not None
+        addresses = parse_plain_address_list(mailbox.group(3))
+        if addresses is not None and len(addresses) == 1:
+            return fast.encode("ascii"), addresses
     if key in ADDRESS_HEADERS:
         if len(name) + 2 + len(value) > _MAX_LINE and '"' in value:
             return None
