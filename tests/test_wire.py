@@ -231,6 +231,31 @@ def test_an_8bit_body_goes_direct_and_can_still_be_sent_as_7bit() -> None:
     assert parsed["Message-ID"] == direct.message_id
 
 
+def test_an_8bit_multipart_goes_direct_and_can_still_be_sent_as_7bit(tmp_path: Path) -> None:
+    (tmp_path / "a.pdf").write_bytes(bytes(range(256)) * 10)
+    source = (
+        "From: a@example.com\nTo: {{ e }}\nContent-Type: text/markdown\nAttachment: a.pdf\n\n"
+        "# Grüße, {{ name }}\n"
+    )
+    template = MessageTemplate(source, base_dir=tmp_path)
+    values = {"e": "b@example.org", "name": "Jörg"}
+    direct = render_direct(
+        template, values, row=7, message_id_for=message_id_for, envelope_from=None, date=DATE
+    )
+    assert direct is not None
+    envelope = direct[0]
+    assert envelope.eight_bit
+    seven = reflatten_7bit(envelope)
+    assert seven is not None
+    assert seven.payload.isascii()
+    parsed = email.message_from_bytes(unstuff(seven.payload), policy=policy.default)
+    assert isinstance(parsed, EmailMessage)
+    text, html, attached = (part.get_content() for part in parsed.walk() if not part.is_multipart())
+    assert text.replace("\r\n", "\n") == "# Grüße, Jörg\n"
+    assert "<h1>Grüße, Jörg</h1>" in html
+    assert attached == bytes(range(256)) * 10
+
+
 def test_envelope_from_overrides_the_sender_in_both_paths() -> None:
     direct, full = both(
         PLAIN, {"name": "Ann", "email": "ann@example.org", "code": "1"}, "bounces@example.com"
