@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import email
+import random
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twistmail.errors import MessageError
+from twistmail.merge import attachments
 from twistmail.merge.csvsource import Row
+from twistmail.merge.headers import POLICY
 from twistmail.merge.prepare import Prepared, prepare_row, render_full
 from twistmail.merge.template import MessageTemplate, RowError
-from twistmail.merge.wire import render_direct
+from twistmail.merge.wire import fold_encoded, render_direct
 from twistmail.message import reflatten_7bit, unstuff
 
 DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+_ATTACHMENT_DIR = Path(tempfile.mkdtemp(prefix="twistmail-test-wire-"))
+(_ATTACHMENT_DIR / "a.bin").write_bytes(bytes(range(256)) * 40)
 
 
 def message_id_for(row: int, domain: str) -> str:
@@ -27,10 +34,12 @@ def message_id_for(row: int, domain: str) -> str:
 
 
 def both(
-    source: str, values: dict[str, str], envelope_from: str | None = None
+    source: str, values: dict[str, str], envelope_from: str | None = None, seed: int = 0
 ) -> tuple[Prepared | None, Prepared]:
+    """Both renderings of one row; the random state (a multipart boundary) is the same."""
     template = MessageTemplate(source)
     row = Row(7, values)
+    random.seed(seed)
     direct = render_direct(
         template,
         values,
@@ -39,6 +48,7 @@ def both(
         envelope_from=envelope_from,
         date=DATE,
     )
+    random.seed(seed)
     full = render_full(template, row, message_id_for, envelope_from, DATE)
     if direct is None:
         return None, full
@@ -105,6 +115,104 @@ def test_direct_bytes_equal_the_email_package_bytes(source: str, values: dict[st
     assert_same(direct, full)
 
 
+MARKDOWN = (
+    "From: Sender <news@example.com>\nTo: {{ name|mailbox(email) }}\n"
+    "Subject: Grüße, {{ name }}\nContent-Type: text/markdown\n\n"
+    "# Hello {{ name }}\n\n* one & {{ code }}\n* two\n\n"
+    "A line long enough to need quoted-printable, because it goes well past 78 characters.\n"
+)
+ATTACHED = (
+    "From: news@example.com\nTo: {{ email }}\nSubject: Your file\nAttachment: a.pdf\n"
+    "{{ extra }}\n\nHello {{ name }}, your file is attached.\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "values"),
+    [
+        (PLAIN, {"name": "Jörg", "email": "j@example.org", "code": "1"}),  # RFC 2047 name
+        (PLAIN, {"name": "Zoë Müller", "email": "z@example.org", "code": "1"}),
+        (PLAIN, {"name": "J. Doe", "email": "j@example.org", "code": "1"}),  # quoted phrase
+        (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "x" * 80}),  # folded
+        (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "Grüße " * 20}),  # folded
+        (
+            "From: a@example.com\nTo: {{ name|mailbox(e) }}\nSubject: Hallo {{ name }}\n\nhi\n",
+            {"e": "b@example.org", "name": "Müller, Zoë"},
+        ),
+        # Long lines: quoted-printable; long non-ASCII lines too; mostly non-Latin: base64.
+        ("From: a@example.com\nTo: {{ e }}\n\n" + "y" * 79 + "\n", {"e": "b@example.org"}),
+        ("From: a@example.com\nTo: {{ e }}\n\n" + "ü=y " * 40 + "\n", {"e": "b@example.org"}),
+        ("From: a@example.com\nTo: {{ e }}\n\n" + "Привет " * 20 + "\n", {"e": "b@example.org"}),
+        (
+            "From: a@example.com\nTo: {{ e }}\n\n" + ("w" * 90 + " \n") * 12,
+            {"e": "b@example.org"},
+        ),
+        (
+            "From: a@example.com\nTo: {{ e }}\nContent-Type: text/html\n\n<p>"
+            + "{{ name }} " * 20
+            + "</p>\n",
+            {"e": "b@example.org", "name": "<Zoë & Co>"},
+        ),
+        (
+            "From: a@example.com\nTo: {{ e }}\nContent-Type: text/markdown\n\n*hi*\n",
+            {"e": "b@example.org"},
+        ),
+        (MARKDOWN, {"email": "z@example.org", "name": "Zoë <Müller>", "code": "*x*"}),
+    ],
+)
+def test_encoded_shapes_go_direct_with_the_email_package_bytes(
+    source: str, values: dict[str, str]
+) -> None:
+    direct, full = both(source, values, seed=13)
+    assert_same(direct, full)
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [
+        ("plain", ""),
+        ("html", "Content-Type: text/html"),
+        ("markdown", "Content-Type: text/markdown"),
+    ],
+)
+def test_attachments_go_direct_with_the_email_package_bytes(
+    tmp_path: Path, kind: str, extra: str
+) -> None:
+    (tmp_path / "a.pdf").write_bytes(b"%PDF-1.4\n" + bytes(range(256)) * 300)
+    (tmp_path / "b.txt").write_bytes(b"notes\n-- \n--===============\n")
+    source = ATTACHED.replace(
+        "{{ extra }}", extra + ("\nAttachment: b.txt" if kind == "plain" else "")
+    )
+    template = MessageTemplate(source, base_dir=tmp_path)
+    values = {"email": "b@example.org", "name": "Zoë"}
+    for _ in range(2):  # the second row reuses the encoded part
+        random.seed(3)
+        direct = render_direct(
+            template, values, row=7, message_id_for=message_id_for, envelope_from=None, date=DATE
+        )
+        random.seed(3)
+        full = render_full(template, Row(7, values), message_id_for, None, DATE)
+        assert direct is not None
+        assert_same(Prepared(7, direct[1], direct[0], direct[2]), full)
+
+
+def test_an_attachment_is_encoded_once_per_campaign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a.pdf").write_bytes(b"%PDF" * 1000)
+    template = MessageTemplate(ATTACHED.replace("{{ extra }}", ""), base_dir=tmp_path)
+    calls: list[object] = []
+    real = attachments.encode_part
+    monkeypatch.setattr(attachments, "encode_part", lambda a: calls.append(a) or real(a))
+    for n in range(5):
+        prepared = prepare_row(
+            template, Row(n + 2, {"email": f"u{n}@example.org", "name": "Ann"}), message_id_for
+        )
+        assert isinstance(prepared, Prepared)
+        assert prepared.envelope.source is None  # the direct path
+    assert len(calls) == 1
+
+
 def test_an_8bit_body_goes_direct_and_can_still_be_sent_as_7bit() -> None:
     source = "From: a@example.com\nTo: {{ e }}\nSubject: Hi\n\nGrüße, {{ name }} ☃\n.dot\n"
     values = {"e": "b@example.org", "name": "Jörg"}
@@ -123,6 +231,31 @@ def test_an_8bit_body_goes_direct_and_can_still_be_sent_as_7bit() -> None:
     assert parsed["Message-ID"] == direct.message_id
 
 
+def test_an_8bit_multipart_goes_direct_and_can_still_be_sent_as_7bit(tmp_path: Path) -> None:
+    (tmp_path / "a.pdf").write_bytes(bytes(range(256)) * 10)
+    source = (
+        "From: a@example.com\nTo: {{ e }}\nContent-Type: text/markdown\nAttachment: a.pdf\n\n"
+        "# Grüße, {{ name }}\n"
+    )
+    template = MessageTemplate(source, base_dir=tmp_path)
+    values = {"e": "b@example.org", "name": "Jörg"}
+    direct = render_direct(
+        template, values, row=7, message_id_for=message_id_for, envelope_from=None, date=DATE
+    )
+    assert direct is not None
+    envelope = direct[0]
+    assert envelope.eight_bit
+    seven = reflatten_7bit(envelope)
+    assert seven is not None
+    assert seven.payload.isascii()
+    parsed = email.message_from_bytes(unstuff(seven.payload), policy=policy.default)
+    assert isinstance(parsed, EmailMessage)
+    text, html, attached = (part.get_content() for part in parsed.walk() if not part.is_multipart())
+    assert text.replace("\r\n", "\n") == "# Grüße, Jörg\n"
+    assert "<h1>Grüße, Jörg</h1>" in html
+    assert attached == bytes(range(256)) * 10
+
+
 def test_envelope_from_overrides_the_sender_in_both_paths() -> None:
     direct, full = both(
         PLAIN, {"name": "Ann", "email": "ann@example.org", "code": "1"}, "bounces@example.com"
@@ -135,18 +268,17 @@ def test_envelope_from_overrides_the_sender_in_both_paths() -> None:
 @pytest.mark.parametrize(
     ("source", "values"),
     [
-        (PLAIN, {"name": "Jörg", "email": "j@example.org", "code": "1"}),  # RFC 2047 name
-        (PLAIN, {"name": "J. Doe", "email": "j@example.org", "code": "1"}),  # quoted phrase
         (PLAIN, {"name": "Ann", "email": "ann@bücher.example", "code": "1"}),  # IDN domain
-        (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "x" * 80}),  # folded
         (PLAIN, {"name": "Ann", "email": "a@example.org", "code": "=?utf-8?q?hi?="}),
         # An encoded-word lookalike as a display name: the email package decodes it.
         ("From: a@example.com\nTo: {{ to }}\n\nhi\n", {"to": "=?utf-8?q?x?= <a@example.org>"}),
-        ("From: a@example.com\nTo: {{ e }}\n\n" + "y" * 79 + "\n", {"e": "b@example.org"}),
+        # A long address header with quotes: the full path checks Python 3.11's folding bug.
         (
-            "From: a@example.com\nTo: {{ e }}\nContent-Type: text/markdown\n\n*hi*\n",
-            {"e": "b@example.org"},
+            "From: a@example.com\nTo: {{ name|mailbox(e) }}\n\nhi\n",
+            {"e": "b@example.org", "name": "J. Doe" + " Smith" * 12},
         ),
+        # A non-ASCII local part needs SMTPUTF8.
+        (PLAIN, {"name": "Ann", "email": "jörg@example.org", "code": "1"}),
     ],
 )
 def test_anything_unusual_takes_the_full_path(source: str, values: dict[str, str]) -> None:
@@ -186,6 +318,64 @@ def test_prepare_row_takes_the_direct_path_for_a_plain_row() -> None:
 _CELL = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=90
 ) | st.sampled_from(["Ann Lee", "O'Brien", "x" * 70, "a  b", " lead", "trail ", "=?x?=", "é"])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=_CELL,
+    subject=_CELL,
+    text=_CELL,
+    code=_CELL,
+    kind=st.sampled_from(["text/plain", "text/html", "text/markdown"]),
+    attach=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
+def test_whenever_the_direct_path_answers_any_shape_matches_the_full_path(
+    name: str, subject: str, text: str, code: str, kind: str, attach: bool, seed: int
+) -> None:
+    source = (
+        "From: Sender <sender@example.com>\nTo: {{ name|mailbox('r@example.org') }}\n"
+        f"Subject: {{{{ subject }}}}\nContent-Type: {kind}\n"
+        + ("Attachment: a.bin\n" if attach else "")
+        + "\n{{ text }}\n"
+        + "Your code: {{ code }} "
+        + "and some words to make this line long " * 3
+        + "\nBye\n"
+    )
+    values = {"name": name, "subject": subject, "text": text, "code": code}
+    template = MessageTemplate(source, base_dir=_ATTACHMENT_DIR)
+    full_error = _error_of(
+        lambda: render_full(template, Row(7, values), message_id_for, None, DATE)
+    )
+    if full_error is not None:
+        answer: list[object] = []
+        direct_error = _error_of(
+            lambda: answer.append(
+                render_direct(
+                    template,
+                    values,
+                    row=7,
+                    message_id_for=message_id_for,
+                    envelope_from=None,
+                    date=DATE,
+                )
+            )
+        )
+        if direct_error is None:
+            assert answer == [None]
+        else:
+            assert str(direct_error) == full_error
+        return
+    random.seed(seed)
+    direct = render_direct(
+        template, values, row=7, message_id_for=message_id_for, envelope_from=None, date=DATE
+    )
+    random.seed(seed)
+    full = render_full(template, Row(7, values), message_id_for, None, DATE)
+    if direct is not None:
+        assert_same(Prepared(7, direct[1], direct[0], direct[2]), full)
+    else:
+        assert full.envelope.payload
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -283,3 +473,44 @@ def test_a_set_statement_in_one_header_does_not_reach_another() -> None:
     )
     values, _ = template.render_row(template.context({"email": "b@example.org"}))
     assert [(h.name, v) for h, v in list(values)][-2:] == [("Subject", "hi"), ("X-Note", "none")]
+
+
+_WORD = st.sampled_from(
+    ["Zoë", "Müller", "Ann", "0", "Grüße,", "Иван", "Łukasz", "日本", "a:b", "ß"]
+) | (
+    st.text(
+        alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Zs", "Cc")), max_size=12
+    )
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    words=st.lists(_WORD, min_size=1, max_size=8),
+    name=st.sampled_from(["Subject", "To", "From", "Reply-To", "X-Note"]),
+    quoted=st.booleans(),
+    spaces=st.sampled_from([" ", "  ", "\t"]),
+)
+def test_encoded_words_built_directly_are_the_email_package_fold(
+    words: list[str], name: str, quoted: bool, spaces: str
+) -> None:
+    phrase = (" " if spaces == " " else spaces).join(words)
+    if name in ("To", "From", "Reply-To"):
+        value = (f'"{phrase}"' if quoted else phrase) + " <zoe@example.org>"
+    else:
+        value = phrase
+    fast = fold_encoded(name, name.lower(), value)
+    if fast is None:
+        return
+    assert fast == POLICY.header_factory(name, value).fold(policy=POLICY)
+
+
+def test_the_direct_fold_answers_the_common_names() -> None:
+    for value, name in [
+        ("Grüße, Zoë Müller 12: Ihr Code C000000012", "Subject"),
+        ('"Zoë Müller 12" <user12@example.org>', "To"),
+        ("José Núñez <jose@example.org>", "To"),
+    ]:
+        fast = fold_encoded(name, name.lower(), value)
+        assert fast is not None
+        assert fast == POLICY.header_factory(name, value).fold(policy=POLICY)

@@ -470,3 +470,22 @@ def _use_a_labels(msg: EmailMessage) -> None:
                 ],
             )
         msg.set_raw(name, value)
+
+
+def envelope_from_stuffed(
+    sender: Address,
+    recipients: list[Address],
+    payload: bytes,
+    size: int,
+    header_end: int,
+    message_id: str,
+) -> Envelope:
+    """An envelope for a DATA ``payload`` its caller built with CRLF line ends only, dot-stuffed
+    and ended with ``b".\r\n"`` itself; ``size`` is its length before stuffing.
+
+    For the mail merge's direct renderer, which stuffs only the pieces of a message that can
+    need it (a cached attachment part is checked once, not once per row). Raises
+    :class:`AddressError` like :func:`envelope_from_bytes` for the recipients.
+    """
+    forward_paths = _unique_recipients(recipients, field="recipients", empty="no recipients")
+    return _built(sender, forward_paths, payload, size, header_end, message_id)

@@ -63,7 +63,7 @@ import markdown  # type: ignore[import-untyped]
 from twistmail.address import Address, check_header_value, format_display_name, format_mailbox
 from twistmail.errors import HeaderInjectionError, RowError, TemplateError
 
-from .attachments import AttachmentFiles
+from .attachments import Attachment, AttachmentFiles
 from .columns import column_aliases, unknown_columns_error
 from .headers import (
     ADDRESS_HEADERS,
@@ -273,11 +273,7 @@ class MessageTemplate:
         recipient = next((first[key] for key in RECIPIENT_HEADERS if key in first), None)
         if recipient is None:
             raise RowError("To", "no recipient: To, Cc and Bcc are all empty")
-        attachments = [
-            self._files.get(path, templated=header.template is not None)
-            for header in self._attachments
-            if (path := self._render_header(header, values))
-        ]
+        attachments = self.attachments(values)
         if not message_id.startswith("<"):
             message_id = f"<{message_id}>"
         check_value("Message-ID", message_id)
@@ -301,9 +297,8 @@ class MessageTemplate:
                 check_folding(msg, name)
         msg["Date"] = date if date is not None else datetime.now(UTC)
         msg["Message-ID"] = message_id
-        if self._markdown is not None:
-            assert self._html_body is not None
-            html = self._markdown.reset().convert(self._render(self._html_body, values, None))
+        if self.kind == "markdown":
+            html = self.render_markdown_html(values)
             msg.set_content(body)
             msg.add_alternative(html, subtype="html")
         else:
@@ -316,6 +311,29 @@ class MessageTemplate:
                 filename=attachment.filename,
             )
         return Rendered(msg, str(recipient))
+
+    def attachments(self, context: dict[str, object]) -> list[Attachment]:
+        """The files a row attaches (``context`` from :meth:`context`), read through the cache.
+
+        Raises :class:`RowError` when a path is undefined, leaves the template's directory or
+        cannot be read.
+        """
+        return [
+            self._files.get(path, templated=header.template is not None)
+            for header in self._attachments
+            if (path := self._render_header(header, context))
+        ]
+
+    def attachment_part(self, attachment: Attachment) -> tuple[bytes, bytes]:
+        """``attachment`` as the email package writes it inside a multipart message (CRLF),
+        and the same dot-stuffed; encoded once per campaign."""
+        return self._files.part(attachment)
+
+    def render_markdown_html(self, context: dict[str, object]) -> str:
+        """The HTML alternative of a Markdown body (cells HTML-escaped), for one row."""
+        assert self._markdown is not None
+        assert self._html_body is not None
+        return str(self._markdown.reset().convert(self._render(self._html_body, context, None)))
 
     @property
     def has_attachments(self) -> bool:
