@@ -52,7 +52,11 @@ async def test_a_server_deferring_everything_does_not_pull_the_csv_into_memory(
     assert 1000 <= campaign.counts.started <= 1000 + 3 * options.concurrency
     assert campaign.counts.deferred == len(campaign._parked) == campaign.counts.started
     campaign.interrupt()
+    campaign.interrupt()  # a second signal is acknowledged: what is in flight is cut off
     assert await done == EXIT_INTERRUPTED
+    output = options.out.getvalue()
+    assert "stopping: letting messages in flight finish" in output
+    assert "aborting: cutting off the messages in flight" in output
     assert server.received == []
 
 
