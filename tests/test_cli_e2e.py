@@ -559,3 +559,66 @@ def test_unreachable_server_is_named_in_the_report(tmp_path: Path) -> None:
     assert "waiting for the server: could not connect" in proc.stdout
     assert "error: could not connect" in proc.stdout
     assert f"127.0.0.1:{port}" in proc.stdout
+
+
+def test_a_later_row_for_the_same_recipient_is_reported_duplicate_not_sent(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    server = cue_server()
+    rows = [
+        {"email": "ann@example.org", "name": "Ann", "code": "1"},
+        {"email": "bob@example.org", "name": "Bob", "code": "2"},
+        {"email": "ANN@Example.ORG", "name": "Ann again", "code": "3"},
+    ]
+    csv_path, template_path = write_campaign(tmp_path, rows)
+    url = f"smtp://127.0.0.1:{server.port}"
+    proc = twistmail("send", csv_path, template_path, "--smtp", url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(r.recipients[0] for r in server.received) == [
+        "ann@example.org",
+        "bob@example.org",
+    ]
+    assert "duplicate: row 3" in proc.stdout
+    states = {r["row"]: r["status"] for r in report(tmp_path)}
+    assert states == {"1": "sent", "2": "sent", "3": "duplicate"}
+    # A re-run sends nobody again (row 1 is settled; its duplicate stays a duplicate).
+    again = twistmail("send", csv_path, template_path, "--smtp", url)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(server.received) == 2
+
+
+def test_a_duplicate_of_a_row_sent_by_an_earlier_run_is_not_sent(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    server = cue_server()
+    rows = [
+        {"email": "ann@example.org", "name": "Ann", "code": "1"},
+        {"email": "bob@example.org", "name": "Bob", "code": "2"},
+        {"email": "Ann@example.org", "name": "Ann again", "code": "3"},
+    ]
+    csv_path, template_path = write_campaign(tmp_path, rows)
+    url = f"smtp://127.0.0.1:{server.port}"
+    # The first run stops after one message, before it reads row 3.
+    first = twistmail("send", csv_path, template_path, "--smtp", url, "--limit", "1")
+    assert first.returncode == 3, first.stdout + first.stderr  # --limit left rows to send
+    second = twistmail("send", csv_path, template_path, "--smtp", url)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert [r.recipients[0] for r in server.received] == ["ann@example.org", "bob@example.org"]
+    assert {r["row"]: r["status"] for r in report(tmp_path)} == {
+        "1": "sent",
+        "2": "sent",
+        "3": "duplicate",
+    }
+
+
+def test_allow_duplicates_sends_every_row(cue_server: Cue, tmp_path: Path) -> None:
+    server = cue_server()
+    rows = [
+        {"email": "ann@example.org", "name": "Ann", "code": "1"},
+        {"email": "ann@example.org", "name": "Ann", "code": "2"},
+    ]
+    csv_path, template_path = write_campaign(tmp_path, rows)
+    url = f"smtp://127.0.0.1:{server.port}"
+    proc = twistmail("send", csv_path, template_path, "--smtp", url, "--allow-duplicates")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(server.received) == 2

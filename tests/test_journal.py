@@ -75,7 +75,7 @@ def test_open_creates_a_wal_journal_and_close_stops_its_thread(tmp_path: Path) -
         # NORMAL (1): a commit survives a killed process; FULL would fsync every commit.
         assert (yield journal.settings()) == ("wal", 1)
         assert (yield journal.counts()) == dict.fromkeys(
-            ["pending", "sent", "deferred", "failed", "invalid"], 0
+            ["pending", "sent", "deferred", "failed", "invalid", "duplicate"], 0
         )
     finally:
         yield journal.close()
@@ -512,3 +512,48 @@ def test_register_pending_keeps_settled_rows_and_commits_in_chunks(tmp_path: Pat
     assert not is_set(settled, 3)
     assert journal.commits == commits_before  # chunks are not group commits of records
     yield journal.close()
+
+
+_JOURNAL_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE rows (
+    row INTEGER PRIMARY KEY,
+    email TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'deferred', 'failed', 'invalid')),
+    code INTEGER,
+    response TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    message_id TEXT,
+    next_attempt_at REAL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_version_1_journal_is_migrated_and_keeps_its_rows(tmp_path: Path) -> Gen:
+    path = tmp_path / "old.journal.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_JOURNAL_V1)
+    conn.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [
+            ("schema_version", "1"),
+            ("campaign_id", "abc"),
+            ("csv_sha256", "c"),
+            ("template_sha256", "t"),
+            ("created_at", "0"),
+        ],
+    )
+    conn.execute("INSERT INTO rows VALUES (1, 'a@x.org', 'sent', 250, 'ok', 1, '<m>', NULL, 0)")
+    conn.commit()
+    conn.close()
+    journal = yield Journal.open(path, csv_fingerprint="c", template_fingerprint="t")
+    try:
+        assert journal.campaign_id == "abc"
+        yield journal.record(2, email="a@x.org", state="duplicate", response="dup")
+        counts = yield journal.counts()
+        assert (counts["sent"], counts["duplicate"]) == (1, 1)
+    finally:
+        yield journal.close()
+    assert read_status(path).counts["duplicate"] == 1

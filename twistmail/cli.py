@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start the journal over when the CSV or template changed (sends every row again)",
     )
+    send.add_argument(
+        "--allow-duplicates",
+        action="store_true",
+        help="send to every row even when an earlier row has the same recipient (by default a "
+        "later row for the same address, compared case-insensitively, is not sent and is "
+        "reported as duplicate)",
+    )
 
     check = sub.add_parser(
         "check",
@@ -416,6 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         limit=args.limit,
         retry_failed=args.retry_failed,
         new_campaign=args.new_campaign,
+        allow_duplicates=args.allow_duplicates,
         **_delivery(args),
     )
     if args.dry_run or args.strict:

@@ -21,6 +21,7 @@ closes a journal left open.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import secrets
@@ -36,7 +37,9 @@ from twisted.python.threadpool import ThreadPool
 
 from .. import _sqlite
 from .._sqlite import SqliteThread
-from ..errors import TwistmailError
+from ..address import mailbox_key
+from ..errors import MessageError, TwistmailError
+from .keyset import KeySet
 
 __all__ = [
     "CampaignChangedError",
@@ -49,9 +52,10 @@ __all__ = [
     "read_status",
 ]
 
-RowState = Literal["pending", "sent", "deferred", "failed", "invalid"]
+RowState = Literal["pending", "sent", "deferred", "failed", "invalid", "duplicate"]
 ROW_STATES: Final[tuple[str, ...]] = get_args(RowState)
-SCHEMA_VERSION: Final = "1"
+# Version 2 adds the "duplicate" state; a version-1 journal is migrated when opened.
+SCHEMA_VERSION: Final = "2"
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -202,9 +206,28 @@ def _read_meta(conn: sqlite3.Connection, path: str) -> dict[str, str]:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.DatabaseError as e:
         raise JournalError(f"{path}: not a twistmail journal ({e})") from e
-    if meta.get("schema_version") != SCHEMA_VERSION or "campaign_id" not in meta:
+    version = meta.get("schema_version")
+    if version not in ("1", SCHEMA_VERSION) or "campaign_id" not in meta:
+        if version is not None and version.isdigit() and int(version) > int(SCHEMA_VERSION):
+            raise JournalError(
+                f"{path}: a journal of a newer twistmail (schema {version}); upgrade twistmail"
+            )
         raise JournalError(f"{path}: not a twistmail journal, or one of another version")
     return meta
+
+
+def _migrate(conn: sqlite3.Connection, meta: dict[str, str]) -> None:
+    """Bring a version-1 journal to the current schema, inside the opening transaction."""
+    if meta.get("schema_version") != "1":
+        return
+    # Version 2 allows one more state; SQLite cannot change a CHECK, so the table is rebuilt.
+    conn.execute("ALTER TABLE rows RENAME TO rows_v1")
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute(f"INSERT INTO rows ({_ROW_COLUMNS}) SELECT {_ROW_COLUMNS} FROM rows_v1")  # noqa: S608
+    conn.execute("DROP TABLE rows_v1")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
 
 
 def _start_campaign(conn: sqlite3.Connection, csv_fingerprint: str, template_fp: str) -> str:
@@ -235,10 +258,12 @@ def _open_in_thread(
                 if statement.strip():
                     conn.execute(statement)
             has_meta = conn.execute("SELECT count(*) FROM meta").fetchone()[0] > 0
+            if has_meta:
+                meta = _read_meta(conn, path)
+                _migrate(conn, meta)
             if not has_meta or new_campaign:
                 campaign_id = _start_campaign(conn, csv_fingerprint, template_fingerprint)
             else:
-                meta = _read_meta(conn, path)
                 changed = tuple(
                     name
                     for name, key, expected in (
@@ -285,13 +310,25 @@ def _insert_pending(
 
 
 def _settled_rows(conn: sqlite3.Connection, retry_failed: bool) -> bytearray:
-    states = ["sent", "invalid"] if retry_failed else ["sent", "invalid", "failed"]
+    states = ["sent", "invalid", "duplicate"]
+    if not retry_failed:
+        states.append("failed")
     (top,) = conn.execute("SELECT coalesce(max(row), 0) FROM rows").fetchone()
     bitmap = bytearray((int(top) >> 3) + 1)
     placeholders = ", ".join("?" * len(states))
     for (row,) in conn.execute(f"SELECT row FROM rows WHERE state IN ({placeholders})", states):  # noqa: S608
         _set_bit(bitmap, row)
     return bitmap
+
+
+def _taken_keys(conn: sqlite3.Connection, retry_failed: bool) -> KeySet:
+    """The recipients of the rows a run skips as settled: sent, and failed unless retried."""
+    keys = KeySet()
+    states = "('sent')" if retry_failed else "('sent', 'failed')"
+    for (email,) in conn.execute(f"SELECT email FROM rows WHERE state IN {states}"):  # noqa: S608
+        with contextlib.suppress(MessageError):
+            keys.add(mailbox_key(email))
+    return keys
 
 
 def _counts(conn: sqlite3.Connection) -> dict[str, int]:
@@ -487,6 +524,12 @@ class Journal:
     def deferred_rows(self) -> defer.Deferred[list[tuple[int, float]]]:
         """``(row, next_attempt_at)`` of every deferred row, soonest first (unknown time = 0)."""
         return self._db.read(_deferred_rows)
+
+    def taken_keys(self, retry_failed: bool = False) -> defer.Deferred[KeySet]:
+        """The recipients (:func:`~twistmail.address.mailbox_key`) of the rows a run skips as
+        settled (see :meth:`settled_rows`): a row rendered later for one of them is a
+        duplicate."""
+        return self._db.read(_taken_keys, retry_failed)
 
     def counts(self) -> defer.Deferred[dict[str, int]]:
         """Number of rows in each state (every state present, zero if none)."""

@@ -117,6 +117,7 @@ class Progress:
             ("failed", run.failed),
             ("deferred", run.deferred),
             ("invalid", run.invalid),
+            ("duplicate", getattr(run, "duplicate", 0)),
             ("pending", None),
         ]
         for state, this_run in rows:

@@ -35,7 +35,8 @@ from twistmail.retry import Plan, RetryPolicy
 
 from .csvsource import CsvSource, scan
 from .journal import Journal, RowState, is_set
-from .prepare import Prepared, Problem, guess_email, load_inputs, prepare_row
+from .keyset import KeySet
+from .prepare import Prepared, Problem, guess_email, load_inputs, prepare_row, recipient_key
 from .progress import Progress
 from .report import write_report
 from .template import MessageTemplate
@@ -57,6 +58,7 @@ class SendOptions(DeliveryOptions):
     limit: int | None = None
     retry_failed: bool = False
     new_campaign: bool = False
+    allow_duplicates: bool = False
     grace: float = 30.0
     progress: bool | None = None  # None: a live display when stdout is a terminal
     out: Any = field(default_factory=lambda: sys.stdout)
@@ -90,6 +92,7 @@ class Counts:
     failed: int = 0
     deferred: int = 0
     invalid: int = 0
+    duplicate: int = 0
     skipped: int = 0
     started: int = 0
     waiting: str | None = None
@@ -121,6 +124,7 @@ class Campaign:
         self._mailer: Mailer | None = None
         self._abort_timer: Any = None
         self._loop: DeliveryLoop | None = None
+        self._seen: KeySet | None = None  # recipients already reached (None: duplicates allowed)
 
     async def run(self) -> int:
         """Send the campaign; the exit status (0, 1, 2 or 3 as documented by the CLI)."""
@@ -158,6 +162,8 @@ class Campaign:
     ) -> int:
         opts = self.options
         settled = await journal.settled_rows(opts.retry_failed)
+        if not opts.allow_duplicates:
+            self._seen = await journal.taken_keys(opts.retry_failed)
         try:
             self._mailer = opts.mailer(self.reactor)
         except (ValueError, OSError) as e:
@@ -254,6 +260,10 @@ class Campaign:
                 self.counts.invalid += 1
                 self._record_problem(item)
                 continue
+            if self._seen is not None and not self._seen.add(recipient_key(item)):
+                self.counts.duplicate += 1
+                self._record_duplicate(item)
+                continue
             if limit is not None and self.counts.started >= limit:
                 self._limit_reached = True
                 self._exhausted = True
@@ -295,6 +305,17 @@ class Campaign:
         self._say(f"invalid: {problem.reason}")
         self._journal.record(
             problem.row, email=problem.email, state="invalid", response=problem.reason
+        ).addErrback(self._journal_failed)
+
+    def _record_duplicate(self, prepared: Prepared) -> None:
+        assert self._journal is not None
+        self._say(f"duplicate: row {prepared.row} {prepared.email}: an earlier row has it")
+        self._journal.record(
+            prepared.row,
+            email=prepared.email,
+            state="duplicate",
+            response="the same recipient as an earlier row: not sent again "
+            "(--allow-duplicates sends it)",
         ).addErrback(self._journal_failed)
 
     def _record(
