@@ -109,17 +109,19 @@ class Plan:
     @property
     def code(self) -> int | None:
         """The reply code worth reporting: the refusal, the deferral, or the final reply."""
-        problem = self.problem
-        if problem is not None:
-            return problem.code
+        if self.state != "sent":  # a sent plan names no problem (one call fewer a message)
+            problem = self.problem
+            if problem is not None:
+                return problem.code
         return self.result.code if self.result is not None else None
 
     @property
     def response(self) -> str:
         """The reply text worth reporting, naming the recipient for a refusal or deferral."""
-        problem = self.problem
-        if problem is not None:
-            return f"{problem.recipient}: {problem.response}" if problem.response else ""
+        if self.state != "sent":
+            problem = self.problem
+            if problem is not None:
+                return f"{problem.recipient}: {problem.response}" if problem.response else ""
         return self.result.text if self.result is not None else ""
 
     @property

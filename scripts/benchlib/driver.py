@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from clirun import CLI_SENDER, CliInputs, run_cli
+from drainrun import DRAIN_SENDER, DrainInputs, run_drain
 from runner import BenchError, Run, Sink, run_child
 
 TWISTMAIL = "twistmail"
@@ -49,6 +50,15 @@ SLOW_SENDERS = frozenset({"twisted-naive"})
 # --mode cli-csv: the command line, the library, and the issue's yardstick.
 CLI_MODE_SENDERS = (CLI_SENDER, TWISTMAIL, "aiosmtplib-uvloop")
 CLI_TARGET = ("aiosmtplib-uvloop", 2.0)  # CLI msg/s must be at least 2x this peer's
+
+# --mode drain: `twistmail drain` of a filled spool, the issue's yardstick, and the CLI.
+DRAIN_MODE_SENDERS = (DRAIN_SENDER, "aiosmtplib-uvloop", CLI_SENDER)
+# (peer, drain msg/s must be at least this multiple of the peer's, what the target is)
+DRAIN_TARGETS = (
+    ("aiosmtplib-uvloop", 1.5, "target"),
+    ("aiosmtplib-uvloop", 2.0, "stretch"),
+    (CLI_SENDER, 1.0, "target"),
+)
 
 DEFAULT_COUNT = 20_000
 QUICK_COUNT = 2_000
@@ -80,7 +90,7 @@ class Plan:
             return self.timeout
         n = self.count_for(sender)
         # Generous: a broken run should fail in minutes, not hang for ever.
-        if sender == CLI_SENDER:  # the whole process, at a few hundred rows/s
+        if sender in (CLI_SENDER, DRAIN_SENDER):  # the whole process
             return 120.0 + n / 50.0
         return 60.0 + n / (20.0 if sender in SLOW_SENDERS else 200.0)
 
@@ -184,6 +194,87 @@ def run_cli_csv_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dic
     return doc
 
 
+def run_drain_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
+    """``twistmail drain`` of a spool filled with ``count`` messages, interleaved with peers.
+
+    Each round: a one-message drain (its fixed cost, reported apart), then every sender. The
+    drain and the CLI are timed as whole processes; the library senders over their sending
+    window. Per-round ratios of the drain to each peer are reported too: rounds are adjacent
+    in time, so they see the same machine.
+    """
+    plan = make_plan(args)
+    drains = DrainInputs(args.python, workdir)
+    clis = CliInputs(workdir) if CLI_SENDER in plan.senders else None
+    if clis is not None:
+        clis.csv_for(plan.count)
+    if DRAIN_SENDER in plan.senders:
+        drains.template_for(plan.count)
+        # Untimed: writes bytecode and warms the file cache, as the CLI's probe does.
+        run_drain(args.python, drains, sink, 1, plan.connections, 120.0)
+    if clis is not None:
+        run_cli(args.python, clis, sink, 1, plan.connections, 120.0)
+    runs: dict[str, list[Run]] = {s: [] for s in plan.senders}
+    startups: list[Run] = []
+    order = list(plan.senders)
+    for rnd in range(plan.repeat):
+        if DRAIN_SENDER in plan.senders:
+            startups.append(run_drain(args.python, drains, sink, 1, plan.connections, 120.0))
+        for sender in order:
+            n = plan.count_for(sender)
+            print(
+                f"  round {rnd + 1}/{plan.repeat}  {sender:<20} {n:>7} msgs ...",
+                end="",
+                flush=True,
+                file=sys.stderr,
+            )
+            timeout = plan.timeout_for(sender)
+            if sender == DRAIN_SENDER:
+                run = run_drain(args.python, drains, sink, n, plan.connections, timeout)
+            elif sender == CLI_SENDER:
+                assert clis is not None
+                run = run_cli(args.python, clis, sink, n, plan.connections, timeout)
+            else:
+                run = run_child(args.python, sender, sink, n, plan.connections, timeout, workdir)
+            runs[sender].append(run)
+            print(
+                f" {run.rate:9.0f} msg/s  {run.cpu_us_per_msg:6.0f} us/msg  "
+                f"{run.maxrss_mb:6.1f} MB",
+                file=sys.stderr,
+            )
+        order = order[1:] + order[:1]
+    doc = summarise(plan, runs, mode="drain", reference=DRAIN_SENDER)
+    if DRAIN_SENDER not in runs:
+        return doc
+    for peer, ratio in doc["ratio_to"].items():
+        per_round = [d.rate / p.rate for d, p in zip(runs[DRAIN_SENDER], runs[peer], strict=True)]
+        ratio["rate_per_round_min"] = round(min(per_round), 2)
+        ratio["rate_per_round_max"] = round(max(per_round), 2)
+    if startups:
+        wall = statistics.median(r.elapsed for r in startups)
+        doc["drain_one_message"] = {
+            "wall_s_median": round(wall, 3),
+            "cpu_s_median": round(statistics.median(r.cpu_total_s for r in startups), 3),
+            "maxrss_mb_max": round(max(r.maxrss_mb for r in startups), 1),
+        }
+        net = [r.count / (r.elapsed - wall) for r in runs[DRAIN_SENDER] if r.elapsed > wall]
+        if net:
+            doc["drain_rate_excluding_one_message_cost_median"] = round(statistics.median(net), 1)
+    targets = []
+    for peer, needed, kind in DRAIN_TARGETS:
+        ratio = doc["ratio_to"].get(peer)
+        if ratio is not None:
+            targets.append(
+                {
+                    "what": f"{DRAIN_SENDER} msg/s >= {needed:g} x {peer} msg/s",
+                    "kind": kind,
+                    "ratio": ratio["rate"],
+                    "pass": ratio["rate"] >= needed,
+                }
+            )
+    doc["targets"] = targets
+    return doc
+
+
 def run_memory_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
     """Peak RSS of ``twistmail send`` at each ``--memory-rows`` size, dry run and real send.
 
@@ -238,8 +329,12 @@ def run_memory_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict
 MODES: dict[str, Callable[[argparse.Namespace, Sink, Path], dict[str, Any]]] = {
     "library": run_library_mode,
     "cli-csv": run_cli_csv_mode,
+    "drain": run_drain_mode,
     "memory": run_memory_mode,
 }
+
+
+DEFAULT_SENDERS = {"cli-csv": CLI_MODE_SENDERS, "drain": DRAIN_MODE_SENDERS}
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -247,7 +342,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     slow = args.slow_count if args.slow_count is not None else max(100, count // 10)
     repeat = args.repeat if args.repeat is not None else (2 if args.quick else 3)
     return Plan(
-        senders=args.senders or list(CLI_MODE_SENDERS if args.mode == "cli-csv" else ALL_SENDERS),
+        senders=args.senders or list(DEFAULT_SENDERS.get(args.mode, ALL_SENDERS)),
         count=count,
         slow_count=slow,
         repeat=repeat,
@@ -310,7 +405,7 @@ def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
     results = doc["results"]
     ratios = doc.get("twistmail_ratio_to", doc.get("ratio_to", {}))
     ref = doc.get("reference", TWISTMAIL)
-    tag = "tm" if ref == TWISTMAIL else "cli"
+    tag = {TWISTMAIL: "tm", CLI_SENDER: "cli", DRAIN_SENDER: "drain"}.get(ref, "ref")
     head = (
         f"{'sender':<20} {'msgs':>7} {'msg/s med':>10} {'min':>9} {'max':>9} "
         f"{'CPU us/msg':>10} {'RSS MB':>7} {tag + ' speed x':>11} {tag + ' CPU x':>10}"
@@ -350,6 +445,34 @@ def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
         if target:
             verdict = "PASS" if target["pass"] else "FAIL"
             print(f"target {target['what']}: ratio {target['ratio']:.2f} -> {verdict}", file=out)
+    if doc["mode"] == "drain":
+        print(
+            f"{DRAIN_SENDER} and {CLI_SENDER}: wall time, CPU and RSS of the whole child "
+            "process (start-up, imports, opening the spool or the CSV and journal, closing); "
+            "the others: sending window only.",
+            file=out,
+        )
+        for peer, ratio in doc.get("ratio_to", {}).items():
+            if "rate_per_round_min" in ratio:
+                print(
+                    f"{DRAIN_SENDER} / {peer} per round: {ratio['rate_per_round_min']:.2f}x"
+                    f"-{ratio['rate_per_round_max']:.2f}x",
+                    file=out,
+                )
+        one = doc.get("drain_one_message")
+        if one:
+            print(
+                f"drain fixed cost (one-message drain): {one['wall_s_median']:.2f} s wall, "
+                f"{one['cpu_s_median']:.2f} s CPU; drain msg/s without it: "
+                f"{doc.get('drain_rate_excluding_one_message_cost_median', float('nan')):.0f}",
+                file=out,
+            )
+        for target in doc.get("targets", []):
+            verdict = "PASS" if target["pass"] else "FAIL"
+            print(
+                f"{target['kind']} {target['what']}: ratio {target['ratio']:.2f} -> {verdict}",
+                file=out,
+            )
 
 
 def print_memory_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
@@ -441,6 +564,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "            The CLI is timed as a whole process (start-up included); it must\n"
             "            exit 0 and the sink must count every row. Prints the target\n"
             f"            CLI msg/s >= {CLI_TARGET[1]:g} x {CLI_TARGET[0]}.\n"
+            f"  drain     `python -m twistmail drain --spool PATH --smtp URL --concurrency N`\n"
+            f"            of a fresh spool file holding --count library-mode messages\n"
+            f"            (enqueued beforehand with the spool backend, untimed; every run\n"
+            f"            gets a fresh copy), timed as a whole process; it must exit 0 and\n"
+            f"            the sink must count every message. Interleaved with\n"
+            f"            aiosmtplib-uvloop and {CLI_SENDER} over --repeat rounds (name:\n"
+            f"            {DRAIN_SENDER}; --senders may change the set). A one-message drain\n"
+            "            per round measures the fixed cost. Prints PASS/FAIL for drain msg/s\n"
+            "            >= 1.5 x aiosmtplib-uvloop (stretch 2 x) and >= the CLI's msg/s.\n"
             "  memory    peak RSS of the CLI at each --memory-rows size, with --dry-run\n"
             "            and/or a real send (--memory-what). Prints PASS/FAIL for: largest\n"
             f"            size within {(MEMORY_MAX_GROWTH - 1) * 100:.0f}% of the smallest and "
@@ -475,7 +607,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--senders",
         help="comma-separated subset, in first-round order (default: all; with --mode "
-        f"cli-csv: {','.join(CLI_MODE_SENDERS)})",
+        f"cli-csv: {','.join(CLI_MODE_SENDERS)}; with --mode drain: "
+        f"{','.join(DRAIN_MODE_SENDERS)})",
     )
     parser.add_argument(
         "--json",
@@ -501,7 +634,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--mode",
         choices=sorted(MODES),
         default="library",
-        help="what to measure: library (default), cli-csv or memory; see above",
+        help="what to measure: library (default), cli-csv, drain or memory; see above",
     )
     parser.add_argument(
         "--memory-rows",
@@ -526,7 +659,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="smtp-sink binary (default: $BENCH_SMTP_SINK, set by scripts/bench)",
     )
     args = parser.parse_args(argv)
-    known = ALL_SENDERS + ((CLI_SENDER,) if args.mode == "cli-csv" else ())
+    known = ALL_SENDERS + {
+        "cli-csv": (CLI_SENDER,),
+        "drain": (DRAIN_SENDER, CLI_SENDER),
+    }.get(args.mode, ())
     args.senders = [s.strip() for s in (args.senders or "").split(",") if s.strip()]
     unknown = [s for s in args.senders if s not in known]
     if unknown:
