@@ -29,18 +29,24 @@ class _MessageJob(Job):
     __slots__ = ("error", "final", "given", "index", "outcomes")
 
     def __init__(self, envelope: Envelope, index: int) -> None:
-        super().__init__(envelope)
-        self.given = envelope
+        # Job's fields set here rather than through super(): one call less for every message.
+        self.envelope = self.given = envelope
+        self.attempts = 0
+        self.refused = None
+        self._handle = None
+        self._at_risk = False
         self.index = index
-        self.outcomes: dict[str, RecipientOutcome] | None = None
-        self.final: TransactionResult | None = None
-        self.error: DeliveryError | None = None
+        # outcomes, final and error are set by the first note(): a message sent at the first
+        # try never needs them.
 
     def note(self, outcome: Plan) -> None:
         """Keep what an attempt settled for its recipients."""
-        outcomes = self.outcomes
+        outcomes: dict[str, RecipientOutcome] | None = getattr(self, "outcomes", None)
         if outcomes is None:
-            outcomes = self.outcomes = {}
+            outcomes = {}
+            self.outcomes = outcomes
+            self.final: TransactionResult | None = None
+            self.error: DeliveryError | None = None
         for o in outcome.outcomes:
             outcomes[o.recipient] = o
         if outcome.result is not None:
@@ -51,7 +57,7 @@ class _MessageJob(Job):
 
     def result(self, stopped_by: DeliveryError | None = None) -> SendResult:
         """The message's result; recipients never settled fail with ``stopped_by``."""
-        outcomes = self.outcomes or {}
+        outcomes: dict[str, RecipientOutcome] = getattr(self, "outcomes", None) or {}
         recipients = []
         for address in self.given.recipients:
             rcpt = str(address)
@@ -67,7 +73,7 @@ class _MessageJob(Job):
                     self.attempts,
                 )
             recipients.append(outcome)
-        final = self.final
+        final: TransactionResult | None = getattr(self, "final", None)
         return SendResult(
             sender=str(self.given.sender),
             recipients=recipients,
@@ -75,7 +81,7 @@ class _MessageJob(Job):
             response=final.text if final else "",
             attempts=self.attempts,
             message_id=self.given.message_id,
-            error=stopped_by or self.error,
+            error=stopped_by or getattr(self, "error", None),
         )
 
 
@@ -131,11 +137,15 @@ class MessagesDoor:
     # ------------------------------------------------------------------ Door
 
     def next_job(self) -> Job | None:
-        job = self._parked.pop_due()
-        if job is not None:
-            return job
+        parked = self._parked
+        if parked.waiting:
+            job = parked.pop_due()
+            if job is not None:
+                return job
+            if parked.full:
+                return None
         items = self._items
-        if items is None or self._parked.full:
+        if items is None:
             return None
         prepare = self._prepare
         for index, item in items:

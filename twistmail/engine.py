@@ -91,7 +91,6 @@ class Sender(Protocol):
         envelope: Envelope,
         notify: Notify,
         context: Any,
-        *,
         ready: Callable[[Any], None] | None = None,
     ) -> SenderAttempt:
         """Start one attempt; ``notify(context, result, error)`` ends it."""
@@ -132,9 +131,11 @@ class Parked:
         self._heap: list[tuple[float, int, Job]] = []
         self._seq = itertools.count()
         self._again: deque[Job] = deque()
+        self.waiting = 0
+        """How many jobs wait (a plain attribute: doors read it for every job)."""
 
     def __len__(self) -> int:
-        return len(self._heap) + len(self._again)
+        return self.waiting
 
     @property
     def full(self) -> bool:
@@ -145,18 +146,22 @@ class Parked:
         """Bring ``job`` back in ``delay`` seconds; the clock time it is due."""
         due = self._clock.seconds() + delay
         heapq.heappush(self._heap, (due, next(self._seq), job))
+        self.waiting += 1
         return due
 
     def again(self, job: Job) -> None:
         """Bring ``job`` back before anything else (it was given back untried)."""
         self._again.append(job)
+        self.waiting += 1
 
     def pop_due(self) -> Job | None:
         """A job given back or due now, else None."""
         if self._again:
+            self.waiting -= 1
             return self._again.popleft()
         heap = self._heap
         if heap and heap[0][0] <= self._clock.seconds():
+            self.waiting -= 1
             return heapq.heappop(heap)[2]
         return None
 
@@ -173,6 +178,7 @@ class Parked:
         jobs = list(self._again) + [job for _, _, job in sorted(self._heap)]
         self._again.clear()
         self._heap.clear()
+        self.waiting = 0
         return jobs
 
 
@@ -208,7 +214,10 @@ class DeliveryLoop(Pump):
         on_server: Callable[[DeliveryError | None, float], None] | None = None,
     ) -> None:
         self._sender = sender
+        self._attempt = sender.attempt
         self._door = door
+        self._next_job = door.next_job
+        self._notify = self._ended
         self._policy = policy
         self._clock = clock
         self._bound = hold_bodies
@@ -269,12 +278,13 @@ class DeliveryLoop(Pump):
             if self._clock.seconds() < self._paused_until:
                 return False
             self._paused_until = 0.0
-        job = self._door.next_job()
+        job = self._next_job()
         if job is None:
             return False
-        self._in_flight.add(job)
-        handle = self._sender.attempt(job.envelope, self._ended, job, ready=self._ready)
-        if job in self._in_flight:  # not already ended
+        in_flight = self._in_flight
+        in_flight.add(job)
+        handle = self._attempt(job.envelope, self._notify, job, self._ready)
+        if job in in_flight:  # not already ended
             job._handle = handle
         return True
 
@@ -330,21 +340,25 @@ class DeliveryLoop(Pump):
     ) -> None:
         if self.server_error is not None:
             self._server_back()
-        job.attempts += 1
-        outcome = plan(
-            job.envelope.recipients,
-            result,
-            error,
-            job.attempts,
-            self._policy,
-            refused_before=job.refused,
-        )
+        attempts = job.attempts = job.attempts + 1
+        if result is not None and result.accepted_all and job.refused is None:
+            outcome = Plan("sent", attempts, result)  # what plan() says, without the call
+        else:
+            outcome = plan(
+                job.envelope.recipients,
+                result,
+                error,
+                attempts,
+                self._policy,
+                refused_before=job.refused,
+            )
         recorded = self._door.record(job, outcome)
         if outcome.state == "deferred":
             job.refused = outcome.refused
             job.envelope = _deferred_only(job.envelope, outcome)
         if recorded is None:
-            self._unrisk(job)
+            if job._at_risk:
+                self._unrisk(job)
             return
         self._recording += 1
         recorded.addCallbacks(self._committed, self._fail, callbackArgs=(job,))

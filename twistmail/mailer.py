@@ -215,7 +215,6 @@ class Mailer:
         envelope: Envelope,
         notify: Notify,
         context: Any,
-        *,
         ready: Callable[[Any], None] | None = None,
     ) -> Attempt:
         """Make one attempt at ``envelope``; ``notify(context, result, error)`` ends it.
@@ -232,7 +231,13 @@ class Mailer:
         if self._fast:
             proto = self.pool.acquire_now()
             if proto is not None:
-                attempt._submit(proto)
+                # Attempt._submit, inline: this is the path of nearly every message.
+                attempt._proto = proto
+                txn = proto.submit(
+                    envelope, Attempt._end, attempt, ready=_body_wanted if ready else None
+                )
+                if not attempt.ended:
+                    attempt._txn = txn
                 return attempt
         attempt._gate = gate = defer.Deferred.fromCoroutine(self._gate(attempt))
         gate.addCallbacks(attempt._submit, attempt._not_started)
@@ -300,9 +305,10 @@ class Mailer:
         connections themselves: each takes a token right before it writes a MAIL)."""
         domains = self._domains
         if domains is not None:
+            held = attempt._domains = []
             for domain in sorted({r.ascii_domain for r in attempt.envelope.recipients}):
                 await domains.acquire(domain)
-                attempt._domains.append(domain)
+                held.append(domain)
         return await self.pool.acquire()
 
     def _release_domains(self, held: list[str]) -> None:
@@ -345,7 +351,7 @@ class Attempt:
         self._proto: MailerProtocol | None = None
         self._txn: _Txn | None = None
         self._gate: defer.Deferred[MailerProtocol] | None = None
-        self._domains: list[str] = []
+        self._domains: list[str] | None = None  # per-domain slots held (made when needed)
 
     def release_body(self) -> None:
         """Send the data held back for this attempt; nothing if it is not held."""
@@ -373,7 +379,7 @@ class Attempt:
         self._gate = None
         self._proto = proto
         txn = proto.submit(
-            self.envelope, _attempt_ended, self, ready=_body_wanted if self.ready else None
+            self.envelope, Attempt._end, self, ready=_body_wanted if self.ready else None
         )
         if not self.ended:
             self._txn = txn
@@ -402,12 +408,6 @@ class Attempt:
         if self._domains:
             mailer._release_domains(self._domains)
         self.notify(self.context, result, error)
-
-
-def _attempt_ended(
-    attempt: Attempt, result: TransactionResult | None, error: DeliveryError | None
-) -> None:
-    attempt._end(result, error)
 
 
 def _body_wanted(attempt: Attempt) -> None:

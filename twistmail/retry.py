@@ -76,7 +76,6 @@ class Plan:
         self,
         state: PlanState,
         attempts: int,
-        *,
         result: TransactionResult | None = None,
         error: DeliveryError | None = None,
         outcomes: list[RecipientOutcome] | None = None,

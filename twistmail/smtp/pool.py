@@ -229,20 +229,26 @@ class ConnectionPool:
             if load <= 0:
                 proto.quit()
             return
+        if load > 0 and not self._waiters:
+            # The common case of a pipelining connection still busy: it has room again.
+            if load < (self._capacities.get(proto) or self._capacity(proto)):
+                self._partial[proto] = None
+            return
         self._serve(proto)
 
     def _serve(self, proto: MailerProtocol) -> None:
         """Hand a usable connection to waiters while it has room; else keep it for later."""
         waiters = self._waiters
-        served = False
-        while waiters and proto.usable and self._load.get(proto, 0) < self._capacity(proto):
-            if served and self.has_room:
-                break  # new connections first, before one takes a second transaction
-            served = True
-            waiters.popleft().callback(self._take(proto))
-        if not proto.usable:
-            self._partial.pop(proto, None)
-            return
+        if waiters:
+            served = False
+            while waiters and proto.usable and self._load.get(proto, 0) < self._capacity(proto):
+                if served and self.has_room:
+                    break  # new connections first, before one takes a second transaction
+                served = True
+                waiters.popleft().callback(self._take(proto))
+            if not proto.usable:
+                self._partial.pop(proto, None)
+                return
         load = self._load.get(proto, 0)
         if load > 0:
             if load < self._capacity(proto):
