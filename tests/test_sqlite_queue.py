@@ -615,3 +615,16 @@ def test_one_name_per_idea_the_old_spool_names_are_gone() -> None:
     )
     assert twistmail.testing.MemoryQueue is MemoryQueue
     assert "MemoryQueue" in twistmail.testing.__all__
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_drain_may_open_the_queue_without_an_fsync_per_commit(tmp_path: Path) -> Gen:
+    path = tmp_path / "spool.db"
+    writer = yield SqliteQueue.open(path)
+    drainer = yield SqliteQueue.open(path, create=False, synchronous="NORMAL")
+    try:
+        assert (yield writer.settings()) == ("wal", 2)  # enqueues: every commit fsync'd
+        assert (yield drainer.settings()) == ("wal", 1)  # outcome records: NORMAL
+    finally:
+        yield drainer.close()
+        yield writer.close()

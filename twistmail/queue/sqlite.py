@@ -150,7 +150,9 @@ SELECT min(at) FROM (
 # Functions that run on the writer thread. -----------------------------------------------------
 
 
-def _connect(path: str, create: bool) -> sqlite3.Connection:
+def _connect(
+    path: str, create: bool, synchronous: _sqlite.Synchronous = "FULL"
+) -> sqlite3.Connection:
     if not create and not os.path.isfile(path):
         raise QueueError(f"{path}: no such spool")
     try:
@@ -161,7 +163,7 @@ def _connect(path: str, create: bool) -> sqlite3.Connection:
         with _sqlite.transaction(conn):
             _check_or_create_schema(conn, path)
         # Only once the file is known to be a queue (another database is left as it was).
-        _sqlite.configure(conn, "FULL", lambda text: QueueError(f"{path}: {text}"))
+        _sqlite.configure(conn, synchronous, lambda text: QueueError(f"{path}: {text}"))
     except sqlite3.DatabaseError as e:
         conn.close()
         raise QueueError(f"{path}: not a twistmail spool ({e})") from e
@@ -393,17 +395,24 @@ class SqliteQueue:
         *,
         create: bool = True,
         clock: Clock = time.time,
+        synchronous: _sqlite.Synchronous = "FULL",
         reactor: Any = None,
     ) -> defer.Deferred[SqliteQueue]:
         """Open the spool file at ``path``, creating it unless ``create`` is false.
 
         ``clock()`` gives the store's now in seconds (e.g. ``task.Clock().seconds`` in tests).
+        ``synchronous`` is this connection's SQLite setting: ``"FULL"`` (every commit fsync'd:
+        what an enqueue needs) or ``"NORMAL"`` (a commit survives a killed process but a power
+        cut may lose the last ones: enough for a drain's outcome records, whose loss means a
+        message is sent again, as with the campaign journal).
         A version-1 file is migrated in place. Fails with :class:`QueueError` for a missing
         file (``create=False``), a file that is not a spool, or one of a newer version.
         """
         reactor = reactor if reactor is not None else _sqlite.default_reactor()
         name = os.fspath(path)
-        d = SqliteThread.start(reactor, f"twistmail-queue {name}", _connect, name, create)
+        d = SqliteThread.start(
+            reactor, f"twistmail-queue {name}", _connect, name, create, synchronous
+        )
 
         def opened(result: tuple[ThreadPool, sqlite3.Connection]) -> SqliteQueue:
             pool, conn = result
