@@ -1,15 +1,15 @@
 """A compact set of recipient keys, for finding duplicate recipients in a large campaign.
 
-A million addresses as a Python ``set`` of strings cost about 100 MB; this keeps an 8-byte
-digest of each key (BLAKE2b) in sorted arrays, about 8 MB for a million. Two different keys
-share a digest with a probability of about n² / 2⁶⁵ (3·10⁻⁸ for a million keys); a row
-that met such a collision would be reported as a duplicate, never silently dropped.
+A million addresses as a Python ``set`` of strings cost about 100 MB; this keeps a 64-bit hash
+of each key in sorted arrays, about 8 MB for a million. The set lives in one process (it is
+rebuilt from the journal at every run), so Python's own string hash serves. Two different keys
+share a hash with a probability of about n² / 2⁶⁵ (3·10⁻⁸ for a million keys); a row that
+met such a collision would be reported as a duplicate, never silently dropped.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import heapq
 from array import array
 
@@ -19,8 +19,11 @@ __all__ = ["KeySet"]
 _RECENT = 1 << 16
 
 
+_MASK = (1 << 64) - 1
+
+
 def _digest(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big")
+    return hash(key) & _MASK  # a non-negative 64-bit value, as array("Q") holds
 
 
 class KeySet:

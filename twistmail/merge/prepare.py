@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from twistmail.address import mailbox_key, parse_address_list, parse_sender
-from twistmail.errors import AddressError, MessageError
+from twistmail.errors import MessageError
 from twistmail.message import Envelope, envelope_from_message
 
 from .csvsource import CsvSource, Row, open_csv
@@ -154,10 +154,9 @@ def problems(
 def recipient_key(prepared: Prepared) -> str:
     """The mailbox a row is sent to, in one spelling (:func:`twistmail.address.mailbox_key` of
     its report address): two rows with the same key reach the same person."""
-    try:
-        return mailbox_key(prepared.email)
-    except AddressError:  # pragma: no cover - a prepared row's address was parsed already
-        return prepared.email.casefold()
+    # The envelope's recipients are To, Cc, Bcc in order: the first is the report address,
+    # already parsed.
+    return mailbox_key(prepared.envelope.recipients[0])
 
 
 class Duplicates:

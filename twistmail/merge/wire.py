@@ -304,9 +304,19 @@ _CONTENT_HEADERS = {
 _encode_text: Callable[[str, str, None, Policy], tuple[str, str]] = contentmanager._encode_text  # type: ignore[attr-defined]
 
 
+_BODY_LINE = POLICY.max_line_length or 0
+_EIGHT_BIT = POLICY.cte_type == "8bit"
+
+
 def text_part(kind: str, body: str) -> tuple[bytes, bytes]:
     """A text part as ``set_content(body, subtype=kind)`` makes it and policy.SMTP writes it:
     its Content-Type and Content-Transfer-Encoding lines, and the encoded body (CRLF)."""
+    lines = body.encode("utf-8").splitlines()
+    if max(map(len, lines), default=0) <= _BODY_LINE and _EIGHT_BIT:
+        # What _encode_text chooses for short lines (7bit, else 8bit), without its Python-level
+        # line scan: the common template's path, row after row.
+        encoded = b"\r\n".join(lines) + b"\r\n"
+        return _CONTENT_HEADERS[kind, "7bit" if encoded.isascii() else "8bit"], encoded
     cte, data = _encode_text(body, "utf-8", None, POLICY)
     # The generator writes the payload's lines with CRLF; an 8bit payload holds the UTF-8
     # bytes as surrogate escapes.
