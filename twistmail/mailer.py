@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._messages import MessageLike, MessagesDoor, OnResult, count_invalid, count_result
+from ._twisted import Reactor, default_reactor
 from .engine import DeliveryLoop, Notify, untried
 from .errors import ConnectionLostError, DeliveryError, MessageError, for_reply
 from .message import Envelope, envelope_from_bytes, envelope_from_message
@@ -27,12 +28,6 @@ from .smtp.pool import ConnectionPool
 __all__ = ["Attempt", "Mailer", "MessageLike", "OnResult", "send"]
 
 log = Logger()
-
-
-def _default_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 class Mailer:
@@ -74,12 +69,12 @@ class Mailer:
         pipelining: bool = True,
         pipeline_depth: int = 3,
         retry_policy: RetryPolicy | None = None,
-        reactor: Any = None,
+        reactor: Reactor | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self._reactor = reactor if reactor is not None else _default_reactor()
-        self._clock: IReactorTime = self._reactor
+        self._reactor = reactor if reactor is not None else default_reactor()
+        self._clock = IReactorTime(self._reactor)
         self.server: ServerConfig = parse_url(url, password=password)
         self.concurrency = concurrency
         self.retry = retry_policy or RetryPolicy(

@@ -13,11 +13,11 @@ import copy
 import os
 from collections.abc import Iterable
 from email.message import EmailMessage
-from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from twistmail._twisted import Reactor
 from twistmail.errors import MessageError
 from twistmail.mailer import MessageLike
 from twistmail.message import Envelope
@@ -43,7 +43,7 @@ class SpoolBackend(BaseBackend):
         path: str | os.PathLike[str],
         fail_silently: bool = False,
         *,
-        reactor: Any = None,
+        reactor: Reactor | None = None,
     ) -> None:
         super().__init__(fail_silently)
         self.path = os.fspath(path)

@@ -36,6 +36,7 @@ from twisted.python.threadpool import ThreadPool
 
 from .. import _sqlite
 from .._sqlite import SqliteThread
+from .._twisted import Reactor, default_reactor
 from ..errors import TwistmailError
 
 __all__ = [
@@ -374,7 +375,7 @@ class Journal:
         csv_fingerprint: str,
         template_fingerprint: str,
         new_campaign: bool = False,
-        reactor: Any = None,
+        reactor: Reactor | None = None,
     ) -> defer.Deferred[Journal]:
         """Open the journal at ``path``, creating it if absent.
 
@@ -384,7 +385,7 @@ class Journal:
         every row is sent again under new Message-IDs. Only one open Journal may use a file at a
         time (an exclusive ``flock``); a second one fails with :class:`JournalError`.
         """
-        reactor = reactor if reactor is not None else _sqlite.default_reactor()
+        reactor = reactor if reactor is not None else default_reactor()
         name = os.fspath(path)
         d = SqliteThread.start(
             reactor,
