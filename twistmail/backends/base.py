@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from email.message import EmailMessage
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -23,25 +23,9 @@ from twistmail.interfaces import IBackend
 from twistmail.mailer import MessageLike
 from twistmail.message import Envelope, envelope_from_bytes, envelope_from_message
 
-__all__ = ["Backend", "BaseBackend", "to_envelope"]
+__all__ = ["BaseBackend", "to_envelope"]
 
 _RECIPIENT_HEADERS = ("To", "Cc", "Bcc")
-
-
-class Backend(Protocol):
-    """The static type of an :class:`~twistmail.interfaces.IBackend` provider, for type checkers.
-
-    :func:`~twistmail.backends.get_backend` returns this, so that ``await
-    backend.send_messages(...)`` is typed ``int``.
-    """
-
-    fail_silently: bool
-
-    def open(self) -> defer.Deferred[None]: ...
-
-    def close(self) -> defer.Deferred[None]: ...
-
-    def send_messages(self, messages: Iterable[MessageLike]) -> defer.Deferred[int]: ...
 
 
 def to_envelope(message: MessageLike) -> Envelope | None:
@@ -106,8 +90,7 @@ class BaseBackend:
             lambda _: None
         )
 
-    # IBackend declares ``messages: object``; the narrower type is what callers should see.
-    def send_messages(self, messages: Iterable[MessageLike]) -> defer.Deferred[int]:  # type: ignore[override]
+    def send_messages(self, messages: Iterable[MessageLike]) -> defer.Deferred[int]:
         """Deliver ``messages``; a Deferred firing with the number delivered."""
         if isinstance(messages, EmailMessage | Envelope | bytes | str):
             raise TypeError("send_messages takes an iterable of messages: wrap one in a list")
