@@ -10,8 +10,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:  # annotations only: the queue records import the message model
     from twisted.internet.defer import Deferred
 
-    from ._messages import MessageLike
-    from .message import Envelope
+    from .message import Envelope, MessageLike
     from .queue.records import ClaimedMessage, Outcome, QueueRow, QueueSummary
 
 __all__ = ["IBackend", "IQueue"]

@@ -19,8 +19,7 @@ from twisted.python.failure import Failure
 
 from twistmail._twisted import Reactor
 from twistmail.errors import MessageError
-from twistmail.mailer import MessageLike
-from twistmail.message import Envelope
+from twistmail.message import Envelope, MessageLike
 from twistmail.queue.sqlite import SqliteQueue
 
 from .base import BaseBackend, to_envelope
@@ -99,7 +98,7 @@ class SpoolBackend(BaseBackend):
         for index, message in enumerate(messages):
             try:
                 envelope = to_envelope(message)
-            except (MessageError, TypeError) as error:
+            except MessageError as error:
                 if first_error is None:
                     first_error = _naming(error, index)
                 continue
