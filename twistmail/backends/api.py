@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from twistmail.address import check_header_value, parse_address
-from twistmail.errors import MessageError, TwistmailError
+from twistmail.errors import MessageError, UnknownBackendError
 from twistmail.interfaces import IBackend
 
 __all__ = [
@@ -36,10 +36,6 @@ ALIASES = {
 """Short backend names and the classes they stand for."""
 
 _ENV_BACKEND = "TWISTMAIL_BACKEND"
-
-
-class UnknownBackendError(TwistmailError, ImportError):
-    """A backend name that is neither an alias nor an importable ``package.module.Class``."""
 
 
 def backend_factory(name: str) -> Callable[..., Any]:

@@ -37,7 +37,7 @@ from twisted.python.threadpool import ThreadPool
 from .. import _sqlite
 from .._sqlite import SqliteThread
 from .._twisted import Reactor, default_reactor
-from ..errors import TwistmailError
+from ..errors import CampaignChangedError, JournalError
 
 __all__ = [
     "CampaignChangedError",
@@ -85,26 +85,6 @@ _ROW_COLUMNS = (
 )
 
 _Record = tuple[int, str, str, int | None, str, int, str | None, float | None, float]
-
-
-class JournalError(TwistmailError):
-    """A journal file that cannot be used: missing, not a journal, or of another campaign."""
-
-
-class CampaignChangedError(JournalError):
-    """The journal belongs to a campaign whose CSV or template has since changed.
-
-    :ivar changed: what changed: a subset of ``("CSV", "template")``.
-    """
-
-    def __init__(self, path: str, changed: tuple[str, ...]) -> None:
-        what = " and ".join(changed)
-        super().__init__(
-            f"{path}: the {what} changed since this journal was started, so its rows may no "
-            f"longer match. Restore the original {what}, or pass --new-campaign to start over "
-            "(discards this journal's progress and sends every row again)."
-        )
-        self.changed = changed
 
 
 @dataclass(frozen=True, slots=True)
