@@ -10,13 +10,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from twistmail import get_backend, send_mail
-from twistmail.backends import Backend
+from twistmail.interfaces import IBackend
 
 
 class ContactForm(Resource):
     isLeaf = True
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: IBackend) -> None:
         super().__init__()
         self.backend = backend
 

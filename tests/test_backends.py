@@ -23,7 +23,6 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from twistmail import Envelope, envelope_from_message, get_backend
-from twistmail.backends import Backend
 from twistmail.backends.console import SEPARATOR
 from twistmail.errors import AddressError, HeaderInjectionError, PermanentError
 from twistmail.interfaces import IBackend
@@ -38,14 +37,14 @@ class Harness:
     """A way to make one kind of backend and to see what it delivered."""
 
     name: str
-    make_backend: Callable[..., Backend]
+    make_backend: Callable[..., IBackend]
     delivered: Callable[[], list[bytes]] | None
     """The message bytes delivered so far (CRLF, not dot-stuffed); None when unobservable."""
     refused_recipient: str | None = None
     """A valid address the destination refuses with 550 (network backends only)."""
-    made: list[Backend] = field(default_factory=list)
+    made: list[IBackend] = field(default_factory=list)
 
-    def backend(self, **options: Any) -> Backend:
+    def backend(self, **options: Any) -> IBackend:
         backend = self.make_backend(**options)
         self.made.append(backend)
         return backend

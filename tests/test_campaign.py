@@ -16,6 +16,14 @@ from twistmail.merge.run import EXIT_INTERRUPTED, Campaign, SendOptions
 TEMPLATE = "From: a@example.com\nTo: {{ email }}\nSubject: hi\n\nbody\n"
 
 
+async def until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Return once ``condition()`` holds, checking after each short turn of the reactor."""
+    deadline = reactor.seconds() + seconds
+    while not condition():
+        assert reactor.seconds() < deadline, "the condition never held"
+        await task.deferLater(reactor, 0.01, lambda: None)
+
+
 def campaign_options(tmp_path: Path, rows: int, port: int, **options: Any) -> SendOptions:
     """Options for a campaign of ``rows`` recipients u0..u{rows-1}@example.org, quiet."""
     csv_path = tmp_path / "r.csv"
@@ -42,11 +50,17 @@ async def test_a_server_deferring_everything_does_not_pull_the_csv_into_memory(
     options = campaign_options(tmp_path, 5000, server.port, concurrency=4, retry_delay=600)
     campaign = Campaign(options, reactor)
     done = defer.ensureDeferred(campaign.run())
-    for _ in range(200):
-        await task.deferLater(reactor, 0.05, lambda: None)
-        if campaign.counts.started >= 1000:
-            break
-    await task.deferLater(reactor, 0.5, lambda: None)
+    # Idle: the parking lot is full and every row started has come back deferred (none in
+    # flight), so nothing can start before the first parked row is due, 600 s from now. A
+    # loop that kept reading the CSV would only get here at its end (5,000 rows).
+    await until(
+        lambda: (
+            campaign._parked.full
+            and campaign.counts.deferred == campaign.counts.started
+            and campaign._loop is not None
+            and campaign._loop.in_flight == 0
+        )
+    )
     # max(1000, 50 * concurrency) rows parked (plus those in flight: connections x pipeline
     # depth of 3), then it waits.
     assert 1000 <= campaign.counts.started <= 1000 + 3 * options.concurrency

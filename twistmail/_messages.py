@@ -6,22 +6,20 @@ the :class:`~twistmail.results.SendReport` and, if given, the caller's ``on_resu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from email.message import EmailMessage
+from collections.abc import Callable, Iterator
 from typing import TypeAlias
 
 from twisted.internet.interfaces import IReactorTime
 
 from .engine import Job, Parked
 from .errors import DeliveryError, MessageError
-from .message import Envelope
+from .message import Envelope, MessageLike
 from .results import RecipientOutcome, SendReport, SendResult
 from .retry import Plan, RetryPolicy
 from .smtp._transaction import TransactionResult
 
 __all__ = ["MessageLike", "MessagesDoor", "OnResult", "count_invalid", "count_result"]
 
-MessageLike: TypeAlias = EmailMessage | Envelope | tuple[str, Iterable[str], bytes]
 OnResult: TypeAlias = Callable[[int, SendResult | Exception], None]
 
 

@@ -16,9 +16,11 @@ from contextlib import contextmanager
 from typing import Any, Generic, Literal, TypeVar
 
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from ._twisted import Reactor
 from .groupcommit import GroupCommit
 
 __all__ = [
@@ -26,7 +28,6 @@ __all__ = [
     "Synchronous",
     "configure",
     "connect",
-    "default_reactor",
     "read_settings",
     "transaction",
 ]
@@ -35,13 +36,6 @@ Synchronous = Literal["NORMAL", "FULL"]
 
 _T = TypeVar("_T")
 _Item = TypeVar("_Item")
-
-
-def default_reactor() -> Any:
-    """The global reactor (imported late, so importing twistmail installs none)."""
-    from twisted.internet import reactor
-
-    return reactor
 
 
 # Functions that run on a store's thread. -----------------------------------------------------
@@ -115,7 +109,7 @@ class SqliteThread(Generic[_Item]):
         path: str,
         conn: sqlite3.Connection,
         pool: ThreadPool,
-        reactor: Any,
+        reactor: Reactor,
         *,
         commit: Callable[[sqlite3.Connection, list[_Item]], list[Any]],
         closed: Callable[[str], Exception],
@@ -126,6 +120,7 @@ class SqliteThread(Generic[_Item]):
         self._conn = conn
         self._pool = pool
         self._reactor = reactor
+        self._threads = IReactorFromThreads(reactor)
         self._closed_error = closed
         self._after_close = after_close
         self._group: GroupCommit[_Item] = GroupCommit(
@@ -134,13 +129,13 @@ class SqliteThread(Generic[_Item]):
         self._closing: list[defer.Deferred[None]] | None = None  # None until close()
         self._closed = False
         self._close_failure: Failure | None = None
-        self._trigger: Any = reactor.addSystemEventTrigger(
+        self._trigger: object = reactor.addSystemEventTrigger(
             "before", "shutdown", self._close_at_shutdown
         )
 
     @staticmethod
     def start(
-        reactor: Any, name: str, opening: Callable[..., _T], *args: Any
+        reactor: Reactor, name: str, opening: Callable[..., _T], *args: Any
     ) -> defer.Deferred[tuple[ThreadPool, _T]]:
         """Start a one-thread pool called ``name`` and run ``opening(*args)`` on it.
 
@@ -149,7 +144,7 @@ class SqliteThread(Generic[_Item]):
         """
         pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
         pool.start()
-        d = threads.deferToThreadPool(reactor, pool, opening, *args)
+        d = threads.deferToThreadPool(IReactorFromThreads(reactor), pool, opening, *args)
 
         def failed(failure: Failure) -> Failure:
             pool.stop()
@@ -237,4 +232,4 @@ class SqliteThread(Generic[_Item]):
             waiter.errback(self._close_failure)
 
     def _in_thread(self, function: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
-        return threads.deferToThreadPool(self._reactor, self._pool, function, *args)
+        return threads.deferToThreadPool(self._threads, self._pool, function, *args)

@@ -5,13 +5,69 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IConnector,
+    IDelayedCall,
+    IListeningPort,
+    IReactorFromThreads,
+    IReactorTime,
+)
+from twisted.internet.protocol import ClientFactory, ServerFactory
 from twisted.python.failure import Failure
 
-__all__ = ["Alarm", "Pump", "install_signal_handlers", "when_done"]
+__all__ = [
+    "Alarm",
+    "Pump",
+    "Reactor",
+    "default_reactor",
+    "install_signal_handlers",
+    "when_done",
+]
+
+
+class Reactor(Protocol):
+    """What twistmail asks of a reactor it is given: time, shutdown triggers and TCP.
+
+    Every Twisted reactor (the global ``twisted.internet.reactor`` too) and
+    ``twisted.internet.testing.MemoryReactorClock`` have these. A parameter that only needs a
+    clock takes ``IReactorTime`` instead (so a ``task.Clock`` will do); work on threads adapts
+    the reactor to ``IReactorFromThreads`` / ``IReactorThreads`` where it needs them.
+    """
+
+    def seconds(self) -> float: ...
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any
+    ) -> IDelayedCall: ...
+
+    def addSystemEventTrigger(
+        self, phase: str, eventType: str, callable: Callable[..., Any], /, *args: Any, **kw: Any
+    ) -> Any: ...
+
+    def removeSystemEventTrigger(self, triggerID: Any, /) -> None: ...
+
+    def listenTCP(
+        self, port: int, factory: ServerFactory, backlog: int = ..., interface: str = ...
+    ) -> IListeningPort: ...
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: ClientFactory,
+        timeout: float = ...,
+        bindAddress: tuple[str, int] | None = ...,
+    ) -> IConnector: ...
+
+
+def default_reactor() -> Reactor:
+    """The global reactor (imported late, so importing twistmail installs none)."""
+    from twisted.internet import reactor
+
+    return reactor
 
 
 class Alarm:
@@ -126,12 +182,13 @@ def when_done(observed: defer.Deferred[Any]) -> defer.Deferred[None]:
     return done
 
 
-def install_signal_handlers(reactor: Any, interrupt: Callable[[], None]) -> Callable[[], None]:
+def install_signal_handlers(reactor: Reactor, interrupt: Callable[[], None]) -> Callable[[], None]:
     """Route SIGINT and SIGTERM to ``interrupt`` on the reactor thread; returns the undo."""
     previous: dict[int, Any] = {}
+    call_from_thread = IReactorFromThreads(reactor).callFromThread
 
     def handler(signum: int, frame: Any) -> None:
-        reactor.callFromThread(interrupt)
+        call_from_thread(interrupt)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not the main thread

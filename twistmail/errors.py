@@ -5,6 +5,10 @@ dropped connections, timeouts) or a :class:`PermanentError` (5xx replies, refuse
 failed certificate checks, a message the server cannot take). Both carry the SMTP reply code,
 the enhanced status code, the server's text, the recipient concerned and the server host, and
 never any credential or protocol transcript.
+
+Beside them under :class:`TwistmailError`: a message that cannot be sent
+(:class:`MessageError`), a journal or queue file that cannot be used (:class:`JournalError`,
+:class:`QueueError`) and a backend name that cannot be loaded (:class:`UnknownBackendError`).
 """
 
 from __future__ import annotations
@@ -17,20 +21,24 @@ if TYPE_CHECKING:
 __all__ = [
     "AddressError",
     "AuthenticationError",
+    "CampaignChangedError",
     "ConnectError",
     "ConnectionLostError",
     "CsvError",
     "DeliveryError",
     "ExtensionRequiredError",
     "HeaderInjectionError",
+    "JournalError",
     "MessageError",
     "PermanentError",
+    "QueueError",
     "RowError",
     "SMTPTimeoutError",
     "TLSError",
     "TemplateError",
     "TransientError",
     "TwistmailError",
+    "UnknownBackendError",
     "for_reply",
 ]
 
@@ -79,6 +87,34 @@ class RowError(TwistmailError, ValueError):
         super().__init__(f"{field}: {reason}" if field else reason)
         self.field = field
         self.reason = reason
+
+
+class JournalError(TwistmailError):
+    """A journal file that cannot be used: missing, not a journal, or of another campaign."""
+
+
+class CampaignChangedError(JournalError):
+    """The journal belongs to a campaign whose CSV or template has since changed.
+
+    :ivar changed: what changed: a subset of ``("CSV", "template")``.
+    """
+
+    def __init__(self, path: str, changed: tuple[str, ...]) -> None:
+        what = " and ".join(changed)
+        super().__init__(
+            f"{path}: the {what} changed since this journal was started, so its rows may no "
+            f"longer match. Restore the original {what}, or pass --new-campaign to start over "
+            "(discards this journal's progress and sends every row again)."
+        )
+        self.changed = changed
+
+
+class QueueError(TwistmailError):
+    """A queue that cannot be used: a missing file, not a queue, another version, or closed."""
+
+
+class UnknownBackendError(TwistmailError, ImportError):
+    """A backend name that is neither an alias nor an importable ``package.module.Class``."""
 
 
 class DeliveryError(TwistmailError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
@@ -10,7 +10,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:  # annotations only: the queue records import the message model
     from twisted.internet.defer import Deferred
 
-    from .message import Envelope
+    from .message import Envelope, MessageLike
     from .queue.records import ClaimedMessage, Outcome, QueueRow, QueueSummary
 
 __all__ = ["IBackend", "IQueue"]
@@ -24,28 +24,27 @@ class IBackend(Interface):
     ``(sender, recipients, data_bytes)`` triples. A message with no recipients is skipped and not
     counted, as in Django.
 
-    Implementations: :mod:`twistmail.backends` (``get_backend(...)`` makes one by name). For
-    static typing annotate with :class:`twistmail.backends.Backend`, whose methods are typed
-    with the Deferreds described here.
+    Implementations: :mod:`twistmail.backends` (``get_backend(...)`` makes one by name). It is
+    also the static type to annotate a backend with (``get_backend`` returns it).
     """
 
     fail_silently = Attribute(
         "When true, delivery errors are swallowed and only the count reflects them."
     )
 
-    def open() -> object:
+    def open() -> Deferred[None]:
         """Prepare for sending (connect, create a directory...); idempotent.
 
-        Returns a Deferred firing with None once ready.
+        Fires with None once ready.
         """
 
-    def close() -> object:
+    def close() -> Deferred[None]:
         """Release what :meth:`open` or sending acquired; idempotent, safe without open().
 
-        Returns a Deferred firing with None once released.
+        Fires with None once released.
         """
 
-    def send_messages(messages: object) -> object:
+    def send_messages(messages: Iterable[MessageLike]) -> Deferred[int]:
         """Deliver ``messages`` (an iterable); a Deferred firing with the number delivered.
 
         With ``fail_silently`` false, the Deferred fails with the first delivery error, after

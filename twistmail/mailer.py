@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sized
-from email.message import EmailMessage
 from typing import Any
 
 from twisted.internet import defer
@@ -12,10 +11,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._messages import MessageLike, MessagesDoor, OnResult, count_invalid, count_result
+from ._messages import MessagesDoor, OnResult, count_invalid, count_result
+from ._twisted import Reactor, default_reactor
 from .engine import DeliveryLoop, Notify, untried
 from .errors import ConnectionLostError, DeliveryError, MessageError, for_reply
-from .message import Envelope, envelope_from_bytes, envelope_from_message
+from .message import Envelope, MessageLike, to_envelope
 from .ratelimit import DomainLimiter, TokenBucket
 from .results import SendReport, SendResult
 from .retry import RetryPolicy
@@ -27,12 +27,6 @@ from .smtp.pool import ConnectionPool
 __all__ = ["Attempt", "Mailer", "MessageLike", "OnResult", "send"]
 
 log = Logger()
-
-
-def _default_reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
 
 
 class Mailer:
@@ -73,12 +67,12 @@ class Mailer:
         pipelining: bool = True,
         pipeline_depth: int = 3,
         retry_policy: RetryPolicy | None = None,
-        reactor: Any = None,
+        reactor: Reactor | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self._reactor = reactor if reactor is not None else _default_reactor()
-        self._clock: IReactorTime = self._reactor
+        self._reactor = reactor if reactor is not None else default_reactor()
+        self._clock = IReactorTime(self._reactor)
         self.server: ServerConfig = parse_url(url, password=password)
         self.concurrency = concurrency
         self.retry = retry_policy or RetryPolicy(
@@ -140,7 +134,7 @@ class Mailer:
         a timeout) come back ``"deferred"``.
         """
         try:
-            envelope = self._prepare(message, sender, recipients)
+            envelope = to_envelope(message, sender=sender, recipients=recipients)
         except MessageError as e:
             return defer.fail(e)
         if self._closed:
@@ -184,7 +178,7 @@ class Mailer:
         else:
             door = MessagesDoor(
                 enumerate(messages),
-                self._prepare,
+                to_envelope,
                 report,
                 on_result,
                 self._clock,
@@ -266,33 +260,11 @@ class Mailer:
 
         return d.addBoth(untrack)
 
-    def _prepare(
-        self,
-        message: MessageLike | bytes,
-        sender: str | None = None,
-        recipients: Iterable[str] | None = None,
-    ) -> Envelope:
-        if isinstance(message, tuple) and len(message) == 3:  # the bulk case first
-            s, r, data = message
-            return envelope_from_bytes(s, r, data)
-        if isinstance(message, Envelope):
-            return message
-        if isinstance(message, EmailMessage):
-            return envelope_from_message(message, sender=sender, recipients=recipients)
-        if isinstance(message, bytes | bytearray):
-            if sender is None or recipients is None:
-                raise MessageError("raw bytes need an explicit sender= and recipients=")
-            return envelope_from_bytes(sender, recipients, bytes(message))
-        raise MessageError(
-            f"cannot send {type(message).__name__}: give an EmailMessage, an Envelope "
-            "or a (sender, recipients, bytes) triple"
-        )
-
     def _one_of_many(
         self, index: int, item: MessageLike, report: SendReport, on_result: OnResult | None
     ) -> defer.Deferred[None]:
         try:
-            envelope = self._prepare(item)
+            envelope = to_envelope(item)
         except MessageError as e:
             count_invalid(report, index, e, on_result)
             return defer.succeed(None)

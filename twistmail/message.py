@@ -18,6 +18,7 @@ from email import policy
 from email.headerregistry import Address as HeaderAddress
 from email.headerregistry import Group, HeaderRegistry
 from email.message import EmailMessage
+from typing import TypeAlias
 
 from twistmail.address import (
     Address,
@@ -30,9 +31,11 @@ from twistmail.errors import AddressError, HeaderInjectionError, MessageError
 
 __all__ = [
     "Envelope",
+    "MessageLike",
     "envelope_from_bytes",
     "envelope_from_message",
     "reflatten_7bit",
+    "to_envelope",
     "to_wire",
     "unstuff",
 ]
@@ -71,6 +74,46 @@ class Envelope:
     rendered: bool = False
     """The payload was rendered by twistmail (a mail merge), so it may be re-encoded as 7-bit
     from the bytes themselves; raw bytes from a caller are never changed."""
+
+
+MessageLike: TypeAlias = EmailMessage | Envelope | tuple[str, Iterable[str], bytes]
+"""What :class:`twistmail.Mailer` and the backends send: an ``EmailMessage``, an
+:class:`Envelope` or a ``(sender, recipients, data_bytes)`` triple."""
+
+
+# sender and recipients are not keyword-only: filling keyword-only defaults costs ~300
+# instructions a call, and send_many calls this once per message.
+def to_envelope(
+    message: MessageLike | bytes,
+    sender: str | Address | None = None,
+    recipients: Iterable[str | Address] | None = None,
+) -> Envelope:
+    """The envelope for anything :class:`twistmail.Mailer` and the backends send.
+
+    ``message`` is a ``(sender, recipients, data_bytes)`` triple, an :class:`Envelope` (used as
+    it is), an ``EmailMessage`` (:func:`envelope_from_message`, with ``sender`` and
+    ``recipients`` overriding its headers) or raw ``bytes`` (which need both). Anything that
+    cannot be sent raises :class:`MessageError` or a subclass: a ``str`` body, a single ``str``
+    as the recipient list, another type, a bad address or header.
+    """
+    try:
+        if isinstance(message, tuple) and len(message) == 3:  # the bulk case first
+            triple_sender, triple_recipients, data = message
+            return envelope_from_bytes(triple_sender, triple_recipients, data)
+        if isinstance(message, Envelope):
+            return message
+        if isinstance(message, EmailMessage):
+            return envelope_from_message(message, sender=sender, recipients=recipients)
+        if isinstance(message, bytes | bytearray):
+            if sender is None or recipients is None:
+                raise MessageError("raw bytes need an explicit sender= and recipients=")
+            return envelope_from_bytes(sender, recipients, bytes(message))
+    except TypeError as error:  # a str body or recipient list, a non-str address ...
+        raise MessageError(str(error)) from error
+    raise MessageError(
+        f"cannot send {type(message).__name__}: give an EmailMessage, an Envelope "
+        "or a (sender, recipients, bytes) triple"
+    )
 
 
 def to_wire(data: bytes) -> bytes:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from ._twisted import Reactor
 from .mailer import Mailer
 
 __all__ = ["DeliveryOptions"]
@@ -26,7 +26,7 @@ class DeliveryOptions:
     server_patience: float = 60.0
     """Seconds of backoff, in a row, spent waiting for a server that cannot be reached."""
 
-    def mailer(self, reactor: Any) -> Mailer:
+    def mailer(self, reactor: Reactor) -> Mailer:
         """The Mailer the command's delivery loop drives (the loop keeps attempts and backoff).
 
         Raises ``ValueError`` or ``OSError`` for a bad URL or an unreadable ``ca_file``.

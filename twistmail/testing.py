@@ -48,9 +48,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IListeningPort,
     IOpenSSLServerConnectionCreator,
-    IReactorTCP,
     IReactorThreads,
-    IReactorTime,
     ITCPTransport,
 )
 from twisted.internet.protocol import ServerFactory, connectionDone
@@ -60,7 +58,7 @@ from twisted.mail.interfaces import IMessageDelivery, IMessageDeliveryFactory, I
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistmail._twisted import when_done
+from twistmail._twisted import Reactor, default_reactor, when_done
 from twistmail.backends.locmem import OutboxMessage, outbox
 from twistmail.queue.memory import MemoryQueue
 
@@ -86,8 +84,8 @@ class CapturedMessage:
 class CaptureServer:
     """A real ESMTP server (Twisted's) that records every message it accepts.
 
-    :param reactor: provides ``IReactorTCP`` and ``IReactorTime`` (and ideally
-        ``IReactorThreads``); the global reactor when omitted.
+    :param reactor: the reactor to listen on (ideally providing ``IReactorThreads`` too, for
+        Maildir writes); the global reactor when omitted.
     :param maildir: also store each message in this Maildir (created if missing), with
         ``X-Twistmail-Envelope-From`` / ``X-Twistmail-Envelope-To`` headers prepended and
         LF line ends, as Maildir readers expect. Disk writes run in a thread, and the ``250``
@@ -105,7 +103,7 @@ class CaptureServer:
 
     def __init__(
         self,
-        reactor: IReactorTCP | None = None,
+        reactor: Reactor | None = None,
         *,
         maildir: str | os.PathLike[str] | None = None,
         credentials: Mapping[str, str] | None = None,
@@ -114,11 +112,7 @@ class CaptureServer:
         rcpt_replies: Mapping[str, tuple[int, str]] | None = None,
         on_message: Callable[[CapturedMessage], None] | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = cast(IReactorTCP, global_reactor)
-        self._reactor = reactor
+        self._reactor = reactor if reactor is not None else default_reactor()
         self.messages: list[CapturedMessage] = []
         """Every accepted message, in the order the final dots were acknowledged."""
         self.connections = 0
@@ -190,7 +184,7 @@ class CaptureServer:
             lost.callback(None)
 
     def _call_later(self, delay: float, function: Callable[[], object]) -> IDelayedCall:
-        return cast(IReactorTime, self._reactor).callLater(delay, function)
+        return self._reactor.callLater(delay, function)
 
     def _accept(self, message: CapturedMessage) -> defer.Deferred[None]:
         if self._maildir is None:
@@ -215,7 +209,7 @@ class CaptureServer:
         self, function: Callable[[mailbox.Maildir, CapturedMessage], None], *args: Any
     ) -> defer.Deferred[None]:
         if IReactorThreads.providedBy(self._reactor):
-            reactor = cast(IReactorThreads, self._reactor)
+            reactor = IReactorThreads(self._reactor)
             return threads.deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
         return threads.deferToThread(function, *args)
 

@@ -17,7 +17,7 @@ from .api import (
     get_backend,
     send_mail,
 )
-from .base import Backend, BaseBackend, to_envelope
+from .base import BaseBackend, to_envelope
 from .console import ConsoleBackend
 from .dummy import DummyBackend
 from .file import FileBackend
@@ -26,7 +26,6 @@ from .smtp import SMTPBackend
 
 __all__ = [
     "ALIASES",
-    "Backend",
     "BaseBackend",
     "ConsoleBackend",
     "DummyBackend",

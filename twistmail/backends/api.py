@@ -13,10 +13,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from twistmail.address import check_header_value, parse_address
-from twistmail.errors import MessageError, TwistmailError
+from twistmail.errors import MessageError, UnknownBackendError
 from twistmail.interfaces import IBackend
-
-from .base import Backend
 
 __all__ = [
     "ALIASES",
@@ -38,10 +36,6 @@ ALIASES = {
 """Short backend names and the classes they stand for."""
 
 _ENV_BACKEND = "TWISTMAIL_BACKEND"
-
-
-class UnknownBackendError(TwistmailError, ImportError):
-    """A backend name that is neither an alias nor an importable ``package.module.Class``."""
 
 
 def backend_factory(name: str) -> Callable[..., Any]:
@@ -73,7 +67,7 @@ def backend_factory(name: str) -> Callable[..., Any]:
     return cast(Callable[..., Any], factory)
 
 
-def get_backend(name: str, /, **options: Any) -> Backend:
+def get_backend(name: str, /, **options: Any) -> IBackend:
     """A new backend: ``name`` is an alias from :data:`ALIASES` or a dotted class path.
 
     ``options`` (``fail_silently`` and the backend's own) go to its constructor. Raises
@@ -83,16 +77,16 @@ def get_backend(name: str, /, **options: Any) -> Backend:
     backend = backend_factory(name)(**options)
     if not IBackend.providedBy(backend):
         raise TypeError(f"backend {name!r} made {backend!r}, which does not provide IBackend")
-    return cast(Backend, backend)
+    return IBackend(backend)
 
 
 # The default backend -------------------------------------------------------------------------
 
-_Default = tuple[str, dict[str, Any]] | Backend | IBackend | None
+_Default = tuple[str, dict[str, Any]] | IBackend | None
 _default: list[_Default] = [None]
 
 
-def configure(backend: str | Backend | IBackend | None, /, **options: Any) -> None:
+def configure(backend: str | IBackend | None, /, **options: Any) -> None:
     """Choose what :func:`send_mail` uses when it is given no ``backend=``.
 
     A name (with ``options``) makes a new backend for each such call, closed afterwards; an
@@ -117,7 +111,7 @@ def _swap_default(new: _Default) -> _Default:
     return previous
 
 
-def default_backend(*, fail_silently: bool = False) -> tuple[Backend, bool]:
+def default_backend(*, fail_silently: bool = False) -> tuple[IBackend, bool]:
     """The default backend and whether the caller owns it (must close it), per :func:`configure`."""
     config = _default[0]
     if config is None:
@@ -125,7 +119,7 @@ def default_backend(*, fail_silently: bool = False) -> tuple[Backend, bool]:
     if isinstance(config, tuple):
         name, options = config
         return get_backend(name, **{"fail_silently": fail_silently, **options}), True
-    return cast(Backend, config), False
+    return config, False
 
 
 # send_mail -----------------------------------------------------------------------------------
@@ -138,7 +132,7 @@ def send_mail(
     recipient_list: Sequence[str],
     *,
     html: str | None = None,
-    backend: Backend | IBackend | None = None,
+    backend: IBackend | None = None,
     fail_silently: bool = False,
 ) -> defer.Deferred[int]:
     """Send one message with a text body (and an HTML alternative when ``html`` is given).
@@ -156,7 +150,7 @@ def send_mail(
     owned = False
     if backend is None:
         backend, owned = default_backend(fail_silently=fail_silently)
-    chosen = cast(Backend, backend)
+    chosen = backend
     d = chosen.send_messages([message])
     if owned:
 

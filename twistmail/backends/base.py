@@ -1,8 +1,8 @@
 """What every delivery backend shares: turning messages into envelopes, and Django's counting.
 
-:func:`to_envelope` validates a message exactly as :class:`twistmail.Mailer` does (the same
-:func:`~twistmail.message.envelope_from_message` / :func:`~twistmail.message.envelope_from_bytes`),
-so a test written against the ``locmem`` backend accepts and refuses what ``smtp`` would.
+:func:`to_envelope` converts a message exactly as :class:`twistmail.Mailer` does (the same
+:func:`twistmail.message.to_envelope`), so a test written against the ``locmem`` backend accepts
+and refuses what ``smtp`` would; only a message without recipients is skipped, as in Django.
 :class:`BaseBackend` implements :class:`~twistmail.interfaces.IBackend` around one hook,
 :meth:`BaseBackend.deliver`.
 """
@@ -11,37 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from email.message import EmailMessage
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from twistmail import message as _message
 from twistmail._twisted import when_done
 from twistmail.errors import MessageError
 from twistmail.interfaces import IBackend
-from twistmail.mailer import MessageLike
-from twistmail.message import Envelope, envelope_from_bytes, envelope_from_message
+from twistmail.message import Envelope, MessageLike
 
-__all__ = ["Backend", "BaseBackend", "to_envelope"]
+__all__ = ["BaseBackend", "to_envelope"]
 
 _RECIPIENT_HEADERS = ("To", "Cc", "Bcc")
-
-
-class Backend(Protocol):
-    """The static type of an :class:`~twistmail.interfaces.IBackend` provider, for type checkers.
-
-    :func:`~twistmail.backends.get_backend` returns this, so that ``await
-    backend.send_messages(...)`` is typed ``int``.
-    """
-
-    fail_silently: bool
-
-    def open(self) -> defer.Deferred[None]: ...
-
-    def close(self) -> defer.Deferred[None]: ...
-
-    def send_messages(self, messages: Iterable[MessageLike]) -> defer.Deferred[int]: ...
 
 
 def to_envelope(message: MessageLike) -> Envelope | None:
@@ -49,33 +33,28 @@ def to_envelope(message: MessageLike) -> Envelope | None:
 
     "No recipients" means: an ``EmailMessage`` without a non-blank To, Cc or Bcc header, a
     triple whose recipient list is empty, or an :class:`Envelope` without recipients. Anything
-    else is validated as :class:`twistmail.Mailer` does; a message that cannot be sent raises
-    :class:`~twistmail.errors.MessageError` (``AddressError``, ``HeaderInjectionError`` ...).
+    else is converted by :func:`twistmail.message.to_envelope`, as :class:`twistmail.Mailer`
+    does: a message that cannot be sent raises :class:`~twistmail.errors.MessageError`
+    (``AddressError``, ``HeaderInjectionError`` ...).
     """
     if isinstance(message, Envelope):
-        return message if message.recipients else None
-    if isinstance(message, EmailMessage):
+        if not message.recipients:
+            return None
+    elif isinstance(message, EmailMessage):
         if not any(
             str(value).strip()
             for name in _RECIPIENT_HEADERS
             for value in message.get_all(name) or ()
         ):
             return None
-        return envelope_from_message(message)
-    if isinstance(message, tuple) and len(message) == 3:
+    elif isinstance(message, tuple) and len(message) == 3:
         sender, recipients, data = message
-        if isinstance(recipients, str):
-            raise MessageError("recipients must be a list of addresses, not a single str")
-        recipient_list = list(recipients)
-        if not recipient_list:
-            return None
-        if not isinstance(data, bytes):
-            raise MessageError(f"message data must be bytes, not {type(data).__name__}")
-        return envelope_from_bytes(sender, recipient_list, data)
-    raise MessageError(
-        f"cannot send {type(message).__name__}: give an EmailMessage, an Envelope "
-        "or a (sender, recipients, bytes) triple"
-    )
+        if isinstance(recipients, Iterable) and not isinstance(recipients, str):
+            recipient_list = list(recipients)
+            if not recipient_list:
+                return None
+            message = (sender, recipient_list, data)
+    return _message.to_envelope(message)
 
 
 @implementer(IBackend)
@@ -106,8 +85,7 @@ class BaseBackend:
             lambda _: None
         )
 
-    # IBackend declares ``messages: object``; the narrower type is what callers should see.
-    def send_messages(self, messages: Iterable[MessageLike]) -> defer.Deferred[int]:  # type: ignore[override]
+    def send_messages(self, messages: Iterable[MessageLike]) -> defer.Deferred[int]:
         """Deliver ``messages``; a Deferred firing with the number delivered."""
         if isinstance(messages, EmailMessage | Envelope | bytes | str):
             raise TypeError("send_messages takes an iterable of messages: wrap one in a list")
@@ -115,7 +93,7 @@ class BaseBackend:
         for message in messages:
             try:
                 envelope = to_envelope(message)
-            except (MessageError, TypeError) as error:
+            except MessageError as error:
                 prepared.append(error)
                 continue
             if envelope is not None:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorThreads
 
+from twistmail._twisted import Reactor, default_reactor
 from twistmail.message import Envelope, unstuff
 
 from .base import BaseBackend
@@ -55,7 +57,7 @@ class FileBackend(BaseBackend):
         fail_silently: bool = False,
         *,
         file_path: str | os.PathLike[str],
-        reactor: Any = None,
+        reactor: Reactor | None = None,
     ) -> None:
         super().__init__(fail_silently)
         self.file_path = Path(file_path)
@@ -80,9 +82,9 @@ class FileBackend(BaseBackend):
 
     def _in_thread(self, function: Any, *args: Any) -> defer.Deferred[None]:
         if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        pool = self._reactor.getThreadPool()
-        d: defer.Deferred[None] = threads.deferToThreadPool(self._reactor, pool, function, *args)
+            self._reactor = default_reactor()
+        reactor = IReactorThreads(self._reactor)
+        d: defer.Deferred[None] = threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), function, *args
+        )
         return d

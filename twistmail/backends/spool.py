@@ -13,14 +13,13 @@ import copy
 import os
 from collections.abc import Iterable
 from email.message import EmailMessage
-from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from twistmail._twisted import Reactor
 from twistmail.errors import MessageError
-from twistmail.mailer import MessageLike
-from twistmail.message import Envelope
+from twistmail.message import Envelope, MessageLike
 from twistmail.queue.sqlite import SqliteQueue
 
 from .base import BaseBackend, to_envelope
@@ -43,7 +42,7 @@ class SpoolBackend(BaseBackend):
         path: str | os.PathLike[str],
         fail_silently: bool = False,
         *,
-        reactor: Any = None,
+        reactor: Reactor | None = None,
     ) -> None:
         super().__init__(fail_silently)
         self.path = os.fspath(path)
@@ -99,7 +98,7 @@ class SpoolBackend(BaseBackend):
         for index, message in enumerate(messages):
             try:
                 envelope = to_envelope(message)
-            except (MessageError, TypeError) as error:
+            except MessageError as error:
                 if first_error is None:
                     first_error = _naming(error, index)
                 continue

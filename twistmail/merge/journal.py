@@ -37,8 +37,9 @@ from twisted.python.threadpool import ThreadPool
 
 from .. import _sqlite
 from .._sqlite import SqliteThread
+from .._twisted import Reactor, default_reactor
 from ..address import mailbox_key
-from ..errors import MessageError, TwistmailError
+from ..errors import CampaignChangedError, JournalError, MessageError
 from .keyset import KeySet
 
 __all__ = [
@@ -88,26 +89,6 @@ _ROW_COLUMNS = (
 )
 
 _Record = tuple[int, str, str, int | None, str, int, str | None, float | None, float]
-
-
-class JournalError(TwistmailError):
-    """A journal file that cannot be used: missing, not a journal, or of another campaign."""
-
-
-class CampaignChangedError(JournalError):
-    """The journal belongs to a campaign whose CSV or template has since changed.
-
-    :ivar changed: what changed: a subset of ``("CSV", "template")``.
-    """
-
-    def __init__(self, path: str, changed: tuple[str, ...]) -> None:
-        what = " and ".join(changed)
-        super().__init__(
-            f"{path}: the {what} changed since this journal was started, so its rows may no "
-            f"longer match. Restore the original {what}, or pass --new-campaign to start over "
-            "(discards this journal's progress and sends every row again)."
-        )
-        self.changed = changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,7 +392,7 @@ class Journal:
         csv_fingerprint: str,
         template_fingerprint: str,
         new_campaign: bool = False,
-        reactor: Any = None,
+        reactor: Reactor | None = None,
     ) -> defer.Deferred[Journal]:
         """Open the journal at ``path``, creating it if absent.
 
@@ -421,7 +402,7 @@ class Journal:
         every row is sent again under new Message-IDs. Only one open Journal may use a file at a
         time (an exclusive ``flock``); a second one fails with :class:`JournalError`.
         """
-        reactor = reactor if reactor is not None else _sqlite.default_reactor()
+        reactor = reactor if reactor is not None else default_reactor()
         name = os.fspath(path)
         d = SqliteThread.start(
             reactor,

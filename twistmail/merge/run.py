@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from twistmail._twisted import install_signal_handlers
+from twistmail._twisted import Reactor, install_signal_handlers
 from twistmail.engine import DeliveryLoop, Job, Parked
 from twistmail.errors import DeliveryError, PermanentError, TwistmailError
 from twistmail.mailer import Mailer
@@ -107,16 +108,17 @@ class Campaign:
     out (the duplicate bound), deferred rows parked in memory until due.
     """
 
-    def __init__(self, options: SendOptions, reactor: Any) -> None:
+    def __init__(self, options: SendOptions, reactor: Reactor) -> None:
         self.options = options
         self.reactor = reactor
+        self.clock = IReactorTime(reactor)
         self.counts = Counts()
         self.retry = RetryPolicy(
             max_attempts=options.max_attempts, initial_delay=options.retry_delay
         )
         self.stopping = False
         self.interrupted = False
-        self._parked = Parked(reactor, max(1000, 50 * options.concurrency))
+        self._parked = Parked(self.clock, max(1000, 50 * options.concurrency))
         self._rows: Iterator[Prepared | Problem] | None = None
         self._exhausted = False
         self._limit_reached = False
@@ -180,7 +182,7 @@ class Campaign:
             self._mailer,
             self,
             self.retry,
-            clock=self.reactor,
+            clock=self.clock,
             # A message's data goes out only while fewer than `concurrency` delivered
             # messages wait for their journal commit: a kill duplicates at most that many.
             hold_bodies=opts.concurrency,
@@ -289,7 +291,7 @@ class Campaign:
             due = self._parked.park(job, outcome.delay)
             self.counts.deferred = len(self._parked)
             return self._record(
-                job, "deferred", outcome.code, outcome.response, _wall(self.reactor, due)
+                job, "deferred", outcome.code, outcome.response, _wall(self.clock, due)
             )
         self.counts.failed += 1
         prepared = job.prepared
@@ -381,12 +383,12 @@ def _fingerprints(csv_path: str, template_path: str) -> tuple[str, str, int]:
     return csv_fp, hashlib.sha256(Path(template_path).read_bytes()).hexdigest(), lines
 
 
-def _wall(reactor: Any, due: float) -> float:
+def _wall(clock: IReactorTime, due: float) -> float:
     import time
 
-    return time.time() + (due - float(reactor.seconds()))
+    return time.time() + (due - clock.seconds())
 
 
-def run(options: SendOptions, reactor: Any) -> defer.Deferred[int]:
+def run(options: SendOptions, reactor: Reactor) -> defer.Deferred[int]:
     """Run a campaign; the Deferred fires with the exit status."""
     return defer.ensureDeferred(Campaign(options, reactor).run())

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TextIO
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 
-from .._twisted import install_signal_handlers
+from .._twisted import Reactor, install_signal_handlers
 from ..errors import AuthenticationError, TLSError, TwistmailError
 from ..options import DeliveryOptions
 from ..retry import RetryPolicy
@@ -38,12 +39,12 @@ class DrainOptions(DeliveryOptions):
     out: TextIO = field(default_factory=lambda: sys.stdout)
 
 
-def drain(options: DrainOptions, reactor: Any) -> defer.Deferred[int]:
+def drain(options: DrainOptions, reactor: Reactor) -> defer.Deferred[int]:
     """Run one drain; the Deferred fires with the exit status."""
     return defer.Deferred.fromCoroutine(_drain(options, reactor))
 
 
-async def _drain(opts: DrainOptions, reactor: Any) -> int:
+async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
     out = opts.out
     try:
         mailer = opts.mailer(reactor)  # the delivery loop and the spool keep attempts
@@ -75,7 +76,7 @@ async def _drain(opts: DrainOptions, reactor: Any) -> int:
         hold_bodies=opts.concurrency,
         patience=opts.server_patience,
         on_outcome=show,
-        reactor=reactor,
+        reactor=IReactorTime(reactor),
     )
     interrupted: list[bool] = []
 

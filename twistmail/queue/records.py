@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from ..errors import TwistmailError
+from ..errors import QueueError
 from ..message import Envelope
 
 __all__ = [
@@ -22,10 +22,6 @@ __all__ = [
 MessageState = Literal["queued", "sending", "deferred", "sent", "failed"]
 RecipientState = Literal["pending", "sent", "failed"]
 MESSAGE_STATES: Final[tuple[str, ...]] = ("queued", "sending", "deferred", "sent", "failed")
-
-
-class QueueError(TwistmailError):
-    """A queue that cannot be used: a missing file, not a queue, another version, or closed."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -50,6 +50,7 @@ from zope.interface import implementer
 
 from .. import _sqlite
 from .._sqlite import SqliteThread
+from .._twisted import Reactor, default_reactor
 from ..address import parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
@@ -396,7 +397,7 @@ class SqliteQueue:
         create: bool = True,
         clock: Clock = time.time,
         synchronous: _sqlite.Synchronous = "FULL",
-        reactor: Any = None,
+        reactor: Reactor | None = None,
     ) -> defer.Deferred[SqliteQueue]:
         """Open the spool file at ``path``, creating it unless ``create`` is false.
 
@@ -408,7 +409,7 @@ class SqliteQueue:
         A version-1 file is migrated in place. Fails with :class:`QueueError` for a missing
         file (``create=False``), a file that is not a spool, or one of a newer version.
         """
-        reactor = reactor if reactor is not None else _sqlite.default_reactor()
+        reactor = reactor if reactor is not None else default_reactor()
         name = os.fspath(path)
         d = SqliteThread.start(
             reactor, f"twistmail-queue {name}", _connect, name, create, synchronous

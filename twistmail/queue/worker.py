@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._twisted import default_reactor
 from ..engine import DeliveryLoop, Job, Sender
 from ..errors import DeliveryError
 from ..interfaces import IQueue
@@ -120,7 +122,8 @@ class Drain:
     ``limit`` caps the messages claimed in this pass. Messages are claimed ``batch`` at a time
     under a ``lease`` of that many seconds, renewed while the pass runs. ``hold_bodies`` is the
     duplicate bound (default: the mailer's connections). ``on_outcome`` is called with each
-    recorded outcome (for a progress line or a log).
+    recorded outcome (for a progress line or a log). ``reactor`` is the clock the pass runs on
+    (the global reactor by default).
     """
 
     def __init__(
@@ -136,12 +139,10 @@ class Drain:
         hold_bodies: int | None = None,
         patience: float = 0.0,
         on_outcome: Callable[[ClaimedMessage, Outcome], None] | None = None,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
     ) -> None:
         if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
+            reactor = IReactorTime(default_reactor())
         self.spool = spool
         self.mailer = mailer
         self.retry = retry

@@ -35,6 +35,7 @@ from twisted.internet.error import TimeoutError as TwistedTimeoutError
 from twisted.mail.smtp import DNSNAME
 from twisted.python.failure import Failure
 
+from .._twisted import Reactor, default_reactor
 from ..errors import ConnectError, ConnectionLostError, SMTPTimeoutError, TLSError, for_reply
 from ..message import envelope_from_bytes, envelope_from_message
 from ._protocol import MailerProtocol
@@ -58,13 +59,9 @@ class SMTP:
         insecure: bool = False,
         local_hostname: str | None = None,
         implicit_tls: bool = False,
-        reactor: Any = None,
+        reactor: Reactor | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
-        self._reactor = reactor
+        self._reactor = reactor if reactor is not None else default_reactor()
         self._timeout = timeout
         self._ca_file = ca_file
         self._insecure = insecure
