@@ -233,3 +233,26 @@ class SendManyOnClockTests(SynchronousTestCase):
         self.assertIn(b"RCPT TO:<b@x.org>", b.take())  # at 25, not held until 30
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
+
+
+class ReasonsOnClockTests(SynchronousTestCase):
+    def test_a_drop_keeps_its_reason_in_the_report_and_the_outcome(self) -> None:
+        reactor = MemoryReactorClock()
+        mailer = Mailer("smtp://127.0.0.1:2525", concurrency=1, max_attempts=1, reactor=reactor)
+        results: dict[int, object] = {}
+        d = mailer.send_many([("s@example.com", ["u0@x.org"], DATA)], on_result=results.__setitem__)
+        server = FakeServer(reactor, 0)
+        server.handshake()
+        server.take()
+        server.say(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        server.take()
+        server.drop()  # after the data, before the reply: the server may have it
+        report = self.successResultOf(d)
+        ((index, reason),) = report.errors
+        assert index == 0
+        assert "u0@x.org" in reason
+        assert "connection lost" in reason
+        assert "127.0.0.1:2525" in reason
+        result = results[0]
+        assert isinstance(result, SendResult)
+        assert "connection lost" in result.recipients[0].response
