@@ -121,6 +121,9 @@ def test_what_can_be_sent_comes_out_the_same_from_both() -> None:
     msg["From"] = "a@example.com"
     msg["To"] = "b@example.org"
     msg["Bcc"] = "c@example.org"
+    # Given, so that each rendering of the message is the same bytes.
+    msg["Date"] = "Mon, 02 Nov 2026 10:00:00 +0000"
+    msg["Message-ID"] = "<same@example.com>"
     msg.set_content("hello")
     envelope = to_envelope(msg)
     assert [str(r) for r in envelope.recipients] == ["b@example.org", "c@example.org"]
