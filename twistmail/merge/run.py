@@ -246,15 +246,17 @@ class Campaign:
 
     def next_job(self) -> _Job | None:
         """A job given back or due again, else the next good row (recording invalid ones)."""
-        job = self._parked.pop_due()
-        if job is not None:
-            self.counts.deferred = len(self._parked)
-            assert isinstance(job, _Job)
-            return job
+        parked = self._parked
+        if parked.waiting:
+            job = parked.pop_due()
+            if job is not None:
+                self.counts.deferred = parked.waiting
+                assert isinstance(job, _Job)
+                return job
+            if parked.full:
+                # A server refusing everything must not pull the whole CSV into the retry heap.
+                return None
         if self._exhausted or self.stopping or self._rows is None:
-            return None
-        if self._parked.full:
-            # A server refusing everything must not pull the whole CSV into the retry heap.
             return None
         limit = self.options.limit
         for item in self._rows:
@@ -286,6 +288,9 @@ class Campaign:
         assert isinstance(job, _Job)
         if outcome.state == "sent":
             self.counts.sent += 1
+            result = outcome.result
+            if result is not None:  # the server's final reply, read without Plan's lookups
+                return self._record(job, "sent", result.code, result.text)
             return self._record(job, "sent", outcome.code, outcome.response)
         if outcome.state == "deferred":
             due = self._parked.park(job, outcome.delay)
