@@ -92,16 +92,24 @@ def settle(
 ) -> Outcome:
     """The queue record of one attempt at ``claimed``: the server's ``result`` or the
     ``error`` that ended it, planned by :func:`~twistmail.retry.plan` as every door does."""
-    refused = _ClaimJob(claimed).refused
     outcome = plan(
         claimed.envelope.recipients,
         result,
         error,
         claimed.attempts + 1,
         policy,
-        refused_before=refused,
+        refused_before=_refused_before(claimed),
     )
     return outcome_of(claimed, outcome)
+
+
+def _refused_before(claimed: ClaimedMessage) -> RecipientOutcome | None:
+    """The refusal an earlier attempt at ``claimed`` recorded, as a recipient outcome."""
+    before = claimed.refused_before
+    if before is None:
+        return None
+    rcpt, code, text = before
+    return RecipientOutcome(rcpt, "failed", code, None, text, claimed.attempts)
 
 
 class _ClaimJob(Job):
@@ -110,10 +118,7 @@ class _ClaimJob(Job):
     def __init__(self, claimed: ClaimedMessage) -> None:
         super().__init__(claimed.envelope, claimed.attempts)
         self.claimed = claimed
-        before = claimed.refused_before
-        if before is not None:
-            rcpt, code, text = before
-            self.refused = RecipientOutcome(rcpt, "failed", code, None, text, claimed.attempts)
+        self.refused = _refused_before(claimed)
 
 
 class Drain:
