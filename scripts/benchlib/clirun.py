@@ -15,11 +15,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import subprocess
-import time
 from pathlib import Path
 
-from runner import BenchError, Run, Sink, _die_with_parent, _kill_group, _wait_with_rusage
+from runner import BenchError, Run, Sink, run_counted
 
 CLI_SENDER = "twistmail-cli-csv"
 RECIPIENT_DOMAIN = "rcpt.example"
@@ -114,42 +112,17 @@ def run_cli(
     if dry_run:
         cmd.append("--dry-run")
     label = f"{CLI_SENDER}{' --dry-run' if dry_run else ''} ({rows} rows)"
-    before = sink.received()
-    out_path, err_path = workdir / "cli.out", workdir / "cli.err"
     try:
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(
-                cmd,
-                cwd=workdir,
-                env=_CLI_ENV,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        try:
-            status, rusage = _wait_with_rusage(proc, timeout)
-        finally:
-            elapsed = time.perf_counter() - t0
-            _kill_group(proc)
-        tail = (
-            out_path.read_text(errors="replace")[-1500:]
-            + "\n"
-            + err_path.read_text(errors="replace")[-2500:]
+        elapsed, rusage, received, out_path = run_counted(
+            cmd,
+            label=label,
+            sink=sink,
+            expected=0 if dry_run else rows,
+            timeout=timeout,
+            workdir=workdir,
+            env=_CLI_ENV,
+            name="cli",
         )
-        if status is None:
-            raise BenchError(f"{label}: not finished within {timeout:.0f} s (killed)\n{tail}")
-        if status != 0:
-            raise BenchError(f"{label}: exited with status {status}\n{tail}")
-        expected = 0 if dry_run else rows
-        received = sink.wait_for(before + expected, 5.0 if expected else 0.2) - before
-        if received != expected:
-            raise BenchError(
-                f"{label}: exit status 0 but the sink counted {received} messages, "
-                f"expected {expected}\n{tail}"
-            )
         message_bytes = _first_message_size(out_path) if dry_run else None
     finally:
         for p in (journal, report, Path(f"{journal}-wal"), Path(f"{journal}-shm")):

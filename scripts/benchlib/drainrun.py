@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from runner import BenchError, Run, Sink, _die_with_parent, _kill_group, _wait_with_rusage
+from runner import BenchError, Run, Sink, run_counted
 
 DRAIN_SENDER = "twistmail-drain"
 FILL_BATCH = 500  # messages per send_messages() call (one spool transaction each)
@@ -106,42 +106,17 @@ def run_drain(
         str(connections),
     ]
     label = f"{DRAIN_SENDER} ({count} messages)"
-    before = sink.received()
-    workdir = inputs.workdir
-    out_path, err_path = workdir / "drain.out", workdir / "drain.err"
     try:
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(
-                cmd,
-                cwd=workdir,
-                env=_ENV,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
-        try:
-            status, rusage = _wait_with_rusage(proc, timeout)
-        finally:
-            elapsed = time.perf_counter() - t0
-            _kill_group(proc)
-        tail = (
-            out_path.read_text(errors="replace")[-1500:]
-            + "\n"
-            + err_path.read_text(errors="replace")[-2500:]
+        elapsed, rusage, received, _ = run_counted(
+            cmd,
+            label=label,
+            sink=sink,
+            expected=count,
+            timeout=timeout,
+            workdir=inputs.workdir,
+            env=_ENV,
+            name="drain",
         )
-        if status is None:
-            raise BenchError(f"{label}: not finished within {timeout:.0f} s (killed)\n{tail}")
-        if status != 0:
-            raise BenchError(f"{label}: exited with status {status}\n{tail}")
-        received = sink.wait_for(before + count, 5.0) - before
-        if received != count:
-            raise BenchError(
-                f"{label}: exit status 0 but the sink counted {received} messages, "
-                f"expected {count}\n{tail}"
-            )
     finally:
         for p in (spool, *(Path(f"{spool}{s}") for s in _SIDE_FILES)):
             with contextlib.suppress(FileNotFoundError):

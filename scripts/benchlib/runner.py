@@ -256,6 +256,57 @@ def run_child(
     )
 
 
+def run_counted(
+    cmd: list[str],
+    *,
+    label: str,
+    sink: Sink,
+    expected: int,
+    timeout: float,
+    workdir: Path,
+    env: dict[str, str],
+    name: str,
+) -> tuple[float, Any, int, Path]:
+    """Run a whole-process sender ``cmd`` and check it: exit 0 and exactly ``expected`` more
+    messages at the sink. ``(wall seconds, rusage, messages counted, stdout file)``; its output
+    goes to ``workdir/NAME.out`` and ``.err``."""
+    before = sink.received()
+    out_path, err_path = workdir / f"{name}.out", workdir / f"{name}.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+    try:
+        status, rusage = _wait_with_rusage(proc, timeout)
+    finally:
+        elapsed = time.perf_counter() - t0
+        _kill_group(proc)
+    tail = (
+        out_path.read_text(errors="replace")[-1500:]
+        + "\n"
+        + err_path.read_text(errors="replace")[-2500:]
+    )
+    if status is None:
+        raise BenchError(f"{label}: not finished within {timeout:.0f} s (killed)\n{tail}")
+    if status != 0:
+        raise BenchError(f"{label}: exited with status {status}\n{tail}")
+    received = sink.wait_for(before + expected, 5.0 if expected else 0.2) - before
+    if received != expected:
+        raise BenchError(
+            f"{label}: exit status 0 but the sink counted {received} messages, "
+            f"expected {expected}\n{tail}"
+        )
+    return elapsed, rusage, received, out_path
+
+
 def _wait_with_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int | None, Any]:
     """``(exit status, rusage)`` of the child, or ``(None, None)`` after ``timeout``."""
     deadline = time.monotonic() + timeout
