@@ -84,7 +84,8 @@ class _MessageJob(Job):
 
 
 class MessagesDoor:
-    """Jobs from an iterator of ``(index, message)`` (or one envelope), outcomes counted.
+    """Jobs from an iterator of ``(index, message)`` (or one envelope: :meth:`single`),
+    outcomes counted.
 
     ``policy`` is the retry policy the loop plans with (None: temporary failures are final
     and stay ``deferred``, the caller owns retries).
@@ -92,7 +93,7 @@ class MessagesDoor:
 
     def __init__(
         self,
-        items: Iterator[tuple[int, MessageLike]],
+        items: Iterator[tuple[int, MessageLike]] | None,
         prepare: Callable[[MessageLike], Envelope],
         report: SendReport | None,
         on_result: OnResult | None,
@@ -115,8 +116,7 @@ class MessagesDoor:
         cls, envelope: Envelope, clock: IReactorTime, policy: RetryPolicy | None, index: int = 0
     ) -> MessagesDoor:
         """A door for one message; :meth:`single_result` once its loop has ended."""
-        door = cls(iter(()), lambda m: envelope, None, None, clock, policy)
-        door._items = None
+        door = cls(None, lambda m: envelope, None, None, clock, policy)
         door._single = job = _MessageJob(envelope, index)
         door._parked.again(job)
         return door
