@@ -95,12 +95,20 @@ class Plan:
         return 60.0 + n / (20.0 if sender in SLOW_SENDERS else 200.0)
 
 
-def run_library_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
-    """Library API throughput: every sender, interleaved, ``repeat`` rounds."""
-    plan = make_plan(args)
+def interleave(
+    plan: Plan,
+    run_one: Callable[[str, int, float], Run],
+    *,
+    before_round: Callable[[], None] | None = None,
+    show_rss: bool = False,
+) -> dict[str, list[Run]]:
+    """Every sender of ``plan``, ``repeat`` rounds, the order rotated each round so that no
+    sender always runs first; ``run_one(sender, count, timeout)`` makes one measured run."""
     runs: dict[str, list[Run]] = {s: [] for s in plan.senders}
     order = list(plan.senders)
     for rnd in range(plan.repeat):
+        if before_round is not None:
+            before_round()
         for sender in order:
             n = plan.count_for(sender)
             print(
@@ -109,16 +117,25 @@ def run_library_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dic
                 flush=True,
                 file=sys.stderr,
             )
-            run = run_child(
-                args.python, sender, sink, n, plan.connections, plan.timeout_for(sender), workdir
-            )
+            run = run_one(sender, n, plan.timeout_for(sender))
             runs[sender].append(run)
+            rss = f"  {run.maxrss_mb:6.1f} MB" if show_rss else ""
             print(
-                f" {run.rate:9.0f} msg/s  {run.cpu_us_per_msg:6.0f} us/msg",
+                f" {run.rate:9.0f} msg/s  {run.cpu_us_per_msg:6.0f} us/msg{rss}",
                 file=sys.stderr,
             )
         order = order[1:] + order[:1]
-    return summarise(plan, runs)
+    return runs
+
+
+def run_library_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
+    """Library API throughput: every sender, interleaved, ``repeat`` rounds."""
+    plan = make_plan(args)
+
+    def run_one(sender: str, n: int, timeout: float) -> Run:
+        return run_child(args.python, sender, sink, n, plan.connections, timeout, workdir)
+
+    return summarise(plan, interleave(plan, run_one))
 
 
 def run_cli_csv_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
@@ -136,41 +153,18 @@ def run_cli_csv_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dic
         file=sys.stderr,
     )
     inputs.csv_for(plan.count)
-    runs: dict[str, list[Run]] = {s: [] for s in plan.senders}
     startups: list[Run] = []
-    order = list(plan.senders)
-    for rnd in range(plan.repeat):
+
+    def before_round() -> None:
         if CLI_SENDER in plan.senders:
             startups.append(run_cli(args.python, inputs, sink, 1, plan.connections, 120.0))
-        for sender in order:
-            n = plan.count_for(sender)
-            print(
-                f"  round {rnd + 1}/{plan.repeat}  {sender:<20} {n:>7} msgs ...",
-                end="",
-                flush=True,
-                file=sys.stderr,
-            )
-            if sender == CLI_SENDER:
-                run = run_cli(
-                    args.python, inputs, sink, n, plan.connections, plan.timeout_for(sender)
-                )
-            else:
-                run = run_child(
-                    args.python,
-                    sender,
-                    sink,
-                    n,
-                    plan.connections,
-                    plan.timeout_for(sender),
-                    workdir,
-                )
-            runs[sender].append(run)
-            print(
-                f" {run.rate:9.0f} msg/s  {run.cpu_us_per_msg:6.0f} us/msg  "
-                f"{run.maxrss_mb:6.1f} MB",
-                file=sys.stderr,
-            )
-        order = order[1:] + order[:1]
+
+    def run_one(sender: str, n: int, timeout: float) -> Run:
+        if sender == CLI_SENDER:
+            return run_cli(args.python, inputs, sink, n, plan.connections, timeout)
+        return run_child(args.python, sender, sink, n, plan.connections, timeout, workdir)
+
+    runs = interleave(plan, run_one, before_round=before_round, show_rss=True)
     doc = summarise(plan, runs, mode="cli-csv", reference=CLI_SENDER)
     doc["settings"]["cli_message_bytes"] = probe.extra.get("message_bytes")
     if startups:
@@ -213,35 +207,21 @@ def run_drain_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[
         run_drain(args.python, drains, sink, 1, plan.connections, 120.0)
     if clis is not None:
         run_cli(args.python, clis, sink, 1, plan.connections, 120.0)
-    runs: dict[str, list[Run]] = {s: [] for s in plan.senders}
     startups: list[Run] = []
-    order = list(plan.senders)
-    for rnd in range(plan.repeat):
+
+    def before_round() -> None:
         if DRAIN_SENDER in plan.senders:
             startups.append(run_drain(args.python, drains, sink, 1, plan.connections, 120.0))
-        for sender in order:
-            n = plan.count_for(sender)
-            print(
-                f"  round {rnd + 1}/{plan.repeat}  {sender:<20} {n:>7} msgs ...",
-                end="",
-                flush=True,
-                file=sys.stderr,
-            )
-            timeout = plan.timeout_for(sender)
-            if sender == DRAIN_SENDER:
-                run = run_drain(args.python, drains, sink, n, plan.connections, timeout)
-            elif sender == CLI_SENDER:
-                assert clis is not None
-                run = run_cli(args.python, clis, sink, n, plan.connections, timeout)
-            else:
-                run = run_child(args.python, sender, sink, n, plan.connections, timeout, workdir)
-            runs[sender].append(run)
-            print(
-                f" {run.rate:9.0f} msg/s  {run.cpu_us_per_msg:6.0f} us/msg  "
-                f"{run.maxrss_mb:6.1f} MB",
-                file=sys.stderr,
-            )
-        order = order[1:] + order[:1]
+
+    def run_one(sender: str, n: int, timeout: float) -> Run:
+        if sender == DRAIN_SENDER:
+            return run_drain(args.python, drains, sink, n, plan.connections, timeout)
+        if sender == CLI_SENDER:
+            assert clis is not None
+            return run_cli(args.python, clis, sink, n, plan.connections, timeout)
+        return run_child(args.python, sender, sink, n, plan.connections, timeout, workdir)
+
+    runs = interleave(plan, run_one, before_round=before_round, show_rss=True)
     doc = summarise(plan, runs, mode="drain", reference=DRAIN_SENDER)
     if DRAIN_SENDER not in runs:
         return doc
