@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from twistmail.merge.csvsource import Row
-from twistmail.merge.identity import RowIdentity
+from twistmail.merge.identity import RowIdentity, row_id
 from twistmail.merge.schema import migrate
 from twistmail.merge.template import MessageTemplate
 
@@ -85,14 +85,14 @@ def test_a_version_2_journal_takes_the_keys_the_current_version_gives(tmp_path: 
     conn = sqlite3.connect(tmp_path / "j.db")
     conn.executescript(_V2)
     migrate(conn, "2")
-    keys = dict(conn.execute("SELECT row, key FROM rows"))
-    assert keys == {
-        1: "ann@example.org",
-        2: "bob@x.org",
-        3: "ann@example.org#2",  # sent twice with --allow-duplicates: the second copy
-        4: "#4",  # a duplicate is found afresh by each run
-        5: "#5",
-        6: "#6",
+    ids = dict(conn.execute("SELECT row, id FROM rows"))
+    assert ids == {
+        1: row_id("ann@example.org"),
+        2: row_id("bob@x.org"),
+        3: row_id("ann@example.org#2"),  # sent twice with --allow-duplicates: the second copy
+        4: row_id("#4"),  # a duplicate is found afresh by each run
+        5: row_id("#5"),
+        6: row_id("#6"),
     }
     meta = dict(conn.execute("SELECT key, value FROM meta"))
     assert meta == {"schema_version": "3", "campaign_id": "c"}

@@ -31,7 +31,7 @@ _FORGETFUL = {
                 sys.argv[1], template_fingerprint="t", reactor=reactor
             )
             for row in range(1, 51):
-                store.record(f"#{row}", row=row, email=f"r{row}@x.org", state="sent")
+                store.record(row, row=row, email=f"r{row}@x.org", state="sent")
         """,
     "queue": r"""
         from twistmail.message import envelope_from_bytes

@@ -2,8 +2,9 @@
 
 The journal records the outcome of every recipient message so an interrupted campaign resumes
 where it stopped and sends nobody twice (beyond the messages in flight at the moment of a crash).
-Rows are kept under their key (:mod:`.identity`: the recipient's mailbox, or ``#N`` for a row
-without one), not their position, so a CSV fixed, extended or sorted differently resumes too.
+Rows are kept under the id of their key (:mod:`.identity`: the recipient's mailbox, or ``#N``
+for a row without one), not their position, so a CSV fixed, extended or sorted differently
+resumes too.
 
 Durability: the file is in WAL mode with ``synchronous=NORMAL``. A committed transaction has been
 written (``write()``) to the ``-wal`` file before :meth:`Journal.record`'s Deferred fires, so it
@@ -68,12 +69,12 @@ __all__ = [
 class JournalRow:
     """One journal row: the latest known fate of one recipient.
 
-    ``key`` identifies the recipient (see :mod:`.identity`); ``row`` is the 1-based CSV data row
+    ``id`` identifies the recipient (:func:`.identity.row_id`); ``row`` is the 1-based CSV data row
     it was last seen at; ``changed`` is true for a row sent (or failed) whose cells have changed
     since, which is reported and not sent again.
     """
 
-    key: str
+    id: int
     row: int
     email: str
     state: RowState
@@ -344,16 +345,16 @@ class Journal:
 
         return d.addCallback(opened)
 
-    def message_id(self, key: str, domain: str) -> str:
-        """The Message-ID of the message for the row keyed ``key`` (see :mod:`.identity`):
-        stable across runs, retries and row orders of this journal's campaign."""
-        return f"<{self.campaign_id}.{message_token(key)}@{domain}>"
+    def message_id(self, row_id: int, domain: str) -> str:
+        """The Message-ID of the message for the row with id ``row_id`` (see
+        :func:`.identity.row_id`): stable across runs, retries and row orders of the campaign."""
+        return f"<{self.campaign_id}.{message_token(row_id)}@{domain}>"
 
     # Writes ---------------------------------------------------------------------------------
 
     def record(
         self,
-        key: str,
+        row_id: int,
         *,
         row: int,
         email: str,
@@ -365,11 +366,11 @@ class Journal:
         next_attempt_at: float | None = None,
         fingerprint: int | None = None,
     ) -> defer.Deferred[None]:
-        """Record the latest state of the recipient keyed ``key``, last seen at CSV row ``row``
-        with cells whose hash is ``fingerprint``; the Deferred fires once that is committed.
+        """Record the latest state of the recipient with id ``row_id``, last seen at CSV row
+        ``row`` with cells whose hash is ``fingerprint``; the Deferred fires once committed.
 
         Records made while a commit is running are committed together in the next transaction.
-        A later record of the same key replaces the earlier one.
+        A later record of the same id replaces the earlier one.
 
         :raises ValueError: for an unknown ``state`` (before anything is queued).
         :raises JournalError: once :meth:`close` has been called.
@@ -380,7 +381,7 @@ class Journal:
             raise JournalError(f"{self.path}: record() after close()")
         return self._submit(
             (
-                key,
+                row_id,
                 row,
                 email,
                 state,

@@ -13,7 +13,7 @@ from twistmail.errors import MessageError
 from twistmail.message import Envelope, envelope_from_message
 
 from .csvsource import CsvSource, Row, open_csv
-from .identity import RowIdentity, message_token
+from .identity import RowIdentity, message_token, row_id
 from .template import MessageTemplate, RowError
 from .wire import MessageIdFor, render_direct
 
@@ -32,13 +32,14 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """One row ready to send; ``key`` and ``fingerprint`` as :mod:`.identity` makes them."""
+    """One row ready to send; ``key`` (its id) and ``fingerprint`` as :mod:`.identity` makes
+    them."""
 
     row: int
     email: str
     envelope: Envelope
     message_id: str
-    key: str = ""
+    key: int = 0
     fingerprint: int | None = None
 
 
@@ -49,7 +50,7 @@ class Problem:
     row: int
     email: str
     reason: str
-    key: str = ""
+    key: int = 0
     fingerprint: int | None = None
 
 
@@ -71,7 +72,7 @@ def prepare_row(
     row: Row,
     message_id_for: MessageIdFor,
     envelope_from: str | None = None,
-    key: str | None = None,
+    key: int | None = None,
     fingerprint: int | None = None,
 ) -> Prepared | Problem:
     """Render ``row`` into an envelope, or say why it cannot be sent (naming the field).
@@ -79,7 +80,7 @@ def prepare_row(
     ``key`` (default: the row number) is what ``message_id_for`` makes the Message-ID from.
     """
     if key is None:
-        key = str(row.number)
+        key = row.number
     if row.error is not None:
         return Problem(row.number, guess_email(row), row.error, key, fingerprint)
     date = _this_second()
@@ -119,7 +120,7 @@ def render_full(
     message_id_for: MessageIdFor,
     envelope_from: str | None,
     date: datetime,
-    key: str,
+    key: int,
     fingerprint: int | None = None,
 ) -> Prepared:
     """``row`` rendered through the email package (any message the template can describe).
@@ -148,7 +149,7 @@ def problems(
     ``each`` every good one (with its :mod:`.identity` key)."""
     identity = RowIdentity.of(template, source.columns)
     for row in source:
-        key = identity.key(row)[0]
+        key = row_id(identity.key(row)[0])
         result = prepare_row(template, row, preview_message_id, envelope_from, key)
         if isinstance(result, Problem):
             yield result
@@ -165,18 +166,16 @@ class Duplicates:
     earlier row already has."""
 
     def __init__(self) -> None:
-        self._first: dict[str, int] = {}
+        self._first: dict[int, int] = {}
 
     def earlier_row(self, prepared: Prepared) -> int | None:
         """The first row with the same recipient as ``prepared``, or None if it is the first
-        (or its recipient is unknown: a row keyed by its number)."""
-        if prepared.key.startswith("#"):
-            return None
+        (a row without a usable address is keyed by its number: it has no earlier row)."""
         first = self._first.setdefault(prepared.key, prepared.row)
         return None if first == prepared.row else first
 
 
-def preview_message_id(key: str, domain: str) -> str:
+def preview_message_id(key: int, domain: str) -> str:
     """The Message-ID of a message rendered only to be shown or checked."""
     return f"<preview.{message_token(key)}@{domain}>"
 

@@ -49,7 +49,7 @@ def write_report(journal_path: str | os.PathLike[str], report_path: str | os.Pat
         try:
             cursor = conn.execute(
                 "SELECT row, email, state, code, response, attempts, message_id, "
-                "CASE WHEN changed THEN 'yes' ELSE '' END FROM rows ORDER BY row, key"
+                "CASE WHEN changed THEN 'yes' ELSE '' END FROM rows ORDER BY row, id"
             )
         except sqlite3.DatabaseError as e:
             raise JournalError(f"{journal_name}: not a twistmail journal ({e})") from e

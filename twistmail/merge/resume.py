@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 
 from .. import _sqlite
 from .csvsource import Row
-from .identity import ROW_NUMBER_PREFIX, RowIdentity
+from .identity import ROW_NUMBER_PREFIX, RowIdentity, row_id
 from .journal import Journal
 from .keyset import KeySet
 from .prepare import guess_email
@@ -42,24 +42,24 @@ DUPLICATE_RESPONSE = (
     "the same recipient as an earlier row: not sent again (--allow-duplicates sends it)"
 )
 
-ToSend = tuple[Row, str, int]
-"""A row to render: the row, its key and its fingerprint."""
+ToSend = tuple[Row, int, int]
+"""A row to render: the row, its id (:func:`.identity.row_id`) and its fingerprint."""
 
 _FIRST_CHUNK = 64  # small, so the first messages go out at once
 _CHUNK = 1024
 _MAX_VARIABLES = 500  # per lookup query (SQLite allows 999 at least)
 _FORGET = "DELETE FROM rows WHERE state IN ('pending', 'invalid', 'duplicate')"
 _INSERT_PENDING = (
-    "INSERT INTO rows (key, row, email, state, updated_at, fingerprint) "
+    "INSERT INTO rows (id, row, email, state, updated_at, fingerprint) "
     "VALUES (?, ?, ?, 'pending', ?, ?)"
 )
 _INSERT_DUPLICATE = (
-    "INSERT INTO rows (key, row, email, state, response, updated_at, fingerprint) "
+    "INSERT INTO rows (id, row, email, state, response, updated_at, fingerprint) "
     "VALUES (?, ?, ?, 'duplicate', ?, ?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET row = excluded.row, email = excluded.email, "
+    "ON CONFLICT (id) DO UPDATE SET row = excluded.row, email = excluded.email, "
     "state = excluded.state, response = excluded.response, updated_at = excluded.updated_at"
 )
-_MOVE = "UPDATE rows SET row = ?, changed = ? WHERE key = ?"
+_MOVE = "UPDATE rows SET row = ?, changed = ? WHERE id = ?"
 
 
 @dataclass
@@ -102,8 +102,8 @@ class Sorter:
         now = time.time()
         identify = self._identity.identify
         seen = self._seen
-        keyed: list[tuple[Row, str, str, int]] = []
-        duplicates: list[tuple[str, int, str, str, float, int]] = []
+        keyed: list[tuple[Row, int, str, int]] = []
+        duplicates: list[tuple[int, int, str, str, float, int]] = []
         for row in batch:
             key, email, fingerprint = identify(row)
             if key[0] != ROW_NUMBER_PREFIX and not seen.add(key):
@@ -111,26 +111,26 @@ class Sorter:
                     number = row.number
                     out.notes.append(f"duplicate: row {number} {email}: an earlier row has it")
                     duplicates.append(
-                        (f"#{number}", number, email, DUPLICATE_RESPONSE, now, fingerprint)
+                        (row_id(f"#{number}"), number, email, DUPLICATE_RESPONSE, now, fingerprint)
                     )
                     continue
                 nth = self._repeats[key] = self._repeats.get(key, 1) + 1
                 key = f"{key}#{nth}"
-            keyed.append((row, key, email or guess_email(row), fingerprint))
+            keyed.append((row, row_id(key), email or guess_email(row), fingerprint))
         out.duplicate = len(duplicates)
         with _sqlite.transaction(conn):
             if not self._started:
                 self._started = True
                 conn.execute(_FORGET)
-            known = _lookup(conn, [key for _, key, _, _ in keyed])
+            known = _lookup(conn, [ident for _, ident, _, _ in keyed])
             pending = []
             moves = []
-            for row, key, email, fingerprint in keyed:
+            for row, ident, email, fingerprint in keyed:
                 number = row.number
-                found = known.get(key)
+                found = known.get(ident) if known else None
                 if found is None:
-                    pending.append((key, number, email, now, fingerprint))
-                    out.send.append((row, key, fingerprint))
+                    pending.append((ident, number, email, now, fingerprint))
+                    out.send.append((row, ident, fingerprint))
                     continue
                 at, state, was, flagged = found
                 if state in self._settled_states:
@@ -143,11 +143,11 @@ class Sorter:
                             "changed since; not sent again"
                         )
                     if at != number or bool(flagged) != changed:
-                        moves.append((number, int(changed), key))
+                        moves.append((number, int(changed), ident))
                     continue
                 if at != number:
-                    moves.append((number, 0, key))
-                out.send.append((row, key, fingerprint))
+                    moves.append((number, 0, ident))
+                out.send.append((row, ident, fingerprint))
             if pending:
                 conn.executemany(_INSERT_PENDING, pending)
             if duplicates:
@@ -158,19 +158,19 @@ class Sorter:
 
 
 def _lookup(
-    conn: sqlite3.Connection, keys: list[str]
-) -> dict[str, tuple[int, str, int | None, int]]:
-    """``key -> (row, state, fingerprint, changed)`` for the keys the journal holds."""
-    found: dict[str, tuple[int, str, int | None, int]] = {}
-    for start in range(0, len(keys), _MAX_VARIABLES):
-        some = keys[start : start + _MAX_VARIABLES]
+    conn: sqlite3.Connection, ids: list[int]
+) -> dict[int, tuple[int, str, int | None, int]]:
+    """``id -> (row, state, fingerprint, changed)`` for the ids the journal holds."""
+    found: dict[int, tuple[int, str, int | None, int]] = {}
+    for start in range(0, len(ids), _MAX_VARIABLES):
+        some = ids[start : start + _MAX_VARIABLES]
         cursor = conn.execute(
-            "SELECT key, row, state, fingerprint, changed FROM rows "  # noqa: S608
-            f"WHERE key IN ({', '.join('?' * len(some))})",
+            "SELECT id, row, state, fingerprint, changed FROM rows "  # noqa: S608
+            f"WHERE id IN ({', '.join('?' * len(some))})",
             some,
         )
-        for key, row, state, fingerprint, changed in cursor:
-            found[key] = (row, state, fingerprint, changed)
+        for ident, row, state, fingerprint, changed in cursor:
+            found[ident] = (row, state, fingerprint, changed)
     return found
 
 

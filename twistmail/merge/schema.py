@@ -1,12 +1,12 @@
 """The tables of a campaign journal, and the migration of journals written by earlier versions.
 
-Version 3 keeps one row per recipient *key* (see :mod:`.identity`) instead of one per CSV row
-number, with a fingerprint of the cells each message was made from. Versions 1 (row numbers)
-and 2 (row numbers, plus the ``duplicate`` state) are migrated in place when a campaign opens
-them: each row takes the mailbox key of its address (``#N`` when it has none, and for a row
-recorded as a duplicate), a second row sent to the same mailbox (``--allow-duplicates``) takes
-``key#2`` and so on, as the current version keys them. Their fingerprints are unknown, so a
-row migrated as sent is never reported as changed.
+Version 3 keeps one row per recipient, under the id of its *key* (see :mod:`.identity`)
+instead of its CSV row number, with a fingerprint of the cells each message was made from.
+Versions 1 (row numbers) and 2 (row numbers, plus the ``duplicate`` state) are migrated in
+place when a campaign opens them: each row takes the key of its address (``#N`` when it has
+none, and for a row recorded as a duplicate), a second row sent to the same mailbox
+(``--allow-duplicates``) takes ``key#2`` and so on, as the current version keys them. Their
+fingerprints are unknown, so a row migrated as sent is never reported as changed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Final, Literal, get_args
 
 from twistmail.address import mailbox_key
 from twistmail.errors import MessageError
+
+from .identity import row_id
 
 __all__ = [
     "ROW_COLUMNS",
@@ -36,7 +38,7 @@ SCHEMA_VERSION: Final = "3"
 _TABLES = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rows (
-    key TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
     row INTEGER NOT NULL,
     email TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in ROW_STATES)})),
@@ -48,21 +50,21 @@ CREATE TABLE IF NOT EXISTS rows (
     updated_at REAL NOT NULL,
     fingerprint INTEGER,
     changed INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID
+)
 """
 
 ROW_COLUMNS: Final = (
-    "key, row, email, state, code, response, attempts, message_id, next_attempt_at, "
+    "id, row, email, state, code, response, attempts, message_id, next_attempt_at, "
     "updated_at, fingerprint, changed"
 )
 _OLD_ROW_COLUMNS: Final = (
-    "'#' || row, row, email, state, code, response, attempts, message_id, next_attempt_at, "
+    "row, row, email, state, code, response, attempts, message_id, next_attempt_at, "
     "updated_at, NULL, 0"
 )
 
 UPSERT: Final = f"""
 INSERT INTO rows ({ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
-ON CONFLICT (key) DO UPDATE SET
+ON CONFLICT (id) DO UPDATE SET
     row = excluded.row, email = excluded.email, state = excluded.state, code = excluded.code,
     response = excluded.response, attempts = excluded.attempts,
     message_id = excluded.message_id, next_attempt_at = excluded.next_attempt_at,
@@ -70,9 +72,9 @@ ON CONFLICT (key) DO UPDATE SET
 """  # noqa: S608 - constants only
 
 JournalRecord = tuple[
-    str, int, str, str, int | None, str, int, str | None, float | None, float, int | None
+    int, int, str, str, int | None, str, int, str | None, float | None, float, int | None
 ]
-"""What :data:`UPSERT` takes: key, row, email, state, code, response, attempts, message_id,
+"""What :data:`UPSERT` takes: id, row, email, state, code, response, attempts, message_id,
 next_attempt_at, updated_at, fingerprint."""
 
 
@@ -104,15 +106,16 @@ def migrate(conn: sqlite3.Connection, version: str) -> None:
     conn.execute("ALTER TABLE rows RENAME TO rows_old")
     create_tables(conn)
     conn.create_function("twistmail_key", 1, _key_of, deterministic=True)
+    conn.create_function("twistmail_id", 1, row_id, deterministic=True)
     # The n-th row (by row number) of a mailbox: the first keeps the bare key.
     conn.execute(
         f"""
         INSERT INTO rows ({ROW_COLUMNS})
-        SELECT CASE
+        SELECT twistmail_id(CASE
                    WHEN mailbox IS NULL OR (state = 'duplicate' AND nth > 1) THEN '#' || row
                    WHEN nth = 1 THEN mailbox
                    ELSE mailbox || '#' || nth
-               END,
+               END),
                row, email, state, code, response, attempts, message_id, next_attempt_at,
                updated_at, NULL, 0
         FROM (

@@ -60,15 +60,15 @@ _STRUCTURED_KEYS = frozenset(
     }
 )
 
-MessageIdFor = Callable[[str, str], str]
-"""``(row key, domain) -> Message-ID``."""
+MessageIdFor = Callable[[int, str], str]
+"""``(row id, domain) -> Message-ID``."""
 
 
 def render_direct(
     template: MessageTemplate,
     values: dict[str, str],
     *,
-    row_key: str,
+    row_key: int,
     message_id_for: MessageIdFor,
     envelope_from: str | None,
     date: datetime,
