@@ -260,3 +260,27 @@ async def test_sigkill_then_rerun_with_a_resorted_csv_loses_nobody(
     assert sum(count - 1 for count in delivered.values()) <= concurrency
     assert len(collections.Counter(_message_ids(server))) == n  # a copy keeps its Message-ID
     assert [r["status"] for r in report(tmp_path)] == ["sent"] * n
+
+
+def test_a_csv_unreadable_halfway_stops_cleanly_and_resumes_once_fixed(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    server = cue_server()
+    rows = _many_rows(3000)
+    csv_path, template_path = write_campaign(tmp_path, rows)
+    good = Path(csv_path).read_bytes()
+    Path(csv_path).write_bytes(good.replace(b"user2000@", b"user2000\xff@"))
+    url = f"smtp://127.0.0.1:{server.port}"
+    broken = twistmail("send", csv_path, template_path, "--smtp", url)
+    assert broken.returncode == 2, broken.stdout + broken.stderr
+    assert "not valid UTF-8" in broken.stdout
+    assert "(row 2001)" in broken.stdout
+    assert "Traceback" not in broken.stdout + broken.stderr
+    sent_before = len(server.received)
+    assert 0 < sent_before < 2000  # the rows read before the bad byte went out
+    Path(csv_path).write_bytes(good)
+    fixed = twistmail("send", csv_path, template_path, "--smtp", url)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert sorted(m.recipients[0] for m in server.received) == sorted(
+        f"user{i}@example.org" for i in range(3000)
+    )

@@ -179,7 +179,8 @@ class RowFeed:
 
     :meth:`take` gives the next chunk, or None while one is being sorted; ``ready`` is called
     when a chunk arrives after :meth:`take` came back empty-handed, and ``sorted`` with every
-    chunk (to print its notes and count it).
+    chunk (to print its notes and count it). When sorting fails (the CSV cannot be read on),
+    ``failed`` is called and the rows sorted before it are still given.
     """
 
     def __init__(
@@ -250,7 +251,10 @@ class RowFeed:
             self._ready()
 
     def _failed_sort(self, failure: Failure) -> None:
+        # The rows sorted before stay to be sent; none after them is read.
         self._sorting = None
         self.finished = True
-        self._chunks.clear()
         self._failed(failure)
+        if self._waited:
+            self._waited = False
+            self._ready()

@@ -133,6 +133,7 @@ class Campaign:
         self._mailer: Mailer | None = None
         self._abort_timer: Any = None
         self._loop: DeliveryLoop | None = None
+        self._unreadable: BaseException | None = None  # why the rows could not be read on
 
     async def run(self) -> int:
         """Send the campaign; the exit status (0, 1, 2 or 3 as documented by the CLI)."""
@@ -214,6 +215,9 @@ class Campaign:
         if stopped_by is not None:
             self._say(f"error: {stopped_by}")
         code = await self._finish(journal)
+        if self._unreadable is not None:
+            self._say(f"error: {self._unreadable}")
+            return EXIT_USAGE
         if isinstance(stopped_by, PermanentError):
             return EXIT_USAGE  # refused login or TLS: fix the configuration, run again
         if stopped_by is not None:
@@ -269,8 +273,9 @@ class Campaign:
             self._say(note)
 
     def _feed_failed(self, failure: Failure) -> None:
-        if self._loop is not None:
-            self._loop.fail(failure)
+        """The CSV could not be read on (or the journal failed): the rows read before are
+        sent, and the run exits 2 naming the problem."""
+        self._unreadable = failure.value
 
     # ------------------------------------------------------------------ the loop's door
 
