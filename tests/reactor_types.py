@@ -40,7 +40,7 @@ def global_reactor() -> None:
     FileBackend(file_path="out", reactor=r)
     SpoolBackend("spool.db", reactor=r)
     SqliteQueue.open("spool.db", reactor=r)
-    Journal.open("j.db", csv_fingerprint="c", template_fingerprint="t", reactor=r)
+    Journal.open("j.db", template_fingerprint="t", reactor=r)
     install_signal_handlers(r, lambda: None)
     install_signal_handlers(default_reactor(), lambda: None)
 
@@ -52,7 +52,7 @@ def memory_reactor(r: MemoryReactorClock) -> None:
     FileBackend(file_path="out", reactor=r)
     SpoolBackend("spool.db", reactor=r)
     SqliteQueue.open("spool.db", reactor=r)
-    Journal.open("j.db", csv_fingerprint="c", template_fingerprint="t", reactor=r)
+    Journal.open("j.db", template_fingerprint="t", reactor=r)
 
 
 def clocks(queue: IQueue, mailer: Mailer, clock: task.Clock, memory: MemoryReactorClock) -> None:

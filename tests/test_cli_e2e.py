@@ -143,17 +143,17 @@ def test_campaign_mixed_outcomes_report_exit_status_and_exact_bytes(
     assert "bounce@example.org" in status.stdout
 
 
-def test_changed_csv_is_refused_unless_new_campaign(cue_server: Cue, tmp_path: Path) -> None:
+def test_changed_template_is_refused_unless_new_campaign(cue_server: Cue, tmp_path: Path) -> None:
     server = cue_server()
     rows = [{"email": "ann@example.org", "name": "Ann", "code": "1"}]
     csv_path, template_path = write_campaign(tmp_path, rows)
     url = f"smtp://127.0.0.1:{server.port}"
     assert twistmail("send", csv_path, template_path, "--smtp", url).returncode == 0
     rows.append({"email": "bob@example.org", "name": "Bob", "code": "2"})
-    write_campaign(tmp_path, rows)
+    write_campaign(tmp_path, rows, TEMPLATE.replace("Hello", "Hi"))
     refused = twistmail("send", csv_path, template_path, "--smtp", url)
     assert refused.returncode == 2
-    assert "CSV changed" in refused.stdout
+    assert "template changed" in refused.stdout
     assert "--new-campaign" in refused.stdout
     assert len(server.received) == 1
     fresh = twistmail("send", csv_path, template_path, "--smtp", url, "--new-campaign")

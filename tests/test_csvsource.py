@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import tracemalloc
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twistmail.errors import TwistmailError
-from twistmail.merge.csvsource import CsvError, Row, fingerprint, open_csv, scan
+from twistmail.merge.csvsource import CsvError, Row, count_lines, open_csv
 
 
 def write(tmp_path: Path, data: bytes, name: str = "recipients.csv") -> Path:
@@ -215,14 +214,6 @@ def test_changed_header_between_open_and_read(tmp_path: Path) -> None:
         list(source)
 
 
-def test_fingerprint_is_sha256_and_detects_change(tmp_path: Path) -> None:
-    data = b"email\n" + b"a@example.com\n" * 200_000  # several hash chunks
-    path = write(tmp_path, data)
-    assert fingerprint(path) == hashlib.sha256(data).hexdigest()
-    path.write_bytes(data + b"b@example.com\n")
-    assert fingerprint(path) != hashlib.sha256(data).hexdigest()
-
-
 def test_streaming_does_not_load_the_file(tmp_path: Path) -> None:
     row = b"someone@example.com,Some Name,some more text to make the row longer\n"
     path = write(tmp_path, b"email,name,note\n" + row * 100_000)  # ~6.5 MB
@@ -264,9 +255,7 @@ def test_round_trip_of_written_csv(
     assert got == expected
 
 
-def test_scan_gives_fingerprint_and_line_breaks_in_one_pass(tmp_path: Path) -> None:
+def test_count_lines_counts_line_breaks_across_read_chunks(tmp_path: Path) -> None:
     path = tmp_path / "r.csv"
-    data = b"email\na@x.org\nb@x.org\n"
-    path.write_bytes(data)
-    assert scan(path) == (hashlib.sha256(data).hexdigest(), 3)
-    assert fingerprint(path) == scan(path)[0]
+    path.write_bytes(b"email\n" + b"a@example.com\n" * 200_000)  # several read chunks
+    assert count_lines(path) == 200_001

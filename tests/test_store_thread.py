@@ -28,10 +28,10 @@ _FORGETFUL = {
 
         async def main(reactor):
             store = await Journal.open(
-                sys.argv[1], csv_fingerprint="c", template_fingerprint="t", reactor=reactor
+                sys.argv[1], template_fingerprint="t", reactor=reactor
             )
             for row in range(1, 51):
-                store.record(row, email=f"r{row}@x.org", state="sent")
+                store.record(row, row=row, email=f"r{row}@x.org", state="sent")
         """,
     "queue": r"""
         from twistmail.message import envelope_from_bytes

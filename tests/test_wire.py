@@ -43,13 +43,13 @@ def both(
     direct = render_direct(
         template,
         values,
-        row=7,
+        row_key=7,
         message_id_for=message_id_for,
         envelope_from=envelope_from,
         date=DATE,
     )
     random.seed(seed)
-    full = render_full(template, row, message_id_for, envelope_from, DATE)
+    full = render_full(template, row, message_id_for, envelope_from, DATE, 7)
     if direct is None:
         return None, full
     envelope, email, message_id = direct
@@ -188,10 +188,15 @@ def test_attachments_go_direct_with_the_email_package_bytes(
     for _ in range(2):  # the second row reuses the encoded part
         random.seed(3)
         direct = render_direct(
-            template, values, row=7, message_id_for=message_id_for, envelope_from=None, date=DATE
+            template,
+            values,
+            row_key=7,
+            message_id_for=message_id_for,
+            envelope_from=None,
+            date=DATE,
         )
         random.seed(3)
-        full = render_full(template, Row(7, values), message_id_for, None, DATE)
+        full = render_full(template, Row(7, values), message_id_for, None, DATE, 7)
         assert direct is not None
         assert_same(Prepared(7, direct[1], direct[0], direct[2]), full)
 
@@ -240,7 +245,7 @@ def test_an_8bit_multipart_goes_direct_and_can_still_be_sent_as_7bit(tmp_path: P
     template = MessageTemplate(source, base_dir=tmp_path)
     values = {"e": "b@example.org", "name": "Jörg"}
     direct = render_direct(
-        template, values, row=7, message_id_for=message_id_for, envelope_from=None, date=DATE
+        template, values, row_key=7, message_id_for=message_id_for, envelope_from=None, date=DATE
     )
     assert direct is not None
     envelope = direct[0]
@@ -294,13 +299,13 @@ def test_row_errors_are_the_same_as_the_full_path() -> None:
         render_direct(
             template,
             values,
-            row=3,
+            row_key=3,
             message_id_for=message_id_for,
             envelope_from=None,
             date=DATE,
         )
     with pytest.raises(RowError) as full_error:
-        render_full(template, Row(3, values), message_id_for, None, DATE)
+        render_full(template, Row(3, values), message_id_for, None, DATE, 3)
     assert str(direct_error.value) == str(full_error.value)
     assert direct_error.value.field == "To"
 
@@ -345,7 +350,7 @@ def test_whenever_the_direct_path_answers_any_shape_matches_the_full_path(
     values = {"name": name, "subject": subject, "text": text, "code": code}
     template = MessageTemplate(source, base_dir=_ATTACHMENT_DIR)
     full_error = _error_of(
-        lambda: render_full(template, Row(7, values), message_id_for, None, DATE)
+        lambda: render_full(template, Row(7, values), message_id_for, None, DATE, 7)
     )
     if full_error is not None:
         answer: list[object] = []
@@ -354,7 +359,7 @@ def test_whenever_the_direct_path_answers_any_shape_matches_the_full_path(
                 render_direct(
                     template,
                     values,
-                    row=7,
+                    row_key=7,
                     message_id_for=message_id_for,
                     envelope_from=None,
                     date=DATE,
@@ -368,10 +373,10 @@ def test_whenever_the_direct_path_answers_any_shape_matches_the_full_path(
         return
     random.seed(seed)
     direct = render_direct(
-        template, values, row=7, message_id_for=message_id_for, envelope_from=None, date=DATE
+        template, values, row_key=7, message_id_for=message_id_for, envelope_from=None, date=DATE
     )
     random.seed(seed)
-    full = render_full(template, Row(7, values), message_id_for, None, DATE)
+    full = render_full(template, Row(7, values), message_id_for, None, DATE, 7)
     if direct is not None:
         assert_same(Prepared(7, direct[1], direct[0], direct[2]), full)
     else:
@@ -395,7 +400,7 @@ def test_whenever_the_direct_path_answers_it_matches_the_full_path(
     values = {"name": name, "email": f"{local}@example.org", "subject": subject, "text": text}
     template = MessageTemplate(source)
     full_error = _error_of(
-        lambda: render_full(template, Row(7, values), message_id_for, None, DATE)
+        lambda: render_full(template, Row(7, values), message_id_for, None, DATE, 7)
     )
     if full_error is not None:
         # A row the full path refuses is refused the same way (or handed back) by the direct one.
@@ -405,7 +410,7 @@ def test_whenever_the_direct_path_answers_it_matches_the_full_path(
                 render_direct(
                     template,
                     values,
-                    row=7,
+                    row_key=7,
                     message_id_for=message_id_for,
                     envelope_from=None,
                     date=DATE,

@@ -30,7 +30,9 @@ example:
 
 The password of a URL naming a user comes from TWISTMAIL_SMTP_PASSWORD or --password-file,
 never from the command line: a URL holding one is refused. Re-running the same command
-resumes from the journal.
+resumes from the journal, even with the CSV fixed, extended or re-sorted since: rows are kept
+by recipient (the mailbox in the address column the template's To reads), so only recipients
+not reached yet are sent; a recipient sent before whose row changed is reported, not resent.
 exit status: 0 all sent; 1 some failed or invalid; 2 usage/template error, or the server
 refused the login or the TLS check (no row attempted); 3 interrupted, or rows still to send
 (deferred, --limit reached, or the server could not be reached within --give-up-after).
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--new-campaign",
         action="store_true",
-        help="start the journal over when the CSV or template changed (sends every row again)",
+        help="start the journal over, e.g. after the template changed (sends every row again)",
     )
     send.add_argument(
         "--allow-duplicates",

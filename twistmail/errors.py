@@ -94,16 +94,18 @@ class JournalError(TwistmailError):
 
 
 class CampaignChangedError(JournalError):
-    """The journal belongs to a campaign whose CSV or template has since changed.
+    """The journal belongs to a campaign whose template has since changed (a changed CSV
+    resumes: rows are kept by recipient).
 
-    :ivar changed: what changed: a subset of ``("CSV", "template")``.
+    :ivar changed: what changed: ``("template",)``.
     """
 
     def __init__(self, path: str, changed: tuple[str, ...]) -> None:
         what = " and ".join(changed)
         super().__init__(
-            f"{path}: the {what} changed since this journal was started, so its rows may no "
-            f"longer match. Restore the original {what}, or pass --new-campaign to start over "
+            f"{path}: the {what} changed since this journal was started, so new messages would "
+            f"differ from those already sent. Restore the original {what}, or pass "
+            "--new-campaign to start over "
             "(discards this journal's progress and sends every row again)."
         )
         self.changed = changed

@@ -11,10 +11,13 @@ from __future__ import annotations
 import difflib
 import keyword
 import re
+from collections.abc import Iterable
+
+import jinja2.nodes
 
 from twistmail.errors import TemplateError
 
-__all__ = ["column_aliases", "column_identifier", "unknown_columns_error"]
+__all__ = ["column_aliases", "column_identifier", "columns_read", "unknown_columns_error"]
 
 _NOT_IDENTIFIER = re.compile(r"\W+")
 # Names Jinja2 reads as something else, never offered as a column's identifier form.
@@ -87,3 +90,41 @@ def unknown_columns_error(
         f"{template}: no CSV column for template variable{plural} {'; '.join(problems)}. "
         f"The columns are: {listed}"
     )
+
+
+def columns_read(
+    asts: Iterable[jinja2.nodes.Template], columns: tuple[str, ...]
+) -> tuple[str, ...] | None:
+    """The columns whose cells ``asts`` read, in order of first use (a column by its name, its
+    identifier form or ``row["Name"]``); None when they read the whole ``row`` mapping (a loop
+    over it, or a key that is not a constant)."""
+    by_name = {column: column for column in columns}
+    for alias, column in column_aliases(columns):
+        by_name.setdefault(alias, column)
+    row_is_column = "row" in by_name
+    found: dict[str, None] = {}
+    for ast in asts:
+        constant_lookups: set[int] = set()
+        for node in ast.find_all((jinja2.nodes.Getitem, jinja2.nodes.Name)):
+            if isinstance(node, jinja2.nodes.Getitem):
+                if (
+                    not row_is_column
+                    and isinstance(node.node, jinja2.nodes.Name)
+                    and node.node.name == "row"
+                    and isinstance(node.arg, jinja2.nodes.Const)
+                    and isinstance(node.arg.value, str)
+                ):
+                    constant_lookups.add(id(node.node))
+                    if node.arg.value in columns:
+                        found.setdefault(node.arg.value)
+                continue
+            if not isinstance(node, jinja2.nodes.Name) or node.ctx != "load":
+                continue
+            if node.name == "row" and not row_is_column:
+                if id(node) not in constant_lookups:
+                    return None
+                continue
+            named = by_name.get(node.name)
+            if named is not None:
+                found.setdefault(named)
+    return tuple(found)

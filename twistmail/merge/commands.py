@@ -138,8 +138,14 @@ def status(journal_path: str, limit: int, out: TextIO) -> int:
         print(f"error: {e}", file=out)
         return EXIT_USAGE
     print(f"journal {summary.path} (campaign {summary.campaign_id})", file=out)
-    for state in ("sent", "failed", "deferred", "invalid", "pending"):
+    for state in ("sent", "failed", "deferred", "invalid", "duplicate", "pending"):
         print(f"  {state:<9} {summary.counts.get(state, 0)}", file=out)
+    if summary.changed:
+        print(
+            f"changed since sent: {summary.changed} (rows whose cells changed after their "
+            "message went; not sent again)",
+            file=out,
+        )
     if summary.unsent:
         print("not sent:", file=out)
         for row in summary.unsent:

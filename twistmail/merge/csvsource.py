@@ -13,7 +13,6 @@ header, a cell so large it suggests an unclosed quote) raise :class:`CsvError`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 import sys
@@ -28,7 +27,7 @@ __all__ = [
     "CsvError",
     "CsvSource",
     "Row",
-    "fingerprint",
+    "count_lines",
     "open_csv",
 ]
 
@@ -44,7 +43,7 @@ _RECORD_HARD_LIMIT_FACTOR = 256
 _MIN_RECORD_HARD_LIMIT = 1024 * 1024
 # Splits a line holding bare CR line ends (old Mac spreadsheets) into lines; keeps the ends.
 _CR_LINES = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n|$)")
-_HASH_CHUNK = 1024 * 1024
+_READ_CHUNK = 1024 * 1024
 _QUOTED = re.compile(r'"[^"]*"?')
 
 
@@ -210,20 +209,13 @@ def open_csv(path: str | os.PathLike[str], *, cell_limit: int = DEFAULT_CELL_LIM
     return CsvSource(path, _header_columns(header, name), dialect, cell_limit)
 
 
-def fingerprint(path: str | os.PathLike[str]) -> str:
-    """The SHA-256 of the file's bytes, in hex: a changed file gives a different fingerprint."""
-    return scan(path)[0]
-
-
-def scan(path: str | os.PathLike[str]) -> tuple[str, int]:
-    """One pass over the file: its :func:`fingerprint` and its number of line breaks."""
-    digest = hashlib.sha256()
+def count_lines(path: str | os.PathLike[str]) -> int:
+    """The number of line breaks in the file (for a progress estimate)."""
     lines = 0
     with open(path, "rb") as raw:
-        while chunk := raw.read(_HASH_CHUNK):
-            digest.update(chunk)
+        while chunk := raw.read(_READ_CHUNK):
             lines += chunk.count(b"\n")
-    return digest.hexdigest(), lines
+    return lines
 
 
 # -- internals -------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""The durable journal of a ``twistmail send`` campaign: one SQLite row per CSV data row.
+"""The durable journal of a ``twistmail send`` campaign: one SQLite row per recipient.
 
 The journal records the outcome of every recipient message so an interrupted campaign resumes
 where it stopped and sends nobody twice (beyond the messages in flight at the moment of a crash).
+Rows are kept under the id of their key (:mod:`.identity`: the recipient's mailbox, or ``#N``
+for a row without one), not their position, so a CSV fixed, extended or sorted differently
+resumes too.
 
 Durability: the file is in WAL mode with ``synchronous=NORMAL``. A committed transaction has been
 written (``write()``) to the ``-wal`` file before :meth:`Journal.record`'s Deferred fires, so it
@@ -21,16 +24,14 @@ closes a journal left open.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import secrets
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, get_args
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
@@ -38,9 +39,20 @@ from twisted.python.threadpool import ThreadPool
 from .. import _sqlite
 from .._sqlite import SqliteThread
 from .._twisted import Reactor, default_reactor
-from ..address import mailbox_key
-from ..errors import CampaignChangedError, JournalError, MessageError
-from .keyset import KeySet
+from ..errors import CampaignChangedError, JournalError
+from .identity import message_token
+from .schema import (
+    ROW_STATES,
+    SCHEMA_VERSION,
+    UPSERT,
+    JournalRecord,
+    RowState,
+    create_tables,
+    migrate,
+    row_columns,
+)
+
+_T = TypeVar("_T")
 
 __all__ = [
     "CampaignChangedError",
@@ -49,52 +61,20 @@ __all__ = [
     "JournalRow",
     "RowState",
     "StatusSummary",
-    "is_set",
     "read_status",
 ]
-
-RowState = Literal["pending", "sent", "deferred", "failed", "invalid", "duplicate"]
-ROW_STATES: Final[tuple[str, ...]] = get_args(RowState)
-# Version 2 adds the "duplicate" state; a version-1 journal is migrated when opened.
-SCHEMA_VERSION: Final = "2"
-
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS rows (
-    row INTEGER PRIMARY KEY,
-    email TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in ROW_STATES)})),
-    code INTEGER,
-    response TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    message_id TEXT,
-    next_attempt_at REAL,
-    updated_at REAL NOT NULL
-);
-"""
-
-_UPSERT = """
-INSERT INTO rows (row, email, state, code, response, attempts, message_id, next_attempt_at,
-                  updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (row) DO UPDATE SET
-    email = excluded.email, state = excluded.state, code = excluded.code,
-    response = excluded.response, attempts = excluded.attempts,
-    message_id = excluded.message_id, next_attempt_at = excluded.next_attempt_at,
-    updated_at = excluded.updated_at
-"""
-
-_ROW_COLUMNS = (
-    "row, email, state, code, response, attempts, message_id, next_attempt_at, updated_at"
-)
-
-_Record = tuple[int, str, str, int | None, str, int, str | None, float | None, float]
 
 
 @dataclass(frozen=True, slots=True)
 class JournalRow:
-    """One journal row: the latest known fate of one CSV data row (``row`` is 1-based)."""
+    """One journal row: the latest known fate of one recipient.
 
+    ``id`` identifies the recipient (:func:`.identity.row_id`); ``row`` is the 1-based CSV data row
+    it was last seen at; ``changed`` is true for a row sent (or failed) whose cells have changed
+    since, which is reported and not sent again.
+    """
+
+    id: int
     row: int
     email: str
     state: RowState
@@ -104,37 +84,27 @@ class JournalRow:
     message_id: str | None
     next_attempt_at: float | None
     updated_at: float
+    fingerprint: int | None
+    changed: bool
 
 
 @dataclass(frozen=True, slots=True)
 class StatusSummary:
-    """What ``twistmail status`` shows: counts by state and the first rows not yet sent."""
+    """What ``twistmail status`` shows: counts by state, the rows changed since they were sent,
+    and the first rows not yet sent."""
 
     path: str
     campaign_id: str
-    csv_fingerprint: str
     template_fingerprint: str
     created_at: float
     counts: dict[str, int]
     unsent: list[JournalRow] = field(default_factory=list)
+    changed: int = 0
 
     @property
     def total(self) -> int:
         """Number of rows in the journal."""
         return sum(self.counts.values())
-
-
-def is_set(bitmap: bytes | bytearray, row: int) -> bool:
-    """Whether bit ``row`` is set in a bitmap from :meth:`Journal.settled_rows`."""
-    index = row >> 3
-    return index < len(bitmap) and bool(bitmap[index] & (1 << (row & 7)))
-
-
-def _set_bit(bitmap: bytearray, row: int) -> None:
-    index = row >> 3
-    if index >= len(bitmap):
-        bitmap.extend(bytes(index + 1 - len(bitmap)))
-    bitmap[index] |= 1 << (row & 7)
 
 
 # Functions that run on the writer thread (or, for read_status, in the caller's thread). -----
@@ -188,7 +158,7 @@ def _read_meta(conn: sqlite3.Connection, path: str) -> dict[str, str]:
     except sqlite3.DatabaseError as e:
         raise JournalError(f"{path}: not a twistmail journal ({e})") from e
     version = meta.get("schema_version")
-    if version not in ("1", SCHEMA_VERSION) or "campaign_id" not in meta:
+    if version not in ("1", "2", SCHEMA_VERSION) or "campaign_id" not in meta:
         if version is not None and version.isdigit() and int(version) > int(SCHEMA_VERSION):
             raise JournalError(
                 f"{path}: a journal of a newer twistmail (schema {version}); upgrade twistmail"
@@ -197,26 +167,11 @@ def _read_meta(conn: sqlite3.Connection, path: str) -> dict[str, str]:
     return meta
 
 
-def _migrate(conn: sqlite3.Connection, meta: dict[str, str]) -> None:
-    """Bring a version-1 journal to the current schema, inside the opening transaction."""
-    if meta.get("schema_version") != "1":
-        return
-    # Version 2 allows one more state; SQLite cannot change a CHECK, so the table is rebuilt.
-    conn.execute("ALTER TABLE rows RENAME TO rows_v1")
-    for statement in _SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-    conn.execute(f"INSERT INTO rows ({_ROW_COLUMNS}) SELECT {_ROW_COLUMNS} FROM rows_v1")  # noqa: S608
-    conn.execute("DROP TABLE rows_v1")
-    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
-
-
-def _start_campaign(conn: sqlite3.Connection, csv_fingerprint: str, template_fp: str) -> str:
+def _start_campaign(conn: sqlite3.Connection, template_fp: str) -> str:
     campaign_id = secrets.token_hex(12)
     meta = {
         "schema_version": SCHEMA_VERSION,
         "campaign_id": campaign_id,
-        "csv_sha256": csv_fingerprint,
         "template_sha256": template_fp,
         "created_at": repr(time.time()),
     }
@@ -227,34 +182,30 @@ def _start_campaign(conn: sqlite3.Connection, csv_fingerprint: str, template_fp:
 
 
 def _open_in_thread(
-    path: str, csv_fingerprint: str, template_fingerprint: str, new_campaign: bool
+    path: str, template_fingerprint: str, new_campaign: bool
 ) -> tuple[sqlite3.Connection, str, int | None]:
     conn = _connect(path)
     lock_fd: int | None = None
     try:
         lock_fd = _lock(path)
         with _sqlite.transaction(conn):
-            # Not executescript(): it would COMMIT our BEGIN IMMEDIATE.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            has_meta = conn.execute("SELECT count(*) FROM meta").fetchone()[0] > 0
+            has_meta = (
+                conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                ).fetchone()[0]
+                and conn.execute("SELECT count(*) FROM meta").fetchone()[0] > 0
+            )
             if has_meta:
                 meta = _read_meta(conn, path)
-                _migrate(conn, meta)
-            if not has_meta or new_campaign:
-                campaign_id = _start_campaign(conn, csv_fingerprint, template_fingerprint)
+                migrate(conn, meta["schema_version"])
             else:
-                changed = tuple(
-                    name
-                    for name, key, expected in (
-                        ("CSV", "csv_sha256", csv_fingerprint),
-                        ("template", "template_sha256", template_fingerprint),
-                    )
-                    if meta.get(key) != expected
-                )
-                if changed:
-                    raise CampaignChangedError(path, changed)
+                create_tables(conn)
+            if not has_meta or new_campaign:
+                campaign_id = _start_campaign(conn, template_fingerprint)
+            else:
+                # The CSV may change (rows are kept by recipient); the template may not.
+                if meta.get("template_sha256") != template_fingerprint:
+                    raise CampaignChangedError(path, ("template",))
                 campaign_id = meta["campaign_id"]
     except BaseException:
         _close(conn, lock_fd)
@@ -268,48 +219,9 @@ def _execute_many(conn: sqlite3.Connection, sql: str, rows: list[Any]) -> None:
         conn.executemany(sql, rows)
 
 
-def _write_batch(conn: sqlite3.Connection, batch: list[_Record]) -> list[None]:
-    _execute_many(conn, _UPSERT, batch)
+def _write_batch(conn: sqlite3.Connection, batch: list[JournalRecord]) -> list[None]:
+    _execute_many(conn, UPSERT, batch)
     return [None] * len(batch)
-
-
-_INSERT_PENDING = (
-    "INSERT INTO rows (row, email, state, updated_at) VALUES (?, ?, 'pending', ?) "
-    "ON CONFLICT (row) DO NOTHING"
-)
-
-
-def _insert_pending(
-    conn: sqlite3.Connection, rows: Iterator[tuple[int, str]], chunk: int
-) -> tuple[int, bool]:
-    """Insert up to ``chunk`` rows from ``rows`` as pending (existing rows are kept)."""
-    now = time.time()
-    batch = [(row, email, now) for row, email in itertools.islice(rows, chunk)]
-    if batch:
-        _execute_many(conn, _INSERT_PENDING, batch)
-    return len(batch), len(batch) < chunk
-
-
-def _settled_rows(conn: sqlite3.Connection, retry_failed: bool) -> bytearray:
-    states = ["sent", "invalid", "duplicate"]
-    if not retry_failed:
-        states.append("failed")
-    (top,) = conn.execute("SELECT coalesce(max(row), 0) FROM rows").fetchone()
-    bitmap = bytearray((int(top) >> 3) + 1)
-    placeholders = ", ".join("?" * len(states))
-    for (row,) in conn.execute(f"SELECT row FROM rows WHERE state IN ({placeholders})", states):  # noqa: S608
-        _set_bit(bitmap, row)
-    return bitmap
-
-
-def _taken_keys(conn: sqlite3.Connection, retry_failed: bool) -> KeySet:
-    """The recipients of the rows a run skips as settled: sent, and failed unless retried."""
-    keys = KeySet()
-    states = "('sent')" if retry_failed else "('sent', 'failed')"
-    for (email,) in conn.execute(f"SELECT email FROM rows WHERE state IN {states}"):  # noqa: S608
-        with contextlib.suppress(MessageError):
-            keys.add(mailbox_key(email))
-    return keys
 
 
 def _counts(conn: sqlite3.Connection) -> dict[str, int]:
@@ -318,27 +230,29 @@ def _counts(conn: sqlite3.Connection) -> dict[str, int]:
     return counts
 
 
-def _unsent_rows(conn: sqlite3.Connection, limit: int) -> list[JournalRow]:
+def _unsent_rows(
+    conn: sqlite3.Connection, limit: int, version: str = SCHEMA_VERSION
+) -> list[JournalRow]:
     cursor = conn.execute(
-        f"SELECT {_ROW_COLUMNS} FROM rows WHERE state != 'sent' ORDER BY row LIMIT ?",  # noqa: S608
+        f"SELECT {row_columns(version)} FROM rows WHERE state != 'sent' "  # noqa: S608
+        "ORDER BY row LIMIT ?",
         (limit,),
     )
     return [JournalRow(*values) for values in cursor]
 
 
-def _deferred_rows(conn: sqlite3.Connection) -> list[tuple[int, float]]:
-    cursor = conn.execute(
-        "SELECT row, coalesce(next_attempt_at, 0) FROM rows WHERE state = 'deferred' "
-        "ORDER BY coalesce(next_attempt_at, 0), row"
-    )
-    return [(int(row), float(at)) for row, at in cursor]
+def _changed_count(conn: sqlite3.Connection, version: str) -> int:
+    if version != SCHEMA_VERSION:
+        return 0  # not known before version 3
+    return int(conn.execute("SELECT count(*) FROM rows WHERE changed").fetchone()[0])
 
 
 def read_status(path: str | os.PathLike[str], *, limit: int = 20) -> StatusSummary:
     """Summarize a journal synchronously (for ``twistmail status JOURNAL``, outside a reactor).
 
     Safe while a campaign is writing to the journal (WAL readers do not block the writer).
-    ``unsent`` holds at most ``limit`` rows whose state is not ``sent``, in row order.
+    ``unsent`` holds at most ``limit`` rows whose state is not ``sent``, in row order. A
+    journal of an earlier version is read as it is (a campaign run migrates it).
 
     :raises JournalError: if ``path`` does not exist or is not a twistmail journal.
     """
@@ -353,11 +267,11 @@ def read_status(path: str | os.PathLike[str], *, limit: int = 20) -> StatusSumma
         summary = StatusSummary(
             path=name,
             campaign_id=meta["campaign_id"],
-            csv_fingerprint=meta.get("csv_sha256", ""),
             template_fingerprint=meta.get("template_sha256", ""),
             created_at=float(meta.get("created_at", "0")),
             counts=_counts(conn),
-            unsent=_unsent_rows(conn, limit),
+            unsent=_unsent_rows(conn, limit, meta["schema_version"]),
+            changed=_changed_count(conn, meta["schema_version"]),
         )
         conn.execute("COMMIT")
         return summary
@@ -377,7 +291,7 @@ class Journal:
     :ivar campaign_id: random token made once per journal (and again on ``new_campaign``).
     """
 
-    def __init__(self, db: SqliteThread[_Record], campaign_id: str) -> None:
+    def __init__(self, db: SqliteThread[JournalRecord], campaign_id: str) -> None:
         """Use :meth:`Journal.open`; this only wires an opened store thread."""
         self.path = db.path
         self.campaign_id = campaign_id
@@ -389,18 +303,19 @@ class Journal:
         cls,
         path: str | os.PathLike[str],
         *,
-        csv_fingerprint: str,
         template_fingerprint: str,
         new_campaign: bool = False,
         reactor: Reactor | None = None,
     ) -> defer.Deferred[Journal]:
         """Open the journal at ``path``, creating it if absent.
 
-        An existing journal must carry the same CSV and template fingerprints (sha256 strings),
-        else the Deferred fails with :class:`CampaignChangedError`. With ``new_campaign`` an
-        existing journal starts over: its rows are discarded and a new campaign id is made, so
-        every row is sent again under new Message-IDs. Only one open Journal may use a file at a
-        time (an exclusive ``flock``); a second one fails with :class:`JournalError`.
+        An existing journal must carry the same template fingerprint (a sha256 string), else
+        the Deferred fails with :class:`CampaignChangedError`; the CSV may change, as rows are
+        kept by recipient. A journal of an earlier schema is migrated in place. With
+        ``new_campaign`` an existing journal starts over: its rows are discarded and a new
+        campaign id is made, so every row is sent again under new Message-IDs. Only one open
+        Journal may use a file at a time (an exclusive ``flock``); a second one fails with
+        :class:`JournalError`.
         """
         reactor = reactor if reactor is not None else default_reactor()
         name = os.fspath(path)
@@ -409,7 +324,6 @@ class Journal:
             f"twistmail-journal {name}",
             _open_in_thread,
             name,
-            csv_fingerprint,
             template_fingerprint,
             new_campaign,
         )
@@ -418,7 +332,7 @@ class Journal:
             result: tuple[ThreadPool, tuple[sqlite3.Connection, str, int | None]],
         ) -> Journal:
             pool, (conn, campaign_id, lock_fd) = result
-            db: SqliteThread[_Record] = SqliteThread(
+            db: SqliteThread[JournalRecord] = SqliteThread(
                 name,
                 conn,
                 pool,
@@ -431,16 +345,18 @@ class Journal:
 
         return d.addCallback(opened)
 
-    def message_id(self, row: int, domain: str) -> str:
-        """The Message-ID of ``row``'s message: stable across runs and retries of this journal."""
-        return f"<{self.campaign_id}.{row}@{domain}>"
+    def message_id(self, row_id: int, domain: str) -> str:
+        """The Message-ID of the message for the row with id ``row_id`` (see
+        :func:`.identity.row_id`): stable across runs, retries and row orders of the campaign."""
+        return f"<{self.campaign_id}.{message_token(row_id)}@{domain}>"
 
     # Writes ---------------------------------------------------------------------------------
 
     def record(
         self,
-        row: int,
+        row_id: int,
         *,
+        row: int,
         email: str,
         state: RowState,
         code: int | None = None,
@@ -448,11 +364,13 @@ class Journal:
         attempts: int = 0,
         message_id: str | None = None,
         next_attempt_at: float | None = None,
+        fingerprint: int | None = None,
     ) -> defer.Deferred[None]:
-        """Record ``row``'s latest state; the Deferred fires once that is committed to disk.
+        """Record the latest state of the recipient with id ``row_id``, last seen at CSV row
+        ``row`` with cells whose hash is ``fingerprint``; the Deferred fires once committed.
 
         Records made while a commit is running are committed together in the next transaction.
-        A later record of the same row replaces the earlier one.
+        A later record of the same id replaces the earlier one.
 
         :raises ValueError: for an unknown ``state`` (before anything is queued).
         :raises JournalError: once :meth:`close` has been called.
@@ -462,7 +380,19 @@ class Journal:
         if self._db.closing:
             raise JournalError(f"{self.path}: record() after close()")
         return self._submit(
-            (row, email, state, code, response, attempts, message_id, next_attempt_at, time.time())
+            (
+                row_id,
+                row,
+                email,
+                state,
+                code,
+                response,
+                attempts,
+                message_id,
+                next_attempt_at,
+                time.time(),
+                fingerprint,
+            )
         )
 
     @property
@@ -472,49 +402,19 @@ class Journal:
 
     # Reads (they see every commit made before they were asked for) --------------------------
 
-    def register_pending(
-        self, rows: Iterable[tuple[int, str]], *, chunk: int = 10_000
-    ) -> defer.Deferred[int]:
-        """Record every ``(row, email)`` not yet in the journal as ``pending``.
-
-        ``rows`` is consumed on the journal's thread (it may read a file), ``chunk`` rows per
-        transaction, so records made meanwhile are committed between chunks. Fires with the
-        number of rows read. Stops early, between chunks, once :meth:`close` is called.
-        """
-        iterator = iter(rows)
-
-        async def run() -> int:
-            total = 0
-            while not self._db.closing:
-                count, finished = await self._db.run(_insert_pending, iterator, chunk)
-                total += count
-                if finished:
-                    break
-            return total
-
-        return defer.ensureDeferred(run())
-
-    def settled_rows(self, retry_failed: bool = False) -> defer.Deferred[bytearray]:
-        """A bitmap of rows not to send again; test a row with :func:`is_set`.
-
-        Bit ``row`` is set for rows that are ``sent`` or ``invalid``, and ``failed`` unless
-        ``retry_failed``. One bit per row: a million-row campaign resumes with ~125 KB.
-        """
-        return self._db.read(_settled_rows, retry_failed)
-
-    def deferred_rows(self) -> defer.Deferred[list[tuple[int, float]]]:
-        """``(row, next_attempt_at)`` of every deferred row, soonest first (unknown time = 0)."""
-        return self._db.read(_deferred_rows)
-
-    def taken_keys(self, retry_failed: bool = False) -> defer.Deferred[KeySet]:
-        """The recipients (:func:`~twistmail.address.mailbox_key`) of the rows a run skips as
-        settled (see :meth:`settled_rows`): a row rendered later for one of them is a
-        duplicate."""
-        return self._db.read(_taken_keys, retry_failed)
+    def run(self, function: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        """Run ``function(connection, *args)`` on the journal's thread, in turn with its
+        commits; for the journal's own multi-step work (see :mod:`.resume`)."""
+        return self._db.run(function, *args)
 
     def counts(self) -> defer.Deferred[dict[str, int]]:
         """Number of rows in each state (every state present, zero if none)."""
         return self._db.read(_counts)
+
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._db.closing
 
     def unsent_rows(self, limit: int = 20) -> defer.Deferred[list[JournalRow]]:
         """At most ``limit`` rows whose state is not ``sent``, in row order."""

@@ -8,13 +8,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from twistmail.address import mailbox_key, parse_address_list, parse_sender
+from twistmail.address import parse_address_list, parse_sender
 from twistmail.errors import MessageError
 from twistmail.message import Envelope, envelope_from_message
 
 from .csvsource import CsvSource, Row, open_csv
+from .identity import RowIdentity, message_token, row_id
 from .template import MessageTemplate, RowError
-from .wire import render_direct
+from .wire import MessageIdFor, render_direct
 
 __all__ = [
     "Duplicates",
@@ -25,31 +26,32 @@ __all__ = [
     "prepare_row",
     "preview_message_id",
     "problems",
-    "recipient_key",
     "render_full",
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """One row ready to send."""
+    """One row ready to send; ``key`` (its id) and ``fingerprint`` as :mod:`.identity` makes
+    them."""
 
     row: int
     email: str
     envelope: Envelope
     message_id: str
+    key: int = 0
+    fingerprint: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """Why one row cannot be sent."""
+    """Why one row cannot be sent; ``key`` and ``fingerprint`` as for :class:`Prepared`."""
 
     row: int
     email: str
     reason: str
-
-
-MessageIdFor = Callable[[int, str], str]
+    key: int = 0
+    fingerprint: int | None = None
 
 
 def load_inputs(
@@ -70,27 +72,33 @@ def prepare_row(
     row: Row,
     message_id_for: MessageIdFor,
     envelope_from: str | None = None,
+    key: int | None = None,
+    fingerprint: int | None = None,
 ) -> Prepared | Problem:
-    """Render ``row`` into an envelope, or say why it cannot be sent (naming the field)."""
-    guess = guess_email(row)
+    """Render ``row`` into an envelope, or say why it cannot be sent (naming the field).
+
+    ``key`` (default: the row number) is what ``message_id_for`` makes the Message-ID from.
+    """
+    if key is None:
+        key = row.number
     if row.error is not None:
-        return Problem(row.number, guess, row.error)
+        return Problem(row.number, guess_email(row), row.error, key, fingerprint)
     date = _this_second()
     try:
         direct = render_direct(
             template,
             row.values,
-            row=row.number,
+            row_key=key,
             message_id_for=message_id_for,
             envelope_from=envelope_from,
             date=date,
         )
         if direct is not None:
             envelope, email, message_id = direct
-            return Prepared(row.number, email, envelope, message_id)
-        return render_full(template, row, message_id_for, envelope_from, date)
+            return Prepared(row.number, email, envelope, message_id, key, fingerprint)
+        return render_full(template, row, message_id_for, envelope_from, date, key, fingerprint)
     except (RowError, MessageError) as e:
-        return Problem(row.number, guess, f"row {row.number}: {e}")
+        return Problem(row.number, guess_email(row), f"row {row.number}: {e}", key, fingerprint)
 
 
 _second: list[tuple[int, datetime]] = [(0, datetime.fromtimestamp(0, UTC))]
@@ -112,21 +120,21 @@ def render_full(
     message_id_for: MessageIdFor,
     envelope_from: str | None,
     date: datetime,
+    key: int,
+    fingerprint: int | None = None,
 ) -> Prepared:
     """``row`` rendered through the email package (any message the template can describe).
 
     Raises :class:`RowError` or :class:`MessageError` when the row cannot be sent.
     """
-    rendered = template.render(
-        row.values, message_id=message_id_for(row.number, "invalid"), date=date
-    )
+    rendered = template.render(row.values, message_id=message_id_for(key, "invalid"), date=date)
     msg = rendered.message
     domain = _from_domain(msg.get("From", ""))
-    message_id = message_id_for(row.number, domain)
+    message_id = message_id_for(key, domain)
     msg.replace_header("Message-ID", message_id)
     sender = parse_sender(envelope_from, field="--from") if envelope_from else None
     envelope = envelope_from_message(msg, sender=sender)
-    return Prepared(row.number, rendered.email, envelope, message_id)
+    return Prepared(row.number, rendered.email, envelope, message_id, key, fingerprint)
 
 
 def problems(
@@ -138,9 +146,11 @@ def problems(
     each: Callable[[Prepared], None] | None = None,
 ) -> Iterator[Problem]:
     """Every problem in the campaign, row by row; ``first`` sees the first good message and
-    ``each`` every good one."""
+    ``each`` every good one (with its :mod:`.identity` key)."""
+    identity = RowIdentity.of(template, source.columns)
     for row in source:
-        result = prepare_row(template, row, preview_message_id, envelope_from)
+        key = row_id(identity.key(row)[0])
+        result = prepare_row(template, row, preview_message_id, envelope_from, key)
         if isinstance(result, Problem):
             yield result
             continue
@@ -151,29 +161,23 @@ def problems(
             each(result)
 
 
-def recipient_key(prepared: Prepared) -> str:
-    """The mailbox a row is sent to, in one spelling (:func:`twistmail.address.mailbox_key` of
-    its report address): two rows with the same key reach the same person."""
-    # The envelope's recipients are To, Cc, Bcc in order: the first is the report address,
-    # already parsed.
-    return mailbox_key(prepared.envelope.recipients[0])
-
-
 class Duplicates:
-    """Finds rows whose recipient (see :func:`recipient_key`) an earlier row already has."""
+    """Finds rows whose recipient (their :mod:`.identity` key, as ``send`` compares them) an
+    earlier row already has."""
 
     def __init__(self) -> None:
-        self._first: dict[str, int] = {}
+        self._first: dict[int, int] = {}
 
     def earlier_row(self, prepared: Prepared) -> int | None:
-        """The first row with the same recipient as ``prepared``, or None if it is the first."""
-        first = self._first.setdefault(recipient_key(prepared), prepared.row)
+        """The first row with the same recipient as ``prepared``, or None if it is the first
+        (a row without a usable address is keyed by its number: it has no earlier row)."""
+        first = self._first.setdefault(prepared.key, prepared.row)
         return None if first == prepared.row else first
 
 
-def preview_message_id(row: int, domain: str) -> str:
+def preview_message_id(key: int, domain: str) -> str:
     """The Message-ID of a message rendered only to be shown or checked."""
-    return f"<preview.{row}@{domain}>"
+    return f"<preview.{message_token(key)}@{domain}>"
 
 
 def _from_domain(value: str) -> str:

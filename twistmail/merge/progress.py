@@ -127,6 +127,9 @@ class Progress:
                 str(journal_counts.get(state, 0)),
             )
         table.add_row("skipped (already settled)", str(run.skipped), "")
+        changed = getattr(run, "changed", 0)
+        if changed:
+            table.add_row("  of which changed since (not resent)", str(changed), "")
         console = Console(file=out, width=max(80, Console(file=out).width))
         console.print(table)
         console.print(f"report: {report_path} ({lines} rows)")

@@ -10,15 +10,25 @@ from .journal import JournalError
 
 __all__ = ["REPORT_HEADER", "write_report"]
 
-REPORT_HEADER = ("row", "email", "status", "code", "response", "attempts", "message_id")
+REPORT_HEADER = (
+    "row",
+    "email",
+    "status",
+    "code",
+    "response",
+    "attempts",
+    "message_id",
+    "changed",
+)
 
 
 def write_report(journal_path: str | os.PathLike[str], report_path: str | os.PathLike[str]) -> int:
     """Write one CSV line per journal row, ordered by row; return how many rows were written.
 
-    Columns are :data:`REPORT_HEADER`; ``status`` is the journal state and empty cells stand for
-    no value. Fields are quoted by the csv module, so responses holding commas, quotes or line
-    breaks stay in their cell. Rows stream from a cursor, so memory does not grow with the
+    Columns are :data:`REPORT_HEADER`; ``status`` is the journal state, ``changed`` is ``yes``
+    for a row sent (or failed) whose cells changed since, and empty cells stand for no value.
+    Fields are quoted by the csv module, so responses holding commas, quotes or line breaks
+    stay in their cell. Rows stream from a cursor, so memory does not grow with the
     campaign. The report is written to a temporary file beside ``report_path`` and renamed over
     it, so a reader never sees half a report.
 
@@ -38,8 +48,8 @@ def write_report(journal_path: str | os.PathLike[str], report_path: str | os.Pat
         conn.execute("PRAGMA busy_timeout = 5000")
         try:
             cursor = conn.execute(
-                "SELECT row, email, state, code, response, attempts, message_id "
-                "FROM rows ORDER BY row"
+                "SELECT row, email, state, code, response, attempts, message_id, "
+                "CASE WHEN changed THEN 'yes' ELSE '' END FROM rows ORDER BY row, id"
             )
         except sqlite3.DatabaseError as e:
             raise JournalError(f"{journal_name}: not a twistmail journal ({e})") from e

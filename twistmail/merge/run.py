@@ -1,8 +1,10 @@
 """The campaign loop of ``twistmail send``: CSV rows in, journaled outcomes out.
 
-Each CSV row becomes one message. Rows already settled in the journal (sent, invalid, and
-failed unless ``retry_failed``) are skipped, so re-running the same command resumes. A kill at
-any moment can only duplicate at most ``concurrency`` messages.
+Each CSV row becomes one message. The journal keeps each row under its recipient
+(:mod:`.identity`), and rows whose recipient is already settled there (sent, and failed unless
+``retry_failed``) are skipped (:mod:`.resume`), so re-running the same command resumes, even
+with a CSV fixed, extended or sorted differently since. A kill at any moment can only duplicate
+at most ``concurrency`` messages.
 
 The campaign is a door of the one delivery loop (:mod:`twistmail.engine`), which keeps that
 bound: a message's data goes out only while fewer than ``concurrency`` delivered messages wait
@@ -17,6 +19,7 @@ pending and stops the run (exit 3) once ``--server-patience`` seconds of backoff
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,12 +37,13 @@ from twistmail.mailer import Mailer
 from twistmail.options import DeliveryOptions
 from twistmail.retry import Plan, RetryPolicy
 
-from .csvsource import CsvSource, scan
-from .journal import Journal, RowState, is_set
-from .keyset import KeySet
-from .prepare import Prepared, Problem, guess_email, load_inputs, prepare_row, recipient_key
+from .csvsource import CsvSource, count_lines
+from .identity import RowIdentity
+from .journal import Journal, RowState
+from .prepare import Prepared, Problem, load_inputs, prepare_row
 from .progress import Progress
 from .report import write_report
+from .resume import RowFeed, Sorted, Sorter
 from .template import MessageTemplate
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "Campaign", "SendOptions"]
@@ -95,6 +99,8 @@ class Counts:
     invalid: int = 0
     duplicate: int = 0
     skipped: int = 0
+    changed: int = 0
+    """Rows skipped as settled whose cells changed since (reported, not sent again)."""
     started: int = 0
     waiting: str | None = None
     """Why the run is waiting for the server, while it is (for the progress line)."""
@@ -119,14 +125,15 @@ class Campaign:
         self.stopping = False
         self.interrupted = False
         self._parked = Parked(self.clock, max(1000, 50 * options.concurrency))
-        self._rows: Iterator[Prepared | Problem] | None = None
+        self._rows: Iterator[Prepared | Problem | None] | None = None
+        self._feed: RowFeed | None = None
         self._exhausted = False
         self._limit_reached = False
         self._journal: Journal | None = None
         self._mailer: Mailer | None = None
         self._abort_timer: Any = None
         self._loop: DeliveryLoop | None = None
-        self._seen: KeySet | None = None  # recipients already reached (None: duplicates allowed)
+        self._unreadable: BaseException | None = None  # why the rows could not be read on
 
     async def run(self) -> int:
         """Send the campaign; the exit status (0, 1, 2 or 3 as documented by the CLI)."""
@@ -137,13 +144,12 @@ class Campaign:
             self._say(f"error: {e}")
             return EXIT_USAGE
         journal_path = opts.journal_path or default_journal_path(opts.csv_path)
-        csv_fp, template_fp, lines = await threads.deferToThread(
-            _fingerprints, opts.csv_path, opts.template_path
+        template_fp, lines = await threads.deferToThread(
+            _template_fingerprint_and_lines, opts.csv_path, opts.template_path
         )
         try:
             journal = await Journal.open(
                 journal_path,
-                csv_fingerprint=csv_fp,
                 template_fingerprint=template_fp,
                 new_campaign=opts.new_campaign,
                 reactor=self.reactor,
@@ -163,18 +169,23 @@ class Campaign:
         self, journal: Journal, source: CsvSource, template: MessageTemplate, total: int
     ) -> int:
         opts = self.options
-        settled = await journal.settled_rows(opts.retry_failed)
-        if not opts.allow_duplicates:
-            self._seen = await journal.taken_keys(opts.retry_failed)
         try:
             self._mailer = opts.mailer(self.reactor)
         except (ValueError, OSError) as e:
             self._say(f"error: {e}")
             return EXIT_USAGE
-        self._rows = self._prepared_rows(source, template, journal, settled)
-        # Every row is in the journal from the start (as pending), so status and the report
-        # name the recipients not reached yet; runs on the journal's thread, in chunks.
-        registering = journal.register_pending((row.number, guess_email(row)) for row in source)
+        # Rows are sorted against the journal on its thread, a chunk ahead of the renderer;
+        # every row not settled is recorded pending, so status and the report name it.
+        sorter = Sorter(
+            iter(source),
+            RowIdentity.of(template, source.columns),
+            retry_failed=opts.retry_failed,
+            allow_duplicates=opts.allow_duplicates,
+        )
+        feed = self._feed = RowFeed(
+            journal, sorter, ready=self._rows_ready, sorted=self._sorted, failed=self._feed_failed
+        )
+        self._rows = self._prepared_rows(template, journal, feed)
         progress = Progress(opts.out, total=total, live=opts.progress, clock=self.reactor)
         progress.start(self.counts)
         restore = install_signal_handlers(self.reactor, self.interrupt)
@@ -192,7 +203,8 @@ class Campaign:
         )
         try:
             await loop.start()
-            await registering
+            # The rows not reached (--limit, an interrupt) are recorded pending all the same.
+            await feed.rest()
         finally:
             restore()
             if self._abort_timer is not None and self._abort_timer.active():
@@ -203,6 +215,9 @@ class Campaign:
         if stopped_by is not None:
             self._say(f"error: {stopped_by}")
         code = await self._finish(journal)
+        if self._unreadable is not None:
+            self._say(f"error: {self._unreadable}")
+            return EXIT_USAGE
         if isinstance(stopped_by, PermanentError):
             return EXIT_USAGE  # refused login or TLS: fix the configuration, run again
         if stopped_by is not None:
@@ -229,18 +244,38 @@ class Campaign:
     # ------------------------------------------------------------------ rows
 
     def _prepared_rows(
-        self,
-        source: CsvSource,
-        template: MessageTemplate,
-        journal: Journal,
-        settled: bytearray,
-    ) -> Iterator[Prepared | Problem]:
+        self, template: MessageTemplate, journal: Journal, feed: RowFeed
+    ) -> Iterator[Prepared | Problem | None]:
+        """Each row to send, rendered; None while the next rows are being sorted."""
         envelope_from = self.options.envelope_from
-        for row in source:
-            if is_set(settled, row.number):
-                self.counts.skipped += 1
+        message_id = journal.message_id
+        take = feed.take
+        while True:
+            chunk = take()
+            if chunk is None:
+                if not feed.waiting:
+                    return
+                yield None
                 continue
-            yield prepare_row(template, row, journal.message_id, envelope_from)
+            for row, key, fingerprint in chunk:
+                yield prepare_row(template, row, message_id, envelope_from, key, fingerprint)
+
+    def _rows_ready(self) -> None:
+        if self._loop is not None:
+            self._loop.pump()
+
+    def _sorted(self, result: Sorted) -> None:
+        counts = self.counts
+        counts.skipped += result.settled
+        counts.duplicate += result.duplicate
+        counts.changed += result.changed
+        for note in result.notes:
+            self._say(note)
+
+    def _feed_failed(self, failure: Failure) -> None:
+        """The CSV could not be read on (or the journal failed): the rows read before are
+        sent, and the run exits 2 naming the problem."""
+        self._unreadable = failure.value
 
     # ------------------------------------------------------------------ the loop's door
 
@@ -260,13 +295,11 @@ class Campaign:
             return None
         limit = self.options.limit
         for item in self._rows:
+            if item is None:
+                return None  # the feed pumps the loop once the next rows are sorted
             if isinstance(item, Problem):
                 self.counts.invalid += 1
                 self._record_problem(item)
-                continue
-            if self._seen is not None and not self._seen.add(recipient_key(item)):
-                self.counts.duplicate += 1
-                self._record_duplicate(item)
                 continue
             if limit is not None and self.counts.started >= limit:
                 self._limit_reached = True
@@ -281,7 +314,10 @@ class Campaign:
         """Seconds until a parked retry is due; None when the campaign has nothing left."""
         if self.stopping:
             return None
-        return self._parked.due_in()
+        due = self._parked.due_in()
+        if due is None and not self._exhausted and self._feed is not None and self._feed.waiting:
+            return math.inf  # rows are being sorted: the feed pumps the loop when they come
+        return due
 
     def record(self, job: Job, outcome: Plan) -> defer.Deferred[None]:
         """Journal what an attempt settled; park a deferred row until it is due."""
@@ -311,18 +347,12 @@ class Campaign:
         assert self._journal is not None
         self._say(f"invalid: {problem.reason}")
         self._journal.record(
-            problem.row, email=problem.email, state="invalid", response=problem.reason
-        ).addErrback(self._journal_failed)
-
-    def _record_duplicate(self, prepared: Prepared) -> None:
-        assert self._journal is not None
-        self._say(f"duplicate: row {prepared.row} {prepared.email}: an earlier row has it")
-        self._journal.record(
-            prepared.row,
-            email=prepared.email,
-            state="duplicate",
-            response="the same recipient as an earlier row: not sent again "
-            "(--allow-duplicates sends it)",
+            problem.key,
+            row=problem.row,
+            email=problem.email,
+            state="invalid",
+            response=problem.reason,
+            fingerprint=problem.fingerprint,
         ).addErrback(self._journal_failed)
 
     def _record(
@@ -336,7 +366,8 @@ class Campaign:
         assert self._journal is not None
         prepared = job.prepared
         return self._journal.record(
-            prepared.row,
+            prepared.key,
+            row=prepared.row,
             email=prepared.email,
             state=state,
             code=code,
@@ -344,6 +375,7 @@ class Campaign:
             attempts=job.attempts,
             message_id=prepared.message_id,
             next_attempt_at=next_attempt_at,
+            fingerprint=prepared.fingerprint,
         )
 
     # ------------------------------------------------------------------ signals
@@ -383,9 +415,8 @@ class Campaign:
         self.interrupt()
 
 
-def _fingerprints(csv_path: str, template_path: str) -> tuple[str, str, int]:
-    csv_fp, lines = scan(csv_path)
-    return csv_fp, hashlib.sha256(Path(template_path).read_bytes()).hexdigest(), lines
+def _template_fingerprint_and_lines(csv_path: str, template_path: str) -> tuple[str, int]:
+    return hashlib.sha256(Path(template_path).read_bytes()).hexdigest(), count_lines(csv_path)
 
 
 def _wall(clock: IReactorTime, due: float) -> float:

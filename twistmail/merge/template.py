@@ -64,7 +64,7 @@ from twistmail.address import Address, check_header_value, format_display_name, 
 from twistmail.errors import HeaderInjectionError, RowError, TemplateError
 
 from .attachments import Attachment, AttachmentFiles
-from .columns import column_aliases, unknown_columns_error
+from .columns import column_aliases, columns_read, unknown_columns_error
 from .headers import (
     ADDRESS_HEADERS,
     POLICY,
@@ -229,6 +229,22 @@ class MessageTemplate:
                 columns,
                 self._aliases,
             )
+
+    def columns_read(
+        self, columns: tuple[str, ...], *, recipients: bool = False
+    ) -> tuple[str, ...] | None:
+        """The columns whose cells the template reads, in order of first use; None when it
+        reads the whole ``row`` mapping. With ``recipients``: only the To, Cc and Bcc headers,
+        in that order (the columns a row's recipient comes from)."""
+        if not recipients:
+            return columns_read((part.ast for part in self._parts), columns)
+        sources = [
+            header.source
+            for key in RECIPIENT_HEADERS
+            for header in self._headers
+            if header.key == key and header.template is not None
+        ]
+        return columns_read((self._env.parse(source) for source in sources), columns)
 
     def _row_keys(self, columns: tuple[str, ...]) -> set[str]:
         """The constant keys the template looks up in ``row`` (``row["First Name"]``)."""

@@ -61,13 +61,14 @@ _STRUCTURED_KEYS = frozenset(
 )
 
 MessageIdFor = Callable[[int, str], str]
+"""``(row id, domain) -> Message-ID``."""
 
 
 def render_direct(
     template: MessageTemplate,
     values: dict[str, str],
     *,
-    row: int,
+    row_key: int,
     message_id_for: MessageIdFor,
     envelope_from: str | None,
     date: datetime,
@@ -124,7 +125,7 @@ def render_direct(
     if body is None:
         body = template.render_body(context)
     html = template.render_markdown_html(context) if template.kind == "markdown" else None
-    message_id = message_id_for(row, sender.ascii_domain)
+    message_id = message_id_for(row_key, sender.ascii_domain)
     if not message_id.startswith("<"):
         message_id = f"<{message_id}>"
     if not message_id.isascii() or len(message_id) + 12 > _MAX_LINE:
