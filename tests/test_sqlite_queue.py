@@ -366,7 +366,7 @@ def test_a_version_1_spool_is_migrated_in_place_and_its_messages_claimed(tmp_pat
         assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
             (SCHEMA_VERSION,)
         ]
-        assert SCHEMA_VERSION == "2"
+        assert SCHEMA_VERSION == "3"
         claimed = yield queue.claim("new", 10, lease=30)
         assert [(c.id, c.envelope.message_id, c.fence) for c in claimed] == [
             (1, "<v1.1@test>", 1),
@@ -386,12 +386,99 @@ def test_a_version_1_spool_is_migrated_in_place_and_its_messages_claimed(tmp_pat
         assert (yield queue.record("new", outcome)) is True
     finally:
         yield queue.close()
-    # Opening it again finds version 2: nothing to migrate, nothing lost.
+    # Opening it again finds the current version: nothing to migrate, nothing lost.
     again = yield SqliteQueue.open(path, create=False)
     try:
         assert (yield again.summary()).counts["sent"] == 1
     finally:
         yield again.close()
+
+
+def make_v2_spool(path: Path) -> None:
+    """A version-2 spool (version 1 plus fencing numbers) with a queued message, one held by a
+    (dead) drain under fence 4, and a failed one with a recipient refused."""
+    make_v1_spool(path)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE messages SET fence = 4 WHERE id = 2")
+        conn.execute(
+            "INSERT INTO messages (id, sender, payload, size, eight_bit, smtputf8, message_id, "
+            "state, attempts, due, code, response, created_at, updated_at) VALUES "
+            "(3, 'old@example.com', x'2e0d0a', 0, 0, 0, '<v2.3@test>', 'failed', 1, ?, 550, "
+            "'rcpt3@example.org: no such user', ?, ?)",
+            (T0 - 10, T0 - 10, T0 - 10),
+        )
+        conn.execute(
+            "INSERT INTO recipients VALUES (3, 0, 'rcpt3@example.org', 'failed', 550, "
+            "'no such user')"
+        )
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def temporary_tables(path: Path, sql: str) -> list[str]:
+    """The temporary b-trees SQLite's plan for ``sql`` (all parameters NULL) opens."""
+    conn = sqlite3.connect(path)
+    try:
+        plan = conn.execute(f"EXPLAIN {sql}", [None] * sql.count("?")).fetchall()
+    finally:
+        conn.close()
+    return [op for _, op, *_ in plan if op == "OpenEphemeral"]
+
+
+OUTCOME_WRITES = (
+    "UPDATE messages SET state = ?, owner = NULL WHERE id = ? AND fence = ?",
+    "UPDATE recipients SET state = ?, code = ? WHERE message = ? AND position = ?",
+)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_version_2_spool_is_migrated_in_place_and_an_outcome_needs_no_temporary_table(
+    tmp_path: Path,
+) -> Gen:
+    path = tmp_path / "v2.db"
+    make_v2_spool(path)
+    # Version 2 checked states with IN lists: SQLite built a temporary table for every write.
+    assert all(temporary_tables(path, sql) for sql in OUTCOME_WRITES)
+    every_column = (
+        "SELECT id, sender, payload, size, eight_bit, smtputf8, message_id, state, attempts, "
+        "due, owner, lease_until, fence, code, response, created_at, updated_at FROM messages "
+        "ORDER BY id"
+    )
+    before = rows(path, every_column)
+    recipients_before = rows(path, "SELECT * FROM recipients ORDER BY message, position")
+    clock = stopped_clock()
+    queue = yield SqliteQueue.open(path, create=False, clock=clock.seconds)
+    try:
+        assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+        assert rows(path, every_column) == before
+        assert rows(path, "SELECT * FROM recipients ORDER BY message, position") == (
+            recipients_before
+        )
+        assert not any(temporary_tables(path, sql) for sql in OUTCOME_WRITES)
+        claimed = yield queue.claim("new", 10, lease=30)
+        # The dead drain's claim (fence 4) is taken over with a larger fence.
+        assert [(c.id, c.fence) for c in claimed] == [(1, 1), (2, 5)]
+        summary = yield queue.summary()
+        assert summary.counts["failed"] == 1
+    finally:
+        yield queue.close()
+    conn = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE messages SET state = 'lost' WHERE id = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE recipients SET state = 'lost' WHERE message = 1")
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        indexes = {
+            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        assert {"messages_due", "messages_lease"} <= indexes
+    finally:
+        conn.close()
 
 
 @pytest_twisted.inlineCallbacks
