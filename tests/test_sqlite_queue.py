@@ -32,7 +32,15 @@ from twistmail.interfaces import IBackend
 from twistmail.mailer import Mailer
 from twistmail.message import Envelope, envelope_from_bytes
 from twistmail.queue.records import ClaimedMessage, Outcome, QueueError
-from twistmail.queue.sqlite import SCHEMA_VERSION, SqliteQueue, read_queue_status
+from twistmail import _sqlite
+from twistmail.queue.sqlite import (
+    SCHEMA_VERSION,
+    SqliteQueue,
+    _claim,
+    _connect,
+    _insert,
+    read_queue_status,
+)
 from twistmail.queue.worker import Drain, settle
 from twistmail.retry import RetryPolicy
 from twistmail.smtp._transaction import RecipientReply, TransactionResult
@@ -188,6 +196,35 @@ def test_two_stores_on_one_file_never_claim_the_same_message(tmp_path: Path) -> 
     finally:
         yield one.close()
         yield two.close()
+
+
+def claim_steps(path: Path, waiting: int, limit: int) -> int:
+    """SQLite virtual-machine steps (in hundreds) of one claim of ``limit`` messages from a
+    spool file holding ``waiting`` queued messages."""
+    conn = _connect(str(path), create=True)
+    try:
+        with _sqlite.transaction(conn):
+            _insert([envelope(n) for n in range(waiting)], conn, T0)
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        conn.set_progress_handler(count, 100)
+        with _sqlite.transaction(conn):
+            assert len(_claim("a", limit, 30.0, conn, T0)) == limit
+        return steps
+    finally:
+        conn.close()
+
+
+def test_a_claims_work_does_not_grow_with_the_messages_waiting(tmp_path: Path) -> None:
+    small = claim_steps(tmp_path / "small.db", 100, 20)
+    large = claim_steps(tmp_path / "large.db", 5000, 20)
+    # Sorting every waiting message on every claim made the large one ~50 times the small.
+    assert large < 2 * small
 
 
 @pytest_twisted.inlineCallbacks

@@ -152,14 +152,23 @@ INSERT INTO messages (sender, payload, size, eight_bit, smtputf8, message_id, st
 VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)
 """
 
+# Each arm takes at most ``limit`` from its own index before the merge, so a claim reads about
+# ``limit`` index entries however many messages wait (one ORDER BY over the whole UNION sorted
+# every due message on every claim).
 _CLAIM = """
 UPDATE messages SET state = 'sending', owner = ?, lease_until = ?, fence = fence + 1,
     updated_at = ?
 WHERE id IN (
     SELECT id FROM (
-        SELECT id, due FROM messages WHERE state IN ('queued', 'deferred') AND due <= ?
+        SELECT * FROM (
+            SELECT id, due FROM messages WHERE state IN ('queued', 'deferred') AND due <= ?
+            ORDER BY due, id LIMIT ?
+        )
         UNION ALL
-        SELECT id, due FROM messages WHERE state = 'sending' AND lease_until <= ?
+        SELECT * FROM (
+            SELECT id, due FROM messages WHERE state = 'sending' AND lease_until <= ?
+            ORDER BY due, id LIMIT ?
+        )
     ) ORDER BY due, id LIMIT ?
 )
 RETURNING id, fence, sender, payload, size, eight_bit, smtputf8, message_id, attempts,
@@ -288,7 +297,8 @@ def _claim(
     owner: str, limit: int, lease: float, conn: sqlite3.Connection, now: float
 ) -> list[ClaimedMessage]:
     # max(0, ...): SQLite reads a negative LIMIT as no limit at all.
-    rows = conn.execute(_CLAIM, (owner, now + lease, now, now, now, max(0, limit))).fetchall()
+    limit = max(0, limit)
+    rows = conn.execute(_CLAIM, (owner, now + lease, now, now, limit, now, limit, limit)).fetchall()
     rows.sort()  # by id
     senders: dict[str, Address] = {}
     claimed = []
