@@ -18,6 +18,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
+from twistmail import _sqlite
 from twistmail.address import parse_address
 from twistmail.backends.spool import SpoolBackend
 from twistmail.errors import (
@@ -32,7 +33,6 @@ from twistmail.interfaces import IBackend
 from twistmail.mailer import Mailer
 from twistmail.message import Envelope, envelope_from_bytes
 from twistmail.queue.records import ClaimedMessage, Outcome, QueueError
-from twistmail import _sqlite
 from twistmail.queue.sqlite import (
     SCHEMA_VERSION,
     SqliteQueue,
