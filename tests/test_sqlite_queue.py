@@ -44,6 +44,7 @@ from twistmail.queue.sqlite import (
 from twistmail.queue.worker import Drain, settle
 from twistmail.retry import RetryPolicy
 from twistmail.smtp._transaction import RecipientReply, TransactionResult
+from twistmail.testing import MemoryQueue
 
 Gen = Generator[defer.Deferred[Any], Any, None]
 T0 = 1_700_000_000.0
@@ -752,3 +753,72 @@ def test_a_drain_may_open_the_queue_without_an_fsync_per_commit(tmp_path: Path) 
     finally:
         yield drainer.close()
         yield writer.close()
+
+
+class HangingSender:
+    """A sender whose attempts reach no server until cancelled (then: untried)."""
+
+    capacity = 4
+    concurrency = 4
+
+    def __init__(self) -> None:
+        self.started: list[Any] = []
+
+    def attempt(self, envelope: Envelope, notify: Any, context: Any, ready: Any = None) -> Any:
+        sender = self
+
+        class Handle:
+            def release_body(self) -> None:
+                pass
+
+            def cancel(self) -> None:
+                sender.started.remove(context)
+                notify(context, None, ConnectionLostError("cancelled", attempted=False))
+
+        self.started.append(context)
+        return Handle()
+
+    def abort(self) -> None:
+        pass
+
+
+class ClaimsHeld:
+    """A memory queue whose claims are answered only when the test says so."""
+
+    def __init__(self, queue: MemoryQueue) -> None:
+        self.queue = queue
+        self.claims: list[tuple[int, defer.Deferred[list[ClaimedMessage]]]] = []
+
+    def claim(self, owner: str, limit: int, *, lease: float) -> defer.Deferred[Any]:
+        d: defer.Deferred[list[ClaimedMessage]] = defer.Deferred()
+        self.claims.append((limit, d))
+        return d
+
+    def answer(self, owner: str) -> None:
+        limit, d = self.claims[-1]
+        self.queue.claim(owner, limit, lease=30).chainDeferred(d)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+
+def test_a_drain_asks_for_its_next_claim_before_its_buffer_runs_out() -> None:
+    clock = task.Clock()
+    queue = MemoryQueue(clock=clock.seconds)
+    queue.enqueue([envelope(i) for i in range(20)])
+    held = ClaimsHeld(queue)
+    sender = HangingSender()
+    drain = Drain(held, sender, retry=NO_JITTER, batch=6, reactor=clock)  # type: ignore[arg-type]
+    done = drain.run()
+    assert [limit for limit, _ in held.claims] == [6]
+    held.answer(drain.owner)
+    # Four attempts started (the sender's capacity), none ended: half the batch is left,
+    # and the next claim is already asked for (it used to wait for an empty buffer).
+    assert len(sender.started) == 4
+    assert [limit for limit, _ in held.claims] == [6, 6]
+    drain.abort()
+    held.answer(drain.owner)
+    report = done.result if done.called else None
+    assert report is not None
+    assert report.released == 12
+    assert report.sent == 0
