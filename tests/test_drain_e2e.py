@@ -179,7 +179,11 @@ async def test_refusals_deferrals_and_partial_retries_across_runs(
     code, output = await drain("--spool", str(path), "--smtp", url)
     assert code == 0, output
     assert len(server.received) == 4
-    assert query(path, "SELECT length(payload) > 0 FROM messages WHERE state = 'failed'") == [(1,)]
+    assert query(
+        path,
+        "SELECT length(data) > 0 FROM payloads JOIN messages ON id = message "
+        "WHERE state = 'failed'",
+    ) == [(1,)]
     code, output = await drain("--spool", str(path), "--status")
     assert code == 0
     assert re.search(r"sent\s+3", output)

@@ -247,10 +247,11 @@ def test_sent_drops_the_payload_and_failed_keeps_it(tmp_path: Path) -> Gen:
             )
             assert (yield queue.record("a", outcome)) is True
         # Sent: kept as a record, without its bytes; failed: kept whole, to inspect or requeue.
-        assert rows(path, "SELECT state, owner, length(payload) > 0 FROM messages ORDER BY id") == [
-            ("sent", None, 0),
-            ("failed", None, 1),
-        ]
+        assert rows(
+            path,
+            "SELECT state, owner, (SELECT length(data) FROM payloads WHERE message = id) "
+            "FROM messages ORDER BY id",
+        ) == [("sent", None, None), ("failed", None, len(two.envelope.payload))]
     finally:
         yield queue.close()
 
@@ -474,7 +475,7 @@ OUTCOME_WRITES = (
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_version_2_spool_is_migrated_in_place_and_an_outcome_needs_no_temporary_table(
+def test_a_version_2_spool_is_migrated_in_place_its_payloads_apart_and_no_temporary_table(
     tmp_path: Path,
 ) -> Gen:
     path = tmp_path / "v2.db"
@@ -482,17 +483,20 @@ def test_a_version_2_spool_is_migrated_in_place_and_an_outcome_needs_no_temporar
     # Version 2 checked states with IN lists: SQLite built a temporary table for every write.
     assert all(temporary_tables(path, sql) for sql in OUTCOME_WRITES)
     every_column = (
-        "SELECT id, sender, payload, size, eight_bit, smtputf8, message_id, state, attempts, "
-        "due, owner, lease_until, fence, code, response, created_at, updated_at FROM messages "
-        "ORDER BY id"
+        "SELECT id, sender, size, eight_bit, smtputf8, message_id, state, attempts, due, owner, "
+        "lease_until, fence, code, response, created_at, updated_at FROM messages ORDER BY id"
     )
     before = rows(path, every_column)
+    payloads = rows(path, "SELECT id, payload FROM messages ORDER BY id")
     recipients_before = rows(path, "SELECT * FROM recipients ORDER BY message, position")
     clock = stopped_clock()
     queue = yield SqliteQueue.open(path, create=False, clock=clock.seconds)
     try:
         assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
         assert rows(path, every_column) == before
+        # Every payload moved to its own table (a sent message's, emptied before, is none).
+        assert rows(path, "SELECT message, data FROM payloads ORDER BY message") == payloads
+        assert "payload" not in [c for _, c, *_ in rows(path, "PRAGMA table_info(messages)")]
         assert rows(path, "SELECT * FROM recipients ORDER BY message, position") == (
             recipients_before
         )

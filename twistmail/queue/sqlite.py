@@ -3,13 +3,14 @@
 :class:`SqliteQueue` provides :class:`~twistmail.interfaces.IQueue`; the ``spool`` backend
 enqueues into it and ``twistmail drain --spool PATH`` delivers from it.
 
-Each message is stored as its SMTP envelope (sender, DATA payload ready for the wire,
-Message-ID) with one row per recipient, so a message some of whose recipients were accepted is
+Each message is stored as its SMTP envelope (sender, Message-ID, and the DATA payload ready for
+the wire in a table of its own, so that changing a message's state rewrites a small row, not
+its data) with one row per recipient, so a message some of whose recipients were accepted is
 retried for the others only.
 
 Message states: ``queued`` (never tried), ``sending`` (claimed by a worker, under a lease),
 ``deferred`` (a 4xx, drop or timeout; tried again from ``due``), ``sent`` (every recipient
-accepted; the payload is then dropped, the row kept as a record) and ``failed`` (a recipient
+accepted; the payload is then deleted, the row kept as a record) and ``failed`` (a recipient
 refused permanently, or attempts ran out; kept with its reason, payload included, never
 deleted). Recipient states: ``pending``, ``sent``, ``failed``.
 
@@ -60,9 +61,10 @@ __all__ = ["SqliteQueue", "read_queue_status"]
 
 
 SCHEMA_VERSION: Final = "3"
-"""2 added ``messages.fence``; 3 wrote the state checks as comparisons (a ``CHECK (state IN
-(...))`` of five values made SQLite build a temporary table on every write of a state). Older
-files are migrated in place when opened."""
+"""2 added ``messages.fence``; 3 moved the payloads to their own table (a claim or an outcome
+rewrote the whole ~4 KB page of each message it changed) and wrote the state checks as
+comparisons (a ``CHECK (state IN (...))`` of five values made SQLite build a temporary table
+on every write of a state). Older files are migrated in place when opened."""
 
 _T = TypeVar("_T")
 _Op = Callable[[sqlite3.Connection, float], Any]
@@ -78,7 +80,6 @@ _MESSAGES = f"""
 CREATE TABLE IF NOT EXISTS {{name}} (
     id INTEGER PRIMARY KEY,
     sender TEXT NOT NULL,
-    payload BLOB NOT NULL,
     size INTEGER NOT NULL,
     eight_bit INTEGER NOT NULL,
     smtputf8 INTEGER NOT NULL,
@@ -96,9 +97,15 @@ CREATE TABLE IF NOT EXISTS {{name}} (
     updated_at REAL NOT NULL
 )"""
 _MESSAGE_COLUMNS = (
-    "id, sender, payload, size, eight_bit, smtputf8, message_id, state, attempts, due, owner, "
+    "id, sender, size, eight_bit, smtputf8, message_id, state, attempts, due, owner, "
     "lease_until, fence, code, response, created_at, updated_at"
 )
+# The DATA payload of each message not sent (a sent message's is deleted).
+_PAYLOADS = """
+CREATE TABLE IF NOT EXISTS payloads (
+    message INTEGER PRIMARY KEY REFERENCES messages (id),
+    data BLOB NOT NULL
+)"""
 _MESSAGE_INDEXES = (
     "CREATE INDEX IF NOT EXISTS messages_due ON messages (due, id) "
     "WHERE state IN ('queued', 'deferred')",
@@ -120,13 +127,14 @@ _SCHEMA: Final[tuple[str, ...]] = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     _MESSAGES.format(name="messages"),
     *_MESSAGE_INDEXES,
+    _PAYLOADS,
     _RECIPIENTS.format(name="recipients"),
 )
 
 
 def _rebuilt(table: str, create: str, columns: str) -> tuple[str, ...]:
     """Statements copying ``table`` into a new one made by ``create`` under the same name
-    (SQLite cannot change a table's CHECK constraints in place)."""
+    (SQLite cannot change a table's CHECK constraints or drop a column in place)."""
     # Table and column names are this module's constants, never input.
     return (
         create.format(name=f"{table}_new"),
@@ -140,6 +148,9 @@ def _rebuilt(table: str, create: str, columns: str) -> tuple[str, ...]:
 _MIGRATIONS: Final[dict[str, tuple[str, ...]]] = {
     "1": ("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",),
     "2": (
+        _PAYLOADS,
+        "INSERT INTO payloads (message, data) SELECT id, payload FROM messages "
+        "WHERE state != 'sent'",
         *_rebuilt("messages", _MESSAGES, _MESSAGE_COLUMNS),
         *_MESSAGE_INDEXES,
         *_rebuilt("recipients", _RECIPIENTS, _RECIPIENT_COLUMNS),
@@ -147,9 +158,9 @@ _MIGRATIONS: Final[dict[str, tuple[str, ...]]] = {
 }
 
 _INSERT_MESSAGE = """
-INSERT INTO messages (sender, payload, size, eight_bit, smtputf8, message_id, state, due,
-                      created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)
+INSERT INTO messages (sender, size, eight_bit, smtputf8, message_id, state, due, created_at,
+                      updated_at)
+VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)
 """
 
 # Each arm takes at most ``limit`` from its own index before the merge, so a claim reads about
@@ -171,7 +182,8 @@ WHERE id IN (
         )
     ) ORDER BY due, id LIMIT ?
 )
-RETURNING id, fence, sender, payload, size, eight_bit, smtputf8, message_id, attempts,
+RETURNING id, fence, sender, (SELECT data FROM payloads WHERE message = messages.id), size,
+    eight_bit, smtputf8, message_id, attempts,
     (SELECT group_concat(position || ' ' || address, char(10)) FROM recipients
      WHERE message = messages.id AND state = 'pending')
 """
@@ -184,9 +196,12 @@ ORDER BY position LIMIT 1
 
 _RECORD = """
 UPDATE messages SET state = ?, attempts = ?, due = ?, code = ?, response = ?, owner = NULL,
-    lease_until = NULL, updated_at = ?,
-    payload = CASE WHEN ? = 'sent' THEN x'' ELSE payload END
+    lease_until = NULL, updated_at = ?
 WHERE id = ? AND owner = ? AND fence = ? AND state = 'sending'
+"""
+
+_RECORD_RECIPIENT = """
+UPDATE recipients SET state = ?, code = ?, response = ? WHERE message = ? AND position = ?
 """
 
 _RELEASE = """
@@ -272,7 +287,6 @@ def _insert(envelopes: Sequence[Envelope], conn: sqlite3.Connection, now: float)
             _INSERT_MESSAGE,
             (
                 str(env.sender),
-                env.payload,
                 env.size,
                 int(env.eight_bit),
                 int(env.smtputf8),
@@ -284,6 +298,7 @@ def _insert(envelopes: Sequence[Envelope], conn: sqlite3.Connection, now: float)
         )
         message = cursor.lastrowid
         assert message is not None
+        conn.execute("INSERT INTO payloads (message, data) VALUES (?, ?)", (message, env.payload))
         conn.executemany(
             "INSERT INTO recipients (message, position, address, state) VALUES (?, ?, ?, "
             "'pending')",
@@ -349,16 +364,21 @@ def _record(owner: str, outcome: Outcome, conn: sqlite3.Connection, now: float) 
     o = outcome
     due = now + o.retry_in if o.state == "deferred" else now
     cursor = conn.execute(
-        _RECORD,
-        (o.state, o.attempts, due, o.code, o.response, now, o.state, o.id, owner, o.fence),
+        _RECORD, (o.state, o.attempts, due, o.code, o.response, now, o.id, owner, o.fence)
     )
     if cursor.rowcount != 1:
         return False  # the lease expired and another claim took the message over
-    conn.executemany(
-        "UPDATE recipients SET state = ?, code = ?, response = ? "
-        "WHERE message = ? AND position = ?",
-        [(state, code, text, o.id, position) for position, state, code, text in o.recipients],
-    )
+    recipients = o.recipients
+    if len(recipients) == 1:
+        ((position, state, code, text),) = recipients
+        conn.execute(_RECORD_RECIPIENT, (state, code, text, o.id, position))
+    else:
+        conn.executemany(
+            _RECORD_RECIPIENT,
+            [(state, code, text, o.id, position) for position, state, code, text in recipients],
+        )
+    if o.state == "sent":
+        conn.execute("DELETE FROM payloads WHERE message = ?", (o.id,))
     return True
 
 
