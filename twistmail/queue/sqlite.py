@@ -66,6 +66,13 @@ rewrote the whole ~4 KB page of each message it changed) and wrote the state che
 comparisons (a ``CHECK (state IN (...))`` of five values made SQLite build a temporary table
 on every write of a state). Older files are migrated in place when opened."""
 
+DRAIN_CHECKPOINT_PAGES: Final = 10_000
+"""WAL pages after which a ``NORMAL`` (drain) connection checkpoints (SQLite's default: 1,000).
+
+A drain waits for its outcome commits (the duplicate bound), and the commit that checkpoints
+copies the WAL into the file and fsyncs both: fewer, larger checkpoints stall it less often
+and copy a page changed by many commits once. The WAL may grow to ~40 MB meanwhile."""
+
 _T = TypeVar("_T")
 _Op = Callable[[sqlite3.Connection, float], Any]
 Clock = Callable[[], float]
@@ -236,6 +243,8 @@ def _connect(
             _check_or_create_schema(conn, path)
         # Only once the file is known to be a queue (another database is left as it was).
         _sqlite.configure(conn, synchronous, lambda text: QueueError(f"{path}: {text}"))
+        if synchronous == "NORMAL":
+            conn.execute(f"PRAGMA wal_autocheckpoint = {DRAIN_CHECKPOINT_PAGES}")
     except sqlite3.DatabaseError as e:
         conn.close()
         raise QueueError(f"{path}: not a twistmail spool ({e})") from e
