@@ -179,7 +179,11 @@ async def test_refusals_deferrals_and_partial_retries_across_runs(
     code, output = await drain("--spool", str(path), "--smtp", url)
     assert code == 0, output
     assert len(server.received) == 4
-    assert query(path, "SELECT length(payload) > 0 FROM messages WHERE state = 'failed'") == [(1,)]
+    assert query(
+        path,
+        "SELECT length(data) > 0 FROM payloads JOIN messages ON id = message "
+        "WHERE state = 'failed'",
+    ) == [(1,)]
     code, output = await drain("--spool", str(path), "--status")
     assert code == 0
     assert re.search(r"sent\s+3", output)
@@ -382,3 +386,22 @@ async def test_sigkill_mid_run_then_rerun_after_the_lease_duplicates_at_most_con
     duplicates = sum(count - 1 for count in delivered.values())
     assert duplicates <= concurrency
     assert states(path) == {"sent": n}
+
+
+def test_a_drain_starts_without_the_csv_commands_modules(tmp_path: Path) -> None:
+    # Jinja2, Markdown and the progress display cost ~0.15 s of CPU to import: a drain (often
+    # run from cron, every minute) has no use for them.
+    script = (
+        "import sys\n"
+        "from twistmail.cli import main\n"
+        "try:\n"
+        f"    main(['drain', '--spool', {str(tmp_path / 'none.db')!r}, '--status'])\n"
+        "except SystemExit as e:\n"
+        "    print('exit', e.code)\n"
+        "print(sorted(m for m in ('jinja2', 'markdown', 'rich', 'twistmail.merge') "
+        "if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.splitlines()[-2:] == ["exit 2", "[]"], done.stdout + done.stderr

@@ -18,6 +18,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
+from twistmail import _sqlite
 from twistmail.address import parse_address
 from twistmail.backends.spool import SpoolBackend
 from twistmail.errors import (
@@ -32,10 +33,19 @@ from twistmail.interfaces import IBackend
 from twistmail.mailer import Mailer
 from twistmail.message import Envelope, envelope_from_bytes
 from twistmail.queue.records import ClaimedMessage, Outcome, QueueError
-from twistmail.queue.sqlite import SCHEMA_VERSION, SqliteQueue, read_queue_status
+from twistmail.queue.sqlite import (
+    DRAIN_CHECKPOINT_PAGES,
+    SCHEMA_VERSION,
+    SqliteQueue,
+    _claim,
+    _connect,
+    _insert,
+    read_queue_status,
+)
 from twistmail.queue.worker import Drain, settle
 from twistmail.retry import RetryPolicy
 from twistmail.smtp._transaction import RecipientReply, TransactionResult
+from twistmail.testing import MemoryQueue
 
 Gen = Generator[defer.Deferred[Any], Any, None]
 T0 = 1_700_000_000.0
@@ -190,6 +200,35 @@ def test_two_stores_on_one_file_never_claim_the_same_message(tmp_path: Path) -> 
         yield two.close()
 
 
+def claim_steps(path: Path, waiting: int, limit: int) -> int:
+    """SQLite virtual-machine steps (in hundreds) of one claim of ``limit`` messages from a
+    spool file holding ``waiting`` queued messages."""
+    conn = _connect(str(path), create=True)
+    try:
+        with _sqlite.transaction(conn):
+            _insert([envelope(n) for n in range(waiting)], conn, T0)
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        conn.set_progress_handler(count, 100)
+        with _sqlite.transaction(conn):
+            assert len(_claim("a", limit, 30.0, conn, T0)) == limit
+        return steps
+    finally:
+        conn.close()
+
+
+def test_a_claims_work_does_not_grow_with_the_messages_waiting(tmp_path: Path) -> None:
+    small = claim_steps(tmp_path / "small.db", 100, 20)
+    large = claim_steps(tmp_path / "large.db", 5000, 20)
+    # Sorting every waiting message on every claim made the large one ~50 times the small.
+    assert large < 2 * small
+
+
 @pytest_twisted.inlineCallbacks
 def test_sent_drops_the_payload_and_failed_keeps_it(tmp_path: Path) -> Gen:
     path = tmp_path / "spool.db"
@@ -209,10 +248,11 @@ def test_sent_drops_the_payload_and_failed_keeps_it(tmp_path: Path) -> Gen:
             )
             assert (yield queue.record("a", outcome)) is True
         # Sent: kept as a record, without its bytes; failed: kept whole, to inspect or requeue.
-        assert rows(path, "SELECT state, owner, length(payload) > 0 FROM messages ORDER BY id") == [
-            ("sent", None, 0),
-            ("failed", None, 1),
-        ]
+        assert rows(
+            path,
+            "SELECT state, owner, (SELECT length(data) FROM payloads WHERE message = id) "
+            "FROM messages ORDER BY id",
+        ) == [("sent", None, None), ("failed", None, len(two.envelope.payload))]
     finally:
         yield queue.close()
 
@@ -366,7 +406,7 @@ def test_a_version_1_spool_is_migrated_in_place_and_its_messages_claimed(tmp_pat
         assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
             (SCHEMA_VERSION,)
         ]
-        assert SCHEMA_VERSION == "2"
+        assert SCHEMA_VERSION == "3"
         claimed = yield queue.claim("new", 10, lease=30)
         assert [(c.id, c.envelope.message_id, c.fence) for c in claimed] == [
             (1, "<v1.1@test>", 1),
@@ -386,12 +426,102 @@ def test_a_version_1_spool_is_migrated_in_place_and_its_messages_claimed(tmp_pat
         assert (yield queue.record("new", outcome)) is True
     finally:
         yield queue.close()
-    # Opening it again finds version 2: nothing to migrate, nothing lost.
+    # Opening it again finds the current version: nothing to migrate, nothing lost.
     again = yield SqliteQueue.open(path, create=False)
     try:
         assert (yield again.summary()).counts["sent"] == 1
     finally:
         yield again.close()
+
+
+def make_v2_spool(path: Path) -> None:
+    """A version-2 spool (version 1 plus fencing numbers) with a queued message, one held by a
+    (dead) drain under fence 4, and a failed one with a recipient refused."""
+    make_v1_spool(path)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE messages SET fence = 4 WHERE id = 2")
+        conn.execute(
+            "INSERT INTO messages (id, sender, payload, size, eight_bit, smtputf8, message_id, "
+            "state, attempts, due, code, response, created_at, updated_at) VALUES "
+            "(3, 'old@example.com', x'2e0d0a', 0, 0, 0, '<v2.3@test>', 'failed', 1, ?, 550, "
+            "'rcpt3@example.org: no such user', ?, ?)",
+            (T0 - 10, T0 - 10, T0 - 10),
+        )
+        conn.execute(
+            "INSERT INTO recipients VALUES (3, 0, 'rcpt3@example.org', 'failed', 550, "
+            "'no such user')"
+        )
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def temporary_tables(path: Path, sql: str) -> list[str]:
+    """The temporary b-trees SQLite's plan for ``sql`` (all parameters NULL) opens."""
+    conn = sqlite3.connect(path)
+    try:
+        plan = conn.execute(f"EXPLAIN {sql}", [None] * sql.count("?")).fetchall()
+    finally:
+        conn.close()
+    return [op for _, op, *_ in plan if op == "OpenEphemeral"]
+
+
+OUTCOME_WRITES = (
+    "UPDATE messages SET state = ?, owner = NULL WHERE id = ? AND fence = ?",
+    "UPDATE recipients SET state = ?, code = ? WHERE message = ? AND position = ?",
+)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_version_2_spool_is_migrated_in_place_its_payloads_apart_and_no_temporary_table(
+    tmp_path: Path,
+) -> Gen:
+    path = tmp_path / "v2.db"
+    make_v2_spool(path)
+    # Version 2 checked states with IN lists: SQLite built a temporary table for every write.
+    assert all(temporary_tables(path, sql) for sql in OUTCOME_WRITES)
+    every_column = (
+        "SELECT id, sender, size, eight_bit, smtputf8, message_id, state, attempts, due, owner, "
+        "lease_until, fence, code, response, created_at, updated_at FROM messages ORDER BY id"
+    )
+    before = rows(path, every_column)
+    payloads = rows(path, "SELECT id, payload FROM messages ORDER BY id")
+    recipients_before = rows(path, "SELECT * FROM recipients ORDER BY message, position")
+    clock = stopped_clock()
+    queue = yield SqliteQueue.open(path, create=False, clock=clock.seconds)
+    try:
+        assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+        assert rows(path, every_column) == before
+        # Every payload moved to its own table (a sent message's, emptied before, is none).
+        assert rows(path, "SELECT message, data FROM payloads ORDER BY message") == payloads
+        assert "payload" not in [c for _, c, *_ in rows(path, "PRAGMA table_info(messages)")]
+        assert rows(path, "SELECT * FROM recipients ORDER BY message, position") == (
+            recipients_before
+        )
+        assert not any(temporary_tables(path, sql) for sql in OUTCOME_WRITES)
+        claimed = yield queue.claim("new", 10, lease=30)
+        # The dead drain's claim (fence 4) is taken over with a larger fence.
+        assert [(c.id, c.fence) for c in claimed] == [(1, 1), (2, 5)]
+        summary = yield queue.summary()
+        assert summary.counts["failed"] == 1
+    finally:
+        yield queue.close()
+    conn = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE messages SET state = 'lost' WHERE id = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE recipients SET state = 'lost' WHERE message = 1")
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        indexes = {
+            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
+        assert {"messages_due", "messages_lease"} <= indexes
+    finally:
+        conn.close()
 
 
 @pytest_twisted.inlineCallbacks
@@ -625,6 +755,80 @@ def test_a_drain_may_open_the_queue_without_an_fsync_per_commit(tmp_path: Path) 
     try:
         assert (yield writer.settings()) == ("wal", 2)  # enqueues: every commit fsync'd
         assert (yield drainer.settings()) == ("wal", 1)  # outcome records: NORMAL
+        # ... and checkpointed less often: fewer stalls of the commits the drain waits for.
+        checkpoints = yield drainer._db.read(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        )
+        assert checkpoints == DRAIN_CHECKPOINT_PAGES > 1000
     finally:
         yield drainer.close()
         yield writer.close()
+
+
+class HangingSender:
+    """A sender whose attempts reach no server until cancelled (then: untried)."""
+
+    capacity = 4
+    concurrency = 4
+
+    def __init__(self) -> None:
+        self.started: list[Any] = []
+
+    def attempt(self, envelope: Envelope, notify: Any, context: Any, ready: Any = None) -> Any:
+        sender = self
+
+        class Handle:
+            def release_body(self) -> None:
+                pass
+
+            def cancel(self) -> None:
+                sender.started.remove(context)
+                notify(context, None, ConnectionLostError("cancelled", attempted=False))
+
+        self.started.append(context)
+        return Handle()
+
+    def abort(self) -> None:
+        pass
+
+
+class ClaimsHeld:
+    """A memory queue whose claims are answered only when the test says so."""
+
+    def __init__(self, queue: MemoryQueue) -> None:
+        self.queue = queue
+        self.claims: list[tuple[int, defer.Deferred[list[ClaimedMessage]]]] = []
+
+    def claim(self, owner: str, limit: int, *, lease: float) -> defer.Deferred[Any]:
+        d: defer.Deferred[list[ClaimedMessage]] = defer.Deferred()
+        self.claims.append((limit, d))
+        return d
+
+    def answer(self, owner: str) -> None:
+        limit, d = self.claims[-1]
+        self.queue.claim(owner, limit, lease=30).chainDeferred(d)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+
+def test_a_drain_asks_for_its_next_claim_before_its_buffer_runs_out() -> None:
+    clock = task.Clock()
+    queue = MemoryQueue(clock=clock.seconds)
+    queue.enqueue([envelope(i) for i in range(20)])
+    held = ClaimsHeld(queue)
+    sender = HangingSender()
+    drain = Drain(held, sender, retry=NO_JITTER, batch=6, reactor=clock)  # type: ignore[arg-type]
+    done = drain.run()
+    assert [limit for limit, _ in held.claims] == [6]
+    held.answer(drain.owner)
+    # Four attempts started (the sender's capacity), none ended: half the batch is left,
+    # and the next claim is already asked for (it used to wait for an empty buffer).
+    assert len(sender.started) == 4
+    assert [limit for limit, _ in held.claims] == [6, 6]
+    drain.abort()
+    held.answer(drain.owner)
+    report = done.result if done.called else None
+    assert report is not None
+    assert report.released == 12
+    assert report.sent == 0

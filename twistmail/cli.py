@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 from twisted.internet import defer, task
 
 from .errors import TwistmailError
-from .merge import commands
-from .merge.run import EXIT_USAGE, SendOptions, run
+
+EXIT_USAGE = 2
+"""Usage or configuration error: the status every command exits with for one."""
 
 __all__ = ["build_parser", "main"]
 
@@ -396,6 +397,14 @@ def _smtp_password(args: argparse.Namespace) -> str | None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``twistmail`` command."""
     args = build_parser().parse_args(argv)
+    if args.command == "drain":
+        _drain_main(args)
+        return
+    # The CSV commands' modules (templates, Markdown, the progress display) are imported for
+    # them only: a drain, often run from cron, starts ~0.15 s of CPU sooner without them.
+    from .merge import commands
+    from .merge.run import SendOptions, run
+
     if args.command == "status":
         sys.exit(commands.status(args.journal, args.limit, sys.stdout))
     if args.command == "check":
@@ -412,9 +421,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 reactor, args.port, args.maildir, sys.stdout, sys.stderr
             )
         )
-        return
-    if args.command == "drain":
-        _drain_main(args)
         return
     options = SendOptions(
         csv_path=args.recipients,

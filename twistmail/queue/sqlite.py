@@ -3,13 +3,14 @@
 :class:`SqliteQueue` provides :class:`~twistmail.interfaces.IQueue`; the ``spool`` backend
 enqueues into it and ``twistmail drain --spool PATH`` delivers from it.
 
-Each message is stored as its SMTP envelope (sender, DATA payload ready for the wire,
-Message-ID) with one row per recipient, so a message some of whose recipients were accepted is
+Each message is stored as its SMTP envelope (sender, Message-ID, and the DATA payload ready for
+the wire in a table of its own, so that changing a message's state rewrites a small row, not
+its data) with one row per recipient, so a message some of whose recipients were accepted is
 retried for the others only.
 
 Message states: ``queued`` (never tried), ``sending`` (claimed by a worker, under a lease),
 ``deferred`` (a 4xx, drop or timeout; tried again from ``due``), ``sent`` (every recipient
-accepted; the payload is then dropped, the row kept as a record) and ``failed`` (a recipient
+accepted; the payload is then deleted, the row kept as a record) and ``failed`` (a recipient
 refused permanently, or attempts ran out; kept with its reason, payload included, never
 deleted). Recipient states: ``pending``, ``sent``, ``failed``.
 
@@ -51,7 +52,7 @@ from zope.interface import implementer
 from .. import _sqlite
 from .._sqlite import SqliteThread
 from .._twisted import Reactor, default_reactor
-from ..address import parse_address, parse_sender
+from ..address import Address, parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
 from .records import MESSAGE_STATES, ClaimedMessage, Outcome, QueueError, QueueRow, QueueSummary
@@ -59,25 +60,39 @@ from .records import MESSAGE_STATES, ClaimedMessage, Outcome, QueueError, QueueR
 __all__ = ["SqliteQueue", "read_queue_status"]
 
 
-SCHEMA_VERSION: Final = "2"
-"""2 added ``messages.fence``; a version-1 file is migrated in place when opened."""
+SCHEMA_VERSION: Final = "3"
+"""2 added ``messages.fence``; 3 moved the payloads to their own table (a claim or an outcome
+rewrote the whole ~4 KB page of each message it changed) and wrote the state checks as
+comparisons (a ``CHECK (state IN (...))`` of five values made SQLite build a temporary table
+on every write of a state). Older files are migrated in place when opened."""
+
+DRAIN_CHECKPOINT_PAGES: Final = 10_000
+"""WAL pages after which a ``NORMAL`` (drain) connection checkpoints (SQLite's default: 1,000).
+
+A drain waits for its outcome commits (the duplicate bound), and the commit that checkpoints
+copies the WAL into the file and fsyncs both: fewer, larger checkpoints stall it less often
+and copy a page changed by many commits once. The WAL may grow to ~40 MB meanwhile."""
 
 _T = TypeVar("_T")
 _Op = Callable[[sqlite3.Connection, float], Any]
 Clock = Callable[[], float]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS messages (
+
+def _one_of(column: str, *values: str) -> str:
+    """``CHECK`` text: ``column`` is one of ``values`` (as ``=`` tests, never an IN list)."""
+    return " OR ".join(f"{column} = '{value}'" for value in values)
+
+
+_MESSAGES = f"""
+CREATE TABLE IF NOT EXISTS {{name}} (
     id INTEGER PRIMARY KEY,
     sender TEXT NOT NULL,
-    payload BLOB NOT NULL,
     size INTEGER NOT NULL,
     eight_bit INTEGER NOT NULL,
     smtputf8 INTEGER NOT NULL,
     message_id TEXT,
     state TEXT NOT NULL
-        CHECK (state IN ('queued', 'sending', 'deferred', 'sent', 'failed')),
+        CHECK ({_one_of("state", "queued", "sending", "deferred", "sent", "failed")}),
     attempts INTEGER NOT NULL DEFAULT 0,
     due REAL NOT NULL,
     owner TEXT,
@@ -87,50 +102,113 @@ CREATE TABLE IF NOT EXISTS messages (
     response TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_due ON messages (due, id)
-    WHERE state IN ('queued', 'deferred');
-CREATE INDEX IF NOT EXISTS messages_lease ON messages (lease_until) WHERE state = 'sending';
-CREATE TABLE IF NOT EXISTS recipients (
+)"""
+_MESSAGE_COLUMNS = (
+    "id, sender, size, eight_bit, smtputf8, message_id, state, attempts, due, owner, "
+    "lease_until, fence, code, response, created_at, updated_at"
+)
+# The DATA payload of each message not sent (a sent message's is deleted).
+_PAYLOADS = """
+CREATE TABLE IF NOT EXISTS payloads (
+    message INTEGER PRIMARY KEY REFERENCES messages (id),
+    data BLOB NOT NULL
+)"""
+_MESSAGE_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS messages_due ON messages (due, id) "
+    "WHERE state IN ('queued', 'deferred')",
+    "CREATE INDEX IF NOT EXISTS messages_lease ON messages (lease_until) WHERE state = 'sending'",
+)
+_RECIPIENTS = f"""
+CREATE TABLE IF NOT EXISTS {{name}} (
     message INTEGER NOT NULL REFERENCES messages (id),
     position INTEGER NOT NULL,
     address TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
+    state TEXT NOT NULL CHECK ({_one_of("state", "pending", "sent", "failed")}),
     code INTEGER,
     response TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (message, position)
-) WITHOUT ROWID
-"""
+) WITHOUT ROWID"""
+_RECIPIENT_COLUMNS = "message, position, address, state, code, response"
+
+_SCHEMA: Final[tuple[str, ...]] = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    _MESSAGES.format(name="messages"),
+    *_MESSAGE_INDEXES,
+    _PAYLOADS,
+    _RECIPIENTS.format(name="recipients"),
+)
+
+
+def _rebuilt(table: str, create: str, columns: str) -> tuple[str, ...]:
+    """Statements copying ``table`` into a new one made by ``create`` under the same name
+    (SQLite cannot change a table's CHECK constraints or drop a column in place)."""
+    # Table and column names are this module's constants, never input.
+    return (
+        create.format(name=f"{table}_new"),
+        f"INSERT INTO {table}_new ({columns}) SELECT {columns} FROM {table}",  # noqa: S608
+        f"DROP TABLE {table}",  # and its indexes
+        f"ALTER TABLE {table}_new RENAME TO {table}",
+    )
+
 
 # From each older schema version to the next, run in the opening transaction.
-_MIGRATIONS: Final[dict[str, str]] = {
-    "1": "ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",
+_MIGRATIONS: Final[dict[str, tuple[str, ...]]] = {
+    "1": ("ALTER TABLE messages ADD COLUMN fence INTEGER NOT NULL DEFAULT 0",),
+    "2": (
+        _PAYLOADS,
+        "INSERT INTO payloads (message, data) SELECT id, payload FROM messages "
+        "WHERE state != 'sent'",
+        *_rebuilt("messages", _MESSAGES, _MESSAGE_COLUMNS),
+        *_MESSAGE_INDEXES,
+        *_rebuilt("recipients", _RECIPIENTS, _RECIPIENT_COLUMNS),
+    ),
 }
 
 _INSERT_MESSAGE = """
-INSERT INTO messages (sender, payload, size, eight_bit, smtputf8, message_id, state, due,
-                      created_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)
+INSERT INTO messages (sender, size, eight_bit, smtputf8, message_id, state, due, created_at,
+                      updated_at)
+VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)
 """
 
+# Each arm takes at most ``limit`` from its own index before the merge, so a claim reads about
+# ``limit`` index entries however many messages wait (one ORDER BY over the whole UNION sorted
+# every due message on every claim).
 _CLAIM = """
 UPDATE messages SET state = 'sending', owner = ?, lease_until = ?, fence = fence + 1,
     updated_at = ?
 WHERE id IN (
     SELECT id FROM (
-        SELECT id, due FROM messages WHERE state IN ('queued', 'deferred') AND due <= ?
+        SELECT * FROM (
+            SELECT id, due FROM messages WHERE state IN ('queued', 'deferred') AND due <= ?
+            ORDER BY due, id LIMIT ?
+        )
         UNION ALL
-        SELECT id, due FROM messages WHERE state = 'sending' AND lease_until <= ?
+        SELECT * FROM (
+            SELECT id, due FROM messages WHERE state = 'sending' AND lease_until <= ?
+            ORDER BY due, id LIMIT ?
+        )
     ) ORDER BY due, id LIMIT ?
 )
-RETURNING id, fence, sender, payload, size, eight_bit, smtputf8, message_id, attempts
+RETURNING id, fence, sender, (SELECT data FROM payloads WHERE message = messages.id), size,
+    eight_bit, smtputf8, message_id, attempts,
+    (SELECT group_concat(position || ' ' || address, char(10)) FROM recipients
+     WHERE message = messages.id AND state = 'pending')
+"""
+
+# A recipient refused by an earlier attempt (only a message attempted before can have one).
+_REFUSED_BEFORE = """
+SELECT address, code, response FROM recipients WHERE message = ? AND state = 'failed'
+ORDER BY position LIMIT 1
 """
 
 _RECORD = """
 UPDATE messages SET state = ?, attempts = ?, due = ?, code = ?, response = ?, owner = NULL,
-    lease_until = NULL, updated_at = ?,
-    payload = CASE WHEN ? = 'sent' THEN x'' ELSE payload END
+    lease_until = NULL, updated_at = ?
 WHERE id = ? AND owner = ? AND fence = ? AND state = 'sending'
+"""
+
+_RECORD_RECIPIENT = """
+UPDATE recipients SET state = ?, code = ?, response = ? WHERE message = ? AND position = ?
 """
 
 _RELEASE = """
@@ -165,6 +243,8 @@ def _connect(
             _check_or_create_schema(conn, path)
         # Only once the file is known to be a queue (another database is left as it was).
         _sqlite.configure(conn, synchronous, lambda text: QueueError(f"{path}: {text}"))
+        if synchronous == "NORMAL":
+            conn.execute(f"PRAGMA wal_autocheckpoint = {DRAIN_CHECKPOINT_PAGES}")
     except sqlite3.DatabaseError as e:
         conn.close()
         raise QueueError(f"{path}: not a twistmail spool ({e})") from e
@@ -179,9 +259,8 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: str) -> None:
         name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
     if not tables:
-        for statement in _SCHEMA.split(";"):  # not executescript(): it would COMMIT
-            if statement.strip():
-                conn.execute(statement)
+        for statement in _SCHEMA:  # not executescript(): it would COMMIT
+            conn.execute(statement)
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('kind', 'twistmail-spool'), "
             "('schema_version', ?)",
@@ -198,7 +277,8 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: str) -> None:
             f"(schema {SCHEMA_VERSION}) cannot use; upgrade twistmail to use this file"
         )
     while version in _MIGRATIONS:
-        conn.execute(_MIGRATIONS[version])
+        for statement in _MIGRATIONS[version]:
+            conn.execute(statement)
         version = str(int(version) + 1)
     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
 
@@ -216,7 +296,6 @@ def _insert(envelopes: Sequence[Envelope], conn: sqlite3.Connection, now: float)
             _INSERT_MESSAGE,
             (
                 str(env.sender),
-                env.payload,
                 env.size,
                 int(env.eight_bit),
                 int(env.smtputf8),
@@ -228,6 +307,7 @@ def _insert(envelopes: Sequence[Envelope], conn: sqlite3.Connection, now: float)
         )
         message = cursor.lastrowid
         assert message is not None
+        conn.execute("INSERT INTO payloads (message, data) VALUES (?, ?)", (message, env.payload))
         conn.executemany(
             "INSERT INTO recipients (message, position, address, state) VALUES (?, ?, ?, "
             "'pending')",
@@ -241,37 +321,36 @@ def _claim(
     owner: str, limit: int, lease: float, conn: sqlite3.Connection, now: float
 ) -> list[ClaimedMessage]:
     # max(0, ...): SQLite reads a negative LIMIT as no limit at all.
-    rows = conn.execute(_CLAIM, (owner, now + lease, now, now, now, max(0, limit))).fetchall()
+    limit = max(0, limit)
+    rows = conn.execute(_CLAIM, (owner, now + lease, now, now, limit, now, limit, limit)).fetchall()
+    rows.sort()  # by id
+    senders: dict[str, Address] = {}
     claimed = []
-    for row in sorted(rows, key=lambda r: r[0]):
-        message, fence, sender, payload, size, eight_bit, smtputf8, message_id, attempts = row
-        positions, addresses = [], []
-        refused: tuple[str, int | None, str] | None = None
-        for position, address, state, code, response in conn.execute(
-            "SELECT position, address, state, code, response FROM recipients WHERE message = ? "
-            "ORDER BY position",
-            (message,),
-        ):
-            if state == "pending":
-                positions.append(position)
-                addresses.append(parse_address(address, field="recipients"))
-            elif state == "failed" and refused is None:
-                refused = (address, code, response)
-        envelope = Envelope(
-            sender=parse_sender(sender, field="sender"),
-            recipients=tuple(addresses),
-            payload=bytes(payload),
-            size=size,
-            eight_bit=bool(eight_bit),
-            smtputf8=bool(smtputf8),
-            message_id=message_id,
-        )
+    for row in rows:
+        message, fence, sender, payload, size, eight_bit, smtputf8, mid, attempts, pending = row
+        # Each pending recipient as "position address", one a line, in position order
+        # (addresses hold no line break: they were parsed when enqueued).
+        positions, addresses = _pending(pending or "")
+        envelope_sender = senders.get(sender)
+        if envelope_sender is None:
+            envelope_sender = senders[sender] = parse_sender(sender, field="sender")
+        refused = None
+        if attempts:
+            refused = conn.execute(_REFUSED_BEFORE, (message,)).fetchone()
         claimed.append(
             ClaimedMessage(
                 id=message,
                 fence=fence,
-                envelope=envelope,
-                positions=tuple(positions),
+                envelope=Envelope(
+                    envelope_sender,
+                    addresses,
+                    payload,
+                    size,
+                    bool(eight_bit),
+                    bool(smtputf8),
+                    mid,
+                ),
+                positions=positions,
                 attempts=attempts,
                 refused_before=refused,
             )
@@ -279,20 +358,36 @@ def _claim(
     return claimed
 
 
+def _pending(lines: str) -> tuple[tuple[int, ...], tuple[Address, ...]]:
+    """The positions and addresses of ``"position address"`` lines, by position."""
+    pairs = [line.split(" ", 1) for line in lines.split("\n")] if lines else []
+    if len(pairs) > 1:
+        pairs.sort(key=lambda pair: int(pair[0]))
+    return (
+        tuple(int(position) for position, _ in pairs),
+        tuple(parse_address(address, field="recipients") for _, address in pairs),
+    )
+
+
 def _record(owner: str, outcome: Outcome, conn: sqlite3.Connection, now: float) -> bool:
     o = outcome
     due = now + o.retry_in if o.state == "deferred" else now
     cursor = conn.execute(
-        _RECORD,
-        (o.state, o.attempts, due, o.code, o.response, now, o.state, o.id, owner, o.fence),
+        _RECORD, (o.state, o.attempts, due, o.code, o.response, now, o.id, owner, o.fence)
     )
     if cursor.rowcount != 1:
         return False  # the lease expired and another claim took the message over
-    conn.executemany(
-        "UPDATE recipients SET state = ?, code = ?, response = ? "
-        "WHERE message = ? AND position = ?",
-        [(state, code, text, o.id, position) for position, state, code, text in o.recipients],
-    )
+    recipients = o.recipients
+    if len(recipients) == 1:
+        ((position, state, code, text),) = recipients
+        conn.execute(_RECORD_RECIPIENT, (state, code, text, o.id, position))
+    else:
+        conn.executemany(
+            _RECORD_RECIPIENT,
+            [(state, code, text, o.id, position) for position, state, code, text in recipients],
+        )
+    if o.state == "sent":
+        conn.execute("DELETE FROM payloads WHERE message = ?", (o.id,))
     return True
 
 

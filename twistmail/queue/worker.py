@@ -68,10 +68,18 @@ class DrainReport:
 
 def outcome_of(claimed: ClaimedMessage, planned: Plan) -> Outcome:
     """The queue record of one planned attempt at ``claimed``."""
-    recipients = tuple(
-        (position, _STATES[o.status], o.code, o.response)
-        for position, o in zip(claimed.positions, planned.outcomes, strict=True)
-    )
+    result = planned.result
+    if planned.state == "sent" and result is not None and result.accepted_all:
+        # Every recipient's fate is the final reply: no per-recipient outcome to build.
+        code, text = result.code, result.text
+        recipients: tuple[tuple[int, RecipientState, int | None, str], ...] = tuple(
+            (position, "sent", code, text) for position in claimed.positions
+        )
+    else:
+        recipients = tuple(
+            (position, _STATES[o.status], o.code, o.response)
+            for position, o in zip(claimed.positions, planned.outcomes, strict=True)
+        )
     return Outcome(
         id=claimed.id,
         fence=claimed.fence,
@@ -153,6 +161,7 @@ class Drain:
         self.retry = retry
         self.limit = limit
         self.batch = batch or max(10, 2 * mailer.capacity)
+        self._low_water = self.batch // 2
         self.lease = lease
         self.owner = owner or f"{socket.gethostname()}:{secrets.token_hex(8)}"
         self.report = DrainReport()
@@ -217,10 +226,13 @@ class Drain:
     # ------------------------------------------------------------------ the loop's door
 
     def next_job(self) -> Job | None:
-        """The next claimed message; claims more when the buffer runs out."""
-        if self._buffer:
-            return self._buffer.popleft()
-        self._claim()
+        """The next claimed message; claims more once half a batch is left, so that the
+        next claim is answered before the buffer runs out."""
+        buffer = self._buffer
+        if len(buffer) <= self._low_water and self._claiming is None and not self._exhausted:
+            self._claim()
+        if buffer:
+            return buffer.popleft()
         return None
 
     def wake_in(self) -> float | None:
