@@ -1,6 +1,7 @@
 """The ``twistmail`` command: argument parsing only; the work is in :mod:`twistmail.merge`.
 
-Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture`` and ``drain``.
+Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture``, ``drain`` and ``serve``
+(the relay in the foreground: the same service as ``twistd -n twistmail``).
 Exit status: 0 every recipient sent; 1 some recipients failed or were invalid; 2 usage,
 configuration or template error (nothing sent); 3 interrupted, or rows remain to send.
 """
@@ -203,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
     _drain_parser(sub)
+    sub.add_parser(
+        "serve",
+        help="run the mail relay in the foreground (as twistd -n twistmail)",
+        description="Run the relay: SMTP submission in, a durable queue, delivery upstream. "
+        "See twistmail serve --help for its options.",
+    )
     return parser
 
 
@@ -393,6 +400,10 @@ def _smtp_password(args: argparse.Namespace) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``twistmail`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        serve(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     if args.command == "status":
         sys.exit(commands.status(args.journal, args.limit, sys.stdout))
@@ -431,6 +442,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if code is not None:
             sys.exit(code)
     _react_exit(lambda reactor: run(options, reactor))
+
+
+def serve(options: Sequence[str]) -> None:
+    """``twistmail serve [OPTIONS]``: the relay in the foreground, logging to stdout.
+
+    The options are those of ``twistd twistmail`` (``twistmail serve --help`` lists them).
+    """
+    from twisted.scripts import twistd
+
+    # twistd reads sys.argv: the relay's options follow the plugin's name.
+    sys.argv = ["twistmail serve", "--nodaemon", "--pidfile=", "twistmail", *options]
+    twistd.run()
 
 
 def _react_exit(command: Callable[[Any], defer.Deferred[int]]) -> None:
