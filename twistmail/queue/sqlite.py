@@ -139,6 +139,12 @@ UPDATE messages SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred'
 WHERE id = ? AND owner = ? AND fence = ? AND state = 'sending'
 """
 
+_TAKE_BACK = """
+UPDATE messages SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
+    owner = NULL, lease_until = NULL, updated_at = ?
+WHERE state = 'sending' AND substr(owner, 1, ?) = ?
+"""
+
 _NEXT_DUE = """
 SELECT min(at) FROM (
     SELECT min(due) AS at FROM messages WHERE state IN ('queued', 'deferred')
@@ -304,6 +310,15 @@ def _release(
     )
 
 
+def _take_back(prefix: str, conn: sqlite3.Connection, now: float) -> int:
+    return conn.execute(_TAKE_BACK, (now, len(prefix), prefix)).rowcount
+
+
+def _queued_at(conn: sqlite3.Connection, message: int) -> float | None:
+    row = conn.execute("SELECT created_at FROM messages WHERE id = ?", (message,)).fetchone()
+    return None if row is None else float(row[0])
+
+
 def _renew(owner: str, lease: float, conn: sqlite3.Connection, now: float) -> int:
     cursor = conn.execute(
         "UPDATE messages SET lease_until = ? WHERE owner = ? AND state = 'sending'",
@@ -452,6 +467,11 @@ class SqliteQueue:
         """Extend every lease ``owner`` holds to ``lease`` seconds from now; fires with how many."""
         return self._write(lambda conn, now: _renew(owner, lease, conn, now))
 
+    def take_back(self, owner_prefix: str) -> defer.Deferred[int]:
+        """Give back at once every claim of the owners whose token starts with
+        ``owner_prefix`` (owners known to be dead), counting no attempt; fires with how many."""
+        return self._write(lambda conn, now: _take_back(owner_prefix, conn, now))
+
     def _write(self, op: _Op) -> defer.Deferred[Any]:
         return self._db.submit(op)
 
@@ -473,6 +493,10 @@ class SqliteQueue:
     def unsent(self, limit: int = 20) -> defer.Deferred[list[QueueRow]]:
         """The first ``limit`` messages not sent, with their recipients' states."""
         return self._db.read(_unsent, limit)
+
+    def queued_at(self, message: int) -> defer.Deferred[float | None]:
+        """When message ``message`` was enqueued (the queue's clock); None if there is none."""
+        return self._db.read(_queued_at, message)
 
     def settings(self) -> defer.Deferred[tuple[str, int]]:
         """``(journal_mode, synchronous)`` of this queue's own connection (2 is FULL)."""
