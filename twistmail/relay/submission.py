@@ -1,0 +1,478 @@
+"""The relay's SMTP submission server, on Twisted's ESMTP server.
+
+:class:`SubmissionFactory` makes one :class:`Submission` protocol per connection. A message is
+answered ``250 2.0.0 Ok: queued as ID`` only once ``accept(envelope)`` fired, i.e. once the
+queue committed (and fsync'd) it; a failed commit is answered 451 and nothing of it stays.
+
+What a client may do is bounded: connections (in all, and per client address), the message
+size (``SIZE``, enforced on the bytes whatever the client declared), recipients per message,
+the length of a line, the idle time between commands and the time a message's DATA may take.
+Without AUTH only clients in ``allow_from`` may submit (530 at ``MAIL``: no open relay). A
+first line that looks like HTTP is dropped. A bare CR or LF inside DATA is refused (550
+5.6.11), never forwarded.
+
+Replies keep their order under PIPELINING: while a message's commit is pending, no further
+command is read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from ..address import Address
+from ..message import Envelope
+from .config import RelayConfig
+from .incoming import Incoming, PathError, parse_path, received_header
+
+__all__ = ["Submission", "SubmissionFactory"]
+
+log = Logger()
+
+# A first line an HTTP client would send (a browser tricked into talking to the port, or a
+# cross-protocol attack): never answered as SMTP.
+_HTTP = re.compile(
+    rb"\A(?:(?:GET|POST|PUT|HEAD|DELETE|OPTIONS|PATCH|CONNECT|TRACE) \S|[A-Za-z-]+: )"
+)
+_COMMAND_LINE_MAX = 2048  # RFC 5321 allows 512; ESMTP parameters make it a bit longer
+_DATA_LINE_MAX = 65536  # Twisted's line reader stops at 16 KB; real mail has longer lines
+
+
+class Submission(smtp.ESMTP):
+    """One SMTP submission session (see the module's docstring)."""
+
+    factory: SubmissionFactory
+    transport: Any  # a TCP (or TLS) transport: ITransport lacks pause/abort/getHost
+    noisy = False
+
+    def __init__(self, factory: SubmissionFactory) -> None:
+        super().__init__(chal=factory.challengers(), contextFactory=factory.tls)
+        self.factory = factory
+        config = factory.config
+        self.host = config.hostname.encode("idna")
+        self.timeout = config.idle_timeout  # type: ignore[assignment]  # float seconds
+        self._buffer = b""
+        self._waiting = False  # a reply is pending: read no further command
+        self._lines_seen = 0
+        self._incoming: Incoming | None = None
+        self._params_smtputf8 = False
+        self._data_timer: IDelayedCall | None = None
+        self._closing = False
+        self.client_ip = ""
+
+    # ------------------------------------------------------------------ connection
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = str(getattr(peer, "host", peer))
+        refusal = self.factory.opened(self)
+        if refusal is not None:
+            self.sendLine(b"421 " + refusal.encode())
+            self.transport.loseConnection()
+            return
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_data_timer()
+        self.factory.closed(self)
+        super().connectionLost(reason)
+
+    def greeting(self) -> bytes:
+        host: bytes = self.host
+        return host + b" ESMTP twistmail"
+
+    @property
+    def busy(self) -> bool:
+        """Whether a message is being received or committed (a stop lets it finish)."""
+        return self._incoming is not None or self._waiting
+
+    def shut_down(self) -> None:
+        """The relay stops: 421 now, or once the message being received is answered."""
+        self._closing = True
+        if not self.busy:
+            self._say_goodbye()
+
+    def _say_goodbye(self) -> None:
+        self.sendCode(421, self.host + b" 4.3.2 Service shutting down, try again later")
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        self.sendCode(421, b"4.4.2 " + self.host + b" Idle too long, closing the connection")
+        self.transport.loseConnection()
+
+    # ------------------------------------------------------------------ line reading
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if not self._waiting:
+            self._read_lines()
+
+    def _read_lines(self) -> None:
+        lines = self._buffer.split(b"\r\n")
+        rest = lines.pop()
+        for i, line in enumerate(lines):
+            if self._waiting or self.transport.disconnecting:
+                self._buffer = b"\r\n".join([*lines[i:], rest])
+                return
+            limit = _DATA_LINE_MAX if self._incoming is not None else _COMMAND_LINE_MAX
+            if len(line) > limit:
+                self._line_too_long()
+                continue
+            self.lineReceived(line)
+        self._buffer = rest
+        limit = _DATA_LINE_MAX if self._incoming is not None else _COMMAND_LINE_MAX
+        if len(rest) > limit:
+            self._buffer = b""
+            self._line_too_long()
+
+    def _line_too_long(self) -> None:
+        if self._incoming is not None:
+            # The rest of this message cannot be trusted to be framed as the client meant.
+            self._incoming = None
+            self._cancel_data_timer()
+            self.sendCode(500, b"5.5.6 Line too long (the limit is 64 KB); closing")
+        else:
+            self.sendCode(500, b"5.5.2 Command line too long; closing")
+        self.transport.loseConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        incoming = self._incoming
+        if incoming is not None:
+            if line == b".":
+                self._end_of_data(incoming)
+            else:
+                incoming.line(line)
+            return
+        self._lines_seen += 1
+        if self._lines_seen == 1 and _HTTP.match(line):
+            log.info("dropped a connection from {client} that spoke HTTP", client=self.client_ip)
+            self.transport.abortConnection()
+            return
+        super().lineReceived(line)
+
+    def pause(self) -> None:
+        """Read no further command until :meth:`resume` (a reply is pending)."""
+        self._waiting = True
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        """Reading goes on (the pending reply was sent)."""
+        self._waiting = False
+        if self.transport.disconnecting:
+            return
+        if self._closing and not self.busy:
+            self._say_goodbye()
+            return
+        self.transport.resumeProducing()
+        self._read_lines()
+
+    # ------------------------------------------------------------------ commands
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        ext: dict[bytes, list[bytes] | None] = {
+            b"SIZE": [str(self.factory.config.max_message_size).encode()],
+            b"PIPELINING": None,
+            b"8BITMIME": None,
+            b"SMTPUTF8": None,
+            b"ENHANCEDSTATUSCODES": None,
+        }
+        if self.canStartTLS and not self.startedTLS:
+            ext[b"STARTTLS"] = None
+        if self.challengers and self._may_authenticate():
+            ext[b"AUTH"] = list(self.challengers)
+        return ext
+
+    def _may_authenticate(self) -> bool:
+        """AUTH only over TLS, or on a loopback listener: a password never crosses in clear."""
+        return self.startedTLS or _is_loopback(getattr(self.transport.getHost(), "host", ""))
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        if not self._may_authenticate():
+            self.sendCode(538, b"5.7.11 Encryption required: use STARTTLS first")
+            return
+        super().ext_AUTH(rest)
+
+    def do_HELO(self, rest: bytes) -> None:
+        self._reset()
+        super().do_HELO(rest)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        self._reset()
+        super().do_EHLO(rest)
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._reset()
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.sendCode(221, b"2.0.0 Bye")
+        self.transport.loseConnection()
+
+    def do_UNKNOWN(self, rest: bytes) -> None:
+        self.sendCode(502, b"5.5.2 Command not recognized")
+
+    def _reset(self) -> None:
+        self._from: Address | None = None
+        self._to: list[Address] = []
+        self._params_smtputf8 = False
+
+    def do_MAIL(self, rest: bytes) -> None:
+        if self._closing:
+            self._say_goodbye()
+            return
+        if self._from is not None:
+            self.sendCode(503, b"5.5.1 Error: nested MAIL command")
+            return
+        if not self.authenticated and not self.factory.allowed(self.client_ip):
+            self.sendCode(530, b"5.7.0 Authentication required")
+            return
+        try:
+            sender, params = parse_path(rest, b"FROM", null_ok=True)
+        except PathError as e:
+            self.sendCode(e.code, e.text.encode("utf-8", "replace"))
+            return
+        limit = self.factory.config.max_message_size
+        declared = params.pop("SIZE", None)
+        if declared is not None:
+            if not declared.isdigit():
+                self.sendCode(501, b"5.5.4 Bad SIZE parameter")
+                return
+            if int(declared) > limit:
+                self.sendCode(552, b"5.3.4 Message size exceeds fixed limit of %d" % limit)
+                return
+        body = params.pop("BODY", "7BIT")
+        if (body or "").upper() not in ("7BIT", "8BITMIME"):
+            self.sendCode(501, b"5.5.4 BODY must be 7BIT or 8BITMIME")
+            return
+        smtputf8 = "SMTPUTF8" in params
+        params.pop("SMTPUTF8", None)
+        params.pop("AUTH", None)
+        if params:
+            unknown = ", ".join(sorted(params)).encode("ascii", "replace")
+            self.sendCode(555, b"5.5.4 Unsupported MAIL parameter: " + unknown)
+            return
+        self._from = sender
+        self._to = []
+        self._params_smtputf8 = smtputf8
+        self.sendCode(250, b"2.1.0 Ok")
+
+    def do_RCPT(self, rest: bytes) -> None:
+        if self._from is None:
+            self.sendCode(503, b"5.5.1 Error: need MAIL command")
+            return
+        try:
+            recipient, params = parse_path(rest, b"TO", null_ok=False)
+        except PathError as e:
+            self.sendCode(e.code, e.text.encode("utf-8", "replace"))
+            return
+        if params:
+            unknown = ", ".join(sorted(params)).encode("ascii", "replace")
+            self.sendCode(555, b"5.5.4 Unsupported RCPT parameter: " + unknown)
+            return
+        if recipient.needs_smtputf8 and not self._params_smtputf8:
+            self.sendCode(553, b"5.6.7 A non-ASCII address needs MAIL FROM:<...> SMTPUTF8")
+            return
+        if len(self._to) >= self.factory.config.max_recipients:
+            self.sendCode(452, b"4.5.3 Error: too many recipients")
+            return
+        if recipient not in self._to:
+            self._to.append(recipient)
+        self.sendCode(250, b"2.1.5 Ok")
+
+    def do_DATA(self, rest: bytes) -> None:
+        if self._from is None:
+            self.sendCode(503, b"5.5.1 Error: need MAIL command")
+            return
+        if not self._to:
+            self.sendCode(554, b"5.5.1 Error: no valid recipients")
+            return
+        if rest.strip():
+            self.sendCode(501, b"5.5.4 Syntax: DATA")
+            return
+        self._incoming = Incoming(
+            self._from,
+            self._to,
+            self.factory.config.max_message_size,
+            smtputf8=self._params_smtputf8 or self._from.needs_smtputf8,
+        )
+        self._reset()
+        self._data_timer = self.factory.clock.callLater(
+            self.factory.config.data_timeout, self._data_too_slow
+        )
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _data_too_slow(self) -> None:
+        self._data_timer = None
+        self._incoming = None
+        self.sendCode(421, b"4.4.2 " + self.host + b" DATA took too long, closing")
+        self.transport.loseConnection()
+
+    def _cancel_data_timer(self) -> None:
+        if self._data_timer is not None and self._data_timer.active():
+            self._data_timer.cancel()
+        self._data_timer = None
+
+    def _end_of_data(self, incoming: Incoming) -> None:
+        self._incoming = None
+        self._cancel_data_timer()
+        problem = incoming.problem()
+        if problem is not None:
+            code, text = problem
+            log.info(
+                "refused a message from {client}: {code} {text}",
+                client=self.client_ip,
+                code=code,
+                text=text,
+            )
+            self.sendCode(code, text.encode())
+            self._after_reply()
+            return
+        helo = (self._helo[0] or b"").decode("ascii", "replace") if self._helo else ""
+        protocol = "ESMTP" + ("S" if self.startedTLS else "") + ("A" if self.authenticated else "")
+        received = received_header(
+            helo=helo,
+            client_ip=self.client_ip,
+            hostname=self.factory.config.hostname,
+            protocol=protocol,
+            recipients=tuple(incoming.recipients),
+            now=self.factory.clock.seconds(),
+        )
+        envelope = incoming.envelope(received, self.factory.config.hostname)
+        self.pause()
+        self.factory.accept(envelope, self.client_ip).addCallbacks(
+            self._queued, self._not_queued
+        ).addBoth(lambda _: self.resume())
+
+    def _queued(self, queue_id: int) -> None:
+        self.sendCode(250, b"2.0.0 Ok: queued as %d" % queue_id)
+
+    def _not_queued(self, failure: Failure) -> None:
+        log.failure("could not queue a message from {client}", failure, client=self.client_ip)
+        self.sendCode(451, b"4.3.0 Error: queue file write error, try again later")
+
+    def _after_reply(self) -> None:
+        if self._closing:
+            self._say_goodbye()
+
+
+class SubmissionFactory(ServerFactory):
+    """Submission sessions sharing the relay's limits; ``accept`` queues one message.
+
+    ``accept(envelope, client)`` fires with the queue id once the message is committed.
+    ``portal`` (with ``challengers``) enables AUTH; ``tls`` a server TLS context enables
+    STARTTLS.
+    """
+
+    protocol = Submission  # type: ignore[assignment]  # made by buildProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        accept: Callable[[Envelope, str], defer.Deferred[int]],
+        *,
+        clock: Any,
+        portal: Any = None,
+        mechanisms: dict[bytes, Any] | None = None,
+        tls: Any = None,
+        on_session: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.accept = accept
+        self.clock = clock
+        self.portal = portal
+        self._mechanisms = mechanisms or {}
+        self.tls = tls
+        self.sessions: set[Submission] = set()
+        self._per_client: Counter[str] = Counter()
+        self._on_session = on_session
+        self._gone: defer.Deferred[None] | None = None
+        self.accepting = True
+
+    def buildProtocol(self, addr: Any) -> Submission:  # type: ignore[override]
+        protocol = Submission(self)
+        protocol.portal = self.portal
+        return protocol
+
+    def challengers(self) -> dict[bytes, Any]:
+        """The AUTH mechanisms a session may offer (none without a users file)."""
+        return dict(self._mechanisms) if self.portal is not None else {}
+
+    def allowed(self, client_ip: str) -> bool:
+        """Whether ``client_ip`` may submit without AUTH (``--allow-from``)."""
+        try:
+            address = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.config.allow_from)
+
+    def opened(self, session: Submission) -> str | None:
+        """Count a new session; the 421 text if a connection limit refuses it."""
+        if not self.accepting:
+            return "4.3.2 Service shutting down, try again later"
+        if len(self.sessions) >= self.config.max_connections:
+            return "4.7.0 Too many connections, try again later"
+        if self._per_client[session.client_ip] >= self.config.max_connections_per_client:
+            return "4.7.0 Too many connections from your address, try again later"
+        self.sessions.add(session)
+        self._per_client[session.client_ip] += 1
+        if self._on_session is not None:
+            self._on_session(len(self.sessions))
+        return None
+
+    def closed(self, session: Submission) -> None:
+        """A session ended."""
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self._per_client[session.client_ip] -= 1
+        if not self._per_client[session.client_ip]:
+            del self._per_client[session.client_ip]
+        if self._on_session is not None:
+            self._on_session(len(self.sessions))
+        if not self.sessions and self._gone is not None:
+            gone, self._gone = self._gone, None
+            gone.callback(None)
+
+    def shut_down(self, grace: float) -> defer.Deferred[None]:
+        """Refuse new sessions, end idle ones with 421, let messages in DATA finish; fires once
+        every session is gone (those left after ``grace`` seconds are cut off)."""
+        self.accepting = False
+        for session in list(self.sessions):
+            session.shut_down()
+        if not self.sessions:
+            return defer.succeed(None)
+        gone: defer.Deferred[None] = defer.Deferred()
+        self._gone = gone
+        timer = self.clock.callLater(grace, self._cut_off)
+        return gone.addBoth(lambda r: timer.cancel() if timer.active() else None)
+
+    def _cut_off(self) -> None:
+        for session in list(self.sessions):
+            session.transport.abortConnection()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
