@@ -66,8 +66,27 @@ class RelayWorker(Drain):
         self._age = age
         self._timer: IDelayedCall | None = None
         self._asking: defer.Deferred[Any] | None = None
+        self._ask_again = False
         self._running = False
         self._stopped = False
+        self._loop._on_server = self._upstream_changed  # the drain's loop, told of outages
+
+    @property
+    def upstream_error(self) -> str | None:
+        """What is wrong with the upstream (unreachable, refusing), None while it works."""
+        error = self._loop.server_error
+        return None if error is None else str(error)
+
+    def _upstream_changed(self, error: object, retry_in: float) -> None:
+        if error is None:
+            log.info("the upstream works again")
+        else:
+            log.warn(
+                "the upstream cannot be reached, messages stay queued (next try in {delay:g} s): "
+                "{error}",
+                delay=retry_in,
+                error=str(error),
+            )
 
     @property
     def running(self) -> bool:
@@ -140,21 +159,41 @@ class RelayWorker(Drain):
         self._waiting_at_start = self.report.claimed + self.batch
         super()._claim()
 
+    def _claim_failed(self, failure: Any) -> None:
+        # A store that cannot be written now (locked, disk full) is tried again shortly: the
+        # relay keeps running and its health shows the problem.
+        self._claiming = None
+        self._exhausted = True
+        log.failure("claiming from the queue failed; trying again in 5 s", failure)
+        if not self._stopped and self._timer is None:
+            self._timer = self._reactor.callLater(5.0, self._due)
+
     # ------------------------------------------------------------------ sleeping
 
     def _sleep(self) -> None:
-        """Nothing was due: ask the queue when something will be, and wake then."""
-        if self._asking is not None or self._timer is not None:
+        """Nothing was due: ask the queue when something will be, and wake then.
+
+        Asked again each time the loop goes idle (an outcome committed since may have made
+        a message due sooner); an answer that arrives while a newer question is pending is
+        dropped in favour of the newer one.
+        """
+        if self._asking is not None:
+            self._ask_again = True
             return
+        self._ask_again = False
         self._asking = asking = self.spool.next_due()
 
         def answered(delay: float | None) -> None:
             self._asking = None
-            if self._stopped or not self._exhausted or self._timer is not None:
+            if self._ask_again:
+                self._sleep()
                 return
+            if self._stopped or not self._exhausted:
+                return
+            self._cancel_timer()
             if delay is None:
                 return  # nothing waits: only wake() starts the worker again
-            self._timer = self._reactor.callLater(max(delay, 0.05), self._due)
+            self._timer = self._reactor.callLater(max(delay, 0.01), self._due)
 
         def failed(failure: Any) -> None:
             self._asking = None
