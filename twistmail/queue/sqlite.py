@@ -413,6 +413,7 @@ class SqliteQueue:
         clock: Clock = time.time,
         synchronous: _sqlite.Synchronous = "FULL",
         reactor: Reactor | None = None,
+        close_at_shutdown: bool = True,
     ) -> defer.Deferred[SqliteQueue]:
         """Open the spool file at ``path``, creating it unless ``create`` is false.
 
@@ -421,6 +422,8 @@ class SqliteQueue:
         what an enqueue needs) or ``"NORMAL"`` (a commit survives a killed process but a power
         cut may lose the last ones: enough for a drain's outcome records, whose loss means a
         message is sent again, as with the campaign journal).
+        ``close_at_shutdown=False`` leaves closing to the caller during reactor shutdown (a
+        service that records outcomes while it stops).
         A version-1 file is migrated in place. Fails with :class:`QueueError` for a missing
         file (``create=False``), a file that is not a spool, or one of a newer version.
         """
@@ -436,7 +439,15 @@ class SqliteQueue:
             def commit(conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
                 return _run_group(conn, ops, clock())
 
-            db = SqliteThread(name, conn, pool, reactor, commit=commit, closed=QueueError)
+            db = SqliteThread(
+                name,
+                conn,
+                pool,
+                reactor,
+                commit=commit,
+                closed=QueueError,
+                close_at_shutdown=close_at_shutdown,
+            )
             return cls(db, clock)
 
         return d.addCallback(opened)
