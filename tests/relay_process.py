@@ -25,7 +25,12 @@ class RelayProcess:
     """
 
     def __init__(
-        self, queue_path: Path, upstream_port: int, *options: str, http: str = "none"
+        self,
+        queue_path: Path,
+        upstream_port: int,
+        *options: str,
+        http: str = "none",
+        port: int = 0,
     ) -> None:
         self.queue_path = queue_path
         self.argv = [
@@ -38,7 +43,7 @@ class RelayProcess:
             "--queue",
             f"sqlite:{queue_path}",
             "--submission",
-            "tcp:0:interface=127.0.0.1",
+            f"tcp:{port}:interface=127.0.0.1",
             "--http",
             http,
             "--hostname",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import signal
 import socket
 import time
 from typing import Any
@@ -118,7 +119,10 @@ class RelayService(MultiService):
 
     async def _start(self) -> None:
         config = self.config
-        self.queue = queue = await SqliteQueue.open(config.queue_path, reactor=self.reactor)
+        # Closed by stopService, after the outcomes of deliveries in flight are recorded.
+        self.queue = queue = await SqliteQueue.open(
+            config.queue_path, reactor=self.reactor, close_at_shutdown=False
+        )
         taken = await queue.take_back(OWNER_PREFIX)
         if taken:
             log.info("took back {n} messages claimed by a relay that died", n=taken)
@@ -224,4 +228,9 @@ class RelayService(MultiService):
         if self.queue is not None:
             await self.queue.close()
         self.lock.release()
+        # twistd re-raises the signal that stopped the reactor once it has run down (so the exit
+        # status says "killed by SIGTERM"); a relay that stopped cleanly exits 0 instead, as
+        # service managers and scripts expect of a graceful stop.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None  # type: ignore[attr-defined]
         log.info("stopped")
