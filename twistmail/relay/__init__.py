@@ -1,0 +1,1 @@
+"""The relay: ``twistd twistmail``, SMTP submission in, a durable queue, delivery out."""
