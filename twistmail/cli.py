@@ -1,7 +1,8 @@
 """The ``twistmail`` command: argument parsing only; the work is in :mod:`twistmail.merge`.
 
-Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture``, ``drain`` and ``serve``
-(the relay in the foreground: the same service as ``twistd -n twistmail``).
+Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture``, ``drain``, ``users``
+(the relay's AUTH users file) and ``serve`` (the relay in the foreground: the same service as
+``twistd -n twistmail``).
 Exit status: 0 every recipient sent; 1 some recipients failed or were invalid; 2 usage,
 configuration or template error (nothing sent); 3 interrupted, or rows remain to send.
 """
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
     _drain_parser(sub)
+    _users_parser(sub)
     sub.add_parser(
         "serve",
         help="run the mail relay in the foreground (as twistd -n twistmail)",
@@ -211,6 +213,46 @@ def build_parser() -> argparse.ArgumentParser:
         "See twistmail serve --help for its options.",
     )
     return parser
+
+
+_USERS_EXAMPLE = """\
+examples:
+  twistmail users add alice --users-file /etc/twistmail/users    (prompts twice)
+  printf '%s\\n' "$PASSWORD" | twistmail users add alice --users-file /etc/twistmail/users
+  twistmail users remove alice --users-file /etc/twistmail/users
+  twistmail users list --users-file /etc/twistmail/users
+
+The password is read from the terminal (twice), or from the first line of standard input when
+it is not a terminal; never from the command line. The file is replaced atomically, mode 0600.
+exit status: 0 done; 1 no such user (remove); 2 bad name, password or file.
+"""
+
+
+def _users_parser(sub: Any) -> None:
+    from .relay.users import DEFAULT_USERS_FILE
+
+    users = sub.add_parser(
+        "users",
+        help="add, remove or list the relay's AUTH users",
+        description="Manage the users file the relay checks SMTP AUTH against (scrypt hashes).",
+        epilog=_USERS_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = users.add_subparsers(dest="users_action", required=True, metavar="ACTION")
+    for action, text in (
+        ("add", "add a user, or change a user's password"),
+        ("remove", "remove a user"),
+        ("list", "list the users' names"),
+    ):
+        parser = actions.add_parser(action, help=text, description=text)
+        if action != "list":
+            parser.add_argument("name", metavar="NAME", help="the login name, e.g. alice")
+        parser.add_argument(
+            "--users-file",
+            default=DEFAULT_USERS_FILE,
+            metavar="PATH",
+            help=f"the users file (default: {DEFAULT_USERS_FILE} in the working directory)",
+        )
 
 
 _DRAIN_EXAMPLE = """\
@@ -425,6 +467,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "drain":
         _drain_main(args)
         return
+    if args.command == "users":
+        from .relay.users import users_command
+
+        sys.exit(
+            users_command(
+                args.users_action,
+                getattr(args, "name", None),
+                args.users_file,
+                stdin=sys.stdin,
+                stdout=sys.stdout,
+                stderr=sys.stderr,
+            )
+        )
     options = SendOptions(
         csv_path=args.recipients,
         template_path=args.template,
