@@ -319,6 +319,13 @@ def _queued_at(conn: sqlite3.Connection, message: int) -> float | None:
     return None if row is None else float(row[0])
 
 
+def _oldest_waiting(conn: sqlite3.Connection) -> float | None:
+    (at,) = conn.execute(
+        "SELECT min(created_at) FROM messages WHERE state IN ('queued', 'deferred', 'sending')"
+    ).fetchone()
+    return None if at is None else float(at)
+
+
 def _renew(owner: str, lease: float, conn: sqlite3.Connection, now: float) -> int:
     cursor = conn.execute(
         "UPDATE messages SET lease_until = ? WHERE owner = ? AND state = 'sending'",
@@ -508,6 +515,10 @@ class SqliteQueue:
     def queued_at(self, message: int) -> defer.Deferred[float | None]:
         """When message ``message`` was enqueued (the queue's clock); None if there is none."""
         return self._db.read(_queued_at, message)
+
+    def oldest_waiting(self) -> defer.Deferred[float | None]:
+        """When the oldest message not yet sent or failed was enqueued; None if none waits."""
+        return self._db.read(_oldest_waiting)
 
     def settings(self) -> defer.Deferred[tuple[str, int]]:
         """``(journal_mode, synchronous)`` of this queue's own connection (2 is FULL)."""
