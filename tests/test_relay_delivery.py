@@ -3,6 +3,7 @@ failures, --max-age, an unreachable upstream, dead owners' claims and the delive
 
 from __future__ import annotations
 
+import email
 import re
 import smtplib
 import socket
@@ -65,9 +66,42 @@ def test_a_4xx_is_retried_when_due_and_a_5xx_fails(tmp_path: Path) -> None:
             # Woken by the queue's next due time (about a second later), not by a poll.
             relay.wait_for(rf"delivery {busy} to=<busy@example.org> .*attempt=2 status=sent")
             relay.wait_for(rf"delivery {gone} to=<gone@example.org> .*status=failed reply=550")
+            relay.wait_for(rf"notification \d+ queued for {gone} to=<app@example.com>")
+            wait_until(lambda: len(up.received) == 2)
         assert rows(path)[busy][:2] == ("sent", 2)
         assert rows(path)[gone][:2] == ("failed", 1)
-        assert [m.recipients for m in up.received] == [["busy@example.org"]]
+        delivered, dsn = sorted(up.received, key=lambda m: m.sender != "app@example.com")
+        assert delivered.recipients == ["busy@example.org"]
+        # The failure is reported to the envelope sender, from <>, as an RFC 3464 report.
+        assert (dsn.sender, dsn.recipients) == ("", ["app@example.com"])
+        report = email.message_from_bytes(dsn.data)
+        assert report.get_content_type() == "multipart/report"
+        assert report.get_param("report-type") == "delivery-status"
+        parts = report.get_payload()
+        assert isinstance(parts, list)
+        status = parts[1]
+        assert status.get_content_type() == "message/delivery-status"
+        per_message, per_recipient = status.get_payload()
+        assert per_message["Reporting-MTA"] == "dns; relay.test"
+        assert per_recipient["Action"] == "failed"
+        assert per_recipient["Status"] == "5.1.1"
+        assert per_recipient["Final-Recipient"] == "rfc822; gone@example.org"
+        assert per_recipient["Diagnostic-Code"].startswith("smtp; 550")
+        assert b"Subject: gone" in parts[2].as_bytes()  # the original's headers
+
+
+def test_no_notification_for_a_null_sender_or_with_no_bounces(tmp_path: Path) -> None:
+    with CueServer(rcpt_replies={"gone": "550 5.1.1 no such user"}) as up:
+        with RelayProcess(tmp_path / "a.db", up.port) as relay:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
+                smtp.sendmail("<>", ["gone@example.org"], b"Subject: from null\r\n\r\nx\r\n")
+            relay.wait_for(r"no notification for \d+ \(its sender is <>\)")
+        with RelayProcess(tmp_path / "b.db", up.port, "--no-bounces") as relay:
+            failed = submit(relay, "gone@example.org")
+            relay.wait_for(rf"delivery {failed} .*status=failed")
+        assert relay.count(r"notification \d+ queued") == 0
+        assert rows(tmp_path / "b.db").keys() == {failed}  # nothing else was queued
+        assert up.received == []
 
 
 def test_max_age_fails_a_message_that_keeps_being_deferred(tmp_path: Path) -> None:

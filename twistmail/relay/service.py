@@ -16,20 +16,26 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import defer
+from twisted.internet import defer, ssl
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
+from twisted.web.server import Site
 
 from .._twisted import Reactor, default_reactor
 from ..errors import QueueError
 from ..message import Envelope
 from ..queue.records import ClaimedMessage, Outcome
 from ..queue.sqlite import SqliteQueue, read_queue_status
+from .auth import MECHANISMS, FailureLimiter, auth_portal
+from .bounces import notification
 from .config import RelayConfig
+from .http import make_http
+from .metrics import QueueSizes, RelayMetrics
 from .submission import SubmissionFactory
 from .worker import RelayWorker
 
@@ -75,6 +81,15 @@ class DeliveryLock:
             self._fd = None
 
 
+def _tls_context(config: RelayConfig) -> Any:
+    """The STARTTLS context of ``--tls-cert``/``--tls-key``, or None."""
+    if not config.tls_cert or not config.tls_key:
+        return None
+    with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+        pem = cert.read() + b"\n" + key.read()
+    return ssl.PrivateCertificate.loadPEM(pem).options()
+
+
 class RelayService(MultiService):
     """The running relay; see the module's docstring."""
 
@@ -91,6 +106,8 @@ class RelayService(MultiService):
         self._starting: defer.Deferred[None] | None = None
         self._worker_done: defer.Deferred[Any] | None = None
         self._mailer: Any = None
+        self.metrics = RelayMetrics(self._queue_sizes)
+        self._accepted_at: dict[int, float] = {}  # queue id -> when this process accepted it
 
     @classmethod
     def make(cls, config: RelayConfig, reactor: Reactor | None = None) -> RelayService:
@@ -135,25 +152,46 @@ class RelayService(MultiService):
             max_age=config.max_age,
             age=self._age,
             reactor=self.reactor,  # type: ignore[arg-type]
-            on_outcome=self._log_outcome,
+            on_outcome=self._outcome,
         )
         self._worker_done = self.worker.run()
         self._worker_done.addErrback(lambda f: log.failure("the delivery worker failed", f))
+        if config.http is not None:
+            site = Site(make_http(self.health, self.metrics).resource())
+            site.noisy = False
+            port = await serverFromString(self.reactor, config.http).listen(site)
+            self.ports.append(port)
+            self._log_listening("HTTP (health and metrics)", port)
         if config.submission is not None:
-            self.submission = SubmissionFactory(config, self._accept, clock=self.reactor)
+            clock = IReactorTime(self.reactor)
+            self.submission = SubmissionFactory(
+                config,
+                self._accept,
+                clock=self.reactor,
+                portal=auth_portal(config.users_file, clock) if config.users_file else None,
+                mechanisms=MECHANISMS,
+                tls=_tls_context(config),
+                limiter=FailureLimiter(clock),
+                on_session=self._sessions_changed,
+            )
             endpoint = serverFromString(self.reactor, config.submission)
             port = await endpoint.listen(self.submission)
             self.ports.append(port)
-            host = port.getHost()
-            log.info(
-                "SMTP submission listening on {host}:{port}",
-                host=getattr(host, "host", host),
-                port=getattr(host, "port", ""),
-            )
+            self._log_listening("SMTP submission", port)
         log.info(
             "relaying to {upstream} from queue {queue}",
             upstream=self._mailer.server.label,
             queue=config.queue_path,
+        )
+
+    @staticmethod
+    def _log_listening(what: str, port: IListeningPort) -> None:
+        host = port.getHost()
+        log.info(
+            "{what} listening on {host}:{port}",
+            what=what,
+            host=getattr(host, "host", host),
+            port=getattr(host, "port", ""),
         )
 
     def _age(self, claimed: ClaimedMessage) -> defer.Deferred[float | None]:
@@ -179,10 +217,56 @@ class RelayService(MultiService):
                 nrcpt=len(envelope.recipients),
                 client=client,
             )
+            self.metrics.accepted()
+            self._accepted_at[queue_id] = time.time()
             worker.wake()
             return queue_id
 
         return self.queue.enqueue([envelope]).addCallback(queued)
+
+    def _outcome(self, claimed: ClaimedMessage, outcome: Outcome) -> None:
+        """One attempt recorded: log it, count it, and bounce a failed message."""
+        self._log_outcome(claimed, outcome)
+        self.metrics.delivered(outcome.state, outcome.code)
+        if outcome.state == "deferred":
+            return
+        accepted = self._accepted_at.pop(outcome.id, None)
+        if outcome.state == "sent" and accepted is not None:
+            self.metrics.observe_latency(time.time() - accepted)
+        if outcome.state == "failed" and self.config.bounces:
+            self._bounce(claimed, outcome, accepted)
+        elif self.worker is not None:
+            self.worker.enhanced.pop(outcome.id, None)
+
+    def _bounce(self, claimed: ClaimedMessage, outcome: Outcome, accepted: float | None) -> None:
+        try:
+            enhanced = self.worker.enhanced.pop(outcome.id, None) if self.worker else None
+            report = notification(
+                claimed, outcome, self.config.hostname, accepted or time.time(), enhanced
+            )
+        except ValueError as e:
+            log.error("no notification for {queue_id}: {error}", queue_id=outcome.id, error=e)
+            return
+        if report is None:
+            log.info("no notification for {queue_id} (its sender is <>)", queue_id=outcome.id)
+            return
+        assert self.queue is not None
+        worker = self.worker
+
+        def queued(ids: list[int]) -> None:
+            log.info(
+                "notification {dsn} queued for {queue_id} to=<{sender}>",
+                dsn=ids[0],
+                queue_id=outcome.id,
+                sender=str(claimed.envelope.sender),
+            )
+            if worker is not None:
+                worker.wake()
+
+        self.queue.enqueue([report]).addCallbacks(
+            queued,
+            lambda f: log.failure("could not queue the notification for {id}", f, id=outcome.id),
+        )
 
     def _log_outcome(self, claimed: ClaimedMessage, outcome: Outcome) -> None:
         upstream = self._mailer.server.label if self._mailer is not None else "?"
@@ -200,6 +284,51 @@ class RelayService(MultiService):
                 code=code if code is not None else "-",
                 text=text,
             )
+
+    # ------------------------------------------------------------------ health and metrics
+
+    def _sessions_changed(self, change: int) -> None:
+        if change > 0:
+            self.metrics.session_opened()
+        else:
+            self.metrics.session_closed()
+
+    def _queue_sizes(self) -> defer.Deferred[QueueSizes]:
+        if self.queue is None:
+            return defer.succeed(({}, None))
+        queue = self.queue
+        sizes = queue.summary()
+
+        def with_age(summary: Any) -> defer.Deferred[QueueSizes]:
+            def aged(oldest: float | None) -> QueueSizes:
+                return summary.counts, None if oldest is None else time.time() - oldest
+
+            return queue.oldest_waiting().addCallback(aged)
+
+        return sizes.addCallback(with_age)
+
+    def health(self) -> defer.Deferred[Mapping[str, Any]]:
+        """The relay's state for ``/healthz``: a write to the queue is tried (a lease renewal
+        of this relay's own claims), the worker and the upstream are reported."""
+        worker = self.worker
+        state: dict[str, Any] = {
+            "worker_running": worker is not None and worker.running,
+            "upstream": "unknown",
+        }
+        if worker is not None:
+            problem = worker.upstream_error
+            state["upstream"] = "ok" if problem is None else f"unreachable: {problem}"
+        if self.queue is None:
+            return defer.succeed({**state, "queue_writable": False})
+
+        def written(_: object) -> Mapping[str, Any]:
+            return {**state, "queue_writable": True}
+
+        def failed(failure: Any) -> Mapping[str, Any]:
+            log.failure("the queue cannot be written", failure)
+            return {**state, "queue_writable": False, "queue_error": str(failure.value)}
+
+        return self.queue.renew(self.owner, 300.0).addCallbacks(written, failed)
 
     # ------------------------------------------------------------------ stop
 

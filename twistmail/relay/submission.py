@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import ServerFactory, connectionDone
@@ -32,6 +33,7 @@ from twisted.python.failure import Failure
 
 from ..address import Address
 from ..message import Envelope
+from .auth import FailureLimiter
 from .config import RelayConfig
 from .incoming import Incoming, PathError, parse_path, received_header
 
@@ -201,10 +203,40 @@ class Submission(smtp.ESMTP):
         return self.startedTLS or _is_loopback(getattr(self.transport.getHost(), "host", ""))
 
     def ext_AUTH(self, rest: bytes) -> None:
+        if not self.challengers:
+            self.sendCode(502, b"5.5.1 AUTH not available")
+            return
         if not self._may_authenticate():
             self.sendCode(538, b"5.7.11 Encryption required: use STARTTLS first")
             return
+        if self.factory.login_blocked(self.client_ip):
+            self._too_many_failures()
+            return
         super().ext_AUTH(rest)
+
+    def _ebAuthenticated(self, reason: Failure) -> None:
+        if not reason.check(UnauthorizedLogin):
+            super()._ebAuthenticated(reason)
+            return
+        # Never the name or password in a log line: the address and the count only.
+        self.factory.login_failed(self.client_ip)
+        log.info("failed AUTH from {client}", client=self.client_ip)
+        self.pause()  # the 535 comes after a delay, and nothing is read meanwhile
+
+        def answer() -> None:
+            if self.transport.disconnecting:
+                return
+            if self.factory.login_blocked(self.client_ip):
+                self._too_many_failures()
+                return
+            self.sendCode(535, b"5.7.8 Authentication credentials invalid")
+            self.resume()
+
+        self.factory.clock.callLater(self.factory.auth_failure_delay, answer)
+
+    def _too_many_failures(self) -> None:
+        self.sendCode(421, b"4.7.0 Too many failed logins from your address, try again later")
+        self.transport.loseConnection()
 
     def do_HELO(self, rest: bytes) -> None:
         self._reset()
@@ -376,8 +408,10 @@ class SubmissionFactory(ServerFactory):
     """Submission sessions sharing the relay's limits; ``accept`` queues one message.
 
     ``accept(envelope, client)`` fires with the queue id once the message is committed.
-    ``portal`` (with ``challengers``) enables AUTH; ``tls`` a server TLS context enables
-    STARTTLS.
+    ``portal`` (with ``mechanisms``) enables AUTH, offered only after STARTTLS or on a
+    loopback listener; a failed login is answered 535 after ``auth_failure_delay`` seconds,
+    and ``limiter`` turns an address away with 421 after too many. ``tls`` (a server TLS
+    context) enables STARTTLS. ``on_session(+1 or -1)`` hears of each session opened or closed.
     """
 
     protocol = Submission  # type: ignore[assignment]  # made by buildProtocol
@@ -392,7 +426,9 @@ class SubmissionFactory(ServerFactory):
         portal: Any = None,
         mechanisms: dict[bytes, Any] | None = None,
         tls: Any = None,
+        limiter: FailureLimiter | None = None,
         on_session: Callable[[int], None] | None = None,
+        auth_failure_delay: float = 1.0,
     ) -> None:
         self.config = config
         self.accept = accept
@@ -403,6 +439,8 @@ class SubmissionFactory(ServerFactory):
         self.sessions: set[Submission] = set()
         self._per_client: Counter[str] = Counter()
         self._on_session = on_session
+        self.limiter = limiter
+        self.auth_failure_delay = auth_failure_delay
         self._gone: defer.Deferred[None] | None = None
         self.accepting = True
 
@@ -425,10 +463,21 @@ class SubmissionFactory(ServerFactory):
             address = address.ipv4_mapped
         return any(address in network for network in self.config.allow_from)
 
+    def login_failed(self, client_ip: str) -> None:
+        """``client_ip`` gave wrong credentials."""
+        if self.limiter is not None:
+            self.limiter.failed(client_ip)
+
+    def login_blocked(self, client_ip: str) -> bool:
+        """Whether ``client_ip`` failed to log in too often lately (421 for a while)."""
+        return self.limiter is not None and self.limiter.blocked(client_ip)
+
     def opened(self, session: Submission) -> str | None:
         """Count a new session; the 421 text if a connection limit refuses it."""
         if not self.accepting:
             return "4.3.2 Service shutting down, try again later"
+        if self.login_blocked(session.client_ip):
+            return "4.7.0 Too many failed logins from your address, try again later"
         if len(self.sessions) >= self.config.max_connections:
             return "4.7.0 Too many connections, try again later"
         if self._per_client[session.client_ip] >= self.config.max_connections_per_client:
@@ -436,7 +485,7 @@ class SubmissionFactory(ServerFactory):
         self.sessions.add(session)
         self._per_client[session.client_ip] += 1
         if self._on_session is not None:
-            self._on_session(len(self.sessions))
+            self._on_session(1)
         return None
 
     def closed(self, session: Submission) -> None:
@@ -448,7 +497,7 @@ class SubmissionFactory(ServerFactory):
         if not self._per_client[session.client_ip]:
             del self._per_client[session.client_ip]
         if self._on_session is not None:
-            self._on_session(len(self.sessions))
+            self._on_session(-1)
         if not self.sessions and self._gone is not None:
             gone, self._gone = self._gone, None
             gone.callback(None)

@@ -67,6 +67,9 @@ class RelayWorker(Drain):
         self._timer: IDelayedCall | None = None
         self._asking: defer.Deferred[Any] | None = None
         self._ask_again = False
+        self.enhanced: dict[int, dict[str, str | None]] = {}
+        """Enhanced status codes of the failed recipients of a message just failed, by queue
+        id and recipient (taken with ``enhanced.pop(id)`` by whoever reports the failure)."""
         self._running = False
         self._stopped = False
         self._loop._on_server = self._upstream_changed  # the drain's loop, told of outages
@@ -137,17 +140,25 @@ class RelayWorker(Drain):
 
     def record(self, job: Job, plan: Plan) -> defer.Deferred[None]:
         """As the drain, but a deferral of a message older than ``max_age`` fails it."""
-        if plan.state != "deferred":
-            return super().record(job, plan)
         assert isinstance(job, _ClaimJob)
+        if plan.state != "deferred":
+            if plan.state == "failed":
+                self._keep_enhanced(job.claimed.id, plan)
+            return super().record(job, plan)
 
         def decide(age: float | None) -> defer.Deferred[None]:
             settled = plan
             if age is not None and age + plan.delay > self.max_age:
                 settled = expired(plan, self.max_age)
+                self._keep_enhanced(job.claimed.id, settled)
             return Drain.record(self, job, settled)
 
         return self._age(job.claimed).addCallback(decide)
+
+    def _keep_enhanced(self, message: int, plan: Plan) -> None:
+        # The queue keeps reply codes and texts, not enhanced status codes: a notification
+        # about this failure (read by on_outcome right after the record) wants them.
+        self.enhanced[message] = {o.recipient: o.enhanced for o in plan.outcomes}
 
     def _claimed(self, claimed: list[ClaimedMessage]) -> defer.Deferred[None] | None:
         # Unlike a one-pass drain, a message deferred earlier in this run is attempted again
