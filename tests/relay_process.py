@@ -31,6 +31,7 @@ class RelayProcess:
         *options: str,
         http: str = "none",
         port: int = 0,
+        interface: str = "127.0.0.1",
     ) -> None:
         self.queue_path = queue_path
         self.argv = [
@@ -43,7 +44,7 @@ class RelayProcess:
             "--queue",
             f"sqlite:{queue_path}",
             "--submission",
-            f"tcp:{port}:interface=127.0.0.1",
+            f"tcp:{port}:interface={interface}",
             "--http",
             http,
             "--hostname",
