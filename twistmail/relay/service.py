@@ -35,8 +35,8 @@ from .auth import MECHANISMS, FailureLimiter, auth_portal
 from .bounces import notification
 from .config import RelayConfig
 from .http import make_http
+from .listener import SubmissionFactory
 from .metrics import QueueSizes, RelayMetrics
-from .submission import SubmissionFactory
 from .worker import RelayWorker
 
 __all__ = ["OWNER_PREFIX", "DeliveryLock", "RelayService", "StartError"]
