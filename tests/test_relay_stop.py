@@ -11,7 +11,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,17 @@ from relay_process import RelayProcess
 from servers import CueServer
 
 QUEUED = re.compile(rb"queued as (\d+)")
+
+
+@pytest.fixture
+def relays() -> Iterator[list[RelayProcess]]:
+    """Relays a test starts by hand: any still running at its end (a failed test) is killed."""
+    started: list[RelayProcess] = []
+    yield started
+    for relay in started:
+        if relay.process is not None and relay.process.poll() is None:
+            relay.process.kill()
+            relay.process.wait(30)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -45,13 +56,13 @@ def read_reply(sock: socket.socket) -> bytes:
 
 
 def test_sigterm_finishes_data_ends_idle_sessions_and_a_restart_carries_on(
-    tmp_path: Path,
+    tmp_path: Path, relays: list[RelayProcess]
 ) -> None:
     path = tmp_path / "q.db"
     # The upstream never answers a message's final dot: that delivery stays in flight.
     with CueServer(stall_on="DOT") as stalled:
         relay = RelayProcess(path, stalled.port, "--shutdown-timeout", "1", "--retry-delay", "1")
-        relay.start()
+        relays.append(relay.start())
         with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as smtp:
             smtp.sendmail(
                 "app@example.com", ["first@example.org"], b"Subject: in flight\r\n\r\n1\r\n"
@@ -95,7 +106,9 @@ def test_sigterm_finishes_data_ends_idle_sessions_and_a_restart_carries_on(
     assert sorted(r for m in upstream.received for r in m.recipients) == sorted(states)
 
 
-def test_sigkill_during_2000_submissions_loses_no_acknowledged_message(tmp_path: Path) -> None:
+def test_sigkill_during_2000_submissions_loses_no_acknowledged_message(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
     total, clients, kills = 2000, 4, 3
     path = tmp_path / "q.db"
     port = free_port()
@@ -104,6 +117,7 @@ def test_sigkill_during_2000_submissions_loses_no_acknowledged_message(tmp_path:
     next_index = iter(range(total))
     with CueServer(pipelining=True) as upstream:
         relay = RelayProcess(path, upstream.port, port=port).start()
+        relays.append(relay)
 
         def submit_all() -> None:
             for i in next_index:
@@ -124,7 +138,7 @@ def test_sigkill_during_2000_submissions_loses_no_acknowledged_message(tmp_path:
                         attempt += 1
                         time.sleep(0.05)
 
-        threads = [threading.Thread(target=submit_all) for _ in range(clients)]
+        threads = [threading.Thread(target=submit_all, daemon=True) for _ in range(clients)]
         for thread in threads:
             thread.start()
         for k in range(kills):
@@ -132,6 +146,7 @@ def test_sigkill_during_2000_submissions_loses_no_acknowledged_message(tmp_path:
             relay.signal(signal.SIGKILL)
             relay.wait(30)
             relay = RelayProcess(path, upstream.port, port=port).start()
+            relays.append(relay)
         for thread in threads:
             thread.join(300)
         assert len(acknowledged) >= total
