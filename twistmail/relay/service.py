@@ -107,6 +107,7 @@ class RelayService(MultiService):
         self._worker_done: defer.Deferred[Any] | None = None
         self._mailer: Any = None
         self.metrics = RelayMetrics(self._queue_sizes)
+        self._notifier: Any = None
         self._accepted_at: dict[int, float] = {}  # queue id -> when this process accepted it
 
     @classmethod
@@ -154,6 +155,7 @@ class RelayService(MultiService):
             reactor=self.reactor,  # type: ignore[arg-type]
             on_outcome=self._outcome,
         )
+        self._watch_other_writers()
         self._worker_done = self.worker.run()
         self._worker_done.addErrback(lambda f: log.failure("the delivery worker failed", f))
         if config.http is not None:
@@ -183,6 +185,34 @@ class RelayService(MultiService):
             upstream=self._mailer.server.label,
             queue=config.queue_path,
         )
+
+    def _watch_other_writers(self) -> None:
+        """Wake the worker when another process commits to the queue (the spool backend,
+        say): the file's write-ahead log changes. Linux only (inotify); elsewhere such
+        messages wait for the next submission or due time."""
+        try:
+            from twisted.internet import inotify
+            from twisted.python.filepath import FilePath
+        except ImportError:  # not Linux
+            return
+        try:
+            notifier = inotify.INotify(reactor=self.reactor)
+            notifier.startReading()
+            notifier.watch(
+                FilePath(self.config.queue_path + "-wal"),
+                mask=inotify.IN_MODIFY,
+                callbacks=[self._queue_written],
+            )
+        except (OSError, inotify.INotifyError) as e:
+            log.warn("not watching the queue for other writers: {error}", error=e)
+            return
+        self._notifier = notifier
+
+    def _queue_written(self, _watch: object, _path: object, _mask: int) -> None:
+        # Our own commits land here too: wake() does nothing unless the worker sleeps, and a
+        # claim that finds nothing writes nothing, so this cannot feed itself.
+        if self.worker is not None:
+            self.worker.wake()
 
     @staticmethod
     def _log_listening(what: str, port: IListeningPort) -> None:
@@ -352,6 +382,9 @@ class RelayService(MultiService):
             await self._worker_done
             if timer.active():
                 timer.cancel()
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
         if self._mailer is not None:
             await self._mailer.close()
         if self.queue is not None:
