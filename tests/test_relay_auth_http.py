@@ -7,6 +7,7 @@ import base64
 import json
 import smtplib
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -204,3 +205,25 @@ def test_health_and_metrics(upstream: CueServer, tmp_path: Path) -> None:
         assert status == 200
         assert json.loads(body)["upstream"].startswith("unreachable")
         assert get(port, "/nope")[0] == 404
+
+
+def test_health_is_503_while_the_queue_cannot_be_written(
+    upstream: CueServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "q.db"
+    with RelayProcess(path, upstream.port, http="tcp:0:interface=127.0.0.1") as relay:
+        port = http_port(relay)
+        assert get(port, "/healthz")[0] == 200
+        # Another process holds the file's write lock past the queue's busy timeout (10 s).
+        blocker = sqlite3.connect(path, isolation_level=None, timeout=0)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            status, body = get(port, "/healthz")
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert status == 503
+        health = json.loads(body)
+        assert health["queue_writable"] is False
+        assert "locked" in health["queue_error"]
+        assert get(port, "/healthz")[0] == 200  # writable again
