@@ -227,3 +227,39 @@ def test_health_is_503_while_the_queue_cannot_be_written(
         assert health["queue_writable"] is False
         assert "locked" in health["queue_error"]
         assert get(port, "/healthz")[0] == 200  # writable again
+
+
+def test_commands_sent_with_starttls_in_plaintext_are_not_run_inside_tls(
+    users_file: Path, upstream: CueServer, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    options = ("--tls-cert", str(cert_file), "--tls-key", str(key_file))
+    with RelayProcess(tmp_path / "q.db", upstream.port, *options) as relay:
+        sock = socket.create_connection(("127.0.0.1", relay.port), timeout=30)
+        sock.recv(1000)  # the greeting
+        sock.sendall(b"EHLO a\r\n")
+        while b"250 " not in sock.recv(4096):
+            pass
+        # CVE-2011-0411: a command injected after STARTTLS in the same plaintext packet.
+        sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@example.com>\r\n")
+        assert sock.recv(1000).startswith(b"220")
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        context.check_hostname = False
+        tls = context.wrap_socket(sock)
+        tls.sendall(b"NOOP\r\n")
+        first = tls.recv(1000)
+        # Had the injected MAIL run, its "250 2.1.0 Ok" would come first.
+        assert first == b"250 2.0.0 Ok\r\n"
+        tls.sendall(b"EHLO a\r\nMAIL FROM:<app@example.com>\r\n")
+        replies = b""
+        while not replies.endswith(b"Ok\r\n") or b"2.1.0" not in replies:
+            replies += tls.recv(4096)
+        assert b"250 2.1.0 Ok" in replies  # no sender left over from before the handshake
+        tls.sendall(b"QUIT\r\n")
+        assert tls.recv(1000).startswith(b"221")
+        tls.close()

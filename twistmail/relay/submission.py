@@ -68,6 +68,7 @@ class Submission(smtp.ESMTP):
         self._params_smtputf8 = False
         self._data_timer: IDelayedCall | None = None
         self._closing = False
+        self._tls_started_here = False
         self.client_ip = ""
 
     # ------------------------------------------------------------------ connection
@@ -124,6 +125,8 @@ class Submission(smtp.ESMTP):
         lines = self._buffer.split(b"\r\n")
         rest = lines.pop()
         for i, line in enumerate(lines):
+            if self._tls_started_here:
+                break
             if self._waiting or self.transport.disconnecting:
                 self._buffer = b"\r\n".join([*lines[i:], rest])
                 return
@@ -132,6 +135,12 @@ class Submission(smtp.ESMTP):
                 self._line_too_long()
                 continue
             self.lineReceived(line)
+        if self._tls_started_here:
+            # What followed STARTTLS in the same plaintext read was sent before the
+            # handshake: dropped, never run inside the TLS session (CVE-2011-0411).
+            self._tls_started_here = False
+            self._buffer = b""
+            return
         self._buffer = rest
         limit = _DATA_LINE_MAX if self._incoming is not None else _COMMAND_LINE_MAX
         if len(rest) > limit:
@@ -199,6 +208,15 @@ class Submission(smtp.ESMTP):
     def _may_authenticate(self) -> bool:
         """AUTH only over TLS, or on a loopback listener: a password never crosses in clear."""
         return self.startedTLS or _is_loopback(getattr(self.transport.getHost(), "host", ""))
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        was = self.startedTLS
+        super().ext_STARTTLS(rest)
+        if self.startedTLS and not was:
+            # RFC 3207: the client starts again with EHLO; nothing said before counts.
+            self._tls_started_here = True
+            self._helo = None
+            self._reset()
 
     def ext_AUTH(self, rest: bytes) -> None:
         if not self.challengers:
