@@ -9,6 +9,7 @@ import smtplib
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -209,3 +210,17 @@ def test_at_start_only_dead_relays_claims_are_taken_back(tmp_path: Path) -> None
         assert up.received[0].recipients == ["a@example.org"]
         # The other owner's claim (a drain, say, whose lock we cannot see) waits for its lease.
         assert rows(path)[live][0] == "sending"
+
+
+def test_twistmail_serve_runs_the_same_relay_in_the_foreground(tmp_path: Path) -> None:
+    with CueServer() as up:
+        relay = RelayProcess(tmp_path / "q.db", up.port)
+        # `twistmail serve OPTIONS` instead of `twistd -n --pidfile= twistmail OPTIONS`.
+        options = relay.argv[relay.argv.index("twistmail") + 1 :]
+        relay.argv = [sys.executable, "-m", "twistmail", "serve", *options]
+        with relay:
+            queue_id = submit(relay, "served@example.org")
+            relay.wait_for(rf"delivery {queue_id} to=<served@example.org> .*status=sent")
+        assert relay.process is not None
+        assert relay.process.returncode == 0
+        assert not (tmp_path / "twistd.pid").exists()
