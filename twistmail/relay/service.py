@@ -239,12 +239,18 @@ class RelayService(MultiService):
 
         def queued(ids: list[int]) -> int:
             (queue_id,) = ids
+            sender = str(envelope.sender)
+            nrcpt = len(envelope.recipients)
+            # One pre-formatted field is cheaper for twisted.logger's text formatting; the
+            # values stay in the event as fields for structured observers.
             log.info(
-                "queued {queue_id} from=<{sender}> size={size} nrcpt={nrcpt} client={client}",
+                "{line}",
+                line=f"queued {queue_id} from=<{sender}> size={envelope.size} nrcpt={nrcpt} "
+                f"client={client}",
                 queue_id=queue_id,
-                sender=str(envelope.sender),
+                sender=sender,
                 size=envelope.size,
-                nrcpt=len(envelope.recipients),
+                nrcpt=nrcpt,
                 client=client,
             )
             self.metrics.accepted()
@@ -303,15 +309,18 @@ class RelayService(MultiService):
         for (_, state, code, text), rcpt in zip(
             outcome.recipients, claimed.envelope.recipients, strict=False
         ):
+            status = "deferred" if state == "pending" else state
+            reply = code if code is not None else "-"
             log.info(
-                "delivery {queue_id} to=<{rcpt}> relay={upstream} attempt={attempt} "
-                "status={status} reply={code} {text}",
+                "{line}",
+                line=f"delivery {outcome.id} to=<{rcpt}> relay={upstream} "
+                f"attempt={outcome.attempts} status={status} reply={reply} {text}",
                 queue_id=outcome.id,
                 rcpt=str(rcpt),
                 upstream=upstream,
                 attempt=outcome.attempts,
-                status="deferred" if state == "pending" else state,
-                code=code if code is not None else "-",
+                status=status,
+                code=code,
                 text=text,
             )
 

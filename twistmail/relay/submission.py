@@ -91,6 +91,12 @@ class Submission(smtp.ESMTP):
         self.factory.closed(self)
         super().connectionLost(reason)
 
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        if b"\n" in message or b"\r" in message:  # a multi-line reply (EHLO)
+            super().sendCode(code, message)
+            return
+        self.transport.write(b"%03d %s\r\n" % (code, message))
+
     def greeting(self) -> bytes:
         host: bytes = self.host
         return host + b" ESMTP twistmail"
