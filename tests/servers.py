@@ -65,7 +65,8 @@ class CueServer:
 
     Extensions: ``auth`` (username -> password; AUTH PLAIN and LOGIN offered, MAIL/RCPT/DATA
     refused with 530 until authenticated), ``starttls_context`` (+ ``require_starttls``),
-    ``implicit_tls_context`` (TLS from the first byte), ``smtputf8``, ``pipelining``.
+    ``implicit_tls_context`` (TLS from the first byte), ``smtputf8``, ``pipelining``,
+    ``line_length_limit`` (aiosmtpd's 1001 by default). ``port``: bind this one, not a free one.
     8BITMIME and SIZE are always advertised by aiosmtpd.
     """
 
@@ -87,6 +88,8 @@ class CueServer:
         implicit_tls_context: ssl.SSLContext | None = None,
         smtputf8: bool = True,
         pipelining: bool = False,
+        line_length_limit: int = 1001,
+        port: int = 0,
     ) -> None:
         if stall_on is not None and stall_on not in STALL_STEPS:
             raise ValueError(f"stall_on must be one of {sorted(STALL_STEPS)}, not {stall_on!r}")
@@ -105,9 +108,10 @@ class CueServer:
         self.implicit_tls_context = implicit_tls_context
         self.smtputf8 = smtputf8
         self.pipelining = pipelining
+        self.line_length_limit = line_length_limit
 
         self.host = "127.0.0.1"
-        self.port = 0
+        self.port = port
         self.received: list[Received] = []
         self.dropped: list[Received] = []
         self.rejected: list[Received] = []
@@ -291,6 +295,7 @@ class _CueSMTP(SMTP):
     """aiosmtpd's session, with every command dispatch passing through :meth:`_on_command`."""
 
     def __init__(self, cue: CueServer, **kwargs: Any) -> None:
+        self.line_length_limit = cue.line_length_limit  # read by aiosmtpd's __init__
         super().__init__(cue, **kwargs)
         self.cue = cue
         self.index = -1
@@ -397,7 +402,7 @@ class _CueController(Controller):
         # count as a client connection (and hang on stall_on="greeting"), so check it here.
         self._factory_invoker()
         server = await self.loop.create_server(
-            self._factory_invoker, host=self.hostname, port=0, ssl=self.ssl_context
+            self._factory_invoker, host=self.hostname, port=self.cue.port, ssl=self.ssl_context
         )
         self.port = server.sockets[0].getsockname()[1]
         return server

@@ -114,8 +114,13 @@ class SqliteThread(Generic[_Item]):
         commit: Callable[[sqlite3.Connection, list[_Item]], list[Any]],
         closed: Callable[[str], Exception],
         after_close: Callable[[], None] | None = None,
+        close_at_shutdown: bool = True,
     ) -> None:
-        """Use :meth:`start` to get a running ``pool`` and the connection opened on it."""
+        """Use :meth:`start` to get a running ``pool`` and the connection opened on it.
+
+        ``close_at_shutdown=False``: the owner closes it itself during reactor shutdown (after
+        its own last writes), so no shutdown trigger closes it first.
+        """
         self.path = path
         self._conn = conn
         self._pool = pool
@@ -129,8 +134,10 @@ class SqliteThread(Generic[_Item]):
         self._closing: list[defer.Deferred[None]] | None = None  # None until close()
         self._closed = False
         self._close_failure: Failure | None = None
-        self._trigger: object = reactor.addSystemEventTrigger(
-            "before", "shutdown", self._close_at_shutdown
+        self._trigger: object = (
+            reactor.addSystemEventTrigger("before", "shutdown", self._close_at_shutdown)
+            if close_at_shutdown
+            else None
         )
 
     @staticmethod

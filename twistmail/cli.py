@@ -1,6 +1,8 @@
 """The ``twistmail`` command: argument parsing only; the work is in :mod:`twistmail.merge`.
 
-Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture`` and ``drain``.
+Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture``, ``drain``, ``users``
+(the relay's AUTH users file) and ``serve`` (the relay in the foreground: the same service as
+``twistd -n twistmail``).
 Exit status: 0 every recipient sent; 1 some recipients failed or were invalid; 2 usage,
 configuration or template error (nothing sent); 3 interrupted, or rows remain to send.
 """
@@ -206,7 +208,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
     _drain_parser(sub)
+    _users_parser(sub)
+    sub.add_parser(
+        "serve",
+        help="run the mail relay in the foreground (as twistd -n twistmail)",
+        description="Run the relay: SMTP submission in, a durable queue, delivery upstream. "
+        "See twistmail serve --help for its options.",
+    )
     return parser
+
+
+_USERS_EXAMPLE = """\
+examples:
+  twistmail users add alice --users-file /etc/twistmail/users    (prompts twice)
+  printf '%s\\n' "$PASSWORD" | twistmail users add alice --users-file /etc/twistmail/users
+  twistmail users remove alice --users-file /etc/twistmail/users
+  twistmail users list --users-file /etc/twistmail/users
+
+The password is read from the terminal (twice), or from the first line of standard input when
+it is not a terminal; never from the command line. The file is replaced atomically, mode 0600.
+exit status: 0 done; 1 no such user (remove); 2 bad name, password or file.
+"""
+
+
+def _users_parser(sub: Any) -> None:
+    from .relay.users import DEFAULT_USERS_FILE
+
+    users = sub.add_parser(
+        "users",
+        help="add, remove or list the relay's AUTH users",
+        description="Manage the users file the relay checks SMTP AUTH against (scrypt hashes).",
+        epilog=_USERS_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = users.add_subparsers(dest="users_action", required=True, metavar="ACTION")
+    for action, text in (
+        ("add", "add a user, or change a user's password"),
+        ("remove", "remove a user"),
+        ("list", "list the users' names"),
+    ):
+        parser = actions.add_parser(action, help=text, description=text)
+        if action != "list":
+            parser.add_argument("name", metavar="NAME", help="the login name, e.g. alice")
+        parser.add_argument(
+            "--users-file",
+            default=DEFAULT_USERS_FILE,
+            metavar="PATH",
+            help=f"the users file (default: {DEFAULT_USERS_FILE} in the working directory)",
+        )
 
 
 _DRAIN_EXAMPLE = """\
@@ -396,10 +445,27 @@ def _smtp_password(args: argparse.Namespace) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``twistmail`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        serve(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     if args.command == "drain":
         _drain_main(args)
         return
+    if args.command == "users":
+        from .relay.users import users_command
+
+        sys.exit(
+            users_command(
+                args.users_action,
+                getattr(args, "name", None),
+                args.users_file,
+                stdin=sys.stdin,
+                stdout=sys.stdout,
+                stderr=sys.stderr,
+            )
+        )
     # The CSV commands' modules (templates, Markdown, the progress display) are imported for
     # them only: a drain, often run from cron, starts ~0.15 s of CPU sooner without them.
     from .merge import commands
@@ -439,6 +505,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if code is not None:
             sys.exit(code)
     _react_exit(lambda reactor: run(options, reactor))
+
+
+def serve(options: Sequence[str]) -> None:
+    """``twistmail serve [OPTIONS]``: the relay in the foreground, logging to stdout.
+
+    The options are those of ``twistd twistmail`` (``twistmail serve --help`` lists them).
+    """
+    from twisted.scripts import twistd
+
+    # twistd reads sys.argv: the relay's options follow the plugin's name.
+    sys.argv = ["twistmail serve", "--nodaemon", "--pidfile=", "twistmail", *options]
+    twistd.run()
 
 
 def _react_exit(command: Callable[[Any], defer.Deferred[int]]) -> None:

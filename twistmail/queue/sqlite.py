@@ -217,6 +217,12 @@ UPDATE messages SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred'
 WHERE id = ? AND owner = ? AND fence = ? AND state = 'sending'
 """
 
+_TAKE_BACK = """
+UPDATE messages SET state = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END,
+    owner = NULL, lease_until = NULL, updated_at = ?
+WHERE state = 'sending' AND substr(owner, 1, ?) = ?
+"""
+
 _NEXT_DUE = """
 SELECT min(at) FROM (
     SELECT min(due) AS at FROM messages WHERE state IN ('queued', 'deferred')
@@ -399,6 +405,22 @@ def _release(
     )
 
 
+def _take_back(prefix: str, conn: sqlite3.Connection, now: float) -> int:
+    return conn.execute(_TAKE_BACK, (now, len(prefix), prefix)).rowcount
+
+
+def _queued_at(conn: sqlite3.Connection, message: int) -> float | None:
+    row = conn.execute("SELECT created_at FROM messages WHERE id = ?", (message,)).fetchone()
+    return None if row is None else float(row[0])
+
+
+def _oldest_waiting(conn: sqlite3.Connection) -> float | None:
+    (at,) = conn.execute(
+        "SELECT min(created_at) FROM messages WHERE state IN ('queued', 'deferred', 'sending')"
+    ).fetchone()
+    return None if at is None else float(at)
+
+
 def _renew(owner: str, lease: float, conn: sqlite3.Connection, now: float) -> int:
     cursor = conn.execute(
         "UPDATE messages SET lease_until = ? WHERE owner = ? AND state = 'sending'",
@@ -493,6 +515,7 @@ class SqliteQueue:
         clock: Clock = time.time,
         synchronous: _sqlite.Synchronous = "FULL",
         reactor: Reactor | None = None,
+        close_at_shutdown: bool = True,
     ) -> defer.Deferred[SqliteQueue]:
         """Open the spool file at ``path``, creating it unless ``create`` is false.
 
@@ -501,6 +524,8 @@ class SqliteQueue:
         what an enqueue needs) or ``"NORMAL"`` (a commit survives a killed process but a power
         cut may lose the last ones: enough for a drain's outcome records, whose loss means a
         message is sent again, as with the campaign journal).
+        ``close_at_shutdown=False`` leaves closing to the caller during reactor shutdown (a
+        service that records outcomes while it stops).
         A version-1 file is migrated in place. Fails with :class:`QueueError` for a missing
         file (``create=False``), a file that is not a spool, or one of a newer version.
         """
@@ -516,7 +541,15 @@ class SqliteQueue:
             def commit(conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
                 return _run_group(conn, ops, clock())
 
-            db = SqliteThread(name, conn, pool, reactor, commit=commit, closed=QueueError)
+            db = SqliteThread(
+                name,
+                conn,
+                pool,
+                reactor,
+                commit=commit,
+                closed=QueueError,
+                close_at_shutdown=close_at_shutdown,
+            )
             return cls(db, clock)
 
         return d.addCallback(opened)
@@ -547,6 +580,11 @@ class SqliteQueue:
         """Extend every lease ``owner`` holds to ``lease`` seconds from now; fires with how many."""
         return self._write(lambda conn, now: _renew(owner, lease, conn, now))
 
+    def take_back(self, owner_prefix: str) -> defer.Deferred[int]:
+        """Give back at once every claim of the owners whose token starts with
+        ``owner_prefix`` (owners known to be dead), counting no attempt; fires with how many."""
+        return self._write(lambda conn, now: _take_back(owner_prefix, conn, now))
+
     def _write(self, op: _Op) -> defer.Deferred[Any]:
         return self._db.submit(op)
 
@@ -568,6 +606,14 @@ class SqliteQueue:
     def unsent(self, limit: int = 20) -> defer.Deferred[list[QueueRow]]:
         """The first ``limit`` messages not sent, with their recipients' states."""
         return self._db.read(_unsent, limit)
+
+    def queued_at(self, message: int) -> defer.Deferred[float | None]:
+        """When message ``message`` was enqueued (the queue's clock); None if there is none."""
+        return self._db.read(_queued_at, message)
+
+    def oldest_waiting(self) -> defer.Deferred[float | None]:
+        """When the oldest message not yet sent or failed was enqueued; None if none waits."""
+        return self._db.read(_oldest_waiting)
 
     def settings(self) -> defer.Deferred[tuple[str, int]]:
         """``(journal_mode, synchronous)`` of this queue's own connection (2 is FULL)."""

@@ -1,0 +1,203 @@
+"""``scripts/bench --mode relay``: smtp-source -> twistd twistmail -> smtp-sink, end to end.
+
+Postfix's ``smtp-source`` submits ``--count`` messages of ~2.3 KB over 20 parallel sessions,
+one message per connection (as most applications submit), to the real ``twistd twistmail``
+(every 250 after an fsync'd commit), which relays them to Postfix's ``smtp-sink``. Each run
+starts a fresh relay on a fresh queue file. Reported per run and as the median of
+``--repeat`` runs: acceptance msgs/s (smtp-source's wall time), end-to-end msgs/s (first
+submission to the sink's last message), the relay's CPU µs per message and its peak RSS.
+
+No Postfix relay runs beside it (not set up here): the ratio printed is against the issue's
+reference figure for a stock Postfix 3.7 relay on this kind of machine (350 msgs/s end to end
+when quiet), so it is only indicative; the target is 5x that (1,750 msgs/s).
+
+Normally started by ``scripts/bench --mode relay``, which provides smtp-sink (smtp-source sits
+beside it) and the bench virtualenv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runner import BenchError, Sink, _free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+POSTFIX_REFERENCE = 350.0  # msgs/s end to end, stock Postfix 3.7 relay, quiet machine (#14)
+TARGET = 5 * POSTFIX_REFERENCE
+_LISTENING = re.compile(r"SMTP submission listening on [^:]+:(\d+)")
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
+    """One fresh relay, ``args.count`` messages through it; the figures of this run."""
+    queue = workdir / f"queue-{time.monotonic_ns()}.db"
+    port = _free_port()
+    log_path = workdir / "relay.log"
+    argv = [
+        args.python,
+        "-c",
+        "from twisted.scripts.twistd import run; run()",
+        "-n",
+        "--pidfile=",
+        "twistmail",
+        "--smtp",
+        f"smtp://127.0.0.1:{sink.port}",
+        "--queue",
+        f"sqlite:{queue}",
+        "--submission",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--http",
+        "none",
+        "--concurrency",
+        str(args.connections),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log_path, "wb") as log:
+        relay = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    try:
+        deadline = time.monotonic() + 60
+        while not _LISTENING.search(log_path.read_text(errors="replace")):
+            if relay.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("the relay did not start:\n" + log_path.read_text()[-2000:])
+            time.sleep(0.05)
+        before = sink.received()
+        cpu_before = _proc_cpu_seconds(relay.pid)
+        source = Path(args.smtp_sink).with_name("smtp-source")
+        source_env = dict(os.environ)
+        if args.smtp_sink_libs:
+            source_env["LD_LIBRARY_PATH"] = args.smtp_sink_libs
+        started = time.monotonic()
+        subprocess.run(
+            [
+                str(source),
+                "-s",
+                str(args.sessions),
+                "-m",
+                str(args.count),
+                "-l",
+                str(args.size),
+                "-f",
+                "app@example.com",
+                "-t",
+                "user@example.org",
+                f"127.0.0.1:{port}",
+            ],
+            env=source_env,
+            check=True,
+            timeout=args.timeout,
+            stdout=subprocess.DEVNULL,
+        )
+        accepted = time.monotonic()
+        while sink.received() - before < args.count:
+            if time.monotonic() - started > args.timeout:
+                raise BenchError(f"only {sink.received() - before} of {args.count} delivered")
+            time.sleep(0.005)
+        delivered = time.monotonic()
+        cpu = _proc_cpu_seconds(relay.pid) - cpu_before
+        rss = _peak_rss_mb(relay.pid)
+    finally:
+        relay.send_signal(signal.SIGTERM)
+        try:
+            relay.wait(60)
+        except subprocess.TimeoutExpired:
+            relay.kill()
+            relay.wait()
+    return {
+        "count": args.count,
+        "accept_msgs_per_s": round(args.count / (accepted - started), 1),
+        "end_to_end_msgs_per_s": round(args.count / (delivered - started), 1),
+        "relay_cpu_us_per_msg": round(cpu / args.count * 1e6, 1),
+        "relay_peak_rss_mb": round(rss, 1),
+        "relay_exit": relay.returncode,
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench --mode relay",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--mode", default="relay", choices=["relay"])
+    parser.add_argument("--count", type=int, default=20_000, help="messages per run")
+    parser.add_argument("--repeat", type=int, default=5, help="runs (the median is reported)")
+    parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
+    parser.add_argument("--connections", type=int, default=20, help="the relay's upstream ones")
+    parser.add_argument("--size", type=int, default=2300, help="message size in bytes")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run at most")
+    parser.add_argument("--python", default=os.environ.get("BENCH_PYTHON", sys.executable))
+    parser.add_argument("--smtp-sink", default=os.environ.get("BENCH_SMTP_SINK", "smtp-sink"))
+    parser.add_argument("--smtp-sink-libs", default=os.environ.get("BENCH_SMTP_SINK_LIBS"))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="twistmail-relaybench-") as tmp:
+        workdir = Path(tmp)
+        sink = Sink(
+            args.smtp_sink, args.smtp_sink_libs, workdir, os.environ.get("BENCH_SINK_PIDFILE")
+        )
+        sink.start()
+        try:
+            for n in range(args.repeat):
+                run = run_once(args, sink, workdir)
+                print(f"run {n + 1}: {json.dumps(run)}", file=sys.stderr)
+                runs.append(run)
+        finally:
+            sink.stop()
+    median = statistics.median(r["end_to_end_msgs_per_s"] for r in runs)
+    doc = {
+        "mode": "relay",
+        "runs": runs,
+        "median": {
+            key: statistics.median(r[key] for r in runs)
+            for key in (
+                "accept_msgs_per_s",
+                "end_to_end_msgs_per_s",
+                "relay_cpu_us_per_msg",
+                "relay_peak_rss_mb",
+            )
+        },
+        "postfix_reference_msgs_per_s": POSTFIX_REFERENCE,
+        "ratio_to_postfix_reference": round(median / POSTFIX_REFERENCE, 2),
+        "target_msgs_per_s": TARGET,
+        "target_met": median >= TARGET,
+        "load_average": os.getloadavg(),
+    }
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The pure parts of submission: MAIL/RCPT arguments and a received message made ready to queue."""
+
+from __future__ import annotations
+
+import email
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from twistmail.address import parse_address, parse_sender
+from twistmail.message import unstuff
+from twistmail.relay.incoming import Incoming, PathError, parse_path, received_header
+
+SENDER = parse_sender("app@example.com")
+RCPT = parse_address("user@example.org")
+RECEIVED = b"Received: from a ([127.0.0.1])\r\n\tby relay.test (twistmail) with ESMTP;\r\n\tx\r\n"
+
+
+def incoming(*lines: bytes, max_size: int = 10_000) -> Incoming:
+    message = Incoming(SENDER, [RCPT], max_size)
+    for line in lines:
+        message.line(line)
+    return message
+
+
+def test_parse_path_reads_the_address_and_parameters() -> None:
+    address, params = parse_path(
+        b"FROM:<app@example.com> SIZE=100 BODY=8BITMIME", b"FROM", null_ok=True
+    )
+    assert str(address) == "app@example.com"
+    assert params == {"SIZE": "100", "BODY": "8BITMIME"}
+    null, _ = parse_path(b"FROM:<>", b"FROM", null_ok=True)
+    assert null.is_null
+    routed, _ = parse_path(b"TO:<@relay.example:user@example.org>", b"TO", null_ok=False)
+    assert str(routed) == "user@example.org"
+
+
+@pytest.mark.parametrize(
+    ("argument", "keyword", "code", "text"),
+    [
+        (b"FROM:app@example.com", b"FROM", 501, "5.5.4"),
+        (b"TO:<a@example.org>", b"FROM", 501, "5.5.4"),
+        (b"FROM:<a@@example.com>", b"FROM", 553, "5.1.7"),
+        (b"TO:<no-domain>", b"TO", 553, "5.1.3 invalid address 'no-domain' in field recipient"),
+        (b"TO:<\xff@example.org>", b"TO", 501, "not valid UTF-8"),
+    ],
+)
+def test_parse_path_refusals_name_the_problem(
+    argument: bytes, keyword: bytes, code: int, text: str
+) -> None:
+    with pytest.raises(PathError) as caught:
+        parse_path(argument, keyword, null_ok=keyword == b"FROM")
+    assert caught.value.code == code
+    assert text in caught.value.text
+
+
+def test_missing_message_id_and_date_are_added_after_the_received_header() -> None:
+    envelope = incoming(b"Subject: hi", b"", b"body").envelope(RECEIVED, "relay.test")
+    assert envelope.payload.startswith(RECEIVED + b"Message-ID: <")
+    message = email.message_from_bytes(unstuff(envelope.payload))
+    assert message["Date"]
+    assert envelope.message_id == message["Message-ID"]
+    assert envelope.payload.endswith(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+
+
+def test_present_message_id_and_date_are_kept_and_read() -> None:
+    envelope = incoming(
+        b"Message-ID: <x@app>", b"DATE: Tue, 01 Dec 2026 10:00:00 +0000", b"", b"b"
+    ).envelope(RECEIVED, "relay.test")
+    assert envelope.payload.count(b"Message-ID") == 1
+    assert envelope.payload.lower().count(b"date:") == 1
+    assert envelope.message_id == "<x@app>"
+
+
+def test_data_without_a_header_section_becomes_a_body() -> None:
+    envelope = incoming(b"just text, no headers").envelope(RECEIVED, "relay.test")
+    head, _, body = envelope.payload.partition(b"\r\n\r\n")
+    assert b"Message-ID" in head
+    assert body == b"just text, no headers\r\n.\r\n"
+
+
+def test_size_counts_octets_after_unstuffing_and_the_limit_keeps_reading() -> None:
+    message = incoming(b"..", b"ab")
+    assert message.size == len(b".\r\nab\r\n")
+    big = incoming(b"x" * 600, b"x" * 600, max_size=1000)
+    assert big.problem() == (552, "5.3.4 Message too big: the limit is 1000 octets")
+    assert big.lines == []  # nothing kept once over
+
+
+@pytest.mark.parametrize("line", [b"a\nb", b"a\rb", b"\r", b"x\n.\nMAIL FROM:<evil@x>"])
+def test_a_bare_cr_or_lf_is_refused(line: bytes) -> None:
+    assert incoming(b"Subject: s", b"", line).problem() == (
+        550,
+        "5.6.11 Bare CR or LF in the message: use CRLF line ends",
+    )
+
+
+@given(st.lists(st.binary(max_size=80).filter(lambda b: b"\r" not in b and b"\n" not in b)))
+def test_the_queued_payload_unstuffs_to_the_received_lines(lines: list[bytes]) -> None:
+    lines = [b"Subject: s", b"", *lines]
+    envelope = incoming(*lines, max_size=10**6).envelope(RECEIVED, "h.test")
+    body = unstuff(envelope.payload).split(b"\r\n\r\n", 1)[1]
+    expected = b"".join(
+        (line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines[2:]
+    )
+    assert body == expected
+    assert envelope.payload.endswith(b"\r\n.\r\n")
+
+
+def test_received_header_names_one_recipient_only() -> None:
+    one = received_header(
+        helo="app.test",
+        client_ip="127.0.0.1",
+        hostname="relay.test",
+        protocol="ESMTPA",
+        recipients=(RCPT,),
+        now=0.0,
+    )
+    assert one.startswith(
+        b"Received: from app.test ([127.0.0.1])\r\n\tby relay.test (twistmail) with ESMTPA"
+    )
+    assert b"for <user@example.org>" in one
+    two = received_header(
+        helo="bad\r\nhelo",
+        client_ip="::1",
+        hostname="relay.test",
+        protocol="ESMTP",
+        recipients=(RCPT, parse_address("b@example.org")),
+        now=0.0,
+    )
+    assert b" for " not in two
+    assert b"bad??helo" in two  # no line break smuggled in through HELO

@@ -1,0 +1,138 @@
+"""The relay's options: defaults as the issue lists them, and a UsageError naming the option."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.python import usage
+
+from twistmail.relay.tap import Options
+
+UPSTREAM = ["--smtp", "smtp://127.0.0.1:2600"]
+
+
+def parse(*argv: str, env: dict[str, str] | None = None) -> Options:
+    options = Options()
+    options.parseOptions([*UPSTREAM, *argv])
+    return options
+
+
+def test_defaults_are_a_local_postfix_relays() -> None:
+    config = parse().config
+    assert config.queue_path == "twistmail-queue.db"
+    assert config.submission == "tcp:2525:interface=127.0.0.1"
+    assert config.http == "tcp:8025:interface=127.0.0.1"
+    assert (config.retry_delay, config.max_retry_delay) == (300.0, 4000.0)
+    assert config.max_attempts is None
+    assert config.retry_policy().can_retry(10_000)  # no attempt limit: --max-age decides
+    assert config.max_age == 5 * 86400
+    assert config.allow_from == (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert config.max_message_size == 25 * 1024 * 1024
+    assert config.max_recipients == 1000
+    assert (config.max_connections, config.max_connections_per_client) == (100, 20)
+    assert config.bounces
+
+
+def test_values_with_units_and_none_listeners() -> None:
+    config = parse(
+        "--max-age",
+        "2d",
+        "--retry-delay",
+        "5m",
+        "--max-message-size",
+        "10m",
+        "--http",
+        "none",
+        "--submission",
+        "None",
+        "--allow-from",
+        "10.0.0.0/8, 192.168.1.7",
+        "--max-attempts",
+        "3",
+    ).config
+    assert config.max_age == 2 * 86400
+    assert config.retry_delay == 300
+    assert config.max_message_size == 10 * 1024 * 1024
+    assert config.http is None
+    assert config.submission is None
+    assert ipaddress.ip_network("192.168.1.7/32") in config.allow_from
+    assert not config.retry_policy().can_retry(3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        ([], "--smtp"),
+        (["--smtp", "ftp://x"], "--smtp"),
+        (["--smtp", "smtp://me:secret@host"], "--smtp must not contain the password"),
+        (["--queue", "postgres://x"], "--queue"),
+        (["--allow-from", "10.0.0.0/8,everyone"], "--allow-from: 'everyone'"),
+        (["--tls-cert", __file__], "--tls-cert and --tls-key"),
+        (["--users-file", "/nonexistent/users"], "--users-file"),
+        (["--retry-delay", "1h", "--max-retry-delay", "5m"], "--max-retry-delay"),
+        (["--max-connections", "10"], "--max-connections-per-client"),
+        (["--password-file", "/nonexistent/pw"], "--password-file"),
+    ],
+)
+def test_a_bad_value_or_combination_names_the_option(argv: list[str], named: str) -> None:
+    options = Options()
+    base = [] if any(a == "--smtp" for a in argv) or not argv else UPSTREAM
+    with pytest.raises(usage.UsageError, match=named.replace("(", r"\(")):
+        options.parseOptions([*base, *argv])
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--concurrency", "0"),
+        ("--max-age", "soon"),
+        ("--max-message-size", "12"),
+        ("--rate", "-1"),
+        ("--shutdown-timeout", "inf"),
+    ],
+)
+def test_a_bad_number_is_refused_naming_the_option(option: str, value: str) -> None:
+    with pytest.raises(usage.UsageError, match=option.lstrip("-")):
+        parse(option, value)
+
+
+def test_the_password_is_read_from_its_file_never_the_url(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    options = Options()
+    options.parseOptions(
+        ["--smtp", "smtp+tls://alice@mail.example.com", "--password-file", str(secret)]
+    )
+    assert options.config.password == "s3cret"
+
+
+def test_twistmail_serve_help_lists_the_relay_options() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "twistmail", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--submission" in out.stdout
+    assert "--max-connections-per-client" in out.stdout
+
+
+def test_twistmail_serve_reports_a_bad_option_and_exits_2() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "twistmail", "serve", "--smtp", "smtp://x", "--queue", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "--queue" in out.stdout + out.stderr

@@ -1,0 +1,6 @@
+"""The relay: ``twistd twistmail`` (or ``twistmail serve``), a durable local mail relay.
+
+Applications submit mail over SMTP (:mod:`.submission`); each message is committed to the
+queue before it is acknowledged; a worker (:mod:`.worker`) delivers it upstream through one
+pooled :class:`~twistmail.Mailer`. Options and the service: :mod:`.tap`, :mod:`.service`.
+"""

@@ -1,0 +1,84 @@
+"""SMTP AUTH for the relay: the cred portal over the users file, and the failure limiter.
+
+:func:`auth_portal` makes the portal a submission session logs in through (PLAIN and LOGIN,
+verified by :class:`~twistmail.relay.users.UsersChecker`). :class:`FailureLimiter` remembers
+failed logins per client address: after ``limit`` failures within ``window`` seconds that
+address gets 421 until the window has passed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.interfaces import IReactorTime
+from twisted.mail import smtp
+from twisted.mail.imap4 import PLAINCredentials
+from twisted.mail.interfaces import IMessageDelivery
+from zope.interface import implementer
+
+from .users import UsersChecker
+
+__all__ = ["MECHANISMS", "FailureLimiter", "auth_portal"]
+
+MECHANISMS: dict[bytes, Any] = {b"PLAIN": PLAINCredentials, b"LOGIN": smtp.LOGINCredentials}
+"""The AUTH mechanisms offered (only where a password never crosses in clear)."""
+
+
+@implementer(IMessageDelivery)
+class _Authenticated:
+    """The avatar of a logged-in client: the session handles MAIL/RCPT/DATA itself."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+
+    def receivedHeader(self, helo: Any, origin: Any, recipients: Any) -> None:
+        return None
+
+    def validateFrom(self, helo: Any, origin: Any) -> Any:
+        return origin
+
+    def validateTo(self, user: Any) -> Any:
+        raise smtp.SMTPBadRcpt(user)
+
+
+@implementer(IRealm)
+class _Realm:
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+        if IMessageDelivery not in interfaces:
+            raise NotImplementedError("the relay's realm gives IMessageDelivery avatars only")
+        return IMessageDelivery, _Authenticated(avatar_id), lambda: None
+
+
+def auth_portal(users_file: str, clock: IReactorTime) -> Portal:
+    """The portal checking logins against ``users_file``."""
+    return Portal(_Realm(), [UsersChecker(users_file, clock=clock)])
+
+
+class FailureLimiter:
+    """Failed logins per address; ``blocked(address)`` once ``limit`` fell within ``window``."""
+
+    def __init__(self, clock: IReactorTime, *, limit: int = 5, window: float = 600.0) -> None:
+        self._clock = clock
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def failed(self, address: str) -> None:
+        """``address`` gave a wrong name or password."""
+        times = self._failures.setdefault(address, deque(maxlen=self.limit))
+        times.append(self._clock.seconds())
+
+    def blocked(self, address: str) -> bool:
+        """Whether ``address`` failed ``limit`` times in the last ``window`` seconds."""
+        times = self._failures.get(address)
+        if times is None:
+            return False
+        now = self._clock.seconds()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[address]
+            return False
+        return len(times) >= self.limit

@@ -1,0 +1,139 @@
+"""The relay's submission listener: the sessions' shared limits, AUTH and shutdown.
+
+:class:`SubmissionFactory` makes one :class:`~twistmail.relay.submission.Submission` per
+connection and keeps what they share: the connection counts (in all and per client address),
+the AUTH portal and failure limiter, the TLS context, and the relay's way of queueing a message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import ServerFactory
+
+from ..message import Envelope
+from .auth import FailureLimiter
+from .config import RelayConfig
+from .submission import Submission
+
+__all__ = ["SubmissionFactory"]
+
+
+class SubmissionFactory(ServerFactory):
+    """Submission sessions sharing the relay's limits; ``accept`` queues one message.
+
+    ``accept(envelope, client)`` fires with the queue id once the message is committed.
+    ``portal`` (with ``mechanisms``) enables AUTH, offered only after STARTTLS or on a
+    loopback listener; a failed login is answered 535 after ``auth_failure_delay`` seconds,
+    and ``limiter`` turns an address away with 421 after too many. ``tls`` (a server TLS
+    context) enables STARTTLS. ``on_session(+1 or -1)`` hears of each session opened or closed.
+    """
+
+    protocol = Submission  # type: ignore[assignment]  # made by buildProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        accept: Callable[[Envelope, str], defer.Deferred[int]],
+        *,
+        clock: Any,
+        portal: Any = None,
+        mechanisms: dict[bytes, Any] | None = None,
+        tls: Any = None,
+        limiter: FailureLimiter | None = None,
+        on_session: Callable[[int], None] | None = None,
+        auth_failure_delay: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.accept = accept
+        self.clock = clock
+        self.portal = portal
+        self._mechanisms = mechanisms or {}
+        self.tls = tls
+        self.sessions: set[Submission] = set()
+        self._per_client: Counter[str] = Counter()
+        self._on_session = on_session
+        self.limiter = limiter
+        self.auth_failure_delay = auth_failure_delay
+        self._gone: defer.Deferred[None] | None = None
+        self.accepting = True
+
+    def buildProtocol(self, addr: Any) -> Submission:  # type: ignore[override]
+        protocol = Submission(self)
+        protocol.portal = self.portal
+        return protocol
+
+    def challengers(self) -> dict[bytes, Any]:
+        """The AUTH mechanisms a session may offer (none without a users file)."""
+        return dict(self._mechanisms) if self.portal is not None else {}
+
+    def allowed(self, client_ip: str) -> bool:
+        """Whether ``client_ip`` may submit without AUTH (``--allow-from``)."""
+        try:
+            address = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.config.allow_from)
+
+    def login_failed(self, client_ip: str) -> None:
+        """``client_ip`` gave wrong credentials."""
+        if self.limiter is not None:
+            self.limiter.failed(client_ip)
+
+    def login_blocked(self, client_ip: str) -> bool:
+        """Whether ``client_ip`` failed to log in too often lately (421 for a while)."""
+        return self.limiter is not None and self.limiter.blocked(client_ip)
+
+    def opened(self, session: Submission) -> str | None:
+        """Count a new session; the 421 text if a connection limit refuses it."""
+        if not self.accepting:
+            return "4.3.2 Service shutting down, try again later"
+        if self.login_blocked(session.client_ip):
+            return "4.7.0 Too many failed logins from your address, try again later"
+        if len(self.sessions) >= self.config.max_connections:
+            return "4.7.0 Too many connections, try again later"
+        if self._per_client[session.client_ip] >= self.config.max_connections_per_client:
+            return "4.7.0 Too many connections from your address, try again later"
+        self.sessions.add(session)
+        self._per_client[session.client_ip] += 1
+        if self._on_session is not None:
+            self._on_session(1)
+        return None
+
+    def closed(self, session: Submission) -> None:
+        """A session ended."""
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        self._per_client[session.client_ip] -= 1
+        if not self._per_client[session.client_ip]:
+            del self._per_client[session.client_ip]
+        if self._on_session is not None:
+            self._on_session(-1)
+        if not self.sessions and self._gone is not None:
+            gone, self._gone = self._gone, None
+            gone.callback(None)
+
+    def shut_down(self, grace: float) -> defer.Deferred[None]:
+        """Refuse new sessions, end idle ones with 421, let messages in DATA finish; fires once
+        every session is gone (those left after ``grace`` seconds are cut off)."""
+        self.accepting = False
+        for session in list(self.sessions):
+            session.shut_down()
+        if not self.sessions:
+            return defer.succeed(None)
+        gone: defer.Deferred[None] = defer.Deferred()
+        self._gone = gone
+        timer = self.clock.callLater(grace, self._cut_off)
+        return gone.addBoth(lambda r: timer.cancel() if timer.active() else None)
+
+    def _cut_off(self) -> None:
+        for session in list(self.sessions):
+            session.transport.abortConnection()

@@ -1,0 +1,407 @@
+"""The relay as a Twisted service: one queue, the submission listener and the delivery worker.
+
+:meth:`RelayService.make` takes the queue's delivery lock (a second relay on the same queue
+file is refused there, before anything starts); starting opens the queue, gives back the claims
+of earlier relays on this file (they are dead: the lock was free), starts the worker and then
+listens. Stopping (SIGTERM under ``twistd``) stops listening, ends idle sessions with 421 and
+lets messages in DATA finish, lets deliveries in flight finish within ``shutdown_timeout``
+seconds (then cuts them off: they stay queued), and closes the queue.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, ssl
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from .._twisted import Reactor, default_reactor
+from ..errors import QueueError
+from ..message import Envelope
+from ..queue.records import ClaimedMessage, Outcome
+from ..queue.sqlite import SqliteQueue, read_queue_status
+from .auth import MECHANISMS, FailureLimiter, auth_portal
+from .bounces import notification
+from .config import RelayConfig
+from .http import make_http
+from .listener import SubmissionFactory
+from .metrics import QueueSizes, RelayMetrics
+from .worker import RelayWorker
+
+__all__ = ["OWNER_PREFIX", "DeliveryLock", "RelayService", "StartError"]
+
+log = Logger()
+
+OWNER_PREFIX = "relay:"
+"""Queue claims of a relay carry owner tokens starting with this."""
+
+
+class StartError(Exception):
+    """The relay cannot start (the queue is locked by another relay, or is not a queue)."""
+
+
+class DeliveryLock:
+    """The one-deliverer-per-queue lock: ``PATH.deliver.lock``, held with ``flock``.
+
+    The kernel drops it when the process dies, so a lock found free means every earlier
+    holder is gone. Writers (the spool backend) never take it.
+    """
+
+    def __init__(self, queue_path: str) -> None:
+        self.path = queue_path + ".deliver.lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StartError(
+                f"{queue_path}: another process (pid {holder}) is already delivering from this "
+                f"queue; stop it first (lock {self.path})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Drop the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _tls_context(config: RelayConfig) -> Any:
+    """The STARTTLS context of ``--tls-cert``/``--tls-key``, or None."""
+    if not config.tls_cert or not config.tls_key:
+        return None
+    with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+        pem = cert.read() + b"\n" + key.read()
+    return ssl.PrivateCertificate.loadPEM(pem).options()
+
+
+class RelayService(MultiService):
+    """The running relay; see the module's docstring."""
+
+    def __init__(self, config: RelayConfig, lock: DeliveryLock, reactor: Reactor) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.lock = lock
+        self.queue: SqliteQueue | None = None
+        self.worker: RelayWorker | None = None
+        self.submission: SubmissionFactory | None = None
+        self.ports: list[IListeningPort] = []
+        self.owner = f"{OWNER_PREFIX}{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._starting: defer.Deferred[None] | None = None
+        self._worker_done: defer.Deferred[Any] | None = None
+        self._mailer: Any = None
+        self.metrics = RelayMetrics(self._queue_sizes)
+        self._notifier: Any = None
+        self._accepted_at: dict[int, float] = {}  # queue id -> when this process accepted it
+
+    @classmethod
+    def make(cls, config: RelayConfig, reactor: Reactor | None = None) -> RelayService:
+        """The relay for ``config``, holding its queue's delivery lock.
+
+        :raises StartError: the queue is another relay's, or the file is not a queue.
+        """
+        if os.path.exists(config.queue_path):
+            try:
+                read_queue_status(config.queue_path, limit=0)
+            except QueueError as e:
+                raise StartError(str(e)) from None
+        lock = DeliveryLock(config.queue_path)
+        return cls(config, lock, reactor if reactor is not None else default_reactor())
+
+    # ------------------------------------------------------------------ start
+
+    def startService(self) -> None:
+        super().startService()
+        self._starting = defer.Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Any) -> None:
+        log.failure("the relay could not start", failure)
+        self.reactor.callLater(0, getattr(self.reactor, "stop", lambda: None))
+
+    async def _start(self) -> None:
+        config = self.config
+        # Closed by stopService, after the outcomes of deliveries in flight are recorded.
+        self.queue = queue = await SqliteQueue.open(
+            config.queue_path, reactor=self.reactor, close_at_shutdown=False
+        )
+        taken = await queue.take_back(OWNER_PREFIX)
+        if taken:
+            log.info("took back {n} messages claimed by a relay that died", n=taken)
+        self._mailer = config.mailer(self.reactor)
+        self.worker = RelayWorker(
+            queue,
+            self._mailer,
+            retry=config.retry_policy(),
+            owner=self.owner,
+            max_age=config.max_age,
+            age=self._age,
+            reactor=self.reactor,  # type: ignore[arg-type]
+            on_outcome=self._outcome,
+        )
+        self._watch_other_writers()
+        self._worker_done = self.worker.run()
+        self._worker_done.addErrback(lambda f: log.failure("the delivery worker failed", f))
+        if config.http is not None:
+            site = Site(make_http(self.health, self.metrics).resource())
+            site.noisy = False
+            port = await serverFromString(self.reactor, config.http).listen(site)
+            self.ports.append(port)
+            self._log_listening("HTTP (health and metrics)", port)
+        if config.submission is not None:
+            clock = IReactorTime(self.reactor)
+            self.submission = SubmissionFactory(
+                config,
+                self._accept,
+                clock=self.reactor,
+                portal=auth_portal(config.users_file, clock) if config.users_file else None,
+                mechanisms=MECHANISMS,
+                tls=_tls_context(config),
+                limiter=FailureLimiter(clock),
+                on_session=self._sessions_changed,
+            )
+            endpoint = serverFromString(self.reactor, config.submission)
+            port = await endpoint.listen(self.submission)
+            self.ports.append(port)
+            self._log_listening("SMTP submission", port)
+        log.info(
+            "relaying to {upstream} from queue {queue}",
+            upstream=self._mailer.server.label,
+            queue=config.queue_path,
+        )
+
+    def _watch_other_writers(self) -> None:
+        """Wake the worker when another process commits to the queue (the spool backend,
+        say): the file's write-ahead log changes. Linux only (inotify); elsewhere such
+        messages wait for the next submission or due time."""
+        try:
+            from twisted.internet import inotify
+            from twisted.python.filepath import FilePath
+        except ImportError:  # not Linux
+            return
+        try:
+            notifier = inotify.INotify(reactor=self.reactor)
+            notifier.startReading()
+            notifier.watch(
+                FilePath(self.config.queue_path + "-wal"),
+                mask=inotify.IN_MODIFY,
+                callbacks=[self._queue_written],
+            )
+        except (OSError, inotify.INotifyError) as e:
+            log.warn("not watching the queue for other writers: {error}", error=e)
+            return
+        self._notifier = notifier
+
+    def _queue_written(self, _watch: object, _path: object, _mask: int) -> None:
+        # Our own commits land here too: wake() does nothing unless the worker sleeps, and a
+        # claim that finds nothing writes nothing, so this cannot feed itself.
+        if self.worker is not None:
+            self.worker.wake()
+
+    @staticmethod
+    def _log_listening(what: str, port: IListeningPort) -> None:
+        host = port.getHost()
+        log.info(
+            "{what} listening on {host}:{port}",
+            what=what,
+            host=getattr(host, "host", host),
+            port=getattr(host, "port", ""),
+        )
+
+    def _age(self, claimed: ClaimedMessage) -> defer.Deferred[float | None]:
+        assert self.queue is not None
+        return self.queue.queued_at(claimed.id).addCallback(
+            lambda at: None if at is None else time.time() - at
+        )
+
+    # ------------------------------------------------------------------ messages
+
+    def _accept(self, envelope: Envelope, client: str) -> defer.Deferred[int]:
+        assert self.queue is not None
+        assert self.worker is not None
+        worker = self.worker
+
+        def queued(ids: list[int]) -> int:
+            (queue_id,) = ids
+            sender = str(envelope.sender)
+            nrcpt = len(envelope.recipients)
+            # One pre-formatted field is cheaper for twisted.logger's text formatting; the
+            # values stay in the event as fields for structured observers.
+            log.info(
+                "{line}",
+                line=f"queued {queue_id} from=<{sender}> size={envelope.size} nrcpt={nrcpt} "
+                f"client={client}",
+                queue_id=queue_id,
+                sender=sender,
+                size=envelope.size,
+                nrcpt=nrcpt,
+                client=client,
+            )
+            self.metrics.accepted()
+            self._accepted_at[queue_id] = time.time()
+            worker.wake()
+            return queue_id
+
+        return self.queue.enqueue([envelope]).addCallback(queued)
+
+    def _outcome(self, claimed: ClaimedMessage, outcome: Outcome) -> None:
+        """One attempt recorded: log it, count it, and bounce a failed message."""
+        self._log_outcome(claimed, outcome)
+        self.metrics.delivered(outcome.state, outcome.code)
+        if outcome.state == "deferred":
+            return
+        accepted = self._accepted_at.pop(outcome.id, None)
+        if outcome.state == "sent" and accepted is not None:
+            self.metrics.observe_latency(time.time() - accepted)
+        if outcome.state == "failed" and self.config.bounces:
+            self._bounce(claimed, outcome, accepted)
+        elif self.worker is not None:
+            self.worker.enhanced.pop(outcome.id, None)
+
+    def _bounce(self, claimed: ClaimedMessage, outcome: Outcome, accepted: float | None) -> None:
+        try:
+            enhanced = self.worker.enhanced.pop(outcome.id, None) if self.worker else None
+            report = notification(
+                claimed, outcome, self.config.hostname, accepted or time.time(), enhanced
+            )
+        except ValueError as e:
+            log.error("no notification for {queue_id}: {error}", queue_id=outcome.id, error=e)
+            return
+        if report is None:
+            log.info("no notification for {queue_id} (its sender is <>)", queue_id=outcome.id)
+            return
+        assert self.queue is not None
+        worker = self.worker
+
+        def queued(ids: list[int]) -> None:
+            log.info(
+                "notification {dsn} queued for {queue_id} to=<{sender}>",
+                dsn=ids[0],
+                queue_id=outcome.id,
+                sender=str(claimed.envelope.sender),
+            )
+            if worker is not None:
+                worker.wake()
+
+        self.queue.enqueue([report]).addCallbacks(
+            queued,
+            lambda f: log.failure("could not queue the notification for {id}", f, id=outcome.id),
+        )
+
+    def _log_outcome(self, claimed: ClaimedMessage, outcome: Outcome) -> None:
+        upstream = self._mailer.server.label if self._mailer is not None else "?"
+        for (_, state, code, text), rcpt in zip(
+            outcome.recipients, claimed.envelope.recipients, strict=False
+        ):
+            status = "deferred" if state == "pending" else state
+            reply = code if code is not None else "-"
+            log.info(
+                "{line}",
+                line=f"delivery {outcome.id} to=<{rcpt}> relay={upstream} "
+                f"attempt={outcome.attempts} status={status} reply={reply} {text}",
+                queue_id=outcome.id,
+                rcpt=str(rcpt),
+                upstream=upstream,
+                attempt=outcome.attempts,
+                status=status,
+                code=code,
+                text=text,
+            )
+
+    # ------------------------------------------------------------------ health and metrics
+
+    def _sessions_changed(self, change: int) -> None:
+        if change > 0:
+            self.metrics.session_opened()
+        else:
+            self.metrics.session_closed()
+
+    def _queue_sizes(self) -> defer.Deferred[QueueSizes]:
+        if self.queue is None:
+            return defer.succeed(({}, None))
+        queue = self.queue
+        sizes = queue.summary()
+
+        def with_age(summary: Any) -> defer.Deferred[QueueSizes]:
+            def aged(oldest: float | None) -> QueueSizes:
+                return summary.counts, None if oldest is None else time.time() - oldest
+
+            return queue.oldest_waiting().addCallback(aged)
+
+        return sizes.addCallback(with_age)
+
+    def health(self) -> defer.Deferred[Mapping[str, Any]]:
+        """The relay's state for ``/healthz``: a write to the queue is tried (a lease renewal
+        of this relay's own claims), the worker and the upstream are reported."""
+        worker = self.worker
+        state: dict[str, Any] = {
+            "worker_running": worker is not None and worker.running,
+            "upstream": "unknown",
+        }
+        if worker is not None:
+            problem = worker.upstream_error
+            state["upstream"] = "ok" if problem is None else f"unreachable: {problem}"
+        if self.queue is None:
+            return defer.succeed({**state, "queue_writable": False})
+
+        def written(_: object) -> Mapping[str, Any]:
+            return {**state, "queue_writable": True}
+
+        def failed(failure: Any) -> Mapping[str, Any]:
+            log.failure("the queue cannot be written", failure)
+            return {**state, "queue_writable": False, "queue_error": str(failure.value)}
+
+        return self.queue.renew(self.owner, 300.0).addCallbacks(written, failed)
+
+    # ------------------------------------------------------------------ stop
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        config = self.config
+        if self._starting is not None:
+            await self._starting
+        for port in self.ports:
+            await defer.maybeDeferred(port.stopListening)
+        self.ports.clear()
+        if self.submission is not None:
+            await self.submission.shut_down(config.shutdown_timeout)
+        if self.worker is not None and self._worker_done is not None:
+            self.worker.stop()
+            worker = self.worker
+            timer = self.reactor.callLater(config.shutdown_timeout, worker.abort)
+            await self._worker_done
+            if timer.active():
+                timer.cancel()
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+        if self._mailer is not None:
+            await self._mailer.close()
+        if self.queue is not None:
+            await self.queue.close()
+        self.lock.release()
+        # twistd re-raises the signal that stopped the reactor once it has run down (so the exit
+        # status says "killed by SIGTERM"); a relay that stopped cleanly exits 0 instead, as
+        # service managers and scripts expect of a graceful stop.
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None  # type: ignore[attr-defined]
+        log.info("stopped")
