@@ -31,6 +31,7 @@ __all__ = [
     "dot_stuffed",
     "encode_part",
     "fold_encoded",
+    "message_payload",
     "multipart",
     "text_part",
 ]
@@ -210,6 +211,60 @@ def text_part(kind: str, body: str) -> tuple[bytes, bytes]:
     # bytes as surrogate escapes.
     encoded = data.encode("ascii", "surrogateescape").replace(b"\n", b"\r\n")
     return _CONTENT_HEADERS[kind, cte], encoded
+
+
+def message_payload(
+    lines: list[bytes],
+    kind: str,
+    text: str,
+    html: str | None = None,
+    attachments: list[tuple[bytes, bytes]] | None = None,
+) -> tuple[bytes, int, int]:
+    """The DATA payload of a message as ``set_content``, ``add_alternative`` and
+    ``add_attachment`` make it and policy.SMTP writes it; its size before dot-stuffing; and
+    where its header block ends (just past the last header line's CRLF).
+
+    ``lines`` are the header lines before the MIME ones (Date and Message-ID included), each
+    ending CRLF; the MIME lines and the blank line are appended to it. ``text`` is the body, a
+    ``text/<kind>`` part (``plain`` or ``html``); ``html`` an HTML alternative to it;
+    ``attachments`` each attachment's part (:func:`encode_part`) and the same dot-stuffed
+    (:func:`dot_stuffed`), so a caller sending one file many times encodes it once.
+    """
+    stuffed: dict[int, bytes] = {}
+    content, body = text_part(kind, text)
+    if html is None and not attachments:
+        lines += (content, b"MIME-Version: 1.0\r\n\r\n")
+        tail = [body]
+    else:
+        if html is not None:
+            html_content, html_text = text_part("html", html)
+            # The HTML part was made by add_alternative: a message of its own, with MIME-Version.
+            content, tail = multipart(
+                "alternative",
+                [
+                    content + b"\r\n" + body,
+                    html_content + b"MIME-Version: 1.0\r\n\r\n" + html_text,
+                ],
+            )
+        else:
+            tail = [body]
+        if attachments:
+            content, tail = multipart(
+                "mixed",
+                [b"".join([content, b"\r\n", *tail]), *(part for part, _ in attachments)],
+                cached=len(attachments),
+            )
+            stuffed = {id(part): wire for part, wire in attachments}
+        lines += (b"MIME-Version: 1.0\r\n", content, b"\r\n")
+    head = b"".join(lines)
+    # Every header line ends in CRLF (values with a line break are refused, long ones folded
+    # as policy.SMTP folds them, body lines are re-joined with CRLF), and every piece starts a
+    # line: each is dot-stuffed on its own, an attachment part once by its caller.
+    size = len(head) + sum(map(len, tail))
+    payload = b"".join(
+        [head, *(stuffed.get(id(piece)) or dot_stuffed(piece) for piece in tail), b".\r\n"]
+    )
+    return payload, size, len(head) - 2
 
 
 def multipart(subtype: str, parts: list[bytes], *, cached: int = 0) -> tuple[bytes, list[bytes]]:

@@ -35,9 +35,8 @@ from twistmail.mime import MAX_LINE as _MAX_LINE
 from twistmail.mime import PLAIN_TEXT as _PLAIN_TEXT
 from twistmail.mime import STRUCTURED_KEYS as _STRUCTURED_KEYS
 from twistmail.mime import date_line as _date_line
-from twistmail.mime import fold_encoded, multipart, text_part
+from twistmail.mime import fold_encoded, message_payload
 
-from .attachments import dot_stuffed
 from .headers import ADDRESS_HEADERS, POLICY, RECIPIENT_HEADERS, is_clean, parse_addresses
 from .template import MessageTemplate
 
@@ -114,46 +113,13 @@ def render_direct(
         return None
     lines.append(_date_line(date))
     lines.append(f"Message-ID: {message_id}\r\n".encode("ascii"))
-    stuffed: dict[int, bytes] = {}
     text_kind = "html" if template.kind == "html" else "plain"
-    content, text = text_part(text_kind, body)
-    if html is None and not attachments:
-        lines += (content, b"MIME-Version: 1.0\r\n\r\n")
-        tail = [text]
-    else:
-        if html is not None:
-            html_content, html_text = text_part("html", html)
-            # The HTML part was made by add_alternative: a message of its own, with MIME-Version.
-            content, tail = multipart(
-                "alternative",
-                [
-                    content + b"\r\n" + text,
-                    html_content + b"MIME-Version: 1.0\r\n\r\n" + html_text,
-                ],
-            )
-        else:
-            tail = [text]
-        if attachments:
-            parts = [template.attachment_part(a) for a in attachments]
-            content, tail = multipart(
-                "mixed",
-                [b"".join([content, b"\r\n", *tail]), *(part for part, _ in parts)],
-                cached=len(attachments),
-            )
-            stuffed = {id(part): wire for part, wire in parts}
-        lines += (b"MIME-Version: 1.0\r\n", content, b"\r\n")
-    head = b"".join(lines)
+    parts = [template.attachment_part(a) for a in attachments]
+    payload, size, header_end = message_payload(lines, text_kind, body, html, parts)
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
     forward_paths = [address for key in RECIPIENT_HEADERS for address in recipients[key]]
-    # Every line above ends in CRLF (values with a line break were refused, literal headers
-    # are folded by policy.SMTP, body lines are re-joined with CRLF), and every piece starts
-    # a line: each is dot-stuffed on its own, an attachment part once per campaign.
-    size = len(head) + sum(map(len, tail))
-    payload = b"".join(
-        [head, *(stuffed.get(id(piece)) or dot_stuffed(piece) for piece in tail), b".\r\n"]
-    )
     envelope = envelope_from_stuffed(
-        envelope_sender, forward_paths, payload, size, len(head) - 2, message_id
+        envelope_sender, forward_paths, payload, size, header_end, message_id
     )
     if envelope.eight_bit:
         # An 8-bit body: for a server without 8BITMIME, rebuilt as 7-bit from these bytes.
