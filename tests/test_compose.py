@@ -22,8 +22,8 @@ from twistmail import (
     MessageError,
     compose,
     composer,
-    mime,
     envelope_from_message,
+    mime,
 )
 from twistmail.address import format_mailbox
 from twistmail.message import reflatten_7bit, to_wire, unstuff
@@ -273,7 +273,9 @@ def test_what_cannot_be_sent_is_a_message_error(parts: dict[str, object]) -> Non
         compose(**{"text": "x", **arguments, **parts})  # type: ignore[arg-type]
 
 
-_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=90) | st.sampled_from(["Ann Lee", "O'Brien", "x" * 70, "a  b", " lead", "=?x?=", "é", "J. Doe"])
+_TEXT = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=90
+) | st.sampled_from(["Ann Lee", "O'Brien", "x" * 70, "a  b", " lead", "=?x?=", "é", "J. Doe"])
 _LOCAL = st.from_regex(r"[a-z0-9.+_-]{1,20}", fullmatch=True)
 
 
