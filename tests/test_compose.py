@@ -25,7 +25,7 @@ from twistmail import (
     envelope_from_message,
     mime,
 )
-from twistmail.address import format_mailbox
+from twistmail.address import format_mailbox, parse_address_list
 from twistmail.message import reflatten_7bit, to_wire, unstuff
 
 DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
@@ -318,10 +318,15 @@ def test_whatever_the_parts_compose_equals_the_email_package(
         "attachments": [NOTES, PDF] if attach else [],
     }
     expected_error = _error_of(lambda: envelope_from_message(ordinary(**parts)))  # type: ignore[arg-type]
-    if expected_error is not None:
-        with pytest.raises(MessageError):
-            compose(date=DATE, message_id=MSGID, **parts)  # type: ignore[arg-type]
+    random.seed(seed)
+    composed_error = _error_of(lambda: compose(date=DATE, message_id=MSGID, **parts))  # type: ignore[arg-type]
+    if composed_error is not None:
+        assert isinstance(composed_error, MessageError)
+        # Refused only when the email package refuses it too, or an address is invalid as
+        # written (the email package reads some invalid ones as something else).
+        assert expected_error is not None or _error_of(lambda: parse_address_list(to)) is not None
         return
+    assert expected_error is None
     composed, msg = both(seed=seed, **parts)
     assert_same(composed, msg, seed=seed)
 

@@ -31,6 +31,7 @@ __all__ = [
     "dot_stuffed",
     "encode_part",
     "fold_encoded",
+    "local_now",
     "message_payload",
     "multipart",
     "text_part",
@@ -315,6 +316,11 @@ def _content_type(subtype: str, boundary: str) -> bytes:
 
 
 _dates: dict[datetime, bytes] = {}
+
+
+def local_now() -> datetime:
+    """This second in local time: what ``email.utils.formatdate(localtime=True)`` writes."""
+    return datetime.now().astimezone().replace(microsecond=0)
 
 
 def date_line(date: datetime) -> bytes:
