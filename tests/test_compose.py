@@ -362,3 +362,20 @@ def test_a_non_utc_date_is_written_with_its_offset() -> None:
     composed = compose(date=date, message_id=MSGID, **parts)  # type: ignore[arg-type]
     assert_same(composed, ordinary(date=date, **parts))  # type: ignore[arg-type]
     assert b"Date: Mon, 23 Nov 2026 12:00:00 -0500\r\n" in composed.payload
+
+
+@pytest.mark.parametrize(
+    ("filename", "expected"),
+    [
+        ("report.pdf", ("application", "pdf", "report.pdf")),
+        ("dir/notes.txt", ("text", "plain", "notes.txt")),
+        ("archive.tar.gz", ("application", "octet-stream", "archive.tar.gz")),
+        ("README", ("application", "octet-stream", "README")),
+    ],
+)
+def test_an_attachment_named_gets_its_type_from_the_name(
+    filename: str, expected: tuple[str, str, str]
+) -> None:
+    attachment = Attachment.named(filename, b"data")
+    assert (attachment.maintype, attachment.subtype, attachment.filename) == expected
+    assert attachment.data == b"data"

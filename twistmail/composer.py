@@ -26,7 +26,6 @@ either way. ``tests/test_compose.py`` compares the two.
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -39,7 +38,12 @@ from twistmail.address import (
     parse_plain_address_list,
 )
 from twistmail.errors import AddressError, HeaderInjectionError, MessageError
-from twistmail.message import Envelope, envelope_from_message, envelope_from_stuffed
+from twistmail.message import (
+    Envelope,
+    envelope_from_message,
+    envelope_from_stuffed,
+    new_message_id,
+)
 from twistmail.mime import (
     ADDRESS_HEADERS,
     MAILBOX,
@@ -52,6 +56,7 @@ from twistmail.mime import (
     dot_stuffed,
     encode_part,
     fold_encoded,
+    local_now,
     message_payload,
 )
 
@@ -190,10 +195,10 @@ def _direct(
     if not recipients:
         raise AddressError("no recipients: give to=, cc= or bcc=", field="To")
     if message_id is None:
-        message_id = _new_message_id([sender])
+        message_id = new_message_id([sender])
     if len(message_id) + 12 > MAX_LINE or _MSGID.fullmatch(message_id) is None:
         return None
-    lines.append(date_line(date or _now()))
+    lines.append(date_line(date or local_now()))
     lines.append(f"Message-ID: {message_id}\r\n".encode("ascii"))
     parts = [_part(a) for a in attachments]
     if text is None:
@@ -258,17 +263,6 @@ def _part(attachment: Attachment) -> tuple[bytes, bytes]:
     return part
 
 
-def _new_message_id(authors: list[Address]) -> str:
-    """A new Message-ID at the first author's domain, as envelope_from_message makes one."""
-    domain = next((a.ascii_domain for a in authors if not a.is_null), "localhost")
-    return email.utils.make_msgid(domain=domain)
-
-
-def _now() -> datetime:
-    """This second in local time, as ``email.utils.formatdate(localtime=True)`` gives it."""
-    return datetime.now().astimezone().replace(microsecond=0)
-
-
 def _message(
     fields: list[tuple[str, str]],
     text: str | None,
@@ -287,9 +281,9 @@ def _message(
         # The email package's header parser raises AttributeError on some phrases (". <a@b>").
         except (ValueError, TypeError, IndexError, AttributeError) as exc:
             raise MessageError(f"header {name}: invalid value {value!r}: {exc}") from None
-    msg["Date"] = date or _now()
+    msg["Date"] = date or local_now()
     if message_id is None:
-        message_id = _new_message_id(parse_address_list(fields[0][1], field="From"))
+        message_id = new_message_id(parse_address_list(fields[0][1], field="From"))
     try:
         msg["Message-ID"] = message_id
     except (ValueError, TypeError, IndexError, AttributeError) as exc:

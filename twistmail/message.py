@@ -256,9 +256,13 @@ def _envelope_from_flat(
     if message_id is not None:
         lines.append(id_line(message_id))
     lines += (b"\r\n", flat.body)
-    return _envelope(
-        envelope_sender, forward_paths, b"".join(lines), _stamped(msg, date, message_id)
-    )
+    data = b"".join(lines)
+    source: EmailMessage | None = msg
+    if date is not None or message_id is not None:
+        # Only an 8-bit message is ever rendered again (as 7-bit): it gets a copy carrying the
+        # added headers; a 7-bit one needs none.
+        source = None if data.isascii() else _stamped(msg, date, message_id)
+    return _envelope(envelope_sender, forward_paths, data, source)
 
 
 def _paths(

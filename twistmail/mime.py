@@ -11,6 +11,8 @@ package's.
 
 from __future__ import annotations
 
+import mimetypes
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,6 +92,16 @@ class Attachment:
     maintype: str
     subtype: str
     filename: str
+
+    @classmethod
+    def named(cls, filename: str, data: bytes) -> Attachment:
+        """``data`` as ``filename``, its MIME type guessed from the name
+        (``application/octet-stream`` when unknown or compressed)."""
+        mime, encoding = mimetypes.guess_type(filename, strict=False)
+        if mime is None or encoding is not None:
+            mime = "application/octet-stream"
+        maintype, subtype = mime.split("/", 1)
+        return cls(data, maintype, subtype, os.path.basename(filename))
 
 
 def dot_stuffed(lines: bytes) -> bytes:

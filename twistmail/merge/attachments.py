@@ -8,7 +8,6 @@ campaign attaches the same few files to every message.
 
 from __future__ import annotations
 
-import mimetypes
 import os
 from collections import OrderedDict
 
@@ -55,11 +54,7 @@ class AttachmentFiles:
             raise RowError("Attachment", f"attachment file not found: {full}") from None
         except OSError as exc:
             raise RowError("Attachment", f"cannot read attachment {full}: {exc.strerror}") from None
-        mime, encoding = mimetypes.guess_type(full, strict=False)
-        if mime is None or encoding is not None:
-            mime = "application/octet-stream"
-        maintype, subtype = mime.split("/", 1)
-        attachment = Attachment(data, maintype, subtype, os.path.basename(full))
+        attachment = Attachment.named(full, data)
         if len(data) <= self._limit:
             self._cache[full] = attachment
             self._cache_bytes += len(data)
