@@ -32,13 +32,12 @@ from twistmail.address import (
     parse_plain_address_list,
 )
 from twistmail.errors import HeaderInjectionError, MessageError
-from twistmail.mime import ADDRESS_HEADERS, MAX_LINE, POLICY
+from twistmail.mime import ADDRESS_HEADERS, HEADER_NAME, MAX_LINE, POLICY
 
 __all__ = ["Flat", "check_headers", "flatten_simple", "id_line", "unfold"]
 
 # A line break followed by whitespace and then content: header folding, not a new header line.
 _FOLD = re.compile(r"(?:\r\n|[\r\n])(?=[ \t]+[^ \t\r\n])")
-_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 _NEWLINES = re.compile(r"\r\n|\r|\n")  # the generator's NLCRE
 # Header classes whose string value is the text of their parse tree (see the module doc);
 # an address header's string is its addresses rewritten, so it is compared with the tree.
@@ -67,7 +66,7 @@ def check_headers(msg: EmailMessage) -> None:
     the generator would still write out.
     """
     for name, value in msg.raw_items():
-        if _HEADER_NAME.fullmatch(name) is None:
+        if HEADER_NAME.fullmatch(name) is None:
             raise HeaderInjectionError(f"header name {name!r} is not valid", field=name)
         check_header_value(name, unfold(str(value)))
 
@@ -108,7 +107,7 @@ def flatten_simple(msg: EmailMessage) -> Flat | None:
         addresses: dict[str, list[Address]] = {}
         dated = identified = False
         for name, value in msg.raw_items():
-            if _HEADER_NAME.fullmatch(name) is None:
+            if HEADER_NAME.fullmatch(name) is None:
                 return None
             key = name.lower()
             if key == "date":

@@ -46,6 +46,7 @@ from twistmail.message import (
 )
 from twistmail.mime import (
     ADDRESS_HEADERS,
+    HEADER_NAME,
     MAILBOX,
     MAX_LINE,
     PLAIN_TEXT,
@@ -65,7 +66,6 @@ __all__ = ["Attachment", "compose"]
 Addresses = str | Iterable[str]
 """One header value (``"Ann <ann@example.org>, bob@example.org"``) or several, joined by ``, ``."""
 
-_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 # Set by compose's own arguments, or by the MIME structure: not accepted in headers=.
 _OWN_HEADERS = {
     "from": "from_addr",
@@ -141,7 +141,7 @@ def _fields(
     if subject:
         fields.append(("Subject", subject))
     for name, value in headers.items() if isinstance(headers, Mapping) else headers:
-        if not isinstance(name, str) or _HEADER_NAME.fullmatch(name) is None:
+        if not isinstance(name, str) or HEADER_NAME.fullmatch(name) is None:
             raise HeaderInjectionError(f"header name {name!r} is not valid", field=str(name))
         own = _OWN_HEADERS.get(name.lower())
         if own is not None:

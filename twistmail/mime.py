@@ -26,6 +26,7 @@ from email.utils import format_datetime
 
 __all__ = [
     "ADDRESS_HEADERS",
+    "HEADER_NAME",
     "MAX_LINE",
     "POLICY",
     "Attachment",
@@ -39,6 +40,8 @@ __all__ = [
     "text_part",
 ]
 
+HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+"""A valid header field name (RFC 5322: printable ASCII but the colon)."""
 ADDRESS_HEADERS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
 """The headers (lower-case) whose values are address lists."""
 
