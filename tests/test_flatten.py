@@ -78,6 +78,29 @@ def test_an_8bit_body_and_raw_values_are_written_as_the_email_package_writes_the
     assert envelope_from_message(msg).payload == email_package_payload(msg)
 
 
+@pytest.mark.parametrize("pol", [policy.default, policy.SMTP, policy.compat32])
+def test_a_parsed_message_is_written_as_the_email_package_writes_it(pol: Policy) -> None:
+    source = (
+        b"From: Ann Lee <ann@example.com> (the sender)\r\nTo: Team: b@example.org,\r\n"
+        b" c@example.org;\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= and a long subject line that"
+        b" goes on\r\n and on\r\nBcc: hidden@example.net\r\n"
+        b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <m.1@example.com>\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+        b"\r\nGr\xc3\xbc\xc3\x9fe\r\n.dot\r\n"
+    )
+    msg = email.message_from_bytes(source, _class=EmailMessage, policy=pol)
+    assert isinstance(msg, EmailMessage)
+    assert flatten_simple(msg) is not None
+    envelope = envelope_from_message(msg)
+    assert envelope.payload == email_package_payload(msg)
+    assert envelope.payload == envelope_from_generator(msg).payload
+    assert [str(r) for r in envelope.recipients] == [
+        "b@example.org",
+        "c@example.org",
+        "hidden@example.net",
+    ]
+
+
 def test_date_and_message_id_are_added_as_the_full_path_adds_them() -> None:
     msg = made([("From", "Ann <ann@example.com>"), ("To", "b@example.org")], "Grüße\n")
     envelope = envelope_from_message(msg)

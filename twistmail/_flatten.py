@@ -134,7 +134,9 @@ def flatten_simple(msg: EmailMessage) -> Flat | None:
                     line = f"{name}: {text}\r\n".encode("ascii")
             if key in ADDRESS_HEADERS:
                 if found is None:
-                    found = parse_address_list(unfold(text), field=name)
+                    # Read as msg.get_all() reads it (a parsed message stores source text).
+                    parsed = str(msg.policy.header_fetch_parse(name, value))
+                    found = parse_address_list(unfold(parsed), field=name)
                 if key != "bcc" and not all(
                     a.local.isascii() and a.domain.isascii() for a in found
                 ):
