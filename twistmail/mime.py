@@ -49,7 +49,8 @@ ADDRESS_HEADERS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
 PLAIN_TEXT = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
 # policy.SMTP folds header lines longer than this, and re-encodes body lines longer than it.
 MAX_LINE = 78
-# Headers the email package parses as something other than unstructured text.
+# Headers the email package parses as something other than unstructured text, besides the
+# address headers and those its callers write themselves (Date, Message-ID, the MIME ones).
 STRUCTURED_KEYS = frozenset(
     {
         "resent-date",
