@@ -74,6 +74,8 @@ def test_an_8bit_body_and_raw_values_are_written_as_the_email_package_writes_the
     msg = made([("From", "a@example.com"), ("To", "b@example.org"), *DATED], "Grüße ☃\n.x\n")
     msg.set_raw("X-Raw", "a value set raw")
     msg.set_raw("X-Long", "word " * 30)
+    # A header object stored under another name: the generator writes the object's own name.
+    msg.set_raw("X-Stored-As", policy.SMTP.header_factory("X-Made-As", "value"))
     assert flatten_simple(msg) is not None
     assert envelope_from_message(msg).payload == email_package_payload(msg)
 

@@ -120,6 +120,7 @@ def flatten_simple(msg: EmailMessage) -> Flat | None:
             found: tuple[Address, ...] | list[Address] | None = None
             if (
                 isinstance(value, BaseHeader)
+                and value.name == name  # what the generator writes as the label
                 and text
                 and len(name) + 2 + len(text) <= MAX_LINE
                 and text.isascii()
