@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from twistmail import (
+    Address,
     AddressError,
     Attachment,
     Envelope,
@@ -265,6 +266,9 @@ def test_an_invalid_address_is_named_with_its_header(
         {"headers": [("To", "c@example.org")]},  # given twice
         {"headers": [("Content-Type", "text/html")]},
         {"to": [], "text": "x"},  # no recipient
+        {"to": [Address("b", "example.org")]},  # not a str
+        {"from_addr": Address("a", "example.com")},
+        {"from_addr": ["a@example.com"]},
     ],
 )
 def test_what_cannot_be_sent_is_a_message_error(parts: dict[str, object]) -> None:

@@ -159,9 +159,9 @@ def _fields(
 def _joined(name: str, value: Addresses) -> str:
     if isinstance(value, str):
         return value
-    values = list(value)
-    if not all(isinstance(v, str) for v in values):
-        raise MessageError(f"{name}: give addresses as str values")
+    values = list(value) if isinstance(value, Iterable) else [value]
+    if name == "From" or not all(isinstance(v, str) for v in values):
+        raise MessageError(f"{name}: give addresses as str values, not {value!r}")
     return ", ".join(values)
 
 
