@@ -114,7 +114,7 @@ def render_direct(
     lines.append(_date_line(date))
     lines.append(f"Message-ID: {message_id}\r\n".encode("ascii"))
     text_kind = "html" if template.kind == "html" else "plain"
-    parts = [template.attachment_part(a) for a in attachments]
+    parts = [template.attachment_part(a) for a in attachments] if attachments else None
     payload, size, header_end = message_payload(lines, text_kind, body, html, parts)
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
     forward_paths = [address for key in RECIPIENT_HEADERS for address in recipients[key]]
