@@ -144,6 +144,8 @@ async def test_send_mail_builds_a_text_message_with_an_html_alternative(
     assert sent["Message-ID"].endswith("@example.com>")
     assert sent["Date"] is not None
     assert sent.message.get_content_type() == "multipart/alternative"
+    # Composed directly (twistmail.compose), not through an EmailMessage.
+    assert sent.envelope.source is None
 
 
 @pytest_twisted.ensureDeferred

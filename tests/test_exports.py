@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import twistmail
-from twistmail import _messages, address, errors, mailer, message, results, retry
+from twistmail import (
+    _messages,
+    address,
+    composer,
+    errors,
+    mailer,
+    message,
+    mime,
+    results,
+    retry,
+)
 from twistmail.backends import api as backends_api
 from twistmail.smtp import facade
 
@@ -23,6 +33,8 @@ EXPECTED: dict[str, object] = {
     "Envelope": message.Envelope,
     "envelope_from_bytes": message.envelope_from_bytes,
     "envelope_from_message": message.envelope_from_message,
+    "compose": composer.compose,
+    "Attachment": mime.Attachment,
     "RecipientOutcome": results.RecipientOutcome,
     "RecipientStatus": results.RecipientStatus,
     "SendReport": results.SendReport,

@@ -5,6 +5,7 @@ The public API is re-exported here; the modules behind it are implementation det
 
 from .address import Address, parse_address, parse_address_list
 from .backends.api import get_backend, send_mail
+from .composer import compose
 from .errors import (
     AddressError,
     AuthenticationError,
@@ -26,6 +27,7 @@ from .errors import (
 )
 from .mailer import Mailer, MessageLike, OnResult, send
 from .message import Envelope, envelope_from_bytes, envelope_from_message
+from .mime import Attachment
 from .results import RecipientOutcome, RecipientStatus, SendReport, SendResult
 from .retry import RetryPolicy
 from .smtp.facade import SMTP
@@ -34,6 +36,7 @@ __all__ = [
     "SMTP",
     "Address",
     "AddressError",
+    "Attachment",
     "AuthenticationError",
     "CampaignChangedError",
     "ConnectError",
@@ -59,6 +62,7 @@ __all__ = [
     "TransientError",
     "TwistmailError",
     "UnknownBackendError",
+    "compose",
     "envelope_from_bytes",
     "envelope_from_message",
     "get_backend",

@@ -11,8 +11,7 @@ import copy
 import dataclasses
 import email
 import email.utils
-import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email import policy
 from email.headerregistry import Address as HeaderAddress
@@ -20,14 +19,15 @@ from email.headerregistry import Group, HeaderRegistry
 from email.message import EmailMessage
 from typing import TypeAlias
 
+from twistmail._flatten import Flat, check_headers, flatten_simple, id_line, unfold
 from twistmail.address import (
     Address,
-    check_header_value,
     parse_address,
     parse_address_list,
     parse_sender,
 )
-from twistmail.errors import AddressError, HeaderInjectionError, MessageError
+from twistmail.errors import AddressError, MessageError
+from twistmail.mime import local_now
 
 __all__ = [
     "Envelope",
@@ -45,9 +45,6 @@ _SMTP_7BIT = policy.SMTP.clone(cte_type="7bit")
 _ADDRESS_HEADERS = ("From", "Sender", "Reply-To", "To", "Cc")
 _ADDRESS_HEADER_KEYS = frozenset(name.lower() for name in _ADDRESS_HEADERS)
 _RECIPIENT_HEADERS = ("To", "Cc", "Bcc")
-# A line break followed by whitespace and then content: header folding, not a new header line.
-_FOLD = re.compile(r"(?:\r\n|[\r\n])(?=[ \t]+[^ \t\r\n])")
-_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 _HEADER_REGISTRY = HeaderRegistry()
 
 
@@ -211,27 +208,86 @@ def envelope_from_message(
     domains in address headers are written as A-labels otherwise. A header value carrying a line
     break is refused with :class:`HeaderInjectionError`.
     """
-    _check_headers(msg)
+    flat = flatten_simple(msg)
+    if flat is not None:
+        return _envelope_from_flat(msg, flat, sender, recipients)
+    return envelope_from_generator(msg, sender, recipients)
+
+
+def envelope_from_generator(
+    msg: EmailMessage,
+    sender: str | Address | None = None,
+    recipients: Iterable[str | Address] | None = None,
+) -> Envelope:
+    """:func:`envelope_from_message` through the email package's generator, for any message
+    (the direct writer's reference, and the path of what it leaves)."""
+    check_headers(msg)
     header_addresses = {name: _header_addresses(msg, name) for name in _ADDRESS_HEADERS}
+    envelope_sender, forward_paths = _paths(
+        header_addresses.get, lambda: _header_addresses(msg, "Bcc"), sender, recipients
+    )
+    msg = _dated_and_identified(msg, header_addresses["From"] or [envelope_sender])
+    rendered, utf8_headers = _prepare(msg, header_addresses)
+    data = rendered.as_bytes(policy=policy.SMTPUTF8 if utf8_headers else policy.SMTP)
+    return _envelope(envelope_sender, forward_paths, data, msg)
+
+
+def _envelope_from_flat(
+    msg: EmailMessage,
+    flat: Flat,
+    sender: str | Address | None,
+    recipients: Iterable[str | Address] | None,
+) -> Envelope:
+    """The envelope of a message :func:`flatten_simple` wrote, with the Date and Message-ID
+    it lacks added as :func:`_dated_and_identified` adds them (and to its source)."""
+    found = flat.addresses
+    authors = found.get("from") or []
+    envelope_sender, forward_paths = _paths(
+        lambda name: found.get(name.lower()) or [],
+        lambda: found.get("bcc") or [],
+        sender,
+        recipients,
+    )
+    date = None if flat.dated else email.utils.format_datetime(local_now())
+    message_id = None if flat.identified else new_message_id(authors or [envelope_sender])
+    lines = flat.lines
+    if date is not None:
+        lines.append(f"Date: {date}\r\n".encode("ascii"))
+    if message_id is not None:
+        lines.append(id_line(message_id))
+    lines += (b"\r\n", flat.body)
+    data = b"".join(lines)
+    source: EmailMessage | None = msg
+    if date is not None or message_id is not None:
+        # Only an 8-bit message is ever rendered again (as 7-bit): it gets a copy carrying the
+        # added headers; a 7-bit one needs none.
+        source = None if data.isascii() else _stamped(msg, date, message_id)
+    return _envelope(envelope_sender, forward_paths, data, source)
+
+
+def _paths(
+    addresses_of: Callable[[str], list[Address] | None],
+    bcc: Callable[[], list[Address]],
+    sender: str | Address | None,
+    recipients: Iterable[str | Address] | None,
+) -> tuple[Address, tuple[Address, ...]]:
+    """The envelope sender and recipients: given, or from the From, To, Cc and Bcc headers."""
+    froms = addresses_of("From") or []
     if sender is None:
-        if not header_addresses["From"]:
+        if not froms:
             raise AddressError("no sender: the message has no From address", field="From")
-        envelope_sender = header_addresses["From"][0]
+        envelope_sender = froms[0]
     elif isinstance(sender, Address):
         envelope_sender = sender
     else:
         envelope_sender = parse_sender(sender, field="sender")
     if recipients is None:
         forward_paths = _unique_recipients(
-            (
-                address
-                for name in _RECIPIENT_HEADERS
-                for address in (
-                    header_addresses[name]
-                    if name in header_addresses
-                    else _header_addresses(msg, name)
-                )
-            ),
+            [
+                *(addresses_of("To") or ()),
+                *(addresses_of("Cc") or ()),
+                *bcc(),
+            ],
             field="To",
             empty="no recipients: the message has no To, Cc or Bcc address",
         )
@@ -239,28 +295,38 @@ def envelope_from_message(
         forward_paths = _unique_recipients(
             _parsed_recipients(recipients), field="recipients", empty="no recipients"
         )
-    msg = _dated_and_identified(msg, header_addresses["From"] or [envelope_sender])
-    rendered, utf8_headers = _prepare(msg, header_addresses)
-    data = rendered.as_bytes(policy=policy.SMTPUTF8 if utf8_headers else policy.SMTP)
-    return _envelope(envelope_sender, forward_paths, data, msg)
+    return envelope_sender, forward_paths
+
+
+def new_message_id(authors: Iterable[Address]) -> str:
+    """A new Message-ID at the first author's domain (``localhost`` without one)."""
+    domain = next((a.ascii_domain for a in authors if not a.is_null), "localhost")
+    return email.utils.make_msgid(domain=domain)
 
 
 def _dated_and_identified(msg: EmailMessage, authors: list[Address]) -> EmailMessage:
     """``msg``, or a copy of it with the ``Date`` and ``Message-ID`` it lacks (RFC 5322 wants
     both; a Message-ID is what lets a resent message be recognised). ``msg`` is not changed."""
-    missing_date = msg.get("Date") is None
-    missing_id = msg.get("Message-ID") is None
-    if not (missing_date or missing_id):
+    return _stamped(
+        msg,
+        email.utils.formatdate(localtime=True) if msg.get("Date") is None else None,
+        new_message_id(authors) if msg.get("Message-ID") is None else None,
+    )
+
+
+def _stamped(msg: EmailMessage, date: str | None, message_id: str | None) -> EmailMessage:
+    """``msg``, or a copy of it with a ``Date`` and a ``Message-ID`` added (those not None)."""
+    if date is None and message_id is None:
         return msg
     stamped = copy.copy(msg)
     # A shallow copy shares the header list: give the copy its own before adding to it.
     fields = vars(stamped)
     fields["_headers"] = list(fields["_headers"])
-    if missing_date:
-        stamped["Date"] = email.utils.formatdate(localtime=True)
-    if missing_id:
-        domain = next((a.ascii_domain for a in authors if not a.is_null), "localhost")
-        stamped["Message-ID"] = email.utils.make_msgid(domain=domain)
+    # As raw strings: written as they are (folded if long), without parsing them again.
+    if date is not None:
+        stamped.set_raw("Date", date)
+    if message_id is not None:
+        stamped.set_raw("Message-ID", message_id)
     return stamped
 
 
@@ -439,27 +505,10 @@ def _unique_recipients(
     return tuple(unique)
 
 
-def _unfold(value: str) -> str:
-    """``value`` with header folding (a line break followed by whitespace) undone."""
-    return _FOLD.sub("", value) if ("\n" in value or "\r" in value) else value
-
-
-def _check_headers(msg: EmailMessage) -> None:
-    """Refuse header names and stored values that would break the header block when written.
-
-    The stored (raw) values are checked: the parsed view of a header hides line breaks that
-    the generator would still write out.
-    """
-    for name, value in msg.raw_items():
-        if _HEADER_NAME.fullmatch(name) is None:
-            raise HeaderInjectionError(f"header name {name!r} is not valid", field=name)
-        check_header_value(name, _unfold(str(value)))
-
-
 def _header_addresses(msg: EmailMessage, name: str) -> list[Address]:
     addresses: list[Address] = []
     for value in msg.get_all(name) or ():
-        addresses.extend(parse_address_list(_unfold(str(value)), field=name))
+        addresses.extend(parse_address_list(unfold(str(value)), field=name))
     return addresses
 
 
@@ -494,7 +543,7 @@ def _use_a_labels(msg: EmailMessage) -> None:
         if name.lower() in _ADDRESS_HEADER_KEYS and not str(value).isascii():
             groups = getattr(value, "groups", None)
             if groups is None:
-                groups = _HEADER_REGISTRY(name, _unfold(str(value))).groups  # type: ignore[attr-defined]
+                groups = _HEADER_REGISTRY(name, unfold(str(value))).groups  # type: ignore[attr-defined]
             value = _HEADER_REGISTRY(
                 name,
                 [

@@ -32,6 +32,7 @@ from typing import Any
 
 from clirun import CLI_SENDER, CliInputs, run_cli
 from drainrun import DRAIN_SENDER, DrainInputs, run_drain
+from messagesenders import COMPOSE, EMAILMSG, PEER
 from runner import BenchError, Run, Sink, run_child
 
 TWISTMAIL = "twistmail"
@@ -59,6 +60,11 @@ DRAIN_TARGETS = (
     ("aiosmtplib-uvloop", 2.0, "stretch"),
     (CLI_SENDER, 1.0, "target"),
 )
+
+# --mode messages: messages built inside the window (compose / EmailMessage), and the peer
+# sending equivalent EmailMessages. (sender, msg/s must be at least this multiple of PEER's)
+MESSAGES_MODE_SENDERS = (COMPOSE, EMAILMSG, PEER)
+MESSAGES_TARGETS = ((COMPOSE, 3.0), (EMAILMSG, 1.5))
 
 DEFAULT_COUNT = 20_000
 QUICK_COUNT = 2_000
@@ -255,6 +261,37 @@ def run_drain_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[
     return doc
 
 
+def run_messages_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
+    """Messages built and sent: twistmail's compose() and EmailMessage input against
+    aiosmtplib+uvloop sending the same EmailMessages, construction included for all."""
+    plan = make_plan(args)
+
+    def run_one(sender: str, n: int, timeout: float) -> Run:
+        return run_child(args.python, sender, sink, n, plan.connections, timeout, workdir)
+
+    runs = interleave(plan, run_one)
+    doc = summarise(plan, runs, mode="messages", reference=COMPOSE)
+    targets = []
+    for sender, needed in MESSAGES_TARGETS:
+        if sender not in runs or PEER not in runs:
+            continue
+        ratio = doc["results"][sender]["rate_median"] / doc["results"][PEER]["rate_median"]
+        # Rounds are adjacent in time, so each sees the same machine.
+        per_round = [a.rate / b.rate for a, b in zip(runs[sender], runs[PEER], strict=True)]
+        targets.append(
+            {
+                "what": f"{sender} msg/s >= {needed:g} x {PEER} msg/s",
+                "kind": "target",
+                "ratio": round(ratio, 2),
+                "rate_per_round_min": round(min(per_round), 2),
+                "rate_per_round_max": round(max(per_round), 2),
+                "pass": ratio >= needed,
+            }
+        )
+    doc["targets"] = targets
+    return doc
+
+
 def run_memory_mode(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
     """Peak RSS of ``twistmail send`` at each ``--memory-rows`` size, dry run and real send.
 
@@ -311,10 +348,15 @@ MODES: dict[str, Callable[[argparse.Namespace, Sink, Path], dict[str, Any]]] = {
     "cli-csv": run_cli_csv_mode,
     "drain": run_drain_mode,
     "memory": run_memory_mode,
+    "messages": run_messages_mode,
 }
 
 
-DEFAULT_SENDERS = {"cli-csv": CLI_MODE_SENDERS, "drain": DRAIN_MODE_SENDERS}
+DEFAULT_SENDERS = {
+    "cli-csv": CLI_MODE_SENDERS,
+    "drain": DRAIN_MODE_SENDERS,
+    "messages": MESSAGES_MODE_SENDERS,
+}
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -386,8 +428,9 @@ def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
     ratios = doc.get("twistmail_ratio_to", doc.get("ratio_to", {}))
     ref = doc.get("reference", TWISTMAIL)
     tag = {TWISTMAIL: "tm", CLI_SENDER: "cli", DRAIN_SENDER: "drain"}.get(ref, "ref")
+    width = max(20, *(len(sender) for sender in results))
     head = (
-        f"{'sender':<20} {'msgs':>7} {'msg/s med':>10} {'min':>9} {'max':>9} "
+        f"{'sender':<{width}} {'msgs':>7} {'msg/s med':>10} {'min':>9} {'max':>9} "
         f"{'CPU us/msg':>10} {'RSS MB':>7} {tag + ' speed x':>11} {tag + ' CPU x':>10}"
     )
     print(head, file=out)
@@ -397,7 +440,7 @@ def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
         speed = f"{ratio['rate']:.2f}" if ratio else "-"
         cpu = f"{ratio['cpu_per_msg']:.2f}" if ratio else "-"
         print(
-            f"{sender:<20} {r['messages_per_run']:>7} {r['rate_median']:>10.0f} "
+            f"{sender:<{width}} {r['messages_per_run']:>7} {r['rate_median']:>10.0f} "
             f"{r['rate_min']:>9.0f} {r['rate_max']:>9.0f} {r['cpu_us_per_msg_median']:>10.0f} "
             f"{r['maxrss_mb_max']:>7.1f} {speed:>11} {cpu:>10}",
             file=out,
@@ -425,6 +468,20 @@ def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
         if target:
             verdict = "PASS" if target["pass"] else "FAIL"
             print(f"target {target['what']}: ratio {target['ratio']:.2f} -> {verdict}", file=out)
+    if doc["mode"] == "messages":
+        print(
+            "Every sender builds each message inside its sending window (compose(), or an "
+            "EmailMessage with From, To, Subject and set_content).",
+            file=out,
+        )
+        for target in doc.get("targets", []):
+            verdict = "PASS" if target["pass"] else "FAIL"
+            print(
+                f"target {target['what']}: ratio {target['ratio']:.2f} (per round "
+                f"{target['rate_per_round_min']:.2f}-{target['rate_per_round_max']:.2f}) "
+                f"-> {verdict}",
+                file=out,
+            )
     if doc["mode"] == "drain":
         print(
             f"{DRAIN_SENDER} and {CLI_SENDER}: wall time, CPU and RSS of the whole child "
@@ -558,6 +615,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             f"            size within {(MEMORY_MAX_GROWTH - 1) * 100:.0f}% of the smallest and "
             f"under {MEMORY_MAX_MB} MB; fails only\n"
             "            if a run fails. The 1,000,000-row send takes minutes.\n"
+            f"  messages  messages built and sent, construction included: {COMPOSE}\n"
+            "            (send_many of twistmail.compose() envelopes), "
+            f"{EMAILMSG} (send_many of\n"
+            f"            EmailMessage objects) and {PEER} (aiosmtplib's\n"
+            "            send_message of the same EmailMessages, on uvloop); From/To with\n"
+            "            display names, a Subject, a 2 KB text body. Prints PASS/FAIL for\n"
+            f"            {COMPOSE} >= {MESSAGES_TARGETS[0][1]:g} x and {EMAILMSG} >= "
+            f"{MESSAGES_TARGETS[1][1]:g} x {PEER} msg/s.\n"
             "  spool     the spool backend's enqueue latency (p50/p99) against a pickle\n"
             "            file per message with fsync; no SMTP server (scripts/bench runs\n"
             "            scripts/benchlib/spoolbench.py; its own --help lists its options).\n\n"
@@ -614,7 +679,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--mode",
         choices=sorted(MODES),
         default="library",
-        help="what to measure: library (default), cli-csv, drain or memory; see above",
+        help="what to measure: library (default), cli-csv, drain, memory or messages; see above",
     )
     parser.add_argument(
         "--memory-rows",
@@ -642,6 +707,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     known = ALL_SENDERS + {
         "cli-csv": (CLI_SENDER,),
         "drain": (DRAIN_SENDER, CLI_SENDER),
+        "messages": MESSAGES_MODE_SENDERS,
     }.get(args.mode, ())
     args.senders = [s.strip() for s in (args.senders or "").split(",") if s.strip()]
     unknown = [s for s in args.senders if s not in known]

@@ -18,13 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import threading
-import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import measure
+from measure import mark as _mark
+from measure import react as _react
+from measure import window as _window
+from messagesenders import MESSAGE_SENDERS
 
 SENDER = "bench@sender.example"
 RECIPIENT_DOMAIN = "rcpt.example"
@@ -362,48 +366,11 @@ SENDERS: dict[str, Callable[[Options], dict[str, object]]] = {
     "smtplib-threads": send_smtplib_threads,
     "twisted-naive": send_twisted_naive,
     "twisted-bare": send_twisted_bare,
+    **MESSAGE_SENDERS,
 }
 
 
 # ---------------------------------------------------------------------- measuring
-
-
-def _react(main: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
-    """Run the coroutine function ``main(reactor)`` on Twisted's default reactor."""
-    from twisted.internet import defer, task
-
-    def run(reactor: object) -> defer.Deferred[None]:
-        return defer.Deferred.fromCoroutine(main(reactor))
-
-    try:
-        task.react(run)
-    except SystemExit as e:
-        if e.code:
-            raise
-
-
-def _cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-# Set by --profile-out: profiles exactly the measured window (not imports or start-up).
-_profiler: Any = None
-
-
-def _mark() -> tuple[float, float]:
-    """Start the measured window."""
-    if _profiler is not None:
-        _profiler.enable()
-    return time.perf_counter(), _cpu()
-
-
-def _window(t0: float, c0: float) -> dict[str, object]:
-    """End the measured window: wall time and CPU time since :func:`_mark`."""
-    elapsed, cpu = time.perf_counter() - t0, _cpu() - c0
-    if _profiler is not None:
-        _profiler.disable()
-    return {"elapsed": elapsed, "cpu": cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,13 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(ns.host, ns.port, ns.count, ns.connections, ns.profile_out)
     fn = SENDERS[ns.sender]
     if opts.profile_out:
-        import cProfile
-
-        global _profiler
-        _profiler = cProfile.Profile()
+        measure.start_profiling()
     result = fn(opts)
-    if _profiler is not None:
-        _profiler.dump_stats(opts.profile_out)
+    if opts.profile_out:
+        measure.dump_profile(opts.profile_out)
     result["sender"] = ns.sender
     result["count"] = opts.count
     result["connections"] = opts.connections

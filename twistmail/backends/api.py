@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import email.utils
 import importlib
 import os
 from collections.abc import Callable, Sequence
-from email.message import EmailMessage
 from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from twistmail.address import check_header_value, parse_address
+from twistmail.composer import compose
 from twistmail.errors import MessageError, UnknownBackendError
 from twistmail.interfaces import IBackend
+from twistmail.message import Envelope
 
 __all__ = [
     "ALIASES",
@@ -147,6 +147,8 @@ def send_mail(
         if fail_silently:
             return defer.succeed(0)
         return defer.fail()
+    if message is None:
+        return defer.succeed(0)
     owned = False
     if backend is None:
         backend, owned = default_backend(fail_silently=fail_silently)
@@ -174,22 +176,13 @@ def build_message(
     recipient_list: Sequence[str],
     *,
     html: str | None = None,
-) -> EmailMessage:
-    """The message :func:`send_mail` sends, with Date and Message-ID set."""
+) -> Envelope | None:
+    """The message :func:`send_mail` sends (by :func:`twistmail.compose`, with Date and
+    Message-ID), or None for an empty ``recipient_list`` once the rest is checked."""
     if isinstance(recipient_list, str):
         raise TypeError("recipient_list must be a list of addresses, not a single str")
-    check_header_value("Subject", subject)
-    sender = parse_address(from_email, field="From")
-    message = EmailMessage()
-    message["Subject"] = subject
-    message["From"] = from_email
-    if recipient_list:
-        for recipient in recipient_list:
-            check_header_value("To", recipient)
-        message["To"] = ", ".join(recipient_list)
-    message["Date"] = email.utils.formatdate(localtime=True)
-    message["Message-ID"] = email.utils.make_msgid(domain=sender.ascii_domain)
-    message.set_content(body)
-    if html is not None:
-        message.add_alternative(html, subtype="html")
-    return message
+    if not recipient_list:
+        check_header_value("Subject", subject)
+        parse_address(from_email, field="From")
+        return None
+    return compose(from_email, list(recipient_list), subject=subject, text=body, html=html)

@@ -8,28 +8,15 @@ campaign attaches the same few files to every message.
 
 from __future__ import annotations
 
-import mimetypes
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
-from email import policy
-from email.message import EmailMessage
 
 from twistmail.errors import RowError
+from twistmail.mime import Attachment, dot_stuffed, encode_part
 
 __all__ = ["Attachment", "AttachmentFiles", "dot_stuffed", "encode_part"]
 
 _CACHE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Attachment:
-    """One file to attach, read, with the MIME type guessed from its name."""
-
-    data: bytes
-    maintype: str
-    subtype: str
-    filename: str
 
 
 class AttachmentFiles:
@@ -67,11 +54,7 @@ class AttachmentFiles:
             raise RowError("Attachment", f"attachment file not found: {full}") from None
         except OSError as exc:
             raise RowError("Attachment", f"cannot read attachment {full}: {exc.strerror}") from None
-        mime, encoding = mimetypes.guess_type(full, strict=False)
-        if mime is None or encoding is not None:
-            mime = "application/octet-stream"
-        maintype, subtype = mime.split("/", 1)
-        attachment = Attachment(data, maintype, subtype, os.path.basename(full))
+        attachment = Attachment.named(full, data)
         if len(data) <= self._limit:
             self._cache[full] = attachment
             self._cache_bytes += len(data)
@@ -97,26 +80,3 @@ class AttachmentFiles:
         if any(cached is attachment for cached in self._cache.values()):
             self._parts[id(attachment)] = (attachment, encoded, stuffed)
         return encoded, stuffed
-
-
-def dot_stuffed(lines: bytes) -> bytes:
-    """``lines`` (whole CRLF lines) with a "." added before every line that starts with one."""
-    if lines.startswith(b"."):
-        lines = b"." + lines
-    return lines.replace(b"\r\n.", b"\r\n..")
-
-
-def encode_part(attachment: Attachment) -> bytes:
-    """The MIME part the email package makes of ``attachment`` in ``add_attachment``, flattened
-    with :data:`email.policy.SMTP` as the generator writes a subpart."""
-    part = EmailMessage(policy=policy.SMTP)
-    # What EmailMessage._add_multipart does for add_attachment.
-    part.set_content(
-        attachment.data,
-        maintype=attachment.maintype,
-        subtype=attachment.subtype,
-        filename=attachment.filename,
-    )
-    if "content-disposition" not in part:
-        part["Content-Disposition"] = "attachment"
-    return part.as_bytes(policy=policy.SMTP)

@@ -8,14 +8,14 @@ from the same compiled headers. Both refuse the same values, with the same :clas
 from __future__ import annotations
 
 from dataclasses import dataclass
-from email import policy
-from email.headerregistry import BaseHeader, HeaderRegistry
+from email.headerregistry import BaseHeader
 from email.message import EmailMessage
 
 import jinja2
 
 from twistmail.address import Address, check_header_value, parse_address_list
 from twistmail.errors import AddressError, HeaderInjectionError, RowError
+from twistmail.mime import ADDRESS_HEADERS, POLICY
 
 __all__ = [
     "ADDRESS_HEADERS",
@@ -28,33 +28,8 @@ __all__ = [
     "parse_addresses",
 ]
 
-ADDRESS_HEADERS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
-"""The headers (lower-case) whose values are address lists, parsed and validated per row."""
 RECIPIENT_HEADERS = ("to", "cc", "bcc")
 """The headers naming recipients, in the order the report address is chosen from."""
-
-
-class _CachingHeaderRegistry(HeaderRegistry):
-    """The standard header registry, building each header class once instead of on every use.
-
-    HeaderRegistry makes a new class per header set, read or counted, which was about a fifth
-    of the cost of rendering a message.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._classes: dict[str, type[BaseHeader]] = {}
-
-    def __getitem__(self, name: str) -> type[BaseHeader]:
-        key = name.lower()
-        cls = self._classes.get(key)
-        if cls is None:
-            cls = self._classes[key] = super().__getitem__(key)
-        return cls
-
-
-POLICY = policy.SMTP.clone(header_factory=_CachingHeaderRegistry())
-"""policy.SMTP itself, with a faster header factory: messages render byte for byte the same."""
 
 
 @dataclass(frozen=True, slots=True)
