@@ -6,6 +6,8 @@ import base64
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -20,7 +22,7 @@ from twistmail.errors import (
     TransientError,
 )
 from twistmail.message import envelope_from_bytes
-from twistmail.smtp._protocol import MailerProtocol
+from twistmail.smtp._protocol import MailerProtocol, unsent
 from twistmail.smtp._transaction import TransactionResult
 
 BODY = b"Subject: hi\r\n\r\nline one\r\n.starts with a dot\r\n"
@@ -514,3 +516,12 @@ def test_malformed_reply_aborts(line: bytes) -> None:
     d.addErrback(failure.append)
     assert failure
     assert failure[0].check(TransientError)
+
+
+@given(pieces=st.lists(st.binary(max_size=20), max_size=6), data=st.data())
+def test_what_is_left_after_a_partial_gathering_write(pieces: list[bytes], data: Any) -> None:
+    joined = b"".join(pieces)
+    sent = data.draw(st.integers(0, len(joined)))
+    rest = unsent(pieces, sent)
+    assert b"".join(rest) == joined[sent:]
+    assert not rest or rest[0]  # an empty list when everything was written
