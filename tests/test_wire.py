@@ -175,16 +175,17 @@ def test_encoded_shapes_go_direct_with_the_email_package_bytes(
         ("markdown", "Content-Type: text/markdown"),
     ],
 )
+@pytest.mark.parametrize("name", ["Zoë", "Ann"])  # an 8-bit text part, a 7-bit one
 def test_attachments_go_direct_with_the_email_package_bytes(
-    tmp_path: Path, kind: str, extra: str
+    tmp_path: Path, kind: str, extra: str, name: str
 ) -> None:
     (tmp_path / "a.pdf").write_bytes(b"%PDF-1.4\n" + bytes(range(256)) * 300)
     (tmp_path / "b.txt").write_bytes(b"notes\n-- \n--===============\n")
-    source = ATTACHED.replace(
-        "{{ extra }}", extra + ("\nAttachment: b.txt" if kind == "plain" else "")
-    )
+    (tmp_path / "Broschüre.pdf").write_bytes(b"%PDF-1.4\n\xff")
+    more = ["Attachment: b.txt", "Attachment: Broschüre.pdf"] if kind == "plain" else []
+    source = ATTACHED.replace("{{ extra }}", "\n".join(line for line in [extra, *more] if line))
     template = MessageTemplate(source, base_dir=tmp_path)
-    values = {"email": "b@example.org", "name": "Zoë"}
+    values = {"email": "b@example.org", "name": name}
     for _ in range(2):  # the second row reuses the encoded part
         random.seed(3)
         direct = render_direct(
@@ -194,6 +195,8 @@ def test_attachments_go_direct_with_the_email_package_bytes(
         full = render_full(template, Row(7, values), message_id_for, None, DATE)
         assert direct is not None
         assert_same(Prepared(7, direct[1], direct[0], direct[2]), full)
+        assert direct[0].eight_bit == (name != "Ann")
+        assert direct[0].payload.count(b"Content-Disposition: attachment") == len(more) + 1
 
 
 def test_an_attachment_is_encoded_once_per_campaign(

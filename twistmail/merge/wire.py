@@ -169,8 +169,13 @@ def render_direct(
     payload = b"".join(
         [head, *(stuffed.get(id(piece)) or dot_stuffed(piece) for piece in tail), b".\r\n"]
     )
+    eight_bit = None
+    if stuffed:  # attachment parts are ASCII (see AttachmentFiles.part): not scanned every row
+        eight_bit = not (
+            head.isascii() and all(piece.isascii() for piece in tail if id(piece) not in stuffed)
+        )
     envelope = envelope_from_stuffed(
-        envelope_sender, forward_paths, payload, size, len(head) - 2, message_id
+        envelope_sender, forward_paths, payload, size, len(head) - 2, message_id, eight_bit
     )
     if envelope.eight_bit:
         # An 8-bit body: for a server without 8BITMIME, rebuilt as 7-bit from these bytes.
