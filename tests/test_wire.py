@@ -7,12 +7,12 @@ import random
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
-from email import policy
+from email import contentmanager, policy
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from twistmail.errors import MessageError
@@ -21,7 +21,7 @@ from twistmail.merge.csvsource import Row
 from twistmail.merge.headers import POLICY
 from twistmail.merge.prepare import Prepared, prepare_row, render_full
 from twistmail.merge.template import MessageTemplate, RowError
-from twistmail.merge.wire import fold_encoded, render_direct
+from twistmail.merge.wire import fold_encoded, quoted_printable, render_direct, text_part
 from twistmail.message import reflatten_7bit, unstuff
 
 DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
@@ -517,3 +517,38 @@ def test_the_direct_fold_answers_the_common_names() -> None:
         fast = fold_encoded(name, name.lower(), value)
         assert fast is not None
         assert fast == POLICY.header_factory(name, value).fold(policy=POLICY)
+
+
+# Lines around the 76-character soft breaks of quoted-printable, with "=", spaces and tabs at
+# the ends, non-ASCII, and line separators that are not line ends in bytes (a lone CR is).
+_QP_LINE = st.one_of(
+    st.text(st.sampled_from(["a", "b", " ", "\t", "="]), max_size=170),
+    st.text(
+        st.sampled_from(["a"] * 30 + [" ", "\t", "=", "é", "\x0b", "\x85", "\r"]), max_size=170
+    ),
+    st.text(
+        st.sampled_from(["a", " ", "\t", "=", "é", "€", "\x0b", "\x85", "\u2028", "\r"]),
+        max_size=170,
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(lines=st.lists(_QP_LINE, min_size=1, max_size=14), kind=st.sampled_from(["plain", "html"]))
+@example(lines=["a" * 100] * 12, kind="plain")  # more than the ten lines sniffed
+@example(lines=["a" * 74 + "é" + "a" * 20] + [f"{'b' * n} " for n in range(72, 80)], kind="html")
+# Where the choice turns: base64 by one octet, a tie (quoted-printable), and by one octet.
+@example(lines=["é" * 7 + "a" * 65], kind="plain")
+@example(lines=["é" * 7 + "a" * 68], kind="plain")
+@example(lines=["é" * 7 + "a" * 71], kind="plain")
+def test_long_lines_are_encoded_as_the_email_package_encodes_them(
+    lines: list[str], kind: str
+) -> None:
+    body = "\n".join(lines) + "\n"
+    cte, data = contentmanager._encode_text(body, "utf-8", None, POLICY)  # type: ignore[attr-defined]
+    headers, encoded = text_part(kind, body)
+    assert headers.endswith(f"Content-Transfer-Encoding: {cte}\r\n".encode())
+    assert encoded == data.encode("ascii", "surrogateescape").replace(b"\n", b"\r\n")
+    # Every quoted-printable body is written without the email package's encoder call.
+    fast = quoted_printable(body.encode().splitlines())
+    assert (fast is not None) == (cte == "quoted-printable") or cte in ("7bit", "8bit")

@@ -22,7 +22,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 from datetime import datetime
-from email import _encoded_words, contentmanager  # type: ignore[attr-defined]
+from email import _encoded_words, contentmanager, quoprimime  # type: ignore[attr-defined]
 from email.generator import BytesGenerator
 from email.policy import Policy
 from email.utils import format_datetime
@@ -322,11 +322,53 @@ def text_part(kind: str, body: str) -> tuple[bytes, bytes]:
         # line scan: the common template's path, row after row.
         encoded = b"\r\n".join(lines) + b"\r\n"
         return _CONTENT_HEADERS[kind, "7bit" if encoded.isascii() else "8bit"], encoded
+    quoted = quoted_printable(lines) if _EIGHT_BIT else None
+    if quoted is not None:
+        return _CONTENT_HEADERS[kind, "quoted-printable"], quoted
     cte, data = _encode_text(body, "utf-8", None, POLICY)
     # The generator writes the payload's lines with CRLF; an 8bit payload holds the UTF-8
     # bytes as surrogate escapes.
     encoded = data.encode("ascii", "surrogateescape").replace(b"\n", b"\r\n")
     return _CONTENT_HEADERS[kind, cte], encoded
+
+
+_quoted_lines: dict[bytes, bytes] = {}
+
+
+def quoted_printable(lines: list[bytes]) -> bytes | None:
+    """The body ``_encode_text`` writes (with CRLF) for ``lines``, some over 78 octets, when it
+    chooses quoted-printable; None when it chooses base64.
+
+    The email package's encoder (``quoprimime.body_encode``) encodes each line on its own, so
+    each distinct line is encoded once and kept: a template's lines recur row after row. Its
+    choice is the same: quoted-printable unless the first ten lines' encoding is longer than
+    their base64. Tests compare this with ``_encode_text``.
+    """
+    sniffed = lines[:10]
+    size = sum(map(len, sniffed)) + 2 * len(sniffed)  # the ten lines with CRLF after each
+    encoded = [_quoted_line(line) for line in sniffed]
+    # Its sniff's quoted-printable text, with "\n" line ends: each encoded line, its soft
+    # breaks one octet shorter, then "\n".
+    quoted_size = sum(len(line) - line.count(b"\r") + 1 for line in encoded)
+    if quoted_size > (size + 2) // 3 * 4 + 1:
+        return None
+    encoded += (_quoted_line(line) for line in lines[10:])
+    return b"\r\n".join(encoded) + b"\r\n"
+
+
+def _quoted_line(line: bytes) -> bytes:
+    """``line`` encoded (soft breaks with CRLF), kept for the next row."""
+    quoted = _quoted_lines.get(line)
+    if quoted is None:
+        if len(_quoted_lines) >= _QUOTED_LINES_KEPT:
+            _quoted_lines.clear()
+        text = _body_encode(line.decode("latin-1"), _BODY_LINE, "\r\n")
+        quoted = _quoted_lines[line] = text.encode("ascii")
+    return quoted
+
+
+_QUOTED_LINES_KEPT = 4096
+_body_encode: Callable[[str, int, str], str] = quoprimime.body_encode
 
 
 def multipart(subtype: str, parts: list[bytes], *, cached: int = 0) -> tuple[bytes, list[bytes]]:
