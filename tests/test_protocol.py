@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import socket
 from typing import Any
 
 import pytest
@@ -525,3 +526,32 @@ def test_what_is_left_after_a_partial_gathering_write(pieces: list[bytes], data:
     rest = unsent(pieces, sent)
     assert b"".join(rest) == joined[sent:]
     assert not rest or rest[0]  # an empty list when everything was written
+
+
+@pytest.mark.parametrize("size", [1_000, 3_000_000])  # joined, then written as pieces
+def test_a_flush_the_socket_takes_in_part_goes_on_through_the_transport(size: int) -> None:
+    session = Session()
+    session.handshake()
+    session.take()
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        ours.setblocking(False)
+        peer.setblocking(False)
+        transport = session.transport
+        transport.dataBuffer = b""  # type: ignore[attr-defined]  # what _flush reads of a real one
+        transport._tempDataLen = 0  # type: ignore[attr-defined]
+        session.proto._socket = ours
+        pieces = [b"354 reply seen\r\n", bytes(range(256)) * (size // 256), b"MAIL FROM:<a@b>\r\n"]
+        session.proto._out = list(pieces)
+        session.proto._flush()
+        received = b""
+        while True:
+            try:
+                chunk = peer.recv(1 << 20)
+            except BlockingIOError:
+                break
+            received += chunk
+    assert received + transport.value() == b"".join(pieces)
+    assert received
+    assert bool(transport.value()) == (size > 100_000)  # the kernel took only part of it
