@@ -344,26 +344,22 @@ def quoted_printable(lines: list[bytes]) -> bytes | None:
     choice is the same: quoted-printable unless the first ten lines' encoding is longer than
     their base64. Tests compare this with ``_encode_text``.
     """
-    sniffed = lines[:10]
-    size = sum(map(len, sniffed)) + 2 * len(sniffed)  # the ten lines with CRLF after each
-    encoded = [_quoted_line(line) for line in sniffed]
-    # Its sniff's quoted-printable text, with "\n" line ends: each encoded line, its soft
-    # breaks one octet shorter, then "\n".
-    quoted_size = sum(len(line) - line.count(b"\r") + 1 for line in encoded)
-    if quoted_size > (size + 2) // 3 * 4 + 1:
+    kept = _quoted_lines.get
+    encoded = [kept(line) or _quoted_line(line) for line in lines]
+    sniffed = b"\r\n".join(encoded[:10])
+    size = sum(map(len, lines[:10])) + 2 * len(lines[:10])  # the ten lines, CRLF after each
+    # Its sniff's quoted-printable text has "\n" line ends (soft breaks too), one after each.
+    if len(sniffed) - sniffed.count(b"\r") + 1 > (size + 2) // 3 * 4 + 1:
         return None
-    encoded += (_quoted_line(line) for line in lines[10:])
     return b"\r\n".join(encoded) + b"\r\n"
 
 
 def _quoted_line(line: bytes) -> bytes:
     """``line`` encoded (soft breaks with CRLF), kept for the next row."""
-    quoted = _quoted_lines.get(line)
-    if quoted is None:
-        if len(_quoted_lines) >= _QUOTED_LINES_KEPT:
-            _quoted_lines.clear()
-        text = _body_encode(line.decode("latin-1"), _BODY_LINE, "\r\n")
-        quoted = _quoted_lines[line] = text.encode("ascii")
+    if len(_quoted_lines) >= _QUOTED_LINES_KEPT:
+        _quoted_lines.clear()
+    text = _body_encode(line.decode("latin-1"), _BODY_LINE, "\r\n")
+    quoted = _quoted_lines[line] = text.encode("ascii")
     return quoted
 
 
