@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import socket
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
@@ -20,7 +23,7 @@ from twistmail.errors import (
     TransientError,
 )
 from twistmail.message import envelope_from_bytes
-from twistmail.smtp._protocol import MailerProtocol
+from twistmail.smtp._protocol import MailerProtocol, unsent
 from twistmail.smtp._transaction import TransactionResult
 
 BODY = b"Subject: hi\r\n\r\nline one\r\n.starts with a dot\r\n"
@@ -514,3 +517,41 @@ def test_malformed_reply_aborts(line: bytes) -> None:
     d.addErrback(failure.append)
     assert failure
     assert failure[0].check(TransientError)
+
+
+@given(pieces=st.lists(st.binary(max_size=20), max_size=6), data=st.data())
+def test_what_is_left_after_a_partial_gathering_write(pieces: list[bytes], data: Any) -> None:
+    joined = b"".join(pieces)
+    sent = data.draw(st.integers(0, len(joined)))
+    rest = unsent(pieces, sent)
+    assert b"".join(rest) == joined[sent:]
+    assert not rest or rest[0]  # an empty list when everything was written
+
+
+@pytest.mark.parametrize("size", [1_000, 3_000_000])  # joined, then written as pieces
+def test_a_flush_the_socket_takes_in_part_goes_on_through_the_transport(size: int) -> None:
+    session = Session()
+    session.handshake()
+    session.take()
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        ours.setblocking(False)
+        peer.setblocking(False)
+        transport = session.transport
+        transport.dataBuffer = b""  # type: ignore[attr-defined]  # what _flush reads of a real one
+        transport._tempDataLen = 0  # type: ignore[attr-defined]
+        session.proto._socket = ours
+        pieces = [b"354 reply seen\r\n", bytes(range(256)) * (size // 256), b"MAIL FROM:<a@b>\r\n"]
+        session.proto._out = list(pieces)
+        session.proto._flush()
+        received = b""
+        while True:
+            try:
+                chunk = peer.recv(1 << 20)
+            except BlockingIOError:
+                break
+            received += chunk
+    assert received + transport.value() == b"".join(pieces)
+    assert received
+    assert bool(transport.value()) == (size > 100_000)  # the kernel took only part of it

@@ -370,10 +370,14 @@ def test_markdown_body_is_multipart_alternative(tmp_path: Path) -> None:
 
 
 def test_markdown_state_does_not_leak_between_rows(tmp_path: Path) -> None:
-    text = "From: a@example.com\nTo: {{ email }}\nContent-Type: text/markdown\n\n{{ note }}\n"
+    # A statement makes the body converted row by row (see twistmail.merge.markdownhtml).
+    text = (
+        "From: a@example.com\nTo: {{ email }}\nContent-Type: text/markdown\n\n"
+        "Hello\n\n{% if note %}x[^1]\n\n[^1]: {{ note }}{% endif %}\n"
+    )
     template = load(tmp_path, text)
-    first = render(template, {"email": "b@example.com", "note": "x[^1]\n\n[^1]: footnote one"})
-    second = render(template, {"email": "c@example.com", "note": "plain"})
+    first = render(template, {"email": "b@example.com", "note": "footnote one"})
+    second = render(template, {"email": "c@example.com", "note": ""})
     html = list(second.message.iter_parts())[1]
     assert isinstance(html, EmailMessage)
     assert "footnote one" not in html.get_content()

@@ -7,12 +7,12 @@ import random
 import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
-from email import policy
+from email import contentmanager, policy
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from twistmail.errors import MessageError
@@ -21,8 +21,9 @@ from twistmail.merge.csvsource import Row
 from twistmail.merge.headers import POLICY
 from twistmail.merge.prepare import Prepared, prepare_row, render_full
 from twistmail.merge.template import MessageTemplate, RowError
-from twistmail.merge.wire import fold_encoded, render_direct
+from twistmail.merge.wire import render_direct
 from twistmail.message import reflatten_7bit, unstuff
+from twistmail.mime import fold_encoded, quoted_printable, text_part
 
 DATE = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 _ATTACHMENT_DIR = Path(tempfile.mkdtemp(prefix="twistmail-test-wire-"))
@@ -175,16 +176,17 @@ def test_encoded_shapes_go_direct_with_the_email_package_bytes(
         ("markdown", "Content-Type: text/markdown"),
     ],
 )
+@pytest.mark.parametrize("name", ["Zoë", "Ann"])  # an 8-bit text part, a 7-bit one
 def test_attachments_go_direct_with_the_email_package_bytes(
-    tmp_path: Path, kind: str, extra: str
+    tmp_path: Path, kind: str, extra: str, name: str
 ) -> None:
     (tmp_path / "a.pdf").write_bytes(b"%PDF-1.4\n" + bytes(range(256)) * 300)
     (tmp_path / "b.txt").write_bytes(b"notes\n-- \n--===============\n")
-    source = ATTACHED.replace(
-        "{{ extra }}", extra + ("\nAttachment: b.txt" if kind == "plain" else "")
-    )
+    (tmp_path / "Broschüre.pdf").write_bytes(b"%PDF-1.4\n\xff")
+    more = ["Attachment: b.txt", "Attachment: Broschüre.pdf"] if kind == "plain" else []
+    source = ATTACHED.replace("{{ extra }}", "\n".join(line for line in [extra, *more] if line))
     template = MessageTemplate(source, base_dir=tmp_path)
-    values = {"email": "b@example.org", "name": "Zoë"}
+    values = {"email": "b@example.org", "name": name}
     for _ in range(2):  # the second row reuses the encoded part
         random.seed(3)
         direct = render_direct(
@@ -199,6 +201,8 @@ def test_attachments_go_direct_with_the_email_package_bytes(
         full = render_full(template, Row(7, values), message_id_for, None, DATE, 7)
         assert direct is not None
         assert_same(Prepared(7, direct[1], direct[0], direct[2]), full)
+        assert direct[0].eight_bit == (name != "Ann")
+        assert direct[0].payload.count(b"Content-Disposition: attachment") == len(more) + 1
 
 
 def test_an_attachment_is_encoded_once_per_campaign(
@@ -519,3 +523,38 @@ def test_the_direct_fold_answers_the_common_names() -> None:
         fast = fold_encoded(name, name.lower(), value)
         assert fast is not None
         assert fast == POLICY.header_factory(name, value).fold(policy=POLICY)
+
+
+# Lines around the 76-character soft breaks of quoted-printable, with "=", spaces and tabs at
+# the ends, non-ASCII, and line separators that are not line ends in bytes (a lone CR is).
+_QP_LINE = st.one_of(
+    st.text(st.sampled_from(["a", "b", " ", "\t", "="]), max_size=170),
+    st.text(
+        st.sampled_from(["a"] * 30 + [" ", "\t", "=", "é", "\x0b", "\x85", "\r"]), max_size=170
+    ),
+    st.text(
+        st.sampled_from(["a", " ", "\t", "=", "é", "€", "\x0b", "\x85", "\u2028", "\r"]),
+        max_size=170,
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(lines=st.lists(_QP_LINE, min_size=1, max_size=14), kind=st.sampled_from(["plain", "html"]))
+@example(lines=["a" * 100] * 12, kind="plain")  # more than the ten lines sniffed
+@example(lines=["a" * 74 + "é" + "a" * 20] + [f"{'b' * n} " for n in range(72, 80)], kind="html")
+# Where the choice turns: base64 by one octet, a tie (quoted-printable), and by one octet.
+@example(lines=["é" * 7 + "a" * 65], kind="plain")
+@example(lines=["é" * 7 + "a" * 68], kind="plain")
+@example(lines=["é" * 7 + "a" * 71], kind="plain")
+def test_long_lines_are_encoded_as_the_email_package_encodes_them(
+    lines: list[str], kind: str
+) -> None:
+    body = "\n".join(lines) + "\n"
+    cte, data = contentmanager._encode_text(body, "utf-8", None, POLICY)  # type: ignore[attr-defined]
+    headers, encoded = text_part(kind, body)
+    assert headers.endswith(f"Content-Transfer-Encoding: {cte}\r\n".encode())
+    assert encoded == data.encode("ascii", "surrogateescape").replace(b"\n", b"\r\n")
+    # Every quoted-printable body is written without the email package's encoder call.
+    fast = quoted_printable(body.encode().splitlines())
+    assert (fast is not None) == (cte == "quoted-printable") or cte in ("7bit", "8bit")

@@ -203,10 +203,12 @@ def _direct(
     parts = [_part(a) for a in attachments]
     if text is None:
         assert html is not None
-        payload, size, header_end = message_payload(lines, "html", html, None, parts)
+        payload, size, header_end, eight_bit = message_payload(lines, "html", html, None, parts)
     else:
-        payload, size, header_end = message_payload(lines, "plain", text, html, parts)
-    envelope = envelope_from_stuffed(sender, recipients, payload, size, header_end, message_id)
+        payload, size, header_end, eight_bit = message_payload(lines, "plain", text, html, parts)
+    envelope = envelope_from_stuffed(
+        sender, recipients, payload, size, header_end, message_id, eight_bit
+    )
     if envelope.eight_bit:
         # An 8-bit body: for a server without 8BITMIME, rebuilt as 7-bit from these bytes.
         envelope = dataclasses.replace(envelope, rendered=True)

@@ -383,8 +383,10 @@ def _built(
     header_end: int,
     message_id: str | None,
     source: EmailMessage | None = None,
+    eight_bit: bool | None = None,
 ) -> Envelope:
-    eight_bit = not payload.isascii()
+    if eight_bit is None:
+        eight_bit = not payload.isascii()
     return Envelope(
         sender=sender,
         recipients=recipients,
@@ -571,13 +573,15 @@ def envelope_from_stuffed(
     size: int,
     header_end: int,
     message_id: str,
+    eight_bit: bool | None = None,
 ) -> Envelope:
     """An envelope for a DATA ``payload`` its caller built with CRLF line ends only, dot-stuffed
-    and ended with ``b".\r\n"`` itself; ``size`` is its length before stuffing.
+    and ended with ``b".\r\n"`` itself; ``size`` is its length before stuffing. ``eight_bit``
+    says whether the payload has a byte over 127, when its caller knows (None: it is scanned).
 
     For the mail merge's direct renderer, which stuffs only the pieces of a message that can
     need it (a cached attachment part is checked once, not once per row). Raises
     :class:`AddressError` like :func:`envelope_from_bytes` for the recipients.
     """
     forward_paths = _unique_recipients(recipients, field="recipients", empty="no recipients")
-    return _built(sender, forward_paths, payload, size, header_end, message_id)
+    return _built(sender, forward_paths, payload, size, header_end, message_id, eight_bit=eight_bit)

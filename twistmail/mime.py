@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from email import _encoded_words, contentmanager, policy  # type: ignore[attr-defined]
+from email import _encoded_words, contentmanager, policy, quoprimime  # type: ignore[attr-defined]
 from email.generator import BytesGenerator
 from email.headerregistry import BaseHeader, HeaderRegistry
 from email.message import EmailMessage
@@ -37,6 +37,7 @@ __all__ = [
     "local_now",
     "message_payload",
     "multipart",
+    "quoted_printable",
     "text_part",
 ]
 
@@ -117,7 +118,8 @@ def dot_stuffed(lines: bytes) -> bytes:
 
 def encode_part(attachment: Attachment) -> bytes:
     """The MIME part the email package makes of ``attachment`` in ``add_attachment``, flattened
-    with :data:`email.policy.SMTP` as the generator writes a subpart."""
+    with :data:`email.policy.SMTP` as the generator writes a subpart: ASCII (base64 data, a
+    non-ASCII file name encoded), which :func:`message_payload` counts on."""
     part = EmailMessage(policy=policy.SMTP)
     # What EmailMessage._add_multipart does for add_attachment.
     part.set_content(
@@ -223,11 +225,49 @@ def text_part(kind: str, body: str) -> tuple[bytes, bytes]:
         # line scan: the common template's path, row after row.
         encoded = b"\r\n".join(lines) + b"\r\n"
         return _CONTENT_HEADERS[kind, "7bit" if encoded.isascii() else "8bit"], encoded
+    quoted = quoted_printable(lines) if _EIGHT_BIT else None
+    if quoted is not None:
+        return _CONTENT_HEADERS[kind, "quoted-printable"], quoted
     cte, data = _encode_text(body, "utf-8", None, POLICY)
     # The generator writes the payload's lines with CRLF; an 8bit payload holds the UTF-8
     # bytes as surrogate escapes.
     encoded = data.encode("ascii", "surrogateescape").replace(b"\n", b"\r\n")
     return _CONTENT_HEADERS[kind, cte], encoded
+
+
+_quoted_lines: dict[bytes, bytes] = {}
+
+
+def quoted_printable(lines: list[bytes]) -> bytes | None:
+    """The body ``_encode_text`` writes (with CRLF) for ``lines``, some over 78 octets, when it
+    chooses quoted-printable; None when it chooses base64.
+
+    The email package's encoder (``quoprimime.body_encode``) encodes each line on its own, so
+    each distinct line is encoded once and kept: a template's lines recur row after row. Its
+    choice is the same: quoted-printable unless the first ten lines' encoding is longer than
+    their base64. Tests compare this with ``_encode_text``.
+    """
+    kept = _quoted_lines.get
+    encoded = [kept(line) or _quoted_line(line) for line in lines]
+    sniffed = b"\r\n".join(encoded[:10])
+    size = sum(map(len, lines[:10])) + 2 * len(lines[:10])  # the ten lines, CRLF after each
+    # Its sniff's quoted-printable text has "\n" line ends (soft breaks too), one after each.
+    if len(sniffed) - sniffed.count(b"\r") + 1 > (size + 2) // 3 * 4 + 1:
+        return None
+    return b"\r\n".join(encoded) + b"\r\n"
+
+
+def _quoted_line(line: bytes) -> bytes:
+    """``line`` encoded (soft breaks with CRLF), kept for the next row."""
+    if len(_quoted_lines) >= _QUOTED_LINES_KEPT:
+        _quoted_lines.clear()
+    text = _body_encode(line.decode("latin-1"), _BODY_LINE, "\r\n")
+    quoted = _quoted_lines[line] = text.encode("ascii")
+    return quoted
+
+
+_QUOTED_LINES_KEPT = 4096
+_body_encode: Callable[[str, int, str], str] = quoprimime.body_encode
 
 
 def message_payload(
@@ -236,10 +276,11 @@ def message_payload(
     text: str,
     html: str | None = None,
     attachments: list[tuple[bytes, bytes]] | None = None,
-) -> tuple[bytes, int, int]:
+) -> tuple[bytes, int, int, bool | None]:
     """The DATA payload of a message as ``set_content``, ``add_alternative`` and
-    ``add_attachment`` make it and policy.SMTP writes it; its size before dot-stuffing; and
-    where its header block ends (just past the last header line's CRLF).
+    ``add_attachment`` make it and policy.SMTP writes it; its size before dot-stuffing; where
+    its header block ends (just past the last header line's CRLF); and whether it has a byte
+    over 127 when that is known without scanning it (None: the caller scans).
 
     ``lines`` are the header lines before the MIME ones (Date and Message-ID included), each
     ending CRLF; the MIME lines and the blank line are appended to it. ``text`` is the body, a
@@ -281,7 +322,12 @@ def message_payload(
     payload = b"".join(
         [head, *(stuffed.get(id(piece)) or dot_stuffed(piece) for piece in tail), b".\r\n"]
     )
-    return payload, size, len(head) - 2
+    eight_bit = None
+    if stuffed:  # attachment parts are ASCII (encode_part's are): not scanned every message
+        eight_bit = not (
+            head.isascii() and all(piece.isascii() for piece in tail if id(piece) not in stuffed)
+        )
+    return payload, size, len(head) - 2, eight_bit
 
 
 def multipart(subtype: str, parts: list[bytes], *, cached: int = 0) -> tuple[bytes, list[bytes]]:

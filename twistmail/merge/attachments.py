@@ -67,7 +67,8 @@ class AttachmentFiles:
     def part(self, attachment: Attachment) -> tuple[bytes, bytes]:
         """``attachment`` as a MIME part, the bytes the email package writes for it inside a
         multipart message (its headers, a blank line, base64 lines, CRLF line ends), and the
-        same dot-stuffed for SMTP DATA (a line starting with "." gets another).
+        same dot-stuffed for SMTP DATA (a line starting with "." gets another). Both are ASCII:
+        policy.SMTP encodes a non-ASCII file name.
 
         Encoded once per cached file, so a campaign attaching one file encodes it once.
         """
@@ -75,6 +76,8 @@ class AttachmentFiles:
         if cached is not None and cached[0] is attachment:
             return cached[1], cached[2]
         encoded = encode_part(attachment)
+        if not encoded.isascii():  # the direct renderer counts on it, to scan no part per row
+            raise RowError("Attachment", f"{attachment.filename!r} cannot be encoded in ASCII")
         stuffed = dot_stuffed(encoded)
         # Kept while its file is cached (evicted with it), so at most 4/3 of the cache's size.
         if any(cached is attachment for cached in self._cache.values()):

@@ -20,6 +20,7 @@ quote and escape whatever the cell holds. A NUL in the body is a :class:`RowErro
 
 Cells are HTML-escaped wherever they become HTML: in a ``text/html`` body, and in the HTML part
 made from a Markdown body (its ``text/plain`` part keeps them as they are); ``|safe`` opts out.
+In that HTML part a cell is text, not Markdown.
 
 Pseudo-headers, never sent as written:
 
@@ -29,8 +30,9 @@ Pseudo-headers, never sent as written:
     - absent or ``text/plain``: a plain text body;
     - ``text/html``: an HTML body, with no text part;
     - ``text/markdown``: the rendered body is Markdown; the message is ``multipart/alternative``
-      with that Markdown as its ``text/plain`` part and the HTML made from it (by the
-      ``markdown`` package, with its ``extra`` and ``sane_lists`` extensions) as ``text/html``.
+      with that Markdown as its ``text/plain`` part and the HTML made from the template's
+      Markdown (by the ``markdown`` package, with its ``extra`` and ``sane_lists`` extensions,
+      once per template: see :mod:`.markdownhtml`) as ``text/html``, where cells are text.
 
 ``Attachment``
     A file to attach (may repeat). The path is relative to the template file's directory; its
@@ -58,7 +60,6 @@ from typing import Literal
 import jinja2
 import jinja2.meta
 import jinja2.nodes
-import markdown  # type: ignore[import-untyped]
 
 from twistmail.address import Address, check_header_value, format_display_name, format_mailbox
 from twistmail.errors import HeaderInjectionError, RowError, TemplateError
@@ -75,6 +76,7 @@ from .headers import (
     is_clean,
     parse_addresses,
 )
+from .markdownhtml import RowPlaceholders, html_template_source
 
 __all__ = [
     "BodyKind",
@@ -165,25 +167,29 @@ class MessageTemplate:
         body_ast = self._parse(body_source, body_line)
         self._parts.append(_Part(body_line, body_ast))
         # An HTML body escapes CSV cells ("<", "&"), so a cell cannot inject markup; so does the
-        # HTML made from a Markdown body, rendered a second time for it.
+        # HTML made from a Markdown body.
         html_env = self._env.overlay(autoescape=True)
         self._body = self._compile(
             html_env if self.kind == "html" else self._env, body_ast, body_line
         )
-        self._html_body = (
-            self._compile(html_env, body_ast, body_line) if self.kind == "markdown" else None
-        )
+        # A Markdown body's HTML: converted once, else row by row (see .markdownhtml).
+        self._markdown_html: jinja2.Template | None = None
+        self._placeholders: RowPlaceholders | None = None
+        self._html_body: jinja2.Template | None = None  # a row whose placeholders Markdown took
+        if self.kind == "markdown":
+            self._markdown_html = _markdown_html(html_env, body_source)
+            if self._markdown_html is None:
+                self._placeholders = RowPlaceholders(body_source)
+                self._markdown_html = self._compile(
+                    html_env.overlay(finalize=self._placeholders.finalize), body_ast, body_line
+                )
+                self._html_body = self._compile(html_env, body_ast, body_line)
         self._joined, self._joined_body = self._join(body_source)
         self.variables: frozenset[str] = frozenset(
             name
             for part in self._parts
             for name in jinja2.meta.find_undeclared_variables(part.ast)
             if name not in self._env.globals
-        )
-        self._markdown = (
-            markdown.Markdown(extensions=["extra", "sane_lists"])
-            if self.kind == "markdown"
-            else None
         )
 
     @classmethod
@@ -347,9 +353,16 @@ class MessageTemplate:
 
     def render_markdown_html(self, context: dict[str, object]) -> str:
         """The HTML alternative of a Markdown body (cells HTML-escaped), for one row."""
-        assert self._markdown is not None
-        assert self._html_body is not None
-        return str(self._markdown.reset().convert(self._render(self._html_body, context, None)))
+        template = self._markdown_html
+        assert template is not None
+        placeholders = self._placeholders
+        if placeholders is None:
+            return self._render(template, context, None)
+        html = placeholders.html(lambda: self._render(template, context, None))
+        if html is None:
+            assert self._html_body is not None
+            html = placeholders.convert(self._render(self._html_body, context, None))
+        return html
 
     @property
     def has_attachments(self) -> bool:
@@ -586,6 +599,18 @@ class MessageTemplate:
         value = self._render(header.template, values, header.name)
         check_value(header.name, value)  # before stripping: a trailing line break is refused too
         return value.strip()
+
+
+def _markdown_html(env: jinja2.Environment, body_source: str) -> jinja2.Template | None:
+    """The HTML part of a Markdown body as a template converted once, or None when the body
+    must be converted row by row (see :func:`.markdownhtml.html_template_source`)."""
+    source = html_template_source(env, body_source)
+    if source is None:
+        return None
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError:  # a tag Markdown put where it no longer parses
+        return None
 
 
 def _nul_reason(context: Mapping[str, object]) -> str:

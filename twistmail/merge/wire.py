@@ -116,11 +116,11 @@ def render_direct(
     lines.append(f"Message-ID: {message_id}\r\n".encode("ascii"))
     text_kind = "html" if template.kind == "html" else "plain"
     parts = [template.attachment_part(a) for a in attachments] if attachments else None
-    payload, size, header_end = message_payload(lines, text_kind, body, html, parts)
+    payload, size, header_end, eight_bit = message_payload(lines, text_kind, body, html, parts)
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
     forward_paths = [address for key in RECIPIENT_HEADERS for address in recipients[key]]
     envelope = envelope_from_stuffed(
-        envelope_sender, forward_paths, payload, size, header_end, message_id
+        envelope_sender, forward_paths, payload, size, header_end, message_id, eight_bit
     )
     if envelope.eight_bit:
         # An 8-bit body: for a server without 8BITMIME, rebuilt as 7-bit from these bytes.

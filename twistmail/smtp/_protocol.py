@@ -61,6 +61,8 @@ _MAIL, _RCPT, _DATA, _DOT, _RSET, _QUIT = range(6)
 
 _MAX_LINE = 64 * 1024
 _READ_SIZE = 4096
+_IOV_MAX = 1024  # the most pieces one sendmsg takes (Linux)
+_GATHER_FROM = 64 * 1024  # from this size, pieces are written as they are, not joined
 # Final reply lines that make up nearly all traffic, mapped to their code without int().
 _COMMON_CODES = {b"%d " % code: code for code in (221, 250, 251, 354)}
 # Slack when comparing a deadline with the clock, for float rounding of re-armed timers.
@@ -481,7 +483,11 @@ class MailerProtocol(tsmtp.ESMTPClient):
         if not out or transport is None or self.is_closed:
             return
         self._out = []
-        data = out[0] if len(out) == 1 else b"".join(out)
+        # Pieces are joined for one write, unless they are large (a message with an
+        # attachment): those go in one gathering write, not copied to be joined.
+        data = out[0] if len(out) == 1 else None
+        if data is None and sum(map(len, out)) < _GATHER_FROM:
+            data = b"".join(out)
         sock = self._socket
         if (
             sock is not None
@@ -492,13 +498,21 @@ class MailerProtocol(tsmtp.ESMTPClient):
             # Nothing is buffered in the transport, so sending now keeps the order and saves
             # the reactor a writer registration, a poll wake-up and a deregistration per write.
             try:
-                sent = sock.send(data)
+                sent = sock.send(data) if data is not None else sock.sendmsg(out[:_IOV_MAX])
             except OSError:
                 sent = 0  # would block, or broken: the transport's own write finds out which
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+            if data is not None:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            else:
+                out = unsent(out, sent)
+                if not out:
+                    return
+        if data is not None:
+            transport.write(data)
+        else:
+            transport.writeSequence(out)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self._expect:
@@ -858,3 +872,15 @@ def _mail_written(txn: _Txn) -> bool:
 
 def _ignore_cancel(reason: Failure) -> None:
     reason.trap(defer.CancelledError)
+
+
+def unsent(pieces: list[bytes], sent: int) -> list[bytes]:
+    """What is left of ``pieces`` once their first ``sent`` bytes are written (empty: all)."""
+    for index, piece in enumerate(pieces):
+        if sent < len(piece):
+            rest = pieces[index:]
+            if sent:
+                rest[0] = piece[sent:]
+            return rest
+        sent -= len(piece)
+    return []
