@@ -60,7 +60,13 @@ import jinja2.meta
 import jinja2.nodes
 import markdown  # type: ignore[import-untyped]
 
-from twistmail.address import Address, check_header_value, format_display_name, format_mailbox
+from twistmail.address import (
+    Address,
+    check_header_value,
+    find_header_break,
+    format_display_name,
+    format_mailbox,
+)
 from twistmail.errors import HeaderInjectionError, RowError, TemplateError
 
 from .attachments import Attachment, AttachmentFiles
@@ -72,7 +78,6 @@ from .headers import (
     CompiledHeader,
     check_folding,
     check_value,
-    is_clean,
     parse_addresses,
 )
 
@@ -380,7 +385,7 @@ class MessageTemplate:
                         value = header.literal or ""
                     else:
                         value = next(taken)
-                        if not is_clean(header.name, value):
+                        if find_header_break(value) is not None:  # is_clean, inline
                             return self.header_values(context), None
                         value = value.strip()
                     if value:
