@@ -37,7 +37,7 @@ from twistmail.errors import MessageError
 from twistmail.message import Envelope, envelope_from_stuffed
 
 from .attachments import dot_stuffed
-from .headers import ADDRESS_HEADERS, POLICY, RECIPIENT_HEADERS, is_clean, parse_addresses
+from .headers import ADDRESS_HEADERS, POLICY, is_clean, parse_addresses
 from .template import MessageTemplate
 
 __all__ = ["render_direct"]
@@ -79,7 +79,8 @@ def render_direct(
     """
     lines: list[bytes] = []
     first: dict[str, Address] = {}
-    recipients: dict[str, list[Address]] = {key: [] for key in RECIPIENT_HEADERS}
+    # Literals, not comprehensions: each of those is a function call per row.
+    recipients: dict[str, list[Address]] = {"to": [], "cc": [], "bcc": []}
     context = template.context(values)
     header_values, body = template.render_row(context)
     for header, value in header_values:
@@ -116,7 +117,12 @@ def render_direct(
         if key != "bcc":
             lines.append(line)
     sender = first.get("from")
-    report_address = next((first[key] for key in RECIPIENT_HEADERS if key in first), None)
+    # The first of RECIPIENT_HEADERS ("to", "cc", "bcc") that has an address.
+    report_address = first.get("to")
+    if report_address is None:
+        report_address = first.get("cc")
+        if report_address is None:
+            report_address = first.get("bcc")
     if sender is None or report_address is None:
         return None  # the full path raises the row's error
     # In the full path's order, so a row with several faults reports the same one first.
@@ -161,14 +167,18 @@ def render_direct(
         lines += (b"MIME-Version: 1.0\r\n", content, b"\r\n")
     head = b"".join(lines)
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
-    forward_paths = [address for key in RECIPIENT_HEADERS for address in recipients[key]]
+    forward_paths = recipients["to"] + recipients["cc"] + recipients["bcc"]
     # Every line above ends in CRLF (values with a line break were refused, literal headers
     # are folded by policy.SMTP, body lines are re-joined with CRLF), and every piece starts
     # a line: each is dot-stuffed on its own, an attachment part once per campaign.
-    size = len(head) + sum(map(len, tail))
-    payload = b"".join(
-        [head, *(stuffed.get(id(piece)) or dot_stuffed(piece) for piece in tail), b".\r\n"]
-    )
+    if len(tail) == 1 and not stuffed:  # one text part: the common message, no generator
+        size = len(head) + len(tail[0])
+        payload = b"".join((head, dot_stuffed(tail[0]), b".\r\n"))
+    else:
+        size = len(head) + sum(map(len, tail))
+        payload = b"".join(
+            [head, *(stuffed.get(id(piece)) or dot_stuffed(piece) for piece in tail), b".\r\n"]
+        )
     envelope = envelope_from_stuffed(
         envelope_sender, forward_paths, payload, size, len(head) - 2, message_id
     )
