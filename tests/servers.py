@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import hmac
 import ssl
 import threading
@@ -55,7 +54,8 @@ class CueServer:
     - ``drop_after_data_count``: for the first N messages, close the connection after the final
       dot without replying; they go to :attr:`dropped`, not :attr:`received`.
     - ``stall_on``: one of :data:`STALL_STEPS`; never answer that step (``"EHLO"`` covers HELO,
-      ``"DOT"`` is the final dot), keep the socket open until :meth:`stop`.
+      ``"DOT"`` is the final dot), keep the socket open until :meth:`stop`. A message stalled at
+      its dot is recorded in :attr:`stalled` (its data has arrived, no reply will).
     - ``close_421_after``: once K messages were accepted on a connection, answer the next
       command with ``421 4.7.0 closing`` and close.
     - ``close_after``: close the connection right after the 250 of its Nth message, without
@@ -115,6 +115,8 @@ class CueServer:
         self.received: list[Received] = []
         self.dropped: list[Received] = []
         self.rejected: list[Received] = []
+        self.stalled: list[Received] = []
+        self.stop_forced = False  # stop() had to give up waiting for a session to end
         self.connections = 0
         self.commands: list[str] = []
         self.closed = 0  # connections ended by close_after
@@ -145,8 +147,10 @@ class CueServer:
             return
         future = asyncio.run_coroutine_threadsafe(self._shutdown(), controller.loop)
         # On timeout, Controller.stop() below cancels whatever is left.
-        with contextlib.suppress(concurrent.futures.TimeoutError):
+        try:
             future.result(_STOP_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            self.stop_forced = True
         controller.stop()
 
     @property
@@ -181,7 +185,8 @@ class CueServer:
                 handlers.append(session._handler_coroutine)
         self._stopping.set()
         if handlers:
-            done, _ = await asyncio.wait(handlers, timeout=_STOP_TIMEOUT)
+            done, pending = await asyncio.wait(handlers, timeout=_STOP_TIMEOUT)
+            self.stop_forced = self.stop_forced or bool(pending)
             for task in done:
                 if not task.cancelled():
                     task.exception()  # retrieved: a reset connection is expected here
@@ -252,6 +257,7 @@ class CueServer:
             connection=server.index,
         )
         if self.stall_on == "DOT":
+            self.stalled.append(message)
             await self._wait_until_stopped()
             return "421 4.3.2 shutting down"
         if len(self.dropped) < self.drop_after_data_count:

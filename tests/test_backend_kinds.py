@@ -215,12 +215,12 @@ def test_file_path_is_required() -> None:
 
 _WRITER = textwrap.dedent(
     """
-    import sys, time
+    import sys
     from pathlib import Path
     from twisted.internet import defer, task
     from twistmail.backends.file import FileBackend
 
-    directory, go, count, tag = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    directory, count, tag = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     messages = [
         ("s@example.com", ["r@example.org"], f"Subject: {tag}-{i}\\r\\n\\r\\nhi\\r\\n".encode())
         for i in range(count)
@@ -232,27 +232,30 @@ _WRITER = textwrap.dedent(
         await backend.close()
         print(sent)
 
-    while not go.exists():  # start writing together with the other process
-        time.sleep(0.001)
+    sys.stdin.readline()  # start writing together with the other process
     task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
     """
 )
 
 
 def test_file_names_never_collide_across_processes(tmp_path: Path) -> None:
-    directory, go, count = tmp_path / "out", tmp_path / "go", 400
+    directory, count = tmp_path / "out", 400
     script = tmp_path / "writer.py"
     script.write_text(_WRITER)
     writers = [
         subprocess.Popen(
-            [sys.executable, str(script), str(directory), str(go), str(count), tag],
+            [sys.executable, str(script), str(directory), str(count), tag],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for tag in ("a", "b")
     ]
-    go.touch()
+    for writer in writers:  # both are ready; let them go
+        assert writer.stdin is not None
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
     outputs = [writer.communicate(timeout=120) for writer in writers]
     for writer, (out, err) in zip(writers, outputs, strict=True):
         assert writer.returncode == 0, err

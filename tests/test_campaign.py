@@ -9,19 +9,12 @@ from typing import Any
 
 import pytest_twisted
 from servers import CueServer
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
+from waiting import until
 
 from twistmail.merge.run import EXIT_INTERRUPTED, Campaign, SendOptions
 
 TEMPLATE = "From: a@example.com\nTo: {{ email }}\nSubject: hi\n\nbody\n"
-
-
-async def until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
-    """Return once ``condition()`` holds, checking after each short turn of the reactor."""
-    deadline = reactor.seconds() + seconds
-    while not condition():
-        assert reactor.seconds() < deadline, "the condition never held"
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 def campaign_options(tmp_path: Path, rows: int, port: int, **options: Any) -> SendOptions:
@@ -102,21 +95,20 @@ async def test_interrupted_with_pipelined_messages_unanswered_then_resumed_elsew
 ) -> None:
     # The server takes each message's data and never answers the final dot: every connection
     # has one message sent and unanswered and the next ones queued behind it. An interrupt
-    # drops them after the grace period; nothing is recorded as sent, and a rerun against a
+    # (a second one: abort) drops them; nothing is recorded as sent, and a rerun against a
     # working server delivers every row exactly once.
     stalled = cue_server(pipelining=True, stall_on="DOT")
     rows = 30
 
     def options(port: int) -> SendOptions:
-        return campaign_options(tmp_path, rows, port, concurrency=2, grace=0.3)
+        return campaign_options(tmp_path, rows, port, concurrency=2)
 
     campaign = Campaign(options(stalled.port), reactor)
     done = defer.ensureDeferred(campaign.run())
-    for _ in range(100):
-        await task.deferLater(reactor, 0.05, lambda: None)
-        if campaign.counts.started >= 2:
-            break
-    await task.deferLater(reactor, 0.3, lambda: None)
+    await until(lambda: len(stalled.stalled) == 2, "both connections stalled at a final dot")
+    await until(lambda: campaign.counts.started > 2, "more messages queued behind them")
+    campaign.interrupt()
+    assert not done.called  # letting the messages in flight finish (on a clock: test_engine)
     campaign.interrupt()
     assert await done == EXIT_INTERRUPTED
     assert stalled.received == []

@@ -12,14 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pytest_twisted
 from servers import CueServer
-from twisted.internet import reactor, task
+from waiting import until
 
 from twistmail.testing import CaptureServer
 
@@ -285,16 +284,8 @@ def test_password_in_the_url_is_refused_and_never_echoed(tmp_path: Path) -> None
 # Interruption ---------------------------------------------------------------------------------
 
 
-async def _wait_for(check: Callable[[], bool], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await task.deferLater(reactor, 0.05, lambda: None)
-
-
 async def _finish(proc: subprocess.Popen[str], seconds: float = 120) -> int:
-    await _wait_for(lambda: proc.poll() is not None, seconds)
+    await until(lambda: proc.poll() is not None, "the CLI finished", seconds)
     return proc.returncode
 
 
@@ -333,7 +324,9 @@ async def test_sigkill_then_rerun_loses_nobody_and_duplicates_at_most_concurrenc
     args += ("--concurrency", str(concurrency))
     proc = _popen(*args)
     try:
-        await _wait_for(lambda: len(server.messages) >= 1500 or proc.poll() is not None, 120)
+        await until(
+            lambda: len(server.messages) >= 1500 or proc.poll() is not None, "1,500 sent", 120
+        )
         assert proc.poll() is None, "finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         assert await _finish(proc) == -signal.SIGKILL
@@ -373,7 +366,7 @@ async def test_sigterm_stops_cleanly_with_exit_3_and_resumes(
     args = ("send", csv_path, template_path, "--smtp", f"smtp://127.0.0.1:{server.port}")
     proc = _popen(*args, "--rate", "100")
     try:
-        await _wait_for(lambda: len(server.messages) >= 20, 60)
+        await until(lambda: len(server.messages) >= 20, "20 messages")
         proc.send_signal(signum)
         assert await _finish(proc, 30) == 3
         assert proc.stdout is not None

@@ -2,12 +2,15 @@
 delivered to real SMTP servers on 127.0.0.1 from a real SQLite spool.
 
 The subprocesses are started with Popen and polled with deferLater, so servers running in the
-test's reactor (CaptureServer) keep serving while a drain runs.
+test's reactor (CaptureServer) keep serving while a drain runs. Nothing waits for real time to
+pass: retry delays and leases are long, and a run "later" is a drain in process whose queue is
+opened with a clock set ahead (the store owns time).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import signal
@@ -22,9 +25,14 @@ from typing import Any
 
 import pytest_twisted
 from servers import CueServer
-from twisted.internet import reactor, task
+from twisted.internet import reactor
+from waiting import until
 
 from twistmail.backends.spool import SpoolBackend
+from twistmail.mailer import Mailer
+from twistmail.queue.sqlite import SqliteQueue
+from twistmail.queue.worker import Drain, DrainReport
+from twistmail.retry import RetryPolicy
 from twistmail.testing import CaptureServer
 
 Cue = Callable[..., CueServer]
@@ -49,32 +57,49 @@ async def enqueue(path: Path, messages: Iterable[Any]) -> int:
     return count
 
 
-def start_drain(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "twistmail", "drain", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
+def start_drain(
+    *args: str, env: dict[str, str] | None = None, log: Path | None = None
+) -> subprocess.Popen[str]:
+    """``twistmail drain`` as a subprocess; its output piped, or written to ``log`` as it goes."""
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log.open("w")) if log is not None else subprocess.PIPE
+        return subprocess.Popen(
+            [sys.executable, "-m", "twistmail", "drain", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
 
 
 async def finish(proc: subprocess.Popen[str], seconds: float = 60) -> tuple[int, str]:
-    deadline = time.monotonic() + seconds
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("drain did not finish in time")
-        await task.deferLater(reactor, 0.05, lambda: None)
-    assert proc.stdout is not None
-    output = proc.stdout.read()
-    proc.stdout.close()
+    try:
+        await until(lambda: proc.poll() is not None, "the drain finished", seconds)
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
+    output = ""
+    if proc.stdout is not None:
+        output = proc.stdout.read()
+        proc.stdout.close()
     return proc.returncode, output
 
 
 async def drain(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     return await finish(start_drain(*args, env=env))
+
+
+async def drain_later(path: Path, port: int, ahead: float, **options: Any) -> DrainReport:
+    """One drain pass in process on a queue whose clock reads ``ahead`` seconds past now."""
+    spool = await SqliteQueue.open(path, create=False, clock=lambda: time.time() + ahead)
+    mailer = Mailer(f"smtp://127.0.0.1:{port}", max_attempts=1, reactor=reactor)
+    try:
+        retry = RetryPolicy(max_attempts=5, initial_delay=600)
+        return await Drain(spool, mailer, retry=retry, reactor=reactor, **options).run()
+    finally:
+        await mailer.close()
+        await spool.close()
 
 
 def query(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -134,26 +159,26 @@ async def test_refusals_deferrals_and_partial_retries_across_runs(
     ]
     assert await enqueue(path, messages) == 4
     url = f"smtp://127.0.0.1:{server.port}"
-    before = time.time()
-    code, output = await drain("--spool", str(path), "--smtp", url, "--retry-delay", "0.3")
+    code, output = await drain("--spool", str(path), "--smtp", url, "--retry-delay", "600")
     assert code == 1, output  # the 550
     assert re.search(r"failed: message \d+ <m2@test>: bounce@example.org: .*no such user", output)
     assert "drain: 1 sent, 2 deferred, 1 failed;" in output
     assert [m.recipients for m in server.received] == [["ann@example.org"], ["carl@example.org"]]
 
     by_mid = {
-        mid: (state, attempts, due, code_, response)
-        for mid, state, attempts, due, code_, response in query(
-            path, "SELECT message_id, state, attempts, due, code, response FROM messages"
+        mid: (state, attempts, due - updated, code_, response)
+        for mid, state, attempts, due, updated, code_, response in query(
+            path,
+            "SELECT message_id, state, attempts, due, updated_at, code, response FROM messages",
         )
     }
     assert by_mid["<m2@test>"][:2] == ("failed", 1)
     assert by_mid["<m2@test>"][3] == 550
     assert "no such user" in by_mid["<m2@test>"][4]
     for mid in ("<m3@test>", "<m4@test>"):
-        state, attempts, due, _, _ = by_mid[mid]
+        state, attempts, delay, _, _ = by_mid[mid]
         assert (state, attempts) == ("deferred", 1)
-        assert before + 0.3 * 0.8 <= due <= time.time() + 0.3 * 1.2
+        assert 600 * 0.8 <= delay <= 600 * 1.2  # due: the retry delay (with jitter) after the try
     assert by_mid["<m3@test>"][3] == 451
     assert query(
         path,
@@ -162,13 +187,13 @@ async def test_refusals_deferrals_and_partial_retries_across_runs(
     ) == [("carl@example.org", "sent", 250), ("later@example.org", "pending", 452)]
 
     # Before the retry time: nothing is due, the deferred ones remain (exit 3).
-    code, output = await drain("--spool", str(path), "--smtp", url, "--retry-delay", "0.3")
-    if code == 3:
-        assert "drain: 0 sent, 0 deferred, 0 failed;" in output
-        await task.deferLater(reactor, 0.4, lambda: None)
-        code, output = await drain("--spool", str(path), "--smtp", url)
-    assert code == 0, output
-    assert "drain: 2 sent, 0 deferred, 0 failed;" in output
+    code, output = await drain("--spool", str(path), "--smtp", url)
+    assert code == 3, output
+    assert "drain: 0 sent, 0 deferred, 0 failed;" in output
+    assert len(server.received) == 2
+    # Once the retry delay has passed on the queue's clock, both go.
+    report = await drain_later(path, server.port, ahead=600 * 1.2 + 1)
+    assert (report.sent, report.deferred, report.failed) == (2, 0, 0)
     # Only the deferred recipient of message 4 was tried again.
     assert sorted(m.recipients for m in server.received[2:]) == [
         ["later@example.org"],
@@ -287,20 +312,21 @@ async def test_a_killed_drains_messages_are_reclaimed_once_its_lease_expires(
     path = tmp_path / "spool.db"
     await enqueue(path, [triple(1)])
     stuck = start_drain(
-        "--spool", str(path), "--smtp", f"smtp://127.0.0.1:{stalling.port}", "--lease", "1"
+        "--spool", str(path), "--smtp", f"smtp://127.0.0.1:{stalling.port}", "--lease", "600"
     )
-    deadline = time.monotonic() + 30
-    while not any(c.startswith("DATA") for c in stalling.commands):
-        assert time.monotonic() < deadline, "the drain never reached DATA"
-        await task.deferLater(reactor, 0.05, lambda: None)
+    await until(lambda: stalling.stalled, "the drain's message reached the final dot")
     stuck.kill()  # SIGKILL: no chance to give the message back
     await finish(stuck)
     assert query(path, "SELECT state, attempts FROM messages") == [("sending", 0)]
-    (lease_until,) = query(path, "SELECT lease_until FROM messages")[0]
-    wait = max(0.0, lease_until - time.time()) + 0.1
-    await task.deferLater(reactor, wait, lambda: None)
+    # While the lease holds, another drain leaves the message alone (held, not its to send).
     code, output = await drain("--spool", str(path), "--smtp", f"smtp://127.0.0.1:{working.port}")
     assert code == 0, output
+    assert "drain: 0 sent, 0 deferred, 0 failed; spool: 0 queued, 0 deferred, 1 sending" in output
+    assert working.received == []
+    assert query(path, "SELECT state, attempts FROM messages") == [("sending", 0)]
+    # Once it has expired on the queue's clock, the message is claimed and sent.
+    report = await drain_later(path, working.port, ahead=601)
+    assert report.sent == 1
     assert [m.recipients for m in working.received] == [["user1@example.org"]]
     assert query(path, "SELECT state, attempts, owner FROM messages") == [("sent", 1, None)]
 
@@ -312,18 +338,24 @@ async def test_sigterm_stops_claiming_and_gives_unsent_messages_back(
     stalling = cue_server(stall_on="DOT")
     path = tmp_path / "spool.db"
     await enqueue(path, (triple(n) for n in range(100)))
+    log = tmp_path / "drain.log"
     proc = start_drain(
-        "--spool", str(path), "--smtp", f"smtp://127.0.0.1:{stalling.port}", "--concurrency", "2"
+        "--spool",
+        str(path),
+        "--smtp",
+        f"smtp://127.0.0.1:{stalling.port}",
+        "--concurrency",
+        "2",
+        log=log,
     )
-    deadline = time.monotonic() + 30
-    while not any(c.startswith("DATA") for c in stalling.commands):
-        assert time.monotonic() < deadline, "the drain never reached DATA"
-        await task.deferLater(reactor, 0.05, lambda: None)
+    await until(lambda: stalling.stalled, "a message reached the final dot")
     proc.send_signal(signal.SIGTERM)  # stop claiming; messages in flight may finish
-    await task.deferLater(reactor, 0.3, lambda: None)
+    # (That the loop then waits for them whatever the time is shown on a clock in test_engine.)
+    await until(lambda: "stopping:" in log.read_text(encoding="utf-8"), "the first signal")
     assert proc.poll() is None  # still waiting for the stalled server
     proc.send_signal(signal.SIGTERM)  # abort what is in flight
-    code, output = await finish(proc)
+    code, _ = await finish(proc)
+    output = log.read_text(encoding="utf-8")
     assert code == 3, output
     assert "stopping: letting messages in flight finish" in output
     assert "(interrupted)" in output
@@ -361,26 +393,24 @@ async def test_sigkill_mid_run_then_rerun_after_the_lease_duplicates_at_most_con
     path = tmp_path / "spool.db"
     await enqueue(path, (triple(i) for i in range(n)))
     args = ("--spool", str(path), "--smtp", f"smtp://127.0.0.1:{server.port}")
-    args += ("--concurrency", str(concurrency), "--lease", "1")
+    args += ("--concurrency", str(concurrency), "--lease", "600")
     killed = start_drain(*args)
     try:
-        deadline = time.monotonic() + 120
-        while len(server.messages) < n // 3 and killed.poll() is None:
-            assert time.monotonic() < deadline, "the drain made no progress"
-            await task.deferLater(reactor, 0.02, lambda: None)
+        await until(
+            lambda: len(server.messages) >= n // 3 or killed.poll() is not None,
+            "a third delivered",
+            120,
+        )
         assert killed.poll() is None, "finished before it could be killed"
         killed.kill()  # SIGKILL: no chance to record or give anything back
     finally:
         code, _ = await finish(killed)
     assert code == -signal.SIGKILL
     assert len(server.messages) < n
-    # Its claims stay "sending" until the one-second lease runs out; then a new drain takes
-    # them over (the lease is read from the file, so this waits for real time).
-    (lease_until,) = query(path, "SELECT max(lease_until) FROM messages WHERE state = 'sending'")[0]
-    if lease_until is not None:
-        await task.deferLater(reactor, max(0.0, lease_until - time.time()) + 0.1, lambda: None)
-    code, output = await drain(*args)
-    assert code == 0, output
+    # Its claims stay "sending" until their lease runs out on the queue's clock; then a new
+    # drain takes them over.
+    report = await drain_later(path, server.port, ahead=601)
+    assert report.abort is None
     delivered = collections.Counter(tuple(m.recipients) for m in server.messages)
     assert set(delivered) == {(f"user{i}@example.org".encode(),) for i in range(n)}  # none lost
     duplicates = sum(count - 1 for count in delivered.values())

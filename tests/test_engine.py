@@ -250,3 +250,43 @@ def test_a_message_refused_before_sending_fails_instead_of_coming_back_for_ever(
     ((_, outcome),) = door.outcomes
     assert outcome.state == "failed"
     assert outcome.code == 552
+
+
+def test_stop_lets_the_messages_in_flight_finish_whatever_the_time() -> None:
+    reactor, _, door, loop, done = loop_on_clock(5, bound=None)
+    server = FakeServer(reactor, 0)
+    server.handshake()
+    server.take()
+    server.say(ENVELOPE_OK)
+    assert server.take().startswith(b"Subject: x")  # u0's data; u1's envelope pipelined behind
+    assert loop.in_flight == 3  # u0, u1 and u2 (queued on the connection)
+    loop.stop()
+    reactor.advance(50)  # long, yet within the reply timeout: stopping alone cuts nothing off
+    assert not done.called
+    assert not server.transport.disconnecting
+    assert door.outcomes == []
+    server.say(b"250 queued\r\n" + ENVELOPE_OK)  # u0 taken, u1's data wanted
+    server.say(b"250 queued\r\n" + ENVELOPE_OK)  # u1 taken, u2's data wanted
+    server.say(b"250 queued\r\n")
+    assert b"RCPT TO:<u3@x.org>" not in server.take()  # nothing new started after stop()
+    door.commit_all()
+    assert done.called
+    assert [plan.state for _, plan in door.outcomes] == ["sent"] * 3
+    assert len(door.jobs) == 2
+
+
+def test_abort_cuts_off_the_messages_in_flight() -> None:
+    reactor, _, door, loop, done = loop_on_clock(5, bound=None)
+    server = FakeServer(reactor, 0)
+    server.handshake()
+    server.take()
+    server.say(ENVELOPE_OK)
+    server.take()
+    loop.stop()
+    loop.abort()
+    assert server.transport.disconnecting
+    server.drop()
+    door.commit_all()
+    assert done.called
+    assert door.outcomes
+    assert {plan.state for _, plan in door.outcomes} == {"deferred"}  # a drop: tried again later

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -20,6 +21,7 @@ from twistmail.errors import AddressError, HeaderInjectionError
 __all__ = [
     "Address",
     "check_header_value",
+    "find_header_break",
     "format_display_name",
     "format_mailbox",
     "mailbox_key",
@@ -61,6 +63,10 @@ _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]")
 # Control characters (C0, DEL, C1) and every character str.splitlines() treats as a line break.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _HEADER_BREAK = re.compile("[\x00\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+find_header_break: Callable[[str], re.Match[str] | None] = _HEADER_BREAK.search
+"""The first character of a header value that :func:`check_header_value` refuses, or None
+(the pattern's own search: no Python call, for checks made per templated header and row)."""
 _QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _QUOTED_PAIR = re.compile(r"\\(.)", re.DOTALL)
 _QUOTE_NEEDED = re.compile(r'(["\\])')
@@ -241,7 +247,7 @@ def mailbox_key(address: Address | str) -> str:
 def check_header_value(name: str, value: str) -> None:
     """Refuse a header value that could end the header line early: CR, LF, any other line break
     :meth:`str.splitlines` knows (the email generator splits on all of them), or NUL."""
-    if _HEADER_BREAK.search(value) is not None:
+    if find_header_break(value) is not None:
         raise HeaderInjectionError(
             f"header {name!r} value contains CR or LF (or another line break or NUL), "
             "which could inject extra headers",

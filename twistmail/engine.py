@@ -293,7 +293,12 @@ class DeliveryLoop(Pump):
         bound = self._bound
         assert bound is not None
         if self._at_risk < bound:
-            self._take_risk(job)
+            # _take_risk, inline: the path of every message a door with a store delivers.
+            self._at_risk += 1
+            job._at_risk = True
+            handle = job._handle
+            assert handle is not None  # `attempt` has returned by the server's reply
+            handle.release_body()
         else:
             self._held.append(job)
 
@@ -317,6 +322,7 @@ class DeliveryLoop(Pump):
     def _ended(
         self, job: Job, result: TransactionResult | None, error: DeliveryError | None
     ) -> None:
+        """An attempt ended: settle it (plan, record, mind the bound) and start what fits."""
         self._in_flight.discard(job)
         job._handle = None
         if self.ended:
@@ -329,44 +335,45 @@ class DeliveryLoop(Pump):
             ):
                 self._untried(job, error)
             else:
-                self._settle(job, result, error)
+                if self.server_error is not None:
+                    self._server_back()
+                attempts = job.attempts = job.attempts + 1
+                if result is not None and result.accepted_all and job.refused is None:
+                    outcome = Plan("sent", attempts, result)  # what plan() says, without the call
+                else:
+                    outcome = plan(
+                        job.envelope.recipients,
+                        result,
+                        error,
+                        attempts,
+                        self._policy,
+                        refused_before=job.refused,
+                    )
+                recorded = self._door.record(job, outcome)
+                if outcome.state == "deferred":
+                    job.refused = outcome.refused
+                    job.envelope = _deferred_only(job.envelope, outcome)
+                if recorded is not None:
+                    self._recording += 1
+                    recorded.addCallbacks(self._committed, self._fail, callbackArgs=(job,))
+                elif job._at_risk:
+                    self._unrisk(job)
         except BaseException:  # a bug in a door: fail the run, not the connection calling us
             self._fail(Failure())
             return
         self.pump()
 
-    def _settle(
-        self, job: Job, result: TransactionResult | None, error: DeliveryError | None
-    ) -> None:
-        if self.server_error is not None:
-            self._server_back()
-        attempts = job.attempts = job.attempts + 1
-        if result is not None and result.accepted_all and job.refused is None:
-            outcome = Plan("sent", attempts, result)  # what plan() says, without the call
-        else:
-            outcome = plan(
-                job.envelope.recipients,
-                result,
-                error,
-                attempts,
-                self._policy,
-                refused_before=job.refused,
-            )
-        recorded = self._door.record(job, outcome)
-        if outcome.state == "deferred":
-            job.refused = outcome.refused
-            job.envelope = _deferred_only(job.envelope, outcome)
-        if recorded is None:
-            if job._at_risk:
-                self._unrisk(job)
-            return
-        self._recording += 1
-        recorded.addCallbacks(self._committed, self._fail, callbackArgs=(job,))
-
     def _committed(self, _: None, job: Job) -> None:
         self._recording -= 1
-        self._unrisk(job)
-        self.pump()
+        if job._at_risk:  # _unrisk, inline
+            job._at_risk = False
+            self._at_risk -= 1
+            if self._held:
+                self._release_held()
+        # With every place taken the pump could neither start a job nor finish: only an
+        # attempt ending makes room, and it pumps then.
+        if len(self._in_flight) < self._limit:
+            self.pump()
 
     def _unrisk(self, job: Job) -> None:
         if job._at_risk:

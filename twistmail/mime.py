@@ -318,10 +318,14 @@ def message_payload(
     # Every header line ends in CRLF (values with a line break are refused, long ones folded
     # as policy.SMTP folds them, body lines are re-joined with CRLF), and every piece starts a
     # line: each is dot-stuffed on its own, an attachment part once by its caller.
-    size = len(head) + sum(map(len, tail))
-    payload = b"".join(
-        [head, *(stuffed.get(id(piece)) or dot_stuffed(piece) for piece in tail), b".\r\n"]
-    )
+    if len(tail) == 1 and not stuffed:  # one text part: the common message, no generator
+        size = len(head) + len(tail[0])
+        payload = b"".join((head, dot_stuffed(tail[0]), b".\r\n"))
+    else:
+        size = len(head) + sum(map(len, tail))
+        payload = b"".join(
+            [head, *(stuffed.get(id(piece)) or dot_stuffed(piece) for piece in tail), b".\r\n"]
+        )
     eight_bit = None
     if stuffed:  # attachment parts are ASCII (encode_part's are): not scanned every message
         eight_bit = not (

@@ -61,7 +61,13 @@ import jinja2
 import jinja2.meta
 import jinja2.nodes
 
-from twistmail.address import Address, check_header_value, format_display_name, format_mailbox
+from twistmail.address import (
+    Address,
+    check_header_value,
+    find_header_break,
+    format_display_name,
+    format_mailbox,
+)
 from twistmail.errors import HeaderInjectionError, RowError, TemplateError
 
 from .attachments import Attachment, AttachmentFiles
@@ -73,7 +79,6 @@ from .headers import (
     CompiledHeader,
     check_folding,
     check_value,
-    is_clean,
     parse_addresses,
 )
 from .markdownhtml import RowPlaceholders, html_template_source
@@ -409,7 +414,7 @@ class MessageTemplate:
                         value = header.literal or ""
                     else:
                         value = next(taken)
-                        if not is_clean(header.name, value):
+                        if find_header_break(value) is not None:  # is_clean, inline
                             return self.header_values(context), None
                         value = value.strip()
                     if value:

@@ -37,7 +37,7 @@ from twistmail.mime import STRUCTURED_KEYS as _STRUCTURED_KEYS
 from twistmail.mime import date_line as _date_line
 from twistmail.mime import fold_encoded, message_payload
 
-from .headers import ADDRESS_HEADERS, POLICY, RECIPIENT_HEADERS, is_clean, parse_addresses
+from .headers import ADDRESS_HEADERS, POLICY, is_clean, parse_addresses
 from .template import MessageTemplate
 
 __all__ = ["render_direct"]
@@ -62,7 +62,8 @@ def render_direct(
     """
     lines: list[bytes] = []
     first: dict[str, Address] = {}
-    recipients: dict[str, list[Address]] = {key: [] for key in RECIPIENT_HEADERS}
+    # Literals, not comprehensions: each of those is a function call per row.
+    recipients: dict[str, list[Address]] = {"to": [], "cc": [], "bcc": []}
     context = template.context(values)
     header_values, body = template.render_row(context)
     for header, value in header_values:
@@ -99,7 +100,12 @@ def render_direct(
         if key != "bcc":
             lines.append(line)
     sender = first.get("from")
-    report_address = next((first[key] for key in RECIPIENT_HEADERS if key in first), None)
+    # The first of RECIPIENT_HEADERS ("to", "cc", "bcc") that has an address.
+    report_address = first.get("to")
+    if report_address is None:
+        report_address = first.get("cc")
+        if report_address is None:
+            report_address = first.get("bcc")
     if sender is None or report_address is None:
         return None  # the full path raises the row's error
     # In the full path's order, so a row with several faults reports the same one first.
@@ -118,7 +124,7 @@ def render_direct(
     parts = [template.attachment_part(a) for a in attachments] if attachments else None
     payload, size, header_end, eight_bit = message_payload(lines, text_kind, body, html, parts)
     envelope_sender = parse_sender(envelope_from, field="--from") if envelope_from else sender
-    forward_paths = [address for key in RECIPIENT_HEADERS for address in recipients[key]]
+    forward_paths = recipients["to"] + recipients["cc"] + recipients["bcc"]
     envelope = envelope_from_stuffed(
         envelope_sender, forward_paths, payload, size, header_end, message_id, eight_bit
     )

@@ -2,7 +2,8 @@
 
 ``ESMTPClient`` does what it is good at — greeting, EHLO (with HELO fallback), STARTTLS and
 AUTH. When it would start its first mail transaction (``smtpState_from``) the connection
-switches to raw mode and a lean reply parser takes over. Every command written is recorded in
+switches to raw mode and a lean loop takes over, fed whole replies by
+:class:`~twistmail.smtp._replies.ReplyReader`. Every command written is recorded in
 a queue of expected replies, so replies are matched in order; the same loop serves servers
 with and without RFC 2920 PIPELINING — only how many commands are written before waiting
 differs. One connection carries any number of transactions.
@@ -40,6 +41,7 @@ from ..errors import (
 )
 from ..message import Envelope, reflatten_7bit
 from ._failures import handshake_error, ssl_reason
+from ._replies import MALFORMED, OVERLONG, ReplyReader
 from ._transaction import Notify, RecipientReply, TransactionResult, _reply, _text, _Txn
 from .esmtp import Capabilities, split_enhanced
 
@@ -59,12 +61,9 @@ class Throttle(Protocol):
 # Kinds of expected reply.
 _MAIL, _RCPT, _DATA, _DOT, _RSET, _QUIT = range(6)
 
-_MAX_LINE = 64 * 1024
 _READ_SIZE = 4096
 _IOV_MAX = 1024  # the most pieces one sendmsg takes (Linux)
 _GATHER_FROM = 64 * 1024  # from this size, pieces are written as they are, not joined
-# Final reply lines that make up nearly all traffic, mapped to their code without int().
-_COMMON_CODES = {b"%d " % code: code for code in (221, 250, 251, 354)}
 # Slack when comparing a deadline with the clock, for float rounding of re-armed timers.
 _EPSILON = 1e-6
 
@@ -128,8 +127,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
         self._quit_requested = False
         self._close_error: DeliveryError | None = None
 
-        self._buf = b""
-        self._cont: list[bytes] = []
+        self._replies = ReplyReader()
         self._out: list[bytes] = []
         self._expect: deque[tuple[int, _Txn | None, int]] = deque()
         self._waiting: deque[_Txn] = deque()
@@ -517,31 +515,15 @@ class MailerProtocol(tsmtp.ESMTPClient):
     def rawDataReceived(self, data: bytes) -> None:
         if self._expect:
             self._last_progress = self._clock.seconds()  # any bytes count as progress
-        lines = (self._buf + data if self._buf else data).split(b"\n")
-        self._buf = lines.pop()  # an incomplete line, or b""
-        codes = _COMMON_CODES
+        replies = self._replies.feed(data)
         on_reply = self._on_reply
         expect = self._expect
         pipelined = self._pipelining
         # Transactions started by callbacks fired from here go out in one write, at the end.
         self._receiving = True
         try:
-            for line in lines:
-                if line[-1:] == b"\r":
-                    line = line[:-1]
-                code = codes.get(line[:4])
-                if code is None:
-                    if line[3:4] == b"-":
-                        self._cont.append(line[4:])
-                        continue
-                    code = self._parse_code(line)
-                    if code is None:
-                        return
-                if self._cont:
-                    self._cont.append(line[4:])
-                    text = b"\n".join(self._cont)
-                    self._cont = []
-                elif code == 250 and pipelined and expect:
+            for code, text in replies:
+                if code == 250 and pipelined and expect:
                     # An accepted MAIL or RCPT of a pipelined group only needs counting.
                     kind, txn, _ = expect[0]
                     if kind == _RCPT:
@@ -551,29 +533,24 @@ class MailerProtocol(tsmtp.ESMTPClient):
                     if kind == _MAIL:
                         expect.popleft()
                         continue
-                    text = line[4:]
-                else:
-                    text = line[4:]
+                elif code <= MALFORMED:
+                    self._unreadable(code, text)
+                    return
                 on_reply(code, text)
                 if self._closing and (self._close_error is not None or self.is_closed):
                     return
         finally:
             self._receiving = False
-        if len(self._buf) > _MAX_LINE:
-            self._abort(TransientError("server reply line too long", host=self.host_label))
-            return
         self._flush()
 
-    def _parse_code(self, line: bytes) -> int | None:
-        """The reply code of a final reply line; None (and the connection aborted) if malformed."""
-        digits = line[:3]
-        code = int(digits) if digits.isdigit() else 0
-        if not 200 <= code <= 599 or (len(line) > 3 and line[3] != 32):
+    def _unreadable(self, code: int, text: bytes) -> None:
+        """Abort on a reply line the reader could not frame (see :mod:`._replies`)."""
+        if code == OVERLONG:
+            self._abort(TransientError("server reply line too long", host=self.host_label))
+        else:
             self._abort(
-                TransientError(f"malformed reply from server: {line[:80]!r}", host=self.host_label)
+                TransientError(f"malformed reply from server: {text!r}", host=self.host_label)
             )
-            return None
-        return code
 
     def _on_reply(self, code: int, raw: bytes) -> None:
         if not self._expect:

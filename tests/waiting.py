@@ -1,0 +1,20 @@
+"""Waiting for a condition in a test that runs on the real reactor (servers, subprocesses).
+
+A wait ends when the condition holds, never after a fixed time; ``seconds`` only turns a hang
+into a failure naming what was awaited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet import reactor, task
+
+
+async def until(condition: Callable[[], object], what: str = "", seconds: float = 60.0) -> None:
+    """Return once ``condition()`` is true, checking after each short turn of the reactor."""
+    deadline = reactor.seconds() + seconds
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"never happened: {what or condition}")
+        await task.deferLater(reactor, 0.02, lambda: None)
