@@ -21,11 +21,11 @@ from test_cli_e2e import (
     _many_rows,
     _message_ids,
     _popen,
-    _wait_for,
     report,
     twistmail,
     write_campaign,
 )
+from waiting import until
 
 from twistmail.testing import CaptureServer
 
@@ -236,7 +236,11 @@ async def test_sigkill_then_rerun_with_a_resorted_csv_loses_nobody(
     args += ("--concurrency", str(concurrency))
     proc = _popen(*args)
     try:
-        await _wait_for(lambda: len(server.messages) >= 1000 or proc.poll() is not None, 120)
+        await until(
+            lambda: len(server.messages) >= 1000 or proc.poll() is not None,
+            "1,000 messages or the CLI ended",
+            120,
+        )
         assert proc.poll() is None, "finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         assert await _finish(proc) == -signal.SIGKILL
