@@ -64,6 +64,11 @@ def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, A
         "from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile=",
+        *(
+            [f"--profile={args.profile}", "--profiler=cprofile", "--savestats"]
+            if args.profile
+            else []
+        ),
         "twistmail",
         "--smtp",
         f"smtp://127.0.0.1:{sink.port}",
@@ -154,6 +159,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smtp-sink", default=os.environ.get("BENCH_SMTP_SINK", "smtp-sink"))
     parser.add_argument("--smtp-sink-libs", default=os.environ.get("BENCH_SMTP_SINK_LIBS"))
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run the relay under cProfile, its stats saved here (pstats; CPU figures inflate)",
+    )
     return parser.parse_args(argv)
 
 

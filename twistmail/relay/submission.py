@@ -30,7 +30,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from ..address import Address
-from .incoming import Incoming, PathError, parse_path, received_header
+from .incoming import Incoming, LineTooLong, PathError, parse_path, received_header
 
 __all__ = ["Submission"]
 
@@ -125,19 +125,44 @@ class Submission(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
         if not self._waiting:
-            self._read_lines()
+            self._read_input()
+
+    def _read_input(self) -> None:
+        """Handle what was received: command lines, or a message's DATA as a whole."""
+        while not self._waiting and not self.transport.disconnecting:
+            incoming = self._incoming
+            if incoming is None:
+                self._read_lines()
+                if self._incoming is None:
+                    return
+            elif not self._buffer:
+                return
+            else:
+                data, self._buffer = self._buffer, b""
+                self._read_data(incoming, data)
+
+    def _read_data(self, incoming: Incoming, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            used = incoming.feed(data)
+        except LineTooLong:
+            self._line_too_long()
+            return
+        if used is not None:
+            self._buffer = data[used:]
+            self._end_of_data(incoming)
 
     def _read_lines(self) -> None:
+        """Command lines, up to the end of what was received or to a DATA command."""
         lines = self._buffer.split(b"\r\n")
         rest = lines.pop()
         for i, line in enumerate(lines):
             if self._tls_started_here:
                 break
-            if self._waiting or self.transport.disconnecting:
+            if self._waiting or self.transport.disconnecting or self._incoming is not None:
                 self._buffer = b"\r\n".join([*lines[i:], rest])
                 return
-            limit = _DATA_LINE_MAX if self._incoming is not None else _COMMAND_LINE_MAX
-            if len(line) > limit:
+            if len(line) > _COMMAND_LINE_MAX:
                 self._line_too_long()
                 continue
             self.lineReceived(line)
@@ -148,8 +173,7 @@ class Submission(smtp.ESMTP):
             self._buffer = b""
             return
         self._buffer = rest
-        limit = _DATA_LINE_MAX if self._incoming is not None else _COMMAND_LINE_MAX
-        if len(rest) > limit:
+        if self._incoming is None and len(rest) > _COMMAND_LINE_MAX:
             self._buffer = b""
             self._line_too_long()
 
@@ -165,13 +189,6 @@ class Submission(smtp.ESMTP):
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
-        incoming = self._incoming
-        if incoming is not None:
-            if line == b".":
-                self._end_of_data(incoming)
-            else:
-                incoming.line(line)
-            return
         self._lines_seen += 1
         if self._lines_seen == 1 and _HTTP.match(line):
             log.info("dropped a connection from {client} that spoke HTTP", client=self.client_ip)
@@ -193,7 +210,7 @@ class Submission(smtp.ESMTP):
             self._say_goodbye()
             return
         self.transport.resumeProducing()
-        self._read_lines()
+        self._read_input()
 
     # ------------------------------------------------------------------ commands
 
@@ -365,6 +382,7 @@ class Submission(smtp.ESMTP):
             self._to,
             self.factory.config.max_message_size,
             smtputf8=self._params_smtputf8 or self._from.needs_smtputf8,
+            max_line=_DATA_LINE_MAX,
         )
         self._reset()
         self._data_timer = self.factory.clock.callLater(
