@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from ..address import Address, parse_address, parse_sender
@@ -66,6 +67,19 @@ def parse_path(
     return address, params
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date(now: float | None) -> str:
+    """An RFC 5322 date in local time, of ``now`` (None: the current time); the text is made
+    once a second."""
+    global _last_date
+    second = int(time.time() if now is None else now)
+    if _last_date[0] != second:
+        _last_date = (second, email.utils.formatdate(second, localtime=True))
+    return _last_date[1]
+
+
 def received_header(
     *,
     helo: str,
@@ -83,7 +97,7 @@ def received_header(
     helo_text = helo.encode("ascii", "replace").decode("ascii") or "unknown"
     helo_text = re.sub(r"[^\x21-\x7e]", "?", helo_text)[:255]
     for_part = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    date = email.utils.formatdate(now, localtime=True)
+    date = _date(now)
     return (
         f"Received: from {helo_text} ([{client_ip}])\r\n"
         f"\tby {hostname} (twistmail) with {protocol}{for_part};\r\n\t{date}\r\n"
@@ -249,7 +263,7 @@ class Incoming:
             message_id = f"<{secrets.token_hex(12)}@{hostname}>"
             added.append(f"Message-ID: {message_id}\r\n".encode())
         if not has_date:
-            added.append(f"Date: {email.utils.formatdate(now, localtime=True)}\r\n".encode())
+            added.append(f"Date: {_date(now)}\r\n".encode())
         if headers_end < 0:
             added.append(b"\r\n")  # the received lines begin the body
         prefix = b"".join(added)

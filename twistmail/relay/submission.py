@@ -23,6 +23,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -46,6 +47,7 @@ _HTTP = re.compile(
 )
 _COMMAND_LINE_MAX = 2048  # RFC 5321 allows 512; ESMTP parameters make it a bit longer
 _DATA_LINE_MAX = 65536  # Twisted's line reader stops at 16 KB; real mail has longer lines
+_WAITING_INPUT_MAX = 65536  # input kept while a reply is pending; then the socket is not read
 
 
 class Submission(smtp.ESMTP):
@@ -63,6 +65,7 @@ class Submission(smtp.ESMTP):
         self.timeout = config.idle_timeout  # type: ignore[assignment]  # float seconds
         self._buffer = b""
         self._waiting = False  # a reply is pending: read no further command
+        self._paused = False  # the transport was paused too (too much input meanwhile)
         self._lines_seen = 0
         self._incoming: Incoming | None = None
         self._params_smtputf8 = False
@@ -92,10 +95,34 @@ class Submission(smtp.ESMTP):
         super().connectionLost(reason)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
-        if b"\n" in message or b"\r" in message:  # a multi-line reply (EHLO)
-            super().sendCode(code, message)
+        if b"\n" in message or b"\r" in message:  # a multi-line reply (EHLO): one write
+            *lines, last = message.splitlines() or [b""]
+            reply = b"".join(b"%03d-%s\r\n" % (code, line) for line in lines)
+            self._send(reply + b"%03d %s\r\n" % (code, last))
             return
-        self.transport.write(b"%03d %s\r\n" % (code, message))
+        self._send(b"%03d %s\r\n" % (code, message))
+
+    def _send(self, data: bytes) -> None:
+        """Write a reply: on a plain TCP connection with nothing waiting to go out, straight to
+        the socket (one syscall, instead of registering for writability and a reactor turn)."""
+        transport = self.transport
+        if (
+            type(transport) is tcp.Server
+            and not transport.TLS
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._aborting  # (an aborted connection says nothing more)
+            and not transport._tempDataBuffer
+            and len(transport.dataBuffer) == transport.offset
+        ):
+            try:
+                sent = transport.socket.send(data)
+            except OSError:  # EAGAIN, or a broken connection the reactor will report
+                sent = 0
+            data = data[sent:]
+            if not data:
+                return
+        transport.write(data)
 
     def greeting(self) -> bytes:
         host: bytes = self.host
@@ -126,6 +153,10 @@ class Submission(smtp.ESMTP):
         self._buffer += data
         if not self._waiting:
             self._read_input()
+        elif len(self._buffer) > _WAITING_INPUT_MAX and not self._paused:
+            # Pipelined input beyond this waits in the kernel until the reply is sent.
+            self._paused = True
+            self.transport.pauseProducing()
 
     def _read_input(self) -> None:
         """Handle what was received: command lines, or a message's DATA as a whole."""
@@ -199,7 +230,6 @@ class Submission(smtp.ESMTP):
     def pause(self) -> None:
         """Read no further command until :meth:`resume` (a reply is pending)."""
         self._waiting = True
-        self.transport.pauseProducing()
 
     def resume(self) -> None:
         """Reading goes on (the pending reply was sent)."""
@@ -209,7 +239,9 @@ class Submission(smtp.ESMTP):
         if self._closing and not self.busy:
             self._say_goodbye()
             return
-        self.transport.resumeProducing()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
         self._read_input()
 
     # ------------------------------------------------------------------ commands
@@ -293,6 +325,9 @@ class Submission(smtp.ESMTP):
         self.sendCode(250, b"2.0.0 Ok")
 
     def do_QUIT(self, rest: bytes) -> None:
+        # The session no longer counts against the limits: the client may connect again as
+        # soon as it has the 221, before this side has seen the connection close.
+        self.factory.closed(self)
         self.sendCode(221, b"2.0.0 Bye")
         self.transport.loseConnection()
 
