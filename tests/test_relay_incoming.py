@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 
 from twistmail.address import parse_address, parse_sender
 from twistmail.message import unstuff
-from twistmail.relay.incoming import Incoming, PathError, parse_path, received_header
+from twistmail.relay.incoming import (
+    Incoming,
+    LineTooLong,
+    PathError,
+    parse_path,
+    received_header,
+)
 
 SENDER = parse_sender("app@example.com")
 RCPT = parse_address("user@example.org")
@@ -131,3 +137,63 @@ def test_received_header_names_one_recipient_only() -> None:
     )
     assert b" for " not in two
     assert b"bad??helo" in two  # no line break smuggled in through HELO
+
+
+_LINE = st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b and b != b".")
+
+
+@given(
+    st.lists(_LINE, max_size=12),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=6),
+    st.binary(max_size=10),
+)
+def test_data_fed_in_any_chunks_matches_line_by_line(
+    lines: list[bytes], cuts: list[int], after: bytes
+) -> None:
+    wire = b"".join(line + b"\r\n" for line in lines) + b".\r\n"
+    ends = sorted({min(cut, len(wire)) for cut in cuts} | {len(wire)})
+    pieces = [wire[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True) if b > a]
+    pieces[-1] += after  # what the client pipelined after the final dot is not the message's
+    fed = Incoming(SENDER, [RCPT], 10_000)
+    used = None
+    for piece in pieces:
+        assert used is None  # the end is found only in the piece holding it
+        used = fed.feed(piece)
+    assert used is not None
+    assert pieces[-1][used:] == after
+    by_line = incoming(*lines)
+    assert (fed.size, fed.lines, fed.problem()) == (by_line.size, lines, None)
+    assert (
+        fed.envelope(RECEIVED, "h", now=0.0).payload.split(b"\r\n", 5)[5]
+        == (by_line.envelope(RECEIVED, "h", now=0.0).payload.split(b"\r\n", 5)[5])
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
+def test_fed_data_checks_size_bare_line_ends_and_line_length(chunk: int) -> None:
+    def feed(wire: bytes, max_size: int = 1000) -> Incoming:
+        message = Incoming(SENDER, [RCPT], max_size, max_line=100)
+        for i in range(0, len(wire), chunk):
+            if message.feed(wire[i : i + chunk]) is not None:
+                return message
+        raise AssertionError("the end was not found")
+
+    exact = b"".join([b".." + b"x" * 7 + b"\r\n"] * 100)  # 1,000 octets once unstuffed
+    assert feed(exact + b".\r\n").problem() is None
+    assert feed(exact + b"y\r\n.\r\n").problem() == (
+        552,
+        "5.3.4 Message too big: the limit is 1000 octets",
+    )
+    big = feed(b"x" * 90 + b"\r\n" + (b"y" * 90 + b"\r\n") * 10_000 + b".\r\n")
+    assert big.too_big
+    assert len(big._buf) < 200  # what was over the limit was not kept
+    for smuggled in (b"a\n.\nMAIL FROM:<e@x>\r\n", b"a\r.\r\r\n", b"x\r\r\n", b"\n\r\n"):
+        assert feed(b"Subject: s\r\n\r\n" + smuggled + b".\r\n").problem() == (
+            550,
+            "5.6.11 Bare CR or LF in the message: use CRLF line ends",
+        )
+    assert feed(b"x" * 100 + b"\r\n.\r\n").problem() is None
+    with pytest.raises(LineTooLong):
+        feed(b"x\r\n" + b"x" * 101 + b"\r\n.\r\n")
+    with pytest.raises(LineTooLong):
+        feed(b"x" * 50 + b"\r\n" + b"x" * 200)

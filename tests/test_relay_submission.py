@@ -270,6 +270,22 @@ def test_more_than_20_sessions_from_one_address_get_421(relay: RelayProcess) -> 
             sock.close()
 
 
+def test_a_session_that_quit_frees_its_place_at_once(relay: RelayProcess) -> None:
+    open_ = [raw(relay) for _ in range(20)]
+    try:
+        for _ in range(30):  # a client reconnecting as soon as it reads 221 is let in
+            quitting = open_.pop()
+            quitting.sendall(b"QUIT\r\n")
+            assert quitting.recv(1000).startswith(b"221")
+            again = socket.create_connection(("127.0.0.1", relay.port), timeout=30)
+            open_.append(again)
+            assert again.recv(1000).startswith(b"220")
+            quitting.close()
+    finally:
+        for sock in open_:
+            sock.close()
+
+
 def test_smtputf8_addresses(relay: RelayProcess, upstream: CueServer) -> None:
     with client(relay) as smtp:
         assert smtp.docmd("MAIL FROM:<app@example.com> SMTPUTF8")[0] == 250

@@ -64,6 +64,11 @@ def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, A
         "from twisted.scripts.twistd import run; run()",
         "-n",
         "--pidfile=",
+        *(
+            [f"--profile={args.profile}", "--profiler=cprofile", "--savestats"]
+            if args.profile
+            else []
+        ),
         "twistmail",
         "--smtp",
         f"smtp://127.0.0.1:{sink.port}",
@@ -80,7 +85,7 @@ def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, A
     with open(log_path, "wb") as log:
         relay = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + args.start_timeout
         while not _LISTENING.search(log_path.read_text(errors="replace")):
             if relay.poll() is not None or time.monotonic() > deadline:
                 raise BenchError("the relay did not start:\n" + log_path.read_text()[-2000:])
@@ -150,10 +155,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=20, help="the relay's upstream ones")
     parser.add_argument("--size", type=int, default=2300, help="message size in bytes")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run at most")
+    parser.add_argument(
+        "--start-timeout", type=float, default=60.0, help="seconds the relay may take to start"
+    )
     parser.add_argument("--python", default=os.environ.get("BENCH_PYTHON", sys.executable))
     parser.add_argument("--smtp-sink", default=os.environ.get("BENCH_SMTP_SINK", "smtp-sink"))
     parser.add_argument("--smtp-sink-libs", default=os.environ.get("BENCH_SMTP_SINK_LIBS"))
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run the relay under cProfile, its stats saved here (pstats; CPU figures inflate)",
+    )
     return parser.parse_args(argv)
 
 

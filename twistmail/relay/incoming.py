@@ -1,10 +1,10 @@
 """Pure pieces of SMTP submission: command arguments, and a received message made ready to queue.
 
 Nothing here does I/O. :func:`parse_path` reads the ``<path> PARAM=...`` argument of ``MAIL``
-and ``RCPT``; :class:`Incoming` collects the DATA lines of one message and turns them into the
-:class:`~twistmail.message.Envelope` the queue stores: the bytes as received (still dot-stuffed,
-as the wire needs them again), with a ``Received:`` trace header prepended and ``Message-ID`` /
-``Date`` added only when missing.
+and ``RCPT``; :class:`Incoming` collects the DATA of one message (finding its end) and turns it
+into the :class:`~twistmail.message.Envelope` the queue stores: the bytes as received (still
+dot-stuffed, as the wire needs them again), with a ``Received:`` trace header prepended and
+``Message-ID`` / ``Date`` added only when missing.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from __future__ import annotations
 import email.utils
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from ..address import Address, parse_address, parse_sender
 from ..errors import AddressError
 from ..message import Envelope
 
-__all__ = ["Incoming", "PathError", "parse_path", "received_header"]
+__all__ = ["Incoming", "LineTooLong", "PathError", "parse_path", "received_header"]
 
 _PATH = re.compile(rb"\s*(FROM|TO):\s*<([^<>]*)>\s*(.*)\Z", re.IGNORECASE | re.DOTALL)
 _SOURCE_ROUTE = re.compile(r"\A@[^:]*:")
@@ -66,6 +67,19 @@ def parse_path(
     return address, params
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date(now: float | None) -> str:
+    """An RFC 5322 date in local time, of ``now`` (None: the current time); the text is made
+    once a second."""
+    global _last_date
+    second = int(time.time() if now is None else now)
+    if _last_date[0] != second:
+        _last_date = (second, email.utils.formatdate(second, localtime=True))
+    return _last_date[1]
+
+
 def received_header(
     *,
     helo: str,
@@ -83,47 +97,137 @@ def received_header(
     helo_text = helo.encode("ascii", "replace").decode("ascii") or "unknown"
     helo_text = re.sub(r"[^\x21-\x7e]", "?", helo_text)[:255]
     for_part = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
-    date = email.utils.formatdate(now, localtime=True)
+    date = _date(now)
     return (
         f"Received: from {helo_text} ([{client_ip}])\r\n"
         f"\tby {hostname} (twistmail) with {protocol}{for_part};\r\n\t{date}\r\n"
     ).encode()
 
 
+class LineTooLong(ValueError):
+    """A DATA line longer than the limit: the rest cannot be trusted to be framed as meant."""
+
+
+_END = b"\r\n.\r\n"
+
+
 @dataclass(slots=True)
 class Incoming:
-    """One message being received: the envelope so far and its DATA lines.
+    """One message being received: the envelope so far and its DATA bytes.
 
-    Feed each DATA line (without its CRLF, still dot-stuffed) to :meth:`line`; the checks never
-    stop reading, so the client's final dot is still found and answered. :meth:`problem` is
-    then the reply to give instead of 250, if any.
+    Feed what the client sends after ``354`` to :meth:`feed`, as it comes (still dot-stuffed);
+    it reports where the final ``CRLF . CRLF`` ended. (:meth:`line` feeds one line.) The
+    checks never stop reading, so the final dot is still found and answered. :meth:`problem`
+    is then the reply to give instead of 250, if any.
     """
 
     sender: Address
     recipients: list[Address]
     max_size: int
     smtputf8: bool = False
+    max_line: int = 65536
     size: int = 0
     too_big: bool = False
     bare_line_end: bool = False
-    lines: list[bytes] = field(default_factory=list)
-    """The DATA lines kept so far (none once the message is too big)."""
+    # The DATA so far behind a CRLF (so the end marker of an empty message is found too).
+    _buf: bytearray = field(default_factory=lambda: bytearray(b"\r\n"))
+    _line_start: int = 2  # where the line being received begins in _buf
+    _dots: int = 0  # dot-stuffed lines counted so far (those starting before _counted)
+    _counted: int = 0
+    _end: int = -1  # where the DATA ends in _buf, once its end marker was found
+
+    def feed(self, data: bytes) -> int | None:
+        """More DATA bytes; how many of them were the message's (up to and including its end
+        marker) once that end is in them, else None.
+
+        :raises LineTooLong: a line is over ``max_line`` octets.
+        """
+        buf = self._buf
+        before = len(buf)
+        buf += data
+        end = buf.find(_END, max(before - 4, 0))
+        # Lines are checked up to the end marker, or to a CR that may begin a CRLF.
+        stop = end if end >= 0 else len(buf) - buf.endswith(b"\r")
+        if stop - self._line_start > self.max_line:
+            self._check_lines(stop)
+        crlf = buf.rfind(b"\r\n", self._line_start, stop)
+        if crlf >= 0:
+            self._line_start = crlf + 2
+        if end >= 0:
+            self._finish(end)
+            return end + 5 - before
+        if len(buf) - 4 > self.max_size and not self.too_big:
+            self._dots += buf.count(b"\r\n.", self._counted)
+            self._counted = len(buf) - 2
+            # The message will be at least this big, whatever follows.
+            if len(buf) - 4 - self._dots > self.max_size:
+                self._drop()
+        return None
 
     def line(self, line: bytes) -> None:
-        """One DATA line (not the final dot), as received."""
+        """One DATA line, without its CRLF (not the final dot): the message is built line by
+        line instead of by :meth:`feed`."""
         self.size += len(line) + 2 - (line[:1] == b".")
         if self.too_big or self.size > self.max_size:
             self.too_big = True
-            self.lines.clear()
+            del self._buf[2:]
             return
-        if b"\r" in line or b"\n" in line:
+        self._buf += line + b"\r\n"
+
+    def _check_lines(self, stop: int) -> None:
+        buf, start = self._buf, self._line_start
+        while True:
+            crlf = buf.find(b"\r\n", start, stop)
+            if (crlf if crlf >= 0 else stop) - start > self.max_line:
+                raise LineTooLong(f"a line is over {self.max_line} octets")
+            if crlf < 0:
+                return
+            start = crlf + 2
+
+    def _drop(self) -> None:
+        """Over the size limit: keep only what finding the end needs from now on."""
+        self.too_big = True
+        buf = self._buf
+        keep = max(min(self._line_start, len(buf) - 4), 0)
+        del buf[:keep]
+        self._line_start -= keep
+
+    def _finish(self, end: int) -> None:
+        """The DATA ends at ``end`` in the buffer: its size and line ends are checked."""
+        buf = self._buf
+        if self.too_big:
+            del buf[:]
+            return
+        # Each line counts with its CRLF, a dot-stuffing dot does not.
+        self.size = end - buf.count(b"\r\n.", 0, end) if end else 0
+        if self.size > self.max_size:
+            self.too_big = True
+            del buf[:]
+            return
+        self._end = end
+        crlf = buf.count(b"\r\n", 2, end)
+        if buf.count(b"\r", 2, end) != crlf or buf.count(b"\n", 2, end) != crlf:
             # A bare CR or LF: a receiver that takes it for a line end could see a different
             # message end than the next server will (SMTP smuggling, CVE-2023-51764).
             self.bare_line_end = True
-        self.lines.append(line)
+
+    def _body(self) -> bytes | None:
+        """The DATA as received without its last CRLF; None if it had no line (or is dropped)."""
+        if self._end < 0 and not self.too_big:  # fed by line(): every line ends in CRLF
+            self._finish(max(len(self._buf) - 2, 0))
+        if self.too_big or self._end <= 0:
+            return None
+        return bytes(self._buf[2 : self._end])
+
+    @property
+    def lines(self) -> list[bytes]:
+        """The DATA lines kept (none once the message is too big)."""
+        body = self._body()
+        return [] if body is None else body.split(b"\r\n")
 
     def problem(self) -> tuple[int, str] | None:
         """The refusal this message earned while it was read, or None."""
+        self._body()
         if self.too_big:
             return 552, f"5.3.4 Message too big: the limit is {self.max_size} octets"
         if self.bare_line_end:
@@ -132,7 +236,12 @@ class Incoming:
 
     def envelope(self, received: bytes, hostname: str, now: float | None = None) -> Envelope:
         """The message to queue: ``received`` and any missing Message-ID/Date prepended."""
-        lines = self.lines
+        body = self._body()
+        if body is None:
+            lines = []
+        else:  # only the header section is read line by line
+            blank = body.find(b"\r\n\r\n")
+            lines = (body if blank < 0 else body[:blank]).split(b"\r\n")
         has_date = False
         message_id: str | None = None
         added = [received]
@@ -154,12 +263,12 @@ class Incoming:
             message_id = f"<{secrets.token_hex(12)}@{hostname}>"
             added.append(f"Message-ID: {message_id}\r\n".encode())
         if not has_date:
-            added.append(f"Date: {email.utils.formatdate(now, localtime=True)}\r\n".encode())
+            added.append(f"Date: {_date(now)}\r\n".encode())
         if headers_end < 0:
             added.append(b"\r\n")  # the received lines begin the body
         prefix = b"".join(added)
-        body = b"\r\n".join(lines)
-        payload = prefix + body + (b"\r\n.\r\n" if lines else b".\r\n")
+        payload = b".\r\n" if body is None else body + b"\r\n.\r\n"
+        payload = prefix + payload
         size = len(prefix) + self.size
         return Envelope(
             sender=self.sender,

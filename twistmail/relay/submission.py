@@ -23,6 +23,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import tcp
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -30,7 +31,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from ..address import Address
-from .incoming import Incoming, PathError, parse_path, received_header
+from .incoming import Incoming, LineTooLong, PathError, parse_path, received_header
 
 __all__ = ["Submission"]
 
@@ -46,6 +47,7 @@ _HTTP = re.compile(
 )
 _COMMAND_LINE_MAX = 2048  # RFC 5321 allows 512; ESMTP parameters make it a bit longer
 _DATA_LINE_MAX = 65536  # Twisted's line reader stops at 16 KB; real mail has longer lines
+_WAITING_INPUT_MAX = 65536  # input kept while a reply is pending; then the socket is not read
 
 
 class Submission(smtp.ESMTP):
@@ -63,6 +65,7 @@ class Submission(smtp.ESMTP):
         self.timeout = config.idle_timeout  # type: ignore[assignment]  # float seconds
         self._buffer = b""
         self._waiting = False  # a reply is pending: read no further command
+        self._paused = False  # the transport was paused too (too much input meanwhile)
         self._lines_seen = 0
         self._incoming: Incoming | None = None
         self._params_smtputf8 = False
@@ -92,10 +95,34 @@ class Submission(smtp.ESMTP):
         super().connectionLost(reason)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
-        if b"\n" in message or b"\r" in message:  # a multi-line reply (EHLO)
-            super().sendCode(code, message)
+        if b"\n" in message or b"\r" in message:  # a multi-line reply (EHLO): one write
+            *lines, last = message.splitlines() or [b""]
+            reply = b"".join(b"%03d-%s\r\n" % (code, line) for line in lines)
+            self._send(reply + b"%03d %s\r\n" % (code, last))
             return
-        self.transport.write(b"%03d %s\r\n" % (code, message))
+        self._send(b"%03d %s\r\n" % (code, message))
+
+    def _send(self, data: bytes) -> None:
+        """Write a reply: on a plain TCP connection with nothing waiting to go out, straight to
+        the socket (one syscall, instead of registering for writability and a reactor turn)."""
+        transport = self.transport
+        if (
+            type(transport) is tcp.Server
+            and not transport.TLS
+            and transport.connected
+            and not transport.disconnecting
+            and not transport._aborting  # (an aborted connection says nothing more)
+            and not transport._tempDataBuffer
+            and len(transport.dataBuffer) == transport.offset
+        ):
+            try:
+                sent = transport.socket.send(data)
+            except OSError:  # EAGAIN, or a broken connection the reactor will report
+                sent = 0
+            data = data[sent:]
+            if not data:
+                return
+        transport.write(data)
 
     def greeting(self) -> bytes:
         host: bytes = self.host
@@ -125,19 +152,48 @@ class Submission(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
         if not self._waiting:
-            self._read_lines()
+            self._read_input()
+        elif len(self._buffer) > _WAITING_INPUT_MAX and not self._paused:
+            # Pipelined input beyond this waits in the kernel until the reply is sent.
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _read_input(self) -> None:
+        """Handle what was received: command lines, or a message's DATA as a whole."""
+        while not self._waiting and not self.transport.disconnecting:
+            incoming = self._incoming
+            if incoming is None:
+                self._read_lines()
+                if self._incoming is None:
+                    return
+            elif not self._buffer:
+                return
+            else:
+                data, self._buffer = self._buffer, b""
+                self._read_data(incoming, data)
+
+    def _read_data(self, incoming: Incoming, data: bytes) -> None:
+        self.resetTimeout()
+        try:
+            used = incoming.feed(data)
+        except LineTooLong:
+            self._line_too_long()
+            return
+        if used is not None:
+            self._buffer = data[used:]
+            self._end_of_data(incoming)
 
     def _read_lines(self) -> None:
+        """Command lines, up to the end of what was received or to a DATA command."""
         lines = self._buffer.split(b"\r\n")
         rest = lines.pop()
         for i, line in enumerate(lines):
             if self._tls_started_here:
                 break
-            if self._waiting or self.transport.disconnecting:
+            if self._waiting or self.transport.disconnecting or self._incoming is not None:
                 self._buffer = b"\r\n".join([*lines[i:], rest])
                 return
-            limit = _DATA_LINE_MAX if self._incoming is not None else _COMMAND_LINE_MAX
-            if len(line) > limit:
+            if len(line) > _COMMAND_LINE_MAX:
                 self._line_too_long()
                 continue
             self.lineReceived(line)
@@ -148,8 +204,7 @@ class Submission(smtp.ESMTP):
             self._buffer = b""
             return
         self._buffer = rest
-        limit = _DATA_LINE_MAX if self._incoming is not None else _COMMAND_LINE_MAX
-        if len(rest) > limit:
+        if self._incoming is None and len(rest) > _COMMAND_LINE_MAX:
             self._buffer = b""
             self._line_too_long()
 
@@ -165,13 +220,6 @@ class Submission(smtp.ESMTP):
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
-        incoming = self._incoming
-        if incoming is not None:
-            if line == b".":
-                self._end_of_data(incoming)
-            else:
-                incoming.line(line)
-            return
         self._lines_seen += 1
         if self._lines_seen == 1 and _HTTP.match(line):
             log.info("dropped a connection from {client} that spoke HTTP", client=self.client_ip)
@@ -182,7 +230,6 @@ class Submission(smtp.ESMTP):
     def pause(self) -> None:
         """Read no further command until :meth:`resume` (a reply is pending)."""
         self._waiting = True
-        self.transport.pauseProducing()
 
     def resume(self) -> None:
         """Reading goes on (the pending reply was sent)."""
@@ -192,8 +239,10 @@ class Submission(smtp.ESMTP):
         if self._closing and not self.busy:
             self._say_goodbye()
             return
-        self.transport.resumeProducing()
-        self._read_lines()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._read_input()
 
     # ------------------------------------------------------------------ commands
 
@@ -276,6 +325,9 @@ class Submission(smtp.ESMTP):
         self.sendCode(250, b"2.0.0 Ok")
 
     def do_QUIT(self, rest: bytes) -> None:
+        # The session no longer counts against the limits: the client may connect again as
+        # soon as it has the 221, before this side has seen the connection close.
+        self.factory.closed(self)
         self.sendCode(221, b"2.0.0 Bye")
         self.transport.loseConnection()
 
@@ -365,6 +417,7 @@ class Submission(smtp.ESMTP):
             self._to,
             self.factory.config.max_message_size,
             smtputf8=self._params_smtputf8 or self._from.needs_smtputf8,
+            max_line=_DATA_LINE_MAX,
         )
         self._reset()
         self._data_timer = self.factory.clock.callLater(
