@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest_twisted
 from servers import CueServer
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from waiting import until
 
 from twistmail.merge.run import EXIT_INTERRUPTED, Campaign, SendOptions
@@ -87,6 +87,28 @@ async def test_a_pipelining_server_that_defers_and_drops_gets_every_row_exactly_
     report = (tmp_path / "r.report.csv").read_text(encoding="utf-8").splitlines()
     assert len(report) == rows + 1
     assert all(",sent," in line for line in report[1:])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interrupt_lets_messages_in_flight_finish_until_the_grace_period_ends(
+    cue_server: Callable[..., CueServer], tmp_path: Path
+) -> None:
+    # One interrupt: no new row starts, the messages stalled at their final dot are given the
+    # grace period (on a clock) and cut off when it ends; nothing is recorded as sent.
+    stalled = cue_server(pipelining=True, stall_on="DOT")
+    options = campaign_options(tmp_path, 10, stalled.port, concurrency=2)
+    clock = task.Clock()
+    campaign = Campaign(options, reactor, clock=clock)
+    done = defer.ensureDeferred(campaign.run())
+    await until(lambda: len(stalled.stalled) == 2, "both connections stalled at a final dot")
+    campaign.interrupt()
+    clock.advance(options.grace - 0.5)
+    await task.deferLater(reactor, 0.2, lambda: None)  # a few real turns for the connections
+    assert not done.called
+    clock.advance(1)
+    assert await done == EXIT_INTERRUPTED
+    assert stalled.received == []
+    assert campaign.counts.sent == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -114,10 +114,14 @@ class Campaign:
     out (the duplicate bound), deferred rows parked in memory until due.
     """
 
-    def __init__(self, options: SendOptions, reactor: Reactor) -> None:
+    def __init__(
+        self, options: SendOptions, reactor: Reactor, clock: IReactorTime | None = None
+    ) -> None:
+        """``clock`` (the reactor by default) times retries, server back-off and the grace
+        period after an interrupt; tests pass a :class:`twisted.internet.task.Clock`."""
         self.options = options
         self.reactor = reactor
-        self.clock = IReactorTime(reactor)
+        self.clock = IReactorTime(reactor) if clock is None else clock
         self.counts = Counts()
         self.retry = RetryPolicy(
             max_attempts=options.max_attempts, initial_delay=options.retry_delay
@@ -389,7 +393,7 @@ class Campaign:
         self.stopping = True
         self.interrupted = True
         self._say("stopping: letting messages in flight finish (signal again to abort)")
-        self._abort_timer = self.reactor.callLater(self.options.grace, self._abort_now)
+        self._abort_timer = self.clock.callLater(self.options.grace, self._abort_now)
         if self._loop is not None:
             self._loop.stop()
 
