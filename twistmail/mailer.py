@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sized
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from ._messages import MessagesDoor, OnResult, count_invalid, count_result
 from ._twisted import Reactor, default_reactor
 from .engine import DeliveryLoop, Notify, untried
-from .errors import ConnectionLostError, DeliveryError, MessageError, for_reply
+from .errors import ConnectionLostError, DeliveryError, MessageError, PermanentError, for_reply
 from .message import Envelope, MessageLike, to_envelope
 from .ratelimit import DomainLimiter, TokenBucket
 from .results import SendReport, SendResult
@@ -23,6 +23,9 @@ from .smtp._protocol import MailerProtocol
 from .smtp._transaction import TransactionResult, _Txn
 from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
+
+if TYPE_CHECKING:  # cryptography is imported only by a Mailer that signs
+    from .dkim import DkimKey, DkimSigner, Missing
 
 __all__ = ["Attempt", "Mailer", "MessageLike", "OnResult", "send"]
 
@@ -44,6 +47,11 @@ class Mailer:
     :meth:`send` and :meth:`send_many` retry by ``retry_policy`` (or ``max_attempts``,
     ``retry_delay``, ``max_retry_delay``); :meth:`attempt`, :attr:`capacity` and :meth:`abort`
     are the seam the delivery loop (:mod:`twistmail.engine`) drives.
+
+    ``dkim`` signs every attempt: a :class:`~twistmail.dkim.DkimSigner`, or the
+    :class:`~twistmail.dkim.DkimKey` objects to build one with ``dkim_missing`` (``"send"``:
+    a From domain with no key goes unsigned, logged once per domain; ``"refuse"``: it fails,
+    unsent).
     """
 
     def __init__(
@@ -67,10 +75,18 @@ class Mailer:
         pipelining: bool = True,
         pipeline_depth: int = 3,
         retry_policy: RetryPolicy | None = None,
+        dkim: DkimSigner | Iterable[DkimKey] | None = None,
+        dkim_missing: Missing = "send",
         reactor: Reactor | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if dkim is not None:
+            from .dkim import DkimSigner
+
+            if not isinstance(dkim, DkimSigner):
+                dkim = DkimSigner(dkim, missing=dkim_missing)
+        self.dkim: DkimSigner | None = dkim
         self._reactor = reactor if reactor is not None else default_reactor()
         self._clock = IReactorTime(self._reactor)
         self.server: ServerConfig = parse_url(url, password=password)
@@ -219,8 +235,16 @@ class Mailer:
         when the server never saw the message; ``session_setup`` when no session could be set
         up). It may be called before this returns. With ``ready``, the message's data is held
         back when the server asks for it: ``ready(context)`` is called, and the data goes out
-        on :meth:`Attempt.release_body`. The rate limit and per-domain cap apply.
+        on :meth:`Attempt.release_body`. The rate limit and per-domain cap apply. With
+        ``dkim``, the message is signed first (inline: see the README's DKIM figures).
         """
+        if self.dkim is not None:
+            try:
+                envelope = self.dkim.sign(envelope)
+            except MessageError as e:  # DkimError: no key for the From domain
+                refused = Attempt(self, envelope, notify, context, ready)
+                refused._end(None, PermanentError(str(e), attempted=False))
+                return refused
         attempt = Attempt(self, envelope, notify, context, ready)
         if self._fast:
             proto = self.pool.acquire_now()
