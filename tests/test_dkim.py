@@ -195,3 +195,13 @@ def test_keys_are_loaded_and_bad_ones_refused(tmp_path: Path) -> None:
     with pytest.raises(DkimKeyError, match="DOMAIN:SELECTOR:KEYFILE"):
         parse_dkim_option("example.com:k.pem")
     assert os.path.exists(path)
+
+
+def test_missing_domain_is_reported_once() -> None:
+    warnings: list[str] = []
+    quiet = DkimSigner([rsa_key()], warn=warnings.append)
+    for _ in range(3):
+        msg = plain()
+        msg.replace_header("From", "x@elsewhere.test")
+        quiet.sign(to_envelope(msg))
+    assert warnings == ["no DKIM key for the From domain elsewhere.test: sending unsigned"]

@@ -95,7 +95,8 @@ class DkimKey:
         return "rsa-sha256"
 
 
-def _ascii_domain(domain: str, what: str) -> str:
+def check_domain(domain: str, what: str) -> str:
+    """``domain`` as a lower-case A-label name; :class:`DkimKeyError` naming ``what`` if invalid."""
     text = domain.strip().rstrip(".").lower()
     try:
         ascii_domain = text.encode("idna").decode("ascii") if not text.isascii() else text
@@ -109,7 +110,8 @@ def _ascii_domain(domain: str, what: str) -> str:
     return ascii_domain
 
 
-def _check_selector(selector: str, what: str) -> str:
+def check_selector(selector: str, what: str) -> str:
+    """``selector`` itself; :class:`DkimKeyError` naming ``what`` if it is not a DNS label."""
     if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*", selector):
         raise DkimKeyError(f"{what}: invalid selector {selector!r}")
     return selector
@@ -122,8 +124,8 @@ def load_key(domain: str, selector: str, key_file: str | os.PathLike[str]) -> Dk
     bytes never appear in the message.
     """
     what = f"DKIM key {os.fspath(key_file)!s} for {domain}"
-    ascii_domain = _ascii_domain(domain, what)
-    _check_selector(selector, what)
+    ascii_domain = check_domain(domain, what)
+    check_selector(selector, what)
     try:
         data = Path(key_file).read_bytes()
     except OSError as e:
@@ -247,8 +249,8 @@ class DkimSigner:
 
     ``keys`` may hold an RSA and an Ed25519 key for one domain: both sign. A From domain with no
     key of its own uses its parent domain's (relaxed DMARC alignment); with none at all the
-    message goes unsigned (``missing="send"``, logged once per domain) or is refused with
-    :class:`DkimError` (``missing="refuse"``).
+    message goes unsigned (``missing="send"``, logged once per domain, or given to ``warn``)
+    or is refused with :class:`DkimError` (``missing="refuse"``).
     """
 
     def __init__(
@@ -257,11 +259,13 @@ class DkimSigner:
         *,
         missing: Missing = "send",
         clock: Callable[[], float] = time.time,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         if missing not in ("send", "refuse"):
             raise ValueError(f"missing must be 'send' or 'refuse', not {missing!r}")
         self.missing: Missing = missing
         self._clock = clock
+        self._warn = warn
         self._keys: dict[str, list[DkimKey]] = {}
         for key in keys:
             if any(k.selector == key.selector for k in self._keys.get(key.domain, ())):
@@ -383,4 +387,8 @@ class DkimSigner:
             raise DkimError(f"no DKIM key for the From domain {label}")
         if label not in self._warned:
             self._warned.add(label)
-            log.warn("no DKIM key for the From domain {domain}: sending unsigned", domain=label)
+            text = f"no DKIM key for the From domain {label}: sending unsigned"
+            if self._warn is not None:
+                self._warn(text)
+            else:
+                log.warn("{text}", text=text)
