@@ -146,7 +146,7 @@ async def test_drain_signs_and_sends_unsigned_for_other_domains(
             f"smtp://127.0.0.1:{server.port}",
             "--dkim",
             f"example.com:s1:{key_file}",
-        )  # fmt: skip
+        )
     )
     assert code == 0, output
     published = {b"s1._domainkey.example.com.": record}
