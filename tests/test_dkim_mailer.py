@@ -35,9 +35,10 @@ def mailer(port: int, **kw: Any) -> Mailer:
 
 
 @pytest_twisted.ensureDeferred
-async def test_send_many_signs_every_kind_of_message(cue_server: Cue) -> None:
+@pytest.mark.parametrize("threads", [True, False])
+async def test_send_many_signs_every_kind_of_message(cue_server: Cue, threads: bool) -> None:
     server = cue_server()
-    m = mailer(server.port, dkim=[rsa_key(), ed_key()])
+    m = mailer(server.port, dkim=[rsa_key(), ed_key()], dkim_threads=threads)
     items: list[MessageLike] = []
     for i in range(110):  # over the small-batch size: the streaming delivery loop
         kind = i % 4
@@ -61,15 +62,16 @@ async def test_send_many_signs_every_kind_of_message(cue_server: Cue) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_missing_key_sends_unsigned_or_refuses(cue_server: Cue) -> None:
+@pytest.mark.parametrize("threads", [True, False])
+async def test_missing_key_sends_unsigned_or_refuses(cue_server: Cue, threads: bool) -> None:
     server = cue_server()
-    m = mailer(server.port, dkim=[rsa_key()])
+    m = mailer(server.port, dkim=[rsa_key()], dkim_threads=threads)
     result = await m.send(message("x@elsewhere.test", "hi\n"))
     assert result.ok
     assert b"DKIM-Signature" not in server.received[0].data
     await m.close()
 
-    strict = mailer(server.port, dkim=[rsa_key()], dkim_missing="refuse")
+    strict = mailer(server.port, dkim=[rsa_key()], dkim_missing="refuse", dkim_threads=threads)
     with pytest.raises(PermanentError, match=r"no DKIM key for the From domain elsewhere\.test"):
         await strict.send(message("x@elsewhere.test", "hi\n"))
     signed = await strict.send(message(f"shop@{DOMAIN}", "hi\n"))

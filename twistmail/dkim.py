@@ -10,7 +10,6 @@ header line never starts with a dot, so it needs no stuffing).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import os
 import re
@@ -59,13 +58,14 @@ SIGNED_HEADERS = (
 )
 """The header fields signed whenever present; From is also over-signed (listed once more than
 it occurs), so no From can be added to a signed message."""
-_SIGNED = frozenset(SIGNED_HEADERS)
+_SIGNED = frozenset(name.encode("ascii") for name in SIGNED_HEADERS)
+_SIGNED_ORDER = tuple(name.encode("ascii") for name in SIGNED_HEADERS)
 
 PrivateKey: TypeAlias = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 Missing: TypeAlias = Literal["send", "refuse"]
 
-_WSP = re.compile(rb"[ \t]+")
-_WSP_EOL = re.compile(rb"[ \t]+\r\n")
+# A run of white space that is not a lone space (a lone space is left as it is: cheaper).
+_WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")
 _PKCS1 = padding.PKCS1v15()
 _PREHASHED = Prehashed(hashes.SHA256())
 _MIN_RSA_BITS = 1024  # RFC 8301: verifiers refuse smaller keys
@@ -195,14 +195,16 @@ def relaxed_header(field: bytes) -> bytes:
     if b"\r\n" in value:
         value = value.replace(b"\r\n", b"")
     if b"\t" in value or b"  " in value:
-        value = _WSP.sub(b" ", value)
+        value = _WSP_RUN.sub(b" ", value)
     return name.rstrip(b" \t").lower() + b":" + value.strip(b" \t") + b"\r\n"
 
 
 def relaxed_body(body: bytes) -> bytes:
     """A message body (CRLF line ends) in relaxed form."""
-    if b"\t" in body or b" \r\n" in body or b"  " in body:
-        body = _WSP.sub(b" ", _WSP_EOL.sub(b"\r\n", body))
+    if b"\t" in body or b"  " in body:
+        body = _WSP_RUN.sub(b" ", body)
+    if b" \r\n" in body:  # every run is one space now: this is all trailing white space
+        body = body.replace(b" \r\n", b"\r\n")
     if body.endswith(b"\r\n\r\n") or not body.endswith(b"\r\n") or body == b"\r\n":
         body = body.rstrip(b"\r\n").rstrip(b" \t")
         return body + b"\r\n" if body else b""
@@ -275,6 +277,7 @@ class DkimSigner:
             raise DkimKeyError("DKIM: no key given")
         self._from_domains: dict[bytes, str | None] = {}
         self._warned: set[str] = set()
+        self._h_values: dict[tuple[bytes, ...], str] = {}
 
     @property
     def domains(self) -> list[str]:
@@ -304,8 +307,16 @@ class DkimSigner:
         headers = self.signature_headers(unstuff(envelope.payload))
         if not headers:
             return envelope
-        signed = dataclasses.replace(
-            envelope, payload=headers + envelope.payload, size=envelope.size + len(headers)
+        signed = Envelope(
+            envelope.sender,
+            envelope.recipients,
+            headers + envelope.payload,
+            envelope.size + len(headers),
+            envelope.eight_bit,
+            envelope.smtputf8,
+            envelope.message_id,
+            envelope.source,
+            envelope.rendered,
         )
         if envelope.eight_bit:
             # A 7-bit rendering for a server without 8BITMIME is signed again (reflatten_7bit).
@@ -318,36 +329,43 @@ class DkimSigner:
         dot-stuffed), or ``b""`` when it goes unsigned."""
         fields, body = split_message(data)
         by_name: dict[bytes, list[bytes]] = {}
-        author: bytes | None = None
         for field in fields:
             name = field[: field.find(b":")].rstrip(b" \t").lower()
-            if name.decode("ascii", "replace") in _SIGNED:
-                by_name.setdefault(name, []).append(field)
-                if author is None and name == b"from":
-                    author = field
-        domain = self._author_domain(author)
+            if name in _SIGNED:
+                found = by_name.get(name)
+                if found is None:
+                    by_name[name] = [field]
+                else:
+                    found.append(field)
+        froms = by_name.get(b"from")
+        domain = self._author_domain(froms[0] if froms else None)
         keys = self.keys_for(domain) if domain else []
         if not keys:
             self._no_key(domain)
             return b""
-        names: list[str] = []
-        for signed in SIGNED_HEADERS:
-            count = len(by_name.get(signed.encode("ascii"), ()))
-            names.extend([signed] * (count + 1 if signed == "from" else count))
+        names: list[bytes] = []
+        for signed in _SIGNED_ORDER:
+            found = by_name.get(signed)
+            if found is not None:
+                names.extend([signed] * len(found))
+            if signed == b"from":
+                names.append(signed)  # over-signed: one more than there are
         # RFC 6376 5.4.2: repeated fields are taken from the bottom up.
-        stacks = {name: list(found) for name, found in by_name.items()}
         hashed = b"".join(
-            relaxed_header(stacks[key].pop())
-            for key in (signed.encode("ascii") for signed in names)
-            if stacks.get(key)
+            relaxed_header(by_name[name].pop()) for name in names if by_name.get(name)
         )
+        h_value = self._h_values.get(tuple(names))
+        if h_value is None:
+            h_value = _fold_names([name.decode("ascii") for name in names])
+            if len(self._h_values) < 256:
+                self._h_values[tuple(names)] = h_value
         body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode("ascii")
         timestamp = int(self._clock())
         signatures = []
         for key in keys:
             value = (
                 f" v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};"
-                f" s={key.selector};\r\n\tt={timestamp}; h={_fold_names(names)};\r\n"
+                f" s={key.selector};\r\n\tt={timestamp}; h={h_value};\r\n"
                 f"\tbh={body_hash};\r\n\tb="
             ).encode("ascii")
             field = b"DKIM-Signature:" + value
