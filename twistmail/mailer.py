@@ -96,8 +96,9 @@ class Mailer:
         if dkim_threads is None:
             dkim_threads = (os.cpu_count() or 1) > 1
         self._sign_pool: ThreadPool | None = None
-        if dkim is not None and dkim_threads:
-            self._sign_pool = IReactorThreads(self._reactor).getThreadPool()
+        threaded = IReactorThreads(self._reactor, None)
+        if dkim is not None and dkim_threads and threaded is not None:  # else sign inline
+            self._sign_pool = threaded.getThreadPool()
         self.server: ServerConfig = parse_url(url, password=password)
         self.concurrency = concurrency
         self.retry = retry_policy or RetryPolicy(
