@@ -79,3 +79,32 @@ async def test_missing_key_sends_unsigned_or_refuses(cue_server: Cue, threads: b
     assert signed.ok
     assert len(server.received) == 2  # the refused one never reached the server
     assert verify(server.received[1].data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_attempt_cancelled_while_signing_ends_untried(cue_server: Cue) -> None:
+    from twisted.python.threadpool import ThreadPool
+
+    from twistmail.message import to_envelope
+
+    server = cue_server()
+    m = mailer(server.port, dkim=[rsa_key()], dkim_threads=True)
+    idle = ThreadPool(minthreads=0, maxthreads=1)  # not started: the signing waits
+    m._sign_pool = idle
+    ended: list[Any] = []
+    attempt = m.attempt(
+        to_envelope(message(f"shop@{DOMAIN}", "hi\n")),
+        lambda context, result, error: ended.append((context, result, error)),
+        "ctx",
+    )
+    assert ended == []
+    attempt.cancel()
+    assert len(ended) == 1
+    context, result, error = ended[0]
+    assert context == "ctx"
+    assert result is None
+    assert error.attempted is False
+    idle.start()  # the signing runs now; its result is dropped
+    idle.stop()
+    await m.close()
+    assert server.received == []
