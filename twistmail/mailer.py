@@ -52,9 +52,9 @@ class Mailer:
     ``dkim`` signs every attempt: a :class:`~twistmail.dkim.DkimSigner`, or the
     :class:`~twistmail.dkim.DkimKey` objects to build one with ``dkim_missing`` (``"send"``:
     a From domain with no key goes unsigned, logged once per domain; ``"refuse"``: it fails,
-    unsent). On a machine with more than one CPU, messages are signed in the reactor's thread
-    pool (``cryptography`` releases the GIL while it signs, so every core signs);
-    ``dkim_threads=False`` signs inline on the reactor thread.
+    unsent). Messages are signed inline on the reactor thread; ``dkim_threads=True`` signs
+    them in the reactor's thread pool instead (``cryptography`` releases the GIL while it makes
+    the RSA signature, so another core can sign; see the README's DKIM figures).
     """
 
     def __init__(
@@ -80,7 +80,7 @@ class Mailer:
         retry_policy: RetryPolicy | None = None,
         dkim: DkimSigner | Iterable[DkimKey] | None = None,
         dkim_missing: Missing = "send",
-        dkim_threads: bool | None = None,
+        dkim_threads: bool = False,
         reactor: Reactor | None = None,
     ) -> None:
         if concurrency < 1:
@@ -93,8 +93,6 @@ class Mailer:
         self.dkim: DkimSigner | None = dkim
         self._reactor = reactor if reactor is not None else default_reactor()
         self._clock = IReactorTime(self._reactor)
-        if dkim_threads is None:
-            dkim_threads = (os.cpu_count() or 1) > 1
         self._sign_pool: ThreadPool | None = None
         threaded = IReactorThreads(self._reactor, None)
         if dkim is not None and dkim_threads and threaded is not None:  # else sign inline
@@ -246,7 +244,7 @@ class Mailer:
         up). It may be called before this returns. With ``ready``, the message's data is held
         back when the server asks for it: ``ready(context)`` is called, and the data goes out
         on :meth:`Attempt.release_body`. The rate limit and per-domain cap apply. With
-        ``dkim``, the message is signed first (inline: see the README's DKIM figures).
+        ``dkim``, the message is signed first.
         """
         if self._sign_pool is not None:
             return self._attempt_signed_in_pool(envelope, notify, context, ready)
