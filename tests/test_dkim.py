@@ -53,9 +53,8 @@ def test_tampered_body_fails() -> None:
 def test_added_from_fails_because_from_is_over_signed() -> None:
     data = signed_bytes(to_envelope(plain()))
     assert b"h=from:from:" in data
-    header_end = data.index(b"\r\n\r\n")
-    forged = data[:header_end] + b"\r\nFrom: evil@example.net" + data[header_end:]
-    assert not verify(forged)
+    # On top: without over-signing, a verifier would check the original (bottom) From only.
+    assert not verify(b"From: evil@example.net\r\n" + data)
 
 
 def test_html_message_verifies() -> None:
