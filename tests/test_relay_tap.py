@@ -136,3 +136,22 @@ def test_twistmail_serve_reports_a_bad_option_and_exits_2() -> None:
     )
     assert out.returncode != 0
     assert "--queue" in out.stdout + out.stderr
+
+
+def test_dkim_keys_are_read_at_start(tmp_path: Path) -> None:
+    from dkimcheck import rsa_key, write_key
+
+    key_file = write_key(tmp_path / "k.pem", rsa_key())
+    config = parse("--dkim", f"example.com:s1:{key_file}", "--dkim-missing", "refuse").config
+    assert config.dkim is not None
+    assert config.dkim.domains == ["example.com"]
+    assert config.dkim.missing == "refuse"
+    from twisted.internet.testing import MemoryReactorClock
+
+    assert config.mailer(MemoryReactorClock()).dkim is config.dkim  # the worker's Mailer signs
+    (tmp_path / "bad.pem").write_text("not a key")
+    with pytest.raises(usage.UsageError, match=r"bad\.pem.*not an unencrypted PEM"):
+        parse("--dkim", f"example.com:s1:{tmp_path / 'bad.pem'}")
+    with pytest.raises(usage.UsageError, match="--dkim-missing"):
+        parse("--dkim-missing", "maybe")
+    assert parse().config.dkim is None

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 
+from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
 
 EXIT_USAGE = 2
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _inputs(send)
     _smtp_options(send, url_required=True, attempts_scope="")
+    add_dkim_options(send, missing=False)
     send.add_argument(
         "--from",
         dest="envelope_from",
@@ -209,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
     _drain_parser(sub)
     _users_parser(sub)
+    add_dkim_parser(sub)
     sub.add_parser(
         "serve",
         help="run the mail relay in the foreground (as twistd -n twistmail)",
@@ -287,6 +290,7 @@ def _drain_parser(sub: Any) -> None:
         help="print the spool's counts and the messages not sent, deliver nothing",
     )
     _smtp_options(drain, url_required=False, attempts_scope=", over all runs", patience=0.0)
+    add_dkim_options(drain, missing=True)
     drain.add_argument(
         "--limit",
         type=_positive_int,
@@ -410,6 +414,7 @@ def _delivery(args: argparse.Namespace) -> dict[str, Any]:
         "retry_delay": args.retry_delay,
         "timeout": args.timeout,
         "server_patience": args.server_patience,
+        "dkim": signer_from_args(args, args.template if args.command == "send" else None),
     }
 
 
@@ -453,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "drain":
         _drain_main(args)
         return
+    if args.command == "dkim":
+        sys.exit(dkim_main(args, sys.stdout, sys.stderr))
     if args.command == "users":
         from .relay.users import users_command
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sized
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from ._messages import MessagesDoor, OnResult, count_invalid, count_result
 from ._twisted import Reactor, default_reactor
 from .engine import DeliveryLoop, Notify, untried
-from .errors import ConnectionLostError, DeliveryError, MessageError, for_reply
+from .errors import ConnectionLostError, DeliveryError, MessageError, PermanentError, for_reply
 from .message import Envelope, MessageLike, to_envelope
 from .ratelimit import DomainLimiter, TokenBucket
 from .results import SendReport, SendResult
@@ -23,6 +24,9 @@ from .smtp._protocol import MailerProtocol
 from .smtp._transaction import TransactionResult, _Txn
 from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
+
+if TYPE_CHECKING:  # cryptography is imported only by a Mailer that signs
+    from .dkim import DkimKey, DkimSigner, Missing
 
 __all__ = ["Attempt", "Mailer", "MessageLike", "OnResult", "send"]
 
@@ -44,6 +48,13 @@ class Mailer:
     :meth:`send` and :meth:`send_many` retry by ``retry_policy`` (or ``max_attempts``,
     ``retry_delay``, ``max_retry_delay``); :meth:`attempt`, :attr:`capacity` and :meth:`abort`
     are the seam the delivery loop (:mod:`twistmail.engine`) drives.
+
+    ``dkim`` signs every attempt: a :class:`~twistmail.dkim.DkimSigner`, or the
+    :class:`~twistmail.dkim.DkimKey` objects to build one with ``dkim_missing`` (``"send"``:
+    a From domain with no key goes unsigned, logged once per domain; ``"refuse"``: it fails,
+    unsent). Messages are signed inline on the reactor thread; ``dkim_threads=True`` signs
+    them in the reactor's thread pool instead (``cryptography`` releases the GIL while it makes
+    the RSA signature, so another core can sign; see the README's DKIM figures).
     """
 
     def __init__(
@@ -67,12 +78,25 @@ class Mailer:
         pipelining: bool = True,
         pipeline_depth: int = 3,
         retry_policy: RetryPolicy | None = None,
+        dkim: DkimSigner | Iterable[DkimKey] | None = None,
+        dkim_missing: Missing = "send",
+        dkim_threads: bool = False,
         reactor: Reactor | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if dkim is not None:
+            from .dkim import DkimSigner
+
+            if not isinstance(dkim, DkimSigner):
+                dkim = DkimSigner(dkim, missing=dkim_missing)
+        self.dkim: DkimSigner | None = dkim
         self._reactor = reactor if reactor is not None else default_reactor()
         self._clock = IReactorTime(self._reactor)
+        self._sign_pool: ThreadPool | None = None
+        threaded = IReactorThreads(self._reactor, None)
+        if dkim is not None and dkim_threads and threaded is not None:  # else sign inline
+            self._sign_pool = threaded.getThreadPool()
         self.server: ServerConfig = parse_url(url, password=password)
         self.concurrency = concurrency
         self.retry = retry_policy or RetryPolicy(
@@ -219,8 +243,18 @@ class Mailer:
         when the server never saw the message; ``session_setup`` when no session could be set
         up). It may be called before this returns. With ``ready``, the message's data is held
         back when the server asks for it: ``ready(context)`` is called, and the data goes out
-        on :meth:`Attempt.release_body`. The rate limit and per-domain cap apply.
+        on :meth:`Attempt.release_body`. The rate limit and per-domain cap apply. With
+        ``dkim``, the message is signed first.
         """
+        if self._sign_pool is not None:
+            return self._attempt_signed_in_pool(envelope, notify, context, ready)
+        if self.dkim is not None:
+            try:
+                envelope = self.dkim.sign(envelope)
+            except MessageError as e:  # DkimError: no key for the From domain
+                refused = Attempt(self, envelope, notify, context, ready)
+                refused._end(None, PermanentError(str(e), attempted=False))
+                return refused
         attempt = Attempt(self, envelope, notify, context, ready)
         if self._fast:
             proto = self.pool.acquire_now()
@@ -236,6 +270,36 @@ class Mailer:
         attempt._gate = gate = defer.Deferred.fromCoroutine(self._gate(attempt))
         gate.addCallbacks(attempt._submit, attempt._not_started)
         return attempt
+
+    def _attempt_signed_in_pool(
+        self,
+        envelope: Envelope,
+        notify: Notify,
+        context: Any,
+        ready: Callable[[Any], None] | None,
+    ) -> Attempt:
+        """:meth:`attempt`, with the message signed in the thread pool first."""
+        assert self._sign_pool is not None
+        assert self.dkim is not None
+        attempt = Attempt(self, envelope, notify, context, ready)
+        signing = threads.deferToThreadPool(
+            IReactorFromThreads(self._reactor), self._sign_pool, _sign_or_error, self.dkim, envelope
+        )
+        attempt._gate = signing
+        signing.addCallback(self._signed, attempt)
+        signing.addErrback(attempt._not_started)  # cancelled while signing
+        return attempt
+
+    def _signed(self, signed: Envelope | MessageError, attempt: Attempt) -> object:
+        """Go on with a signed attempt: wait for a connection, then submit it."""
+        if isinstance(signed, MessageError):  # no key for the From domain, with "refuse"
+            attempt._gate = None
+            attempt._end(None, PermanentError(str(signed), attempted=False))
+            return None
+        attempt.envelope = signed
+        gate = attempt._gate = defer.Deferred.fromCoroutine(self._gate(attempt))
+        gate.addCallbacks(attempt._submit, attempt._not_started)
+        return None
 
     def abort(self) -> None:
         """Drop every connection now: what is in flight on them fails as a drop."""
@@ -322,7 +386,7 @@ class Attempt:
         self.ended = False
         self._proto: MailerProtocol | None = None
         self._txn: _Txn | None = None
-        self._gate: defer.Deferred[MailerProtocol] | None = None
+        self._gate: defer.Deferred[Any] | None = None  # signing, or waiting for a connection
         self._domains: list[str] | None = None  # per-domain slots held (made when needed)
 
     def release_body(self) -> None:
@@ -380,6 +444,14 @@ class Attempt:
         if self._domains:
             mailer._release_domains(self._domains)
         self.notify(self.context, result, error)
+
+
+def _sign_or_error(signer: DkimSigner, envelope: Envelope) -> Envelope | MessageError:
+    """``envelope`` signed, or the error saying why it cannot be (in a pool thread)."""
+    try:
+        return signer.sign(envelope)
+    except MessageError as error:
+        return error
 
 
 def _body_wanted(attempt: Attempt) -> None:

@@ -71,6 +71,11 @@ class Envelope:
     rendered: bool = False
     """The payload was rendered by twistmail (a mail merge), so it may be re-encoded as 7-bit
     from the bytes themselves; raw bytes from a caller are never changed."""
+    unsigned: Envelope | None = None
+    """For a DKIM-signed 8-bit envelope: the envelope before signing (its 7-bit rendering is
+    signed again by ``resign``)."""
+    resign: Callable[[Envelope], Envelope] | None = None
+    """For a DKIM-signed 8-bit envelope: signs a new rendering of ``unsigned``."""
 
 
 MessageLike: TypeAlias = EmailMessage | Envelope | tuple[str, Iterable[str], bytes]
@@ -338,6 +343,9 @@ def reflatten_7bit(envelope: Envelope) -> Envelope | None:
     """
     if not envelope.eight_bit:
         return envelope
+    if envelope.unsigned is not None and envelope.resign is not None:
+        plain = reflatten_7bit(envelope.unsigned)
+        return None if plain is None else envelope.resign(plain)
     msg = envelope.source
     if msg is None:
         if not envelope.rendered:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._twisted import Reactor
 from .mailer import Mailer
+
+if TYPE_CHECKING:
+    from .dkim import DkimSigner
 
 __all__ = ["DeliveryOptions"]
 
@@ -25,6 +29,8 @@ class DeliveryOptions:
     timeout: float = 60.0
     server_patience: float = 60.0
     """Seconds of backoff, in a row, spent waiting for a server that cannot be reached."""
+    dkim: DkimSigner | None = None
+    """Signs every message (``--dkim``)."""
 
     def mailer(self, reactor: Reactor) -> Mailer:
         """The Mailer the command's delivery loop drives (the loop keeps attempts and backoff).
@@ -40,5 +46,6 @@ class DeliveryOptions:
             password=self.password,
             timeout=self.timeout,
             max_attempts=1,
+            dkim=self.dkim,
             reactor=reactor,
         )

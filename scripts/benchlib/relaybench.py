@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runner import BenchError, Sink, _free_port
+from runner import BenchError, Sink, _free_port, mode_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 POSTFIX_REFERENCE = 350.0  # msgs/s end to end, stock Postfix 3.7 relay, quiet machine (#14)
@@ -143,12 +143,7 @@ def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, A
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="scripts/bench --mode relay",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--mode", default="relay", choices=["relay"])
+    parser = mode_parser("relay", __doc__)
     parser.add_argument("--count", type=int, default=20_000, help="messages per run")
     parser.add_argument("--repeat", type=int, default=5, help="runs (the median is reported)")
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
@@ -158,10 +153,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--start-timeout", type=float, default=60.0, help="seconds the relay may take to start"
     )
-    parser.add_argument("--python", default=os.environ.get("BENCH_PYTHON", sys.executable))
-    parser.add_argument("--smtp-sink", default=os.environ.get("BENCH_SMTP_SINK", "smtp-sink"))
-    parser.add_argument("--smtp-sink-libs", default=os.environ.get("BENCH_SMTP_SINK_LIBS"))
-    parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--profile",
         type=Path,

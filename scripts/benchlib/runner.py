@@ -6,6 +6,7 @@ Every child (the sink and each sender) runs in its own session, gets SIGKILL if 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import json
@@ -14,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,22 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(proc.pid, 0)
     proc.returncode = -9
+
+
+def mode_parser(mode: str, doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a ``scripts/bench --mode MODE`` driver that uses smtp-sink,
+    with the options every such driver shares."""
+    parser = argparse.ArgumentParser(
+        prog=f"scripts/bench --mode {mode}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--mode", default=mode, choices=[mode])
+    parser.add_argument("--python", default=os.environ.get("BENCH_PYTHON", sys.executable))
+    parser.add_argument("--smtp-sink", default=os.environ.get("BENCH_SMTP_SINK", "smtp-sink"))
+    parser.add_argument("--smtp-sink-libs", default=os.environ.get("BENCH_SMTP_SINK_LIBS"))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
 
 
 def _free_port() -> int:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import ipaddress
 import sys
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .._twisted import Reactor
 from ..mailer import Mailer
 from ..retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from ..dkim import DkimSigner
 
 __all__ = ["DAY", "RelayConfig"]
 
@@ -52,6 +55,7 @@ class RelayConfig:
     data_timeout: float = 600.0
     shutdown_timeout: float = 30.0
     bounces: bool = True
+    dkim: DkimSigner | None = None
 
     def retry_policy(self) -> RetryPolicy:
         """Postfix's schedule by default: 300 s doubling to 4,000 s, no attempt limit."""
@@ -72,5 +76,6 @@ class RelayConfig:
             insecure=self.insecure,
             password=self.password,
             max_attempts=1,
+            dkim=self.dkim,
             reactor=reactor,
         )

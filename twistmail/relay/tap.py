@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
@@ -23,6 +23,9 @@ from twisted.python import usage
 
 from ..smtp.client import parse_url
 from .config import DAY, RelayConfig
+
+if TYPE_CHECKING:
+    from ..dkim import DkimSigner
 
 __all__ = ["Options", "makeService"]
 
@@ -114,7 +117,23 @@ class Options(usage.Options):
         ["no-bounces", None, "send no delivery status notification for a failed message"],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["dkim"] = []
+
+    def opt_dkim(self, value: str) -> None:
+        """DKIM-sign mail From DOMAIN (or a subdomain) with the PEM key KEYFILE, published at
+        SELECTOR._domainkey.DOMAIN (repeatable), e.g. --dkim example.com:mail2026:dkim.pem"""
+        self["dkim"].append(value)
+
     optParameters = [
+        [
+            "dkim-missing",
+            None,
+            "send",
+            "with --dkim, mail From a domain with no key is sent unsigned (send, logged once "
+            "per domain) or failed unsent (refuse)",
+        ],
         [
             "smtp",
             None,
@@ -301,6 +320,7 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         raise usage.UsageError("--max-retry-delay must be at least --retry-delay")
     if opts["max-connections-per-client"] > opts["max-connections"]:
         raise usage.UsageError("--max-connections-per-client must be at most --max-connections")
+    dkim = _dkim_signer(opts["dkim"], opts["dkim-missing"])
     endpoints = {}
     for name in ("submission", "http"):
         value = opts[name].strip()
@@ -333,7 +353,23 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         data_timeout=opts["data-timeout"],
         shutdown_timeout=opts["shutdown-timeout"],
         bounces=not opts["no-bounces"],
+        dkim=dkim,
     )
+
+
+def _dkim_signer(options: list[str], missing: str) -> DkimSigner | None:
+    """The signer of the ``--dkim`` options (keys read now); UsageError naming what is wrong."""
+    if missing not in ("send", "refuse"):
+        raise usage.UsageError(f"--dkim-missing: expected send or refuse, got {missing!r}")
+    if not options:
+        return None
+    from ..dkim import DkimKeyError, DkimSigner, parse_dkim_option
+
+    try:
+        keys = [parse_dkim_option(option) for option in options]
+        return DkimSigner(keys, missing="refuse" if missing == "refuse" else "send")
+    except DkimKeyError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> MultiService:

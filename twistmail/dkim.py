@@ -1,0 +1,426 @@
+"""DKIM signing (RFC 6376): ``rsa-sha256`` and ``ed25519-sha256`` (RFC 8463), relaxed/relaxed.
+
+Canonicalization and hashing follow RFC 6376 sections 3.4 and 3.7; the signature itself is made
+by ``cryptography``. A :class:`DkimSigner` holds the keys per From domain and signs
+:class:`~twistmail.message.Envelope` objects: the signature covers the message as it is before
+dot-stuffing, and the ``DKIM-Signature`` header goes in front of the DATA payload as it is (a
+header line never starts with a dot, so it needs no stuffing).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeAlias
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from twisted.logger import Logger
+
+from ._flatten import unfold
+from .address import parse_address_list
+from .errors import MessageError, TwistmailError
+from .message import Envelope, unstuff
+
+__all__ = [
+    "SIGNED_HEADERS",
+    "DkimError",
+    "DkimKey",
+    "DkimKeyError",
+    "DkimSigner",
+    "dns_record",
+    "generate_key",
+    "load_key",
+    "parse_dkim_option",
+]
+
+log = Logger()
+
+SIGNED_HEADERS = (
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "mime-version",
+    "content-type",
+    "reply-to",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+)
+"""The header fields signed whenever present; From is also over-signed (listed once more than
+it occurs), so no From can be added to a signed message."""
+_SIGNED = frozenset(name.encode("ascii") for name in SIGNED_HEADERS)
+_SIGNED_ORDER = tuple(name.encode("ascii") for name in SIGNED_HEADERS)
+
+PrivateKey: TypeAlias = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+Missing: TypeAlias = Literal["send", "refuse"]
+
+# A run of white space that is not a lone space (a lone space is left as it is: cheaper).
+_WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")
+_PKCS1 = padding.PKCS1v15()
+_PREHASHED = Prehashed(hashes.SHA256())
+_MIN_RSA_BITS = 1024  # RFC 8301: verifiers refuse smaller keys
+
+
+class DkimError(MessageError):
+    """A message that cannot be signed: no key for its From domain (with ``refuse``)."""
+
+
+class DkimKeyError(TwistmailError, ValueError):
+    """A DKIM key or ``--dkim`` setting that cannot be used (named in the message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    """One signing key: the ``d=`` domain, the ``s=`` selector and the private key."""
+
+    domain: str
+    selector: str
+    private_key: PrivateKey
+
+    @property
+    def algorithm(self) -> str:
+        """The ``a=`` tag value: ``rsa-sha256`` or ``ed25519-sha256``."""
+        if isinstance(self.private_key, ed25519.Ed25519PrivateKey):
+            return "ed25519-sha256"
+        return "rsa-sha256"
+
+
+def check_domain(domain: str, what: str) -> str:
+    """``domain`` as a lower-case A-label name; :class:`DkimKeyError` naming ``what`` if invalid."""
+    text = domain.strip().rstrip(".").lower()
+    try:
+        ascii_domain = text.encode("idna").decode("ascii") if not text.isascii() else text
+    except UnicodeError as e:
+        raise DkimKeyError(f"{what}: invalid domain {domain!r}") from e
+    labels = ascii_domain.split(".")
+    if not ascii_domain or not all(
+        label and re.fullmatch(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?", label) for label in labels
+    ):
+        raise DkimKeyError(f"{what}: invalid domain {domain!r}")
+    return ascii_domain
+
+
+def check_selector(selector: str, what: str) -> str:
+    """``selector`` itself; :class:`DkimKeyError` naming ``what`` if it is not a DNS label."""
+    if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*", selector):
+        raise DkimKeyError(f"{what}: invalid selector {selector!r}")
+    return selector
+
+
+def load_key(domain: str, selector: str, key_file: str | os.PathLike[str]) -> DkimKey:
+    """The key in the PEM file ``key_file`` (RSA of 1024 bits or more, or Ed25519).
+
+    Raises :class:`DkimKeyError` naming the file when it cannot be read or parsed; the key's
+    bytes never appear in the message.
+    """
+    what = f"DKIM key {os.fspath(key_file)!s} for {domain}"
+    ascii_domain = check_domain(domain, what)
+    check_selector(selector, what)
+    try:
+        data = Path(key_file).read_bytes()
+    except OSError as e:
+        raise DkimKeyError(f"{what}: cannot read it: {e.strerror}") from e
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise DkimKeyError(f"{what}: not an unencrypted PEM private key (RSA or Ed25519)") from e
+    except Exception as e:  # cryptography's UnsupportedAlgorithm and kin
+        raise DkimKeyError(f"{what}: unsupported key ({type(e).__name__})") from e
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < _MIN_RSA_BITS:
+            raise DkimKeyError(
+                f"{what}: an RSA key of {key.key_size} bits is too short "
+                f"(at least {_MIN_RSA_BITS}; 2048 recommended)"
+            )
+    elif not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise DkimKeyError(f"{what}: a {type(key).__name__} cannot sign DKIM (RSA or Ed25519)")
+    return DkimKey(ascii_domain, selector, key)
+
+
+def parse_dkim_option(text: str) -> DkimKey:
+    """The key a ``--dkim DOMAIN:SELECTOR:KEYFILE`` option names (the key file is read now)."""
+    domain, sep, rest = text.partition(":")
+    selector, sep2, key_file = rest.partition(":")
+    if not (sep and sep2 and domain and selector and key_file):
+        raise DkimKeyError(f"--dkim {text!r}: expected DOMAIN:SELECTOR:KEYFILE")
+    return load_key(domain, selector, key_file)
+
+
+def generate_key(algorithm: Literal["rsa", "ed25519"] = "rsa") -> PrivateKey:
+    """A new signing key: RSA-2048 or Ed25519."""
+    if algorithm == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def private_pem(key: PrivateKey) -> bytes:
+    """``key`` as an unencrypted PKCS#8 PEM file's bytes."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def dns_record(key: PrivateKey) -> str:
+    """The TXT record value publishing ``key``'s public half (``v=DKIM1; k=...; p=...``)."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode('ascii')}"
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode('ascii')}"
+
+
+# -- canonicalization (RFC 6376 section 3.4) -------------------------------------------------
+
+
+def relaxed_header(field: bytes) -> bytes:
+    """One header field (name, colon, value with its folding, no final CRLF) in relaxed form,
+    ending with CRLF."""
+    name, _, value = field.partition(b":")
+    if b"\r\n" in value:
+        value = value.replace(b"\r\n", b"")
+    if b"\t" in value or b"  " in value:
+        value = _WSP_RUN.sub(b" ", value)
+    return name.rstrip(b" \t").lower() + b":" + value.strip(b" \t") + b"\r\n"
+
+
+def relaxed_body(body: bytes) -> bytes:
+    """A message body (CRLF line ends) in relaxed form."""
+    if b"\t" in body or b"  " in body:
+        body = _WSP_RUN.sub(b" ", body)
+    # Every run is one space now, so this is all trailing white space (one scan, and the same
+    # object back when there is none: cheaper than looking first).
+    body = body.replace(b" \r\n", b"\r\n")
+    if body.endswith(b"\r\n\r\n") or not body.endswith(b"\r\n") or body == b"\r\n":
+        body = body.rstrip(b"\r\n").rstrip(b" \t")
+        return body + b"\r\n" if body else b""
+    return body
+
+
+def split_message(data: bytes) -> tuple[list[bytes], bytes]:
+    """The header fields (each without its final CRLF) and the body of a CRLF message."""
+    if data.startswith(b"\r\n"):
+        return [], data[2:]
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        head, body = data, b""
+    else:
+        head, body = data[: end + 2], data[end + 4 :]
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\r\n" + line
+        elif line:
+            fields.append(line)
+    return fields, body
+
+
+def _fold_names(names: list[str]) -> str:
+    """The ``h=`` value, folded so no line is much over 76 characters."""
+    lines: list[str] = []
+    line = ""
+    for name in names:
+        if line and len(line) + len(name) > 66:
+            lines.append(line)
+            line = ""
+        line += name + ":"
+    lines.append(line)
+    return "\r\n\t".join(lines)[:-1]
+
+
+def _fold_b64(value: str) -> bytes:
+    return b"\r\n\t".join(value[i : i + 72].encode("ascii") for i in range(0, len(value), 72))
+
+
+class DkimSigner:
+    """Signs messages with the key(s) of their From domain.
+
+    ``keys`` may hold an RSA and an Ed25519 key for one domain: both sign. A From domain with no
+    key of its own uses its parent domain's (relaxed DMARC alignment); with none at all the
+    message goes unsigned (``missing="send"``, logged once per domain, or given to ``warn``)
+    or is refused with :class:`DkimError` (``missing="refuse"``).
+    """
+
+    def __init__(
+        self,
+        keys: Iterable[DkimKey],
+        *,
+        missing: Missing = "send",
+        clock: Callable[[], float] = time.time,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        if missing not in ("send", "refuse"):
+            raise ValueError(f"missing must be 'send' or 'refuse', not {missing!r}")
+        self.missing: Missing = missing
+        self._clock = clock
+        self._warn = warn
+        self._keys: dict[str, list[DkimKey]] = {}
+        for key in keys:
+            if any(k.selector == key.selector for k in self._keys.get(key.domain, ())):
+                raise DkimKeyError(f"DKIM: two keys for {key.selector}._domainkey.{key.domain}")
+            self._keys.setdefault(key.domain, []).append(key)
+        if not self._keys:
+            raise DkimKeyError("DKIM: no key given")
+        self._from_domains: dict[bytes, str | None] = {}
+        self._warned: set[str] = set()
+        self._h_values: dict[tuple[bytes, ...], str] = {}
+        self._canonical: dict[bytes, bytes] = {}
+
+    @property
+    def domains(self) -> list[str]:
+        """The domains with a key."""
+        return sorted(self._keys)
+
+    def keys_for(self, domain: str) -> list[DkimKey]:
+        """The keys signing mail From ``domain`` (an A-label or U-label), parents included."""
+        name = domain.lower().rstrip(".")
+        if not name.isascii():
+            try:
+                name = name.encode("idna").decode("ascii")
+            except UnicodeError:
+                return []
+        while True:
+            keys = self._keys.get(name)
+            if keys is not None:
+                return keys
+            _, dot, name = name.partition(".")
+            if not dot:
+                return []
+
+    def sign(self, envelope: Envelope) -> Envelope:
+        """``envelope`` with DKIM-Signature header(s) in front, or ``envelope`` itself when its
+        From domain has no key and ``missing`` is ``"send"``; raises :class:`DkimError` for
+        ``"refuse"``."""
+        headers = self.signature_headers(unstuff(envelope.payload))
+        if not headers:
+            return envelope
+        signed = Envelope(
+            envelope.sender,
+            envelope.recipients,
+            headers + envelope.payload,
+            envelope.size + len(headers),
+            envelope.eight_bit,
+            envelope.smtputf8,
+            envelope.message_id,
+            envelope.source,
+            envelope.rendered,
+        )
+        if envelope.eight_bit:
+            # A 7-bit rendering for a server without 8BITMIME is signed again (reflatten_7bit).
+            signed.unsigned = envelope
+            signed.resign = self.sign
+        return signed
+
+    def signature_headers(self, data: bytes) -> bytes:
+        """The DKIM-Signature header field(s) for the message ``data`` (CRLF line ends, not
+        dot-stuffed), or ``b""`` when it goes unsigned."""
+        fields, body = split_message(data)
+        by_name: dict[bytes, list[bytes]] = {}
+        for field in fields:
+            name = field[: field.find(b":")].rstrip(b" \t").lower()
+            if name in _SIGNED:
+                found = by_name.get(name)
+                if found is None:
+                    by_name[name] = [field]
+                else:
+                    found.append(field)
+        froms = by_name.get(b"from")
+        domain = self._author_domain(froms[0] if froms else None)
+        keys = self.keys_for(domain) if domain else []
+        if not keys:
+            self._no_key(domain)
+            return b""
+        names: list[bytes] = []
+        for signed in _SIGNED_ORDER:
+            found = by_name.get(signed)
+            if found is not None:
+                names.extend([signed] * len(found))
+            if signed == b"from":
+                names.append(signed)  # over-signed: one more than there are
+        # RFC 6376 5.4.2: repeated fields are taken from the bottom up.
+        canonical = self._canonical
+        if len(canonical) > 4096:
+            canonical.clear()
+        parts = []
+        for name in names:
+            found = by_name.get(name)
+            if found:
+                field = found.pop()
+                relaxed = canonical.get(field)
+                if relaxed is None:  # bulk mail repeats From, MIME-Version, Content-Type ...
+                    relaxed = canonical[field] = relaxed_header(field)
+                parts.append(relaxed)
+        hashed = b"".join(parts)
+        h_value = self._h_values.get(tuple(names))
+        if h_value is None:
+            h_value = _fold_names([name.decode("ascii") for name in names])
+            if len(self._h_values) < 256:
+                self._h_values[tuple(names)] = h_value
+        body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode("ascii")
+        timestamp = int(self._clock())
+        signatures = []
+        for key in keys:
+            value = (
+                f" v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};"
+                f" s={key.selector};\r\n\tt={timestamp}; h={h_value};\r\n"
+                f"\tbh={body_hash};\r\n\tb="
+            ).encode("ascii")
+            field = b"DKIM-Signature:" + value
+            # Its relaxed form: the folds (CRLF TAB, the only tabs) become single spaces.
+            relaxed = b"dkim-signature:" + value[1:].replace(b"\r\n\t", b" ")
+            digest = hashlib.sha256(hashed + relaxed).digest()
+            private = key.private_key
+            if isinstance(private, ed25519.Ed25519PrivateKey):
+                signature = private.sign(digest)
+            else:
+                signature = private.sign(digest, _PKCS1, _PREHASHED)
+            signatures.append(
+                field + _fold_b64(base64.b64encode(signature).decode("ascii")) + b"\r\n"
+            )
+        return b"".join(signatures)
+
+    def _author_domain(self, author: bytes | None) -> str | None:
+        """The domain of the first From address (cached: bulk mail repeats one From)."""
+        if author is None:
+            return None
+        cached = self._from_domains.get(author, "")
+        if cached != "":
+            return cached
+        domain: str | None = None
+        try:
+            text = unfold(author[author.find(b":") + 1 :].decode("utf-8", "replace"))
+            addresses = parse_address_list(text, field="From")
+            domain = next((a.ascii_domain for a in addresses if not a.is_null), None)
+        except MessageError:
+            domain = None
+        if len(self._from_domains) >= 1024:
+            self._from_domains.clear()
+        self._from_domains[author] = domain
+        return domain
+
+    def _no_key(self, domain: str | None) -> None:
+        label = domain or "(no From address)"
+        if self.missing == "refuse":
+            raise DkimError(f"no DKIM key for the From domain {label}")
+        if label not in self._warned:
+            self._warned.add(label)
+            text = f"no DKIM key for the From domain {label}: sending unsigned"
+            if self._warn is not None:
+                self._warn(text)
+            else:
+                log.warn("{text}", text=text)
