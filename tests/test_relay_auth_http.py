@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +22,9 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 from relay_process import RelayProcess
 from servers import CueServer
+from waiting import wait_until
 
 PASSWORD = "correct horse battery staple"
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

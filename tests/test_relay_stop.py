@@ -11,12 +11,13 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from relay_process import RelayProcess
 from servers import CueServer
+from waiting import wait_until
 
 QUEUED = re.compile(rb"queued as (\d+)")
 
@@ -30,13 +31,6 @@ def relays() -> Iterator[list[RelayProcess]]:
         if relay.process is not None and relay.process.poll() is None:
             relay.process.kill()
             relay.process.wait(30)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def free_port() -> int:

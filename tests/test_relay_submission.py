@@ -10,12 +10,13 @@ import smtplib
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from relay_process import RelayProcess
 from servers import CueServer
+from waiting import wait_until
 
 MESSAGE = b"From: app@example.com\r\nTo: user@example.org\r\nSubject: hi\r\n\r\nHello.\r\n"
 QUEUED = re.compile(rb"2\.0\.0 Ok: queued as (\d+)")
@@ -34,13 +35,6 @@ def relay(upstream: CueServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
         path, upstream.port, "--max-message-size", "64k", "--max-recipients", "3"
     ) as r:
         yield r
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def delivered(upstream: CueServer, marker: bytes) -> list[bytes]:
