@@ -1,4 +1,15 @@
-"""The relay's HTTP listener: ``GET /healthz`` and ``GET /metrics`` (a Klein app).
+"""The relay's HTTP listener: ``GET /healthz``, ``GET /metrics`` and the ``/v1`` API (Klein).
+
+Access: when a token file is configured every endpoint but ``/healthz`` needs
+``Authorization: Bearer TOKEN`` (401 with ``WWW-Authenticate`` otherwise), and every endpoint
+but ``/healthz`` answers only to the ``Host`` names it was given and to IP addresses (421
+otherwise: a DNS-rebinding page cannot reach it). Errors are ``application/problem+json``
+(RFC 9457) with a ``field`` member naming what is wrong. Bodies larger than ``max_body`` are
+refused with 413 before they are read (:class:`LimitedRequest`).
+
+``POST /v1/messages`` takes a JSON message or a raw ``message/rfc822`` one
+(:mod:`twistmail.relay.messages`) and answers ``202 {"id", "message_id"}`` once it is committed
+to the queue.
 
 ``/healthz`` answers JSON: the relay's health dict plus ``"status"``. It is 503 only when the
 health says the queue cannot be written (``"queue_writable": false``): an unreachable or
@@ -8,24 +19,36 @@ probe does not restart the relay during an outage. A health callable that fails 
 ``/metrics`` answers the relay's metrics in Prometheus text format, the queue sizes read just
 before (see :class:`~twistmail.relay.metrics.RelayMetrics`).
 
-Serve it with ``twisted.web.server.Site(make_http(...).resource())``.
+Serve it with :func:`make_site`.
 """
 
 from __future__ import annotations
 
+import functools
+import io
+import ipaddress
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request, Site
 
+from ..message import Envelope
+from .messages import Problem, envelope_from_json, envelope_from_raw
 from .metrics import CONTENT_TYPE, RelayMetrics
+from .tokens import TokenChecker
 
-__all__ = ["Health", "make_http"]
+__all__ = ["Access", "Health", "LimitedRequest", "Submit", "make_http", "make_site"]
+
+PROBLEM: Final = b"application/problem+json"
+LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain"})
 
 log = Logger()
 
@@ -33,10 +56,174 @@ Health = Callable[[], "defer.Deferred[Mapping[str, Any]] | Mapping[str, Any]"]
 """What ``/healthz`` calls: a dict (or a Deferred of one) with at least ``queue_writable``
 (bool), and whatever else the relay reports (worker running, upstream state, ...)."""
 
+Submit = Callable[[Envelope, str], "defer.Deferred[int]"]
+"""Queues an envelope for a client (its address, for the log): fires with the queue id once
+committed (the relay's own ``_accept``, shared with the SMTP door)."""
 
-def make_http(health: Health, metrics: RelayMetrics) -> Klein:
-    """The Klein app serving ``/healthz`` from ``health()`` and ``/metrics`` from ``metrics``."""
+
+@dataclass(frozen=True)
+class Access:
+    """Who may use the API: ``tokens`` (None: no token needed) and the ``hosts`` names it
+    answers to (besides loopback names and IP addresses)."""
+
+    tokens: TokenChecker | None
+    hosts: frozenset[str]
+
+    def host_allowed(self, host: bytes | None) -> bool:
+        """Whether a ``Host`` header value names this service."""
+        if not host:
+            return False
+        try:
+            text = host.decode("ascii").strip().lower()
+        except UnicodeDecodeError:
+            return False
+        if text.startswith("["):  # [v6]:port
+            name = text[1 : text.find("]")] if "]" in text else ""
+        else:
+            name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+        try:
+            ipaddress.ip_address(name)
+            return True  # an address cannot be rebound
+        except ValueError:
+            return name in self.hosts or name in LOOPBACK_NAMES
+
+
+def problem(request: IRequest, status: int, detail: str, field: str | None = None) -> bytes:
+    """An RFC 9457 problem response body, the status and content type set on ``request``."""
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", PROBLEM)
+    request.setHeader(b"Cache-Control", b"no-store")
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": RESPONSES.get(status, b"Error").decode("ascii"),
+        "status": status,
+        "detail": detail,
+    }
+    if field is not None:
+        body["field"] = field
+    return json.dumps(body).encode() + b"\n"
+
+
+class LimitedRequest(Request):
+    """A request whose body may not exceed :attr:`max_body` bytes (twisted.web sets no limit):
+    a larger ``Content-Length``, or a chunked body growing past it, is answered 413 at once
+    and the connection closed, without reading the rest."""
+
+    max_body = 1024 * 1024
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self._too_large()
+            return
+        self._received = 0
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received = getattr(self, "_received", 0) + len(data)
+        if self._received > self.max_body:
+            self._too_large()
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    _refused = False
+
+    def process(self) -> None:
+        if not self._refused:
+            super().process()  # type: ignore[no-untyped-call]
+
+    def _too_large(self) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        self.content = io.BytesIO()
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is None:
+            return
+        body = json.dumps(
+            {
+                "type": "about:blank",
+                "title": "Content Too Large",
+                "status": 413,
+                "detail": f"the body is larger than {self.max_body} bytes",
+            }
+        ).encode()
+        transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/problem+json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        transport.loseConnection()
+
+
+def make_site(app: Klein, *, max_body: int, timeout: float = 60.0) -> Site:
+    """The ``Site`` serving ``app``: bodies up to ``max_body`` bytes, idle connections closed
+    after ``timeout`` seconds (a slow client included), no access log of its own."""
+
+    class Limited(LimitedRequest):
+        pass
+
+    Limited.max_body = max_body
+    site = Site(app.resource(), requestFactory=Limited, timeout=timeout)
+    site.noisy = False
+    return site
+
+
+Handler = Callable[[IRequest], "defer.Deferred[bytes]"]
+
+
+def _guarded(access: Access, handler: Handler) -> Callable[[IRequest], defer.Deferred[bytes]]:
+    """``handler`` run only for a request with an allowed Host and, when tokens are
+    configured, a valid token (its name in ``request.token_name``)."""
+
+    # Klein routes by function name: each guarded handler keeps its own.
+    @functools.wraps(handler)
+    def guarded(request: IRequest) -> defer.Deferred[bytes]:
+        if not access.host_allowed(request.getHeader(b"host")):
+            return defer.succeed(
+                problem(request, 421, "this service does not answer to that Host", "Host")
+            )
+        if access.tokens is None:
+            request.token_name = None  # type: ignore[attr-defined]
+            return handler(request)
+        presented = request.getHeader(b"authorization")
+
+        def checked(name: str | None) -> defer.Deferred[bytes]:
+            if name is None:
+                challenge = b'Bearer realm="twistmail"'
+                if presented:
+                    challenge += b', error="invalid_token"'
+                    log.warn(
+                        "refused an API request with an unknown token from {client}",
+                        client=getattr(request.getClientAddress(), "host", "?"),
+                    )
+                request.setHeader(b"WWW-Authenticate", challenge)
+                return defer.succeed(
+                    problem(request, 401, "a valid bearer token is required", "Authorization")
+                )
+            request.token_name = name  # type: ignore[attr-defined]
+            return handler(request)
+
+        return access.tokens.check(presented).addCallback(checked)
+
+    return guarded
+
+
+def _media_type(request: IRequest) -> str:
+    value = request.getHeader(b"content-type") or b""
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+def make_http(
+    health: Health,
+    metrics: RelayMetrics,
+    *,
+    access: Access | None = None,
+    submit: Submit | None = None,
+    max_message_size: int = 25 * 1024 * 1024,
+) -> Klein:
+    """The Klein app serving ``/healthz`` from ``health()``, ``/metrics`` from ``metrics``,
+    and (given ``submit``) ``POST /v1/messages``; ``access`` guards all but ``/healthz``."""
     app = Klein()
+    access = access if access is not None else Access(None, frozenset())
 
     @app.route("/healthz", methods=["GET"])
     def healthz(request: IRequest) -> defer.Deferred[bytes]:
@@ -57,10 +244,66 @@ def make_http(health: Health, metrics: RelayMetrics) -> Klein:
 
         return defer.maybeDeferred(health).addCallbacks(answer, broken)
 
-    @app.route("/metrics", methods=["GET"])
     def metrics_page(request: IRequest) -> defer.Deferred[bytes]:
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"Content-Type", CONTENT_TYPE.encode("ascii"))
         return metrics.refresh().addCallback(lambda _: metrics.render())
 
+    app.route("/metrics", methods=["GET"])(_guarded(access, metrics_page))
+    if submit is not None:
+        post = _post_message(submit, max_message_size)
+        app.route("/v1/messages", methods=["POST"])(_guarded(access, post))
     return app
+
+
+def _post_message(submit: Submit, max_message_size: int) -> Handler:
+    """``POST /v1/messages``: the envelope of the body, committed, then 202."""
+
+    def post(request: IRequest) -> defer.Deferred[bytes]:
+        kind = _media_type(request)
+        assert request.content is not None
+        body = request.content.read()
+        try:
+            if kind == "application/json":
+                envelope = envelope_from_json(body)
+            elif kind == "message/rfc822":
+                args = request.args or {}
+                senders = args.get(b"from", [])
+                if len(senders) > 1:
+                    raise Problem(422, "give one envelope sender", "from")
+                recipients = [
+                    r.strip()
+                    for value in args.get(b"to", [])
+                    for r in value.decode("utf-8", "replace").split(",")
+                    if r.strip()
+                ]
+                sender = senders[0].decode("utf-8", "replace") if senders else None
+                envelope = envelope_from_raw(body, sender, recipients)
+            else:
+                raise Problem(
+                    415,
+                    "send application/json or message/rfc822",
+                    "Content-Type",
+                )
+            if envelope.size > max_message_size:
+                raise Problem(413, f"the message is larger than {max_message_size} bytes")
+        except Problem as p:
+            return defer.succeed(problem(request, p.status, p.detail, p.field))
+        client = request.getClientAddress()
+        token = getattr(request, "token_name", None)
+        where = f"http:{getattr(client, 'host', client)}" + (f" token={token}" if token else "")
+
+        def accepted(queue_id: int) -> bytes:
+            request.setResponseCode(202)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Location", f"/v1/messages/{queue_id}".encode())
+            answer = {"id": queue_id, "message_id": envelope.message_id}
+            return json.dumps(answer).encode() + b"\n"
+
+        def refused(failure: Failure) -> bytes:
+            log.failure("could not queue a message from the HTTP API", failure)
+            return problem(request, 503, "the queue cannot be written; try again later")
+
+        return submit(envelope, where).addCallbacks(accepted, refused)
+
+    return post

@@ -24,7 +24,6 @@ from twisted.internet import defer, ssl
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from .._twisted import Reactor, default_reactor
 from ..errors import QueueError
@@ -34,9 +33,10 @@ from ..queue.sqlite import SqliteQueue, read_queue_status
 from .auth import MECHANISMS, FailureLimiter, auth_portal
 from .bounces import notification
 from .config import RelayConfig
-from .http import make_http
+from .http import Access, make_http, make_site
 from .listener import SubmissionFactory
 from .metrics import QueueSizes, RelayMetrics
+from .tokens import TokenChecker
 from .worker import RelayWorker
 
 __all__ = ["OWNER_PREFIX", "DeliveryLock", "RelayService", "StartError"]
@@ -159,11 +159,24 @@ class RelayService(MultiService):
         self._worker_done = self.worker.run()
         self._worker_done.addErrback(lambda f: log.failure("the delivery worker failed", f))
         if config.http is not None:
-            site = Site(make_http(self.health, self.metrics).resource())
-            site.noisy = False
+            tokens = (
+                TokenChecker(config.api_token_file, self.reactor)  # type: ignore[arg-type]
+                if config.api_token_file
+                else None
+            )
+            access = Access(tokens, frozenset({config.hostname.lower(), *config.http_hosts}))
+            app = make_http(
+                self.health,
+                self.metrics,
+                access=access,
+                submit=self._accept,
+                max_message_size=config.max_message_size,
+            )
+            # Room for base64 attachments (4/3) and the JSON around them.
+            site = make_site(app, max_body=config.max_message_size * 4 // 3 + 64 * 1024)
             port = await serverFromString(self.reactor, config.http).listen(site)
             self.ports.append(port)
-            self._log_listening("HTTP (health and metrics)", port)
+            self._log_listening("HTTP (API, health and metrics)", port)
         if config.submission is not None:
             clock = IReactorTime(self.reactor)
             self.submission = SubmissionFactory(
