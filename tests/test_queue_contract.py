@@ -405,7 +405,44 @@ async def test_close_is_idempotent_and_refuses_later_calls(open_queue: OpenQueue
         lambda: queue.next_due(),
         lambda: queue.summary(),
         lambda: queue.unsent(),
+        lambda: queue.enqueue_once("t", "k", "f", envelope(3)),
     ]
     for call in calls:
         with pytest.raises(QueueError):
             await call()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_repeated_key_queues_once_and_a_changed_body_conflicts(
+    open_queue: OpenQueue,
+) -> None:
+    queue = await open_queue()
+    first = await queue.enqueue_once("app", "key-1", "body-a", envelope(1))
+    assert first.outcome == "queued"
+    assert first.message_id == "<m1@test>"
+    again = await queue.enqueue_once("app", "key-1", "body-a", envelope(2))
+    assert (again.id, again.message_id, again.outcome) == (first.id, "<m1@test>", "repeat")
+    other = await queue.enqueue_once("app", "key-1", "body-b", envelope(3))
+    assert (other.id, other.outcome) == (first.id, "conflict")
+    claimed = await queue.claim("w", 10, lease=30)
+    assert [c.envelope.message_id for c in claimed] == ["<m1@test>"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_are_scoped_and_kept_for_their_time(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    a = await queue.enqueue_once("app", "k", "f", envelope(1))
+    b = await queue.enqueue_once("crm", "k", "f", envelope(2))
+    assert (a.outcome, b.outcome) == ("queued", "queued")
+    assert a.id != b.id
+    clock.advance(86400)  # exactly the time kept: still known
+    assert (await queue.enqueue_once("app", "k", "f", envelope(3))).outcome == "repeat"
+    clock.advance(1)
+    later = await queue.enqueue_once("app", "k", "f", envelope(4))
+    assert later.outcome == "queued"
+    assert later.id not in (a.id, b.id)
+    shorter = await queue.enqueue_once("crm", "k", "f", envelope(5), keep=3600)
+    assert shorter.outcome == "queued"
+    assert (await queue.summary()).counts["queued"] == 4

@@ -20,12 +20,14 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from twistmail.message import Envelope
+from twistmail.queue import Idempotent
 from twistmail.queue.memory import MemoryQueue
-from twistmail.relay.http import Access, make_http, make_site
+from twistmail.relay.http import Access, Key, make_http, make_site
 from twistmail.relay.metrics import RelayMetrics
 from twistmail.relay.tokens import TokenChecker, hash_token, new_token
 
 TOKEN = new_token()
+OTHER_TOKEN = new_token()
 
 
 @dataclass
@@ -46,13 +48,17 @@ def _serve(tmp_path: Path, *, tokens: bool, max_size: int = 100_000) -> Iterator
     checker = None
     if tokens:
         path = tmp_path / "tokens"
-        path.write_text(f"app:{hash_token(TOKEN)}\n")
+        path.write_text(f"app:{hash_token(TOKEN)}\ncrm:{hash_token(OTHER_TOKEN)}\n")
         checker = TokenChecker(str(path), reactor)  # type: ignore[arg-type]
     api = Api("", queue)
 
-    def submit(envelope: Envelope, client: str) -> defer.Deferred[int]:
+    def submit(envelope: Envelope, client: str, key: Key | None) -> defer.Deferred[Idempotent]:
         api.envelopes.append(envelope)
-        return queue.enqueue([envelope]).addCallback(lambda ids: ids[0])
+        if key is not None:
+            return queue.enqueue_once(*key, envelope)
+        return queue.enqueue([envelope]).addCallback(
+            lambda ids: Idempotent(ids[0], envelope.message_id, "queued")
+        )
 
     app = make_http(
         lambda: {"queue_writable": True},
@@ -321,3 +327,28 @@ async def test_a_message_over_the_size_limit_is_413(api: Api, http: HTTPClient) 
     assert code == 413
     assert "larger than 100000 bytes" in body["detail"]
     assert api.envelopes == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idempotency_key_queues_once_per_token(api: Api, http: HTTPClient) -> None:
+    url = api.base + "/v1/messages"
+    keyed = headers(**{"Idempotency-Key": b"order-42"})
+    code, first, hdrs = await post(http, url, MESSAGE, keyed)
+    assert code == 202
+    assert hdrs.getRawHeaders(b"idempotent-replayed") is None
+    code, again, hdrs = await post(http, url, MESSAGE, keyed)
+    assert (code, again) == (202, first)
+    assert hdrs.getRawHeaders(b"idempotent-replayed") == [b"true"]
+    changed = {**MESSAGE, "subject": "changed"}
+    code, body, _ = await post(http, url, changed, keyed)
+    assert (code, body["field"]) == (409, "Idempotency-Key")
+    # Another token's key of the same name is another key.
+    other = headers(token=OTHER_TOKEN, **{"Idempotency-Key": b"order-42"})
+    code, theirs, _ = await post(http, url, MESSAGE, other)
+    assert code == 202
+    assert theirs["id"] != first["id"]
+    assert (await api.queue.summary()).counts["queued"] == 2
+    for bad in (b"a" * 256, b"has space", b"\xe9t\xe9"):
+        code, body, _ = await post(http, url, MESSAGE, headers(**{"Idempotency-Key": bad}))
+        assert (code, body["field"]) == (400, "Idempotency-Key")
+    assert (await api.queue.summary()).counts["queued"] == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import smtplib
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -30,9 +31,17 @@ def upstream() -> Iterator[CueServer]:
 
 
 def call(
-    port: int, path: str, body: Any = None, *, token: str | None, method: str = "POST"
+    port: int,
+    path: str,
+    body: Any = None,
+    *,
+    token: str | None,
+    method: str = "POST",
+    key: str | None = None,
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     data = None if body is None else json.dumps(body).encode()
@@ -126,3 +135,38 @@ def test_http_beyond_loopback_without_tokens_does_not_start(tmp_path: Path) -> N
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert done.returncode != 0
     assert "listens beyond loopback: give --api-token-file" in done.stdout + done.stderr
+
+
+def test_a_client_retrying_after_a_timeout_gets_one_delivery(
+    upstream: CueServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "q.db"
+    message = {"from": "api@example.com", "to": "once@example.org", "text": "once"}
+    data = json.dumps(message).encode()
+    with RelayProcess(path, upstream.port, http="tcp:0:interface=127.0.0.1") as relay:
+        port = http_port(relay)
+        # The first attempt: sent in full, then the client gives up before the answer.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nIdempotency-Key: retry-1\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+            )
+        queued = relay.wait_for(r"queued \d+ from=<api@example.com>")
+        first_id = int(queued.split("queued ")[1].split()[0])
+        for _ in range(2):  # the retries
+            status, body, hdrs = call(port, "/v1/messages", message, token=None, key="retry-1")
+            assert status == 202, body
+            assert body["id"] == first_id
+            assert hdrs["Idempotent-Replayed"] == "true"
+        relay.wait_for(rf"delivery {first_id} .*status=sent")
+    # The key outlives a restart: it is in the queue file, committed with the message.
+    with RelayProcess(path, upstream.port, http="tcp:0:interface=127.0.0.1") as relay:
+        status, body, _ = call(http_port(relay), "/v1/messages", message, token=None, key="retry-1")
+        assert (status, body["id"]) == (202, first_id)
+    assert sum("once@example.org" in m.recipients for m in upstream.received) == 1
+    with sqlite3.connect(path) as db:
+        (count,) = db.execute(
+            "SELECT count(*) FROM recipients WHERE address = 'once@example.org'"
+        ).fetchone()
+    assert count == 1

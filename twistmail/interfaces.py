@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # annotations only: the queue records import the message mode
     from twisted.internet.defer import Deferred
 
     from .message import Envelope, MessageLike
-    from .queue.records import ClaimedMessage, Outcome, QueueRow, QueueSummary
+    from .queue.records import ClaimedMessage, Idempotent, Outcome, QueueRow, QueueSummary
 
 __all__ = ["IBackend", "IQueue"]
 
@@ -74,6 +74,18 @@ class IQueue(Interface):
         """Store ``envelopes`` as ``queued``, due now; fires with their ids, in order.
 
         Fires only once they are committed (for a file, fsync'd): they survive a crash.
+        """
+
+    def enqueue_once(
+        scope: str, key: str, fingerprint: str, envelope: Envelope, *, keep: float = 86400.0
+    ) -> Deferred[Idempotent]:
+        """Store ``envelope`` as :meth:`enqueue` does unless ``key`` was used in ``scope`` in
+        the last ``keep`` seconds; fires with what was done (see :class:`Idempotent`).
+
+        The key is committed in the same transaction as the message it queued, so a crash
+        keeps both or neither; a repeat (same ``fingerprint``) or conflict (another one)
+        stores nothing. Keys are per ``scope`` (e.g. an API token's name): the same key in two
+        scopes is two keys. Keys older than ``keep`` seconds may be forgotten.
         """
 
     def claim(owner: str, limit: int, *, lease: float) -> Deferred[list[ClaimedMessage]]:

@@ -7,7 +7,7 @@ and ``twistmail drain --spool``, :class:`twistmail.testing.MemoryQueue` the in-m
 :class:`~twistmail.Mailer`.
 """
 
-from .records import ClaimedMessage, Outcome, QueueError, QueueRow, QueueSummary
+from .records import ClaimedMessage, Idempotent, Outcome, QueueError, QueueRow, QueueSummary
 from .sqlite import SqliteQueue, read_queue_status
 from .worker import Drain, DrainReport
 
@@ -15,6 +15,7 @@ __all__ = [
     "ClaimedMessage",
     "Drain",
     "DrainReport",
+    "Idempotent",
     "Outcome",
     "QueueError",
     "QueueRow",

@@ -20,6 +20,7 @@ from ..message import Envelope
 from .records import (
     MESSAGE_STATES,
     ClaimedMessage,
+    Idempotent,
     MessageState,
     Outcome,
     QueueError,
@@ -75,6 +76,8 @@ class MemoryQueue:
         self._messages: dict[int, _Message] = {}
         self._next_id = 1
         self._closed = False
+        # (scope, key) -> (fingerprint, message id, when stored)
+        self._keys: dict[tuple[str, str], tuple[str, int, float]] = {}
 
     def enqueue(self, envelopes: Sequence[Envelope]) -> defer.Deferred[list[int]]:
         """Store ``envelopes`` as ``queued``, due now; fires with their ids."""
@@ -88,6 +91,25 @@ class MemoryQueue:
             ids.append(self._next_id)
             self._next_id += 1
         return defer.succeed(ids)
+
+    def enqueue_once(
+        self, scope: str, key: str, fingerprint: str, envelope: Envelope, *, keep: float = 86400.0
+    ) -> defer.Deferred[Idempotent]:
+        """Store ``envelope`` unless ``key`` was used in ``scope`` (see IQueue)."""
+        if self._closed:
+            return self._closed_error()
+        now = self._clock()
+        known = self._keys.get((scope, key))
+        if known is not None and known[2] >= now - keep:
+            stored, id_, _ = known
+            message_id = self._messages[id_].envelope.message_id
+            if stored == fingerprint:
+                return defer.succeed(Idempotent(id_, message_id, "repeat"))
+            return defer.succeed(Idempotent(id_, message_id, "conflict"))
+        id_ = self._next_id
+        self.enqueue([envelope])
+        self._keys[(scope, key)] = (fingerprint, id_, now)
+        return defer.succeed(Idempotent(id_, envelope.message_id, "queued"))
 
     def claim(
         self, owner: str, limit: int, *, lease: float

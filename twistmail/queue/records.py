@@ -11,6 +11,7 @@ from ..message import Envelope
 __all__ = [
     "MESSAGE_STATES",
     "ClaimedMessage",
+    "Idempotent",
     "MessageState",
     "Outcome",
     "QueueError",
@@ -58,6 +59,21 @@ class Outcome:
     code: int | None
     response: str
     recipients: tuple[tuple[int, RecipientState, int | None, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotent:
+    """What :meth:`IQueue.enqueue_once` did with a keyed request.
+
+    ``outcome`` is ``"queued"`` (the envelope was stored now), ``"repeat"`` (the key was used
+    before with the same fingerprint: nothing stored, ``id`` and ``message_id`` are the first
+    request's) or ``"conflict"`` (the key was used before with another fingerprint: nothing
+    stored, ``id`` is the first request's message).
+    """
+
+    id: int
+    message_id: str | None
+    outcome: Literal["queued", "repeat", "conflict"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,11 @@ Serve it with :func:`make_site`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import ipaddress
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -41,11 +43,20 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 
 from ..message import Envelope
+from ..queue.records import Idempotent
 from .messages import Problem, envelope_from_json, envelope_from_raw
 from .metrics import CONTENT_TYPE, RelayMetrics
 from .tokens import TokenChecker
 
-__all__ = ["Access", "Health", "LimitedRequest", "Submit", "make_http", "make_site"]
+__all__ = [
+    "Access",
+    "Health",
+    "Key",
+    "LimitedRequest",
+    "Submit",
+    "make_http",
+    "make_site",
+]
 
 PROBLEM: Final = b"application/problem+json"
 LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain"})
@@ -56,9 +67,15 @@ Health = Callable[[], "defer.Deferred[Mapping[str, Any]] | Mapping[str, Any]"]
 """What ``/healthz`` calls: a dict (or a Deferred of one) with at least ``queue_writable``
 (bool), and whatever else the relay reports (worker running, upstream state, ...)."""
 
-Submit = Callable[[Envelope, str], "defer.Deferred[int]"]
-"""Queues an envelope for a client (its address, for the log): fires with the queue id once
-committed (the relay's own ``_accept``, shared with the SMTP door)."""
+Key = tuple[str, str, str]
+"""An idempotency key as the queue takes it: (scope: the token's name, key, fingerprint)."""
+
+Submit = Callable[[Envelope, str, "Key | None"], "defer.Deferred[Idempotent]"]
+"""Queues an envelope for a client (its address, for the log), once per key when given one:
+fires once committed (the relay's own door, sharing its queue and worker with SMTP)."""
+
+MAX_KEY_CHARS: Final = 255
+_KEY = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_KEY_CHARS)
 
 
 @dataclass(frozen=True)
@@ -256,6 +273,25 @@ def make_http(
     return app
 
 
+def _idempotency_key(request: IRequest, kind: str, body: bytes) -> Key | None:
+    """The request's Idempotency-Key as the queue takes it (scoped to its token, with a
+    fingerprint of what it asks), or None without one."""
+    raw = request.getHeader(b"idempotency-key")
+    if raw is None:
+        return None
+    if _KEY.fullmatch(raw) is None:
+        raise Problem(
+            400,
+            f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} visible ASCII characters",
+            "Idempotency-Key",
+        )
+    digest = hashlib.sha256()
+    for part in (kind.encode(), request.uri.partition(b"?")[2], body):
+        digest.update(b"%d:" % len(part) + part)
+    scope = getattr(request, "token_name", None) or ""
+    return scope, raw.decode("ascii"), digest.hexdigest()
+
+
 def _post_message(submit: Submit, max_message_size: int) -> Handler:
     """``POST /v1/messages``: the envelope of the body, committed, then 202."""
 
@@ -264,6 +300,7 @@ def _post_message(submit: Submit, max_message_size: int) -> Handler:
         assert request.content is not None
         body = request.content.read()
         try:
+            key = _idempotency_key(request, kind, body)
             if kind == "application/json":
                 envelope = envelope_from_json(body)
             elif kind == "message/rfc822":
@@ -293,17 +330,35 @@ def _post_message(submit: Submit, max_message_size: int) -> Handler:
         token = getattr(request, "token_name", None)
         where = f"http:{getattr(client, 'host', client)}" + (f" token={token}" if token else "")
 
-        def accepted(queue_id: int) -> bytes:
+        def answered(result: Idempotent) -> bytes:
+            if result.outcome == "conflict":
+                return problem(
+                    request,
+                    409,
+                    "this Idempotency-Key was used with another request",
+                    "Idempotency-Key",
+                )
             request.setResponseCode(202)
             request.setHeader(b"Content-Type", b"application/json")
-            request.setHeader(b"Location", f"/v1/messages/{queue_id}".encode())
-            answer = {"id": queue_id, "message_id": envelope.message_id}
+            request.setHeader(b"Location", f"/v1/messages/{result.id}".encode())
+            if result.outcome == "repeat":
+                request.setHeader(b"Idempotent-Replayed", b"true")
+            answer = {"id": result.id, "message_id": result.message_id}
             return json.dumps(answer).encode() + b"\n"
 
         def refused(failure: Failure) -> bytes:
             log.failure("could not queue a message from the HTTP API", failure)
             return problem(request, 503, "the queue cannot be written; try again later")
 
-        return submit(envelope, where).addCallbacks(accepted, refused)
+        # Klein cancels the response's Deferred when the client goes away; the commit (and
+        # its log line, count and worker wake-up) must go on, so the client can retry.
+        response: defer.Deferred[bytes] = defer.Deferred()
+
+        def respond(result: bytes) -> None:
+            if not response.called:
+                response.callback(result)
+
+        submit(envelope, where, key).addCallbacks(answered, refused).addCallback(respond)
+        return response
 
     return post

@@ -28,12 +28,12 @@ from twisted.logger import Logger
 from .._twisted import Reactor, default_reactor
 from ..errors import QueueError
 from ..message import Envelope
-from ..queue.records import ClaimedMessage, Outcome
+from ..queue.records import ClaimedMessage, Idempotent, Outcome
 from ..queue.sqlite import SqliteQueue, read_queue_status
 from .auth import MECHANISMS, FailureLimiter, auth_portal
 from .bounces import notification
 from .config import RelayConfig
-from .http import Access, make_http, make_site
+from .http import Access, Key, make_http, make_site
 from .listener import SubmissionFactory
 from .metrics import QueueSizes, RelayMetrics
 from .tokens import TokenChecker
@@ -169,7 +169,7 @@ class RelayService(MultiService):
                 self.health,
                 self.metrics,
                 access=access,
-                submit=self._accept,
+                submit=self._submit,
                 max_message_size=config.max_message_size,
             )
             # Room for base64 attachments (4/3) and the JSON around them.
@@ -247,31 +247,53 @@ class RelayService(MultiService):
 
     def _accept(self, envelope: Envelope, client: str) -> defer.Deferred[int]:
         assert self.queue is not None
-        assert self.worker is not None
-        worker = self.worker
 
         def queued(ids: list[int]) -> int:
             (queue_id,) = ids
-            sender = str(envelope.sender)
-            nrcpt = len(envelope.recipients)
-            # One pre-formatted field is cheaper for twisted.logger's text formatting; the
-            # values stay in the event as fields for structured observers.
-            log.info(
-                "{line}",
-                line=f"queued {queue_id} from=<{sender}> size={envelope.size} nrcpt={nrcpt} "
-                f"client={client}",
-                queue_id=queue_id,
-                sender=sender,
-                size=envelope.size,
-                nrcpt=nrcpt,
-                client=client,
-            )
-            self.metrics.accepted()
-            self._accepted_at[queue_id] = time.time()
-            worker.wake()
+            self._queued(queue_id, envelope, client)
             return queue_id
 
         return self.queue.enqueue([envelope]).addCallback(queued)
+
+    def _submit(
+        self, envelope: Envelope, client: str, key: Key | None
+    ) -> defer.Deferred[Idempotent]:
+        """The HTTP door: :meth:`_accept`, or with an Idempotency-Key the queue's
+        ``enqueue_once`` (the key committed with the message)."""
+        if key is None:
+            return self._accept(envelope, client).addCallback(
+                lambda queue_id: Idempotent(queue_id, envelope.message_id, "queued")
+            )
+        assert self.queue is not None
+        scope, name, fingerprint = key
+
+        def done(result: Idempotent) -> Idempotent:
+            if result.outcome == "queued":
+                self._queued(result.id, envelope, client)
+            return result
+
+        return self.queue.enqueue_once(scope, name, fingerprint, envelope).addCallback(done)
+
+    def _queued(self, queue_id: int, envelope: Envelope, client: str) -> None:
+        """A message committed to the queue by either door: log it, count it, wake the worker."""
+        sender = str(envelope.sender)
+        nrcpt = len(envelope.recipients)
+        # One pre-formatted field is cheaper for twisted.logger's text formatting; the
+        # values stay in the event as fields for structured observers.
+        log.info(
+            "{line}",
+            line=f"queued {queue_id} from=<{sender}> size={envelope.size} nrcpt={nrcpt} "
+            f"client={client}",
+            queue_id=queue_id,
+            sender=sender,
+            size=envelope.size,
+            nrcpt=nrcpt,
+            client=client,
+        )
+        self.metrics.accepted()
+        self._accepted_at[queue_id] = time.time()
+        if self.worker is not None:
+            self.worker.wake()
 
     def _outcome(self, claimed: ClaimedMessage, outcome: Outcome) -> None:
         """One attempt recorded: log it, count it, and bounce a failed message."""
