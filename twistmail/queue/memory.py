@@ -22,11 +22,13 @@ from .records import (
     ClaimedMessage,
     Idempotent,
     MessageState,
+    MessageStatus,
     Outcome,
     QueueError,
     QueueRow,
     QueueSummary,
     RecipientState,
+    RecipientStatus,
 )
 
 __all__ = ["MemoryQueue"]
@@ -52,6 +54,8 @@ class _Message:
     fence: int = 0
     code: int | None = None
     response: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
 
     @property
     def waiting_until(self) -> float | None:
@@ -87,7 +91,9 @@ class MemoryQueue:
         ids = []
         for envelope in envelopes:
             recipients = [_Recipient(str(address)) for address in envelope.recipients]
-            self._messages[self._next_id] = _Message(envelope, recipients, due=now)
+            self._messages[self._next_id] = _Message(
+                envelope, recipients, due=now, created_at=now, updated_at=now
+            )
             ids.append(self._next_id)
             self._next_id += 1
         return defer.succeed(ids)
@@ -130,6 +136,7 @@ class MemoryQueue:
             message.owner = owner
             message.lease_until = now + lease
             message.fence += 1
+            message.updated_at = now
             claimed.append(self._claimed(id_, message))
         claimed.sort(key=lambda c: c.id)
         return defer.succeed(claimed)
@@ -148,6 +155,7 @@ class MemoryQueue:
         message.code = outcome.code
         message.response = outcome.response
         message.owner = message.lease_until = None
+        message.updated_at = now
         for position, state, code, response in outcome.recipients:
             recipient = message.recipients[position]
             recipient.state, recipient.code, recipient.response = state, code, response
@@ -163,6 +171,7 @@ class MemoryQueue:
             if message is not None:
                 message.state = "queued" if message.attempts == 0 else "deferred"
                 message.owner = message.lease_until = None
+                message.updated_at = self._clock()
                 released += 1
         return defer.succeed(released)
 
@@ -186,6 +195,71 @@ class MemoryQueue:
         if not times:
             return defer.succeed(None)
         return defer.succeed(max(0.0, min(times) - self._clock()))
+
+    def message(self, id: int) -> defer.Deferred[MessageStatus | None]:
+        """Message ``id`` with its recipients' states; None if there is none."""
+        if self._closed:
+            return self._closed_error()
+        message = self._messages.get(id)
+        return defer.succeed(None if message is None else self._status(id, message))
+
+    def messages(
+        self, state: str | None = None, *, after: int = 0, limit: int = 100
+    ) -> defer.Deferred[list[MessageStatus]]:
+        """Up to ``limit`` messages with an id above ``after`` (in ``state``), by id."""
+        if self._closed:
+            return self._closed_error()
+        found = [
+            self._status(id_, m)
+            for id_, m in sorted(self._messages.items())
+            if id_ > after and (state is None or m.state == state)
+        ]
+        return defer.succeed(found[: max(0, limit)])
+
+    def retry(self, id: int) -> defer.Deferred[str]:
+        """Put failed message ``id`` back in the queue (see IQueue)."""
+        if self._closed:
+            return self._closed_error()
+        message = self._messages.get(id)
+        if message is None or message.state != "failed":
+            return defer.succeed("missing" if message is None else message.state)
+        now = self._clock()
+        message.state, message.attempts, message.due = "queued", 0, now
+        message.code, message.response, message.updated_at = None, "", now
+        for recipient in message.recipients:
+            if recipient.state == "failed":
+                recipient.state, recipient.code, recipient.response = "pending", None, ""
+        return defer.succeed("retried")
+
+    def cancel(self, id: int, reason: str) -> defer.Deferred[str]:
+        """Fail message ``id`` if it is queued or deferred (see IQueue)."""
+        if self._closed:
+            return self._closed_error()
+        message = self._messages.get(id)
+        if message is None or message.state not in ("queued", "deferred"):
+            return defer.succeed("missing" if message is None else message.state)
+        message.state, message.code, message.response = "failed", None, reason
+        message.updated_at = self._clock()
+        for recipient in message.recipients:
+            if recipient.state == "pending":
+                recipient.state, recipient.code, recipient.response = "failed", None, reason
+        return defer.succeed("cancelled")
+
+    @staticmethod
+    def _status(id_: int, m: _Message) -> MessageStatus:
+        return MessageStatus(
+            id_,
+            m.envelope.message_id,
+            str(m.envelope.sender),
+            m.state,
+            m.attempts,
+            m.created_at,
+            m.updated_at,
+            m.due,
+            m.code,
+            m.response,
+            tuple(RecipientStatus(r.address, r.state, r.code, r.response) for r in m.recipients),
+        )
 
     def summary(self) -> defer.Deferred[QueueSummary]:
         """Counts by state, and how many messages are due, held or with an expired lease."""

@@ -13,11 +13,13 @@ __all__ = [
     "ClaimedMessage",
     "Idempotent",
     "MessageState",
+    "MessageStatus",
     "Outcome",
     "QueueError",
     "QueueRow",
     "QueueSummary",
     "RecipientState",
+    "RecipientStatus",
 ]
 
 MessageState = Literal["queued", "sending", "deferred", "sent", "failed"]
@@ -74,6 +76,33 @@ class Idempotent:
     id: int
     message_id: str | None
     outcome: Literal["queued", "repeat", "conflict"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientStatus:
+    """One recipient of a message and the last reply for it (None/"" before any)."""
+
+    address: str
+    state: RecipientState
+    code: int | None
+    response: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStatus:
+    """One message as :meth:`IQueue.message` tells it (times on the store's clock)."""
+
+    id: int
+    message_id: str | None
+    sender: str
+    state: MessageState
+    attempts: int
+    created_at: float
+    updated_at: float
+    due: float
+    code: int | None
+    response: str
+    recipients: tuple[RecipientStatus, ...]
 
 
 @dataclass(frozen=True, slots=True)
