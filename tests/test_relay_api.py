@@ -20,7 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from twistmail.message import Envelope
-from twistmail.queue import Idempotent
+from twistmail.queue import Idempotent, Outcome
 from twistmail.queue.memory import MemoryQueue
 from twistmail.relay.http import Access, Key, make_http, make_site
 from twistmail.relay.metrics import RelayMetrics
@@ -35,6 +35,7 @@ class Api:
     base: str
     queue: MemoryQueue
     envelopes: list[Envelope] = field(default_factory=list)
+    wakes: list[int] = field(default_factory=list)
     port: int = 0
 
 
@@ -65,6 +66,8 @@ def _serve(tmp_path: Path, *, tokens: bool, max_size: int = 100_000) -> Iterator
         RelayMetrics(),
         access=Access(checker, frozenset({"relay.test"})),
         submit=submit,
+        queue=queue,
+        wake=lambda: api.wakes.append(1),
         max_message_size=max_size,
     )
     site = make_site(app, max_body=max_size * 4 // 3 + 1024)
@@ -352,3 +355,94 @@ async def test_an_idempotency_key_queues_once_per_token(api: Api, http: HTTPClie
         code, body, _ = await post(http, url, MESSAGE, headers(**{"Idempotency-Key": bad}))
         assert (code, body["field"]) == (400, "Idempotency-Key")
     assert (await api.queue.summary()).counts["queued"] == 2
+
+
+async def get(http: HTTPClient, url: str, token: str | None = TOKEN) -> tuple[int, Any]:
+    response = await http.get(url, headers=headers(token=token))
+    return response.code, json.loads(await response.content())
+
+
+async def send(http: HTTPClient, method: str, url: str) -> tuple[int, Any]:
+    response = await http.request(method, url, headers=headers())
+    return response.code, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_is_tracked_retried_and_cancelled(api: Api, http: HTTPClient) -> None:
+    base = api.base + "/v1/messages"
+    ids = [(await post(http, base, {**MESSAGE, "subject": f"m{n}"}))[1]["id"] for n in range(3)]
+    code, shown = await get(http, f"{base}/{ids[0]}")
+    assert code == 200
+    assert shown["state"] == "queued"
+    assert shown["from"] == "app@example.com"
+    assert shown["attempts"] == 0
+    assert shown["created_at"].endswith("Z")
+    assert [r["address"] for r in shown["recipients"]] == [
+        "ann@example.org",
+        "bob@example.org",
+        "cc@example.org",
+        "hidden@example.org",
+    ]
+    # A delivery attempt refuses one recipient for good.
+    (claimed,) = await api.queue.claim("w", 1, lease=30)
+    outcome = Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state="failed",
+        attempts=1,
+        code=550,
+        response="5.1.1 no such user",
+        recipients=tuple(
+            (p, "failed" if p == 1 else "sent", 550 if p == 1 else 250, "5.1.1 no such user")
+            for p in claimed.positions
+        ),
+    )
+    assert await api.queue.record("w", outcome)
+    code, shown = await get(http, f"{base}/{ids[0]}")
+    assert shown["state"] == "failed"
+    bob = shown["recipients"][1]
+    assert (bob["state"], bob["code"], bob["text"]) == ("failed", 550, "5.1.1 no such user")
+    assert shown["last_reply"] == {"code": 550, "text": "5.1.1 no such user"}
+    # Retry: only a failed one.
+    code, problem_body = await send(http, "POST", f"{base}/{ids[1]}/retry")
+    assert (code, problem_body["field"]) == (409, "id")
+    assert api.wakes == []
+    code, retried = await send(http, "POST", f"{base}/{ids[0]}/retry")
+    assert (code, retried["state"], retried["attempts"]) == (200, "queued", 0)
+    assert retried["recipients"][1]["state"] == "pending"
+    assert api.wakes == [1]
+    # Cancel: a queued one, not one being sent.
+    code, cancelled = await send(http, "DELETE", f"{base}/{ids[2]}")
+    assert (code, cancelled["state"]) == (200, "failed")
+    assert cancelled["last_reply"]["text"] == "cancelled by the API"
+    await api.queue.claim("w", 10, lease=30)  # ids[0] and ids[1] are being sent
+    code, body = await send(http, "DELETE", f"{base}/{ids[0]}")
+    assert code == 409
+    assert "sending" in body["detail"]
+    for method, url in (("GET", f"{base}/999"), ("DELETE", f"{base}/999")):
+        code, body = await send(http, method, url)
+        assert (code, body["status"]) == (404, 404)
+    code, _ = await get(http, f"{base}/{ids[0]}", token=None)
+    assert code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_list_pages_with_a_stable_cursor(api: Api, http: HTTPClient) -> None:
+    base = api.base + "/v1/messages"
+    ids = [(await post(http, base, MESSAGE))[1]["id"] for _ in range(5)]
+    code, page = await get(http, base + "?limit=2")
+    assert code == 200
+    assert [m["id"] for m in page["messages"]] == ids[:2]
+    await post(http, base, MESSAGE)  # a sixth, added while paging
+    seen = [m["id"] for m in page["messages"]]
+    while page["next_cursor"] is not None:
+        code, page = await get(http, f"{base}?limit=2&cursor={page['next_cursor']}")
+        seen += [m["id"] for m in page["messages"]]
+    assert seen == [*ids, ids[-1] + 1]
+    await send(http, "DELETE", f"{base}/{ids[3]}")
+    code, failed = await get(http, base + "?state=failed")
+    assert [m["id"] for m in failed["messages"]] == [ids[3]]
+    assert failed["next_cursor"] is None
+    for query, name in (("state=lost", "state"), ("limit=0", "limit"), ("cursor=x", "cursor")):
+        code, body = await get(http, f"{base}?{query}")
+        assert (code, body["field"]) == (400, name)

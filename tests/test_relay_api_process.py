@@ -170,3 +170,59 @@ def test_a_client_retrying_after_a_timeout_gets_one_delivery(
             "SELECT count(*) FROM recipients WHERE address = 'once@example.org'"
         ).fetchone()
     assert count == 1
+
+
+def test_track_retry_and_cancel_through_the_real_relay(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    refusing = {"nobody": "550 5.1.1 no such user"}
+    with (
+        CueServer(rcpt_replies_once=refusing) as upstream,
+        RelayProcess(
+            path, upstream.port, "--no-bounces", http="tcp:0:interface=127.0.0.1"
+        ) as relay,
+    ):
+        port = http_port(relay)
+        message = {"from": "api@example.com", "to": "nobody@example.org", "text": "x"}
+        status, body, _ = call(port, "/v1/messages", message, token=None)
+        assert status == 202
+        sent_id = body["id"]
+        relay.wait_for(rf"delivery {sent_id} .*status=failed")
+        status, shown, _ = call(port, f"/v1/messages/{sent_id}", token=None, method="GET")
+        assert (status, shown["state"], shown["attempts"]) == (200, "failed", 1)
+        (rcpt,) = shown["recipients"]
+        assert rcpt["code"] == 550
+        assert "no such user" in rcpt["text"]
+        status, listed, _ = call(port, "/v1/messages?state=failed", token=None, method="GET")
+        assert [m["id"] for m in listed["messages"]] == [sent_id]
+        # The refusal was once only: a retry delivers it.
+        status, retried, _ = call(port, f"/v1/messages/{sent_id}/retry", {}, token=None)
+        assert (status, retried["state"]) == (200, "queued")
+        relay.wait_for(rf"delivery {sent_id} .*attempt=1 status=sent")
+        status, shown, _ = call(port, f"/v1/messages/{sent_id}", token=None, method="GET")
+        assert shown["state"] == "sent"
+        assert sum("nobody@example.org" in m.recipients for m in upstream.received) == 1
+        status, body, _ = call(port, f"/v1/messages/{sent_id}", token=None, method="DELETE")
+        assert (status, body["status"]) == (409, 409)
+        status, body, _ = call(port, "/v1/messages/9999", token=None, method="GET")
+        assert status == 404
+
+
+def test_cancel_a_deferred_message(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    with (
+        CueServer(rcpt_replies={"later": "451 4.2.1 mailbox busy"}) as upstream,
+        RelayProcess(path, upstream.port, http="tcp:0:interface=127.0.0.1") as relay,
+    ):
+        port = http_port(relay)
+        message = {"from": "api@example.com", "to": "later@example.org", "text": "x"}
+        _, body, _ = call(port, "/v1/messages", message, token=None)
+        waiting = body["id"]
+        relay.wait_for(rf"delivery {waiting} .*status=deferred")  # next try in 300 s
+        status, cancelled, _ = call(port, f"/v1/messages/{waiting}", token=None, method="DELETE")
+        assert (status, cancelled["state"]) == (200, "failed")
+        assert cancelled["recipients"][0]["text"] == "cancelled by the API"
+        status, _, _ = call(port, f"/v1/messages/{waiting}", token=None, method="DELETE")
+        assert status == 409
+    with sqlite3.connect(path) as db:
+        (state,) = db.execute("SELECT state FROM messages WHERE id = ?", (waiting,)).fetchone()
+    assert state == "failed"

@@ -38,15 +38,17 @@ from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
 
+from ..interfaces import IQueue
 from ..message import Envelope
 from ..queue.records import Idempotent
 from .messages import Problem, envelope_from_json, envelope_from_raw
 from .metrics import CONTENT_TYPE, RelayMetrics
+from .problems import problem
 from .tokens import TokenChecker
+from .tracking import tracking_routes
 
 __all__ = [
     "Access",
@@ -58,7 +60,6 @@ __all__ = [
     "make_site",
 ]
 
-PROBLEM: Final = b"application/problem+json"
 LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain"})
 
 log = Logger()
@@ -103,22 +104,6 @@ class Access:
             return True  # an address cannot be rebound
         except ValueError:
             return name in self.hosts or name in LOOPBACK_NAMES
-
-
-def problem(request: IRequest, status: int, detail: str, field: str | None = None) -> bytes:
-    """An RFC 9457 problem response body, the status and content type set on ``request``."""
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", PROBLEM)
-    request.setHeader(b"Cache-Control", b"no-store")
-    body: dict[str, Any] = {
-        "type": "about:blank",
-        "title": RESPONSES.get(status, b"Error").decode("ascii"),
-        "status": status,
-        "detail": detail,
-    }
-    if field is not None:
-        body["field"] = field
-    return json.dumps(body).encode() + b"\n"
 
 
 class LimitedRequest(Request):
@@ -184,23 +169,23 @@ def make_site(app: Klein, *, max_body: int, timeout: float = 60.0) -> Site:
     return site
 
 
-Handler = Callable[[IRequest], "defer.Deferred[bytes]"]
+Handler = Callable[..., "defer.Deferred[bytes]"]
 
 
-def _guarded(access: Access, handler: Handler) -> Callable[[IRequest], defer.Deferred[bytes]]:
+def _guarded(access: Access, handler: Handler) -> Handler:
     """``handler`` run only for a request with an allowed Host and, when tokens are
     configured, a valid token (its name in ``request.token_name``)."""
 
     # Klein routes by function name: each guarded handler keeps its own.
     @functools.wraps(handler)
-    def guarded(request: IRequest) -> defer.Deferred[bytes]:
+    def guarded(request: IRequest, **route: Any) -> defer.Deferred[bytes]:
         if not access.host_allowed(request.getHeader(b"host")):
             return defer.succeed(
                 problem(request, 421, "this service does not answer to that Host", "Host")
             )
         if access.tokens is None:
             request.token_name = None  # type: ignore[attr-defined]
-            return handler(request)
+            return handler(request, **route)
         presented = request.getHeader(b"authorization")
 
         def checked(name: str | None) -> defer.Deferred[bytes]:
@@ -217,7 +202,7 @@ def _guarded(access: Access, handler: Handler) -> Callable[[IRequest], defer.Def
                     problem(request, 401, "a valid bearer token is required", "Authorization")
                 )
             request.token_name = name  # type: ignore[attr-defined]
-            return handler(request)
+            return handler(request, **route)
 
         return access.tokens.check(presented).addCallback(checked)
 
@@ -235,10 +220,14 @@ def make_http(
     *,
     access: Access | None = None,
     submit: Submit | None = None,
+    queue: IQueue | None = None,
+    wake: Callable[[], None] = lambda: None,
     max_message_size: int = 25 * 1024 * 1024,
 ) -> Klein:
     """The Klein app serving ``/healthz`` from ``health()``, ``/metrics`` from ``metrics``,
-    and (given ``submit``) ``POST /v1/messages``; ``access`` guards all but ``/healthz``."""
+    (given ``submit``) ``POST /v1/messages`` and (given ``queue``) the message endpoints
+    (:mod:`twistmail.relay.tracking`; ``wake()`` after a retry); ``access`` guards all but
+    ``/healthz``."""
     app = Klein()
     access = access if access is not None else Access(None, frozenset())
 
@@ -270,6 +259,9 @@ def make_http(
     if submit is not None:
         post = _post_message(submit, max_message_size)
         app.route("/v1/messages", methods=["POST"])(_guarded(access, post))
+    if queue is not None:
+        for path, method, handler in tracking_routes(queue, wake):
+            app.route(path, methods=[method])(_guarded(access, handler))
     return app
 
 

@@ -170,6 +170,8 @@ class RelayService(MultiService):
                 self.metrics,
                 access=access,
                 submit=self._submit,
+                queue=self.queue,
+                wake=self._wake,
                 max_message_size=config.max_message_size,
             )
             # Room for base64 attachments (4/3) and the JSON around them.
@@ -273,6 +275,10 @@ class RelayService(MultiService):
             return result
 
         return self.queue.enqueue_once(scope, name, fingerprint, envelope).addCallback(done)
+
+    def _wake(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
 
     def _queued(self, queue_id: int, envelope: Envelope, client: str) -> None:
         """A message committed to the queue by either door: log it, count it, wake the worker."""
