@@ -446,3 +446,25 @@ async def test_the_list_pages_with_a_stable_cursor(api: Api, http: HTTPClient) -
     for query, name in (("state=lost", "state"), ("limit=0", "limit"), ("cursor=x", "cursor")):
         code, body = await get(http, f"{base}?{query}")
         assert (code, body["field"]) == (400, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_paths_methods_and_ids_are_problems(api: Api, http: HTTPClient) -> None:
+    for method, path, status in (
+        ("GET", "/v1/messages/null", 404),
+        ("GET", "/v1/messages/9223372036854775808", 404),
+        ("POST", "/v1/messages/0/retry", 404),
+        ("PUT", "/v1/messages/1", 405),
+        ("GET", "/nowhere", 404),
+    ):
+        response = await http.request(method, api.base + path, headers=headers())
+        body = json.loads(await response.content())
+        assert response.code == status, path
+        assert response.headers.getRawHeaders(b"content-type") == [b"application/problem+json"]
+        assert body["status"] == status
+    code, body = await send(http, "POST", api.base + "/v1/messages/1/retry")
+    assert body["title"] == "Not Found"
+    code, spec = await get(http, api.base + "/v1/openapi.json")
+    assert (code, spec["openapi"]) == (200, "3.1.0")
+    code, _ = await get(http, api.base + "/v1/openapi.json", token=None)
+    assert code == 401

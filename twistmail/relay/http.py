@@ -32,6 +32,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Final
 
 from klein import Klein
@@ -40,6 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request, Site
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from ..interfaces import IQueue
 from ..message import Envelope
@@ -74,6 +76,9 @@ Key = tuple[str, str, str]
 Submit = Callable[[Envelope, str, "Key | None"], "defer.Deferred[Idempotent]"]
 """Queues an envelope for a client (its address, for the log), once per key when given one:
 fires once committed (the relay's own door, sharing its queue and worker with SMTP)."""
+
+OPENAPI: Final = resources.files(__package__) / "openapi.json"
+"""The API's OpenAPI 3.1 description, served at ``/v1/openapi.json``."""
 
 MAX_KEY_CHARS: Final = 255
 _KEY = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_KEY_CHARS)
@@ -259,6 +264,24 @@ def make_http(
     if submit is not None:
         post = _post_message(submit, max_message_size)
         app.route("/v1/messages", methods=["POST"])(_guarded(access, post))
+    spec = OPENAPI.read_bytes()  # once, at start: never a disk read per request
+
+    def openapi(request: IRequest) -> defer.Deferred[bytes]:
+        request.setHeader(b"Content-Type", b"application/json")
+        return defer.succeed(spec)
+
+    app.route("/v1/openapi.json", methods=["GET"])(_guarded(access, openapi))
+
+    @app.handle_errors(NotFound)
+    def not_found(request: IRequest, failure: Failure) -> bytes:
+        return problem(request, 404, "no such resource")
+
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(request: IRequest, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+        return problem(request, 405, "this resource does not take that method")
+
     if queue is not None:
         for path, method, handler in tracking_routes(queue, wake):
             app.route(path, methods=[method])(_guarded(access, handler))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from typing import Any, Final
 
-from twisted.web.http import RESPONSES
 from twisted.web.iweb import IRequest
 
 __all__ = ["PROBLEM", "problem"]
@@ -20,7 +20,7 @@ def problem(request: IRequest, status: int, detail: str, field: str | None = Non
     request.setHeader(b"Cache-Control", b"no-store")
     body: dict[str, Any] = {
         "type": "about:blank",
-        "title": RESPONSES.get(status, b"Error").decode("ascii"),
+        "title": HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
     }

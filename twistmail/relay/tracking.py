@@ -11,6 +11,7 @@ that is not in the queue.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ __all__ = ["CANCELLED", "message_json", "tracking_routes"]
 CANCELLED: Final = "cancelled by the API"
 """The reason recorded for a message cancelled with ``DELETE``."""
 
+MAX_ID: Final = 2**63 - 1
 MAX_PAGE: Final = 1000
 DEFAULT_PAGE: Final = 100
 
@@ -89,6 +91,19 @@ def tracking_routes(queue: IQueue, wake: Callable[[], None]) -> list[Route]:
     def _missing(request: IRequest, message_id: int) -> bytes:
         return problem(request, 404, f"no message {message_id} in the queue", "id")
 
+    def known(
+        handler: Callable[[IRequest, int], defer.Deferred[bytes]],
+    ) -> Callable[[IRequest, int], defer.Deferred[bytes]]:
+        """``handler`` for an id a queue can hold (SQLite ids are 64-bit); 404 otherwise."""
+
+        @functools.wraps(handler)
+        def checked(request: IRequest, message_id: int) -> defer.Deferred[bytes]:
+            if not 0 < message_id <= MAX_ID:
+                return defer.succeed(_missing(request, message_id))
+            return handler(request, message_id)
+
+        return checked
+
     def show(request: IRequest, message_id: int) -> defer.Deferred[bytes]:
         def found(status: MessageStatus | None) -> bytes:
             if status is None:
@@ -105,7 +120,7 @@ def tracking_routes(queue: IQueue, wake: Callable[[], None]) -> list[Route]:
             return defer.succeed(problem(request, 400, detail, "state"))
         try:
             limit = _number(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-            after = _number(request, "cursor", 0, 0, 2**63 - 1)
+            after = _number(request, "cursor", 0, 0, MAX_ID)
         except ValueError as e:
             field = str(e).split(" ", 1)[0]
             return defer.succeed(problem(request, 400, str(e), field))
@@ -147,7 +162,7 @@ def tracking_routes(queue: IQueue, wake: Callable[[], None]) -> list[Route]:
 
     return [
         ("/v1/messages", "GET", listing),
-        ("/v1/messages/<int:message_id>", "GET", show),
-        ("/v1/messages/<int:message_id>/retry", "POST", retry),
-        ("/v1/messages/<int:message_id>", "DELETE", cancel),
+        ("/v1/messages/<int:message_id>", "GET", known(show)),
+        ("/v1/messages/<int:message_id>/retry", "POST", known(retry)),
+        ("/v1/messages/<int:message_id>", "DELETE", known(cancel)),
     ]
