@@ -468,3 +468,23 @@ async def test_unknown_paths_methods_and_ids_are_problems(api: Api, http: HTTPCl
     assert (code, spec["openapi"]) == (200, "3.1.0")
     code, _ = await get(http, api.base + "/v1/openapi.json", token=None)
     assert code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_headers_beyond_their_limit_are_refused(api: Api) -> None:
+    """Twisted's limit (16 KiB of header lines) holds: the connection is dropped unanswered."""
+    body = json.dumps(MESSAGE).encode()
+
+    def request(filler: int) -> bytes:
+        return (
+            b"POST /v1/messages HTTP/1.1\r\nHost: relay.test\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nX-Filler: " + b"a" * filler + b"\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+
+    answer = await raw_exchange(api.port, request(8_000))
+    assert answer.startswith(b"HTTP/1.1 202 ")
+    answer = await raw_exchange(api.port, request(20_000))
+    assert not answer.startswith(b"HTTP/1.1 2")
+    assert len(api.envelopes) == 1
