@@ -55,6 +55,7 @@ from .._twisted import Reactor, default_reactor
 from ..address import Address, parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
+from ._sqlite_status import cancel_message, list_messages, one_message, retry_message
 from .records import (
     MESSAGE_STATES,
     ClaimedMessage,
@@ -64,7 +65,6 @@ from .records import (
     QueueError,
     QueueRow,
     QueueSummary,
-    RecipientStatus,
 )
 
 __all__ = ["SqliteQueue", "read_queue_status"]
@@ -482,97 +482,6 @@ def _oldest_waiting(conn: sqlite3.Connection) -> float | None:
     return None if at is None else float(at)
 
 
-_STATUS = (
-    "SELECT id, message_id, sender, state, attempts, created_at, updated_at, due, code, "
-    "response FROM messages"
-)
-
-
-def _statuses(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[MessageStatus]:
-    rows = conn.execute(f"{_STATUS} {where}", args).fetchall()
-    if not rows:
-        return []
-    ids = [row[0] for row in rows]
-    recipients: dict[int, list[RecipientStatus]] = {i: [] for i in ids}
-    marks = ",".join("?" * len(ids))
-    for message, address, state, code, response in conn.execute(
-        f"SELECT message, address, state, code, response FROM recipients "  # noqa: S608
-        f"WHERE message IN ({marks}) ORDER BY message, position",
-        ids,
-    ):
-        recipients[message].append(RecipientStatus(address, state, code, response))
-    return [
-        MessageStatus(
-            id=row[0],
-            message_id=row[1],
-            sender=row[2],
-            state=row[3],
-            attempts=row[4],
-            created_at=row[5],
-            updated_at=row[6],
-            due=row[7],
-            code=row[8],
-            response=row[9],
-            recipients=tuple(recipients[row[0]]),
-        )
-        for row in rows
-    ]
-
-
-def _message(conn: sqlite3.Connection, message: int) -> MessageStatus | None:
-    found = _statuses(conn, "WHERE id = ?", (message,))
-    return found[0] if found else None
-
-
-def _messages(
-    conn: sqlite3.Connection, state: str | None, after: int, limit: int
-) -> list[MessageStatus]:
-    if state is None:
-        return _statuses(conn, "WHERE id > ? ORDER BY id LIMIT ?", (after, max(0, limit)))
-    return _statuses(
-        conn, "WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, max(0, limit))
-    )
-
-
-def _state_of(conn: sqlite3.Connection, message: int) -> str:
-    row = conn.execute("SELECT state FROM messages WHERE id = ?", (message,)).fetchone()
-    return "missing" if row is None else str(row[0])
-
-
-def _retry(message: int, conn: sqlite3.Connection, now: float) -> str:
-    state = _state_of(conn, message)
-    if state != "failed":
-        return state
-    conn.execute(
-        "UPDATE messages SET state = 'queued', attempts = 0, due = ?, code = NULL, "
-        "response = '', updated_at = ? WHERE id = ?",
-        (now, now, message),
-    )
-    conn.execute(
-        "UPDATE recipients SET state = 'pending', code = NULL, response = '' "
-        "WHERE message = ? AND state = 'failed'",
-        (message,),
-    )
-    return "retried"
-
-
-def _cancel(message: int, reason: str, conn: sqlite3.Connection, now: float) -> str:
-    state = _state_of(conn, message)
-    if state not in ("queued", "deferred"):
-        return state
-    conn.execute(
-        "UPDATE messages SET state = 'failed', code = NULL, response = ?, updated_at = ? "
-        "WHERE id = ?",
-        (reason, now, message),
-    )
-    conn.execute(
-        "UPDATE recipients SET state = 'failed', code = NULL, response = ? "
-        "WHERE message = ? AND state = 'pending'",
-        (reason, message),
-    )
-    return "cancelled"
-
-
 def _renew(owner: str, lease: float, conn: sqlite3.Connection, now: float) -> int:
     cursor = conn.execute(
         "UPDATE messages SET lease_until = ? WHERE owner = ? AND state = 'sending'",
@@ -743,11 +652,11 @@ class SqliteQueue:
 
     def retry(self, message: int) -> defer.Deferred[str]:
         """Put failed message ``message`` back in the queue (see IQueue)."""
-        return self._write(lambda conn, now: _retry(message, conn, now))
+        return self._write(lambda conn, now: retry_message(message, conn, now))
 
     def cancel(self, message: int, reason: str) -> defer.Deferred[str]:
         """Fail message ``message`` if it is queued or deferred (see IQueue)."""
-        return self._write(lambda conn, now: _cancel(message, reason, conn, now))
+        return self._write(lambda conn, now: cancel_message(message, reason, conn, now))
 
     def take_back(self, owner_prefix: str) -> defer.Deferred[int]:
         """Give back at once every claim of the owners whose token starts with
@@ -778,13 +687,13 @@ class SqliteQueue:
 
     def message(self, message: int) -> defer.Deferred[MessageStatus | None]:
         """Message ``message`` with its recipients' states; None if there is none."""
-        return self._db.read(_message, message)
+        return self._db.read(one_message, message)
 
     def messages(
         self, state: str | None = None, *, after: int = 0, limit: int = 100
     ) -> defer.Deferred[list[MessageStatus]]:
         """Up to ``limit`` messages with an id above ``after`` (in ``state``), by id."""
-        return self._db.read(_messages, state, after, limit)
+        return self._db.read(list_messages, state, after, limit)
 
     def queued_at(self, message: int) -> defer.Deferred[float | None]:
         """When message ``message`` was enqueued (the queue's clock); None if there is none."""
