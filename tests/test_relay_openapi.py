@@ -82,6 +82,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Pa
             capture_output=True,
             text=True,
             env=dict(os.environ, PYTHONPATH=str(ROOT), NO_COLOR="1"),
+            cwd=tmp_path,  # its .schemathesis cache goes there, not into the checkout
             timeout=280,
         )
         output = done.stdout + done.stderr
