@@ -405,7 +405,154 @@ async def test_close_is_idempotent_and_refuses_later_calls(open_queue: OpenQueue
         lambda: queue.next_due(),
         lambda: queue.summary(),
         lambda: queue.unsent(),
+        lambda: queue.enqueue_once("t", "k", "f", envelope(3)),
+        lambda: queue.message(1),
+        lambda: queue.messages(),
+        lambda: queue.retry(1),
+        lambda: queue.cancel(1, "x"),
     ]
     for call in calls:
         with pytest.raises(QueueError):
             await call()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_repeated_key_queues_once_and_a_changed_body_conflicts(
+    open_queue: OpenQueue,
+) -> None:
+    queue = await open_queue()
+    first = await queue.enqueue_once("app", "key-1", "body-a", envelope(1))
+    assert first.outcome == "queued"
+    assert first.message_id == "<m1@test>"
+    again = await queue.enqueue_once("app", "key-1", "body-a", envelope(2))
+    assert (again.id, again.message_id, again.outcome) == (first.id, "<m1@test>", "repeat")
+    other = await queue.enqueue_once("app", "key-1", "body-b", envelope(3))
+    assert (other.id, other.outcome) == (first.id, "conflict")
+    claimed = await queue.claim("w", 10, lease=30)
+    assert [c.envelope.message_id for c in claimed] == ["<m1@test>"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_are_scoped_and_kept_for_their_time(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    a = await queue.enqueue_once("app", "k", "f", envelope(1))
+    b = await queue.enqueue_once("crm", "k", "f", envelope(2))
+    assert (a.outcome, b.outcome) == ("queued", "queued")
+    assert a.id != b.id
+    clock.advance(86400)  # exactly the time kept: still known
+    assert (await queue.enqueue_once("app", "k", "f", envelope(3))).outcome == "repeat"
+    clock.advance(1)
+    later = await queue.enqueue_once("app", "k", "f", envelope(4))
+    assert later.outcome == "queued"
+    assert later.id not in (a.id, b.id)
+    shorter = await queue.enqueue_once("crm", "k", "f", envelope(5), keep=3600)
+    assert shorter.outcome == "queued"
+    assert (await queue.summary()).counts["queued"] == 4
+
+
+def refused(claimed: ClaimedMessage) -> Outcome:
+    """The first recipient of ``claimed`` accepted, the others refused for good."""
+    return Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state="failed",
+        attempts=claimed.attempts + 1,
+        code=550,
+        response="5.1.1 no such user",
+        recipients=tuple(
+            (p, "sent", 250, "ok") if i == 0 else (p, "failed", 550, "5.1.1 no such user")
+            for i, p in enumerate(claimed.positions)
+        ),
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_tells_state_times_and_each_recipients_reply(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    (id_,) = await queue.enqueue([envelope(1, "a@example.org", "b@example.org")])
+    fresh = await queue.message(id_)
+    assert (fresh.state, fresh.attempts, fresh.created_at, fresh.updated_at) == (
+        "queued",
+        0,
+        T0,
+        T0,
+    )
+    assert fresh.message_id == "<m1@test>"
+    assert fresh.sender == "sender@example.com"
+    assert [(r.address, r.state, r.code) for r in fresh.recipients] == [
+        ("a@example.org", "pending", None),
+        ("b@example.org", "pending", None),
+    ]
+    clock.advance(5)
+    (claimed,) = await queue.claim("w", 1, lease=30)
+    assert await queue.record("w", refused(claimed))
+    done = await queue.message(id_)
+    assert (done.state, done.attempts, done.code, done.updated_at) == ("failed", 1, 550, T0 + 5)
+    assert [(r.state, r.code, r.response) for r in done.recipients] == [
+        ("sent", 250, "ok"),
+        ("failed", 550, "5.1.1 no such user"),
+    ]
+    assert await queue.message(id_ + 100) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_pages_by_id_with_a_stable_cursor(open_queue: OpenQueue) -> None:
+    queue = await open_queue()
+    ids = await queue.enqueue([envelope(n) for n in range(5)])
+    (claimed, *_) = await queue.claim("w", 1, lease=30)
+    assert await queue.record("w", refused(claimed))  # one recipient: failed
+    first = await queue.messages(limit=2)
+    assert [m.id for m in first] == ids[:2]
+    await queue.enqueue([envelope(9)])  # added while paging: on a later page
+    second = await queue.messages(after=first[-1].id, limit=2)
+    assert [m.id for m in second] == ids[2:4]
+    rest = await queue.messages(after=second[-1].id, limit=10)
+    assert len(rest) == 2
+    assert rest[0].id == ids[4]
+    failed = await queue.messages("failed")
+    assert [m.id for m in failed] == [claimed.id]
+    assert [m.id for m in await queue.messages("queued", limit=100)] == [*ids[1:], rest[1].id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_puts_a_failed_message_back_for_its_failed_recipients(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    (id_,) = await queue.enqueue([envelope(1, "a@example.org", "b@example.org")])
+    assert await queue.retry(id_) == "queued"  # not failed: nothing changed
+    assert await queue.retry(id_ + 100) == "missing"
+    (claimed,) = await queue.claim("w", 1, lease=30)
+    assert await queue.retry(id_) == "sending"
+    assert await queue.record("w", refused(claimed))
+    clock.advance(60)
+    assert await queue.retry(id_) == "retried"
+    back = await queue.message(id_)
+    assert (back.state, back.attempts, back.due) == ("queued", 0, T0 + 60)
+    (again,) = await queue.claim("w", 1, lease=30)
+    assert [str(r) for r in again.envelope.recipients] == ["b@example.org"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_fails_a_waiting_message_but_not_one_being_sent(
+    open_queue: OpenQueue,
+) -> None:
+    queue = await open_queue()
+    first, second, third = await queue.enqueue([envelope(n) for n in range(3)])
+    assert await queue.cancel(first, "cancelled by the API") == "cancelled"
+    gone = await queue.message(first)
+    assert (gone.state, gone.response) == ("failed", "cancelled by the API")
+    assert [(r.state, r.response) for r in gone.recipients] == [("failed", "cancelled by the API")]
+    assert await queue.cancel(first, "again") == "failed"
+    claimed = await queue.claim("w", 1, lease=30)
+    assert [c.id for c in claimed] == [second]
+    assert await queue.cancel(second, "x") == "sending"
+    assert await queue.record("w", sent(claimed[0]))
+    assert await queue.cancel(second, "x") == "sent"
+    assert await queue.cancel(third + 100, "x") == "missing"
+    remaining = await queue.claim("w", 10, lease=30)
+    assert [c.id for c in remaining] == [third]  # the cancelled one is never claimed

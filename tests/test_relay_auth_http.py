@@ -143,7 +143,7 @@ def test_auth_over_plaintext_off_loopback_is_refused_but_works_after_starttls(
 
 
 def http_port(relay: RelayProcess) -> int:
-    line = relay.wait_for(r"HTTP \(health and metrics\) listening on [^:]+:\d+")
+    line = relay.wait_for(r"HTTP \([^)]*\) listening on [^:]+:\d+")
     return int(line.rsplit(":", 1)[1])
 
 

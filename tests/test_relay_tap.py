@@ -155,3 +155,38 @@ def test_dkim_keys_are_read_at_start(tmp_path: Path) -> None:
     with pytest.raises(usage.UsageError, match="--dkim-missing"):
         parse("--dkim-missing", "maybe")
     assert parse().config.dkim is None
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "local"),
+    [
+        ("tcp:8025:interface=127.0.0.1", True),
+        ("tcp:8025:interface=127.9.9.9", True),
+        ("tcp6:8025:interface=\\:\\:1", True),
+        ("tcp:port=8025:interface=localhost", True),
+        ("unix:/run/twistmail.sock", True),
+        ("tcp:8025", False),
+        ("tcp:8025:interface=0.0.0.0", False),
+        ("tcp:8025:interface=10.0.0.5", False),
+        ("tcp6:8025:interface=\\:\\:", False),
+        ("tcp:8025:interface=relay.example.com", False),
+    ],
+)
+def test_loopback_only_reads_the_interface(endpoint: str, local: bool) -> None:
+    from twistmail.relay.tap import loopback_only
+
+    assert loopback_only(endpoint) is local
+
+
+def test_http_beyond_loopback_needs_a_token_file(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError, match="--http tcp:8025 listens beyond loopback"):
+        parse("--http", "tcp:8025")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("")
+    config = parse(
+        "--http", "tcp:8025", "--api-token-file", str(tokens), "--http-hosts", "A.test, b"
+    ).config
+    assert config.api_token_file == str(tokens)
+    assert config.http_hosts == ("a.test", "b")
+    with pytest.raises(usage.UsageError, match="--api-token-file: no such file"):
+        parse("--http", "tcp:8025", "--api-token-file", str(tmp_path / "missing"))

@@ -406,7 +406,7 @@ def test_a_version_1_spool_is_migrated_in_place_and_its_messages_claimed(tmp_pat
         assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
             (SCHEMA_VERSION,)
         ]
-        assert SCHEMA_VERSION == "3"
+        assert SCHEMA_VERSION == "4"
         claimed = yield queue.claim("new", 10, lease=30)
         assert [(c.id, c.envelope.message_id, c.fence) for c in claimed] == [
             (1, "<v1.1@test>", 1),
@@ -493,7 +493,7 @@ def test_a_version_2_spool_is_migrated_in_place_its_payloads_apart_and_no_tempor
     clock = stopped_clock()
     queue = yield SqliteQueue.open(path, create=False, clock=clock.seconds)
     try:
-        assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("3",)]
+        assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
         assert rows(path, every_column) == before
         # Every payload moved to its own table (a sent message's, emptied before, is none).
         assert rows(path, "SELECT message, data FROM payloads ORDER BY message") == payloads

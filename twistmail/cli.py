@@ -1,8 +1,8 @@
 """The ``twistmail`` command: argument parsing only; the work is in :mod:`twistmail.merge`.
 
 Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture``, ``drain``, ``users``
-(the relay's AUTH users file) and ``serve`` (the relay in the foreground: the same service as
-``twistd -n twistmail``).
+(the relay's AUTH users file), ``tokens`` (its HTTP API tokens) and ``serve`` (the relay in the
+foreground: the same service as ``twistd -n twistmail``).
 Exit status: 0 every recipient sent; 1 some recipients failed or were invalid; 2 usage,
 configuration or template error (nothing sent); 3 interrupted, or rows remain to send.
 """
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _drain_parser(sub)
     _users_parser(sub)
     add_dkim_parser(sub)
+    _tokens_parser(sub)
     sub.add_parser(
         "serve",
         help="run the mail relay in the foreground (as twistd -n twistmail)",
@@ -234,31 +235,89 @@ exit status: 0 done; 1 no such user (remove); 2 bad name, password or file.
 """
 
 
+def _file_parser(
+    sub: Any,
+    command: str,
+    texts: tuple[str, str, str],
+    actions: tuple[tuple[str, str], ...],
+    name_help: str,
+    file_option: tuple[str, dict[str, Any]],
+) -> None:
+    """A ``twistmail COMMAND add|remove|list`` parser: ``texts`` are its help, description
+    and epilog; ``file_option`` the option naming the file and its argparse settings."""
+    help_text, description, epilog = texts
+    parser = sub.add_parser(
+        command,
+        help=help_text,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub_actions = parser.add_subparsers(dest=f"{command}_action", required=True, metavar="ACTION")
+    for action, text in actions:
+        one = sub_actions.add_parser(action, help=text, description=text)
+        if action != "list":
+            one.add_argument("name", metavar="NAME", help=name_help)
+        option, settings = file_option
+        one.add_argument(option, metavar="PATH", **settings)
+
+
 def _users_parser(sub: Any) -> None:
     from .relay.users import DEFAULT_USERS_FILE
 
-    users = sub.add_parser(
+    _file_parser(
+        sub,
         "users",
-        help="add, remove or list the relay's AUTH users",
-        description="Manage the users file the relay checks SMTP AUTH against (scrypt hashes).",
-        epilog=_USERS_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    actions = users.add_subparsers(dest="users_action", required=True, metavar="ACTION")
-    for action, text in (
-        ("add", "add a user, or change a user's password"),
-        ("remove", "remove a user"),
-        ("list", "list the users' names"),
-    ):
-        parser = actions.add_parser(action, help=text, description=text)
-        if action != "list":
-            parser.add_argument("name", metavar="NAME", help="the login name, e.g. alice")
-        parser.add_argument(
+        (
+            "add, remove or list the relay's AUTH users",
+            "Manage the users file the relay checks SMTP AUTH against (scrypt hashes).",
+            _USERS_EXAMPLE,
+        ),
+        (
+            ("add", "add a user, or change a user's password"),
+            ("remove", "remove a user"),
+            ("list", "list the users' names"),
+        ),
+        "the login name, e.g. alice",
+        (
             "--users-file",
-            default=DEFAULT_USERS_FILE,
-            metavar="PATH",
-            help=f"the users file (default: {DEFAULT_USERS_FILE} in the working directory)",
-        )
+            {
+                "default": DEFAULT_USERS_FILE,
+                "help": f"the users file (default: {DEFAULT_USERS_FILE} in the working directory)",
+            },
+        ),
+    )
+
+
+_TOKENS_EXAMPLE = """\
+examples:
+  twistmail tokens add billing --api-token-file /etc/twistmail/api-tokens   (prints the token)
+  twistmail tokens remove billing --api-token-file /etc/twistmail/api-tokens
+  twistmail tokens list --api-token-file /etc/twistmail/api-tokens
+
+add prints the new token once on standard output; the file keeps only its SHA-256. The running
+relay (twistd twistmail --api-token-file FILE) picks up a changed file without a restart.
+exit status: 0 done; 1 no such token (remove) or the name is taken (add); 2 bad name or file.
+"""
+
+
+def _tokens_parser(sub: Any) -> None:
+    _file_parser(
+        sub,
+        "tokens",
+        (
+            "add, remove or list the relay's HTTP API tokens",
+            "Manage the bearer tokens the relay's HTTP API accepts (stored hashed).",
+            _TOKENS_EXAMPLE,
+        ),
+        (
+            ("add", "make a token and print it once"),
+            ("remove", "remove a token"),
+            ("list", "list the tokens' names"),
+        ),
+        "the token's name, e.g. billing",
+        ("--api-token-file", {"required": True, "help": "the token file"}),
+    )
 
 
 _DRAIN_EXAMPLE = """\
@@ -469,6 +528,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 getattr(args, "name", None),
                 args.users_file,
                 stdin=sys.stdin,
+                stdout=sys.stdout,
+                stderr=sys.stderr,
+            )
+        )
+    if args.command == "tokens":
+        from .relay.tokens import tokens_command
+
+        sys.exit(
+            tokens_command(
+                args.tokens_action,
+                getattr(args, "name", None),
+                args.api_token_file,
                 stdout=sys.stdout,
                 stderr=sys.stderr,
             )

@@ -11,7 +11,14 @@ if TYPE_CHECKING:  # annotations only: the queue records import the message mode
     from twisted.internet.defer import Deferred
 
     from .message import Envelope, MessageLike
-    from .queue.records import ClaimedMessage, Outcome, QueueRow, QueueSummary
+    from .queue.records import (
+        ClaimedMessage,
+        Idempotent,
+        MessageStatus,
+        Outcome,
+        QueueRow,
+        QueueSummary,
+    )
 
 __all__ = ["IBackend", "IQueue"]
 
@@ -76,6 +83,18 @@ class IQueue(Interface):
         Fires only once they are committed (for a file, fsync'd): they survive a crash.
         """
 
+    def enqueue_once(
+        scope: str, key: str, fingerprint: str, envelope: Envelope, *, keep: float = 86400.0
+    ) -> Deferred[Idempotent]:
+        """Store ``envelope`` as :meth:`enqueue` does unless ``key`` was used in ``scope`` in
+        the last ``keep`` seconds; fires with what was done (see :class:`Idempotent`).
+
+        The key is committed in the same transaction as the message it queued, so a crash
+        keeps both or neither; a repeat (same ``fingerprint``) or conflict (another one)
+        stores nothing. Keys are per ``scope`` (e.g. an API token's name): the same key in two
+        scopes is two keys. Keys older than ``keep`` seconds may be forgotten.
+        """
+
     def claim(owner: str, limit: int, *, lease: float) -> Deferred[list[ClaimedMessage]]:
         """Take up to ``limit`` messages for ``owner`` under a lease of ``lease`` seconds.
 
@@ -106,6 +125,28 @@ class IQueue(Interface):
         A waiting message is a queued or deferred one (its due time) or a ``sending`` one (its
         lease's end). 0.0 when one can be claimed now; None when none waits.
         """
+
+    def message(id: int) -> Deferred[MessageStatus | None]:
+        """Message ``id`` with its recipients' states; None if there is none."""
+
+    def messages(
+        state: str | None = None, *, after: int = 0, limit: int = 100
+    ) -> Deferred[list[MessageStatus]]:
+        """Up to ``limit`` messages with an id above ``after`` (in ``state`` if given), by id.
+
+        Ids only grow, so paging with ``after`` = the last id seen is stable: a message added
+        meanwhile comes on a later page, none is skipped or shown twice.
+        """
+
+    def retry(id: int) -> Deferred[str]:
+        """Put failed message ``id`` back: ``queued``, due now, no attempts counted, its failed
+        recipients pending again. Fires with ``"retried"``, ``"missing"`` or its state when
+        it is not ``failed`` (nothing changed)."""
+
+    def cancel(id: int, reason: str) -> Deferred[str]:
+        """Fail message ``id`` with ``reason`` if it is queued or deferred (its pending
+        recipients too). Fires with ``"cancelled"``, ``"missing"`` or its state otherwise
+        (nothing changed: a ``sending`` message is in a worker's hands)."""
 
     def summary() -> Deferred[QueueSummary]:
         """Counts by state, and how many are due, held under a live lease, or expired."""

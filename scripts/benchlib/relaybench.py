@@ -1,4 +1,5 @@
-"""``scripts/bench --mode relay``: smtp-source -> twistd twistmail -> smtp-sink, end to end.
+"""``scripts/bench --mode relay``: smtp-source -> twistd twistmail -> smtp-sink, end to end;
+``--mode api``: the same relay fed by HTTP clients instead (see the end of this text).
 
 Postfix's ``smtp-source`` submits ``--count`` messages of ~2.3 KB over 20 parallel sessions,
 one message per connection (as most applications submit), to the real ``twistd twistmail``
@@ -10,6 +11,12 @@ submission to the sink's last message), the relay's CPU µs per message and its 
 No Postfix relay runs beside it (not set up here): the ratio printed is against the issue's
 reference figure for a stock Postfix 3.7 relay on this kind of machine (350 msgs/s end to end
 when quiet), so it is only indicative; the target is 5x that (1,750 msgs/s).
+
+``--mode api``: ``--sessions`` keep-alive HTTP clients (``apiload.py``) POST ``--count`` small
+JSON messages to ``/v1/messages`` while the relay delivers to smtp-sink; each repeat also runs
+the SMTP door (smtp-source, as ``--mode relay``) on a fresh relay, so the two are compared in
+the same sitting. Reported: accepted msgs/s of each door, their ratio, and the p50/p99
+latency of the 202. Target: at least the SMTP door's rate, p99 under 50 ms.
 
 Normally started by ``scripts/bench --mode relay``, which provides smtp-sink (smtp-source sits
 beside it) and the bench virtualenv.
@@ -32,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from apiload import post_messages
 from runner import BenchError, Sink, _free_port, mode_parser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,10 +61,15 @@ def _peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, Any]:
-    """One fresh relay, ``args.count`` messages through it; the figures of this run."""
+def run_once(
+    args: argparse.Namespace, sink: Sink, workdir: Path, door: str = "smtp"
+) -> dict[str, Any]:
+    """One fresh relay, ``args.count`` messages through its ``door`` (``smtp`` or ``http``);
+    the figures of this run."""
     queue = workdir / f"queue-{time.monotonic_ns()}.db"
     port = _free_port()
+    http_port = _free_port()
+    latencies: list[float] = []
     log_path = workdir / "relay.log"
     argv = [
         args.python,
@@ -77,7 +90,7 @@ def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, A
         "--submission",
         f"tcp:{port}:interface=127.0.0.1",
         "--http",
-        "none",
+        f"tcp:{http_port}:interface=127.0.0.1" if door == "http" else "none",
         "--concurrency",
         str(args.connections),
     ]
@@ -97,26 +110,10 @@ def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, A
         if args.smtp_sink_libs:
             source_env["LD_LIBRARY_PATH"] = args.smtp_sink_libs
         started = time.monotonic()
-        subprocess.run(
-            [
-                str(source),
-                "-s",
-                str(args.sessions),
-                "-m",
-                str(args.count),
-                "-l",
-                str(args.size),
-                "-f",
-                "app@example.com",
-                "-t",
-                "user@example.org",
-                f"127.0.0.1:{port}",
-            ],
-            env=source_env,
-            check=True,
-            timeout=args.timeout,
-            stdout=subprocess.DEVNULL,
-        )
+        if door == "http":
+            _, latencies = post_messages(http_port, args.count, args.sessions)
+        else:
+            _smtp_source(args, source, source_env, port)
         accepted = time.monotonic()
         while sink.received() - before < args.count:
             if time.monotonic() - started > args.timeout:
@@ -132,7 +129,8 @@ def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, A
         except subprocess.TimeoutExpired:
             relay.kill()
             relay.wait()
-    return {
+    figures = {
+        "door": door,
         "count": args.count,
         "accept_msgs_per_s": round(args.count / (accepted - started), 1),
         "end_to_end_msgs_per_s": round(args.count / (delivered - started), 1),
@@ -140,10 +138,40 @@ def run_once(args: argparse.Namespace, sink: Sink, workdir: Path) -> dict[str, A
         "relay_peak_rss_mb": round(rss, 1),
         "relay_exit": relay.returncode,
     }
+    if latencies:
+        ordered = sorted(latencies)
+        figures["p50_ms"] = round(ordered[len(ordered) // 2] * 1000, 2)
+        figures["p99_ms"] = round(
+            ordered[min(len(ordered) - 1, len(ordered) * 99 // 100)] * 1000, 2
+        )
+    return figures
+
+
+def _smtp_source(args: argparse.Namespace, source: Path, env: dict[str, str], port: int) -> None:
+    subprocess.run(
+        [
+            str(source),
+            "-s",
+            str(args.sessions),
+            "-m",
+            str(args.count),
+            "-l",
+            str(args.size),
+            "-f",
+            "app@example.com",
+            "-t",
+            "user@example.org",
+            f"127.0.0.1:{port}",
+        ],
+        env=env,
+        check=True,
+        timeout=args.timeout,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = mode_parser("relay", __doc__)
+    parser = mode_parser("relay", __doc__, ["relay", "api"])
     parser.add_argument("--count", type=int, default=20_000, help="messages per run")
     parser.add_argument("--repeat", type=int, default=5, help="runs (the median is reported)")
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
@@ -163,7 +191,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = []
+    runs: list[dict[str, Any]] = []
+    api_runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="twistmail-relaybench-") as tmp:
         workdir = Path(tmp)
         sink = Sink(
@@ -175,8 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run = run_once(args, sink, workdir)
                 print(f"run {n + 1}: {json.dumps(run)}", file=sys.stderr)
                 runs.append(run)
+                if args.mode == "api":
+                    api = run_once(args, sink, workdir, door="http")
+                    print(f"run {n + 1}: {json.dumps(api)}", file=sys.stderr)
+                    api_runs.append(api)
         finally:
             sink.stop()
+    if args.mode == "api":
+        return _report_api(args, runs, api_runs)
     median = statistics.median(r["end_to_end_msgs_per_s"] for r in runs)
     doc = {
         "mode": "relay",
@@ -194,6 +229,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ratio_to_postfix_reference": round(median / POSTFIX_REFERENCE, 2),
         "target_msgs_per_s": TARGET,
         "target_met": median >= TARGET,
+        "load_average": os.getloadavg(),
+    }
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def _report_api(
+    args: argparse.Namespace, smtp: list[dict[str, Any]], http: list[dict[str, Any]]
+) -> int:
+    def median(runs: list[dict[str, Any]], key: str) -> float:
+        return float(statistics.median(r[key] for r in runs))
+
+    http_rate, smtp_rate = median(http, "accept_msgs_per_s"), median(smtp, "accept_msgs_per_s")
+    p99 = median(http, "p99_ms")
+    doc = {
+        "mode": "api",
+        "runs": {"http": http, "smtp": smtp},
+        "median": {
+            "http_accept_msgs_per_s": http_rate,
+            "smtp_accept_msgs_per_s": smtp_rate,
+            "http_p50_ms": median(http, "p50_ms"),
+            "http_p99_ms": p99,
+            "http_relay_cpu_us_per_msg": median(http, "relay_cpu_us_per_msg"),
+            "smtp_relay_cpu_us_per_msg": median(smtp, "relay_cpu_us_per_msg"),
+        },
+        "http_to_smtp_ratio": round(http_rate / smtp_rate, 2),
+        "target_met": http_rate >= smtp_rate and p99 < 50.0,
         "load_average": os.getloadavg(),
     }
     text = json.dumps(doc, indent=2)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,15 +51,17 @@ def _kill_group(proc: subprocess.Popen[Any]) -> None:
     proc.returncode = -9
 
 
-def mode_parser(mode: str, doc: str | None) -> argparse.ArgumentParser:
+def mode_parser(
+    mode: str, doc: str | None, modes: Sequence[str] | None = None
+) -> argparse.ArgumentParser:
     """The argument parser of a ``scripts/bench --mode MODE`` driver that uses smtp-sink,
-    with the options every such driver shares."""
+    with the options every such driver shares; ``modes`` when the driver serves several."""
     parser = argparse.ArgumentParser(
         prog=f"scripts/bench --mode {mode}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--mode", default=mode, choices=[mode])
+    parser.add_argument("--mode", default=mode, choices=list(modes or [mode]))
     parser.add_argument("--python", default=os.environ.get("BENCH_PYTHON", sys.executable))
     parser.add_argument("--smtp-sink", default=os.environ.get("BENCH_SMTP_SINK", "smtp-sink"))
     parser.add_argument("--smtp-sink-libs", default=os.environ.get("BENCH_SMTP_SINK_LIBS"))

@@ -7,7 +7,16 @@ and ``twistmail drain --spool``, :class:`twistmail.testing.MemoryQueue` the in-m
 :class:`~twistmail.Mailer`.
 """
 
-from .records import ClaimedMessage, Outcome, QueueError, QueueRow, QueueSummary
+from .records import (
+    ClaimedMessage,
+    Idempotent,
+    MessageStatus,
+    Outcome,
+    QueueError,
+    QueueRow,
+    QueueSummary,
+    RecipientStatus,
+)
 from .sqlite import SqliteQueue, read_queue_status
 from .worker import Drain, DrainReport
 
@@ -15,10 +24,13 @@ __all__ = [
     "ClaimedMessage",
     "Drain",
     "DrainReport",
+    "Idempotent",
+    "MessageStatus",
     "Outcome",
     "QueueError",
     "QueueRow",
     "QueueSummary",
+    "RecipientStatus",
     "SqliteQueue",
     "read_queue_status",
 ]

@@ -20,12 +20,15 @@ from ..message import Envelope
 from .records import (
     MESSAGE_STATES,
     ClaimedMessage,
+    Idempotent,
     MessageState,
+    MessageStatus,
     Outcome,
     QueueError,
     QueueRow,
     QueueSummary,
     RecipientState,
+    RecipientStatus,
 )
 
 __all__ = ["MemoryQueue"]
@@ -51,6 +54,8 @@ class _Message:
     fence: int = 0
     code: int | None = None
     response: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
 
     @property
     def waiting_until(self) -> float | None:
@@ -75,6 +80,8 @@ class MemoryQueue:
         self._messages: dict[int, _Message] = {}
         self._next_id = 1
         self._closed = False
+        # (scope, key) -> (fingerprint, message id, when stored)
+        self._keys: dict[tuple[str, str], tuple[str, int, float]] = {}
 
     def enqueue(self, envelopes: Sequence[Envelope]) -> defer.Deferred[list[int]]:
         """Store ``envelopes`` as ``queued``, due now; fires with their ids."""
@@ -84,10 +91,31 @@ class MemoryQueue:
         ids = []
         for envelope in envelopes:
             recipients = [_Recipient(str(address)) for address in envelope.recipients]
-            self._messages[self._next_id] = _Message(envelope, recipients, due=now)
+            self._messages[self._next_id] = _Message(
+                envelope, recipients, due=now, created_at=now, updated_at=now
+            )
             ids.append(self._next_id)
             self._next_id += 1
         return defer.succeed(ids)
+
+    def enqueue_once(
+        self, scope: str, key: str, fingerprint: str, envelope: Envelope, *, keep: float = 86400.0
+    ) -> defer.Deferred[Idempotent]:
+        """Store ``envelope`` unless ``key`` was used in ``scope`` (see IQueue)."""
+        if self._closed:
+            return self._closed_error()
+        now = self._clock()
+        known = self._keys.get((scope, key))
+        if known is not None and known[2] >= now - keep:
+            stored, id_, _ = known
+            message_id = self._messages[id_].envelope.message_id
+            if stored == fingerprint:
+                return defer.succeed(Idempotent(id_, message_id, "repeat"))
+            return defer.succeed(Idempotent(id_, message_id, "conflict"))
+        id_ = self._next_id
+        self.enqueue([envelope])
+        self._keys[(scope, key)] = (fingerprint, id_, now)
+        return defer.succeed(Idempotent(id_, envelope.message_id, "queued"))
 
     def claim(
         self, owner: str, limit: int, *, lease: float
@@ -108,6 +136,7 @@ class MemoryQueue:
             message.owner = owner
             message.lease_until = now + lease
             message.fence += 1
+            message.updated_at = now
             claimed.append(self._claimed(id_, message))
         claimed.sort(key=lambda c: c.id)
         return defer.succeed(claimed)
@@ -126,6 +155,7 @@ class MemoryQueue:
         message.code = outcome.code
         message.response = outcome.response
         message.owner = message.lease_until = None
+        message.updated_at = now
         for position, state, code, response in outcome.recipients:
             recipient = message.recipients[position]
             recipient.state, recipient.code, recipient.response = state, code, response
@@ -141,6 +171,7 @@ class MemoryQueue:
             if message is not None:
                 message.state = "queued" if message.attempts == 0 else "deferred"
                 message.owner = message.lease_until = None
+                message.updated_at = self._clock()
                 released += 1
         return defer.succeed(released)
 
@@ -164,6 +195,71 @@ class MemoryQueue:
         if not times:
             return defer.succeed(None)
         return defer.succeed(max(0.0, min(times) - self._clock()))
+
+    def message(self, id: int) -> defer.Deferred[MessageStatus | None]:
+        """Message ``id`` with its recipients' states; None if there is none."""
+        if self._closed:
+            return self._closed_error()
+        message = self._messages.get(id)
+        return defer.succeed(None if message is None else self._status(id, message))
+
+    def messages(
+        self, state: str | None = None, *, after: int = 0, limit: int = 100
+    ) -> defer.Deferred[list[MessageStatus]]:
+        """Up to ``limit`` messages with an id above ``after`` (in ``state``), by id."""
+        if self._closed:
+            return self._closed_error()
+        found = [
+            self._status(id_, m)
+            for id_, m in sorted(self._messages.items())
+            if id_ > after and (state is None or m.state == state)
+        ]
+        return defer.succeed(found[: max(0, limit)])
+
+    def retry(self, id: int) -> defer.Deferred[str]:
+        """Put failed message ``id`` back in the queue (see IQueue)."""
+        if self._closed:
+            return self._closed_error()
+        message = self._messages.get(id)
+        if message is None or message.state != "failed":
+            return defer.succeed("missing" if message is None else message.state)
+        now = self._clock()
+        message.state, message.attempts, message.due = "queued", 0, now
+        message.code, message.response, message.updated_at = None, "", now
+        for recipient in message.recipients:
+            if recipient.state == "failed":
+                recipient.state, recipient.code, recipient.response = "pending", None, ""
+        return defer.succeed("retried")
+
+    def cancel(self, id: int, reason: str) -> defer.Deferred[str]:
+        """Fail message ``id`` if it is queued or deferred (see IQueue)."""
+        if self._closed:
+            return self._closed_error()
+        message = self._messages.get(id)
+        if message is None or message.state not in ("queued", "deferred"):
+            return defer.succeed("missing" if message is None else message.state)
+        message.state, message.code, message.response = "failed", None, reason
+        message.updated_at = self._clock()
+        for recipient in message.recipients:
+            if recipient.state == "pending":
+                recipient.state, recipient.code, recipient.response = "failed", None, reason
+        return defer.succeed("cancelled")
+
+    @staticmethod
+    def _status(id_: int, m: _Message) -> MessageStatus:
+        return MessageStatus(
+            id_,
+            m.envelope.message_id,
+            str(m.envelope.sender),
+            m.state,
+            m.attempts,
+            m.created_at,
+            m.updated_at,
+            m.due,
+            m.code,
+            m.response,
+            tuple(RecipientStatus(r.address, r.state, r.code, r.response) for r in m.recipients),
+        )
 
     def summary(self) -> defer.Deferred[QueueSummary]:
         """Counts by state, and how many messages are due, held or with an expired lease."""

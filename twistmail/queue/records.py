@@ -11,12 +11,15 @@ from ..message import Envelope
 __all__ = [
     "MESSAGE_STATES",
     "ClaimedMessage",
+    "Idempotent",
     "MessageState",
+    "MessageStatus",
     "Outcome",
     "QueueError",
     "QueueRow",
     "QueueSummary",
     "RecipientState",
+    "RecipientStatus",
 ]
 
 MessageState = Literal["queued", "sending", "deferred", "sent", "failed"]
@@ -58,6 +61,48 @@ class Outcome:
     code: int | None
     response: str
     recipients: tuple[tuple[int, RecipientState, int | None, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotent:
+    """What :meth:`IQueue.enqueue_once` did with a keyed request.
+
+    ``outcome`` is ``"queued"`` (the envelope was stored now), ``"repeat"`` (the key was used
+    before with the same fingerprint: nothing stored, ``id`` and ``message_id`` are the first
+    request's) or ``"conflict"`` (the key was used before with another fingerprint: nothing
+    stored, ``id`` is the first request's message).
+    """
+
+    id: int
+    message_id: str | None
+    outcome: Literal["queued", "repeat", "conflict"]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientStatus:
+    """One recipient of a message and the last reply for it (None/"" before any)."""
+
+    address: str
+    state: RecipientState
+    code: int | None
+    response: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStatus:
+    """One message as :meth:`IQueue.message` tells it (times on the store's clock)."""
+
+    id: int
+    message_id: str | None
+    sender: str
+    state: MessageState
+    attempts: int
+    created_at: float
+    updated_at: float
+    due: float
+    code: int | None
+    response: str
+    recipients: tuple[RecipientStatus, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,16 +55,27 @@ from .._twisted import Reactor, default_reactor
 from ..address import Address, parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
-from .records import MESSAGE_STATES, ClaimedMessage, Outcome, QueueError, QueueRow, QueueSummary
+from ._sqlite_status import cancel_message, list_messages, one_message, retry_message
+from .records import (
+    MESSAGE_STATES,
+    ClaimedMessage,
+    Idempotent,
+    MessageStatus,
+    Outcome,
+    QueueError,
+    QueueRow,
+    QueueSummary,
+)
 
 __all__ = ["SqliteQueue", "read_queue_status"]
 
 
-SCHEMA_VERSION: Final = "3"
+SCHEMA_VERSION: Final = "4"
 """2 added ``messages.fence``; 3 moved the payloads to their own table (a claim or an outcome
 rewrote the whole ~4 KB page of each message it changed) and wrote the state checks as
 comparisons (a ``CHECK (state IN (...))`` of five values made SQLite build a temporary table
-on every write of a state). Older files are migrated in place when opened."""
+on every write of a state); 4 added the ``idempotency`` keys. Older files are migrated in place
+when opened."""
 
 DRAIN_CHECKPOINT_PAGES: Final = 10_000
 """WAL pages after which a ``NORMAL`` (drain) connection checkpoints (SQLite's default: 1,000).
@@ -129,6 +140,17 @@ CREATE TABLE IF NOT EXISTS {{name}} (
     PRIMARY KEY (message, position)
 ) WITHOUT ROWID"""
 _RECIPIENT_COLUMNS = "message, position, address, state, code, response"
+# Idempotency keys (the HTTP API's), each with the message it queued, kept >= their ``keep``.
+_IDEMPOTENCY = """
+CREATE TABLE IF NOT EXISTS idempotency (
+    scope TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    message INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID"""
+_IDEMPOTENCY_INDEX = "CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at)"
 
 _SCHEMA: Final[tuple[str, ...]] = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -136,6 +158,8 @@ _SCHEMA: Final[tuple[str, ...]] = (
     *_MESSAGE_INDEXES,
     _PAYLOADS,
     _RECIPIENTS.format(name="recipients"),
+    _IDEMPOTENCY,
+    _IDEMPOTENCY_INDEX,
 )
 
 
@@ -162,6 +186,7 @@ _MIGRATIONS: Final[dict[str, tuple[str, ...]]] = {
         *_MESSAGE_INDEXES,
         *_rebuilt("recipients", _RECIPIENTS, _RECIPIENT_COLUMNS),
     ),
+    "3": (_IDEMPOTENCY, _IDEMPOTENCY_INDEX),
 }
 
 _INSERT_MESSAGE = """
@@ -321,6 +346,42 @@ def _insert(envelopes: Sequence[Envelope], conn: sqlite3.Connection, now: float)
         )
         ids.append(message)
     return ids
+
+
+def _insert_once(
+    scope: str,
+    key: str,
+    fingerprint: str,
+    envelope: Envelope,
+    keep: float,
+    conn: sqlite3.Connection,
+    now: float,
+) -> Idempotent:
+    # Forget a few expired keys at each keyed enqueue (bounded work, no separate sweeper).
+    conn.execute(
+        "DELETE FROM idempotency WHERE (scope, key) IN (SELECT scope, key FROM idempotency "
+        "WHERE created_at < ? ORDER BY created_at LIMIT 100)",
+        (now - keep,),
+    )
+    conn.execute(
+        "DELETE FROM idempotency WHERE scope = ? AND key = ? AND created_at < ?",
+        (scope, key, now - keep),
+    )
+    row = conn.execute(
+        "SELECT i.fingerprint, i.message, m.message_id FROM idempotency i "
+        "LEFT JOIN messages m ON m.id = i.message WHERE i.scope = ? AND i.key = ?",
+        (scope, key),
+    ).fetchone()
+    if row is not None:
+        stored, message, message_id = row
+        return Idempotent(message, message_id, "repeat" if stored == fingerprint else "conflict")
+    (message,) = _insert([envelope], conn, now)
+    conn.execute(
+        "INSERT INTO idempotency (scope, key, fingerprint, message, created_at) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (scope, key, fingerprint, message, now),
+    )
+    return Idempotent(message, envelope.message_id, "queued")
 
 
 def _claim(
@@ -561,6 +622,15 @@ class SqliteQueue:
         batch = list(envelopes)
         return self._write(lambda conn, now: _insert(batch, conn, now))
 
+    def enqueue_once(
+        self, scope: str, key: str, fingerprint: str, envelope: Envelope, *, keep: float = 86400.0
+    ) -> defer.Deferred[Idempotent]:
+        """Store ``envelope`` unless ``key`` was used in ``scope`` (see IQueue); the key and
+        the message are committed (fsync'd) in one transaction."""
+        return self._write(
+            lambda conn, now: _insert_once(scope, key, fingerprint, envelope, keep, conn, now)
+        )
+
     def claim(
         self, owner: str, limit: int, *, lease: float
     ) -> defer.Deferred[list[ClaimedMessage]]:
@@ -579,6 +649,14 @@ class SqliteQueue:
     def renew(self, owner: str, lease: float) -> defer.Deferred[int]:
         """Extend every lease ``owner`` holds to ``lease`` seconds from now; fires with how many."""
         return self._write(lambda conn, now: _renew(owner, lease, conn, now))
+
+    def retry(self, message: int) -> defer.Deferred[str]:
+        """Put failed message ``message`` back in the queue (see IQueue)."""
+        return self._write(lambda conn, now: retry_message(message, conn, now))
+
+    def cancel(self, message: int, reason: str) -> defer.Deferred[str]:
+        """Fail message ``message`` if it is queued or deferred (see IQueue)."""
+        return self._write(lambda conn, now: cancel_message(message, reason, conn, now))
 
     def take_back(self, owner_prefix: str) -> defer.Deferred[int]:
         """Give back at once every claim of the owners whose token starts with
@@ -606,6 +684,16 @@ class SqliteQueue:
     def unsent(self, limit: int = 20) -> defer.Deferred[list[QueueRow]]:
         """The first ``limit`` messages not sent, with their recipients' states."""
         return self._db.read(_unsent, limit)
+
+    def message(self, message: int) -> defer.Deferred[MessageStatus | None]:
+        """Message ``message`` with its recipients' states; None if there is none."""
+        return self._db.read(one_message, message)
+
+    def messages(
+        self, state: str | None = None, *, after: int = 0, limit: int = 100
+    ) -> defer.Deferred[list[MessageStatus]]:
+        """Up to ``limit`` messages with an id above ``after`` (in ``state``), by id."""
+        return self._db.read(list_messages, state, after, limit)
 
     def queued_at(self, message: int) -> defer.Deferred[float | None]:
         """When message ``message`` was enqueued (the queue's clock); None if there is none."""

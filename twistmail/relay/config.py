@@ -45,6 +45,8 @@ class RelayConfig:
         ipaddress.ip_network("::1/128"),
     )
     users_file: str | None = None
+    api_token_file: str | None = None
+    http_hosts: tuple[str, ...] = ()
     tls_cert: str | None = None
     tls_key: str | None = None
     max_message_size: int = 25 * 1024 * 1024

@@ -24,19 +24,19 @@ from twisted.internet import defer, ssl
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from .._twisted import Reactor, default_reactor
 from ..errors import QueueError
 from ..message import Envelope
-from ..queue.records import ClaimedMessage, Outcome
+from ..queue.records import ClaimedMessage, Idempotent, Outcome
 from ..queue.sqlite import SqliteQueue, read_queue_status
 from .auth import MECHANISMS, FailureLimiter, auth_portal
 from .bounces import notification
 from .config import RelayConfig
-from .http import make_http
+from .http import Access, Key, make_http, make_site
 from .listener import SubmissionFactory
 from .metrics import QueueSizes, RelayMetrics
+from .tokens import TokenChecker
 from .worker import RelayWorker
 
 __all__ = ["OWNER_PREFIX", "DeliveryLock", "RelayService", "StartError"]
@@ -159,11 +159,26 @@ class RelayService(MultiService):
         self._worker_done = self.worker.run()
         self._worker_done.addErrback(lambda f: log.failure("the delivery worker failed", f))
         if config.http is not None:
-            site = Site(make_http(self.health, self.metrics).resource())
-            site.noisy = False
+            tokens = (
+                TokenChecker(config.api_token_file, self.reactor)  # type: ignore[arg-type]
+                if config.api_token_file
+                else None
+            )
+            access = Access(tokens, frozenset({config.hostname.lower(), *config.http_hosts}))
+            app = make_http(
+                self.health,
+                self.metrics,
+                access=access,
+                submit=self._submit,
+                queue=self.queue,
+                wake=self._wake,
+                max_message_size=config.max_message_size,
+            )
+            # Room for base64 attachments (4/3) and the JSON around them.
+            site = make_site(app, max_body=config.max_message_size * 4 // 3 + 64 * 1024)
             port = await serverFromString(self.reactor, config.http).listen(site)
             self.ports.append(port)
-            self._log_listening("HTTP (health and metrics)", port)
+            self._log_listening("HTTP (API, health and metrics)", port)
         if config.submission is not None:
             clock = IReactorTime(self.reactor)
             self.submission = SubmissionFactory(
@@ -234,31 +249,57 @@ class RelayService(MultiService):
 
     def _accept(self, envelope: Envelope, client: str) -> defer.Deferred[int]:
         assert self.queue is not None
-        assert self.worker is not None
-        worker = self.worker
 
         def queued(ids: list[int]) -> int:
             (queue_id,) = ids
-            sender = str(envelope.sender)
-            nrcpt = len(envelope.recipients)
-            # One pre-formatted field is cheaper for twisted.logger's text formatting; the
-            # values stay in the event as fields for structured observers.
-            log.info(
-                "{line}",
-                line=f"queued {queue_id} from=<{sender}> size={envelope.size} nrcpt={nrcpt} "
-                f"client={client}",
-                queue_id=queue_id,
-                sender=sender,
-                size=envelope.size,
-                nrcpt=nrcpt,
-                client=client,
-            )
-            self.metrics.accepted()
-            self._accepted_at[queue_id] = time.time()
-            worker.wake()
+            self._queued(queue_id, envelope, client)
             return queue_id
 
         return self.queue.enqueue([envelope]).addCallback(queued)
+
+    def _submit(
+        self, envelope: Envelope, client: str, key: Key | None
+    ) -> defer.Deferred[Idempotent]:
+        """The HTTP door: :meth:`_accept`, or with an Idempotency-Key the queue's
+        ``enqueue_once`` (the key committed with the message)."""
+        if key is None:
+            return self._accept(envelope, client).addCallback(
+                lambda queue_id: Idempotent(queue_id, envelope.message_id, "queued")
+            )
+        assert self.queue is not None
+        scope, name, fingerprint = key
+
+        def done(result: Idempotent) -> Idempotent:
+            if result.outcome == "queued":
+                self._queued(result.id, envelope, client)
+            return result
+
+        return self.queue.enqueue_once(scope, name, fingerprint, envelope).addCallback(done)
+
+    def _wake(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
+
+    def _queued(self, queue_id: int, envelope: Envelope, client: str) -> None:
+        """A message committed to the queue by either door: log it, count it, wake the worker."""
+        sender = str(envelope.sender)
+        nrcpt = len(envelope.recipients)
+        # One pre-formatted field is cheaper for twisted.logger's text formatting; the
+        # values stay in the event as fields for structured observers.
+        log.info(
+            "{line}",
+            line=f"queued {queue_id} from=<{sender}> size={envelope.size} nrcpt={nrcpt} "
+            f"client={client}",
+            queue_id=queue_id,
+            sender=sender,
+            size=envelope.size,
+            nrcpt=nrcpt,
+            client=client,
+        )
+        self.metrics.accepted()
+        self._accepted_at[queue_id] = time.time()
+        if self.worker is not None:
+            self.worker.wake()
 
     def _outcome(self, claimed: ClaimedMessage, outcome: Outcome) -> None:
         """One attempt recorded: log it, count it, and bounce a failed message."""

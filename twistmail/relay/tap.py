@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable
@@ -220,6 +221,20 @@ class Options(usage.Options):
             "clients that may submit without AUTH, e.g. --allow-from 127.0.0.1,10.0.0.0/8",
         ],
         ["users-file", None, None, "AUTH users (written by `twistmail users add NAME`)"],
+        [
+            "api-token-file",
+            None,
+            None,
+            "HTTP API bearer tokens (written by `twistmail tokens add NAME`); required for "
+            "--http on an interface other than loopback",
+        ],
+        [
+            "http-hosts",
+            None,
+            "",
+            "extra names the HTTP API answers to in the Host header (besides --hostname, "
+            "localhost and IP addresses), e.g. --http-hosts relay.internal,mail-api",
+        ],
         ["tls-cert", None, None, "certificate (PEM) for STARTTLS, e.g. --tls-cert cert.pem"],
         ["tls-key", None, None, "private key (PEM) for STARTTLS, e.g. --tls-key key.pem"],
         [
@@ -278,6 +293,22 @@ class Options(usage.Options):
         self.config = config_from(self, os.environ)
 
 
+def loopback_only(endpoint: str) -> bool:
+    """Whether a server endpoint string listens on loopback only (or on a UNIX socket)."""
+    parts = re.split(r"(?<!\\):", endpoint)
+    kind = parts[0].lower()
+    if kind == "unix":
+        return True
+    interface = next((p[10:] for p in parts[1:] if p.lower().startswith("interface=")), "")
+    interface = interface.replace("\\:", ":").strip("[]")
+    if interface.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:  # "" (every interface) or a name
+        return False
+
+
 def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> RelayConfig:
     """The :class:`RelayConfig` of parsed ``opts``; UsageError naming the option at fault."""
     url = opts["smtp"]
@@ -312,7 +343,7 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
     cert, key = opts["tls-cert"], opts["tls-key"]
     if bool(cert) != bool(key):
         raise usage.UsageError("--tls-cert and --tls-key go together: give both or neither")
-    for name in ("tls-cert", "tls-key", "users-file", "ca-file"):
+    for name in ("tls-cert", "tls-key", "users-file", "ca-file", "api-token-file"):
         value = opts[name]
         if value and not os.path.isfile(value):
             raise usage.UsageError(f"--{name}: no such file {value!r}")
@@ -325,6 +356,12 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
     for name in ("submission", "http"):
         value = opts[name].strip()
         endpoints[name] = None if value.lower() == "none" else value
+    http = endpoints["http"]
+    if http is not None and not opts["api-token-file"] and not loopback_only(http):
+        raise usage.UsageError(
+            f"--http {endpoints['http']} listens beyond loopback: give --api-token-file "
+            "(see twistmail tokens add), or add interface=127.0.0.1"
+        )
     return RelayConfig(
         smtp_url=url,
         password=password,
@@ -343,6 +380,8 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         hostname=opts["hostname"] or socket.getfqdn(),
         allow_from=allow_from,
         users_file=opts["users-file"],
+        api_token_file=opts["api-token-file"],
+        http_hosts=tuple(h.strip().lower() for h in opts["http-hosts"].split(",") if h.strip()),
         tls_cert=cert,
         tls_key=key,
         max_message_size=opts["max-message-size"],

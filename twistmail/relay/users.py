@@ -40,13 +40,18 @@ __all__ = [
     "DEFAULT_USERS_FILE",
     "UsersChecker",
     "UsersFileError",
+    "WatchedFile",
     "check_name",
     "check_password",
     "hash_password",
+    "parse_entries",
     "parse_users",
+    "read_entries",
     "read_users",
+    "update_entries",
     "update_users",
     "users_command",
+    "write_entries",
     "write_users",
 ]
 
@@ -155,7 +160,15 @@ def check_name(name: str) -> str:
 
 def parse_users(text: str, path: str) -> dict[str, str]:
     """The ``name -> hash`` entries of a users file's text; errors name ``path`` and the line."""
-    users: dict[str, str] = {}
+    return parse_entries(text, path, _parse_hash, "user", "NAME:HASH")
+
+
+def parse_entries(
+    text: str, path: str, check_value: Callable[[str], object], kind: str, shape: str
+) -> dict[str, str]:
+    """The ``name -> value`` entries of a ``NAME:VALUE`` file's text (a ``kind`` a line, each
+    value checked by ``check_value``); errors name ``path`` and the line."""
+    entries: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -163,27 +176,37 @@ def parse_users(text: str, path: str) -> dict[str, str]:
         name, colon, stored = line.partition(":")
         try:
             if not colon:
-                raise UsersFileError("expected NAME:HASH")
+                raise UsersFileError(f"expected {shape}")
             check_name(name)
-            _parse_hash(stored)
-            if name in users:
-                raise UsersFileError(f"user {name!r} appears twice")
+            check_value(stored)
+            if name in entries:
+                raise UsersFileError(f"{kind} {name!r} appears twice")
         except UsersFileError as e:
             raise UsersFileError(f"{path}, line {number}: {e}") from None
-        users[name] = stored
-    return users
+        entries[name] = stored
+    return entries
 
 
 def read_users(path: str | os.PathLike[str]) -> dict[str, str]:
     """The entries of the users file at ``path`` ({} if it does not exist)."""
+    return read_entries(path, parse_users)
+
+
+def read_entries(
+    path: str | os.PathLike[str], parse: Callable[[str, str], dict[str, str]]
+) -> dict[str, str]:
+    """``parse(text, path)`` of the file at ``path`` ({} if it does not exist)."""
     name = os.fspath(path)
     try:
         with open(name, encoding="utf-8") as f:
-            return parse_users(f.read(), name)
+            return parse(f.read(), name)
     except FileNotFoundError:
         return {}
     except UnicodeDecodeError as e:
         raise UsersFileError(f"{name}: not UTF-8 text ({e.reason})") from None
+
+
+_USERS_HEADER: Final = "# twistmail users: NAME:HASH, written by `twistmail users add`"
 
 
 def write_users(path: str | os.PathLike[str], users: Mapping[str, str]) -> None:
@@ -192,11 +215,15 @@ def write_users(path: str | os.PathLike[str], users: Mapping[str, str]) -> None:
     A reader sees the old file or the new one, never a part; the new one is fsync'd, and so
     is its directory, before this returns.
     """
+    write_entries(path, users, _USERS_HEADER)
+
+
+def write_entries(path: str | os.PathLike[str], entries: Mapping[str, str], header: str) -> None:
+    """Replace ``path`` with a ``header`` comment and ``NAME:VALUE`` lines, as
+    :func:`write_users` does (atomically, mode 0600, fsync'd)."""
     name = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(name))
-    text = "# twistmail users: NAME:HASH, written by `twistmail users add`\n" + "".join(
-        f"{user}:{stored}\n" for user, stored in sorted(users.items())
-    )
+    text = header + "\n" + "".join(f"{key}:{value}\n" for key, value in sorted(entries.items()))
     fd, temp = tempfile.mkstemp(prefix=".twistmail-users.", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -222,11 +249,21 @@ def update_users(path: str | os.PathLike[str], change: Callable[[dict[str, str]]
     Writers are serialised by a lock on the file's directory, so two concurrent updates both
     land. Nothing is written when ``change`` raises.
     """
+    return update_entries(path, read_users, _USERS_HEADER, change)
+
+
+def update_entries(
+    path: str | os.PathLike[str],
+    read: Callable[[str], dict[str, str]],
+    header: str,
+    change: Callable[[dict[str, str]], _T],
+) -> _T:
+    """:func:`update_users` for any ``NAME:VALUE`` file read by ``read``."""
     name = os.fspath(path)
     with _directory_lock(os.path.dirname(os.path.abspath(name))):
-        users = read_users(name)
-        result = change(users)
-        write_users(name, users)
+        entries = read(name)
+        result = change(entries)
+        write_entries(name, entries, header)
     return result
 
 
@@ -243,27 +280,26 @@ def _directory_lock(directory: str) -> Iterator[None]:
 # The checker. -----------------------------------------------------------------------------
 
 
-class _UsersFile:
-    """The users file as last read, read again when it changed; safe to use from threads."""
+class WatchedFile:
+    """A ``NAME:VALUE`` file (a ``kind``, read by ``read``) as last read, read again when it
+    changed; safe to use from threads. A file that cannot be read keeps the last good entries."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(
+        self,
+        path: str,
+        read: Callable[[str], dict[str, str]] = read_users,
+        kind: str = "users file",
+    ) -> None:
         self.path = path
+        self._read = read
+        self._kind = kind
         self._lock = threading.Lock()
         self._signature: tuple[int, int, int, int] | None = None
         self._users: dict[str, str] = {}
         self.generation = 0
 
-    def verify(self, name: str | None, password: bytes) -> tuple[bool, int, str | None]:
-        """(whether the password is ``name``'s, the file's generation, a problem to log)."""
-        users, generation, problem = self._current()
-        stored = users.get(name) if name is not None else None
-        try:
-            matches = check_password(password, stored or _DUMMY_HASH)
-        except UsersFileError:  # an entry parse_users accepted: cannot happen, but never 5xx
-            matches = False
-        return matches and stored is not None, generation, problem
-
-    def _current(self) -> tuple[dict[str, str], int, str | None]:
+    def current(self) -> tuple[dict[str, str], int, str | None]:
+        """(the entries, the file's generation, a problem to log), the file read if changed."""
         with self._lock:
             try:
                 info = os.stat(self.path)
@@ -275,15 +311,29 @@ class _UsersFile:
                 self._signature = signature
                 self.generation += 1
                 try:
-                    self._users = read_users(self.path)
+                    self._users = self._read(self.path)
                     if signature == (0, 0, 0, 0):
-                        problem = f"{self.path}: no such users file; every login is refused"
+                        problem = f"{self.path}: no such {self._kind}; every login is refused"
                     elif stat.S_IMODE(info.st_mode) & 0o077:
                         problem = f"{self.path}: readable by other users (chmod 600 it)"
                 except (UsersFileError, OSError) as e:
                     # Keep the last good entries: a half-edited file must not lock everyone out.
-                    problem = f"{e}; keeping the users read before"
+                    problem = f"{e}; keeping the entries read before"
             return self._users, self.generation, problem
+
+
+class _UsersFile(WatchedFile):
+    """The users file, checking passwords."""
+
+    def verify(self, name: str | None, password: bytes) -> tuple[bool, int, str | None]:
+        """(whether the password is ``name``'s, the file's generation, a problem to log)."""
+        users, generation, problem = self.current()
+        stored = users.get(name) if name is not None else None
+        try:
+            matches = check_password(password, stored or _DUMMY_HASH)
+        except UsersFileError:  # an entry parse_users accepted: cannot happen, but never 5xx
+            matches = False
+        return matches and stored is not None, generation, problem
 
 
 def _text(value: str | bytes) -> str | None:

@@ -1,0 +1,106 @@
+"""The SQLite queue's look-ups and changes for the relay's API: one message or a page of them
+with their recipients, a failed message put back, a waiting one cancelled (see ``IQueue``).
+
+Functions of an open connection, run on the queue's store thread by
+:class:`~twistmail.queue.sqlite.SqliteQueue` (the changes inside its group-commit transaction).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from .records import MessageStatus, RecipientStatus
+
+__all__ = ["cancel_message", "list_messages", "one_message", "retry_message"]
+
+
+_STATUS = (
+    "SELECT id, message_id, sender, state, attempts, created_at, updated_at, due, code, "
+    "response FROM messages"
+)
+
+
+def _statuses(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> list[MessageStatus]:
+    rows = conn.execute(f"{_STATUS} {where}", args).fetchall()
+    if not rows:
+        return []
+    ids = [row[0] for row in rows]
+    recipients: dict[int, list[RecipientStatus]] = {i: [] for i in ids}
+    marks = ",".join("?" * len(ids))
+    for message, address, state, code, response in conn.execute(
+        f"SELECT message, address, state, code, response FROM recipients "  # noqa: S608
+        f"WHERE message IN ({marks}) ORDER BY message, position",
+        ids,
+    ):
+        recipients[message].append(RecipientStatus(address, state, code, response))
+    return [
+        MessageStatus(
+            id=row[0],
+            message_id=row[1],
+            sender=row[2],
+            state=row[3],
+            attempts=row[4],
+            created_at=row[5],
+            updated_at=row[6],
+            due=row[7],
+            code=row[8],
+            response=row[9],
+            recipients=tuple(recipients[row[0]]),
+        )
+        for row in rows
+    ]
+
+
+def one_message(conn: sqlite3.Connection, message: int) -> MessageStatus | None:
+    found = _statuses(conn, "WHERE id = ?", (message,))
+    return found[0] if found else None
+
+
+def list_messages(
+    conn: sqlite3.Connection, state: str | None, after: int, limit: int
+) -> list[MessageStatus]:
+    if state is None:
+        return _statuses(conn, "WHERE id > ? ORDER BY id LIMIT ?", (after, max(0, limit)))
+    return _statuses(
+        conn, "WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, max(0, limit))
+    )
+
+
+def _state_of(conn: sqlite3.Connection, message: int) -> str:
+    row = conn.execute("SELECT state FROM messages WHERE id = ?", (message,)).fetchone()
+    return "missing" if row is None else str(row[0])
+
+
+def retry_message(message: int, conn: sqlite3.Connection, now: float) -> str:
+    state = _state_of(conn, message)
+    if state != "failed":
+        return state
+    conn.execute(
+        "UPDATE messages SET state = 'queued', attempts = 0, due = ?, code = NULL, "
+        "response = '', updated_at = ? WHERE id = ?",
+        (now, now, message),
+    )
+    conn.execute(
+        "UPDATE recipients SET state = 'pending', code = NULL, response = '' "
+        "WHERE message = ? AND state = 'failed'",
+        (message,),
+    )
+    return "retried"
+
+
+def cancel_message(message: int, reason: str, conn: sqlite3.Connection, now: float) -> str:
+    state = _state_of(conn, message)
+    if state not in ("queued", "deferred"):
+        return state
+    conn.execute(
+        "UPDATE messages SET state = 'failed', code = NULL, response = ?, updated_at = ? "
+        "WHERE id = ?",
+        (reason, now, message),
+    )
+    conn.execute(
+        "UPDATE recipients SET state = 'failed', code = NULL, response = ? "
+        "WHERE message = ? AND state = 'pending'",
+        (reason, message),
+    )
+    return "cancelled"
