@@ -102,8 +102,7 @@ async def test_two_workers_one_killed_every_message_arrives(
             "every message",
         )
         await wait_for(
-            lambda: query(schema, "SELECT count(*) FROM messages WHERE state = 'sent'")
-            == [(n,)],
+            lambda: query(schema, "SELECT count(*) FROM messages WHERE state = 'sent'") == [(n,)],
             "every outcome recorded",
         )
         survivor.send_signal(signal.SIGTERM)

@@ -31,7 +31,6 @@ fires on the next one (from any process), so an idle worker waits on it and on
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -97,6 +96,7 @@ _SCHEMA: Final[tuple[str, ...]] = (
         owner text,
         lease_until float8,
         fence bigint NOT NULL DEFAULT 0,
+        claim uuid,
         code integer,
         response text NOT NULL DEFAULT '',
         created_at float8 NOT NULL,
@@ -120,13 +120,15 @@ _SCHEMA: Final[tuple[str, ...]] = (
 # From each older schema version to the next (none yet: version 1 is the first).
 _MIGRATIONS: Final[dict[str, tuple[str, ...]]] = {}
 
+# A claim tried again after its commit's answer was lost takes back what that first try took
+# (its ``claim`` token says which), instead of leaving it held until the lease ends.
 _CLAIM = _timed("""
 UPDATE messages SET state = 'sending', owner = %(owner)s, lease_until = $NOW + %(lease)s,
-    fence = fence + 1, updated_at = $NOW
+    fence = fence + 1, claim = %(claim)s, updated_at = $NOW
 WHERE id IN (
     SELECT id FROM messages
     WHERE (state IN ('queued', 'deferred') AND due <= $NOW)
-       OR (state = 'sending' AND lease_until <= $NOW)
+       OR (state = 'sending' AND (lease_until <= $NOW OR claim = %(claim)s))
     ORDER BY due, id LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
@@ -147,13 +149,31 @@ SELECT 1 FROM messages WHERE id = %(id)s AND fence = %(fence)s AND owner IS NULL
     AND state = %(state)s AND attempts = %(attempts)s
 """
 
+# One statement for a whole batch (a round trip per message made a batch slow to commit).
 _INSERT = _timed("""
 INSERT INTO messages (batch, sender, size, eight_bit, smtputf8, message_id, payload, state, due,
                       created_at, updated_at)
-VALUES (%(batch)s, %(sender)s, %(size)s, %(eight_bit)s, %(smtputf8)s, %(mid)s, %(payload)s,
-        'queued', $NOW, $NOW, $NOW)
+SELECT %(batch)s, sender, size, eight_bit, smtputf8, message_id, payload, 'queued', $NOW, $NOW,
+       $NOW
+FROM unnest(%(senders)s::text[], %(sizes)s::integer[], %(eight_bits)s::boolean[],
+            %(smtputf8s)s::boolean[], %(message_ids)s::text[], %(payloads)s::bytea[])
+     WITH ORDINALITY AS t (sender, size, eight_bit, smtputf8, message_id, payload, n)
+ORDER BY n
 RETURNING id
 """)
+
+_INSERT_RECIPIENTS = """
+INSERT INTO recipients (message, position, address, state)
+SELECT message, position, address, 'pending'
+FROM unnest(%s::bigint[], %s::integer[], %s::text[]) AS t (message, position, address)
+"""
+
+_RECORD_RECIPIENTS = """
+UPDATE recipients SET state = t.state, code = t.code, response = t.response
+FROM unnest(%s::integer[], %s::text[], %s::integer[], %s::text[])
+     AS t (position, state, code, response)
+WHERE recipients.message = %s AND recipients.position = t.position
+"""
 
 _RENEW = _timed(
     "UPDATE messages SET lease_until = $NOW + %(lease)s "
@@ -304,32 +324,29 @@ def _insert(
         ).fetchall()
         if rows:
             return [row[0] for row in rows]
-    ids = []
-    with conn.cursor() as cur:
-        for env in envelopes:
-            cur.execute(
-                _INSERT,
-                {
-                    "batch": token,
-                    "sender": str(env.sender),
-                    "size": env.size,
-                    "eight_bit": env.eight_bit,
-                    "smtputf8": env.smtputf8,
-                    "mid": env.message_id,
-                    "payload": env.payload,
-                    "now": now,
-                },
-            )
-            row = cur.fetchone()
-            assert row is not None
-            message = row[0]
-            cur.executemany(
-                "INSERT INTO recipients (message, position, address, state) "
-                "VALUES (%s, %s, %s, 'pending')",
-                [(message, i, str(rcpt)) for i, rcpt in enumerate(env.recipients)],
-            )
-            ids.append(message)
-        cur.execute("SELECT pg_notify(%s, '')", (notify,))
+    rows = conn.execute(
+        _INSERT,
+        {
+            "batch": token,
+            "senders": [str(env.sender) for env in envelopes],
+            "sizes": [env.size for env in envelopes],
+            "eight_bits": [env.eight_bit for env in envelopes],
+            "smtputf8s": [env.smtputf8 for env in envelopes],
+            "message_ids": [env.message_id for env in envelopes],
+            "payloads": [env.payload for env in envelopes],
+            "now": now,
+        },
+    ).fetchall()
+    # Identities are drawn in the ORDER BY's order: sorted, they follow the envelopes.
+    ids = sorted(row[0] for row in rows)
+    messages, positions, addresses = [], [], []
+    for message, env in zip(ids, envelopes, strict=True):
+        for position, rcpt in enumerate(env.recipients):
+            messages.append(message)
+            positions.append(position)
+            addresses.append(str(rcpt))
+    conn.execute(_INSERT_RECIPIENTS, (messages, positions, addresses))
+    conn.execute("SELECT pg_notify(%s, '')", (notify,))
     return ids
 
 
@@ -337,6 +354,7 @@ def _claim(
     owner: str,
     limit: int,
     lease: float,
+    token: uuid.UUID,
     conn: psycopg.Connection[Any],
     now: float | None,
     again: bool,
@@ -345,7 +363,7 @@ def _claim(
         return []
     rows = conn.execute(
         _CLAIM,
-        {"owner": owner, "lease": lease, "limit": limit, "now": now},
+        {"owner": owner, "lease": lease, "limit": limit, "claim": token, "now": now},
     ).fetchall()
     if not rows:
         return []
@@ -413,12 +431,17 @@ def _record(
         # Lost (the lease expired and another claim took it over), or recorded by a first
         # try whose commit's answer was lost.
         return again and conn.execute(_RECORDED, params).fetchone() is not None
-    with conn.cursor() as cur:
-        cur.executemany(
-            "UPDATE recipients SET state = %s, code = %s, response = %s "
-            "WHERE message = %s AND position = %s",
-            [(state, code, text, o.id, position) for position, state, code, text in o.recipients],
-        )
+    recipients = o.recipients
+    conn.execute(
+        _RECORD_RECIPIENTS,
+        (
+            [r[0] for r in recipients],
+            [r[1] for r in recipients],
+            [r[2] for r in recipients],
+            [r[3] for r in recipients],
+            o.id,
+        ),
+    )
     return True
 
 
@@ -530,7 +553,9 @@ class PostgresQueue:
         self._listen_delay = RETRY_FIRST
         self.retries = 0
         """Transactions tried again after a lost connection (or a serialization failure)."""
-        self._trigger: object = reactor.addSystemEventTrigger("before", "shutdown", self.close)
+        self._trigger: object = reactor.addSystemEventTrigger(
+            "before", "shutdown", self._close_at_shutdown
+        )
 
     @classmethod
     def open(
@@ -591,7 +616,10 @@ class PostgresQueue:
         self, owner: str, limit: int, *, lease: float
     ) -> defer.Deferred[list[ClaimedMessage]]:
         """Take up to ``limit`` due messages for ``owner`` for ``lease`` seconds (see IQueue)."""
-        return self._run(lambda conn, now, again: _claim(owner, limit, lease, conn, now, again))
+        token = uuid.uuid4()
+        return self._run(
+            lambda conn, now, again: _claim(owner, limit, lease, token, conn, now, again)
+        )
 
     def record(self, owner: str, outcome: Outcome) -> defer.Deferred[bool]:
         """Write an attempt's outcome unless ``owner`` lost the claim; False if it did."""
@@ -755,8 +783,7 @@ class PostgresQueue:
         self._done = False
         if self._trigger is not None:
             trigger, self._trigger = self._trigger, None
-            with contextlib.suppress(ValueError):  # firing: shutdown is closing us
-                self._reactor.removeSystemEventTrigger(trigger)
+            self._reactor.removeSystemEventTrigger(trigger)
         for timer, waiting in list(self._timers.items()):
             if timer.active():
                 timer.cancel()
@@ -792,6 +819,10 @@ class PostgresQueue:
             )
         ).addBoth(stopped)
         return self._when_closed()
+
+    def _close_at_shutdown(self) -> defer.Deferred[None]:
+        self._trigger = None  # firing: removing it now would make Twisted warn
+        return self.close()
 
     def _when_closed(self) -> defer.Deferred[None]:
         if self._done:
