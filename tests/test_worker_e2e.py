@@ -130,3 +130,56 @@ async def test_two_workers_one_killed_every_message_arrives(
     }
     assert twice <= reclaimed
     assert query(schema, "SELECT state, count(*) FROM messages GROUP BY state") == [("sent", n)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_delivers_from_a_postgresql_queue_by_url(
+    capture_server: object, schema: str, tmp_path: Path
+) -> None:
+    server: CaptureServer = capture_server()  # type: ignore[operator]
+    queue = await PostgresQueue.open(postgres_server.URL, schema=schema)
+    try:
+        await queue.enqueue([envelope(i) for i in range(20)])
+    finally:
+        await queue.close()
+    log = tmp_path / "drain.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "twistmail",
+            "drain",
+            "--queue",
+            queue_url(schema),
+            "--smtp",
+            f"smtp://127.0.0.1:{server.port}",
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    assert await finish(proc) == 0, log.read_text()
+    assert "drain: 20 sent" in log.read_text()
+    assert len(server.messages) == 20
+    assert query(schema, "SELECT state, count(*) FROM messages GROUP BY state") == [("sent", 20)]
+
+
+def test_a_queue_url_that_is_not_one_is_a_usage_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "twistmail",
+            "worker",
+            "--queue",
+            "mysql://u:pw@db/x",
+            "--smtp",
+            "smtp://127.0.0.1:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "expected sqlite:PATH or postgresql://" in result.stdout + result.stderr
+    assert "pw" not in result.stdout + result.stderr

@@ -281,7 +281,13 @@ def _drain_parser(sub: Any) -> None:
         epilog=_DRAIN_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    drain.add_argument("--spool", required=True, metavar="PATH", help="the spool file")
+    where = drain.add_mutually_exclusive_group(required=True)
+    where.add_argument("--spool", metavar="PATH", help="the spool file")
+    where.add_argument(
+        "--queue",
+        metavar="URL",
+        help="the queue as a URL: sqlite:PATH or postgresql://user@host:port/db[?schema=NAME]",
+    )
     drain.add_argument(
         "--status",
         action="store_true",
@@ -308,12 +314,19 @@ def _drain_main(args: argparse.Namespace) -> None:
     from .queue import command
 
     if args.status:
+        if args.spool is None:
+            print("error: --status reads a spool file: use --spool PATH", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         sys.exit(command.status(args.spool, args.limit or 20, sys.stdout))
     if not args.smtp:
         print("error: --smtp URL is required (or --status)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     options = command.DrainOptions(
-        spool_path=args.spool, limit=args.limit, lease=args.lease, **_delivery(args)
+        spool_path=args.spool,
+        queue_url=args.queue,
+        limit=args.limit,
+        lease=args.lease,
+        **_delivery(args),
     )
     _react_exit(lambda reactor: command.drain(options, reactor))
 

@@ -26,7 +26,7 @@ from ..errors import AuthenticationError, TLSError, TwistmailError
 from ..options import DeliveryOptions
 from ..retry import RetryPolicy
 from .records import ClaimedMessage, Outcome, QueueError
-from .sqlite import SqliteQueue, read_queue_status
+from .sqlite import read_queue_status
 from .url import open_queue
 from .worker import Drain, DrainReport
 
@@ -39,7 +39,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMAINING = 0, 1, 2, 3
 class DrainOptions(DeliveryOptions):
     """Everything ``twistmail drain`` was asked to do."""
 
-    spool_path: str
+    spool_path: str | None = None
+    queue_url: str | None = None
+    """The queue as a URL (``sqlite:PATH``, ``postgresql://...``); else ``spool_path``."""
     # A cron job reports an unreachable server at once and leaves the messages for next time.
     server_patience: float = 0.0
     limit: int | None = None
@@ -62,9 +64,8 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
     try:
         # Outcome records need not be fsync'd one by one: a drain killed at any moment loses
         # none of them; a power cut may lose the last few, whose messages go out again.
-        spool = await SqliteQueue.open(
-            opts.spool_path, create=False, synchronous="NORMAL", reactor=reactor
-        )
+        url = opts.queue_url or f"sqlite:{opts.spool_path}"
+        spool = await open_queue(url, create=False, synchronous="NORMAL", reactor=reactor)
     except QueueError as e:
         await mailer.close()
         _say(out, f"error: {e}")
