@@ -244,10 +244,19 @@ class _Connections:
         if conn is not None:
             self._forget(conn)
         conn = self.connect()
+        row = conn.execute(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        ).fetchone()
         self._local.conn = conn
+        self._local.backend = list(row) if row is not None else []
         with self._lock:
             self._all.append(conn)
         return conn
+
+    @property
+    def backend(self) -> list[Any]:
+        """``[pid, backend_start]`` of this thread's connection's server process."""
+        return list(getattr(self._local, "backend", []))
 
     def connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(
@@ -502,8 +511,23 @@ def _unsent(
     return [QueueRow(*row) for row in rows]
 
 
-def _transaction(connections: _Connections, op: _Op, now: float | None, again: bool) -> Any:
+_END_GHOST = """
+SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
+WHERE pid = %s AND backend_start = %s
+"""
+
+
+def _transaction(
+    connections: _Connections, op: _Op, now: float | None, again: bool, backend: list[Any]
+) -> Any:
+    """``op`` in one transaction. ``backend`` holds the server process of the op's last try:
+    when trying again, that process is ended first (waiting until it is), so a commit of the
+    earlier try still under way on the server is either done or undone before ``op`` looks
+    for it (a row it still locks would be skipped, an insert not yet seen stored twice)."""
     conn = connections.get()
+    if again and backend:
+        conn.execute(_END_GHOST, backend)
+    backend[:] = connections.backend
     with conn.transaction():
         return op(conn, now, again)
 
@@ -728,12 +752,21 @@ class PostgresQueue:
         self._pending.discard(d)
         return value
 
-    def _try(self, op: _Op, result: defer.Deferred[Any], *, again: bool, delay: float) -> None:
+    def _try(
+        self,
+        op: _Op,
+        result: defer.Deferred[Any],
+        *,
+        again: bool,
+        delay: float,
+        backend: list[Any] | None = None,
+    ) -> None:
         if result.called:
             return  # failed by close()
         now = self._clock() if self._clock is not None else None
+        backend = [] if backend is None else backend
         attempt = threads_defer(
-            self._reactor, self._pool, _transaction, self._connections, op, now, again
+            self._reactor, self._pool, _transaction, self._connections, op, now, again, backend
         )
 
         def failed(failure: Failure) -> None:
@@ -751,7 +784,9 @@ class PostgresQueue:
             )
             self._later(
                 delay,
-                lambda: self._try(op, result, again=True, delay=min(RETRY_MAX, delay * 2)),
+                lambda: self._try(
+                    op, result, again=True, delay=min(RETRY_MAX, delay * 2), backend=backend
+                ),
                 result,
             )
 
