@@ -11,7 +11,15 @@ from typing import Any, Final
 
 from ..address import Address, parse_address, parse_sender
 from ..message import Envelope
-from .records import MESSAGE_STATES, ClaimedMessage, Outcome, QueueError, QueueRow, QueueSummary
+from .records import (
+    MESSAGE_STATES,
+    ClaimedMessage,
+    Outcome,
+    QueueError,
+    QueueRow,
+    QueueSummary,
+    migrations_from,
+)
 
 try:  # an optional dependency: pip install 'twistmail[postgresql]'
     import psycopg
@@ -267,18 +275,18 @@ def _prepare(conn: psycopg.Connection[Any], schema: str, where: str) -> None:
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("kind") != "twistmail-queue":
             raise QueueError(f"{where}: schema {schema!r} holds tables that are not a queue")
-        version = meta.get("schema_version", "")
-        if version not in _MIGRATIONS and version != SCHEMA_VERSION:
-            raise QueueError(
+        for statement in migrations_from(
+            meta.get("schema_version", ""),
+            SCHEMA_VERSION,
+            _MIGRATIONS,
+            lambda version: QueueError(
                 f"{where}: schema {schema!r} is a twistmail queue of schema version "
                 f"{version!r}, which this twistmail (schema {SCHEMA_VERSION}) cannot use; "
                 "upgrade twistmail to use it"
-            )
-        while version in _MIGRATIONS:
-            for statement in _MIGRATIONS[version]:
-                conn.execute(statement)
-            version = str(int(version) + 1)
-        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (version,))
+            ),
+        ):
+            conn.execute(statement)
+        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (SCHEMA_VERSION,))
 
 
 def _insert(
