@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import postgres_server
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
@@ -22,6 +23,7 @@ from zope.interface.verify import verifyObject
 from twistmail.interfaces import IQueue
 from twistmail.message import Envelope, envelope_from_bytes
 from twistmail.queue import ClaimedMessage, Outcome, QueueError, SqliteQueue
+from twistmail.queue.postgres import PostgresQueue
 from twistmail.testing import MemoryQueue
 
 T0 = 1_700_000_000.0
@@ -36,9 +38,20 @@ async def _memory(clock: Clock, directory: Path) -> Any:
     return MemoryQueue(clock=clock)
 
 
+def _schema(directory: Path) -> str:
+    """The PostgreSQL schema of the test using ``directory`` (one per test)."""
+    return f"test_{directory.name.lower()}_{abs(hash(str(directory))) % 10**8}"[:63]
+
+
+async def _postgresql(clock: Clock, directory: Path) -> Any:
+    url = postgres_server.require()
+    return await PostgresQueue.open(url, schema=_schema(directory), clock=clock)
+
+
 STORES: dict[str, Callable[[Clock, Path], Awaitable[Any]]] = {
     "sqlite": _sqlite,
     "memory": _memory,
+    "postgresql": _postgresql,
 }
 
 OpenQueue = Callable[[], Awaitable[Any]]
@@ -67,6 +80,8 @@ def open_queue(
     yield open_one
     if opened:
         pytest_twisted.blockon(defer.gatherResults([store.close() for store in opened]))
+    if request.param == "postgresql":
+        postgres_server.drop_schema(_schema(tmp_path))
 
 
 def envelope(n: int, *recipients: str) -> Envelope:

@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
     _drain_parser(sub)
+    _worker_parser(sub)
     _users_parser(sub)
     add_dkim_parser(sub)
     _tokens_parser(sub)
@@ -342,7 +343,13 @@ def _drain_parser(sub: Any) -> None:
         epilog=_DRAIN_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    drain.add_argument("--spool", required=True, metavar="PATH", help="the spool file")
+    where = drain.add_mutually_exclusive_group(required=True)
+    where.add_argument("--spool", metavar="PATH", help="the spool file")
+    where.add_argument(
+        "--queue",
+        metavar="URL",
+        help="the queue as a URL: sqlite:PATH or postgresql://user@host:port/db[?schema=NAME]",
+    )
     drain.add_argument(
         "--status",
         action="store_true",
@@ -370,14 +377,69 @@ def _drain_main(args: argparse.Namespace) -> None:
     from .queue import command
 
     if args.status:
+        if args.spool is None:
+            print("error: --status reads a spool file: use --spool PATH", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         sys.exit(command.status(args.spool, args.limit or 20, sys.stdout))
     if not args.smtp:
         print("error: --smtp URL is required (or --status)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     options = command.DrainOptions(
-        spool_path=args.spool, limit=args.limit, lease=args.lease, **_delivery(args)
+        spool_path=args.spool,
+        queue_url=args.queue,
+        limit=args.limit,
+        lease=args.lease,
+        **_delivery(args),
     )
     _react_exit(lambda reactor: command.drain(options, reactor))
+
+
+_WORKER_EXAMPLE = """\
+examples:
+  TWISTMAIL_SMTP_PASSWORD=... twistmail worker --queue postgresql://mail@db.example.com/mail \\
+      --smtp smtp+tls://alice@mail.example.com --concurrency 10
+  twistmail worker --queue sqlite:/var/spool/app/mail.db --smtp smtp://127.0.0.1:2525
+
+Delivers from the queue until SIGTERM or SIGINT (a second one cuts off the messages in
+flight; they stay queued). Start as many as you like, on any machines, on one PostgreSQL
+queue: each message is claimed by one of them. A worker that dies holds its messages until its
+lease runs out; then the others take them. New messages wake an idle worker at once
+(PostgreSQL's LISTEN/NOTIFY; a SQLite queue is looked at every second).
+exit status: 0 stopped by a signal; 2 usage/configuration error (bad URL, refused login/TLS).
+"""
+
+
+def _worker_parser(sub: Any) -> None:
+    worker = sub.add_parser(
+        "worker",
+        help="deliver from a queue until stopped (any number of them on one queue)",
+        description="Deliver the messages of a queue as they become due, with retries and "
+        "backoff, until stopped; no listener.",
+        epilog=_WORKER_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    worker.add_argument(
+        "--queue",
+        required=True,
+        metavar="URL",
+        help="sqlite:PATH or postgresql://user@host:port/db[?schema=NAME]",
+    )
+    _smtp_options(worker, url_required=True, attempts_scope=", over all workers", patience=None)
+    worker.add_argument(
+        "--lease",
+        type=_seconds,
+        default=300.0,
+        metavar="SECONDS",
+        help="how long a claimed message stays reserved if this worker dies (renewed while "
+        "it runs; default: 300)",
+    )
+
+
+def _worker_main(args: argparse.Namespace) -> None:
+    from .queue import command
+
+    options = command.WorkerOptions(queue_url=args.queue, lease=args.lease, **_delivery(args))
+    _react_exit(lambda reactor: command.work(options, reactor))
 
 
 def _smtp_options(
@@ -385,9 +447,10 @@ def _smtp_options(
     *,
     url_required: bool,
     attempts_scope: str,
-    patience: float = 60.0,
+    patience: float | None = 60.0,
 ) -> None:
-    """The options saying where and how to deliver, shared by ``send`` and ``drain``."""
+    """The options saying where and how to deliver, shared by ``send``, ``drain`` and
+    ``worker`` (``patience=None``: no ``--give-up-after``, the server is waited for ever)."""
     parser.add_argument(
         "--smtp",
         required=url_required,
@@ -442,6 +505,9 @@ def _smtp_options(
         metavar="SECONDS",
         help="connect and reply timeout (default: 60)",
     )
+    if patience is None:
+        parser.set_defaults(server_patience=math.inf)
+        return
     parser.add_argument(
         "--give-up-after",
         dest="server_patience",
@@ -519,6 +585,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.command == "dkim":
         sys.exit(dkim_main(args, sys.stdout, sys.stderr))
+    if args.command == "worker":
+        _worker_main(args)
+        return
     if args.command == "users":
         from .relay.users import users_command
 

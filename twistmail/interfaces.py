@@ -73,7 +73,8 @@ class IQueue(Interface):
     only. Each claim of a message gets a larger fencing number; an outcome is recorded only
     with the owner and fencing number of the message's current claim.
 
-    Implementations: :class:`twistmail.queue.SqliteQueue` (a SQLite file) and
+    Implementations: :class:`twistmail.queue.SqliteQueue` (a SQLite file),
+    :class:`twistmail.queue.postgres.PostgresQueue` (PostgreSQL, shared by many machines) and
     :class:`twistmail.testing.MemoryQueue` (in memory, for tests).
     """
 

@@ -1,4 +1,5 @@
-"""``twistmail drain``: deliver what a spool holds that is due now, then exit (the cron pattern).
+"""``twistmail drain``: deliver what a spool holds that is due now, then exit (the cron pattern);
+``twistmail worker``: deliver from a queue until stopped.
 
 Exit status: 0 everything due was sent; 1 a message failed permanently in this run; 2 usage or
 configuration error (missing spool, bad URL, refused credentials or TLS); 3 messages remain
@@ -7,22 +8,29 @@ configuration error (missing spool, bad URL, refused credentials or TLS); 3 mess
 
 from __future__ import annotations
 
+import math
+import os
+import secrets
+import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from .._twisted import Reactor, install_signal_handlers
 from ..errors import AuthenticationError, TLSError, TwistmailError
 from ..options import DeliveryOptions
 from ..retry import RetryPolicy
 from .records import ClaimedMessage, Outcome, QueueError
-from .sqlite import SqliteQueue, read_queue_status
+from .sqlite import read_queue_status
+from .url import open_queue
 from .worker import Drain, DrainReport
 
-__all__ = ["DrainOptions", "drain", "status"]
+__all__ = ["DrainOptions", "WorkerOptions", "drain", "status", "work"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMAINING = 0, 1, 2, 3
 
@@ -31,7 +39,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMAINING = 0, 1, 2, 3
 class DrainOptions(DeliveryOptions):
     """Everything ``twistmail drain`` was asked to do."""
 
-    spool_path: str
+    spool_path: str | None = None
+    queue_url: str | None = None
+    """The queue as a URL (``sqlite:PATH``, ``postgresql://...``); else ``spool_path``."""
     # A cron job reports an unreachable server at once and leaves the messages for next time.
     server_patience: float = 0.0
     limit: int | None = None
@@ -54,9 +64,8 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
     try:
         # Outcome records need not be fsync'd one by one: a drain killed at any moment loses
         # none of them; a power cut may lose the last few, whose messages go out again.
-        spool = await SqliteQueue.open(
-            opts.spool_path, create=False, synchronous="NORMAL", reactor=reactor
-        )
+        url = opts.queue_url or f"sqlite:{opts.spool_path}"
+        spool = await open_queue(url, create=False, synchronous="NORMAL", reactor=reactor)
     except QueueError as e:
         await mailer.close()
         _say(out, f"error: {e}")
@@ -146,6 +155,113 @@ def status(spool_path: str, limit: int, out: TextIO) -> int:
                 file=out,
             )
     return EXIT_OK
+
+
+@dataclass(kw_only=True)
+class WorkerOptions(DeliveryOptions):
+    """Everything ``twistmail worker`` was asked to do."""
+
+    queue_url: str
+    lease: float = 300.0
+    # A worker never gives up on an unreachable server: it backs off and keeps the messages.
+    server_patience: float = math.inf
+    sqlite_check: float = 1.0
+    """Seconds between looks for new messages in a SQLite queue (which cannot notify)."""
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+
+def work(options: WorkerOptions, reactor: Reactor) -> defer.Deferred[int]:
+    """Run a worker until SIGINT/SIGTERM; the Deferred fires with the exit status."""
+    return defer.Deferred.fromCoroutine(_work(options, reactor))
+
+
+async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
+    from ..relay.worker import RelayWorker
+
+    out = opts.out
+    try:
+        mailer = opts.mailer(reactor)
+    except (ValueError, OSError) as e:
+        _say(out, f"error: {e}")
+        return EXIT_USAGE
+    try:
+        queue = await open_queue(opts.queue_url, reactor=reactor, synchronous="NORMAL")
+    except QueueError as e:
+        await mailer.close()
+        _say(out, f"error: {e}")
+        return EXIT_USAGE
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+    def show(claimed: ClaimedMessage, outcome: Outcome) -> None:
+        if outcome.state == "failed":
+            mid = claimed.envelope.message_id or "(no Message-ID)"
+            _say(out, f"failed: message {outcome.id} {mid}: {outcome.response}")
+
+    worker = RelayWorker(
+        queue,
+        mailer,
+        retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
+        owner=owner,
+        max_age=math.inf,
+        age=lambda _claimed: defer.succeed(None),
+        reactor=IReactorTime(reactor),
+        lease=opts.lease,
+        on_outcome=show,
+    )
+    watching = _watch(queue, worker.wake, opts.sqlite_check, reactor)
+    interrupted: list[bool] = []
+
+    def interrupt() -> None:
+        if interrupted:
+            worker.abort()
+            return
+        interrupted.append(True)
+        _say(out, "stopping: letting messages in flight finish (signal again to abort)")
+        worker.stop()
+
+    restore = install_signal_handlers(reactor, interrupt)
+    _say(out, f"worker {owner}: delivering from the queue (SIGTERM to stop)")
+    try:
+        report = await worker.run()
+    finally:
+        restore()
+        watching()
+        await mailer.close()
+        await queue.close()
+    _say(
+        out,
+        f"worker: {report.sent} sent, {report.deferred} deferred, {report.failed} failed, "
+        f"{report.released} given back",
+    )
+    return EXIT_USAGE if isinstance(report.abort, AuthenticationError | TLSError) else EXIT_OK
+
+
+def _watch(
+    queue: object, wake: Callable[[], None], every: float, reactor: Reactor
+) -> Callable[[], None]:
+    """Call ``wake`` whenever the queue says something was enqueued (a PostgreSQL queue's
+    ``notified()``), or every ``every`` seconds for a queue that cannot say; returns the
+    undo."""
+    notified = getattr(queue, "notified", None)
+    if notified is None:
+        looking = task.LoopingCall(wake)
+        looking.clock = IReactorTime(reactor)
+        looking.start(every, now=False)
+        return looking.stop
+    waiting: list[defer.Deferred[None]] = []
+
+    def ended(failure: Failure) -> None:
+        failure.trap(defer.CancelledError, QueueError)  # stopped, or the queue closed
+
+    def listen(_: object = None) -> None:
+        if waiting:
+            wake()
+        d = notified()
+        waiting[:] = [d]
+        d.addCallbacks(listen, ended)
+
+    listen()
+    return lambda: waiting[0].cancel()
 
 
 def _say(out: TextIO, text: str) -> None:

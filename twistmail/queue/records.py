@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -20,6 +21,7 @@ __all__ = [
     "QueueSummary",
     "RecipientState",
     "RecipientStatus",
+    "migrations_from",
 ]
 
 MessageState = Literal["queued", "sending", "deferred", "sent", "failed"]
@@ -138,3 +140,23 @@ class QueueSummary:
     def waiting(self) -> int:
         """Messages not yet settled and not held by a live worker."""
         return self.counts["queued"] + self.counts["deferred"] + self.expired
+
+
+def migrations_from(
+    version: str,
+    current: str,
+    migrations: dict[str, tuple[str, ...]],
+    too_new: Callable[[str], QueueError],
+) -> list[str]:
+    """The statements taking a store's schema from ``version`` to ``current``, in order.
+
+    ``migrations`` maps each older version to the statements making the next one; a version
+    neither ``current`` nor in it (a newer store's) raises ``too_new(version)``.
+    """
+    if version not in migrations and version != current:
+        raise too_new(version)
+    statements: list[str] = []
+    while version in migrations:
+        statements.extend(migrations[version])
+        version = str(int(version) + 1)
+    return statements

@@ -65,6 +65,7 @@ from .records import (
     QueueError,
     QueueRow,
     QueueSummary,
+    migrations_from,
 )
 
 __all__ = ["SqliteQueue", "read_queue_status"]
@@ -301,17 +302,17 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: str) -> None:
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
     if meta.get("kind") != "twistmail-spool":
         raise QueueError(f"{path}: not a twistmail spool")
-    version = meta.get("schema_version", "")
-    if version not in _MIGRATIONS and version != SCHEMA_VERSION:
-        raise QueueError(
+    for statement in migrations_from(
+        meta.get("schema_version", ""),
+        SCHEMA_VERSION,
+        _MIGRATIONS,
+        lambda version: QueueError(
             f"{path}: a twistmail spool of schema version {version!r}, which this twistmail "
             f"(schema {SCHEMA_VERSION}) cannot use; upgrade twistmail to use this file"
-        )
-    while version in _MIGRATIONS:
-        for statement in _MIGRATIONS[version]:
-            conn.execute(statement)
-        version = str(int(version) + 1)
-    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+        ),
+    ):
+        conn.execute(statement)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
 
 
 def _run_group(conn: sqlite3.Connection, ops: list[_Op], now: float) -> list[Any]:

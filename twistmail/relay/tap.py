@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from twisted.application.service import MultiService
 from twisted.python import usage
 
+from ..queue.url import parse_queue_url
 from ..smtp.client import parse_url
 from .config import DAY, RelayConfig
 
@@ -332,10 +333,16 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         parse_url(url, password=password, environ=dict(environ))
     except ValueError as e:
         raise usage.UsageError(f"--smtp: {e}") from None
-    queue = opts["queue"]
-    scheme, _, path = queue.partition(":")
-    if scheme != "sqlite" or not path:
-        raise usage.UsageError(f"--queue: expected sqlite:PATH, got {queue!r}")
+    try:
+        parsed = parse_queue_url(opts["queue"])
+    except ValueError as e:
+        raise usage.UsageError(f"--queue: {e}") from None
+    if parsed.kind != "sqlite":
+        raise usage.UsageError(
+            "--queue: the relay keeps its queue in a SQLite file for now (sqlite:PATH); "
+            "deliver from a PostgreSQL queue with twistmail worker --queue URL"
+        )
+    path = parsed.target
     try:
         allow_from = parse_networks(opts["allow-from"])
     except ValueError as e:

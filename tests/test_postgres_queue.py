@@ -1,0 +1,182 @@
+"""What the PostgreSQL queue does beyond the contract: its schema's versions, the database's
+clock, LISTEN/NOTIFY wake-ups, and lost connections (through a proxy that cuts them)."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+import postgres_server
+import psycopg
+import pytest
+import pytest_twisted
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from tcp_proxy import CuttingProxy
+from twisted.internet import defer, reactor, task
+
+from twistmail import Mailer
+from twistmail.message import Envelope, envelope_from_bytes
+from twistmail.queue import Drain, QueueError
+from twistmail.queue.postgres import SCHEMA_VERSION, PostgresQueue
+from twistmail.queue.url import open_queue, parse_queue_url
+from twistmail.retry import RetryPolicy
+from twistmail.testing import CaptureServer
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A PostgreSQL schema of this test's own, dropped after it."""
+    postgres_server.require()
+    name = postgres_server.new_schema()
+    yield name
+    postgres_server.drop_schema(name)
+
+
+def execute(schema: str, text: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(postgres_server.URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        cursor = conn.execute(text)  # type: ignore[arg-type]
+        return cursor.fetchall() if cursor.description else []
+
+
+def envelope(n: int) -> Envelope:
+    data = f"Message-ID: <m{n}@test>\r\nSubject: {n}\r\n\r\nbody {n}\r\n".encode()
+    return envelope_from_bytes("shop@example.com", [f"user{n}@example.org"], data)
+
+
+# URLs -----------------------------------------------------------------------------------------
+
+
+def test_queue_urls() -> None:
+    assert parse_queue_url("sqlite:/var/q.db") == parse_queue_url("sqlite:/var/q.db")
+    assert parse_queue_url("sqlite:q.db").target == "q.db"
+    parsed = parse_queue_url("postgresql://mail@db:5433/mail?schema=tm&sslmode=require")
+    assert (parsed.kind, parsed.schema) == ("postgresql", "tm")
+    assert parsed.target == "postgresql://mail@db:5433/mail?sslmode=require"
+    assert parse_queue_url("postgres://db/mail").schema == "twistmail"
+    for bad in ("queue.db", "sqlite:", "mysql://db/x", "postgresql://db/x?schema=a;b"):
+        with pytest.raises(ValueError, match=r"expected"):
+            parse_queue_url(bad)
+    with pytest.raises(ValueError, match=r"expected") as info:
+        parse_queue_url("http://alice:s3cret@db/x")
+    assert "s3cret" not in str(info.value)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_server_is_named_without_its_password() -> None:
+    port = reactor.listenTCP(0, CuttingProxy("127.0.0.1", 1), interface="127.0.0.1")
+    free = port.getHost().port
+    await port.stopListening()  # nothing listens there now
+    with pytest.raises(QueueError) as info:
+        await open_queue(f"postgresql://alice:s3cret@127.0.0.1:{free}/test", reactor=reactor)
+    assert f"postgresql://alice@127.0.0.1:{free}/test" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+# Schema versions ------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_schema_is_created_once_and_a_newer_one_refused(schema: str) -> None:
+    url = postgres_server.URL
+    first, second = await defer.gatherResults(
+        [PostgresQueue.open(url, schema=schema), PostgresQueue.open(url, schema=schema)]
+    )
+    await first.enqueue([envelope(1)])
+    await defer.gatherResults([first.close(), second.close()])
+    assert execute(schema, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+        (SCHEMA_VERSION,)
+    ]
+    execute(schema, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(QueueError, match=r"schema version '99'.*upgrade twistmail"):
+        await PostgresQueue.open(url, schema=schema)
+    execute(schema, "UPDATE meta SET value = 'other' WHERE key = 'kind'")
+    with pytest.raises(QueueError, match=r"not a queue"):
+        await PostgresQueue.open(url, schema=schema)
+
+
+# The database's clock -------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_leases_and_due_times_are_on_the_database_clock(schema: str) -> None:
+    queue = await PostgresQueue.open(postgres_server.URL, schema=schema)
+    try:
+        await queue.enqueue([envelope(1)])
+        assert len(await queue.claim("a", 5, lease=600)) == 1
+        ((lease_until, server_now),) = execute(
+            schema, "SELECT lease_until, extract(epoch from now())::float8 FROM messages"
+        )
+        assert abs(float(lease_until) - 600 - float(server_now)) < 5  # type: ignore[arg-type]
+        delay = await queue.next_due()
+        assert delay is not None
+        assert 590 < delay <= 600
+    finally:
+        await queue.close()
+
+
+# Wake-ups -------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_notified_fires_on_an_enqueue_by_another_process(schema: str) -> None:
+    queue = await PostgresQueue.open(postgres_server.URL, schema=schema)
+    other = await PostgresQueue.open(postgres_server.URL, schema=schema)
+    try:
+        waiting = queue.notified()
+        await task.deferLater(reactor, 0.5, lambda: None)  # listening by then
+        heard = []
+        waiting.addCallback(heard.append)
+        # (an empty first wake-up may come once LISTEN is set up: take the next one)
+        if heard:
+            heard.clear()
+            waiting = queue.notified()
+            waiting.addCallback(heard.append)
+        assert heard == []
+        await other.enqueue([envelope(1)])
+        await waiting
+        assert heard == [None]
+    finally:
+        await defer.gatherResults([queue.close(), other.close()])
+
+
+# Lost connections -----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_cut_connections_are_retried_nothing_lost_nothing_reported_sent_twice(
+    schema: str, capture_server: object
+) -> None:
+    server: CaptureServer = capture_server()  # type: ignore[operator]
+    info = conninfo_to_dict(postgres_server.URL)
+    proxy = CuttingProxy(str(info.get("host", "127.0.0.1")), int(info.get("port", 5432)))
+    url = make_conninfo(postgres_server.URL, host="127.0.0.1", port=proxy.listen())
+    queue = await PostgresQueue.open(url, schema=schema, connect_timeout=2)
+    mailer = Mailer(f"smtp://127.0.0.1:{server.port}", concurrency=4, max_attempts=1)
+    cutter = task.LoopingCall(proxy.cut)
+    n = 400
+    try:
+        cutter.start(0.15, now=False)
+        ids = []
+        for start in range(0, n, 5):
+            ids += await queue.enqueue([envelope(i) for i in range(start, start + 5)])
+        report = await Drain(queue, mailer, retry=RetryPolicy(), batch=20).run()
+    finally:
+        if cutter.running:
+            cutter.stop()
+        await mailer.close()
+        await queue.close()
+        await proxy.stop()
+    assert proxy.cuts > 0
+    assert queue.retries > 0
+    # Each enqueue stored once, whatever the cuts: n ids, n rows.
+    assert len(set(ids)) == n
+    assert execute(schema, "SELECT count(*) FROM messages") == [(n,)]
+    delivered = collections.Counter(tuple(m.recipients) for m in server.messages)
+    assert set(delivered) == {(f"user{i}@example.org".encode(),) for i in range(n)}
+    assert execute(schema, "SELECT state, count(*) FROM messages GROUP BY state") == [("sent", n)]
+    # What the drain reports sent is what the database holds as sent, no more.
+    assert report.sent == n
+    assert report.lost == 0
+    assert max(delivered.values()) == 1
