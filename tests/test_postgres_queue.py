@@ -4,7 +4,9 @@ clock, LISTEN/NOTIFY wake-ups, and lost connections (through a proxy that cuts t
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import postgres_server
 import psycopg
@@ -18,10 +20,14 @@ from twisted.internet import defer, reactor, task
 from twistmail import Mailer
 from twistmail.message import Envelope, envelope_from_bytes
 from twistmail.queue import Drain, QueueError
+from twistmail.queue._postgres_db import _prepare
+from twistmail.queue._postgres_status import cancel_message, insert_once, retry_message
 from twistmail.queue.postgres import SCHEMA_VERSION, PostgresQueue
 from twistmail.queue.url import open_queue, parse_queue_url
 from twistmail.retry import RetryPolicy
 from twistmail.testing import CaptureServer
+
+_T = TypeVar("_T")
 
 
 @pytest.fixture
@@ -180,3 +186,81 @@ async def test_cut_connections_are_retried_nothing_lost_nothing_reported_sent_tw
     assert report.sent == n
     assert report.lost == 0
     assert max(delivered.values()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_keyed_enqueues_through_cut_connections_each_queue_once(schema: str) -> None:
+    info = conninfo_to_dict(postgres_server.URL)
+    proxy = CuttingProxy(str(info.get("host", "127.0.0.1")), int(info.get("port", 5432)))
+    url = make_conninfo(postgres_server.URL, host="127.0.0.1", port=proxy.listen())
+    queue = await PostgresQueue.open(url, schema=schema, connect_timeout=2)
+    cutter = task.LoopingCall(proxy.cut)
+    n = 150
+    try:
+        cutter.start(0.1, now=False)
+        done = []
+        for i in range(n):
+            done.append(await queue.enqueue_once("app", f"k{i}", "f", envelope(i)))
+    finally:
+        if cutter.running:
+            cutter.stop()
+        await queue.close()
+        await proxy.stop()
+    assert proxy.cuts > 0
+    assert queue.retries > 0
+    # A try whose commit's answer was lost is told "queued" again, not "repeat" of itself.
+    assert {d.outcome for d in done} == {"queued"}
+    assert len({d.id for d in done}) == n
+    assert execute(schema, "SELECT count(*) FROM messages") == [(n,)]
+    assert execute(schema, "SELECT count(*) FROM idempotency") == [(n,)]
+
+
+def test_changes_tried_again_after_a_lost_commit_report_what_the_first_try_did(
+    schema: str,
+) -> None:
+    # The first try commits; its answer is "lost": the same op runs again with again=True.
+    with psycopg.connect(postgres_server.URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        _prepare(conn, schema, "test")
+
+        def twice(op: Callable[[psycopg.Connection[Any], float | None, bool], _T]) -> list[_T]:
+            results = []
+            for again in (False, True):
+                with conn.transaction():
+                    results.append(op(conn, None, again))
+            return results
+
+        token = uuid.uuid4()
+        first, second = twice(
+            lambda c, now, again: insert_once(
+                "app", "k", "f", envelope(1), 86400.0, token, "ch", c, now, again
+            )
+        )
+        assert first == second
+        assert first.outcome == "queued"
+        assert execute(schema, "SELECT count(*) FROM messages") == [(1,)]
+        cancel = uuid.uuid4()
+        assert twice(
+            lambda c, now, again: cancel_message(first.id, "stop", cancel, c, now, again)
+        ) == ["cancelled", "cancelled"]
+        retry = uuid.uuid4()
+        assert twice(lambda c, now, again: retry_message(first.id, retry, "ch", c, now, again)) == [
+            "retried",
+            "retried",
+        ]
+        # Another request, not a try again, is told the state as it is.
+        assert retry_message(first.id, uuid.uuid4(), "ch", conn, None, False) == "queued"
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_key_sent_at_once_by_many_workers_queues_once(schema: str) -> None:
+    queues = [await PostgresQueue.open(postgres_server.URL, schema=schema) for _ in range(3)]
+    try:
+        done = await defer.gatherResults(
+            [q.enqueue_once("app", "same", "f", envelope(1)) for q in queues for _ in range(4)]
+        )
+    finally:
+        await defer.gatherResults([q.close() for q in queues])
+    assert sorted(d.outcome for d in done) == ["queued"] + ["repeat"] * 11
+    assert len({d.id for d in done}) == 1
+    assert execute(schema, "SELECT count(*) FROM messages") == [(1,)]

@@ -85,6 +85,16 @@ _SCHEMA: Final[tuple[str, ...]] = (
         response text NOT NULL DEFAULT '',
         PRIMARY KEY (message, position)
     )""",
+    # Idempotency keys (the HTTP API's), each with the message it queued, kept >= their keep.
+    """CREATE TABLE idempotency (
+        scope text NOT NULL,
+        key text NOT NULL,
+        fingerprint text NOT NULL,
+        message bigint NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+        created_at float8 NOT NULL,
+        PRIMARY KEY (scope, key)
+    )""",
+    "CREATE INDEX idempotency_created ON idempotency (created_at)",
 )
 
 # From each older schema version to the next (none yet: version 1 is the first).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from .records import MessageStatus, RecipientStatus
+from .records import MessageStatus, RecipientStatus, message_status
 
 __all__ = ["cancel_message", "list_messages", "one_message", "retry_message"]
 
@@ -34,22 +34,7 @@ def _statuses(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> li
         ids,
     ):
         recipients[message].append(RecipientStatus(address, state, code, response))
-    return [
-        MessageStatus(
-            id=row[0],
-            message_id=row[1],
-            sender=row[2],
-            state=row[3],
-            attempts=row[4],
-            created_at=row[5],
-            updated_at=row[6],
-            due=row[7],
-            code=row[8],
-            response=row[9],
-            recipients=tuple(recipients[row[0]]),
-        )
-        for row in rows
-    ]
+    return [message_status(row, recipients[row[0]]) for row in rows]
 
 
 def one_message(conn: sqlite3.Connection, message: int) -> MessageStatus | None:

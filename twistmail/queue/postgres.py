@@ -22,7 +22,12 @@ thread), never on the reactor thread. A transaction that fails because the conne
 lost (server restart, network cut) or by a serialization failure is tried again, on a new
 connection, with exponential backoff, for ever until :meth:`PostgresQueue.close`. A commit
 whose answer was lost is recognised when tried again: an enqueue is found by its batch token
-(not stored twice) and an outcome by its fencing number (reported recorded, never sent twice).
+(not stored twice) and an outcome by its fencing number (reported recorded, never sent twice);
+a keyed enqueue by its batch token too, a retry or cancel by its token in ``claim``.
+
+Idempotency keys (:meth:`PostgresQueue.enqueue_once`) live in the ``idempotency`` table,
+inserted in the message's transaction; requests with one key are serialised by a
+transaction-scoped advisory lock on it, so many workers sending it at once queue it once.
 
 Wake-ups: each enqueue sends ``NOTIFY`` on the schema's channel; :meth:`PostgresQueue.notified`
 fires on the next one (from any process), so an idle worker waits on it and on
@@ -66,7 +71,22 @@ from ._postgres_db import (
     _wait_notify,
     describe_url,
 )
-from .records import ClaimedMessage, Outcome, QueueError, QueueRow, QueueSummary
+from ._postgres_status import (
+    cancel_message,
+    insert_once,
+    list_messages,
+    one_message,
+    retry_message,
+)
+from .records import (
+    ClaimedMessage,
+    Idempotent,
+    MessageStatus,
+    Outcome,
+    QueueError,
+    QueueRow,
+    QueueSummary,
+)
 
 try:  # an optional dependency: pip install 'twistmail[postgresql]'
     import psycopg
@@ -174,6 +194,18 @@ class PostgresQueue:
         batch, token, channel = list(envelopes), uuid.uuid4(), self._channel
         return self._run(lambda conn, now, again: _insert(batch, token, channel, conn, now, again))
 
+    def enqueue_once(
+        self, scope: str, key: str, fingerprint: str, envelope: Envelope, *, keep: float = 86400.0
+    ) -> defer.Deferred[Idempotent]:
+        """Store ``envelope`` unless ``key`` was used in ``scope`` (see IQueue); the key and
+        the message are committed in one transaction."""
+        token, channel = uuid.uuid4(), self._channel
+        return self._run(
+            lambda conn, now, again: insert_once(
+                scope, key, fingerprint, envelope, keep, token, channel, conn, now, again
+            )
+        )
+
     def claim(
         self, owner: str, limit: int, *, lease: float
     ) -> defer.Deferred[list[ClaimedMessage]]:
@@ -195,6 +227,32 @@ class PostgresQueue:
     def renew(self, owner: str, lease: float) -> defer.Deferred[int]:
         """Extend every lease ``owner`` holds to ``lease`` seconds from now; fires with how many."""
         return self._run(lambda conn, now, again: _renew(owner, lease, conn, now, again))
+
+    def retry(self, message: int) -> defer.Deferred[str]:
+        """Put failed message ``message`` back in the queue (see IQueue)."""
+        token, channel = uuid.uuid4(), self._channel
+        return self._run(
+            lambda conn, now, again: retry_message(message, token, channel, conn, now, again)
+        )
+
+    def cancel(self, message: int, reason: str) -> defer.Deferred[str]:
+        """Fail message ``message`` if it is queued or deferred (see IQueue)."""
+        token = uuid.uuid4()
+        return self._run(
+            lambda conn, now, again: cancel_message(message, reason, token, conn, now, again)
+        )
+
+    def message(self, message: int) -> defer.Deferred[MessageStatus | None]:
+        """Message ``message`` with its recipients' states; None if there is none."""
+        return self._run(lambda conn, now, again: one_message(message, conn, now, again))
+
+    def messages(
+        self, state: str | None = None, *, after: int = 0, limit: int = 100
+    ) -> defer.Deferred[list[MessageStatus]]:
+        """Up to ``limit`` messages with an id above ``after`` (in ``state``), by id."""
+        return self._run(
+            lambda conn, now, again: list_messages(state, after, limit, conn, now, again)
+        )
 
     def next_due(self) -> defer.Deferred[float | None]:
         """Seconds until the earliest waiting message is due: 0.0 if now, None if none waits."""

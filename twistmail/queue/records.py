@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from ..errors import QueueError
 from ..message import Envelope
@@ -21,6 +21,7 @@ __all__ = [
     "QueueSummary",
     "RecipientState",
     "RecipientStatus",
+    "message_status",
     "migrations_from",
 ]
 
@@ -105,6 +106,23 @@ class MessageStatus:
     code: int | None
     response: str
     recipients: tuple[RecipientStatus, ...]
+
+
+def message_status(row: Sequence[Any], recipients: Sequence[RecipientStatus]) -> MessageStatus:
+    """A :class:`MessageStatus` from a row of its fields but ``recipients``, in order."""
+    return MessageStatus(
+        id=row[0],
+        message_id=row[1],
+        sender=row[2],
+        state=row[3],
+        attempts=row[4],
+        created_at=row[5],
+        updated_at=row[6],
+        due=row[7],
+        code=row[8],
+        response=row[9],
+        recipients=tuple(recipients),
+    )
 
 
 @dataclass(frozen=True, slots=True)

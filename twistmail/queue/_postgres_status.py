@@ -1,0 +1,184 @@
+"""The PostgreSQL queue's keyed enqueue and its look-ups and changes for the relay's API: one
+message or a page of them with their recipients, a failed message put back, a waiting one
+cancelled (see ``IQueue``).
+
+Functions of an open connection inside one transaction, run on the queue's threads by
+:class:`~twistmail.queue.postgres.PostgresQueue` as ``op(conn, now, again)`` ops (``again``:
+an earlier try failed with the connection, so its commit may have happened).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..message import Envelope
+from ._postgres_db import _insert, _timed
+from .records import Idempotent, MessageStatus, RecipientStatus, message_status
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["cancel_message", "insert_once", "list_messages", "one_message", "retry_message"]
+
+
+_STATUS = (
+    "SELECT id, message_id, sender, state, attempts, created_at, updated_at, due, code, "
+    "response FROM messages"
+)
+
+# A few expired keys forgotten at each keyed enqueue (bounded work, no separate sweeper).
+_FORGET_KEYS = _timed("""
+DELETE FROM idempotency WHERE (scope, key) IN (
+    SELECT scope, key FROM idempotency WHERE created_at < $NOW - %(keep)s
+    ORDER BY created_at LIMIT 100 FOR UPDATE SKIP LOCKED
+)
+""")
+
+_FORGET_KEY = _timed(
+    "DELETE FROM idempotency WHERE scope = %(scope)s AND key = %(key)s "
+    "AND created_at < $NOW - %(keep)s"
+)
+
+_ADD_KEY = _timed(
+    "INSERT INTO idempotency (scope, key, fingerprint, message, created_at) "
+    "VALUES (%(scope)s, %(key)s, %(fingerprint)s, %(message)s, $NOW)"
+)
+
+_RETRY = _timed("""
+UPDATE messages SET state = 'queued', attempts = 0, due = $NOW, code = NULL, response = '',
+    claim = %(token)s, updated_at = $NOW
+WHERE id = %(id)s AND state = 'failed'
+""")
+
+_CANCEL = _timed("""
+UPDATE messages SET state = 'failed', code = NULL, response = %(reason)s, claim = %(token)s,
+    updated_at = $NOW
+WHERE id = %(id)s AND state IN ('queued', 'deferred')
+""")
+
+
+def _statuses(
+    conn: psycopg.Connection[Any], where: str, args: dict[str, Any]
+) -> list[MessageStatus]:
+    rows = conn.execute(f"{_STATUS} {where}", args).fetchall()
+    if not rows:
+        return []
+    recipients: dict[int, list[RecipientStatus]] = {row[0]: [] for row in rows}
+    for message, address, state, code, response in conn.execute(
+        "SELECT message, address, state, code, response FROM recipients "
+        "WHERE message = ANY(%s) ORDER BY message, position",
+        (list(recipients),),
+    ):
+        recipients[message].append(RecipientStatus(address, state, code, response))
+    return [message_status(row, recipients[row[0]]) for row in rows]
+
+
+def one_message(
+    message: int, conn: psycopg.Connection[Any], now: float | None, again: bool
+) -> MessageStatus | None:
+    found = _statuses(conn, "WHERE id = %(id)s", {"id": message})
+    return found[0] if found else None
+
+
+def list_messages(
+    state: str | None,
+    after: int,
+    limit: int,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> list[MessageStatus]:
+    args = {"state": state, "after": after, "limit": max(0, limit)}
+    if state is None:
+        return _statuses(conn, "WHERE id > %(after)s ORDER BY id LIMIT %(limit)s", args)
+    return _statuses(
+        conn, "WHERE state = %(state)s AND id > %(after)s ORDER BY id LIMIT %(limit)s", args
+    )
+
+
+def insert_once(
+    scope: str,
+    key: str,
+    fingerprint: str,
+    envelope: Envelope,
+    keep: float,
+    token: uuid.UUID,
+    notify: str,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> Idempotent:
+    if again:  # the first try may have committed the message and its key: its batch says
+        row = conn.execute(
+            "SELECT id, message_id FROM messages WHERE batch = %s", (token,)
+        ).fetchone()
+        if row is not None:
+            return Idempotent(row[0], row[1], "queued")
+    args = {"scope": scope, "key": key, "fingerprint": fingerprint, "keep": keep, "now": now}
+    # Two requests with one key wait for each other here: the second sees the first's key.
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{scope}\x1f{key}",))
+    conn.execute(_FORGET_KEYS, args)
+    conn.execute(_FORGET_KEY, args)
+    found = conn.execute(
+        "SELECT i.fingerprint, i.message, m.message_id FROM idempotency i "
+        "LEFT JOIN messages m ON m.id = i.message "
+        "WHERE i.scope = %(scope)s AND i.key = %(key)s",
+        args,
+    ).fetchone()
+    if found is not None:
+        stored, message, message_id = found
+        return Idempotent(message, message_id, "repeat" if stored == fingerprint else "conflict")
+    (message,) = _insert([envelope], token, notify, conn, now, again=False)
+    conn.execute(_ADD_KEY, {**args, "message": message})
+    return Idempotent(message, envelope.message_id, "queued")
+
+
+def _state_of(conn: psycopg.Connection[Any], message: int, token: uuid.UUID) -> tuple[str, bool]:
+    """The state of ``message`` ("missing" if none), and whether the op of ``token`` set it."""
+    row = conn.execute("SELECT state, claim FROM messages WHERE id = %s", (message,)).fetchone()
+    return ("missing", False) if row is None else (str(row[0]), row[1] == token)
+
+
+def retry_message(
+    message: int,
+    token: uuid.UUID,
+    notify: str,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> str:
+    changed = conn.execute(_RETRY, {"id": message, "token": token, "now": now}).rowcount
+    if not changed:
+        state, ours = _state_of(conn, message, token)
+        # A first try whose commit's answer was lost left the message queued under our token.
+        return "retried" if again and ours and state == "queued" else state
+    conn.execute(
+        "UPDATE recipients SET state = 'pending', code = NULL, response = '' "
+        "WHERE message = %s AND state = 'failed'",
+        (message,),
+    )
+    conn.execute("SELECT pg_notify(%s, '')", (notify,))
+    return "retried"
+
+
+def cancel_message(
+    message: int,
+    reason: str,
+    token: uuid.UUID,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> str:
+    changed = conn.execute(
+        _CANCEL, {"id": message, "reason": reason, "token": token, "now": now}
+    ).rowcount
+    if not changed:
+        state, ours = _state_of(conn, message, token)
+        return "cancelled" if again and ours and state == "failed" else state
+    conn.execute(
+        "UPDATE recipients SET state = 'failed', code = NULL, response = %s "
+        "WHERE message = %s AND state = 'pending'",
+        (reason, message),
+    )
+    return "cancelled"
