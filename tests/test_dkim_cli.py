@@ -1,8 +1,10 @@
-"""``twistmail dkim keygen``, ``send --dkim`` and ``drain --dkim`` as subprocesses."""
+"""``twistmail dkim keygen``, ``send --dkim``, ``drain --dkim`` and ``worker --dkim`` as
+subprocesses."""
 
 from __future__ import annotations
 
 import re
+import signal
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +15,9 @@ import pytest_twisted
 from servers import CueServer
 from test_cli_e2e import twistmail, write_campaign
 from test_drain_e2e import enqueue, finish, start_drain, triple
+from test_worker_e2e import finish as worker_finish
+from test_worker_e2e import start_worker
+from waiting import until
 
 Cue = Callable[..., CueServer]
 
@@ -155,3 +160,29 @@ async def test_drain_signs_and_sends_unsigned_for_other_domains(
     assert all(verifies(r.data, published) for r in signed)
     assert len(server.received) == 3
     assert "no DKIM key for the From domain elsewhere.test" in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_worker_signs_as_drain_does(cue_server: Cue, tmp_path: Path) -> None:
+    server = cue_server()
+    key_file, record = keygen(tmp_path)
+    spool = tmp_path / "spool.db"
+    await enqueue(spool, [triple(1), triple(2)])
+    log = tmp_path / "worker.log"
+    worker = start_worker(
+        log,
+        "--queue",
+        f"sqlite:{spool}",
+        "--smtp",
+        f"smtp://127.0.0.1:{server.port}",
+        "--dkim",
+        f"example.com:s1:{key_file}",
+    )
+    try:
+        await until(lambda: len(server.received) == 2, "both messages delivered", 60)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = await worker_finish(worker)
+    assert code == 0, log.read_text()
+    published = {b"s1._domainkey.example.com.": record}
+    assert all(verifies(r.data, published) for r in server.received)

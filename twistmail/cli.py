@@ -425,6 +425,7 @@ def _worker_parser(sub: Any) -> None:
         help="sqlite:PATH or postgresql://user@host:port/db[?schema=NAME]",
     )
     _smtp_options(worker, url_required=True, attempts_scope=", over all workers", patience=None)
+    add_dkim_options(worker, missing=True)
     worker.add_argument(
         "--lease",
         type=_seconds,
