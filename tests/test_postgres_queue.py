@@ -264,3 +264,26 @@ async def test_one_key_sent_at_once_by_many_workers_queues_once(schema: str) -> 
     assert sorted(d.outcome for d in done) == ["queued"] + ["repeat"] * 11
     assert len({d.id for d in done}) == 1
     assert execute(schema, "SELECT count(*) FROM messages") == [(1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retry_wakes_idle_workers(schema: str) -> None:
+    queue = await PostgresQueue.open(postgres_server.URL, schema=schema)
+    other = await PostgresQueue.open(postgres_server.URL, schema=schema)
+    try:
+        (id_,) = await other.enqueue([envelope(1)])
+        assert await other.cancel(id_, "stop") == "cancelled"
+        waiting = queue.notified()
+        await task.deferLater(reactor, 0.5, lambda: None)  # listening by then
+        heard: list[None] = []
+        waiting.addCallback(heard.append)
+        if heard:  # (an empty first wake-up may come once LISTEN is set up)
+            heard.clear()
+            waiting = queue.notified()
+            waiting.addCallback(heard.append)
+        assert heard == []
+        assert await other.retry(id_) == "retried"
+        await waiting.addTimeout(30, reactor)  # without a NOTIFY: a TimeoutError
+        assert heard == [None]
+    finally:
+        await defer.gatherResults([queue.close(), other.close()])
