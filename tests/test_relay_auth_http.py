@@ -209,7 +209,9 @@ def test_health_is_503_while_the_queue_cannot_be_written(
         port = http_port(relay)
         assert get(port, "/healthz")[0] == 200
         # Another process holds the file's write lock past the queue's busy timeout (10 s).
-        blocker = sqlite3.connect(path, isolation_level=None, timeout=0)
+        blocker = sqlite3.connect(
+            path, isolation_level=None, timeout=10
+        )  # waits out a write in progress
         blocker.execute("BEGIN IMMEDIATE")
         try:
             status, body = get(port, "/healthz")

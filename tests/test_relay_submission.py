@@ -330,7 +330,9 @@ def test_a_commit_that_fails_is_answered_4xx_and_leaves_nothing(
             )
         wait_until(lambda: bool(delivered(upstream, b"Subject: one")))
         # Another process holds the file's write lock past the queue's busy timeout (10 s).
-        blocker = sqlite3.connect(path, isolation_level=None, timeout=0)
+        blocker = sqlite3.connect(
+            path, isolation_level=None, timeout=10
+        )  # waits out a write in progress
         blocker.execute("BEGIN IMMEDIATE")
         try:
             with client(relay) as smtp:
