@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import pty
 import select
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -141,8 +143,9 @@ class _SyncReactor:
 
 class CheckerTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.path = Path(self.mktemp())
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        directory = tempfile.mkdtemp(prefix="twistmail-users-")
+        self.addCleanup(shutil.rmtree, directory)
+        self.path = Path(directory) / "users"
         write_users(self.path, {"alice": fast_hash("wonderland"), "bob": fast_hash("builder")})
         self.clock = task.Clock()
         self.pool = _SyncPool()

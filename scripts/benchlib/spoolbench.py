@@ -20,10 +20,8 @@ Imports Twisted lazily so that ``--help`` works with any Python.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +30,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+
+from inreactor import add_output_options, interleave, percentile, run_and_report
 
 TARGET_P99_MS = 5.0
 _LINE = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod.\n"
@@ -56,11 +56,6 @@ def write_pickle(directory: str, n: int, message: EmailMessage) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(temp, final)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    index = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return sorted_values[index]
 
 
 async def timed_calls(
@@ -136,20 +131,15 @@ async def run_all(reactor: Any, args: argparse.Namespace, workdir: Path) -> dict
     messages = [make_message(n) for n in range(args.count)]
     kinds = ("spool", "spool-bytes", "pickle")
     variants = [(kind, n) for n in (1, args.in_flight) for kind in kinds]
-    runs: dict[str, list[dict[str, Any]]] = {f"{k} x{n}": [] for k, n in variants}
-    order = list(variants)
-    for rnd in range(args.repeat):
-        for kind, in_flight in order:
-            print(
-                f"  round {rnd + 1}/{args.repeat}  {kind:<11} {in_flight:>3} in flight ...",
-                end="",
-                flush=True,
-                file=sys.stderr,
-            )
-            run = await run_variant(reactor, kind, in_flight, args.count, workdir, messages)
-            runs[f"{kind} x{in_flight}"].append(run)
-            print(f" p50 {run['p50_ms']:.3f} ms  p99 {run['p99_ms']:.3f} ms", file=sys.stderr)
-        order = order[1:] + order[:1]
+    runs = await interleave(
+        variants,
+        args.repeat,
+        lambda kind, in_flight: run_variant(
+            reactor, kind, in_flight, args.count, workdir, messages
+        ),
+        "in flight",
+        lambda run: f"p50 {run['p50_ms']:.3f} ms  p99 {run['p99_ms']:.3f} ms",
+    )
     results = {}
     for name, rs in runs.items():
         results[name] = {
@@ -225,16 +215,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--in-flight", type=int, default=20, help="concurrent calls in the second variant"
     )
-    parser.add_argument(
-        "--dir",
-        help="where to write the spool and the pickle files (default: a temporary directory "
-        "under $TMPDIR; it must be on a real disk for fsync to mean anything)",
-    )
-    parser.add_argument(
-        "--json",
-        metavar="PATH",
-        help="where to write the JSON results (default bench-results.json; '-' for none)",
-    )
+    add_output_options(parser, "the spool and the pickle files")
     args = parser.parse_args(argv)
     if args.quick:
         args.count = min(args.count, 500)
@@ -247,40 +228,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    from twisted.internet import defer, task
-
-    doc: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="twistmail-spoolbench-", dir=args.dir) as tmp:
-
-        def go(reactor: Any) -> defer.Deferred[None]:
-            async def body() -> None:
-                doc.update(await run_all(reactor, args, Path(tmp)))
-
-            return defer.Deferred.fromCoroutine(body())
-
-        try:
-            task.react(go)
-        except SystemExit as e:
-            if e.code:
-                return int(e.code)
-    doc["machine"] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    print()
-    print_table(doc)
-    text = json.dumps(doc, indent=2)
-    print()
-    print(text)
-    json_path = args.json or "bench-results.json"
-    if json_path != "-":
-        Path(json_path).write_text(text + "\n")
-        print(f"\nwritten to {json_path}", file=sys.stderr)
-    return 0
+    return run_and_report(parse_args(argv), run_all, print_table, "twistmail-spoolbench-")
 
 
 if __name__ == "__main__":
