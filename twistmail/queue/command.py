@@ -15,7 +15,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -29,6 +29,10 @@ from .records import ClaimedMessage, Outcome, QueueError
 from .sqlite import read_queue_status
 from .url import open_queue
 from .worker import Drain, DrainReport
+
+if TYPE_CHECKING:
+    from ..interfaces import IQueue
+    from ..mailer import Mailer
 
 __all__ = ["DrainOptions", "WorkerOptions", "drain", "status", "work"]
 
@@ -56,25 +60,12 @@ def drain(options: DrainOptions, reactor: Reactor) -> defer.Deferred[int]:
 
 async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
     out = opts.out
-    try:
-        mailer = opts.mailer(reactor)  # the delivery loop and the spool keep attempts
-    except (ValueError, OSError) as e:
-        _say(out, f"error: {e}")
+    url = opts.queue_url or f"sqlite:{opts.spool_path}"
+    opened = await _open(opts, out, url, reactor, create=False)
+    if opened is None:
         return EXIT_USAGE
-    try:
-        # Outcome records need not be fsync'd one by one: a drain killed at any moment loses
-        # none of them; a power cut may lose the last few, whose messages go out again.
-        url = opts.queue_url or f"sqlite:{opts.spool_path}"
-        spool = await open_queue(url, create=False, synchronous="NORMAL", reactor=reactor)
-    except QueueError as e:
-        await mailer.close()
-        _say(out, f"error: {e}")
-        return EXIT_USAGE
-
-    def show(claimed: ClaimedMessage, outcome: Outcome) -> None:
-        if outcome.state == "failed":
-            mid = claimed.envelope.message_id or "(no Message-ID)"
-            _say(out, f"failed: message {outcome.id} {mid}: {outcome.response}")
+    mailer, spool = opened
+    show = _failures_shown(out)
 
     worker = Drain(
         spool,
@@ -179,23 +170,12 @@ async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
     from ..relay.worker import RelayWorker
 
     out = opts.out
-    try:
-        mailer = opts.mailer(reactor)
-    except (ValueError, OSError) as e:
-        _say(out, f"error: {e}")
+    opened = await _open(opts, out, opts.queue_url, reactor)
+    if opened is None:
         return EXIT_USAGE
-    try:
-        queue = await open_queue(opts.queue_url, reactor=reactor, synchronous="NORMAL")
-    except QueueError as e:
-        await mailer.close()
-        _say(out, f"error: {e}")
-        return EXIT_USAGE
+    mailer, queue = opened
     owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-    def show(claimed: ClaimedMessage, outcome: Outcome) -> None:
-        if outcome.state == "failed":
-            mid = claimed.envelope.message_id or "(no Message-ID)"
-            _say(out, f"failed: message {outcome.id} {mid}: {outcome.response}")
+    show = _failures_shown(out)
 
     worker = RelayWorker(
         queue,
@@ -266,3 +246,38 @@ def _watch(
 
 def _say(out: TextIO, text: str) -> None:
     print(text, file=out, flush=True)
+
+
+async def _open(
+    opts: DeliveryOptions, out: TextIO, url: str, reactor: Reactor, **queue_options: Any
+) -> tuple[Mailer, IQueue] | None:
+    """The Mailer and the queue a drain or a worker delivers with; None (the error said on
+    ``out``) when either cannot be opened.
+
+    Outcome records need not be fsync'd one by one (``synchronous=NORMAL``): a process killed at
+    any moment loses none of them; a power cut may lose the last few, whose messages go out
+    again. The delivery loop and the queue keep attempts, not the Mailer.
+    """
+    try:
+        mailer = opts.mailer(reactor)
+    except (ValueError, OSError) as e:
+        _say(out, f"error: {e}")
+        return None
+    try:
+        queue = await open_queue(url, synchronous="NORMAL", reactor=reactor, **queue_options)
+    except QueueError as e:
+        await mailer.close()
+        _say(out, f"error: {e}")
+        return None
+    return mailer, queue
+
+
+def _failures_shown(out: TextIO) -> Callable[[ClaimedMessage, Outcome], None]:
+    """An outcome callback that prints each message that failed for good."""
+
+    def show(claimed: ClaimedMessage, outcome: Outcome) -> None:
+        if outcome.state == "failed":
+            mid = claimed.envelope.message_id or "(no Message-ID)"
+            _say(out, f"failed: message {outcome.id} {mid}: {outcome.response}")
+
+    return show
