@@ -65,12 +65,12 @@ def _statuses(
     if not rows:
         return []
     recipients: dict[int, list[RecipientStatus]] = {row[0]: [] for row in rows}
-    for message, address, state, code, response in conn.execute(
-        "SELECT message, address, state, code, response FROM recipients "
+    for message, address, state, code, response, enhanced in conn.execute(
+        "SELECT message, address, state, code, response, enhanced FROM recipients "
         "WHERE message = ANY(%s) ORDER BY message, position",
         (list(recipients),),
     ):
-        recipients[message].append(RecipientStatus(address, state, code, response))
+        recipients[message].append(RecipientStatus(address, state, code, response, enhanced))
     return [message_status(row, recipients[row[0]]) for row in rows]
 
 
@@ -154,7 +154,7 @@ def retry_message(
         # A first try whose commit's answer was lost left the message queued under our token.
         return "retried" if again and ours and state == "queued" else state
     conn.execute(
-        "UPDATE recipients SET state = 'pending', code = NULL, response = '' "
+        "UPDATE recipients SET state = 'pending', code = NULL, response = '', enhanced = NULL "
         "WHERE message = %s AND state = 'failed'",
         (message,),
     )
@@ -177,7 +177,7 @@ def cancel_message(
         state, ours = _state_of(conn, message, token)
         return "cancelled" if again and ours and state == "failed" else state
     conn.execute(
-        "UPDATE recipients SET state = 'failed', code = NULL, response = %s "
+        "UPDATE recipients SET state = 'failed', code = NULL, response = %s, enhanced = NULL "
         "WHERE message = %s AND state = 'pending'",
         (reason, message),
     )

@@ -28,12 +28,12 @@ def _statuses(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> li
     ids = [row[0] for row in rows]
     recipients: dict[int, list[RecipientStatus]] = {i: [] for i in ids}
     marks = ",".join("?" * len(ids))
-    for message, address, state, code, response in conn.execute(
-        f"SELECT message, address, state, code, response FROM recipients "  # noqa: S608
+    for message, address, state, code, response, enhanced in conn.execute(
+        f"SELECT message, address, state, code, response, enhanced FROM recipients "  # noqa: S608
         f"WHERE message IN ({marks}) ORDER BY message, position",
         ids,
     ):
-        recipients[message].append(RecipientStatus(address, state, code, response))
+        recipients[message].append(RecipientStatus(address, state, code, response, enhanced))
     return [message_status(row, recipients[row[0]]) for row in rows]
 
 
@@ -67,7 +67,7 @@ def retry_message(message: int, conn: sqlite3.Connection, now: float) -> str:
         (now, now, message),
     )
     conn.execute(
-        "UPDATE recipients SET state = 'pending', code = NULL, response = '' "
+        "UPDATE recipients SET state = 'pending', code = NULL, response = '', enhanced = NULL "
         "WHERE message = ? AND state = 'failed'",
         (message,),
     )
@@ -84,7 +84,7 @@ def cancel_message(message: int, reason: str, conn: sqlite3.Connection, now: flo
         (reason, now, message),
     )
     conn.execute(
-        "UPDATE recipients SET state = 'failed', code = NULL, response = ? "
+        "UPDATE recipients SET state = 'failed', code = NULL, response = ?, enhanced = NULL "
         "WHERE message = ? AND state = 'pending'",
         (reason, message),
     )

@@ -40,6 +40,7 @@ class _Recipient:
     state: RecipientState = "pending"
     code: int | None = None
     response: str = ""
+    enhanced: str | None = None
 
 
 @dataclass
@@ -156,9 +157,10 @@ class MemoryQueue:
         message.response = outcome.response
         message.owner = message.lease_until = None
         message.updated_at = now
-        for position, state, code, response in outcome.recipients:
+        for i, (position, state, code, response) in enumerate(outcome.recipients):
             recipient = message.recipients[position]
             recipient.state, recipient.code, recipient.response = state, code, response
+            recipient.enhanced = outcome.enhanced_at(i)
         return defer.succeed(True)
 
     def release(self, owner: str, claimed: Sequence[ClaimedMessage]) -> defer.Deferred[int]:
@@ -229,6 +231,7 @@ class MemoryQueue:
         for recipient in message.recipients:
             if recipient.state == "failed":
                 recipient.state, recipient.code, recipient.response = "pending", None, ""
+                recipient.enhanced = None
         return defer.succeed("retried")
 
     def cancel(self, id: int, reason: str) -> defer.Deferred[str]:
@@ -243,6 +246,7 @@ class MemoryQueue:
         for recipient in message.recipients:
             if recipient.state == "pending":
                 recipient.state, recipient.code, recipient.response = "failed", None, reason
+                recipient.enhanced = None
         return defer.succeed("cancelled")
 
     @staticmethod
@@ -258,7 +262,10 @@ class MemoryQueue:
             m.due,
             m.code,
             m.response,
-            tuple(RecipientStatus(r.address, r.state, r.code, r.response) for r in m.recipients),
+            tuple(
+                RecipientStatus(r.address, r.state, r.code, r.response, r.enhanced)
+                for r in m.recipients
+            ),
         )
 
     def summary(self) -> defer.Deferred[QueueSummary]:
