@@ -558,6 +558,31 @@ async def test_messages_pages_by_id_with_a_stable_cursor(open_queue: OpenQueue) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_overview_counts_the_oldest_waiting_and_the_latest_failures_first(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    empty = await queue.overview()
+    assert (sum(empty.counts.values()), empty.oldest, empty.failures) == (0, None, [])
+    ids = []
+    for n in range(5):
+        ids += await queue.enqueue([envelope(n)])
+        clock.advance(1)
+    claimed = {c.id: c for c in await queue.claim("w", 5, lease=30)}
+    # The first three fail, one at a time, the second one last.
+    for id_ in (ids[0], ids[2], ids[1]):
+        assert await queue.record("w", refused(claimed.pop(id_)))
+        clock.advance(1)
+    assert await queue.release("w", list(claimed.values())) == 2
+    view = await queue.overview(failures=2)
+    assert {k: v for k, v in view.counts.items() if v} == {"failed": 3, "queued": 2}
+    assert [m.id for m in view.failures] == [ids[1], ids[2]]
+    assert view.failures[0].recipients[0].enhanced == "2.0.0"
+    assert view.oldest is not None
+    assert (view.oldest.id, view.oldest.created_at) == (ids[3], T0 + 3)
+
+
+@pytest_twisted.ensureDeferred
 async def test_retry_puts_a_failed_message_back_for_its_failed_recipients(
     open_queue: OpenQueue, clock: task.Clock
 ) -> None:

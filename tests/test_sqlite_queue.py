@@ -586,11 +586,24 @@ def test_a_new_spool_and_a_migrated_one_have_the_same_tables(tmp_path: Path) -> 
 
     def shape(name: str) -> list[Any]:
         return [
-            rows(tmp_path / name, "SELECT * FROM pragma_table_info(?)", table)
-            for table in ("messages", "payloads", "recipients", "idempotency", "meta")
+            *(
+                rows(tmp_path / name, "SELECT * FROM pragma_table_info(?)", table)
+                for table in ("messages", "payloads", "recipients", "idempotency", "meta")
+            ),
+            rows(
+                tmp_path / name,
+                "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' ORDER BY name",
+            ),
         ]
 
     assert shape("old.db") == shape("new.db")
+    # The status page's last failures come from their index, not a scan of every message.
+    plan = rows(
+        tmp_path / "old.db",
+        "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE state = 'failed' "
+        "ORDER BY updated_at DESC, id DESC LIMIT 10",
+    )
+    assert any("messages_failed" in str(step) for step in plan), plan
 
 
 @pytest_twisted.inlineCallbacks

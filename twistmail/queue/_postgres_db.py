@@ -76,6 +76,7 @@ _SCHEMA: Final[tuple[str, ...]] = (
     "CREATE INDEX messages_lease ON messages (lease_until) WHERE state = 'sending'",
     "CREATE INDEX messages_owner ON messages (owner) WHERE state = 'sending'",
     "CREATE INDEX messages_batch ON messages (batch)",
+    "CREATE INDEX messages_failed ON messages (updated_at, id) WHERE state = 'failed'",
     """CREATE TABLE recipients (
         message bigint NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
         position integer NOT NULL,

@@ -14,12 +14,26 @@ from typing import TYPE_CHECKING, Any
 
 from ..message import Envelope
 from ._postgres_db import _insert, _timed
-from .records import Idempotent, MessageStatus, RecipientStatus, message_status
+from .records import (
+    MESSAGE_STATES,
+    Idempotent,
+    MessageStatus,
+    QueueOverview,
+    RecipientStatus,
+    message_status,
+)
 
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["cancel_message", "insert_once", "list_messages", "one_message", "retry_message"]
+__all__ = [
+    "cancel_message",
+    "insert_once",
+    "list_messages",
+    "one_message",
+    "overview",
+    "retry_message",
+]
 
 
 _STATUS = (
@@ -95,6 +109,25 @@ def list_messages(
     return _statuses(
         conn, "WHERE state = %(state)s AND id > %(after)s ORDER BY id LIMIT %(limit)s", args
     )
+
+
+def overview(
+    failures: int, conn: psycopg.Connection[Any], now: float | None, again: bool
+) -> QueueOverview:
+    counts = dict.fromkeys(MESSAGE_STATES, 0)
+    counts.update(conn.execute("SELECT state, count(*) FROM messages GROUP BY state").fetchall())
+    oldest = _statuses(
+        conn,
+        "WHERE id = (SELECT id FROM messages WHERE state IN ('queued', 'deferred', 'sending') "
+        "ORDER BY created_at, id LIMIT 1)",
+        {},
+    )
+    failed = _statuses(
+        conn,
+        "WHERE state = 'failed' ORDER BY updated_at DESC, id DESC LIMIT %(limit)s",
+        {"limit": max(0, failures)},
+    )
+    return QueueOverview(counts, oldest[0] if oldest else None, failed)
 
 
 def insert_once(

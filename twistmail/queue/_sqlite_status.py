@@ -10,9 +10,15 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from .records import MessageStatus, RecipientStatus, message_status
+from .records import (
+    MESSAGE_STATES,
+    MessageStatus,
+    QueueOverview,
+    RecipientStatus,
+    message_status,
+)
 
-__all__ = ["cancel_message", "list_messages", "one_message", "retry_message"]
+__all__ = ["cancel_message", "list_messages", "one_message", "overview", "retry_message"]
 
 
 _STATUS = (
@@ -50,6 +56,24 @@ def list_messages(
     return _statuses(
         conn, "WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, max(0, limit))
     )
+
+
+def overview(conn: sqlite3.Connection, failures: int) -> QueueOverview:
+    counts = dict.fromkeys(MESSAGE_STATES, 0)
+    counts.update(conn.execute("SELECT state, count(*) FROM messages GROUP BY state").fetchall())
+    oldest = _statuses(
+        conn,
+        "WHERE id = (SELECT id FROM messages WHERE state IN ('queued', 'deferred', 'sending') "
+        "ORDER BY created_at, id LIMIT 1)",
+        (),
+    )
+    # The messages_failed index: the newest failures without reading the others.
+    failed = _statuses(
+        conn,
+        "WHERE state = 'failed' ORDER BY updated_at DESC, id DESC LIMIT ?",
+        (max(0, failures),),
+    )
+    return QueueOverview(counts, oldest[0] if oldest else None, failed)
 
 
 def _state_of(conn: sqlite3.Connection, message: int) -> str:

@@ -25,6 +25,7 @@ from .records import (
     MessageStatus,
     Outcome,
     QueueError,
+    QueueOverview,
     QueueRow,
     QueueSummary,
     RecipientState,
@@ -248,6 +249,32 @@ class MemoryQueue:
                 recipient.state, recipient.code, recipient.response = "failed", None, reason
                 recipient.enhanced = None
         return defer.succeed("cancelled")
+
+    def overview(self, failures: int = 10) -> defer.Deferred[QueueOverview]:
+        """Counts, the oldest message not settled and the last ``failures`` failed ones."""
+        if self._closed:
+            return self._closed_error()
+        counts = dict.fromkeys(MESSAGE_STATES, 0)
+        for m in self._messages.values():
+            counts[m.state] += 1
+        waiting = [
+            (m.created_at, id_, m)
+            for id_, m in self._messages.items()
+            if m.state in ("queued", "deferred", "sending")
+        ]
+        oldest = min(waiting, key=lambda w: (w[0], w[1]), default=None)
+        failed = sorted(
+            ((m.updated_at, id_, m) for id_, m in self._messages.items() if m.state == "failed"),
+            key=lambda f: (f[0], f[1]),
+            reverse=True,
+        )[: max(0, failures)]
+        return defer.succeed(
+            QueueOverview(
+                counts,
+                None if oldest is None else self._status(oldest[1], oldest[2]),
+                [self._status(id_, m) for _, id_, m in failed],
+            )
+        )
 
     @staticmethod
     def _status(id_: int, m: _Message) -> MessageStatus:

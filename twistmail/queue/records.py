@@ -17,6 +17,7 @@ __all__ = [
     "MessageStatus",
     "Outcome",
     "QueueError",
+    "QueueOverview",
     "QueueRow",
     "QueueSummary",
     "RecipientState",
@@ -134,6 +135,18 @@ def message_status(row: Sequence[Any], recipients: Sequence[RecipientStatus]) ->
         response=row[9],
         recipients=tuple(recipients),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOverview:
+    """What a status page shows of a queue, read at once (see :meth:`IQueue.overview`)."""
+
+    counts: dict[str, int]
+    """Messages by state (every state present, 0 when none)."""
+    oldest: MessageStatus | None
+    """The oldest message not yet sent or failed (queued, deferred or sending); None if none."""
+    failures: list[MessageStatus]
+    """The most recently failed messages, the latest first."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ from .._twisted import Reactor, default_reactor
 from ..address import Address, parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
-from ._sqlite_status import cancel_message, list_messages, one_message, retry_message
+from ._sqlite_status import cancel_message, list_messages, one_message, overview, retry_message
 from .records import (
     MESSAGE_STATES,
     ClaimedMessage,
@@ -63,6 +63,7 @@ from .records import (
     MessageStatus,
     Outcome,
     QueueError,
+    QueueOverview,
     QueueRow,
     QueueSummary,
     migrations_from,
@@ -76,8 +77,8 @@ SCHEMA_VERSION: Final = "5"
 rewrote the whole ~4 KB page of each message it changed) and wrote the state checks as
 comparisons (a ``CHECK (state IN (...))`` of five values made SQLite build a temporary table
 on every write of a state); 4 added the ``idempotency`` keys; 5 added ``recipients.enhanced``
-(the RFC 3463 enhanced status code of the last reply). Older files are migrated in place when
-opened."""
+(the RFC 3463 enhanced status code of the last reply) and an index of the failed messages by
+time (the status page's last failures). Older files are migrated in place when opened."""
 
 DRAIN_CHECKPOINT_PAGES: Final = 10_000
 """WAL pages after which a ``NORMAL`` (drain) connection checkpoints (SQLite's default: 1,000).
@@ -194,7 +195,11 @@ _MIGRATIONS: Final[dict[str, tuple[str, ...]]] = {
     ),
     "3": (_IDEMPOTENCY, _IDEMPOTENCY_INDEX),
     # A nullable column is added without rewriting the table (no copy of a large spool).
-    "4": ("ALTER TABLE recipients ADD COLUMN enhanced TEXT",),
+    "4": (
+        "ALTER TABLE recipients ADD COLUMN enhanced TEXT",
+        "CREATE INDEX IF NOT EXISTS messages_failed ON messages (updated_at, id) "
+        "WHERE state = 'failed'",
+    ),
 }
 
 _SCHEMA: Final[tuple[str, ...]] = (
@@ -711,6 +716,10 @@ class SqliteQueue:
     ) -> defer.Deferred[list[MessageStatus]]:
         """Up to ``limit`` messages with an id above ``after`` (in ``state``), by id."""
         return self._db.read(list_messages, state, after, limit)
+
+    def overview(self, failures: int = 10) -> defer.Deferred[QueueOverview]:
+        """Counts, the oldest message not settled and the last ``failures`` failed ones."""
+        return self._db.read(overview, failures)
 
     def queued_at(self, message: int) -> defer.Deferred[float | None]:
         """When message ``message`` was enqueued (the queue's clock); None if there is none."""
