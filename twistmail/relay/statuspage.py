@@ -59,7 +59,7 @@ _HEADERS: Final = {
     ),
     b"X-Frame-Options": b"DENY",
     b"X-Content-Type-Options": b"nosniff",
-    b"Referrer-Policy": b"no-referrer",
+    b"Referrer-Policy": b"same-origin",  # "no-referrer" makes a browser send "Origin: null"
 }
 
 Route = tuple[str, str, Callable[..., "defer.Deferred[bytes]"]]
