@@ -225,6 +225,9 @@ async def test_a_bad_token_a_foreign_origin_or_a_token_in_the_url_opens_nothing(
     for origin in (None, b"http://evil.test", page.origin + b".evil.test"):
         code, _, headers = await request(http, "POST", login, origin=origin, form=form)
         assert (code, set_cookie(headers)) == (403, "")
+    crowded = b"&".join(b"f%d=1" % n for n in range(20)) + b"&token=" + TOKEN.encode()
+    code, _, headers = await request(http, "POST", login, origin=page.origin, form=crowded)
+    assert (code, set_cookie(headers)) == (400, "")
     # Never from the URL (twisted.web logs URLs): the body is the only place.
     code, _, headers = await request(http, "POST", f"{login}?token={TOKEN}", origin=page.origin)
     assert (code, set_cookie(headers)) == (400, "")
@@ -344,3 +347,14 @@ def test_delivery_history_counts_each_minute_of_the_last_hour() -> None:
     clock.now += 59 * 60  # the first minute is now an hour ago
     history.add("sent")
     assert sum(m.total for m in history.minutes()) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_that_cannot_be_read_gives_503_not_a_traceback(
+    page: Page, http: HTTPClient
+) -> None:
+    value = await log_in(http, page)
+    await page.queue.close()
+    code, body, _ = await request(http, "GET", page.base + "/", cookie=value)
+    assert code == 503
+    assert "Traceback" not in body

@@ -31,6 +31,7 @@ from typing import Any, Final
 import jinja2
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from ..interfaces import IQueue
@@ -172,7 +173,10 @@ def _form_field(request: IRequest, name: bytes) -> bytes | None:
     if kind != b"application/x-www-form-urlencoded" or request.content is None:
         return None
     request.content.seek(0)
-    fields = urllib.parse.parse_qs(request.content.read(), max_num_fields=10)
+    try:
+        fields = urllib.parse.parse_qs(request.content.read(), max_num_fields=10)
+    except ValueError:  # too many fields
+        return None
     values = fields.get(name)
     return values[0] if values else None
 
@@ -260,7 +264,11 @@ class StatusPage:
             def render(view: QueueOverview) -> defer.Deferred[bytes]:
                 return health.addCallback(lambda state: self._render(request, name, view, state))
 
-            return self.queue.overview(FAILURES_SHOWN).addCallback(render)
+            def unreadable(failure: Failure) -> bytes:
+                log.failure("the status page could not read the queue", failure)
+                return problem(request, 503, "the queue cannot be read now; try again later")
+
+            return self.queue.overview(FAILURES_SHOWN).addCallback(render).addErrback(unreadable)
 
         return self.session(request).addCallback(allowed)
 
