@@ -25,6 +25,7 @@ from twistmail.errors import (
 from twistmail.message import envelope_from_bytes
 from twistmail.smtp._protocol import MailerProtocol, unsent
 from twistmail.smtp._transaction import TransactionResult
+from twistmail.smtp.esmtp import split_enhanced
 
 BODY = b"Subject: hi\r\n\r\nline one\r\n.starts with a dot\r\n"
 WIRE_BODY = b"Subject: hi\r\n\r\nline one\r\n..starts with a dot\r\n.\r\n"
@@ -555,3 +556,64 @@ def test_a_flush_the_socket_takes_in_part_goes_on_through_the_transport(size: in
     assert received + transport.value() == b"".join(pieces)
     assert received
     assert bool(transport.value()) == (size > 100_000)  # the kernel took only part of it
+
+
+class EnhancedStatusCodeTests(SynchronousTestCase):
+    """RFC 3463 codes are split off a reply when the server advertised ENHANCEDSTATUSCODES,
+    or otherwise when a well-formed code's class is the reply's."""
+
+    def replies(self, ehlo: list[bytes], rcpt: list[bytes], final: bytes) -> list[Any]:
+        s = ready_session(ehlo=ehlo)
+        d = s.proto.send(envelope("a@example.com", "b@example.com", "c@example.com"))
+        s.take()
+        s.reply(b"250 ok\r\n" + b"".join(r + b"\r\n" for r in rcpt) + b"354 go\r\n")
+        s.take()
+        s.reply(final + b"\r\n")
+        result = self.successResultOf(d)
+        return [(r.code, r.enhanced, r.text) for r in result.recipients]
+
+    def test_without_the_extension_only_a_code_of_the_replys_class(self) -> None:
+        got = self.replies(
+            [b"PIPELINING"],
+            [b"550 5.1.1 no such user", b"550 4.2.0 not a status code", b"250 ok"],
+            b"250 2.0.0 queued",
+        )
+        self.assertEqual(
+            got,
+            [
+                (550, "5.1.1", "no such user"),
+                (550, None, "4.2.0 not a status code"),
+                (250, "2.0.0", "queued"),
+            ],
+        )
+
+    def test_with_the_extension_any_well_formed_code(self) -> None:
+        got = self.replies(
+            [b"PIPELINING", b"ENHANCEDSTATUSCODES"],
+            [b"550 4.2.0 odd but advertised", b"550 5.1 short", b"250 ok"],
+            b"250 2.0.0 queued",
+        )
+        self.assertEqual(
+            got,
+            [
+                (550, "4.2.0", "odd but advertised"),
+                (550, None, "5.1 short"),
+                (250, "2.0.0", "queued"),
+            ],
+        )
+
+    def test_an_accepted_message_without_the_extension(self) -> None:
+        s = ready_session(ehlo=[b"PIPELINING"])
+        d = s.proto.send(envelope("a@example.com"))
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        s.take()
+        s.reply(b"250 5.0.0 queued, oddly\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual((result.enhanced, result.text), (None, "5.0.0 queued, oddly"))
+
+    def test_malformed_codes_stay_in_the_text(self) -> None:
+        for text in ("5.1 x", "5.1.1000 x", "5.1.1x", "3.1.1 x", "5..1 x", "x 5.1.1"):
+            self.assertEqual(split_enhanced(text, 550, advertised=True), (None, text))
+        self.assertEqual(split_enhanced("5.1.1", 550), ("5.1.1", ""))
+        self.assertEqual(split_enhanced("5.7.1 spam", None), (None, "5.7.1 spam"))

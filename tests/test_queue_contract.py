@@ -340,6 +340,27 @@ async def test_a_message_partly_accepted_is_retried_for_the_rest_only(
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_outcome_without_enhanced_codes_records_none(open_queue: OpenQueue) -> None:
+    queue = await open_queue()
+    (id_,) = await queue.enqueue([envelope(1, "a@example.org", "b@example.org")])
+    (claimed,) = await queue.claim("w", 1, lease=30)
+    outcome = Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state="deferred",
+        attempts=1,
+        retry_in=10,
+        code=451,
+        response="busy",
+        recipients=((0, "pending", 451, "busy"), (1, "pending", 451, "busy")),
+        enhanced=("4.2.1",),  # fewer codes than recipients: the rest have none
+    )
+    assert await queue.record("w", outcome)
+    shown = await queue.message(id_)
+    assert [r.enhanced for r in shown.recipients] == ["4.2.1", None]
+
+
+@pytest_twisted.ensureDeferred
 async def test_failed_keeps_its_reason_and_sent_keeps_its_record(open_queue: OpenQueue) -> None:
     queue = await open_queue()
     failing, sending = await queue.enqueue([envelope(1), envelope(2)])
@@ -468,18 +489,20 @@ async def test_keys_are_scoped_and_kept_for_their_time(
 
 
 def refused(claimed: ClaimedMessage) -> Outcome:
-    """The first recipient of ``claimed`` accepted, the others refused for good."""
+    """The first recipient of ``claimed`` accepted (2.0.0), the others refused for good
+    (5.1.1)."""
     return Outcome(
         id=claimed.id,
         fence=claimed.fence,
         state="failed",
         attempts=claimed.attempts + 1,
         code=550,
-        response="5.1.1 no such user",
+        response="no such user",
         recipients=tuple(
-            (p, "sent", 250, "ok") if i == 0 else (p, "failed", 550, "5.1.1 no such user")
+            (p, "sent", 250, "ok") if i == 0 else (p, "failed", 550, "no such user")
             for i, p in enumerate(claimed.positions)
         ),
+        enhanced=tuple("2.0.0" if i == 0 else "5.1.1" for i in range(len(claimed.positions))),
     )
 
 
@@ -498,18 +521,18 @@ async def test_message_tells_state_times_and_each_recipients_reply(
     )
     assert fresh.message_id == "<m1@test>"
     assert fresh.sender == "sender@example.com"
-    assert [(r.address, r.state, r.code) for r in fresh.recipients] == [
-        ("a@example.org", "pending", None),
-        ("b@example.org", "pending", None),
+    assert [(r.address, r.state, r.code, r.enhanced) for r in fresh.recipients] == [
+        ("a@example.org", "pending", None, None),
+        ("b@example.org", "pending", None, None),
     ]
     clock.advance(5)
     (claimed,) = await queue.claim("w", 1, lease=30)
     assert await queue.record("w", refused(claimed))
     done = await queue.message(id_)
     assert (done.state, done.attempts, done.code, done.updated_at) == ("failed", 1, 550, T0 + 5)
-    assert [(r.state, r.code, r.response) for r in done.recipients] == [
-        ("sent", 250, "ok"),
-        ("failed", 550, "5.1.1 no such user"),
+    assert [(r.state, r.code, r.enhanced, r.response) for r in done.recipients] == [
+        ("sent", 250, "2.0.0", "ok"),
+        ("failed", 550, "5.1.1", "no such user"),
     ]
     assert await queue.message(id_ + 100) is None
 
@@ -530,7 +553,33 @@ async def test_messages_pages_by_id_with_a_stable_cursor(open_queue: OpenQueue) 
     assert rest[0].id == ids[4]
     failed = await queue.messages("failed")
     assert [m.id for m in failed] == [claimed.id]
+    assert [r.enhanced for r in failed[0].recipients] == ["2.0.0"]
     assert [m.id for m in await queue.messages("queued", limit=100)] == [*ids[1:], rest[1].id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_overview_counts_the_oldest_waiting_and_the_latest_failures_first(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    empty = await queue.overview()
+    assert (sum(empty.counts.values()), empty.oldest, empty.failures) == (0, None, [])
+    ids = []
+    for n in range(5):
+        ids += await queue.enqueue([envelope(n)])
+        clock.advance(1)
+    claimed = {c.id: c for c in await queue.claim("w", 5, lease=30)}
+    # The first three fail, one at a time, the second one last.
+    for id_ in (ids[0], ids[2], ids[1]):
+        assert await queue.record("w", refused(claimed.pop(id_)))
+        clock.advance(1)
+    assert await queue.release("w", list(claimed.values())) == 2
+    view = await queue.overview(failures=2)
+    assert {k: v for k, v in view.counts.items() if v} == {"failed": 3, "queued": 2}
+    assert [m.id for m in view.failures] == [ids[1], ids[2]]
+    assert view.failures[0].recipients[0].enhanced == "2.0.0"
+    assert view.oldest is not None
+    assert (view.oldest.id, view.oldest.created_at) == (ids[3], T0 + 3)
 
 
 @pytest_twisted.ensureDeferred
@@ -548,6 +597,11 @@ async def test_retry_puts_a_failed_message_back_for_its_failed_recipients(
     assert await queue.retry(id_) == "retried"
     back = await queue.message(id_)
     assert (back.state, back.attempts, back.due) == ("queued", 0, T0 + 60)
+    # The failed recipient's reply is forgotten; the accepted one's is kept.
+    assert [(r.state, r.code, r.enhanced) for r in back.recipients] == [
+        ("sent", 250, "2.0.0"),
+        ("pending", None, None),
+    ]
     (again,) = await queue.claim("w", 1, lease=30)
     assert [str(r) for r in again.envelope.recipients] == ["b@example.org"]
 

@@ -391,18 +391,25 @@ async def test_a_message_is_tracked_retried_and_cancelled(api: Api, http: HTTPCl
         state="failed",
         attempts=1,
         code=550,
-        response="5.1.1 no such user",
+        response="no such user",
         recipients=tuple(
-            (p, "failed" if p == 1 else "sent", 550 if p == 1 else 250, "5.1.1 no such user")
+            (p, "failed" if p == 1 else "sent", 550 if p == 1 else 250, "no such user")
             for p in claimed.positions
         ),
+        enhanced=tuple("5.1.1" if p == 1 else None for p in claimed.positions),
     )
     assert await api.queue.record("w", outcome)
     code, shown = await get(http, f"{base}/{ids[0]}")
     assert shown["state"] == "failed"
-    bob = shown["recipients"][1]
-    assert (bob["state"], bob["code"], bob["text"]) == ("failed", 550, "5.1.1 no such user")
-    assert shown["last_reply"] == {"code": 550, "text": "5.1.1 no such user"}
+    ann, bob = shown["recipients"][:2]
+    assert (bob["state"], bob["code"], bob["enhanced"], bob["text"]) == (
+        "failed",
+        550,
+        "5.1.1",
+        "no such user",
+    )
+    assert ann["enhanced"] is None
+    assert shown["last_reply"] == {"code": 550, "text": "no such user"}
     # Retry: only a failed one.
     code, problem_body = await send(http, "POST", f"{base}/{ids[1]}/retry")
     assert (code, problem_body["field"]) == (409, "id")

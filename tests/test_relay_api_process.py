@@ -190,8 +190,7 @@ def test_track_retry_and_cancel_through_the_real_relay(tmp_path: Path) -> None:
         status, shown, _ = call(port, f"/v1/messages/{sent_id}", token=None, method="GET")
         assert (status, shown["state"], shown["attempts"]) == (200, "failed", 1)
         (rcpt,) = shown["recipients"]
-        assert rcpt["code"] == 550
-        assert "no such user" in rcpt["text"]
+        assert (rcpt["code"], rcpt["enhanced"], rcpt["text"]) == (550, "5.1.1", "no such user")
         status, listed, _ = call(port, "/v1/messages?state=failed", token=None, method="GET")
         assert [m["id"] for m in listed["messages"]] == [sent_id]
         # The refusal was once only: a retry delivers it.
@@ -200,6 +199,8 @@ def test_track_retry_and_cancel_through_the_real_relay(tmp_path: Path) -> None:
         relay.wait_for(rf"delivery {sent_id} .*attempt=1 status=sent")
         status, shown, _ = call(port, f"/v1/messages/{sent_id}", token=None, method="GET")
         assert shown["state"] == "sent"
+        (rcpt,) = shown["recipients"]
+        assert (rcpt["code"], rcpt["enhanced"]) == (250, None)  # CueServer's "250 ok"
         assert sum("nobody@example.org" in m.recipients for m in upstream.received) == 1
         status, body, _ = call(port, f"/v1/messages/{sent_id}", token=None, method="DELETE")
         assert (status, body["status"]) == (409, 409)
@@ -221,6 +222,7 @@ def test_cancel_a_deferred_message(tmp_path: Path) -> None:
         status, cancelled, _ = call(port, f"/v1/messages/{waiting}", token=None, method="DELETE")
         assert (status, cancelled["state"]) == (200, "failed")
         assert cancelled["recipients"][0]["text"] == "cancelled by the API"
+        assert cancelled["recipients"][0]["enhanced"] is None
         status, _, _ = call(port, f"/v1/messages/{waiting}", token=None, method="DELETE")
         assert status == 409
     with sqlite3.connect(path) as db:

@@ -63,6 +63,11 @@ def test_the_wheel_holds_the_plugin_without_an_init_under_twisted(wheel: Path) -
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/twistmail_plugin.py" in names
     assert "twistmail/relay/tap.py" in names
+    # The API's description and the status page's templates are read from the package.
+    assert "twistmail/relay/openapi.json" in names
+    assert {"base.html", "login.html", "status.html"} <= {
+        n.rsplit("/", 1)[1] for n in names if n.startswith("twistmail/relay/templates/")
+    }
     assert not [n for n in names if n.startswith("twisted/") and n.endswith("__init__.py")]
 
 

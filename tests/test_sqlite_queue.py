@@ -406,7 +406,7 @@ def test_a_version_1_spool_is_migrated_in_place_and_its_messages_claimed(tmp_pat
         assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
             (SCHEMA_VERSION,)
         ]
-        assert SCHEMA_VERSION == "4"
+        assert SCHEMA_VERSION == "5"
         claimed = yield queue.claim("new", 10, lease=30)
         assert [(c.id, c.envelope.message_id, c.fence) for c in claimed] == [
             (1, "<v1.1@test>", 1),
@@ -489,18 +489,17 @@ def test_a_version_2_spool_is_migrated_in_place_its_payloads_apart_and_no_tempor
     )
     before = rows(path, every_column)
     payloads = rows(path, "SELECT id, payload FROM messages ORDER BY id")
-    recipients_before = rows(path, "SELECT * FROM recipients ORDER BY message, position")
+    recipient_columns = "SELECT message, position, address, state, code, response FROM recipients"
+    recipients_before = rows(path, f"{recipient_columns} ORDER BY message, position")
     clock = stopped_clock()
     queue = yield SqliteQueue.open(path, create=False, clock=clock.seconds)
     try:
-        assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("4",)]
+        assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("5",)]
         assert rows(path, every_column) == before
         # Every payload moved to its own table (a sent message's, emptied before, is none).
         assert rows(path, "SELECT message, data FROM payloads ORDER BY message") == payloads
         assert "payload" not in [c for _, c, *_ in rows(path, "PRAGMA table_info(messages)")]
-        assert rows(path, "SELECT * FROM recipients ORDER BY message, position") == (
-            recipients_before
-        )
+        assert rows(path, f"{recipient_columns} ORDER BY message, position") == (recipients_before)
         assert not any(temporary_tables(path, sql) for sql in OUTCOME_WRITES)
         claimed = yield queue.claim("new", 10, lease=30)
         # The dead drain's claim (fence 4) is taken over with a larger fence.
@@ -522,6 +521,89 @@ def test_a_version_2_spool_is_migrated_in_place_its_payloads_apart_and_no_tempor
         assert {"messages_due", "messages_lease"} <= indexes
     finally:
         conn.close()
+
+
+def make_v4_spool(path: Path) -> None:
+    """A version-4 spool (today's tables but no ``recipients.enhanced``) with a queued
+    message and a failed one, one of whose two recipients was refused."""
+    make_v2_spool(path)
+    _connect(str(path), create=False).close()  # migrated to the current version
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("ALTER TABLE recipients DROP COLUMN enhanced")
+        conn.execute("INSERT INTO recipients VALUES (3, 1, 'other@example.org', 'sent', 250, 'ok')")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_version_4_spool_gains_enhanced_codes_in_place_nothing_else_changed(
+    tmp_path: Path,
+) -> Gen:
+    path = tmp_path / "v4.db"
+    make_v4_spool(path)
+    columns = "SELECT message, position, address, state, code, response FROM recipients"
+    recipients_before = rows(path, f"{columns} ORDER BY message, position")
+    messages_before = rows(path, "SELECT * FROM messages ORDER BY id")
+    clock = stopped_clock()
+    queue = yield SqliteQueue.open(path, create=False, clock=clock.seconds)
+    try:
+        assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [("5",)]
+        assert rows(path, f"{columns} ORDER BY message, position") == recipients_before
+        assert rows(path, "SELECT * FROM messages ORDER BY id") == messages_before
+        old = yield queue.message(3)
+        assert [(r.address, r.code, r.enhanced, r.response) for r in old.recipients] == [
+            ("rcpt3@example.org", 550, None, "no such user"),
+            ("other@example.org", 250, None, "ok"),
+        ]
+        (claimed, *_) = yield queue.claim("new", 10, lease=30)
+        outcome = Outcome(
+            id=claimed.id,
+            fence=claimed.fence,
+            state="failed",
+            attempts=1,
+            code=550,
+            response="no such user",
+            recipients=((0, "failed", 550, "no such user"),),
+            enhanced=("5.1.1",),
+        )
+        assert (yield queue.record("new", outcome)) is True
+        shown = yield queue.message(claimed.id)
+        assert [(r.code, r.enhanced) for r in shown.recipients] == [(550, "5.1.1")]
+    finally:
+        yield queue.close()
+    assert rows(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_new_spool_and_a_migrated_one_have_the_same_tables(tmp_path: Path) -> Gen:
+    make_v2_spool(tmp_path / "old.db")
+    for name in ("old.db", "new.db"):
+        queue = yield SqliteQueue.open(tmp_path / name)
+        yield queue.close()
+
+    def shape(name: str) -> list[Any]:
+        return [
+            *(
+                rows(tmp_path / name, "SELECT * FROM pragma_table_info(?)", table)
+                for table in ("messages", "payloads", "recipients", "idempotency", "meta")
+            ),
+            rows(
+                tmp_path / name,
+                "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' ORDER BY name",
+            ),
+        ]
+
+    assert shape("old.db") == shape("new.db")
+    # The status page's last failures come from their index, not a scan of every message.
+    plan = rows(
+        tmp_path / "old.db",
+        "EXPLAIN QUERY PLAN SELECT id FROM messages WHERE state = 'failed' "
+        "ORDER BY updated_at DESC, id DESC LIMIT 10",
+    )
+    assert any("messages_failed" in str(step) for step in plan), plan
 
 
 @pytest_twisted.inlineCallbacks

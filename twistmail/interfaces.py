@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # annotations only: the queue records import the message mode
         Idempotent,
         MessageStatus,
         Outcome,
+        QueueOverview,
         QueueRow,
         QueueSummary,
     )
@@ -154,6 +155,10 @@ class IQueue(Interface):
 
     def unsent(limit: int = 20) -> Deferred[list[QueueRow]]:
         """The first ``limit`` messages not sent (by id), with their recipients' states."""
+
+    def overview(failures: int = 10) -> Deferred[QueueOverview]:
+        """Counts by state, the oldest message not settled, and the last ``failures`` failed
+        messages (most recently failed first), for a status page."""
 
     def close() -> Deferred[None]:
         """Commit what is pending and release the store; idempotent.

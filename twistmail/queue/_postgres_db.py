@@ -76,6 +76,7 @@ _SCHEMA: Final[tuple[str, ...]] = (
     "CREATE INDEX messages_lease ON messages (lease_until) WHERE state = 'sending'",
     "CREATE INDEX messages_owner ON messages (owner) WHERE state = 'sending'",
     "CREATE INDEX messages_batch ON messages (batch)",
+    "CREATE INDEX messages_failed ON messages (updated_at, id) WHERE state = 'failed'",
     """CREATE TABLE recipients (
         message bigint NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
         position integer NOT NULL,
@@ -83,6 +84,7 @@ _SCHEMA: Final[tuple[str, ...]] = (
         state text NOT NULL CHECK (state IN ('pending', 'sent', 'failed')),
         code integer,
         response text NOT NULL DEFAULT '',
+        enhanced text,
         PRIMARY KEY (message, position)
     )""",
     # Idempotency keys (the HTTP API's), each with the message it queued, kept >= their keep.
@@ -149,9 +151,10 @@ FROM unnest(%s::bigint[], %s::integer[], %s::text[]) AS t (message, position, ad
 """
 
 _RECORD_RECIPIENTS = """
-UPDATE recipients SET state = t.state, code = t.code, response = t.response
-FROM unnest(%s::integer[], %s::text[], %s::integer[], %s::text[])
-     AS t (position, state, code, response)
+UPDATE recipients SET state = t.state, code = t.code, response = t.response,
+    enhanced = t.enhanced
+FROM unnest(%s::integer[], %s::text[], %s::integer[], %s::text[], %s::text[])
+     AS t (position, state, code, response, enhanced)
 WHERE recipients.message = %s AND recipients.position = t.position
 """
 
@@ -428,6 +431,7 @@ def _record(
             [r[1] for r in recipients],
             [r[2] for r in recipients],
             [r[3] for r in recipients],
+            [o.enhanced_at(i) for i in range(len(recipients))],
             o.id,
         ),
     )

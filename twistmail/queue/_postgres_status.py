@@ -14,12 +14,26 @@ from typing import TYPE_CHECKING, Any
 
 from ..message import Envelope
 from ._postgres_db import _insert, _timed
-from .records import Idempotent, MessageStatus, RecipientStatus, message_status
+from .records import (
+    MESSAGE_STATES,
+    Idempotent,
+    MessageStatus,
+    QueueOverview,
+    RecipientStatus,
+    message_status,
+)
 
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["cancel_message", "insert_once", "list_messages", "one_message", "retry_message"]
+__all__ = [
+    "cancel_message",
+    "insert_once",
+    "list_messages",
+    "one_message",
+    "overview",
+    "retry_message",
+]
 
 
 _STATUS = (
@@ -65,12 +79,12 @@ def _statuses(
     if not rows:
         return []
     recipients: dict[int, list[RecipientStatus]] = {row[0]: [] for row in rows}
-    for message, address, state, code, response in conn.execute(
-        "SELECT message, address, state, code, response FROM recipients "
+    for message, address, state, code, response, enhanced in conn.execute(
+        "SELECT message, address, state, code, response, enhanced FROM recipients "
         "WHERE message = ANY(%s) ORDER BY message, position",
         (list(recipients),),
     ):
-        recipients[message].append(RecipientStatus(address, state, code, response))
+        recipients[message].append(RecipientStatus(address, state, code, response, enhanced))
     return [message_status(row, recipients[row[0]]) for row in rows]
 
 
@@ -95,6 +109,25 @@ def list_messages(
     return _statuses(
         conn, "WHERE state = %(state)s AND id > %(after)s ORDER BY id LIMIT %(limit)s", args
     )
+
+
+def overview(
+    failures: int, conn: psycopg.Connection[Any], now: float | None, again: bool
+) -> QueueOverview:
+    counts = dict.fromkeys(MESSAGE_STATES, 0)
+    counts.update(conn.execute("SELECT state, count(*) FROM messages GROUP BY state").fetchall())
+    oldest = _statuses(
+        conn,
+        "WHERE id = (SELECT id FROM messages WHERE state IN ('queued', 'deferred', 'sending') "
+        "ORDER BY created_at, id LIMIT 1)",
+        {},
+    )
+    failed = _statuses(
+        conn,
+        "WHERE state = 'failed' ORDER BY updated_at DESC, id DESC LIMIT %(limit)s",
+        {"limit": max(0, failures)},
+    )
+    return QueueOverview(counts, oldest[0] if oldest else None, failed)
 
 
 def insert_once(
@@ -154,7 +187,7 @@ def retry_message(
         # A first try whose commit's answer was lost left the message queued under our token.
         return "retried" if again and ours and state == "queued" else state
     conn.execute(
-        "UPDATE recipients SET state = 'pending', code = NULL, response = '' "
+        "UPDATE recipients SET state = 'pending', code = NULL, response = '', enhanced = NULL "
         "WHERE message = %s AND state = 'failed'",
         (message,),
     )
@@ -177,7 +210,7 @@ def cancel_message(
         state, ours = _state_of(conn, message, token)
         return "cancelled" if again and ours and state == "failed" else state
     conn.execute(
-        "UPDATE recipients SET state = 'failed', code = NULL, response = %s "
+        "UPDATE recipients SET state = 'failed', code = NULL, response = %s, enhanced = NULL "
         "WHERE message = %s AND state = 'pending'",
         (reason, message),
     )

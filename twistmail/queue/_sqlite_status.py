@@ -10,9 +10,15 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from .records import MessageStatus, RecipientStatus, message_status
+from .records import (
+    MESSAGE_STATES,
+    MessageStatus,
+    QueueOverview,
+    RecipientStatus,
+    message_status,
+)
 
-__all__ = ["cancel_message", "list_messages", "one_message", "retry_message"]
+__all__ = ["cancel_message", "list_messages", "one_message", "overview", "retry_message"]
 
 
 _STATUS = (
@@ -28,12 +34,12 @@ def _statuses(conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> li
     ids = [row[0] for row in rows]
     recipients: dict[int, list[RecipientStatus]] = {i: [] for i in ids}
     marks = ",".join("?" * len(ids))
-    for message, address, state, code, response in conn.execute(
-        f"SELECT message, address, state, code, response FROM recipients "  # noqa: S608
+    for message, address, state, code, response, enhanced in conn.execute(
+        f"SELECT message, address, state, code, response, enhanced FROM recipients "  # noqa: S608
         f"WHERE message IN ({marks}) ORDER BY message, position",
         ids,
     ):
-        recipients[message].append(RecipientStatus(address, state, code, response))
+        recipients[message].append(RecipientStatus(address, state, code, response, enhanced))
     return [message_status(row, recipients[row[0]]) for row in rows]
 
 
@@ -52,6 +58,24 @@ def list_messages(
     )
 
 
+def overview(conn: sqlite3.Connection, failures: int) -> QueueOverview:
+    counts = dict.fromkeys(MESSAGE_STATES, 0)
+    counts.update(conn.execute("SELECT state, count(*) FROM messages GROUP BY state").fetchall())
+    oldest = _statuses(
+        conn,
+        "WHERE id = (SELECT id FROM messages WHERE state IN ('queued', 'deferred', 'sending') "
+        "ORDER BY created_at, id LIMIT 1)",
+        (),
+    )
+    # The messages_failed index: the newest failures without reading the others.
+    failed = _statuses(
+        conn,
+        "WHERE state = 'failed' ORDER BY updated_at DESC, id DESC LIMIT ?",
+        (max(0, failures),),
+    )
+    return QueueOverview(counts, oldest[0] if oldest else None, failed)
+
+
 def _state_of(conn: sqlite3.Connection, message: int) -> str:
     row = conn.execute("SELECT state FROM messages WHERE id = ?", (message,)).fetchone()
     return "missing" if row is None else str(row[0])
@@ -67,7 +91,7 @@ def retry_message(message: int, conn: sqlite3.Connection, now: float) -> str:
         (now, now, message),
     )
     conn.execute(
-        "UPDATE recipients SET state = 'pending', code = NULL, response = '' "
+        "UPDATE recipients SET state = 'pending', code = NULL, response = '', enhanced = NULL "
         "WHERE message = ? AND state = 'failed'",
         (message,),
     )
@@ -84,7 +108,7 @@ def cancel_message(message: int, reason: str, conn: sqlite3.Connection, now: flo
         (reason, now, message),
     )
     conn.execute(
-        "UPDATE recipients SET state = 'failed', code = NULL, response = ? "
+        "UPDATE recipients SET state = 'failed', code = NULL, response = ?, enhanced = NULL "
         "WHERE message = ? AND state = 'pending'",
         (reason, message),
     )

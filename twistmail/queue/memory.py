@@ -25,6 +25,7 @@ from .records import (
     MessageStatus,
     Outcome,
     QueueError,
+    QueueOverview,
     QueueRow,
     QueueSummary,
     RecipientState,
@@ -40,6 +41,7 @@ class _Recipient:
     state: RecipientState = "pending"
     code: int | None = None
     response: str = ""
+    enhanced: str | None = None
 
 
 @dataclass
@@ -156,9 +158,10 @@ class MemoryQueue:
         message.response = outcome.response
         message.owner = message.lease_until = None
         message.updated_at = now
-        for position, state, code, response in outcome.recipients:
+        for i, (position, state, code, response) in enumerate(outcome.recipients):
             recipient = message.recipients[position]
             recipient.state, recipient.code, recipient.response = state, code, response
+            recipient.enhanced = outcome.enhanced_at(i)
         return defer.succeed(True)
 
     def release(self, owner: str, claimed: Sequence[ClaimedMessage]) -> defer.Deferred[int]:
@@ -229,6 +232,7 @@ class MemoryQueue:
         for recipient in message.recipients:
             if recipient.state == "failed":
                 recipient.state, recipient.code, recipient.response = "pending", None, ""
+                recipient.enhanced = None
         return defer.succeed("retried")
 
     def cancel(self, id: int, reason: str) -> defer.Deferred[str]:
@@ -243,7 +247,34 @@ class MemoryQueue:
         for recipient in message.recipients:
             if recipient.state == "pending":
                 recipient.state, recipient.code, recipient.response = "failed", None, reason
+                recipient.enhanced = None
         return defer.succeed("cancelled")
+
+    def overview(self, failures: int = 10) -> defer.Deferred[QueueOverview]:
+        """Counts, the oldest message not settled and the last ``failures`` failed ones."""
+        if self._closed:
+            return self._closed_error()
+        counts = dict.fromkeys(MESSAGE_STATES, 0)
+        for m in self._messages.values():
+            counts[m.state] += 1
+        waiting = [
+            (m.created_at, id_, m)
+            for id_, m in self._messages.items()
+            if m.state in ("queued", "deferred", "sending")
+        ]
+        oldest = min(waiting, key=lambda w: (w[0], w[1]), default=None)
+        failed = sorted(
+            ((m.updated_at, id_, m) for id_, m in self._messages.items() if m.state == "failed"),
+            key=lambda f: (f[0], f[1]),
+            reverse=True,
+        )[: max(0, failures)]
+        return defer.succeed(
+            QueueOverview(
+                counts,
+                None if oldest is None else self._status(oldest[1], oldest[2]),
+                [self._status(id_, m) for _, id_, m in failed],
+            )
+        )
 
     @staticmethod
     def _status(id_: int, m: _Message) -> MessageStatus:
@@ -258,7 +289,10 @@ class MemoryQueue:
             m.due,
             m.code,
             m.response,
-            tuple(RecipientStatus(r.address, r.state, r.code, r.response) for r in m.recipients),
+            tuple(
+                RecipientStatus(r.address, r.state, r.code, r.response, r.enhanced)
+                for r in m.recipients
+            ),
         )
 
     def summary(self) -> defer.Deferred[QueueSummary]:

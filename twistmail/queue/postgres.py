@@ -76,6 +76,7 @@ from ._postgres_status import (
     insert_once,
     list_messages,
     one_message,
+    overview,
     retry_message,
 )
 from .records import (
@@ -84,6 +85,7 @@ from .records import (
     MessageStatus,
     Outcome,
     QueueError,
+    QueueOverview,
     QueueRow,
     QueueSummary,
 )
@@ -257,6 +259,10 @@ class PostgresQueue:
     def next_due(self) -> defer.Deferred[float | None]:
         """Seconds until the earliest waiting message is due: 0.0 if now, None if none waits."""
         return self._run(_next_due)
+
+    def overview(self, failures: int = 10) -> defer.Deferred[QueueOverview]:
+        """Counts, the oldest message not settled and the last ``failures`` failed ones."""
+        return self._run(lambda conn, now, again: overview(failures, conn, now, again))
 
     def summary(self) -> defer.Deferred[QueueSummary]:
         """Counts by state, and how many messages are due, held or with an expired lease."""

@@ -17,6 +17,7 @@ __all__ = [
     "MessageStatus",
     "Outcome",
     "QueueError",
+    "QueueOverview",
     "QueueRow",
     "QueueSummary",
     "RecipientState",
@@ -53,7 +54,9 @@ class Outcome:
 
     ``id`` and ``fence`` are the claim's. ``state`` is the message's new state; ``retry_in``
     the seconds from the store's now until its next attempt (for ``deferred``; 0 otherwise).
-    ``recipients`` holds ``(position, state, code, response)`` for the recipients tried.
+    ``recipients`` holds ``(position, state, code, response)`` for the recipients tried;
+    ``enhanced`` the RFC 3463 enhanced status code of each of them, in the same order, where
+    the server gave one (empty: none known).
     """
 
     id: int
@@ -64,6 +67,12 @@ class Outcome:
     code: int | None
     response: str
     recipients: tuple[tuple[int, RecipientState, int | None, str], ...]
+    enhanced: tuple[str | None, ...] = ()
+
+    def enhanced_at(self, index: int) -> str | None:
+        """The enhanced status code of ``recipients[index]``, None if none is known."""
+        enhanced = self.enhanced
+        return enhanced[index] if index < len(enhanced) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +92,15 @@ class Idempotent:
 
 @dataclass(frozen=True, slots=True)
 class RecipientStatus:
-    """One recipient of a message and the last reply for it (None/"" before any)."""
+    """One recipient of a message and the last reply for it (None/"" before any):
+    its code, text and RFC 3463 enhanced status code (e.g. ``"5.1.1"``, None when the server
+    gave none)."""
 
     address: str
     state: RecipientState
     code: int | None
     response: str
+    enhanced: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +135,18 @@ def message_status(row: Sequence[Any], recipients: Sequence[RecipientStatus]) ->
         response=row[9],
         recipients=tuple(recipients),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueOverview:
+    """What a status page shows of a queue, read at once (see :meth:`IQueue.overview`)."""
+
+    counts: dict[str, int]
+    """Messages by state (every state present, 0 when none)."""
+    oldest: MessageStatus | None
+    """The oldest message not yet sent or failed (queued, deferred or sending); None if none."""
+    failures: list[MessageStatus]
+    """The most recently failed messages, the latest first."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ from .._twisted import Reactor, default_reactor
 from ..address import Address, parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
-from ._sqlite_status import cancel_message, list_messages, one_message, retry_message
+from ._sqlite_status import cancel_message, list_messages, one_message, overview, retry_message
 from .records import (
     MESSAGE_STATES,
     ClaimedMessage,
@@ -63,6 +63,7 @@ from .records import (
     MessageStatus,
     Outcome,
     QueueError,
+    QueueOverview,
     QueueRow,
     QueueSummary,
     migrations_from,
@@ -71,12 +72,13 @@ from .records import (
 __all__ = ["SqliteQueue", "read_queue_status"]
 
 
-SCHEMA_VERSION: Final = "4"
+SCHEMA_VERSION: Final = "5"
 """2 added ``messages.fence``; 3 moved the payloads to their own table (a claim or an outcome
 rewrote the whole ~4 KB page of each message it changed) and wrote the state checks as
 comparisons (a ``CHECK (state IN (...))`` of five values made SQLite build a temporary table
-on every write of a state); 4 added the ``idempotency`` keys. Older files are migrated in place
-when opened."""
+on every write of a state); 4 added the ``idempotency`` keys; 5 added ``recipients.enhanced``
+(the RFC 3463 enhanced status code of the last reply) and an index of the failed messages by
+time (the status page's last failures). Older files are migrated in place when opened."""
 
 DRAIN_CHECKPOINT_PAGES: Final = 10_000
 """WAL pages after which a ``NORMAL`` (drain) connection checkpoints (SQLite's default: 1,000).
@@ -153,7 +155,11 @@ CREATE TABLE IF NOT EXISTS idempotency (
 ) WITHOUT ROWID"""
 _IDEMPOTENCY_INDEX = "CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at)"
 
-_SCHEMA: Final[tuple[str, ...]] = (
+# The tables as schema 4 made them; a new file gets them, then the migrations from 4 on (which
+# only add columns: so the migrations of older files, which rebuild tables with these
+# statements, reach the same shape).
+_BASE_VERSION: Final = "4"
+_BASE_SCHEMA: Final[tuple[str, ...]] = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     _MESSAGES.format(name="messages"),
     *_MESSAGE_INDEXES,
@@ -188,7 +194,18 @@ _MIGRATIONS: Final[dict[str, tuple[str, ...]]] = {
         *_rebuilt("recipients", _RECIPIENTS, _RECIPIENT_COLUMNS),
     ),
     "3": (_IDEMPOTENCY, _IDEMPOTENCY_INDEX),
+    # A nullable column is added without rewriting the table (no copy of a large spool).
+    "4": (
+        "ALTER TABLE recipients ADD COLUMN enhanced TEXT",
+        "CREATE INDEX IF NOT EXISTS messages_failed ON messages (updated_at, id) "
+        "WHERE state = 'failed'",
+    ),
 }
+
+_SCHEMA: Final[tuple[str, ...]] = (
+    *_BASE_SCHEMA,
+    *migrations_from(_BASE_VERSION, SCHEMA_VERSION, _MIGRATIONS, QueueError),
+)
 
 _INSERT_MESSAGE = """
 INSERT INTO messages (sender, size, eight_bit, smtputf8, message_id, state, due, created_at,
@@ -234,7 +251,8 @@ WHERE id = ? AND owner = ? AND fence = ? AND state = 'sending'
 """
 
 _RECORD_RECIPIENT = """
-UPDATE recipients SET state = ?, code = ?, response = ? WHERE message = ? AND position = ?
+UPDATE recipients SET state = ?, code = ?, response = ?, enhanced = ?
+WHERE message = ? AND position = ?
 """
 
 _RELEASE = """
@@ -448,11 +466,14 @@ def _record(owner: str, outcome: Outcome, conn: sqlite3.Connection, now: float) 
     recipients = o.recipients
     if len(recipients) == 1:
         ((position, state, code, text),) = recipients
-        conn.execute(_RECORD_RECIPIENT, (state, code, text, o.id, position))
+        conn.execute(_RECORD_RECIPIENT, (state, code, text, o.enhanced_at(0), o.id, position))
     else:
         conn.executemany(
             _RECORD_RECIPIENT,
-            [(state, code, text, o.id, position) for position, state, code, text in recipients],
+            [
+                (state, code, text, o.enhanced_at(i), o.id, position)
+                for i, (position, state, code, text) in enumerate(recipients)
+            ],
         )
     if o.state == "sent":
         conn.execute("DELETE FROM payloads WHERE message = ?", (o.id,))
@@ -695,6 +716,10 @@ class SqliteQueue:
     ) -> defer.Deferred[list[MessageStatus]]:
         """Up to ``limit`` messages with an id above ``after`` (in ``state``), by id."""
         return self._db.read(list_messages, state, after, limit)
+
+    def overview(self, failures: int = 10) -> defer.Deferred[QueueOverview]:
+        """Counts, the oldest message not settled and the last ``failures`` failed ones."""
+        return self._db.read(overview, failures)
 
     def queued_at(self, message: int) -> defer.Deferred[float | None]:
         """When message ``message`` was enqueued (the queue's clock); None if there is none."""

@@ -75,11 +75,13 @@ def outcome_of(claimed: ClaimedMessage, planned: Plan) -> Outcome:
         recipients: tuple[tuple[int, RecipientState, int | None, str], ...] = tuple(
             (position, "sent", code, text) for position in claimed.positions
         )
+        enhanced: tuple[str | None, ...] = (result.enhanced,) * len(recipients)
     else:
         recipients = tuple(
             (position, _STATES[o.status], o.code, o.response)
             for position, o in zip(claimed.positions, planned.outcomes, strict=True)
         )
+        enhanced = tuple(o.enhanced for o in planned.outcomes)
     return Outcome(
         id=claimed.id,
         fence=claimed.fence,
@@ -89,6 +91,7 @@ def outcome_of(claimed: ClaimedMessage, planned: Plan) -> Outcome:
         code=planned.code,
         response=planned.response,
         recipients=recipients,
+        enhanced=enhanced if any(enhanced) else (),
     )
 
 

@@ -30,7 +30,7 @@ import io
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -228,11 +228,13 @@ def make_http(
     queue: IQueue | None = None,
     wake: Callable[[], None] = lambda: None,
     max_message_size: int = 25 * 1024 * 1024,
+    pages: Sequence[tuple[str, str, Handler]] = (),
 ) -> Klein:
     """The Klein app serving ``/healthz`` from ``health()``, ``/metrics`` from ``metrics``,
     (given ``submit``) ``POST /v1/messages`` and (given ``queue``) the message endpoints
     (:mod:`twistmail.relay.tracking`; ``wake()`` after a retry); ``access`` guards all but
-    ``/healthz``."""
+    ``/healthz``. ``pages`` are ``(path, method, handler)`` routes that guard themselves
+    (the status page, :mod:`twistmail.relay.statuspage`)."""
     app = Klein()
     access = access if access is not None else Access(None, frozenset())
 
@@ -285,6 +287,8 @@ def make_http(
     if queue is not None:
         for path, method, handler in tracking_routes(queue, wake):
             app.route(path, methods=[method])(_guarded(access, handler))
+    for path, method, handler in pages:
+        app.route(path, methods=[method], endpoint=f"page {method} {path}")(handler)
     return app
 
 

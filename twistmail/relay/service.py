@@ -36,6 +36,8 @@ from .config import RelayConfig
 from .http import Access, Key, make_http, make_site
 from .listener import SubmissionFactory
 from .metrics import QueueSizes, RelayMetrics
+from .sessions import Sessions
+from .statuspage import DeliveryHistory, StatusPage
 from .tokens import TokenChecker
 from .worker import RelayWorker
 
@@ -107,6 +109,7 @@ class RelayService(MultiService):
         self._worker_done: defer.Deferred[Any] | None = None
         self._mailer: Any = None
         self.metrics = RelayMetrics(self._queue_sizes)
+        self.history = DeliveryHistory()  # the status page's deliveries per minute
         self._notifier: Any = None
         self._accepted_at: dict[int, float] = {}  # queue id -> when this process accepted it
 
@@ -165,6 +168,15 @@ class RelayService(MultiService):
                 else None
             )
             access = Access(tokens, frozenset({config.hostname.lower(), *config.http_hosts}))
+            # The status page's sessions are signed with a key drawn now: a restart ends them.
+            page = StatusPage(
+                queue,
+                self.health,
+                self.history,
+                access=access,
+                sessions=Sessions(),
+                wake=self._wake,
+            )
             app = make_http(
                 self.health,
                 self.metrics,
@@ -173,12 +185,13 @@ class RelayService(MultiService):
                 queue=self.queue,
                 wake=self._wake,
                 max_message_size=config.max_message_size,
+                pages=page.routes(),
             )
             # Room for base64 attachments (4/3) and the JSON around them.
             site = make_site(app, max_body=config.max_message_size * 4 // 3 + 64 * 1024)
             port = await serverFromString(self.reactor, config.http).listen(site)
             self.ports.append(port)
-            self._log_listening("HTTP (API, health and metrics)", port)
+            self._log_listening("HTTP (API, status page, health and metrics)", port)
         if config.submission is not None:
             clock = IReactorTime(self.reactor)
             self.submission = SubmissionFactory(
@@ -305,6 +318,7 @@ class RelayService(MultiService):
         """One attempt recorded: log it, count it, and bounce a failed message."""
         self._log_outcome(claimed, outcome)
         self.metrics.delivered(outcome.state, outcome.code)
+        self.history.add(outcome.state)
         if outcome.state == "deferred":
             return
         accepted = self._accepted_at.pop(outcome.id, None)

@@ -115,6 +115,16 @@ class TokenChecker:
         d = threads.deferToThreadPool(self._reactor, pool, self._verify, presented)
         return d
 
+    def stored(self, name: str) -> defer.Deferred[str | None]:
+        """The stored hash of the token called ``name`` as the file has it now (None if there
+        is none): it changes when the token is removed or replaced."""
+        pool = self._pool
+        if pool is None:
+            pool = IReactorThreads(self._reactor).getThreadPool()
+        return threads.deferToThreadPool(
+            self._reactor, pool, lambda: self._file.current()[0].get(name)
+        )
+
     def _verify(self, presented: bytes | None) -> str | None:
         entries, generation, problem = self._file.current()
         if generation != self._generation:

@@ -1,7 +1,7 @@
 """The API's message endpoints: look a message up, list them, retry a failed one, cancel one.
 
-``GET /v1/messages/{id}``: state, attempts, times and each recipient's last reply (code and
-text; the queue does not keep enhanced status codes yet).
+``GET /v1/messages/{id}``: state, attempts, times and each recipient's last reply (code,
+RFC 3463 enhanced status code where the server gave one, and text).
 ``GET /v1/messages?state=&limit=&cursor=``: a page by id and the ``next_cursor`` of the next
 (null on the last): stable, since ids only grow.
 ``POST /v1/messages/{id}/retry`` puts a failed message back (409 otherwise);
@@ -61,6 +61,7 @@ def message_json(status: MessageStatus) -> dict[str, Any]:
                 "address": r.address,
                 "state": r.state,
                 "code": r.code,
+                "enhanced": r.enhanced,
                 "text": r.response,
             }
             for r in status.recipients

@@ -26,7 +26,8 @@ def handshake_error(exc: Exception, host: str, offered_auth: frozenset[str]) -> 
     code = code if isinstance(code, int) and code > 0 else None
     raw = getattr(exc, "resp", b"")
     text = _text(raw) if isinstance(raw, bytes) else str(raw or "")
-    enhanced, text = split_enhanced(text)
+    # Set-up replies (a greeting or EHLO never carries one): taken when the class matches.
+    enhanced, text = split_enhanced(text, code)
     kwargs: dict[str, Any] = {"code": code, "enhanced": enhanced, "response": text}
     if isinstance(exc, tsmtp.TLSRequiredError):
         return TLSError(

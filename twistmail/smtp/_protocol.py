@@ -573,7 +573,9 @@ class MailerProtocol(tsmtp.ESMTPClient):
 
         if code == 421 and kind != _QUIT:
             # The server is shutting this session down: what is unanswered goes elsewhere.
-            enhanced, text = split_enhanced(_text(raw))
+            enhanced, text = split_enhanced(
+                _text(raw), code, self.capabilities.enhanced_status_codes
+            )
             self._abort(
                 TransientError(
                     "the server is closing the connection",
@@ -652,7 +654,8 @@ class MailerProtocol(tsmtp.ESMTPClient):
             and txn.data_failed is None
             and txn.mail_failed is None
         ):
-            txn.succeed(TransactionResult._taken(recipients, code, raw))
+            advertised = self.capabilities.enhanced_status_codes
+            txn.succeed(TransactionResult._taken(recipients, code, raw, advertised))
             return
         final = _reply(code, raw)
         if txn.data_failed is not None:
@@ -660,8 +663,9 @@ class MailerProtocol(tsmtp.ESMTPClient):
         if txn.mail_failed is not None:
             final = txn.mail_failed
             self._need_rset = True
-        final_enhanced, final_text = split_enhanced(final[1])
+        advertised = self.capabilities.enhanced_status_codes
         final_code = final[0]
+        final_enhanced, final_text = split_enhanced(final[1], final_code, advertised)
         mail_failed = txn.mail_failed is not None
         if txn.accepted == len(recipients) and not mail_failed:
             # Every RCPT was accepted: each recipient's fate is the final reply.
@@ -676,7 +680,7 @@ class MailerProtocol(tsmtp.ESMTPClient):
                 if mail_failed or rr is None or 200 <= rr[0] < 300:
                     replies.append(RecipientReply(rcpt, final_code, final_enhanced, final_text))
                 else:
-                    enhanced, text = split_enhanced(_text(rr[1]))
+                    enhanced, text = split_enhanced(_text(rr[1]), rr[0], advertised)
                     replies.append(RecipientReply(rcpt, rr[0], enhanced, text))
         txn.succeed(
             TransactionResult(replies, final_code, final_enhanced, final_text, accepted_all)

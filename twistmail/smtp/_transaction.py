@@ -35,7 +35,7 @@ class RecipientReply:
 class TransactionResult:
     """Outcome of one MAIL/RCPT/DATA transaction on one connection."""
 
-    __slots__ = ("_enhanced", "_raw", "_recipients", "_text", "accepted_all", "code")
+    __slots__ = ("_advertised", "_enhanced", "_raw", "_recipients", "_text", "accepted_all", "code")
 
     def __init__(
         self,
@@ -50,12 +50,16 @@ class TransactionResult:
         self._enhanced = enhanced
         self._text = text
         self._raw: bytes | None = None
+        self._advertised = False
         self.accepted_all = accepted_all
         """Every recipient was accepted and the message was taken (a 2xx after the data)."""
 
     @classmethod
-    def _taken(cls, recipients: tuple[Address, ...], code: int, raw: bytes) -> TransactionResult:
-        """Every recipient accepted, then the message (``code`` 2xx, reply text ``raw``).
+    def _taken(
+        cls, recipients: tuple[Address, ...], code: int, raw: bytes, advertised: bool
+    ) -> TransactionResult:
+        """Every recipient accepted, then the message (``code`` 2xx, reply text ``raw``;
+        ``advertised``: the server offered ENHANCEDSTATUSCODES).
 
         The reply text is decoded and the per-recipient replies are made only if asked for:
         a bulk send that only counts them never pays for either.
@@ -64,13 +68,14 @@ class TransactionResult:
         result._recipients = recipients
         result.code = code
         result._raw = raw
+        result._advertised = advertised
         result.accepted_all = True
         return result
 
     def _parse(self) -> None:
         raw = self._raw
         if raw is not None:
-            self._enhanced, self._text = split_enhanced(_text(raw))
+            self._enhanced, self._text = split_enhanced(_text(raw), self.code, self._advertised)
             self._raw = None
 
     @property

@@ -37,24 +37,29 @@ _CLASSES = frozenset("245")
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
 
 
-def split_enhanced(text: str) -> tuple[str | None, str]:
-    """Split an RFC 3463 enhanced status code off the front of a reply's text.
+def split_enhanced(text: str, code: int | None, advertised: bool = False) -> tuple[str | None, str]:
+    """Split an RFC 3463 enhanced status code off the front of the text of a ``code`` reply.
 
-    ``"5.1.1 no such user"`` gives ``("5.1.1", "no such user")``; text without one gives
-    ``(None, text)``.
+    ``"5.1.1 no such user"`` (of a 550) gives ``("5.1.1", "no such user")``; text without one
+    gives ``(None, text)``. A well-formed code (class 2, 4 or 5, then one to three digits
+    twice) is taken when the server ``advertised`` ENHANCEDSTATUSCODES, and otherwise only
+    when its class is the reply's (a 550 starting "4.2.0" was not written as a status code).
     """
-    if text[:1] not in _CLASSES:
+    first = text[:1]
+    if first not in _CLASSES:
+        return None, text
+    if not advertised and (code is None or first != str(code)[:1]):
         return None, text
     match = _ENHANCED.match(text)
     if match is None:
         return None, text
-    code = text[: match.end(3)]  # the match starts the text: "class.subject.detail"
+    status = text[: match.end(3)]  # the match starts the text: "class.subject.detail"
     rest = text[match.end() :]
     if "\n" in rest:  # multi-line replies repeat the code on every line
         rest = "\n".join(
             line[m.end() :] if (m := _ENHANCED.match(line)) else line for line in rest.split("\n")
         )
-    return code, rest
+    return status, rest
 
 
 @dataclass(frozen=True, slots=True)

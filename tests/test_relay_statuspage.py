@@ -1,0 +1,360 @@
+"""The relay's status page over real HTTP on 127.0.0.1, with an in-memory queue behind it:
+the login, the session cookie, the Origin and Host checks, what the page shows, and retry.
+(``test_relay_statuspage_browser.py`` drives it in a real browser against the real relay.)"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.client import HTTPClient
+from twisted.internet import defer, reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from twistmail.message import envelope_from_bytes
+from twistmail.queue import Outcome
+from twistmail.queue.memory import MemoryQueue
+from twistmail.relay.http import Access, make_http, make_site
+from twistmail.relay.metrics import RelayMetrics
+from twistmail.relay.sessions import Sessions
+from twistmail.relay.statuspage import DeliveryHistory, StatusPage
+from twistmail.relay.tokens import TokenChecker, hash_token, new_token
+
+TOKEN = new_token()
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Page:
+    base: str
+    origin: bytes
+    queue: MemoryQueue
+    clock: Clock
+    tokens: Path | None
+    history: DeliveryHistory
+    wakes: list[int] = field(default_factory=list)
+
+
+def _serve(tmp_path: Path, *, tokens: bool) -> Iterator[Page]:
+    clock = Clock()
+    queue = MemoryQueue(clock=clock)
+    checker = path = None
+    if tokens:
+        path = tmp_path / "tokens"
+        path.write_text(f"ops:{hash_token(TOKEN)}\n")
+        checker = TokenChecker(str(path), reactor)  # type: ignore[arg-type]
+    access = Access(checker, frozenset({"relay.test"}))
+    history = DeliveryHistory(clock=clock)
+    page = Page("", b"", queue, clock, path, history)
+    status = StatusPage(
+        queue,
+        lambda: {"queue_writable": True, "worker_running": True, "upstream": "ok"},
+        history,
+        access=access,
+        sessions=Sessions(clock=clock),
+        wake=lambda: page.wakes.append(1),
+        clock=clock,
+    )
+    app = make_http(lambda: {}, RelayMetrics(), access=access, pages=status.routes())
+    port = reactor.listenTCP(0, make_site(app, max_body=65536), interface="127.0.0.1")  # type: ignore[attr-defined]
+    page.base = f"http://127.0.0.1:{port.getHost().port}"
+    page.origin = page.base.encode()
+    yield page
+    pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Iterator[Page]:
+    yield from _serve(tmp_path, tokens=True)
+
+
+@pytest.fixture
+def open_page(tmp_path: Path) -> Iterator[Page]:
+    yield from _serve(tmp_path, tokens=False)
+
+
+@pytest.fixture
+def http() -> HTTPClient:
+    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+
+
+async def request(
+    http: HTTPClient,
+    method: str,
+    url: str,
+    *,
+    cookie: bytes | None = None,
+    origin: bytes | None = None,
+    form: bytes | None = None,
+    host: bytes | None = None,
+) -> tuple[int, str, Headers]:
+    raw: dict[bytes, list[bytes]] = {}
+    if cookie is not None:
+        raw[b"Cookie"] = [b"twistmail_session=" + cookie]
+    if origin is not None:
+        raw[b"Origin"] = [origin]
+    if form is not None:
+        raw[b"Content-Type"] = [b"application/x-www-form-urlencoded"]
+    if host is not None:
+        raw[b"Host"] = [host]
+    response = await http.request(
+        method, url, data=form, headers=Headers(raw), allow_redirects=False
+    )
+    body = await response.content()
+    return response.code, body.decode("utf-8", "replace"), response.headers
+
+
+def location(headers: Headers) -> str:
+    return (headers.getRawHeaders(b"location") or [b""])[0].decode()
+
+
+def set_cookie(headers: Headers) -> str:
+    return (headers.getRawHeaders(b"set-cookie") or [b""])[0].decode()
+
+
+async def log_in(http: HTTPClient, page: Page, token: str = TOKEN) -> bytes:
+    code, _, headers = await request(
+        http, "POST", page.base + "/login", origin=page.origin, form=f"token={token}".encode()
+    )
+    assert (code, location(headers)) == (303, "/")
+    value = re.match(r"twistmail_session=([^;]+);", set_cookie(headers))
+    assert value is not None
+    return value.group(1).encode()
+
+
+def count(html: str, state: str) -> int:
+    found = re.search(rf'id="count-{state}">(\d+)<', html)
+    assert found is not None, state
+    return int(found.group(1))
+
+
+def envelope(n: int) -> Any:
+    data = f"Message-ID: <m{n}@test>\r\nSubject: {n}\r\n\r\nbody\r\n".encode()
+    return envelope_from_bytes("app@example.com", [f"user{n}@example.org"], data)
+
+
+async def fail(queue: MemoryQueue, text: str) -> int:
+    """One message enqueued, claimed and refused with ``text`` (5.1.1); its id."""
+    (id_,) = await queue.enqueue([envelope(99)])
+    held = await queue.claim("w", 100, lease=30)
+    (claimed,) = [c for c in held if c.id == id_]
+    await queue.release("w", [c for c in held if c.id != id_])
+    outcome = Outcome(
+        id=id_,
+        fence=claimed.fence,
+        state="failed",
+        attempts=1,
+        code=550,
+        response=text,
+        recipients=((0, "failed", 550, text),),
+        enhanced=("5.1.1",),
+    )
+    assert await queue.record("w", outcome)
+    return id_
+
+
+# Logging in ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_session_every_page_sends_to_the_login_form(
+    page: Page, http: HTTPClient
+) -> None:
+    code, _, headers = await request(http, "GET", page.base + "/")
+    assert (code, location(headers)) == (303, "/login")
+    code, _, headers = await request(
+        http, "POST", page.base + "/messages/1/retry", origin=page.origin
+    )
+    assert (code, location(headers)) == (303, "/login")
+    code, html, headers = await request(http, "GET", page.base + "/login")
+    assert code == 200
+    assert '<form method="post" action="/login"' in html
+    assert 'type="password" id="token" name="token"' in html
+    assert b"frame-ancestors 'none'" in headers.getRawHeaders(b"content-security-policy")[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_posted_once_gives_a_signed_httponly_strict_cookie(
+    page: Page, http: HTTPClient
+) -> None:
+    code, _, headers = await request(
+        http, "POST", page.base + "/login", origin=page.origin, form=f"token={TOKEN}".encode()
+    )
+    assert (code, location(headers)) == (303, "/")
+    cookie = set_cookie(headers)
+    assert "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
+    assert "Path=/" in cookie
+    assert TOKEN not in cookie
+    value = await log_in(http, page)
+    code, html, _ = await request(http, "GET", page.base + "/", cookie=value)
+    assert code == 200
+    assert 'id="counts"' in html
+    assert "ops" in html  # who is logged in
+    # Logging out expires the cookie.
+    code, _, headers = await request(http, "POST", page.base + "/logout", origin=page.origin)
+    assert (code, location(headers)) == (303, "/login")
+    assert "Max-Age=0" in set_cookie(headers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_token_a_foreign_origin_or_a_token_in_the_url_opens_nothing(
+    page: Page, http: HTTPClient
+) -> None:
+    login = page.base + "/login"
+    form = f"token={TOKEN}".encode()
+    code, html, headers = await request(
+        http, "POST", login, origin=page.origin, form=b"token=" + new_token().encode()
+    )
+    assert (code, set_cookie(headers)) == (401, "")
+    assert "That token is not valid." in html
+    for origin in (None, b"http://evil.test", page.origin + b".evil.test"):
+        code, _, headers = await request(http, "POST", login, origin=origin, form=form)
+        assert (code, set_cookie(headers)) == (403, "")
+    crowded = b"&".join(b"f%d=1" % n for n in range(20)) + b"&token=" + TOKEN.encode()
+    code, _, headers = await request(http, "POST", login, origin=page.origin, form=crowded)
+    assert (code, set_cookie(headers)) == (400, "")
+    # Never from the URL (twisted.web logs URLs): the body is the only place.
+    code, _, headers = await request(http, "POST", f"{login}?token={TOKEN}", origin=page.origin)
+    assert (code, set_cookie(headers)) == (400, "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_altered_forged_expired_or_orphaned_cookie_is_no_session(
+    page: Page, http: HTTPClient
+) -> None:
+    value = await log_in(http, page)
+    home = page.base + "/"
+    assert (await request(http, "GET", home, cookie=value))[0] == 200
+    altered = value[:-2] + (b"AA" if not value.endswith(b"AA") else b"BB")
+    forged = Sessions().issue("ops", hash_token(TOKEN))  # another key
+    renamed = value.replace(value.split(b".")[1], b"b3Rooc", 1)  # "other"'s name, ops' MAC
+    for bad in (altered, forged, renamed, b"v1.garbage", b""):
+        code, _, headers = await request(http, "GET", home, cookie=bad)
+        assert (code, location(headers)) == (303, "/login"), bad
+    page.clock.now += 8 * 3600 + 1
+    assert (await request(http, "GET", home, cookie=value))[0] == 303
+    # A session ends when its token is removed from the file (read again when it changes).
+    fresh = await log_in(http, page)
+    assert (await request(http, "GET", home, cookie=fresh))[0] == 200
+    assert page.tokens is not None
+    page.tokens.write_text(f"ops:{hash_token(new_token())}\n")
+    assert (await request(http, "GET", home, cookie=fresh))[0] == 303
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_route_answers_only_to_its_own_host_names(page: Page, http: HTTPClient) -> None:
+    for method, path in (("GET", "/"), ("GET", "/login"), ("POST", "/login")):
+        code, _, _ = await request(http, method, page.base + path, host=b"evil.test")
+        assert code == 421
+    code, _, _ = await request(http, "GET", page.base + "/login", host=b"relay.test")
+    assert code == 200
+
+
+# The page ----------------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_shows_counts_the_oldest_and_failures_as_text(
+    page: Page, http: HTTPClient
+) -> None:
+    await page.queue.enqueue([envelope(n) for n in range(3)])
+    page.clock.now += 125
+    failed = await fail(page.queue, "no such user <script>alert(1)</script>")
+    for state in ("sent", "sent", "deferred", "failed"):
+        page.history.add(state)
+    value = await log_in(http, page)
+    code, html, _ = await request(http, "GET", page.base + "/", cookie=value)
+    assert code == 200
+    assert (count(html, "queued"), count(html, "failed"), count(html, "total")) == (3, 1, 4)
+    assert '<meta http-equiv="refresh" content="10">' in html
+    assert "<script>alert" not in html
+    assert "no such user &lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert f'id="failure-{failed}"' in html
+    assert "550 5.1.1 no such user" in html
+    assert "Oldest message not settled: <strong>1</strong>" in html
+    assert "queued 2 min ago" in html
+    assert 'id="hour">2 sent, 1 deferred, 1 failed.' in html
+    assert 'id="upstream" class="ok">ok<' in html
+
+
+@pytest_twisted.ensureDeferred
+async def test_retry_needs_the_pages_origin_and_puts_a_failed_message_back(
+    page: Page, http: HTTPClient
+) -> None:
+    failed = await fail(page.queue, "no such user")
+    value = await log_in(http, page)
+    retry = f"{page.base}/messages/{failed}/retry"
+    for origin in (None, b"http://evil.test"):
+        code, _, _ = await request(http, "POST", retry, cookie=value, origin=origin)
+        assert code == 403
+    assert (await page.queue.message(failed)).state == "failed"
+    assert page.wakes == []
+    code, _, headers = await request(http, "POST", retry, cookie=value, origin=page.origin)
+    assert (code, location(headers)) == (303, f"/?retried={failed}")
+    assert (await page.queue.message(failed)).state == "queued"
+    assert page.wakes == [1]
+    _, html, _ = await request(http, "GET", page.base + location(headers), cookie=value)
+    assert f"Message {failed} is back in the queue." in html
+    # Not failed any more: nothing to retry.
+    code, _, headers = await request(http, "POST", retry, cookie=value, origin=page.origin)
+    assert (code, location(headers)) == (303, f"/?refused={failed}")
+    assert page.wakes == [1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_a_token_file_the_page_is_open_and_actions_still_check_origin(
+    open_page: Page, http: HTTPClient
+) -> None:
+    code, html, _ = await request(http, "GET", open_page.base + "/")
+    assert code == 200
+    assert 'id="logout"' not in html
+    code, _, headers = await request(http, "GET", open_page.base + "/login")
+    assert (code, location(headers)) == (303, "/")
+    failed = await fail(open_page.queue, "no")
+    retry = f"{open_page.base}/messages/{failed}/retry"
+    assert (await request(http, "POST", retry))[0] == 403
+    assert (await request(http, "POST", retry, origin=open_page.origin))[0] == 303
+    assert (await open_page.queue.message(failed)).state == "queued"
+
+
+def test_delivery_history_counts_each_minute_of_the_last_hour() -> None:
+    clock = Clock()
+    history = DeliveryHistory(clock=clock)
+    history.add("sent")
+    history.add("failed")
+    history.add("whatever")  # not an outcome: not counted
+    clock.now += 60
+    history.add("deferred")
+    minutes = history.minutes()
+    assert len(minutes) == 60
+    assert (minutes[-1].deferred, minutes[-2].sent, minutes[-2].failed) == (1, 1, 1)
+    assert minutes[-1].start - minutes[-2].start == 60
+    clock.now += 59 * 60  # the first minute is now an hour ago
+    history.add("sent")
+    assert sum(m.total for m in history.minutes()) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_queue_that_cannot_be_read_gives_503_not_a_traceback(
+    page: Page, http: HTTPClient
+) -> None:
+    value = await log_in(http, page)
+    await page.queue.close()
+    code, body, _ = await request(http, "GET", page.base + "/", cookie=value)
+    assert code == 503
+    assert "Traceback" not in body
