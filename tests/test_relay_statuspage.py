@@ -358,3 +358,21 @@ async def test_a_queue_that_cannot_be_read_gives_503_not_a_traceback(
     code, body, _ = await request(http, "GET", page.base + "/", cookie=value)
     assert code == 503
     assert "Traceback" not in body
+
+
+def test_over_tls_the_cookie_is_secure_and_the_origin_is_https() -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from twistmail.relay.statuspage import _set_cookie, same_origin
+
+    request = DummyRequest([b""])
+    request.isSecure = lambda: True  # type: ignore[method-assign]
+    _set_cookie(request, b"v", 60)
+    assert request.responseHeaders.getRawHeaders(b"set-cookie") == [
+        b"twistmail_session=v; Path=/; Max-Age=60; HttpOnly; SameSite=Strict; Secure"
+    ]
+    request.requestHeaders.setRawHeaders(b"host", [b"relay.test:8025"])
+    request.requestHeaders.setRawHeaders(b"origin", [b"http://relay.test:8025"])
+    assert not same_origin(request)  # the page is https: an http page is another origin
+    request.requestHeaders.setRawHeaders(b"origin", [b"https://relay.test:8025"])
+    assert same_origin(request)

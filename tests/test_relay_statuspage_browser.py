@@ -149,6 +149,10 @@ def test_the_status_page_in_a_browser_logs_in_matches_the_api_and_retries(
             **api_counts(port, token),
         }
         assert page_counts(browser)["failed"] == 1
+        # The relay counted its attempts of the last hour, and the upstream works.
+        assert browser.find_element(By.ID, "hour").text == "2 sent, 0 deferred, 1 failed."
+        assert browser.find_element(By.ID, "upstream").text == "ok"
+        assert browser.find_element(By.ID, "oldest").text == "No message is waiting."
         row = browser.find_element(By.ID, f"failure-{refused}")
         assert "550 5.1.1 no such user" in row.text
 
@@ -162,6 +166,7 @@ def test_the_status_page_in_a_browser_logs_in_matches_the_api_and_retries(
         browser.get(base + "/")
         assert page_counts(browser)["failed"] == 0
         assert page_counts(browser)["sent"] == 3
+        assert browser.find_element(By.ID, "hour").text == "3 sent, 0 deferred, 1 failed."
         assert page_counts(browser) == {
             **dict.fromkeys(page_counts(browser), 0),
             **api_counts(port, token),
