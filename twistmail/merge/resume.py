@@ -36,7 +36,7 @@ from .journal import Journal
 from .keyset import KeySet
 from .prepare import guess_email
 
-__all__ = ["DUPLICATE_RESPONSE", "Known", "Keyed", "RowFeed", "Sorted", "Sorter"]
+__all__ = ["DUPLICATE_RESPONSE", "Keyed", "Known", "RowFeed", "Sorted", "Sorter"]
 
 DUPLICATE_RESPONSE = (
     "the same recipient as an earlier row: not sent again (--allow-duplicates sends it)"

@@ -165,7 +165,7 @@ class MessageTemplate:
         self._env = environment(
             undefined=jinja2.StrictUndefined,
             # Headers and text bodies are not HTML; escaping would corrupt "&" and "<" in them.
-            autoescape=False,  # noqa: S701
+            autoescape=False,
             keep_trailing_newline=True,
         )
         self._env.filters["display_name"] = format_display_name
