@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _inputs(send)
-    _smtp_options(send, url_required=True, attempts_scope="")
+    _smtp_options(send, url_required=False, attempts_scope="", unless="--enqueue-only")
     add_dkim_options(send, missing=False)
     send.add_argument(
         "--from",
@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start the journal over, e.g. after the template changed (sends every row again)",
     )
+    _queue_options(send)
     send.add_argument(
         "--allow-duplicates",
         action="store_true",
@@ -189,7 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 every row of the campaign was sent; 1 some rows are not sent "
         "(failed, invalid, deferred or pending); 2 the journal cannot be read.",
     )
-    status.add_argument("journal", metavar="JOURNAL")
+    status.add_argument(
+        "journal",
+        metavar="JOURNAL",
+        nargs="?",
+        help="the journal; with --queue: the campaign (default: every campaign)",
+    )
+    status.add_argument("--queue", metavar="URL", help="show the campaigns stored in this queue")
     status.add_argument(
         "--limit",
         type=_positive_int,
@@ -209,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=2525, metavar="N", help="port (default: 2525; 0: any)"
     )
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
+    _report_parser(sub)
     _drain_parser(sub)
     _worker_parser(sub)
     _users_parser(sub)
@@ -373,6 +381,56 @@ def _drain_parser(sub: Any) -> None:
     )
 
 
+def _queue_options(send: argparse.ArgumentParser) -> None:
+    send.add_argument(
+        "--queue",
+        metavar="URL",
+        help="store the campaign in this queue (sqlite:PATH or "
+        "postgresql://user@host:port/db[?schema=NAME]) instead of a journal: any twistmail "
+        "worker on any machine then renders and delivers its rows",
+    )
+    send.add_argument(
+        "--enqueue-only",
+        action="store_true",
+        help="with --queue: store the campaign and exit; the workers deliver it",
+    )
+    send.add_argument(
+        "--campaign",
+        metavar="NAME",
+        help="with --queue: the campaign's name (default: the CSV's file name without .csv)",
+    )
+
+
+def _report_parser(sub: Any) -> None:
+    report = sub.add_parser(
+        "report",
+        help="write the report CSV of a campaign stored in a queue",
+        description="Example: twistmail report --queue postgresql://mail@db/mail spring",
+        epilog="exit status: 0 written; 2 no such queue or campaign.",
+    )
+    report.add_argument("campaign", metavar="CAMPAIGN")
+    report.add_argument("--queue", metavar="URL", required=True, help="the queue's URL")
+    report.add_argument(
+        "--report", metavar="PATH", help="where to write it (default: CAMPAIGN.report.csv)"
+    )
+
+
+def _campaign_main(args: argparse.Namespace) -> None:
+    """``status --queue`` and ``report``: a campaign stored in a queue."""
+    from .merge import queued
+
+    if args.command == "report":
+        _react_exit(
+            lambda reactor: queued.report(
+                args.queue, args.campaign, args.report, sys.stdout, reactor
+            )
+        )
+        return
+    _react_exit(
+        lambda reactor: queued.status(args.queue, args.journal, args.limit, sys.stdout, reactor)
+    )
+
+
 def _drain_main(args: argparse.Namespace) -> None:
     from .queue import command
 
@@ -449,6 +507,7 @@ def _smtp_options(
     url_required: bool,
     attempts_scope: str,
     patience: float | None = 60.0,
+    unless: str = "--status",
 ) -> None:
     """The options saying where and how to deliver, shared by ``send``, ``drain`` and
     ``worker`` (``patience=None``: no ``--give-up-after``, the server is waited for ever)."""
@@ -458,7 +517,7 @@ def _smtp_options(
         metavar="URL",
         help="smtp://host[:port] (plain), smtp+tls://user@host (STARTTLS required) or "
         "smtp+ssl://user@host (implicit TLS), e.g. smtp+tls://alice@mail.example.com:587"
-        + ("" if url_required else " (required unless --status)"),
+        + ("" if url_required else f" (required unless {unless})"),
     )
     parser.add_argument(
         "--password-file",
@@ -547,7 +606,7 @@ def _delivery(args: argparse.Namespace) -> dict[str, Any]:
 def _smtp_password(args: argparse.Namespace) -> str | None:
     """The password from --password-file (exit 2 if unreadable, or if --smtp holds one)."""
     try:
-        password = urlsplit(args.smtp).password
+        password = urlsplit(args.smtp or "").password
     except ValueError:  # an invalid port, say: the Mailer reports the URL itself
         password = None
     if password is not None:
@@ -619,7 +678,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .merge import commands
     from .merge.run import SendOptions, run
 
+    if args.command == "report" or (args.command == "status" and args.queue):
+        _campaign_main(args)
+        return
     if args.command == "status":
+        if args.journal is None:
+            print("error: status needs a JOURNAL (or --queue URL)", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         sys.exit(commands.status(args.journal, args.limit, sys.stdout))
     if args.command == "check":
         sys.exit(commands.check(args.recipients, args.template, args.envelope_from, sys.stdout))
@@ -646,12 +711,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         retry_failed=args.retry_failed,
         new_campaign=args.new_campaign,
         allow_duplicates=args.allow_duplicates,
+        queue_url=args.queue,
+        enqueue_only=args.enqueue_only,
+        campaign=args.campaign,
         **_delivery(args),
     )
+    if not args.smtp and not (args.enqueue_only or args.dry_run):
+        print("error: --smtp URL is required (unless --enqueue-only)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    if (args.enqueue_only or args.campaign) and not args.queue:
+        print("error: --enqueue-only and --campaign go with --queue URL", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     if args.dry_run or args.strict:
         code = commands.validate_before_send(options, dry_run=args.dry_run, out=sys.stdout)
         if code is not None:
             sys.exit(code)
+    if args.queue:
+        if args.new_campaign or args.journal:
+            print(
+                "error: --queue keeps the campaign in the queue: --journal and "
+                "--new-campaign do not apply (name a new campaign with --campaign NAME)",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_USAGE)
+        from .merge import queued
+
+        _react_exit(lambda reactor: queued.send(options, reactor))
+        return
     _react_exit(lambda reactor: run(options, reactor))
 
 
