@@ -11,14 +11,16 @@ import hashlib
 
 import pytest
 import pytest_twisted
-from test_queue_contract import OpenQueue, clock, open_queue, sent  # noqa: F401 - fixtures
+from test_queue_contract import OpenQueue, sent
+from test_queue_contract import clock as _clock  # noqa: F401 - the contract suite's fixtures
+from test_queue_contract import open_queue as _stores  # noqa: F401
 
 from twistmail.merge.attachments import StoredAttachments
 from twistmail.merge.csvsource import Row
 from twistmail.merge.identity import campaign_message_id, row_id
 from twistmail.merge.prepare import Prepared, prepare_row
 from twistmail.merge.template import MessageTemplate
-from twistmail.queue.campaigns import FIRST, CampaignChanged, CampaignRow, CampaignSpec
+from twistmail.queue.campaigns import CampaignChanged, CampaignRow, CampaignSpec
 
 TEMPLATE = """\
 From: News <news@example.com>
