@@ -39,10 +39,12 @@ from .records import ClaimedMessage
 __all__ = ["Campaigns", "prepare", "render"]
 
 
-def prepare(conn: Any) -> None:
-    """Create the campaign tables if missing (the connection's search path is the queue's
-    schema)."""
+def prepare(conn: Any, schema: str) -> None:
+    """Create the campaign tables of the queue in ``schema`` (the connection's search path)
+    if missing."""
     with conn.transaction():
+        # Under the lock that creates the queue's tables: workers start together.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"twistmail:{schema}",))
         create_tables(conn, postgres=True)
 
 

@@ -173,7 +173,7 @@ class PostgresQueue(_postgres_campaigns.Campaigns):
         def prepare() -> None:
             conn = connections.get()
             _prepare(conn, schema, where)
-            _postgres_campaigns.prepare(conn)
+            _postgres_campaigns.prepare(conn, schema)
 
         d = threads_defer(reactor, pool, prepare)
 
