@@ -102,16 +102,19 @@ async def _send(opts: SendOptions, reactor: Reactor) -> int:
             _say(opts, f"error: {e}")
             return EXIT_USAGE
         await queue.campaign_forget(campaign.id)
-        problem = await _enqueue(queue, campaign, source, template, uploads, opts)
+        problem, limited = await _enqueue(queue, campaign, source, template, uploads, opts)
         if problem is not None:
             _say(opts, f"error: {problem}")
             return EXIT_USAGE
+        if limited:
+            _say(opts, "--limit reached: run the same command again to queue the rest")
         if opts.enqueue_only:
             (progress,) = await queue.campaign_status(campaign.id, unsent=0)
             _say(opts, f"campaign {campaign.name}: {_counts(progress)}")
             _say(opts, f"workers deliver it: twistmail worker --queue {_shown(opts)} --smtp URL")
             return EXIT_FAILED if progress.counts.get("invalid") else EXIT_OK
-        return await _deliver(queue, campaign, opts, reactor)
+        code = await _deliver(queue, campaign, opts, reactor)
+        return EXIT_INTERRUPTED if limited and code == EXIT_OK else code
     finally:
         await queue.close()
 
@@ -123,9 +126,9 @@ async def _enqueue(
     template: MessageTemplate,
     uploads: UploadingAttachments,
     opts: SendOptions,
-) -> str | None:
-    """Sort, validate and queue every row; None, or why the CSV could not be read on (the
-    rows before it are queued)."""
+) -> tuple[str | None, bool]:
+    """Sort, validate and queue every row (up to ``--limit``): why the CSV could not be read
+    on (the rows before it are queued) or None, and whether the limit left rows out."""
     sorter = Sorter(
         iter(source),
         RowIdentity.of(template, source.columns),
@@ -137,12 +140,13 @@ async def _enqueue(
         return campaign_message_id(campaign.id, key, domain)
 
     queued = settled = held = started = 0
+    limited = False
     limit = opts.limit
     while True:
         try:
             keyed, duplicates, out = sorter.identify(_CHUNK)
         except TwistmailError as e:
-            return str(e)
+            return str(e), False
         known = await queue.campaign_lookup(campaign.id, [item[1] for item in keyed])
         _, moves = sorter.decide(keyed, known, out, held=HELD)
         rows = [
@@ -155,6 +159,7 @@ async def _enqueue(
         )
         for row, ident, fingerprint in out.send:
             if limit is not None and started >= limit:
+                limited = True
                 break
             prepared = prepare_row(
                 template, row, message_id, opts.envelope_from, ident, fingerprint
@@ -191,7 +196,7 @@ async def _enqueue(
         f"campaign {campaign.name}: {queued} queued now, {held} already queued, "
         f"{settled} settled before",
     )
-    return None
+    return None, limited
 
 
 async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor: Reactor) -> int:
