@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +45,11 @@ from .csvsource import CsvSource, open_csv
 from .identity import RowIdentity, campaign_message_id
 from .prepare import Problem, prepare_row
 from .report import ReportFile
-from .resume import DUPLICATE_RESPONSE, Sorter
+from .resume import DUPLICATE_RESPONSE, Sorter, ToSend
 from .run import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, SendOptions
 from .template import MessageTemplate
 
-__all__ = ["campaign_name", "report", "send", "status"]
+__all__ = ["Enqueued", "campaign_name", "enqueue_campaign", "report", "send", "status"]
 
 _CHUNK = 1024
 _PAGE = 5000
@@ -102,9 +104,26 @@ async def _send(opts: SendOptions, reactor: Reactor) -> int:
             _say(opts, f"error: {e}")
             return EXIT_USAGE
         await queue.campaign_forget(campaign.id)
-        problem, limited = await _enqueue(queue, campaign, source, template, uploads, opts)
-        if problem is not None:
-            _say(opts, f"error: {problem}")
+        done = await enqueue_campaign(
+            queue,
+            campaign,
+            source,
+            template,
+            uploads.take,
+            envelope_from=opts.envelope_from,
+            retry_failed=opts.retry_failed,
+            allow_duplicates=opts.allow_duplicates,
+            limit=opts.limit,
+            say=lambda text: _say(opts, text),
+        )
+        _say(
+            opts,
+            f"campaign {campaign.name}: {done.queued} queued now, {done.held} already queued, "
+            f"{done.settled} settled before",
+        )
+        limited = done.limited
+        if done.problem is not None:
+            _say(opts, f"error: {done.problem}")
             return EXIT_USAGE
         if limited:
             _say(opts, "--limit reached: run the same command again to queue the rest")
@@ -119,34 +138,61 @@ async def _send(opts: SendOptions, reactor: Reactor) -> int:
         await queue.close()
 
 
-async def _enqueue(
+@dataclass
+class Enqueued:
+    """What storing a campaign's rows did."""
+
+    queued: int = 0
+    """Rows queued now."""
+    held: int = 0
+    """Rows already queued by an earlier run (left to the workers)."""
+    settled: int = 0
+    """Rows sent (or failed) before: not queued again."""
+    limited: bool = False
+    """The limit left rows out."""
+    problem: str | None = None
+    """Why the CSV could not be read on (the rows before it are stored)."""
+
+
+Render = Callable[..., "defer.Deferred[Any]"]
+
+
+async def enqueue_campaign(
     queue: IQueue,
     campaign: Campaign,
     source: CsvSource,
     template: MessageTemplate,
-    uploads: UploadingAttachments,
-    opts: SendOptions,
-) -> tuple[str | None, bool]:
-    """Sort, validate and queue every row (up to ``--limit``): why the CSV could not be read
-    on (the rows before it are queued) or None, and whether the limit left rows out."""
+    files: Callable[[], dict[str, bytes]],
+    *,
+    envelope_from: str | None = None,
+    retry_failed: bool = False,
+    allow_duplicates: bool = False,
+    limit: int | None = None,
+    say: Callable[[str], None] = lambda text: None,
+    render: Render = defer.maybeDeferred,
+) -> Enqueued:
+    """Sort every row against what the queue holds of ``campaign``, validate (render) those
+    to send and store them, a chunk at a time: ``files()`` gives the files the template read
+    since the last call (stored with the chunk), ``say`` hears each invalid, duplicate or
+    changed row, ``render(function, *args)`` runs a chunk's rendering (e.g. in a thread)."""
     sorter = Sorter(
         iter(source),
         RowIdentity.of(template, source.columns),
-        retry_failed=opts.retry_failed,
-        allow_duplicates=opts.allow_duplicates,
+        retry_failed=retry_failed,
+        allow_duplicates=allow_duplicates,
     )
 
     def message_id(key: int, domain: str) -> str:
         return campaign_message_id(campaign.id, key, domain)
 
-    queued = settled = held = started = 0
-    limited = False
-    limit = opts.limit
+    done = Enqueued()
+    started = 0
     while True:
         try:
             keyed, duplicates, out = sorter.identify(_CHUNK)
         except TwistmailError as e:
-            return str(e), False
+            done.problem = str(e)
+            return done
         known = await queue.campaign_lookup(campaign.id, [item[1] for item in keyed])
         _, moves = sorter.decide(keyed, known, out, held=HELD)
         rows = [
@@ -157,46 +203,60 @@ async def _enqueue(
             CampaignRow(ident, number, "", "seen", changed=bool(changed))
             for number, changed, ident in moves
         )
-        for row, ident, fingerprint in out.send:
-            if limit is not None and started >= limit:
-                limited = True
-                break
-            prepared = prepare_row(
-                template, row, message_id, opts.envelope_from, ident, fingerprint
-            )
-            if isinstance(prepared, Problem):
-                _say(opts, f"invalid: {prepared.reason}")
-                rows.append(
-                    CampaignRow(
-                        ident, row.number, prepared.email, "invalid", fingerprint, prepared.reason
-                    )
-                )
-                continue
-            started += 1
+        left = None if limit is None else limit - started
+        rendered, count, notes = await render(
+            _render_chunk, template, out.send, message_id, envelope_from, left
+        )
+        rows.extend(rendered)
+        started += count
+        if left is not None and count >= left and count < len(out.send):
+            done.limited = True
+        done.queued += await queue.campaign_add(campaign.id, rows, files())
+        done.settled += out.settled
+        done.held += out.held
+        for note in [*notes, *out.notes]:
+            say(note)
+        if out.finished:
+            return done
+
+
+def _render_chunk(
+    template: MessageTemplate,
+    send: list[ToSend],
+    message_id: Callable[[int, str], str],
+    envelope_from: str | None,
+    left: int | None,
+) -> tuple[list[CampaignRow], int, list[str]]:
+    """The rows of ``send`` rendered (at most ``left`` to queue): their campaign rows, how
+    many are to queue, and a note for each invalid one."""
+    rows: list[CampaignRow] = []
+    notes: list[str] = []
+    count = 0
+    for row, ident, fingerprint in send:
+        if left is not None and count >= left:
+            break
+        prepared = prepare_row(template, row, message_id, envelope_from, ident, fingerprint)
+        if isinstance(prepared, Problem):
+            notes.append(f"invalid: {prepared.reason}")
             rows.append(
                 CampaignRow(
-                    ident,
-                    row.number,
-                    prepared.email,
-                    "queued",
-                    fingerprint,
-                    envelope=prepared.envelope,
-                    cells=row.values,
+                    ident, row.number, prepared.email, "invalid", fingerprint, prepared.reason
                 )
             )
-        queued += await queue.campaign_add(campaign.id, rows, uploads.take())
-        settled += out.settled
-        held += out.held
-        for note in out.notes:
-            _say(opts, note)
-        if out.finished:
-            break
-    _say(
-        opts,
-        f"campaign {campaign.name}: {queued} queued now, {held} already queued, "
-        f"{settled} settled before",
-    )
-    return None, limited
+            continue
+        count += 1
+        rows.append(
+            CampaignRow(
+                ident,
+                row.number,
+                prepared.email,
+                "queued",
+                fingerprint,
+                envelope=prepared.envelope,
+                cells=row.values,
+            )
+        )
+    return rows, count, notes
 
 
 async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor: Reactor) -> int:
