@@ -641,7 +641,9 @@ async def test_a_campaign_is_made_once_and_refuses_another_template(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_claim_renders_the_row_with_its_message_id(open_queue: OpenQueue) -> None:
+async def test_a_claim_renders_the_row_with_its_message_id(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
     queue = await open_queue()
     campaign = await queue.campaign_open("spring", spec())
     rows = [
@@ -665,6 +667,10 @@ async def test_a_claim_renders_the_row_with_its_message_id(open_queue: OpenQueue
     await queue.record("w", sent(claimed[0]))
     status = (await queue.campaign_status())[0]
     assert status.counts == {"pending": 1, "sent": 1}
+    assert (status.recent, status.rate, status.eta) == (1, 1 / 60, 60.0)
+    clock.advance(61)
+    later = (await queue.campaign_status())[0]
+    assert (later.recent, later.eta) == (0, None)
     assert [line[1] for line in status.unsent] == ["bob@example.org"]
     lines, after = await queue.campaign_report(campaign.id)
     assert [(line[0], line[1], line[2], line[3]) for line in lines] == [

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from .campaigns import (
     FIRST,
     HELD,
+    RECENT,
     Campaign,
     CampaignRenderer,
     CampaignRow,
@@ -156,7 +157,15 @@ class Campaigns:
                 counts[state] = counts.get(state, 0) + 1
                 changed += int(row.changed)
             lines = self._report(campaign.id, FIRST, unsent, unsent_only=True)[0]
-            statuses.append(CampaignStatus(campaign, counts, changed, lines))
+            since = self._clock() - RECENT
+            recent = sum(
+                1
+                for row in rows[campaign.id].values()
+                if row.message is not None
+                and self._messages[row.message].state == "sent"
+                and self._messages[row.message].updated_at >= since
+            )
+            statuses.append(CampaignStatus(campaign, counts, changed, lines, recent))
         return defer.succeed(statuses)
 
     def campaign_report(

@@ -30,6 +30,7 @@ __all__ = [
     "CAMPAIGN_TABLES",
     "FIRST",
     "HELD",
+    "RECENT",
     "Campaign",
     "CampaignChanged",
     "CampaignRenderer",
@@ -40,6 +41,9 @@ __all__ = [
     "Sql",
     "row_state",
 ]
+
+RECENT: Final = 60.0
+"""The window, in seconds, of a campaign's recent rate (:attr:`CampaignStatus.rate`)."""
 
 ROW_STATE: Final[dict[str, str]] = {"queued": "pending", "sending": "pending"}
 """A message's state as its campaign row reports it (others as they are)."""
@@ -138,6 +142,21 @@ class CampaignStatus:
     counts: dict[str, int]
     changed: int = 0
     unsent: list[ReportRow] = field(default_factory=list)
+    recent: int = 0
+    """Rows sent in the last :data:`RECENT` seconds (the store's clock)."""
+
+    @property
+    def rate(self) -> float:
+        """Rows sent per second lately."""
+        return self.recent / RECENT
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds until every waiting row is sent at :attr:`rate`; None when nothing is
+        sent lately (0.0 when nothing waits)."""
+        if not self.waiting:
+            return 0.0
+        return self.waiting / self.rate if self.recent else None
 
     @property
     def total(self) -> int:
@@ -488,7 +507,12 @@ def campaign_statuses(db: Sql, name: str | None, unsent: int) -> list[CampaignSt
             counts[shown] = counts.get(shown, 0) + int(count)
             changed += int(flagged or 0)
         rows, _ = report_rows(db, campaign.id, FIRST, unsent, unsent_only=True)
-        statuses.append(CampaignStatus(campaign, counts, changed, rows))
+        (recent,) = db.execute(
+            f"SELECT count(*) FROM {_ROWS} WHERE r.campaign = ? "  # noqa: S608
+            "AND m.state = 'sent' AND m.updated_at >= ?",
+            (campaign.id, db.now - RECENT),
+        ).fetchone()
+        statuses.append(CampaignStatus(campaign, counts, changed, rows, int(recent)))
     return statuses
 
 
