@@ -396,6 +396,11 @@ class MessageTemplate:
         return html
 
     @property
+    def literal_attachments(self) -> tuple[str, ...]:
+        """The paths of the ``Attachment`` lines that are not templated."""
+        return tuple(h.literal or "" for h in self._attachments if h.template is None)
+
+    @property
     def has_attachments(self) -> bool:
         """Whether the template has Attachment lines."""
         return bool(self._attachments)
