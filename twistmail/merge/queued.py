@@ -261,7 +261,7 @@ def _render_chunk(
 
 async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor: Reactor) -> int:
     """Work the queue until no row of ``campaign`` waits; write its report."""
-    from twistmail.queue.command import WorkerOptions, watch, worker_for
+    from twistmail.queue.command import WorkerOptions, stopper, watch, worker_for
 
     try:
         mailer = opts.mailer(reactor)
@@ -278,7 +278,6 @@ async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor
 
     worker = worker_for(queue, mailer, worker_options, reactor, failed)
     watching = watch(queue, worker.wake, worker_options.sqlite_check, reactor)
-    interrupted: list[bool] = []
     done: list[CampaignStatus] = []
 
     def look() -> defer.Deferred[None]:
@@ -292,14 +291,7 @@ async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor
     checking = task.LoopingCall(look)
     checking.clock = reactor  # type: ignore[assignment]
 
-    def interrupt() -> None:
-        if interrupted:
-            worker.abort()
-            return
-        interrupted.append(True)
-        _say(opts, "stopping: letting messages in flight finish (signal again to abort)")
-        worker.stop()
-
+    interrupt, interrupted = stopper(worker, lambda text: _say(opts, text))
     restore = install_signal_handlers(reactor, interrupt)
     try:
         checking.start(0.5, now=False).addErrback(lambda f: worker.stop())
@@ -351,16 +343,24 @@ async def _write_report(queue: IQueue, campaign: Campaign, path: str) -> int:
         raise
 
 
+async def _existing(queue_url: str, out: Any, reactor: Reactor) -> IQueue | None:
+    """The queue at ``queue_url`` (a SQLite file is not created); None, the error said on
+    ``out``, if it cannot be opened."""
+    try:
+        return await open_queue(queue_url, reactor=reactor, create=False)
+    except QueueError as e:
+        print(f"error: {e}", file=out)
+        return None
+
+
 def report(
     queue_url: str, name: str, path: str | None, out: Any, reactor: Reactor
 ) -> defer.Deferred[int]:
     """``twistmail report --queue URL CAMPAIGN``: write the campaign's report CSV."""
 
     async def run() -> int:
-        try:
-            queue = await open_queue(queue_url, reactor=reactor, create=False)
-        except QueueError as e:
-            print(f"error: {e}", file=out)
+        queue = await _existing(queue_url, out, reactor)
+        if queue is None:
             return EXIT_USAGE
         try:
             campaign = await queue.campaign(name)
@@ -384,10 +384,8 @@ def status(
     its first rows not sent. Exit status 0 when every row shown was sent, 1 otherwise."""
 
     async def run() -> int:
-        try:
-            queue = await open_queue(queue_url, reactor=reactor, create=False)
-        except QueueError as e:
-            print(f"error: {e}", file=out)
+        queue = await _existing(queue_url, out, reactor)
+        if queue is None:
             return EXIT_USAGE
         try:
             statuses = await queue.campaign_status(name, unsent=limit if name else 0)

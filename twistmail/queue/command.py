@@ -35,7 +35,16 @@ if TYPE_CHECKING:
     from ..mailer import Mailer
     from ..relay.worker import RelayWorker
 
-__all__ = ["DrainOptions", "WorkerOptions", "drain", "status", "watch", "work", "worker_for"]
+__all__ = [
+    "DrainOptions",
+    "WorkerOptions",
+    "drain",
+    "status",
+    "stopper",
+    "watch",
+    "work",
+    "worker_for",
+]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMAINING = 0, 1, 2, 3
 
@@ -79,16 +88,7 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
         on_outcome=show,
         reactor=IReactorTime(reactor),
     )
-    interrupted: list[bool] = []
-
-    def interrupt() -> None:
-        if interrupted:  # a second signal: stop waiting for messages in flight
-            worker.abort()
-            return
-        interrupted.append(True)
-        _say(out, "stopping: letting messages in flight finish (signal again to abort)")
-        worker.stop()
-
+    interrupt, interrupted = stopper(worker, lambda text: _say(out, text))
     restore = install_signal_handlers(reactor, interrupt)
     try:
         report = await worker.run()
@@ -97,6 +97,22 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
         await mailer.close()
         await spool.close()
     return _finish(report, bool(interrupted), out)
+
+
+def stopper(worker: Drain, say: Callable[[str], None]) -> tuple[Callable[[], None], list[bool]]:
+    """A signal handler for ``worker`` (the first signal stops it, letting the messages in
+    flight finish; a second cuts them off), and the list that is not empty once one came."""
+    interrupted: list[bool] = []
+
+    def interrupt() -> None:
+        if interrupted:  # a second signal: stop waiting for messages in flight
+            worker.abort()
+            return
+        interrupted.append(True)
+        say("stopping: letting messages in flight finish (signal again to abort)")
+        worker.stop()
+
+    return interrupt, interrupted
 
 
 def _finish(report: DrainReport, interrupted: bool, out: TextIO) -> int:
@@ -199,16 +215,7 @@ async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
     worker = worker_for(queue, mailer, opts, reactor, _failures_shown(out))
     owner = worker.owner
     watching = watch(queue, worker.wake, opts.sqlite_check, reactor)
-    interrupted: list[bool] = []
-
-    def interrupt() -> None:
-        if interrupted:
-            worker.abort()
-            return
-        interrupted.append(True)
-        _say(out, "stopping: letting messages in flight finish (signal again to abort)")
-        worker.stop()
-
+    interrupt, _ = stopper(worker, lambda text: _say(out, text))
     restore = install_signal_handlers(reactor, interrupt)
     _say(out, f"worker {owner}: delivering from the queue (SIGTERM to stop)")
     try:

@@ -34,6 +34,7 @@ from twisted.web.iweb import IRequest
 from ..errors import TemplateError, TwistmailError
 from ..interfaces import IQueue
 from ..queue.campaigns import FIRST, Campaign, CampaignChanged, CampaignSpec, CampaignStatus
+from .messages import Problem, json_object
 from .problems import problem
 
 __all__ = ["MAX_PROBLEMS", "campaign_routes"]
@@ -47,22 +48,17 @@ _PAGE: Final = 5000
 Route = tuple[str, str, Callable[..., "defer.Deferred[bytes]"]]
 
 
-class _Refused(Exception):
+class _Refused(Problem):
+    """A :class:`Problem` with more members for its answer (the rows' problems)."""
+
     def __init__(self, status: int, detail: str, field: str | None = None, **more: Any) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.field, self.more = status, detail, field, more
+        super().__init__(status, detail, field)
+        self.more = more
 
 
 def _request(body: bytes) -> dict[str, Any]:
-    """The campaign request's fields, checked for shape; :class:`_Refused` otherwise."""
-    try:
-        parsed = json.loads(body)
-    except UnicodeDecodeError:
-        raise _Refused(400, "the body is not UTF-8") from None
-    except ValueError as e:
-        raise _Refused(400, f"the body is not JSON: {e}") from None
-    if not isinstance(parsed, dict):
-        raise _Refused(400, "the body must be a JSON object")
+    """The campaign request's fields, checked for shape; :class:`Problem` otherwise."""
+    parsed = json_object(body)
     unknown = set(parsed) - _FIELDS
     if unknown:
         raise _Refused(422, f"unknown field {min(unknown)!r}", min(unknown))
@@ -167,11 +163,12 @@ def _json(request: IRequest, body: Any, status: int = 200) -> bytes:
     return json.dumps(body).encode() + b"\n"
 
 
-def _refusal(request: IRequest, refused: _Refused) -> bytes:
+def _refusal(request: IRequest, refused: Problem) -> bytes:
     body = problem(request, refused.status, refused.detail, refused.field)
-    if not refused.more:
+    more = getattr(refused, "more", None)
+    if not more:
         return body
-    return json.dumps({**json.loads(body), **refused.more}).encode() + b"\n"
+    return json.dumps({**json.loads(body), **more}).encode() + b"\n"
 
 
 def status_json(progress: CampaignStatus) -> dict[str, Any]:
@@ -205,7 +202,7 @@ def campaign_routes(queue: IQueue, wake: Callable[[], None]) -> list[Route]:
                 source, template, spec = await threads.deferToThread(_checked, fields, directory)
                 campaign = await queue.campaign_open(fields["name"], spec)
                 done = await _store(queue, campaign, source, template, fields)
-        except _Refused as refused:
+        except Problem as refused:
             return _refusal(request, refused)
         except CampaignChanged as e:
             return problem(request, 409, str(e), "template")
