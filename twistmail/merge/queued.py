@@ -281,7 +281,11 @@ async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor
     done: list[CampaignStatus] = []
 
     def look() -> defer.Deferred[None]:
+        asked = reactor.seconds()
+
         def seen(statuses: list[CampaignStatus]) -> None:
+            # A large campaign's count takes a while: look at most a tenth of the time.
+            checking.interval = max(0.5, 10 * (reactor.seconds() - asked))
             if statuses and statuses[0].waiting == 0 and not done:
                 done.append(statuses[0])
                 worker.stop()
