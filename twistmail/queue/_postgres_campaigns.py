@@ -14,14 +14,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from .campaigns import (
-    FIRST,
-    Campaign,
-    CampaignRenderer,
-    CampaignRow,
-    CampaignSpec,
-    CampaignStatus,
-    ReportRow,
+from ._campaigns_sql import (
     Sql,
     add_rows,
     campaign_statuses,
@@ -32,6 +25,15 @@ from .campaigns import (
     open_campaign,
     render_claimed,
     report_rows,
+)
+from .campaigns import (
+    FIRST,
+    Campaign,
+    CampaignRenderer,
+    CampaignRow,
+    CampaignSpec,
+    CampaignStatus,
+    ReportRow,
     same_template,
 )
 from .records import ClaimedMessage
