@@ -11,7 +11,7 @@ stored as a million rendered messages, and any worker (``twistmail worker``, the
 are reported ``pending``; ``invalid`` and ``duplicate`` rows have no message.
 
 The campaign operations are part of :class:`~twistmail.interfaces.IQueue`; the SQLite and
-PostgreSQL stores share the SQL below (:class:`Sql` adapts the parameter style), the memory
+PostgreSQL stores share their SQL (:mod:`._campaigns_sql`), the memory
 store keeps the same in dicts.
 """
 
