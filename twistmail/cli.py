@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 
+from ._campaign_cli import campaign_main, queue_options, report_parser, send_options_problem
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
 
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start the journal over, e.g. after the template changed (sends every row again)",
     )
-    _queue_options(send)
+    queue_options(send)
     send.add_argument(
         "--allow-duplicates",
         action="store_true",
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=2525, metavar="N", help="port (default: 2525; 0: any)"
     )
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
-    _report_parser(sub)
+    report_parser(sub)
     _drain_parser(sub)
     _worker_parser(sub)
     _users_parser(sub)
@@ -378,56 +379,6 @@ def _drain_parser(sub: Any) -> None:
         metavar="SECONDS",
         help="how long a claimed message stays reserved if this drain dies (renewed while it "
         "runs; default: 300)",
-    )
-
-
-def _queue_options(send: argparse.ArgumentParser) -> None:
-    send.add_argument(
-        "--queue",
-        metavar="URL",
-        help="store the campaign in this queue (sqlite:PATH or "
-        "postgresql://user@host:port/db[?schema=NAME]) instead of a journal: any twistmail "
-        "worker on any machine then renders and delivers its rows",
-    )
-    send.add_argument(
-        "--enqueue-only",
-        action="store_true",
-        help="with --queue: store the campaign and exit; the workers deliver it",
-    )
-    send.add_argument(
-        "--campaign",
-        metavar="NAME",
-        help="with --queue: the campaign's name (default: the CSV's file name without .csv)",
-    )
-
-
-def _report_parser(sub: Any) -> None:
-    report = sub.add_parser(
-        "report",
-        help="write the report CSV of a campaign stored in a queue",
-        description="Example: twistmail report --queue postgresql://mail@db/mail spring",
-        epilog="exit status: 0 written; 2 no such queue or campaign.",
-    )
-    report.add_argument("campaign", metavar="CAMPAIGN")
-    report.add_argument("--queue", metavar="URL", required=True, help="the queue's URL")
-    report.add_argument(
-        "--report", metavar="PATH", help="where to write it (default: CAMPAIGN.report.csv)"
-    )
-
-
-def _campaign_main(args: argparse.Namespace) -> None:
-    """``status --queue`` and ``report``: a campaign stored in a queue."""
-    from .merge import queued
-
-    if args.command == "report":
-        _react_exit(
-            lambda reactor: queued.report(
-                args.queue, args.campaign, args.report, sys.stdout, reactor
-            )
-        )
-        return
-    _react_exit(
-        lambda reactor: queued.status(args.queue, args.journal, args.limit, sys.stdout, reactor)
     )
 
 
@@ -679,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .merge.run import SendOptions, run
 
     if args.command == "report" or (args.command == "status" and args.queue):
-        _campaign_main(args)
+        campaign_main(args, _react_exit)
         return
     if args.command == "status":
         if args.journal is None:
@@ -716,24 +667,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         campaign=args.campaign,
         **_delivery(args),
     )
-    if not args.smtp and not (args.enqueue_only or args.dry_run):
-        print("error: --smtp URL is required (unless --enqueue-only)", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    if (args.enqueue_only or args.campaign) and not args.queue:
-        print("error: --enqueue-only and --campaign go with --queue URL", file=sys.stderr)
+    problem = send_options_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     if args.dry_run or args.strict:
         code = commands.validate_before_send(options, dry_run=args.dry_run, out=sys.stdout)
         if code is not None:
             sys.exit(code)
     if args.queue:
-        if args.new_campaign or args.journal:
-            print(
-                "error: --queue keeps the campaign in the queue: --journal and "
-                "--new-campaign do not apply (name a new campaign with --campaign NAME)",
-                file=sys.stderr,
-            )
-            sys.exit(EXIT_USAGE)
         from .merge import queued
 
         _react_exit(lambda reactor: queued.send(options, reactor))
