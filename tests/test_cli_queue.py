@@ -9,13 +9,14 @@ from __future__ import annotations
 import csv
 import re
 import signal
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import postgres_server
 import pytest
 from servers import CueServer
-from test_cli_e2e import TEMPLATE, _popen, twistmail, write_campaign
+from test_cli_e2e import TEMPLATE, _many_rows, _popen, twistmail, write_campaign
 from test_cli_resume import _rows
 from waiting import wait_until
 
@@ -154,3 +155,45 @@ def test_enqueue_only_then_a_worker_delivers_and_a_changed_template_is_refused(
     )  # fmt: skip
     assert refused.returncode == 2
     assert "another template" in refused.stdout
+
+
+def _queued(queue_url: str) -> list[tuple[str, int]]:
+    """Each Message-ID the queue holds, and how many messages carry it."""
+    text = "SELECT message_id, count(*) FROM messages GROUP BY message_id"
+    if queue_url.startswith("sqlite:"):
+        with sqlite3.connect(queue_url[len("sqlite:") :]) as db:
+            return [tuple(row) for row in db.execute(text)]
+    import psycopg
+
+    url, _, schema = queue_url.partition("?schema=")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'SET search_path TO "{schema}"')
+        return [tuple(row) for row in conn.execute(text)]
+
+
+def test_a_store_killed_midway_then_run_again_queues_every_row_once(
+    tmp_path: Path, queue_url: str
+) -> None:
+    n = 10_000
+    csv_path, template_path = write_campaign(tmp_path, _many_rows(n))
+    send = ("send", csv_path, template_path, "--queue", queue_url, "--enqueue-only")
+    first = _popen(*send)
+    try:
+        wait_until(lambda: _safe_count(queue_url) > 0, timeout=60)  # a chunk is stored
+    finally:
+        first.kill()  # SIGKILL, between two chunks or in one
+        first.wait()
+    assert 0 < _safe_count(queue_url) < n, "killed too late to show anything"
+    again = twistmail(*send)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already queued" in again.stdout
+    counts = _queued(queue_url)
+    assert len(counts) == n
+    assert {count for _, count in counts} == {1}
+
+
+def _safe_count(queue_url: str) -> int:
+    try:
+        return len(_queued(queue_url))
+    except Exception:  # not created yet
+        return 0
