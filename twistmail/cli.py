@@ -186,10 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="show a journal's counts and the recipients not yet sent",
-        description="Example: twistmail status recipients.journal.db",
+        help="show a journal's (or a queue's campaigns') counts and the recipients not yet sent",
+        description="Examples: twistmail status recipients.journal.db; "
+        "twistmail status --queue postgresql://mail@db/mail [CAMPAIGN]",
         epilog="exit status: 0 every row of the campaign was sent; 1 some rows are not sent "
-        "(failed, invalid, deferred or pending); 2 the journal cannot be read.",
+        "(failed, invalid, deferred or pending); 2 the journal or queue cannot be read.",
     )
     status.add_argument(
         "journal",
