@@ -53,6 +53,7 @@ class Campaigns:
         self._campaign_rows: dict[str, dict[int, _Row]] = {}
         self._files: dict[str, dict[str, bytes]] = {}
         self._renderer = CampaignRenderer()
+        self._row_of: dict[int, tuple[str, int]] = {}  # message -> (campaign, row id)
 
     def _campaign_store(self) -> tuple[dict[str, Campaign], dict[str, dict[int, _Row]]]:
         return self._campaigns, self._campaign_rows
@@ -122,6 +123,7 @@ class Campaigns:
                     message,
                     json.dumps(r.cells),
                 )
+                self._row_of[message] = (campaign, r.id)
                 queued += 1
             elif r.state == "seen":
                 if old is not None:
@@ -209,12 +211,12 @@ class Campaigns:
         if all(c.envelope.payload for c in claimed):
             return claimed
         campaigns, rows = self._campaign_store()
-        by_message = {
-            row.message: (campaign, ident, row.row, row.cells or "{}")
-            for campaign, kept in rows.items()
-            for ident, row in kept.items()
-            if row.message is not None
-        }
+        by_message = {}
+        for claim in claimed:
+            campaign, ident = self._row_of.get(claim.id, ("", 0))
+            row = rows.get(campaign, {}).get(ident)
+            if row is not None and row.message == claim.id:
+                by_message[claim.id] = (campaign, ident, row.row, row.cells or "{}")
         by_id = {c.id: c for c in campaigns.values()}
         files = self._files
         ready, failed = self._renderer.render(
