@@ -15,18 +15,11 @@ from relay_process import RelayProcess
 from servers import CueServer
 from test_relay_api_process import call
 from test_relay_auth_http import http_port
+from test_relay_campaigns import TEMPLATE
 from test_relay_delivery import wait_until
 
 from twistmail.relay.tokens import hash_token, new_token
 
-TEMPLATE = """\
-From: Shop <shop@example.com>
-To: {{ name|mailbox(email) }}
-Subject: Hello {{ name }}
-Attachment: terms.txt
-
-Dear {{ name }}, your code is {{ code }}.
-"""
 
 
 def _csv(prefix: str, n: int) -> str:
