@@ -21,7 +21,6 @@ from test_relay_delivery import wait_until
 from twistmail.relay.tokens import hash_token, new_token
 
 
-
 def _csv(prefix: str, n: int) -> str:
     lines = ["email,name,code"]
     lines += [f"{prefix}{i}@example.org,{prefix.title()} {i},{prefix}-{i}" for i in range(n)]
