@@ -197,3 +197,24 @@ def _safe_count(queue_url: str) -> int:
         return len(_queued(queue_url))
     except Exception:  # not created yet
         return 0
+
+
+def test_an_interrupted_send_resumes_and_sends_nobody_twice(
+    cue_server: Cue, tmp_path: Path, queue_url: str
+) -> None:
+    server = cue_server()
+    n = 3000
+    csv_path, template_path = write_campaign(tmp_path, _many_rows(n))
+    send = ("send", csv_path, template_path, "--queue", queue_url)
+    send += ("--smtp", f"smtp://127.0.0.1:{server.port}")
+    first = _popen(*send)
+    wait_until(lambda: len(server.received) >= 200, timeout=120)
+    first.send_signal(signal.SIGTERM)
+    output, _ = first.communicate(timeout=60)
+    assert first.returncode == 3, output
+    assert "interrupted: run the same command again" in output
+    assert len(server.received) < n, "interrupted too late to show anything"
+    again = twistmail(*send)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(_ids(server)) == n  # each recipient once: in-flight messages were recorded
+    assert [r["status"] for r in _report(tmp_path / "people.report.csv")] == ["sent"] * n
