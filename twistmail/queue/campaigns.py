@@ -257,7 +257,10 @@ class CampaignRenderer:
             if compiled is None:
                 spec, files = load(campaign_id)
                 compiled = self._compiled[campaign_id] = _Compiled(campaign_id, spec, files)
-            result = compiled.render(claim, number, json.loads(cells), key)
+            try:
+                result = compiled.render(claim, number, json.loads(cells), key)
+            except Exception as e:  # a store's transaction (other work with it) must go on
+                result = f"row {number} cannot be rendered: {e!r}"
             if isinstance(result, str):
                 failed.append((claim, result))
             else:
