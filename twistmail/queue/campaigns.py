@@ -253,11 +253,11 @@ class CampaignRenderer:
                 failed.append((claim, "its campaign row is gone (the campaign was replaced)"))
                 continue
             campaign_id, key, number, cells = stored
-            compiled = self._compiled.get(campaign_id)
-            if compiled is None:
-                spec, files = load(campaign_id)
-                compiled = self._compiled[campaign_id] = _Compiled(campaign_id, spec, files)
             try:
+                compiled = self._compiled.get(campaign_id)
+                if compiled is None:
+                    spec, files = load(campaign_id)
+                    compiled = self._compiled[campaign_id] = _Compiled(campaign_id, spec, files)
                 result = compiled.render(claim, number, json.loads(cells), key)
             except Exception as e:  # a store's transaction (other work with it) must go on
                 result = f"row {number} cannot be rendered: {e!r}"
