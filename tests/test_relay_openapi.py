@@ -32,6 +32,9 @@ def test_the_served_file_is_openapi_3_1_listing_every_route(tmp_path: Path) -> N
         "/v1/messages",
         "/v1/messages/{message_id}",
         "/v1/messages/{message_id}/retry",
+        "/v1/campaigns",
+        "/v1/campaigns/{name}",
+        "/v1/campaigns/{name}/report",
         "/v1/openapi.json",
         "/healthz",
     }

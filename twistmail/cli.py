@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 
+from ._campaign_cli import campaign_main, queue_options, report_parser, send_options_problem
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
 
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _inputs(send)
-    _smtp_options(send, url_required=True, attempts_scope="")
+    _smtp_options(send, url_required=False, attempts_scope="", unless="--enqueue-only")
     add_dkim_options(send, missing=False)
     send.add_argument(
         "--from",
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start the journal over, e.g. after the template changed (sends every row again)",
     )
+    queue_options(send)
     send.add_argument(
         "--allow-duplicates",
         action="store_true",
@@ -184,12 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser(
         "status",
-        help="show a journal's counts and the recipients not yet sent",
-        description="Example: twistmail status recipients.journal.db",
+        help="show a journal's (or a queue's campaigns') counts and the recipients not yet sent",
+        description="Examples: twistmail status recipients.journal.db; "
+        "twistmail status --queue postgresql://mail@db/mail [CAMPAIGN]",
         epilog="exit status: 0 every row of the campaign was sent; 1 some rows are not sent "
-        "(failed, invalid, deferred or pending); 2 the journal cannot be read.",
+        "(failed, invalid, deferred or pending); 2 the journal or queue cannot be read.",
     )
-    status.add_argument("journal", metavar="JOURNAL")
+    status.add_argument(
+        "journal",
+        metavar="JOURNAL",
+        nargs="?",
+        help="the journal; with --queue: the campaign (default: every campaign)",
+    )
+    status.add_argument("--queue", metavar="URL", help="show the campaigns stored in this queue")
     status.add_argument(
         "--limit",
         type=_positive_int,
@@ -209,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=2525, metavar="N", help="port (default: 2525; 0: any)"
     )
     capture.add_argument("--maildir", metavar="DIR", help="store messages in this Maildir")
+    report_parser(sub)
     _drain_parser(sub)
     _worker_parser(sub)
     _users_parser(sub)
@@ -449,6 +459,7 @@ def _smtp_options(
     url_required: bool,
     attempts_scope: str,
     patience: float | None = 60.0,
+    unless: str = "--status",
 ) -> None:
     """The options saying where and how to deliver, shared by ``send``, ``drain`` and
     ``worker`` (``patience=None``: no ``--give-up-after``, the server is waited for ever)."""
@@ -458,7 +469,7 @@ def _smtp_options(
         metavar="URL",
         help="smtp://host[:port] (plain), smtp+tls://user@host (STARTTLS required) or "
         "smtp+ssl://user@host (implicit TLS), e.g. smtp+tls://alice@mail.example.com:587"
-        + ("" if url_required else " (required unless --status)"),
+        + ("" if url_required else f" (required unless {unless})"),
     )
     parser.add_argument(
         "--password-file",
@@ -547,7 +558,7 @@ def _delivery(args: argparse.Namespace) -> dict[str, Any]:
 def _smtp_password(args: argparse.Namespace) -> str | None:
     """The password from --password-file (exit 2 if unreadable, or if --smtp holds one)."""
     try:
-        password = urlsplit(args.smtp).password
+        password = urlsplit(args.smtp or "").password
     except ValueError:  # an invalid port, say: the Mailer reports the URL itself
         password = None
     if password is not None:
@@ -619,7 +630,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .merge import commands
     from .merge.run import SendOptions, run
 
+    if args.command == "report" or (args.command == "status" and args.queue):
+        campaign_main(args, _react_exit)
+        return
     if args.command == "status":
+        if args.journal is None:
+            print("error: status needs a JOURNAL (or --queue URL)", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         sys.exit(commands.status(args.journal, args.limit, sys.stdout))
     if args.command == "check":
         sys.exit(commands.check(args.recipients, args.template, args.envelope_from, sys.stdout))
@@ -646,12 +663,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         retry_failed=args.retry_failed,
         new_campaign=args.new_campaign,
         allow_duplicates=args.allow_duplicates,
+        queue_url=args.queue,
+        enqueue_only=args.enqueue_only,
+        campaign=args.campaign,
         **_delivery(args),
     )
+    problem = send_options_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     if args.dry_run or args.strict:
         code = commands.validate_before_send(options, dry_run=args.dry_run, out=sys.stdout)
         if code is not None:
             sys.exit(code)
+    if args.queue:
+        from .merge import queued
+
+        _react_exit(lambda reactor: queued.send(options, reactor))
+        return
     _react_exit(lambda reactor: run(options, reactor))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
@@ -11,6 +11,13 @@ if TYPE_CHECKING:  # annotations only: the queue records import the message mode
     from twisted.internet.defer import Deferred
 
     from .message import Envelope, MessageLike
+    from .queue.campaigns import (
+        Campaign,
+        CampaignRow,
+        CampaignSpec,
+        CampaignStatus,
+        ReportRow,
+    )
     from .queue.records import (
         ClaimedMessage,
         Idempotent,
@@ -159,6 +166,47 @@ class IQueue(Interface):
     def overview(failures: int = 10) -> Deferred[QueueOverview]:
         """Counts by state, the oldest message not settled, and the last ``failures`` failed
         messages (most recently failed first), for a status page."""
+    # CSV campaigns (see twistmail.queue.campaigns): a claimed campaign message comes back
+    # rendered from its row, in the sandbox; one that cannot be rendered is failed instead.
+
+    def campaign_open(name: str, spec: CampaignSpec) -> Deferred[Campaign]:
+        """Campaign ``name``, made with ``spec`` (and a new random id) unless it exists.
+
+        Fails with :class:`twistmail.queue.campaigns.CampaignChanged` when it exists with
+        another template (``spec.fingerprint``).
+        """
+
+    def campaign(name: str) -> Deferred[Campaign | None]:
+        """The campaign called ``name`` (or whose id it is), or None."""
+
+    def campaign_lookup(campaign: str, ids: Sequence[int]) -> Deferred[dict[int, tuple]]:  # type: ignore[type-arg]
+        """``id -> (row, state, fingerprint, changed)`` of the rows of campaign ``campaign``
+        (its id) among ``ids``; a row with a message has the message's state."""
+
+    def campaign_add(
+        campaign: str, rows: Sequence[CampaignRow], files: Mapping[str, bytes]
+    ) -> Deferred[int]:
+        """Record ``rows`` of campaign ``campaign`` and the ``files`` its template reads, in
+        one transaction: each row to send is queued with no payload (unless another run
+        queued or sent it meanwhile), invalid and duplicate rows are kept with their reason,
+        ``seen`` rows get their row number and changed flag. Fires with how many were
+        queued."""
+
+    def campaign_forget(campaign: str) -> Deferred[int]:
+        """Forget the rows of campaign ``campaign`` that have no message (invalid and
+        duplicate ones, sorted afresh by the next run); fires with how many."""
+
+    def campaign_status(
+        name: str | None = None, *, unsent: int = 20
+    ) -> Deferred[list[CampaignStatus]]:
+        """Every campaign's progress (or that of ``name`` alone: none if there is no such
+        campaign), each with its first ``unsent`` rows not sent."""
+
+    def campaign_report(
+        campaign: str, after: tuple[int, int] = ..., limit: int = 1000
+    ) -> Deferred[tuple[list[ReportRow], tuple[int, int]]]:
+        """Up to ``limit`` report lines of campaign ``campaign`` after the cursor ``after``
+        (default: the first), in row order, and the cursor following them."""
 
     def close() -> Deferred[None]:
         """Commit what is pending and release the store; idempotent.

@@ -25,7 +25,7 @@ from twistmail.errors import MessageError
 from .csvsource import Row
 from .template import MessageTemplate
 
-__all__ = ["RowIdentity", "message_token", "row_id"]
+__all__ = ["RowIdentity", "campaign_message_id", "message_token", "row_id"]
 
 # A key never starts with "#" otherwise: a mailbox key holds an "@".
 ROW_NUMBER_PREFIX = "#"
@@ -46,6 +46,12 @@ def row_id(key: str) -> int:
 def message_token(row: int) -> str:
     """The row id ``row`` as its message's Message-ID shows it (no address in the header)."""
     return f"{row & _MASK:016x}"
+
+
+def campaign_message_id(campaign_id: str, row: int, domain: str) -> str:
+    """The Message-ID of campaign ``campaign_id``'s message for the row with id ``row``:
+    stable across runs, retries, row orders and the machines that render it."""
+    return f"<{campaign_id}.{message_token(row)}@{domain}>"
 
 
 @dataclass(frozen=True, slots=True)

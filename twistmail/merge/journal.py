@@ -40,7 +40,7 @@ from .. import _sqlite
 from .._sqlite import SqliteThread
 from .._twisted import Reactor, default_reactor
 from ..errors import CampaignChangedError, JournalError
-from .identity import message_token
+from .identity import campaign_message_id
 from .schema import (
     ROW_STATES,
     SCHEMA_VERSION,
@@ -348,7 +348,7 @@ class Journal:
     def message_id(self, row_id: int, domain: str) -> str:
         """The Message-ID of the message for the row with id ``row_id`` (see
         :func:`.identity.row_id`): stable across runs, retries and row orders of the campaign."""
-        return f"<{self.campaign_id}.{message_token(row_id)}@{domain}>"
+        return campaign_message_id(self.campaign_id, row_id, domain)
 
     # Writes ---------------------------------------------------------------------------------
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import os
 import sqlite3
+from collections.abc import Iterable, Sequence
 
 from .journal import JournalError
 
-__all__ = ["REPORT_HEADER", "write_report"]
+__all__ = ["REPORT_HEADER", "ReportFile", "write_report"]
 
 REPORT_HEADER = (
     "row",
@@ -38,12 +39,9 @@ def write_report(journal_path: str | os.PathLike[str], report_path: str | os.Pat
     :raises JournalError: if ``journal_path`` does not exist or is not a journal.
     """
     journal_name = os.fspath(journal_path)
-    report_name = os.fspath(report_path)
     if not os.path.isfile(journal_name):
         raise JournalError(f"{journal_name}: no such journal")
-    temporary = f"{report_name}.tmp-{os.getpid()}"
     conn = sqlite3.connect(journal_name, isolation_level=None)
-    written = 0
     try:
         conn.execute("PRAGMA busy_timeout = 5000")
         try:
@@ -53,17 +51,44 @@ def write_report(journal_path: str | os.PathLike[str], report_path: str | os.Pat
             )
         except sqlite3.DatabaseError as e:
             raise JournalError(f"{journal_name}: not a twistmail journal ({e})") from e
-        with open(temporary, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.writer(stream, lineterminator="\r\n")
-            writer.writerow(REPORT_HEADER)
-            for values in cursor:
-                writer.writerow(values)
-                written += 1
-        os.replace(temporary, report_name)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        report = ReportFile(report_path)
+        try:
+            report.write(cursor)
+            return report.finish()
+        except BaseException:
+            report.discard()
+            raise
     finally:
         conn.close()
-    return written
+
+
+class ReportFile:
+    """A report being written: lines go to a temporary file beside ``path``, renamed over it
+    by :meth:`finish` (a reader never sees half a report). Blocking: from a reactor, call it
+    with ``deferToThread``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._temporary = f"{self.path}.tmp-{os.getpid()}"
+        self._stream = open(self._temporary, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        self._writer = csv.writer(self._stream, lineterminator="\r\n")
+        self._writer.writerow(REPORT_HEADER)
+        self.lines = 0
+
+    def write(self, lines: Iterable[Sequence[object]]) -> None:
+        """Add ``lines`` (the columns of :data:`REPORT_HEADER`)."""
+        for values in lines:
+            self._writer.writerow(values)
+            self.lines += 1
+
+    def finish(self) -> int:
+        """Close the file and put it in place; how many lines it has."""
+        self._stream.close()
+        os.replace(self._temporary, self.path)
+        return self.lines
+
+    def discard(self) -> None:
+        """Close and remove the unfinished file."""
+        self._stream.close()
+        if os.path.exists(self._temporary):
+            os.unlink(self._temporary)

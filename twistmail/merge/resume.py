@@ -36,7 +36,7 @@ from .journal import Journal
 from .keyset import KeySet
 from .prepare import guess_email
 
-__all__ = ["DUPLICATE_RESPONSE", "RowFeed", "Sorted", "Sorter"]
+__all__ = ["DUPLICATE_RESPONSE", "Keyed", "Known", "RowFeed", "Sorted", "Sorter"]
 
 DUPLICATE_RESPONSE = (
     "the same recipient as an earlier row: not sent again (--allow-duplicates sends it)"
@@ -44,6 +44,13 @@ DUPLICATE_RESPONSE = (
 
 ToSend = tuple[Row, int, int]
 """A row to render: the row, its id (:func:`.identity.row_id`) and its fingerprint."""
+Keyed = tuple[Row, int, str, int]
+"""A row keyed: the row, its id, its address (as reported) and its fingerprint."""
+Duplicate = tuple[int, int, str, int]
+"""A row repeating an earlier row's recipient: its id (under ``#N``), row, address and
+fingerprint."""
+Known = tuple[int, str, "int | None", int]
+"""What a store holds of a row: its row number, state, fingerprint and changed flag."""
 
 _FIRST_CHUNK = 64  # small, so the first messages go out at once
 _CHUNK = 1024
@@ -70,6 +77,8 @@ class Sorted:
     notes: list[str] = field(default_factory=list)
     """Lines to print: duplicate and changed rows."""
     settled: int = 0
+    held: int = 0
+    """Rows already on their way (queued in a shared queue by an earlier run)."""
     duplicate: int = 0
     changed: int = 0
     finished: bool = False
@@ -96,72 +105,110 @@ class Sorter:
 
     def chunk(self, conn: sqlite3.Connection, size: int) -> Sorted:
         """Sort up to ``size`` more rows, recording what that decides in one transaction."""
+        keyed, duplicates, out = self.identify(size)
+        now = time.time()
+        with _sqlite.transaction(conn):
+            if not self._started:
+                self._started = True
+                conn.execute(_FORGET)
+            known = _lookup(conn, [ident for _, ident, _, _ in keyed])
+            pending, moves = self.decide(keyed, known, out)
+            if pending:
+                conn.executemany(
+                    _INSERT_PENDING,
+                    [(ident, row.number, email, now, fp) for row, ident, email, fp in pending],
+                )
+            if duplicates:
+                conn.executemany(
+                    _INSERT_DUPLICATE,
+                    [
+                        (ident, number, email, DUPLICATE_RESPONSE, now, fp)
+                        for ident, number, email, fp in duplicates
+                    ],
+                )
+            if moves:
+                conn.executemany(_MOVE, moves)
+        return out
+
+    def identify(self, size: int) -> tuple[list[Keyed], list[Duplicate], Sorted]:
+        """Key up to ``size`` more rows (no store needed): the rows to look up, the rows that
+        repeat an earlier row's recipient (``(id, row, email, fingerprint)`` under ``#N``) and
+        the chunk's :class:`Sorted` so far (its notes, duplicates and whether it was the last)."""
         out = Sorted()
         batch = list(itertools.islice(self._rows, size))
         out.finished = len(batch) < size
-        now = time.time()
         identify = self._identity.identify
         seen = self._seen
-        keyed: list[tuple[Row, int, str, int]] = []
-        duplicates: list[tuple[int, int, str, str, float, int]] = []
+        keyed: list[Keyed] = []
+        duplicates: list[Duplicate] = []
         for row in batch:
             key, email, fingerprint = identify(row)
             if key[0] != ROW_NUMBER_PREFIX and not seen.add(key):
                 if not self._allow_duplicates:
                     number = row.number
                     out.notes.append(f"duplicate: row {number} {email}: an earlier row has it")
-                    duplicates.append(
-                        (row_id(f"#{number}"), number, email, DUPLICATE_RESPONSE, now, fingerprint)
-                    )
+                    duplicates.append((row_id(f"#{number}"), number, email, fingerprint))
                     continue
                 nth = self._repeats[key] = self._repeats.get(key, 1) + 1
                 key = f"{key}#{nth}"
             keyed.append((row, row_id(key), email or guess_email(row), fingerprint))
         out.duplicate = len(duplicates)
-        with _sqlite.transaction(conn):
-            if not self._started:
-                self._started = True
-                conn.execute(_FORGET)
-            known = _lookup(conn, [ident for _, ident, _, _ in keyed])
-            pending = []
-            moves = []
-            for row, ident, email, fingerprint in keyed:
-                number = row.number
-                found = known.get(ident) if known else None
-                if found is None:
-                    pending.append((ident, number, email, now, fingerprint))
-                    out.send.append((row, ident, fingerprint))
-                    continue
-                at, state, was, flagged = found
-                if state in self._settled_states:
-                    out.settled += 1
-                    changed = was is not None and was != fingerprint
-                    if changed:
-                        out.changed += 1
-                        out.notes.append(
-                            f"changed: row {number} {email}: {state} before, and its cells "
-                            "changed since; not sent again"
-                        )
-                    if at != number or bool(flagged) != changed:
-                        moves.append((number, int(changed), ident))
-                    continue
-                if at != number:
-                    moves.append((number, 0, ident))
+        return keyed, duplicates, out
+
+    def decide(
+        self,
+        keyed: list[Keyed],
+        known: dict[int, Known],
+        out: Sorted,
+        *,
+        held: tuple[str, ...] = (),
+    ) -> tuple[list[Keyed], list[tuple[int, int, int]]]:
+        """Sort keyed rows against what the store ``known`` holds of them (``id -> (row,
+        state, fingerprint, changed)``): settled ones are counted (and noted when changed),
+        rows in a ``held`` state (already on their way) are counted in ``out.held``, the rest
+        go to ``out.send``. Returns the rows the store does not know yet, and the
+        ``(row, changed, id)`` of known rows whose row number or changed flag moved."""
+        unknown: list[Keyed] = []
+        moves: list[tuple[int, int, int]] = []
+        settled_states = self._settled_states
+        for item in keyed:
+            row, ident, email, fingerprint = item
+            number = row.number
+            found = known.get(ident) if known else None
+            if found is None:
+                unknown.append(item)
                 out.send.append((row, ident, fingerprint))
-            if pending:
-                conn.executemany(_INSERT_PENDING, pending)
-            if duplicates:
-                conn.executemany(_INSERT_DUPLICATE, duplicates)
-            if moves:
-                conn.executemany(_MOVE, moves)
-        return out
+                continue
+            at, state, was, flagged = found
+            if state in settled_states:
+                out.settled += 1
+                changed = was is not None and was != fingerprint
+                if changed:
+                    out.changed += 1
+                    out.notes.append(
+                        f"changed: row {number} {email}: {state} before, and its cells "
+                        "changed since; not sent again"
+                    )
+                if at != number or bool(flagged) != changed:
+                    moves.append((number, int(changed), ident))
+                continue
+            if at != number:
+                moves.append((number, 0, ident))
+            if state in held:
+                out.held += 1
+                continue
+            out.send.append((row, ident, fingerprint))
+        return unknown, moves
+
+    @property
+    def settled_states(self) -> tuple[str, ...]:
+        """The states of rows not sent again (``sent``, and ``failed`` unless retried)."""
+        return self._settled_states
 
 
-def _lookup(
-    conn: sqlite3.Connection, ids: list[int]
-) -> dict[int, tuple[int, str, int | None, int]]:
+def _lookup(conn: sqlite3.Connection, ids: list[int]) -> dict[int, Known]:
     """``id -> (row, state, fingerprint, changed)`` for the ids the journal holds."""
-    found: dict[int, tuple[int, str, int | None, int]] = {}
+    found: dict[int, Known] = {}
     for start in range(0, len(ids), _MAX_VARIABLES):
         some = ids[start : start + _MAX_VARIABLES]
         cursor = conn.execute(

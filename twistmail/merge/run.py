@@ -65,6 +65,12 @@ class SendOptions(DeliveryOptions):
     new_campaign: bool = False
     allow_duplicates: bool = False
     grace: float = 30.0
+    queue_url: str | None = None
+    """Store the campaign in this queue (``sqlite:PATH``, ``postgresql://...``), not a journal."""
+    enqueue_only: bool = False
+    """With ``queue_url``: queue the campaign and exit, leaving delivery to the workers."""
+    campaign: str | None = None
+    """With ``queue_url``: the campaign's name (default: the CSV file's name)."""
     progress: bool | None = None  # None: a live display when stdout is a terminal
     out: Any = field(default_factory=lambda: sys.stdout)
 

@@ -60,6 +60,7 @@ from typing import Literal
 import jinja2
 import jinja2.meta
 import jinja2.nodes
+from jinja2.sandbox import SandboxedEnvironment
 
 from twistmail.address import (
     Address,
@@ -70,7 +71,7 @@ from twistmail.address import (
 )
 from twistmail.errors import HeaderInjectionError, RowError, TemplateError
 
-from .attachments import Attachment, AttachmentFiles
+from .attachments import Attachment, AttachmentFiles, AttachmentSource
 from .columns import column_aliases, columns_read, unknown_columns_error
 from .headers import (
     ADDRESS_HEADERS,
@@ -141,18 +142,30 @@ class MessageTemplate:
         *,
         name: str = "<template>",
         base_dir: str | os.PathLike[str] = ".",
+        sandboxed: bool = False,
+        attachments: AttachmentSource | None = None,
     ) -> None:
         """Parse ``source``; ``name`` labels error messages, ``base_dir`` roots attachments.
+
+        ``sandboxed`` renders in Jinja2's ``SandboxedEnvironment`` (for a template that came
+        from someone else: a database, an upload), and ``attachments`` replaces the files
+        under ``base_dir`` as the source of ``Attachment`` lines (see
+        :class:`.attachments.StoredAttachments`).
 
         Raises :class:`TemplateError` on a Jinja2 syntax error or an unusable header.
         """
         self.name = name
+        self.source = source
+        """The template's text, as given."""
         self.base_dir = Path(base_dir)
-        self._files = AttachmentFiles(base_dir)
-        self._env = jinja2.Environment(
+        self._files: AttachmentSource = (
+            attachments if attachments is not None else AttachmentFiles(base_dir)
+        )
+        environment = SandboxedEnvironment if sandboxed else jinja2.Environment
+        self._env = environment(
             undefined=jinja2.StrictUndefined,
             # Headers and text bodies are not HTML; escaping would corrupt "&" and "<" in them.
-            autoescape=False,  # noqa: S701
+            autoescape=False,
             keep_trailing_newline=True,
         )
         self._env.filters["display_name"] = format_display_name
@@ -198,8 +211,15 @@ class MessageTemplate:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> MessageTemplate:
-        """The template in the UTF-8 file at ``path``; attachments are relative to its directory.
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        sandboxed: bool = False,
+        attachments: AttachmentSource | None = None,
+    ) -> MessageTemplate:
+        """The template in the UTF-8 file at ``path``; attachments are relative to its directory
+        (``sandboxed`` and ``attachments`` as for the constructor).
 
         Raises :class:`TemplateError` when the file cannot be read or used.
         """
@@ -214,7 +234,13 @@ class MessageTemplate:
             raise TemplateError(
                 f"{name}: not valid UTF-8 at byte {exc.start}; save the file as UTF-8"
             ) from None
-        return cls(source, name=name, base_dir=Path(path).parent)
+        return cls(
+            source,
+            name=name,
+            base_dir=Path(path).parent,
+            sandboxed=sandboxed,
+            attachments=attachments,
+        )
 
     @property
     def header_names(self) -> tuple[str, ...]:
@@ -368,6 +394,11 @@ class MessageTemplate:
             assert self._html_body is not None
             html = placeholders.convert(self._render(self._html_body, context, None))
         return html
+
+    @property
+    def literal_attachments(self) -> tuple[str, ...]:
+        """The paths of the ``Attachment`` lines that are not templated."""
+        return tuple(h.literal or "" for h in self._attachments if h.template is None)
 
     @property
     def has_attachments(self) -> bool:

@@ -33,8 +33,18 @@ from .worker import Drain, DrainReport
 if TYPE_CHECKING:
     from ..interfaces import IQueue
     from ..mailer import Mailer
+    from ..relay.worker import RelayWorker
 
-__all__ = ["DrainOptions", "WorkerOptions", "drain", "status", "work"]
+__all__ = [
+    "DrainOptions",
+    "WorkerOptions",
+    "drain",
+    "status",
+    "stopper",
+    "watch",
+    "work",
+    "worker_for",
+]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REMAINING = 0, 1, 2, 3
 
@@ -78,16 +88,7 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
         on_outcome=show,
         reactor=IReactorTime(reactor),
     )
-    interrupted: list[bool] = []
-
-    def interrupt() -> None:
-        if interrupted:  # a second signal: stop waiting for messages in flight
-            worker.abort()
-            return
-        interrupted.append(True)
-        _say(out, "stopping: letting messages in flight finish (signal again to abort)")
-        worker.stop()
-
+    interrupt, interrupted = stopper(worker, lambda text: _say(out, text))
     restore = install_signal_handlers(reactor, interrupt)
     try:
         report = await worker.run()
@@ -96,6 +97,22 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
         await mailer.close()
         await spool.close()
     return _finish(report, bool(interrupted), out)
+
+
+def stopper(worker: Drain, say: Callable[[str], None]) -> tuple[Callable[[], None], list[bool]]:
+    """A signal handler for ``worker`` (the first signal stops it, letting the messages in
+    flight finish; a second cuts them off), and the list that is not empty once one came."""
+    interrupted: list[bool] = []
+
+    def interrupt() -> None:
+        if interrupted:  # a second signal: stop waiting for messages in flight
+            worker.abort()
+            return
+        interrupted.append(True)
+        say("stopping: letting messages in flight finish (signal again to abort)")
+        worker.stop()
+
+    return interrupt, interrupted
 
 
 def _finish(report: DrainReport, interrupted: bool, out: TextIO) -> int:
@@ -166,39 +183,39 @@ def work(options: WorkerOptions, reactor: Reactor) -> defer.Deferred[int]:
     return defer.Deferred.fromCoroutine(_work(options, reactor))
 
 
-async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
+def worker_for(
+    queue: IQueue,
+    mailer: Mailer,
+    opts: WorkerOptions,
+    reactor: Reactor,
+    on_outcome: Callable[[ClaimedMessage, Outcome], None] | None,
+) -> RelayWorker:
+    """A worker delivering from ``queue`` through ``mailer`` as ``opts`` say, until stopped."""
     from ..relay.worker import RelayWorker
 
+    return RelayWorker(
+        queue,
+        mailer,
+        retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
+        owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
+        max_age=math.inf,
+        age=lambda _claimed: defer.succeed(None),
+        reactor=IReactorTime(reactor),
+        lease=opts.lease,
+        on_outcome=on_outcome,
+    )
+
+
+async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
     out = opts.out
     opened = await _open(opts, out, opts.queue_url, reactor)
     if opened is None:
         return EXIT_USAGE
     mailer, queue = opened
-    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    show = _failures_shown(out)
-
-    worker = RelayWorker(
-        queue,
-        mailer,
-        retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
-        owner=owner,
-        max_age=math.inf,
-        age=lambda _claimed: defer.succeed(None),
-        reactor=IReactorTime(reactor),
-        lease=opts.lease,
-        on_outcome=show,
-    )
-    watching = _watch(queue, worker.wake, opts.sqlite_check, reactor)
-    interrupted: list[bool] = []
-
-    def interrupt() -> None:
-        if interrupted:
-            worker.abort()
-            return
-        interrupted.append(True)
-        _say(out, "stopping: letting messages in flight finish (signal again to abort)")
-        worker.stop()
-
+    worker = worker_for(queue, mailer, opts, reactor, _failures_shown(out))
+    owner = worker.owner
+    watching = watch(queue, worker.wake, opts.sqlite_check, reactor)
+    interrupt, _ = stopper(worker, lambda text: _say(out, text))
     restore = install_signal_handlers(reactor, interrupt)
     _say(out, f"worker {owner}: delivering from the queue (SIGTERM to stop)")
     try:
@@ -216,7 +233,7 @@ async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
     return EXIT_USAGE if isinstance(report.abort, AuthenticationError | TLSError) else EXIT_OK
 
 
-def _watch(
+def watch(
     queue: object, wake: Callable[[], None], every: float, reactor: Reactor
 ) -> Callable[[], None]:
     """Call ``wake`` whenever the queue says something was enqueued (a PostgreSQL queue's

@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from ..interfaces import IQueue
 from ..message import Envelope
+from ._memory_campaigns import Campaigns
 from .records import (
     MESSAGE_STATES,
     ClaimedMessage,
@@ -70,7 +71,7 @@ class _Message:
 
 
 @implementer(IQueue)
-class MemoryQueue:
+class MemoryQueue(Campaigns):
     """A queue held in memory, with the same contract and clock injection as the SQLite one.
 
     ``clock()`` gives the store's now in seconds (pass ``task.Clock().seconds`` to drive
@@ -84,6 +85,7 @@ class MemoryQueue:
         self._closed = False
         # (scope, key) -> (fingerprint, message id, when stored)
         self._keys: dict[tuple[str, str], tuple[str, int, float]] = {}
+        self._init_campaigns()
 
     def enqueue(self, envelopes: Sequence[Envelope]) -> defer.Deferred[list[int]]:
         """Store ``envelopes`` as ``queued``, due now; fires with their ids."""
@@ -141,7 +143,7 @@ class MemoryQueue:
             message.updated_at = now
             claimed.append(self._claimed(id_, message))
         claimed.sort(key=lambda c: c.id)
-        return defer.succeed(claimed)
+        return defer.succeed(self._render_claimed(claimed))
 
     def record(self, owner: str, outcome: Outcome) -> defer.Deferred[bool]:
         """Write an attempt's outcome unless ``owner`` lost the claim; False if it did."""

@@ -50,6 +50,7 @@ from zope.interface import implementer
 from .._twisted import Reactor, default_reactor
 from ..interfaces import IQueue
 from ..message import Envelope
+from . import _postgres_campaigns
 from ._postgres_db import (
     RETRY_FIRST,
     RETRY_MAX,
@@ -79,6 +80,7 @@ from ._postgres_status import (
     overview,
     retry_message,
 )
+from .campaigns import CampaignRenderer
 from .records import (
     ClaimedMessage,
     Idempotent,
@@ -106,7 +108,7 @@ _T = TypeVar("_T")
 
 
 @implementer(IQueue)
-class PostgresQueue:
+class PostgresQueue(_postgres_campaigns.Campaigns):
     """The queue in a PostgreSQL database, used from the reactor thread (see :class:`IQueue`).
 
     Get one with :meth:`PostgresQueue.open`; finish with :meth:`close`.
@@ -135,6 +137,7 @@ class PostgresQueue:
         self._listener: psycopg.Connection[Any] | None = None
         self._listen_pool: ThreadPool | None = None
         self._listen_delay = RETRY_FIRST
+        self._renderer = CampaignRenderer()
         self.retries = 0
         """Transactions tried again after a lost connection (or a serialization failure)."""
         self._trigger: object = reactor.addSystemEventTrigger(
@@ -172,6 +175,7 @@ class PostgresQueue:
         def prepare() -> None:
             conn = connections.get()
             _prepare(conn, schema, where)
+            _postgres_campaigns.prepare(conn, schema)
 
         d = threads_defer(reactor, pool, prepare)
 
@@ -212,9 +216,11 @@ class PostgresQueue:
         self, owner: str, limit: int, *, lease: float
     ) -> defer.Deferred[list[ClaimedMessage]]:
         """Take up to ``limit`` due messages for ``owner`` for ``lease`` seconds (see IQueue)."""
-        token = uuid.uuid4()
+        token, renderer = uuid.uuid4(), self._renderer
         return self._run(
-            lambda conn, now, again: _claim(owner, limit, lease, token, conn, now, again)
+            lambda conn, now, again: _postgres_campaigns.render(
+                _claim(owner, limit, lease, token, conn, now, again), conn, now, renderer
+            )
         )
 
     def record(self, owner: str, outcome: Outcome) -> defer.Deferred[bool]:

@@ -55,7 +55,9 @@ from .._twisted import Reactor, default_reactor
 from ..address import Address, parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
+from . import _sqlite_campaigns
 from ._sqlite_status import cancel_message, list_messages, one_message, overview, retry_message
+from .campaigns import CampaignRenderer
 from .records import (
     MESSAGE_STATES,
     ClaimedMessage,
@@ -316,6 +318,7 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: str) -> None:
             "('schema_version', ?)",
             (SCHEMA_VERSION,),
         )
+        _sqlite_campaigns.prepare(conn, path)
         return
     meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
     if meta.get("kind") != "twistmail-spool":
@@ -331,6 +334,7 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: str) -> None:
     ):
         conn.execute(statement)
     conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+    _sqlite_campaigns.prepare(conn, path)
 
 
 def _run_group(conn: sqlite3.Connection, ops: list[_Op], now: float) -> list[Any]:
@@ -575,7 +579,7 @@ def read_queue_status(
 
 
 @implementer(IQueue)
-class SqliteQueue:
+class SqliteQueue(_sqlite_campaigns.Campaigns):
     """The queue in one SQLite file, used from the reactor thread (see :class:`IQueue`).
 
     Get one with :meth:`SqliteQueue.open`; finish with :meth:`close`. Times stored in the file
@@ -588,6 +592,7 @@ class SqliteQueue:
         self.path = db.path
         self._db = db
         self._clock = clock
+        self._renderer = CampaignRenderer()
 
     @classmethod
     def open(
@@ -657,7 +662,12 @@ class SqliteQueue:
         self, owner: str, limit: int, *, lease: float
     ) -> defer.Deferred[list[ClaimedMessage]]:
         """Take up to ``limit`` due messages for ``owner`` for ``lease`` seconds (see IQueue)."""
-        return self._write(lambda conn, now: _claim(owner, limit, lease, conn, now))
+        renderer = self._renderer
+        return self._write(
+            lambda conn, now: _sqlite_campaigns.render(
+                _claim(owner, limit, lease, conn, now), conn, now, renderer
+            )
+        )
 
     def record(self, owner: str, outcome: Outcome) -> defer.Deferred[bool]:
         """Write an attempt's outcome unless ``owner`` lost the claim; False if it did."""

@@ -46,6 +46,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ..interfaces import IQueue
 from ..message import Envelope
 from ..queue.records import Idempotent
+from .campaigns import campaign_routes
 from .messages import Problem, envelope_from_json, envelope_from_raw
 from .metrics import CONTENT_TYPE, RelayMetrics
 from .problems import problem
@@ -285,7 +286,7 @@ def make_http(
         return problem(request, 405, "this resource does not take that method")
 
     if queue is not None:
-        for path, method, handler in tracking_routes(queue, wake):
+        for path, method, handler in [*tracking_routes(queue, wake), *campaign_routes(queue, wake)]:
             app.route(path, methods=[method])(_guarded(access, handler))
     for path, method, handler in pages:
         app.route(path, methods=[method], endpoint=f"page {method} {path}")(handler)

@@ -20,7 +20,13 @@ from ..errors import AddressError, HeaderInjectionError, MessageError
 from ..message import Envelope, to_envelope
 from ..mime import Attachment
 
-__all__ = ["FORBIDDEN_HEADERS", "Problem", "envelope_from_json", "envelope_from_raw"]
+__all__ = [
+    "FORBIDDEN_HEADERS",
+    "Problem",
+    "envelope_from_json",
+    "envelope_from_raw",
+    "json_object",
+]
 
 FIELDS: Final = frozenset(
     {"from", "to", "cc", "bcc", "reply_to", "subject", "text", "html", "headers", "attachments"}
@@ -159,8 +165,8 @@ def _field_of(error: MessageError, headers: Sequence[tuple[str, str]]) -> str | 
     return None
 
 
-def envelope_from_json(body: bytes) -> Envelope:
-    """The envelope of a JSON message request; :class:`Problem` (400 or 422) otherwise."""
+def json_object(body: bytes) -> dict[str, Any]:
+    """``body`` parsed as a JSON object; :class:`Problem` (400) otherwise."""
     try:
         parsed = json.loads(body)
     except UnicodeDecodeError:
@@ -169,6 +175,12 @@ def envelope_from_json(body: bytes) -> Envelope:
         raise Problem(400, f"the body is not JSON: {e}") from None
     if not isinstance(parsed, dict):
         raise Problem(400, "the body must be a JSON object")
+    return parsed
+
+
+def envelope_from_json(body: bytes) -> Envelope:
+    """The envelope of a JSON message request; :class:`Problem` (400 or 422) otherwise."""
+    parsed = json_object(body)
     unknown = set(parsed) - FIELDS
     if unknown:
         name = min(unknown)
