@@ -166,6 +166,7 @@ class IQueue(Interface):
     def overview(failures: int = 10) -> Deferred[QueueOverview]:
         """Counts by state, the oldest message not settled, and the last ``failures`` failed
         messages (most recently failed first), for a status page."""
+
     # CSV campaigns (see twistmail.queue.campaigns): a claimed campaign message comes back
     # rendered from its row, in the sandbox; one that cannot be rendered is failed instead.
 
