@@ -94,3 +94,19 @@ def test_the_default_file_is_in_the_users_data_directory(
     monkeypatch.delenv("XDG_DATA_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert default_suppression_path() == str(tmp_path / ".local/share/twistmail/suppression.db")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_doors_queue_url_opens_the_list_in_the_queues_file(tmp_path: Path) -> None:
+    from twistmail.suppression import open_suppression_for_queue
+
+    path = tmp_path / "new-queue.db"
+    store = await open_suppression_for_queue(f"sqlite:{path}")
+    await store.add([Suppression("a@example.org", MANUAL)])
+    await store.close()
+    queue = await SqliteQueue.open(path, create=False)  # still (and now) a queue
+    await queue.close()
+    with pytest.raises(SuppressionError, match="no such spool"):
+        await open_suppression_for_queue(f"sqlite:{tmp_path / 'none.db'}", create=False)
+    with pytest.raises(SuppressionError, match="--queue"):
+        await open_suppression_for_queue("mysql://x")

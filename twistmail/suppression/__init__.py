@@ -8,6 +8,7 @@ schema) and :class:`MemorySuppressionList` (tests).
 """
 
 from .memory import MemorySuppressionList
+from .opening import open_suppression_file, open_suppression_for_queue
 from .records import (
     COMPLAINT,
     HARD_BOUNCE,
@@ -35,5 +36,7 @@ __all__ = [
     "SuppressionError",
     "default_suppression_path",
     "list_key",
+    "open_suppression_file",
+    "open_suppression_for_queue",
     "suppression_key",
 ]
