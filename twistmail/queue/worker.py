@@ -270,6 +270,9 @@ class Drain:
 
     def wake_in(self) -> float | None:
         """Nothing to deliver now: wait for a claim, or stop once the queue has nothing due."""
+        if self._guard is not None and not self._buffer and not self._loop.in_flight:
+            # Nothing in flight: what was refused at once so far is one batch.
+            self._guard.close_batch()
         if not self._buffer and not self._exhausted:
             self._claim()  # may find the pass's bound reached, or be answered at once
         if self._buffer:

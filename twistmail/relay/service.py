@@ -191,7 +191,7 @@ class RelayService(MultiService):
             site = make_public_site(config.unsubscribe_tokens, self.suppression)
             port = await serverFromString(self.reactor, config.public_http).listen(site)
             self.ports.append(port)
-            self._log_listening("public HTTP (one-click unsubscribe)", port)
+            self._log_listening("one-click unsubscribe (public)", port)
         if config.submission is not None:
             clock = IReactorTime(self.reactor)
             self.submission = SubmissionFactory(

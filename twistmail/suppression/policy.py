@@ -8,8 +8,9 @@ way nothing is suppressed.
 :class:`BounceGuard` holds those hard bounces until the batch they came in is complete, and
 drops them all when most of the batch was refused at once: a server refusing everyone (a bad
 ``--from``, a misconfigured upstream) must not suppress a whole list. A batch is ``window``
-consecutive recipient outcomes (accepted or refused), or what came within ``max_wait``
-seconds, or what is left when the run ends (:meth:`BounceGuard.flush`).
+consecutive recipient outcomes (accepted or refused), or what came before the sender went
+idle (:meth:`BounceGuard.close_batch`), within ``max_wait`` seconds, or what is left when the
+run ends (:meth:`BounceGuard.flush`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class BounceGuard:
                         self._timer = self._clock.callLater(self.max_wait, self._close)
         if self._outcomes >= self.window:
             self._close()
+
+    def close_batch(self) -> None:
+        """The batch in progress is complete (nothing is in flight): decide it now."""
+        self._close()
 
     def flush(self) -> defer.Deferred[None]:
         """Decide the batch in progress; fires once every addition made so far is stored."""
