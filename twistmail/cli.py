@@ -594,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _worker_main(args)
         return
     if args.command == "suppress":
-        sys.exit(suppress_main(args, sys.stdout, sys.stderr))
+        suppress_main(args, sys.stdout, sys.stderr)
     if args.command == "users":
         from .relay.users import users_command
 
