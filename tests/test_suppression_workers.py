@@ -14,11 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import postgres_server
-import psycopg
 import pytest
 import pytest_twisted
-from psycopg import sql
 from servers import CueServer
+from test_worker_e2e import query
 from twisted.internet import reactor, task
 
 from twistmail.message import envelope_from_bytes
@@ -123,12 +122,6 @@ def schema() -> Iterator[str]:
     name = postgres_server.new_schema()
     yield name
     postgres_server.drop_schema(name)
-
-
-def query(schema: str, text: str) -> list[tuple[object, ...]]:
-    with psycopg.connect(postgres_server.URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-        return conn.execute(text).fetchall()  # type: ignore[arg-type]
 
 
 @pytest_twisted.ensureDeferred

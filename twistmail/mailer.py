@@ -221,23 +221,17 @@ class Mailer:
             )
             d.addErrback(_first_error)
         else:
-            door = MessagesDoor(
-                enumerate(messages),
-                to_envelope,
-                report,
-                on_result,
-                self._clock,
-                self._door_policy,
-                max_parked=max(1000, 50 * self.concurrency),
-            )
-            d = self._run(door)
+            d = self._run_chunk(enumerate(messages), report, on_result)
         d.addCallback(finish)
         return self._track(d)
 
     def _run_chunk(
-        self, items: Iterator[tuple[int, MessageLike]], report: SendReport, on_result: OnResult
+        self,
+        items: Iterator[tuple[int, MessageLike]],
+        report: SendReport,
+        on_result: OnResult | None,
     ) -> defer.Deferred[None]:
-        """Deliver ``(index, message)`` items (checked against the suppression list)."""
+        """Deliver ``(index, message)`` items through one delivery loop."""
         door = MessagesDoor(
             items,
             to_envelope,

@@ -409,25 +409,21 @@ class Campaign:
         self._parked.again(job)
 
     def _record_problem(self, problem: Problem) -> None:
-        assert self._journal is not None
         self._say(f"invalid: {problem.reason}")
-        self._journal.record(
-            problem.key,
-            row=problem.row,
-            email=problem.email,
-            state="invalid",
-            response=problem.reason,
-            fingerprint=problem.fingerprint,
-        ).addErrback(self._journal_failed)
+        self._record_unsent(problem, "invalid", problem.reason)
 
     def _record_suppressed(self, item: Suppressed) -> None:
+        self._record_unsent(item, "suppressed", item.reason)
+
+    def _record_unsent(self, item: Problem | Suppressed, state: RowState, reason: str) -> None:
+        """Journal a row that is not attempted (invalid, or suppressed)."""
         assert self._journal is not None
         d = self._journal.record(
             item.key,
             row=item.row,
             email=item.email,
-            state="suppressed",
-            response=item.reason,
+            state=state,
+            response=reason,
             fingerprint=item.fingerprint,
         ).addErrback(self._journal_failed)
         # Waited for before the counts are read: the exit status and summary include them.

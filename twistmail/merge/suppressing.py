@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 
 from ..interfaces import ISuppressionList
-from ..suppression.records import Suppression, SuppressionError, suppressed_reply, suppression_key
+from ..suppression.records import Suppression, key_or_none, suppressed_reply
 from ..suppression.screen import list_id_of
 from ..unsubscribe.headers import Unsubscribe
 from .prepare import Prepared, Problem
@@ -36,13 +36,6 @@ class Suppressed:
 
 
 Item = Prepared | Problem | Suppressed
-
-
-def _key(address: object) -> str:
-    try:
-        return suppression_key(str(address))
-    except SuppressionError:
-        return ""
 
 
 class RowScreen:
@@ -84,14 +77,14 @@ class RowScreen:
         if not isinstance(item, Prepared) or not hits:
             return self._headed(item, list_id)
         envelope = item.envelope
-        kept = [r for r in envelope.recipients if _key(r) not in hits]
+        kept = [r for r in envelope.recipients if key_or_none(r) not in hits]
         left_out = len(envelope.recipients) - len(kept)
         self.suppressed += left_out
         # The row's own recipient suppressed: its message goes to nobody (not to its Cc or Bcc
         # copies alone either).
-        own = hits.get(_key(item.email))
+        own = hits.get(key_or_none(item.email))
         if own is not None or not kept:
-            entry = own if own is not None else hits[_key(envelope.recipients[0])]
+            entry = own if own is not None else hits[key_or_none(envelope.recipients[0])]
             reason = suppressed_reply(entry)
             return Suppressed(item.row, item.email, reason, item.key, item.fingerprint)
         if left_out:
@@ -103,6 +96,6 @@ class RowScreen:
     def _headed(self, item: Prepared | Problem, list_id: str) -> Item:
         if self.unsubscribe is None or not isinstance(item, Prepared):
             return item
-        address = _key(item.email) or _key(item.envelope.recipients[0])
+        address = key_or_none(item.email) or key_or_none(item.envelope.recipients[0])
         envelope = self.unsubscribe.add_to(item.envelope, address, list_id)
         return dataclasses.replace(item, envelope=envelope)

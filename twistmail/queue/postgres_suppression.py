@@ -27,10 +27,10 @@ from ..suppression.records import (
     Suppression,
     SuppressionError,
     checked,
+    keys_of,
     list_key,
-    suppression_key,
+    removal,
 )
-from ..suppression.sqlite import keys_of
 from ._postgres_db import RETRY_FIRST, RETRY_MAX, _Connections, _prepare, _retryable, _transaction
 from .postgres import threads_defer
 from .records import QueueError
@@ -194,8 +194,7 @@ class PostgresSuppressionList:
     def remove(self, address: str, list_id: str | None = None) -> defer.Deferred[int]:
         """Remove ``address``'s entry for ``list_id`` (every entry when None); how many."""
         try:
-            key = suppression_key(address)
-            lists = list_key(list_id) if list_id is not None else None
+            key, lists = removal(address, list_id)
         except SuppressionError:
             return defer.fail()
         return self._run(lambda conn, now, again: _remove(key, lists, conn, now, again))

@@ -7,6 +7,7 @@ keys addresses and lists exactly alike.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Final, Literal
 
@@ -25,7 +26,10 @@ __all__ = [
     "SuppressionError",
     "checked",
     "is_suppressed_reply",
+    "key_or_none",
+    "keys_of",
     "list_key",
+    "removal",
     "shown_state",
     "suppressed_reply",
     "suppression_key",
@@ -91,6 +95,26 @@ def suppression_key(address: Address | str) -> str:
 
 
 _ANGLED = re.compile(r"<([^<>]*)>")
+
+
+def key_or_none(address: object) -> str:
+    """:func:`suppression_key` of ``address``, or "" for a value that is not an address
+    (which matches no entry)."""
+    try:
+        return suppression_key(str(address))
+    except SuppressionError:
+        return ""
+
+
+def keys_of(addresses: Iterable[object]) -> list[str]:
+    """The distinct normalized addresses among ``addresses`` (values not addresses left out)."""
+    return [key for key in dict.fromkeys(map(key_or_none, addresses)) if key]
+
+
+def removal(address: str, list_id: str | None) -> tuple[str, str | None]:
+    """``(key, list key or None)`` of a :meth:`~twistmail.interfaces.ISuppressionList.remove`;
+    :class:`SuppressionError` for a value that is not an address or a list id."""
+    return suppression_key(address), (list_key(list_id) if list_id is not None else None)
 
 
 def list_key(value: str) -> str:

@@ -17,7 +17,7 @@ from twisted.internet import defer
 
 from ..interfaces import ISuppressionList
 from ..queue.records import ClaimedMessage, Outcome, RecipientState
-from .records import Suppression, SuppressionError, list_key, suppressed_reply, suppression_key
+from .records import Suppression, SuppressionError, key_or_none, list_key, suppressed_reply
 
 __all__ = ["Screened", "list_id_of", "screen"]
 
@@ -52,13 +52,6 @@ class Screened:
     matched: int = 0
 
 
-def _key(address: object) -> str:
-    try:
-        return suppression_key(str(address))
-    except SuppressionError:
-        return ""
-
-
 def screen(store: ISuppressionList, claimed: list[ClaimedMessage]) -> defer.Deferred[Screened]:
     """Check the recipients of ``claimed`` (one query per list among them)."""
     by_list: dict[str, list[ClaimedMessage]] = defaultdict(list)
@@ -82,7 +75,7 @@ def screen(store: ISuppressionList, claimed: list[ClaimedMessage]) -> defer.Defe
                 continue
             keep_positions, keep_rcpts, stopped = [], [], []
             for position, rcpt in zip(c.positions, c.envelope.recipients, strict=True):
-                entry = hits.get(_key(rcpt))
+                entry = hits.get(key_or_none(rcpt))
                 if entry is None:
                     keep_positions.append(position)
                     keep_rcpts.append(rcpt)

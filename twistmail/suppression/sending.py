@@ -22,7 +22,7 @@ from ..interfaces import ISuppressionList
 from ..message import Envelope, MessageLike, to_envelope
 from ..results import RecipientOutcome, SendReport, SendResult
 from .policy import BounceGuard
-from .records import Suppression, SuppressionError, suppressed_reply, suppression_key
+from .records import Suppression, key_or_none, suppressed_reply
 from .screen import list_id_of
 
 __all__ = ["CHUNK", "SuppressedSending"]
@@ -34,13 +34,6 @@ RunChunk = Callable[
     [Iterator[tuple[int, MessageLike]], SendReport, OnResult], "defer.Deferred[None]"
 ]
 SendOne = Callable[[Envelope], "defer.Deferred[SendResult]"]
-
-
-def _key(address: object) -> str:
-    try:
-        return suppression_key(str(address))
-    except SuppressionError:
-        return ""
 
 
 class SuppressedSending:
@@ -81,12 +74,12 @@ class SuppressedSending:
                 left_out = [
                     RecipientOutcome(str(r), "suppressed", None, None, suppressed_reply(found[k]))
                     for r in envelope.recipients
-                    if (k := _key(r)) in found
+                    if (k := key_or_none(r)) in found
                 ]
                 if not left_out:
                     out.append((envelope, []))
                     continue
-                kept = tuple(r for r in envelope.recipients if _key(r) not in found)
+                kept = tuple(r for r in envelope.recipients if key_or_none(r) not in found)
                 out.append(
                     (dataclasses.replace(envelope, recipients=kept) if kept else None, left_out)
                 )

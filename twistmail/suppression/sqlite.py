@@ -28,7 +28,7 @@ from .. import _sqlite
 from .._sqlite import SqliteThread
 from .._twisted import Reactor, default_reactor
 from ..interfaces import ISuppressionList
-from .records import Suppression, SuppressionError, checked, list_key, suppression_key
+from .records import Suppression, SuppressionError, checked, keys_of, list_key, removal
 
 __all__ = ["SCHEMA_VERSION", "SqliteSuppressionList", "default_suppression_path"]
 
@@ -170,17 +170,6 @@ def _entries(
     return [_row(row) for row in rows]
 
 
-def keys_of(addresses: Iterable[str]) -> list[str]:
-    """The distinct normalized addresses among ``addresses`` (values not addresses left out)."""
-    keys: dict[str, None] = {}
-    for address in addresses:
-        try:
-            keys[suppression_key(address)] = None
-        except SuppressionError:
-            continue
-    return list(keys)
-
-
 @implementer(ISuppressionList)
 class SqliteSuppressionList:
     """The suppression list in a SQLite file (see the module docstring and the interface).
@@ -242,8 +231,7 @@ class SqliteSuppressionList:
     def remove(self, address: str, list_id: str | None = None) -> defer.Deferred[int]:
         """Remove ``address``'s entry for ``list_id`` (every entry when None); how many."""
         try:
-            key = suppression_key(address)
-            lists = list_key(list_id) if list_id is not None else None
+            key, lists = removal(address, list_id)
         except SuppressionError:
             return defer.fail()
         return self._db.submit(lambda conn, now: _remove(key, lists, conn, now))
