@@ -17,6 +17,7 @@ import postgres_server
 import pytest
 import pytest_twisted
 from servers import CueServer
+from test_drain_e2e import drain_later
 from test_worker_e2e import query
 from twisted.internet import reactor, task
 
@@ -173,3 +174,27 @@ async def test_a_worker_on_postgresql_checks_the_queues_list_and_adds_hard_bounc
         ("blocked@example.org", "suppressed: manual"),
         ("reader@example.org", "suppressed: unsubscribed from news.example.org"),
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_suppressed_recipient_does_not_fail_a_message_retried_for_another(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    server = cue_server(rcpt_replies_once={"busy": "451 4.2.1 try later"})
+    path = tmp_path / "spool.db"
+    queue = await SqliteQueue.open(path)
+    (queued,) = await queue.enqueue([envelope(1, "busy@example.org", "blocked@example.org")])  # type: ignore[list-item]
+    await queue.close()
+    store = await SqliteSuppressionList.open(path, create=False)
+    await store.add(ENTRIES)
+    try:
+        first = await drain_later(path, server.port, 0, suppression=store)
+        assert (first.deferred, first.suppressed) == (1, 1)
+        later = await drain_later(path, server.port, 3600, suppression=store)
+        assert later.sent == 1
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        (state,) = db.execute("SELECT state FROM messages WHERE id = ?", (queued,)).fetchone()
+    assert state == "sent"
+    assert [m.recipients for m in server.received] == [["busy@example.org"]]

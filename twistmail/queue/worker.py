@@ -39,6 +39,7 @@ from ..interfaces import IQueue
 from ..results import RecipientOutcome
 from ..retry import Plan, RetryPolicy, plan
 from ..smtp._transaction import TransactionResult
+from ..suppression.records import is_suppressed_reply
 from .records import ClaimedMessage, Outcome, QueueSummary, RecipientState
 
 if TYPE_CHECKING:
@@ -127,6 +128,8 @@ def _refused_before(claimed: ClaimedMessage) -> RecipientOutcome | None:
     if before is None:
         return None
     rcpt, code, text = before
+    if is_suppressed_reply(code, text):
+        return None  # left out as suppressed, not refused: the others may still all be sent
     return RecipientOutcome(rcpt, "failed", code, None, text, claimed.attempts)
 
 
