@@ -291,3 +291,24 @@ def exported_time(done: subprocess.CompletedProcess[str]) -> str:
     value = line.split(",")[3]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", value)
     return value
+
+
+def test_a_suppressed_copy_is_left_out_and_a_suppressed_row_sends_no_copy(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    server = cue_server()
+    where = ("--suppression", str(tmp_path / "s.db"))
+    assert (
+        twistmail("suppress", "add", "copy@example.org", "bob@example.org", *where).returncode == 0
+    )
+    with_cc = TEMPLATE.replace("List-Id", "Cc: copy@example.org, audit@example.org\nList-Id")
+    csv_path, template_path = campaign(tmp_path, ["ann@example.org", "bob@example.org"], with_cc)
+    sent = twistmail(
+        "send", csv_path, template_path, "--smtp", f"smtp://127.0.0.1:{server.port}", *where
+    )
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert [m.recipients for m in server.received] == [["ann@example.org", "audit@example.org"]]
+    assert {e: r["status"] for e, r in report(tmp_path).items()} == {
+        "ann@example.org": "sent",
+        "bob@example.org": "suppressed",
+    }
