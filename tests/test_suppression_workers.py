@@ -164,6 +164,14 @@ async def test_a_worker_on_postgresql_checks_the_queues_list_and_adds_hard_bounc
             worker.wait()
     assert sorted(m.recipients for m in server.received) == DELIVERED
     assert "3 recipients suppressed (2 messages not sent at all)" in out
+    # twistmail suppress --queue URL reads (and writes) the same list.
+    code, exported = await output(run("suppress", "export", "--queue", url))
+    assert code == 0, exported
+    assert [line.split(",")[:3] for line in exported.splitlines()[1:]] == [
+        ["blocked@example.org", "manual", ""],
+        ["gone@example.org", "hard-bounce", ""],
+        ["reader@example.org", "unsubscribed", "news.example.org"],
+    ]
     suppressed = query(
         schema,
         "SELECT address, response FROM recipients WHERE code IS NULL AND state = 'failed' "
