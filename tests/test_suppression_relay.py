@@ -212,3 +212,31 @@ def test_suppressed_recipients_are_not_sent_to_and_hard_bounces_are_added(
     assert suppressions(path) == [("gone@example.org", "hard-bounce", "")]
     # What was refused at RCPT never got DATA: one RCPT for gone@ (the first message), none since.
     assert sum(bool(re.match(r"RCPT TO:<gone@", c)) for c in upstream.commands) == 1
+
+
+def test_public_http_needs_a_usable_secret_file(tmp_path: Path) -> None:
+    from twisted.python import usage
+
+    from twistmail.relay.tap import Options
+
+    base = ["--smtp", "smtp://127.0.0.1:25", "--public-http", "tcp:0"]
+    for extra, says in (
+        ([], "--public-http needs --secret-file"),
+        (["--secret-file", str(tmp_path / "missing")], "--secret-file"),
+    ):
+        with pytest.raises(usage.UsageError, match=says):
+            Options().parseOptions([*base, *extra])
+    weak = tmp_path / "weak"
+    weak.write_text("k1:weak-secret\n")
+    with pytest.raises(usage.UsageError, match="line 1") as info:
+        Options().parseOptions([*base, "--secret-file", str(weak)])
+    assert "weak-secret" not in str(info.value)
+    good = tmp_path / "good"
+    good.write_text(SECRET + "\n")
+    options = Options()
+    options.parseOptions([*base, "--secret-file", str(good)])
+    assert options.config.public_http == "tcp:0"
+    assert options.config.unsubscribe_tokens is not None
+    default = Options()
+    default.parseOptions(["--smtp", "smtp://127.0.0.1:25"])
+    assert default.config.public_http is None  # off unless asked for
