@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import postgres_server
+import psycopg
 import pytest
 import pytest_twisted
+from psycopg import sql
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
@@ -258,3 +260,45 @@ async def test_a_closed_store_refuses_work(open_list: OpenList) -> None:
     ):
         with pytest.raises(SuppressionError):
             await call()
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgresql_cut_connections_are_retried_and_nothing_is_stored_twice() -> None:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from tcp_proxy import CuttingProxy
+    from twisted.internet import reactor
+    from twisted.internet import task as tasks
+
+    url = postgres_server.require()
+    schema = postgres_server.new_schema()
+    info = conninfo_to_dict(url)
+    proxy = CuttingProxy(str(info.get("host", "127.0.0.1")), int(info.get("port", 5432)))
+    through = make_conninfo(url, host="127.0.0.1", port=proxy.listen())
+    store = await PostgresSuppressionList.open(through, schema=schema, connect_timeout=2)
+    cutter = tasks.LoopingCall(proxy.cut)
+    cutter.clock = reactor
+    try:
+        cutter.start(0.1, now=False)
+        new = 0
+        for start in range(0, 200, 5):
+            new += await store.add(
+                [Suppression(f"u{n}@example.org", MANUAL) for n in range(start, start + 5)]
+            )
+            found = await store.check([f"u{n}@example.org" for n in range(start, start + 5)])
+            assert len(found) == 5
+    finally:
+        if cutter.running:
+            cutter.stop()
+        await store.close()
+        await proxy.stop()
+    try:
+        assert proxy.cuts > 0
+        assert store.retries > 0
+        assert new <= 200  # an add whose commit answer was lost may not count its entries
+        with psycopg.connect(url, autocommit=True) as conn:
+            (count,) = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}.suppressions").format(sql.Identifier(schema))
+            ).fetchone()
+        assert count == 200
+    finally:
+        postgres_server.drop_schema(schema)

@@ -7,16 +7,17 @@ the queue's database and schema, preparing the schema as the queue does if it is
 
 A statement that fails because the connection was lost is tried again on a new connection
 (every operation is idempotent: an insert that is already there does nothing) with
-exponential backoff, up to :data:`RETRIES` times.
+exponential backoff, as the queue's are, until :meth:`PostgresSuppressionList.close`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final
+from typing import Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -41,10 +42,7 @@ try:  # an optional dependency: pip install 'twistmail[postgresql]'
 except ImportError:  # pragma: no cover - reported when opened
     psycopg = None  # type: ignore[assignment]
 
-__all__ = ["RETRIES", "PostgresSuppressionList"]
-
-RETRIES: Final = 8
-"""Tries of one operation after a lost connection before it fails."""
+__all__ = ["PostgresSuppressionList"]
 
 _ADD = """
 INSERT INTO suppressions (address, list_id, reason, detail, created_at)
@@ -63,6 +61,8 @@ _ENTRIES = """
 SELECT address, reason, list_id, created_at, detail FROM suppressions
 WHERE (address, list_id) > (%s, %s) ORDER BY address, list_id LIMIT %s
 """
+
+log = Logger()
 
 _Op = Callable[[Any, "float | None", bool], Any]
 
@@ -137,6 +137,9 @@ class PostgresSuppressionList:
         self._clock = clock
         self._closed = False
         self._pending: set[defer.Deferred[Any]] = set()
+        self._sleeping: set[defer.Deferred[None]] = set()  # waits before trying again
+        self.retries = 0
+        """Operations tried again after a lost connection (or a serialization failure)."""
         self._stopped = False
         self._waiters: list[defer.Deferred[None]] | None = None
         self._trigger: object = reactor.addSystemEventTrigger("before", "shutdown", self._shutdown)
@@ -231,8 +234,8 @@ class PostgresSuppressionList:
         return value
 
     async def _tries(self, op: _Op) -> Any:
-        delay, backend = RETRY_FIRST, []  # type: ignore[var-annotated]
-        for attempt in range(RETRIES + 1):
+        delay, backend, again = RETRY_FIRST, [], False  # type: ignore[var-annotated]
+        while True:
             now = self._clock() if self._clock is not None else None
             try:
                 return await threads_defer(
@@ -242,17 +245,31 @@ class PostgresSuppressionList:
                     self._connections,
                     op,
                     now,
-                    attempt > 0,
+                    again,
                     backend,
                 )
             except Exception as e:
-                if self._closed or attempt == RETRIES or not _retryable(e):
+                if self._closed or not _retryable(e):
                     if psycopg is not None and isinstance(e, psycopg.Error):
                         raise SuppressionError(f"{self.where}: {str(e).strip()}") from None
                     raise
-            await task.deferLater(IReactorTime(self._reactor), delay, lambda: None)
-            delay = min(RETRY_MAX, delay * 2)
-        raise AssertionError("unreachable")  # pragma: no cover
+                self.retries += 1
+                log.warn(
+                    "the suppression list's database {where} failed, trying again in "
+                    "{delay:g} s: {error}",
+                    where=self.where,
+                    delay=delay,
+                    error=str(e).strip(),
+                )
+            sleep = task.deferLater(IReactorTime(self._reactor), delay, lambda: None)
+            self._sleeping.add(sleep)
+            try:
+                await sleep
+            except defer.CancelledError:
+                raise SuppressionError(f"{self.where}: the suppression list was closed") from None
+            finally:
+                self._sleeping.discard(sleep)
+            delay, again = min(RETRY_MAX, delay * 2), True
 
     def close(self) -> defer.Deferred[None]:
         """Let running statements finish, close the connections, stop the threads; idempotent."""
@@ -264,6 +281,8 @@ class PostgresSuppressionList:
             if self._trigger is not None:
                 trigger, self._trigger = self._trigger, None
                 self._reactor.removeSystemEventTrigger(trigger)
+            for sleep in list(self._sleeping):
+                sleep.cancel()
             running = defer.DeferredList(list(self._pending), consumeErrors=True)
             pool, connections = self._pool, self._connections
 
