@@ -19,6 +19,7 @@ from psycopg import sql
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
+from twistmail.address import parse_address
 from twistmail.interfaces import ISuppressionList
 from twistmail.queue import SqliteQueue
 from twistmail.queue.postgres_suppression import PostgresSuppressionList
@@ -114,6 +115,8 @@ async def test_an_added_address_is_suppressed_by_its_normalized_form(
     }
     # Any spelling of the same mailbox finds it, on any list.
     assert set(await store.check(["ANN@example.org"], "news.example.org")) == {"ann@example.org"}
+    # So does an Address parsed already (what the doors hold).
+    assert set(await store.check([parse_address("Ann <ann@EXAMPLE.org>")])) == {"ann@example.org"}
 
 
 @pytest_twisted.ensureDeferred

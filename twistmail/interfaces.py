@@ -10,6 +10,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:  # annotations only: the queue records import the message model
     from twisted.internet.defer import Deferred
 
+    from .address import Address
     from .message import Envelope, MessageLike
     from .queue.records import (
         ClaimedMessage,
@@ -192,9 +193,12 @@ class ISuppressionList(Interface):
         """Remove ``address``'s entry for ``list_id`` ("" the all-mail one), or every entry
         of it when ``list_id`` is None; fires with how many were removed."""
 
-    def check(addresses: Iterable[str], list_id: str = "") -> Deferred[dict[str, Suppression]]:
-        """Which of ``addresses`` mail on list ``list_id`` ("" for mail of no list) must not
-        go to: fires with their entries keyed by normalized address.
+    def check(
+        addresses: Iterable[str | Address], list_id: str = ""
+    ) -> Deferred[dict[str, Suppression]]:
+        """Which of ``addresses`` (strings, or :class:`~twistmail.address.Address` objects
+        parsed already) mail on list ``list_id`` ("" for mail of no list) must not go to:
+        fires with their entries keyed by normalized address.
 
         All-mail entries match whatever the list; an unsubscribe from list L matches only
         ``list_id`` L. When both match, the all-mail entry is given. A value that is not an

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 
+from ..address import Address
 from ..interfaces import ISuppressionList
 from ..suppression.records import Suppression, key_or_none, suppressed_reply
 from ..suppression.screen import list_id_of
@@ -55,10 +56,10 @@ class RowScreen:
             return defer.succeed(
                 [self._headed(i, lst) for i, lst in zip(items, lists, strict=True)]
             )
-        by_list: dict[str, list[str]] = defaultdict(list)
+        by_list: dict[str, list[Address]] = defaultdict(list)
         for item, list_id in zip(items, lists, strict=True):
             if isinstance(item, Prepared):
-                by_list[list_id].extend(str(r) for r in item.envelope.recipients)
+                by_list[list_id].extend(item.envelope.recipients)
         names = list(by_list)
         found = defer.gatherResults(
             [self.store.check(by_list[name], name) for name in names], consumeErrors=True

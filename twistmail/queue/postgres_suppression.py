@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .._twisted import Reactor, default_reactor
+from ..address import Address
 from ..interfaces import ISuppressionList
 from ..suppression.records import (
     Suppression,
@@ -203,7 +204,7 @@ class PostgresSuppressionList:
         return self._run(lambda conn, now, again: _remove(key, lists, conn, now, again))
 
     def check(
-        self, addresses: Iterable[str], list_id: str = ""
+        self, addresses: Iterable[str | Address], list_id: str = ""
     ) -> defer.Deferred[dict[str, Suppression]]:
         """The entries stopping mail on ``list_id`` to any of ``addresses``, by address."""
         try:

@@ -13,8 +13,9 @@ from dataclasses import replace
 from twisted.internet import defer
 from zope.interface import implementer
 
+from ..address import Address
 from ..interfaces import ISuppressionList
-from .records import Suppression, SuppressionError, checked, list_key, suppression_key
+from .records import Suppression, SuppressionError, checked, keys_of, list_key, suppression_key
 
 __all__ = ["MemorySuppressionList"]
 
@@ -57,19 +58,15 @@ class MemorySuppressionList:
         return len(gone)
 
     def check(
-        self, addresses: Iterable[str], list_id: str = ""
+        self, addresses: Iterable[str | Address], list_id: str = ""
     ) -> defer.Deferred[dict[str, Suppression]]:
         """The entries stopping mail on ``list_id`` to any of ``addresses``, by address."""
         return self._do(lambda: self._check(addresses, list_id))
 
-    def _check(self, addresses: Iterable[str], list_id: str) -> dict[str, Suppression]:
+    def _check(self, addresses: Iterable[str | Address], list_id: str) -> dict[str, Suppression]:
         found: dict[str, Suppression] = {}
         lists = ("", list_key(list_id))
-        for address in addresses:
-            try:
-                key = suppression_key(address)
-            except SuppressionError:
-                continue
+        for key in keys_of(addresses):
             for one in lists:
                 entry = self._entries.get((key, one))
                 if entry is not None:

@@ -98,11 +98,14 @@ _ANGLED = re.compile(r"<([^<>]*)>")
 
 
 def key_or_none(address: object) -> str:
-    """:func:`suppression_key` of ``address``, or "" for a value that is not an address
-    (which matches no entry)."""
+    """:func:`suppression_key` of ``address`` (an :class:`~twistmail.address.Address`, parsed
+    already, or a string), or "" for a value that is not an address (which matches no
+    entry)."""
     try:
+        if isinstance(address, Address):
+            return mailbox_key(address)
         return suppression_key(str(address))
-    except SuppressionError:
+    except (SuppressionError, AddressError):
         return ""
 
 

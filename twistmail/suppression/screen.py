@@ -60,7 +60,7 @@ def screen(store: ISuppressionList, claimed: list[ClaimedMessage]) -> defer.Defe
         lists[c.id] = list_id = list_id_of(c.envelope.payload)
         by_list[list_id].append(c)
     checks = [
-        store.check([str(r) for c in group for r in c.envelope.recipients], list_id)
+        store.check([r for c in group for r in c.envelope.recipients], list_id)
         for list_id, group in by_list.items()
     ]
     found = defer.gatherResults(checks, consumeErrors=True)

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from .. import _sqlite
 from .._sqlite import SqliteThread
 from .._twisted import Reactor, default_reactor
+from ..address import Address
 from ..interfaces import ISuppressionList
 from .records import Suppression, SuppressionError, checked, keys_of, list_key, removal
 
@@ -237,7 +238,7 @@ class SqliteSuppressionList:
         return self._db.submit(lambda conn, now: _remove(key, lists, conn, now))
 
     def check(
-        self, addresses: Iterable[str], list_id: str = ""
+        self, addresses: Iterable[str | Address], list_id: str = ""
     ) -> defer.Deferred[dict[str, Suppression]]:
         """The entries stopping mail on ``list_id`` to any of ``addresses``, by address."""
         try:
