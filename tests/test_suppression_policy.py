@@ -76,3 +76,16 @@ class GuardTests(SynchronousTestCase):
         self.assertEqual(self.suppressed(), [])
         self.clock.advance(1)
         self.assertEqual(self.suppressed(), ["a@example.org"])
+
+
+def test_a_messages_list_is_its_list_id_header_only() -> None:
+    from twistmail.suppression.screen import list_id_of
+
+    assert list_id_of(b"Subject: x\r\nList-Id: News <News.Example.org>\r\n\r\nbody\r\n") == (
+        "news.example.org"
+    )
+    assert list_id_of(b"LIST-ID:\r\n <folded.example.org>\r\nSubject: x\r\n\r\n") == (
+        "folded.example.org"
+    )
+    assert list_id_of(b"Subject: x\r\n\r\nList-Id: <in.the.body>\r\n") == ""
+    assert list_id_of(b"Subject: x\r\n\r\n") == ""

@@ -6,6 +6,7 @@ keys addresses and lists exactly alike.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -95,6 +96,7 @@ def suppression_key(address: Address | str) -> str:
 
 
 _ANGLED = re.compile(r"<([^<>]*)>")
+_NOT_IN_LIST_ID = re.compile(r"[\x00-\x20\x7f]")
 
 
 def key_or_none(address: object) -> str:
@@ -120,12 +122,13 @@ def removal(address: str, list_id: str | None) -> tuple[str, str | None]:
     return suppression_key(address), (list_key(list_id) if list_id is not None else None)
 
 
+@functools.lru_cache(maxsize=1024)  # a few lists, asked of for every message
 def list_key(value: str) -> str:
     """The list id a ``List-Id`` header value (``Name <id.example.org>``) or a bare id names,
     lower-cased; "" for an empty value."""
     match = _ANGLED.search(value)
     key = (match.group(1) if match else value).strip().lower()
-    if len(key) > MAX_LIST_ID or any(ord(c) < 0x21 or ord(c) == 0x7F for c in key):
+    if len(key) > MAX_LIST_ID or _NOT_IN_LIST_ID.search(key):
         raise SuppressionError(f"list id {value!r} is not a list id (RFC 2919)")
     return key
 

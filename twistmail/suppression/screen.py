@@ -31,8 +31,7 @@ def list_id_of(payload: bytes) -> str:
     """The list id of the ``List-Id`` header of a message's bytes; "" when it has none (or
     one that is not a list id)."""
     end = _HEADER_END.search(payload)
-    headers = payload[: end.start() if end else len(payload)]
-    match = _LIST_ID.search(headers)
+    match = _LIST_ID.search(payload, 0, end.start() if end else len(payload))
     if match is None:
         return ""
     try:
