@@ -29,8 +29,7 @@ from ..suppression.records import (
     Suppression,
     SuppressionError,
     checked,
-    keys_of,
-    list_key,
+    lookup,
     removal,
 )
 from ._postgres_db import RETRY_FIRST, RETRY_MAX, _Connections, _prepare, _retryable, _transaction
@@ -208,10 +207,9 @@ class PostgresSuppressionList:
     ) -> defer.Deferred[dict[str, Suppression]]:
         """The entries stopping mail on ``list_id`` to any of ``addresses``, by address."""
         try:
-            lists = list_key(list_id)
+            keys, lists = lookup(addresses, list_id)
         except SuppressionError:
             return defer.fail()
-        keys = keys_of(addresses)
         if not keys and not self._closed:
             return defer.succeed({})
         return self._run(lambda conn, now, again: _check(keys, lists, conn, now, again))

@@ -30,6 +30,7 @@ __all__ = [
     "key_or_none",
     "keys_of",
     "list_key",
+    "lookup",
     "removal",
     "shown_state",
     "suppressed_reply",
@@ -114,6 +115,12 @@ def key_or_none(address: object) -> str:
 def keys_of(addresses: Iterable[object]) -> list[str]:
     """The distinct normalized addresses among ``addresses`` (values not addresses left out)."""
     return [key for key in dict.fromkeys(map(key_or_none, addresses)) if key]
+
+
+def lookup(addresses: Iterable[object], list_id: str) -> tuple[list[str], str]:
+    """``(keys, list key)`` of a :meth:`~twistmail.interfaces.ISuppressionList.check`;
+    :class:`SuppressionError` for a list id that is not one."""
+    return keys_of(addresses), list_key(list_id)
 
 
 def removal(address: str, list_id: str | None) -> tuple[str, str | None]:

@@ -29,7 +29,7 @@ from .._sqlite import SqliteThread
 from .._twisted import Reactor, default_reactor
 from ..address import Address
 from ..interfaces import ISuppressionList
-from .records import Suppression, SuppressionError, checked, keys_of, list_key, removal
+from .records import Suppression, SuppressionError, checked, lookup, removal
 
 __all__ = ["SCHEMA_VERSION", "SqliteSuppressionList", "default_suppression_path"]
 
@@ -242,11 +242,10 @@ class SqliteSuppressionList:
     ) -> defer.Deferred[dict[str, Suppression]]:
         """The entries stopping mail on ``list_id`` to any of ``addresses``, by address."""
         try:
-            lists = list_key(list_id)
+            keys, lists = lookup(addresses, list_id)
         except SuppressionError:
             return defer.fail()
-        keys = keys_of(addresses)
-        if not keys:
+        if not keys and not self._db.closing:
             return defer.succeed({})
         return self._db.read(_check, keys, lists)
 
