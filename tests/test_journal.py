@@ -73,7 +73,7 @@ def test_open_creates_a_wal_journal_and_close_stops_its_thread(tmp_path: Path) -
         # NORMAL (1): a commit survives a killed process; FULL would fsync every commit.
         assert (yield journal.settings()) == ("wal", 1)
         assert (yield journal.counts()) == dict.fromkeys(
-            ["pending", "sent", "deferred", "failed", "invalid", "duplicate"], 0
+            ["pending", "sent", "deferred", "failed", "invalid", "duplicate", "suppressed"], 0
         )
     finally:
         yield journal.close()

@@ -174,7 +174,9 @@ def test_a_client_retrying_after_a_timeout_gets_one_delivery(
 
 def test_track_retry_and_cancel_through_the_real_relay(tmp_path: Path) -> None:
     path = tmp_path / "q.db"
-    refusing = {"nobody": "550 5.1.1 no such user"}
+    # 5.7.1, not 5.1.1: a refusal that does not put the address on the suppression list, so
+    # that the retry below sends the message.
+    refusing = {"nobody": "550 5.7.1 no such user"}
     with (
         CueServer(rcpt_replies_once=refusing) as upstream,
         RelayProcess(

@@ -1,7 +1,8 @@
 """The ``twistmail`` command: argument parsing only; the work is in :mod:`twistmail.merge`.
 
 Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture``, ``drain``, ``users``
-(the relay's AUTH users file), ``tokens`` (its HTTP API tokens) and ``serve`` (the relay in the
+(the relay's AUTH users file), ``tokens`` (its HTTP API tokens), ``suppress`` (the
+suppression list) and ``serve`` (the relay in the
 foreground: the same service as ``twistd -n twistmail``).
 Exit status: 0 every recipient sent; 1 some recipients failed or were invalid; 2 usage,
 configuration or template error (nothing sent); 3 interrupted, or rows remain to send.
@@ -22,6 +23,7 @@ from twisted.internet import defer, task
 from ._campaign_cli import campaign_main, queue_options, report_parser, send_options_problem
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
+from .suppresscmd import add_send_options, add_suppress_parser, send_options_from, suppress_main
 
 EXIT_USAGE = 2
 """Usage or configuration error: the status every command exits with for one."""
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inputs(send)
     _smtp_options(send, url_required=False, attempts_scope="", unless="--enqueue-only")
     add_dkim_options(send, missing=False)
+    add_send_options(send)
     send.add_argument(
         "--from",
         dest="envelope_from",
@@ -224,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     _users_parser(sub)
     add_dkim_parser(sub)
     _tokens_parser(sub)
+    add_suppress_parser(sub)
     sub.add_parser(
         "serve",
         help="run the mail relay in the foreground (as twistd -n twistmail)",
@@ -600,6 +604,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "worker":
         _worker_main(args)
         return
+    if args.command == "suppress":
+        suppress_main(args, sys.stdout, sys.stderr)
     if args.command == "users":
         from .relay.users import users_command
 
@@ -666,6 +672,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         queue_url=args.queue,
         enqueue_only=args.enqueue_only,
         campaign=args.campaign,
+        **send_options_from(args),
         **_delivery(args),
     )
     problem = send_options_problem(args)

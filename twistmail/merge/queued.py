@@ -276,7 +276,17 @@ async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor
         if outcome.state == "failed":
             _say(opts, f"failed: {claimed.envelope.message_id}: {outcome.response}")
 
-    worker = worker_for(queue, mailer, worker_options, reactor, failed)
+    from twistmail.suppression import SuppressionError, open_suppression_for_queue
+
+    try:
+        suppression = await open_suppression_for_queue(
+            worker_options.queue_url, queue_ready=True, reactor=reactor
+        )
+    except SuppressionError as e:
+        await mailer.close()
+        _say(opts, f"error: {e}")
+        return EXIT_USAGE
+    worker = worker_for(queue, mailer, worker_options, reactor, failed, suppression)
     watching = watch(queue, worker.wake, worker_options.sqlite_check, reactor)
     done: list[CampaignStatus] = []
 
@@ -306,6 +316,7 @@ async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor
             checking.stop()
         watching()
         await mailer.close()
+        await suppression.close()
     (progress,) = await queue.campaign_status(campaign.id, unsent=0)
     path = opts.report_path or str(Path(opts.csv_path).with_name(f"{campaign.name}.report.csv"))
     lines = await _write_report(queue, campaign, path)

@@ -13,6 +13,7 @@ from ..retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ..dkim import DkimSigner
+    from ..unsubscribe.tokens import TokenBox
 
 __all__ = ["DAY", "RelayConfig"]
 
@@ -58,6 +59,10 @@ class RelayConfig:
     shutdown_timeout: float = 30.0
     bounces: bool = True
     dkim: DkimSigner | None = None
+    public_http: str | None = None
+    """Where the one-click unsubscribe routes listen (no API token; behind TLS termination)."""
+    unsubscribe_tokens: TokenBox | None = None
+    """The keys of ``--secret-file`` that unsubscribe tokens are checked with."""
 
     def retry_policy(self) -> RetryPolicy:
         """Postfix's schedule by default: 300 s doubling to 4,000 s, no attempt limit."""

@@ -30,6 +30,8 @@ from ..errors import QueueError
 from ..message import Envelope
 from ..queue.records import ClaimedMessage, Idempotent, Outcome
 from ..queue.sqlite import SqliteQueue, read_queue_status
+from ..suppression.sqlite import SqliteSuppressionList
+from ..unsubscribe.web import make_public_site
 from .auth import MECHANISMS, FailureLimiter, auth_portal
 from .bounces import notification
 from .config import RelayConfig
@@ -101,6 +103,7 @@ class RelayService(MultiService):
         self.reactor = reactor
         self.lock = lock
         self.queue: SqliteQueue | None = None
+        self.suppression: SqliteSuppressionList | None = None
         self.worker: RelayWorker | None = None
         self.submission: SubmissionFactory | None = None
         self.ports: list[IListeningPort] = []
@@ -147,6 +150,10 @@ class RelayService(MultiService):
         taken = await queue.take_back(OWNER_PREFIX)
         if taken:
             log.info("took back {n} messages claimed by a relay that died", n=taken)
+        # Closed by stopService too: the worker adds hard bounces until it has stopped.
+        self.suppression = await SqliteSuppressionList.open(
+            config.queue_path, create=False, reactor=self.reactor, close_at_shutdown=False
+        )
         self._mailer = config.mailer(self.reactor)
         self.worker = RelayWorker(
             queue,
@@ -157,6 +164,7 @@ class RelayService(MultiService):
             age=self._age,
             reactor=self.reactor,  # type: ignore[arg-type]
             on_outcome=self._outcome,
+            suppression=self.suppression,
         )
         self._watch_other_writers()
         self._worker_done = self.worker.run()
@@ -192,6 +200,11 @@ class RelayService(MultiService):
             port = await serverFromString(self.reactor, config.http).listen(site)
             self.ports.append(port)
             self._log_listening("HTTP (API, status page, health and metrics)", port)
+        if config.public_http is not None and config.unsubscribe_tokens is not None:
+            site = make_public_site(config.unsubscribe_tokens, self.suppression)
+            port = await serverFromString(self.reactor, config.public_http).listen(site)
+            self.ports.append(port)
+            self._log_listening("one-click unsubscribe (public)", port)
         if config.submission is not None:
             clock = IReactorTime(self.reactor)
             self.submission = SubmissionFactory(
@@ -451,6 +464,8 @@ class RelayService(MultiService):
             self._notifier = None
         if self._mailer is not None:
             await self._mailer.close()
+        if self.suppression is not None:
+            await self.suppression.close()
         if self.queue is not None:
             await self.queue.close()
         self.lock.release()

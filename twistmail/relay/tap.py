@@ -28,6 +28,7 @@ from .config import DAY, RelayConfig
 
 if TYPE_CHECKING:
     from ..dkim import DkimSigner
+    from ..unsubscribe.tokens import TokenBox
 
 __all__ = ["Options", "makeService"]
 
@@ -164,6 +165,21 @@ class Options(usage.Options):
             None,
             "tcp:8025:interface=127.0.0.1",
             "health and metrics (a Twisted endpoint, or none), e.g. --http tcp:9025",
+        ],
+        [
+            "public-http",
+            None,
+            "none",
+            "the one-click unsubscribe routes only (no API token; put it behind TLS "
+            "termination at the https URL of send --unsubscribe-url), e.g. "
+            "--public-http tcp:8026:interface=127.0.0.1 (needs --secret-file)",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            "the unsubscribe token keys (KEY_ID:SECRET a line, the first signs), shared with "
+            "twistmail send --secret-file",
         ],
         [
             "concurrency",
@@ -360,9 +376,10 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         raise usage.UsageError("--max-connections-per-client must be at most --max-connections")
     dkim = _dkim_signer(opts["dkim"], opts["dkim-missing"])
     endpoints = {}
-    for name in ("submission", "http"):
+    for name in ("submission", "http", "public-http"):
         value = opts[name].strip()
         endpoints[name] = None if value.lower() == "none" else value
+    unsubscribe_tokens = _unsubscribe_tokens(endpoints["public-http"], opts["secret-file"])
     http = endpoints["http"]
     if http is not None and not opts["api-token-file"] and not loopback_only(http):
         raise usage.UsageError(
@@ -400,7 +417,23 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         shutdown_timeout=opts["shutdown-timeout"],
         bounces=not opts["no-bounces"],
         dkim=dkim,
+        public_http=endpoints["public-http"],
+        unsubscribe_tokens=unsubscribe_tokens,
     )
+
+
+def _unsubscribe_tokens(public_http: str | None, secret_file: str | None) -> TokenBox | None:
+    """The token keys of ``--secret-file`` (read now); UsageError naming what is wrong."""
+    if public_http is None:
+        return None
+    if not secret_file:
+        raise usage.UsageError("--public-http needs --secret-file (the unsubscribe token keys)")
+    from ..unsubscribe.tokens import SecretError, TokenBox
+
+    try:
+        return TokenBox.from_file(secret_file)
+    except SecretError as e:
+        raise usage.UsageError(f"--secret-file: {e}") from None
 
 
 def _dkim_signer(options: list[str], missing: str) -> DkimSigner | None:
