@@ -563,3 +563,30 @@ async def test_campaigns_that_cannot_be_read_leave_the_rest_of_the_page(
     assert count(html, "queued") == 1
     assert 'id="campaigns" class="bad">The campaigns cannot be read now.<' in html
     assert "locked" not in html
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_queue_and_the_campaigns_are_read_together(
+    page: Page, http: HTTPClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overview, campaign_status = page.queue.overview, page.queue.campaign_status
+    asked: list[tuple[str, bool]] = []
+    answered = defer.Deferred[None]()
+
+    def slow_overview(*args: Any, **kwargs: Any) -> Any:
+        asked.append(("overview", answered.called))
+        reactor.callLater(0.05, answered.callback, None)  # type: ignore[attr-defined]
+        return answered.addCallback(lambda _: overview(*args, **kwargs))
+
+    def campaigns(*args: Any, **kwargs: Any) -> Any:
+        asked.append(("campaigns", answered.called))
+        return campaign_status(*args, **kwargs)
+
+    monkeypatch.setattr(page.queue, "overview", slow_overview)
+    monkeypatch.setattr(page.queue, "campaign_status", campaigns)
+    value = await log_in(http, page)
+    code, html, _ = await request(http, "GET", page.base + "/", cookie=value)
+    assert code == 200
+    assert 'id="campaigns">No campaign is running.<' in html
+    # The campaigns were asked for before the overview answered.
+    assert asked == [("overview", False), ("campaigns", False)]
