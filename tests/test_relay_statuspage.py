@@ -590,3 +590,17 @@ async def test_the_queue_and_the_campaigns_are_read_together(
     assert 'id="campaigns">No campaign is running.<' in html
     # The campaigns were asked for before the overview answered.
     assert asked == [("overview", False), ("campaigns", False)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_the_limit_the_page_says_how_many_more_campaigns_run(
+    sqlite_page: Page, http: HTTPClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twistmail.relay import statuspage
+
+    monkeypatch.setattr(statuspage, "CAMPAIGNS_SHOWN", 2)
+    idents = [await store_campaign(sqlite_page, tmp_path, f"c{n}", _many_rows(1)) for n in range(3)]
+    value = await log_in(http, sqlite_page)
+    _, html, _ = await request(http, "GET", sqlite_page.base + "/", cookie=value)
+    assert list(shown_campaigns(html)) == idents[:2]
+    assert 'id="campaigns-more" class="muted">1 more running campaign is not shown' in html
