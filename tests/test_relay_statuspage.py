@@ -4,7 +4,9 @@ the login, the session cookie, the Origin and Host checks, what the page shows, 
 
 from __future__ import annotations
 
+import io
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,18 +14,23 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from markupsafe import escape
+from test_cli_e2e import _many_rows, write_campaign
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from twistmail.merge.queued import send
+from twistmail.merge.run import SendOptions
 from twistmail.message import envelope_from_bytes
-from twistmail.queue import Outcome
+from twistmail.queue import Outcome, QueueError, SqliteQueue
+from twistmail.queue.campaigns import CampaignStatus
 from twistmail.queue.memory import MemoryQueue
 from twistmail.relay.http import Access, make_http, make_site
 from twistmail.relay.metrics import RelayMetrics
 from twistmail.relay.sessions import Sessions
-from twistmail.relay.statuspage import DeliveryHistory, StatusPage
+from twistmail.relay.statuspage import CAMPAIGN_STATES, DeliveryHistory, StatusPage
 from twistmail.relay.tokens import TokenChecker, hash_token, new_token
 
 TOKEN = new_token()
@@ -42,16 +49,21 @@ class Clock:
 class Page:
     base: str
     origin: bytes
-    queue: MemoryQueue
+    queue: Any
     clock: Clock
     tokens: Path | None
     history: DeliveryHistory
     wakes: list[int] = field(default_factory=list)
 
 
-def _serve(tmp_path: Path, *, tokens: bool) -> Iterator[Page]:
+def _serve(tmp_path: Path, *, tokens: bool, sqlite: bool = False) -> Iterator[Page]:
     clock = Clock()
-    queue = MemoryQueue(clock=clock)
+    queue: Any = MemoryQueue(clock=clock)
+    if sqlite:  # an hour ahead of the wall clock, which the CLI queues campaigns on: all due
+        clock.now = time.time() + 3600
+        queue = pytest_twisted.blockon(
+            SqliteQueue.open(tmp_path / "queue.db", clock=clock, reactor=reactor)
+        )
     checker = path = None
     if tokens:
         path = tmp_path / "tokens"
@@ -75,6 +87,8 @@ def _serve(tmp_path: Path, *, tokens: bool) -> Iterator[Page]:
     page.origin = page.base.encode()
     yield page
     pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+    if sqlite:
+        pytest_twisted.blockon(queue.close())
 
 
 @pytest.fixture
@@ -85,6 +99,11 @@ def page(tmp_path: Path) -> Iterator[Page]:
 @pytest.fixture
 def open_page(tmp_path: Path) -> Iterator[Page]:
     yield from _serve(tmp_path, tokens=False)
+
+
+@pytest.fixture
+def sqlite_page(tmp_path: Path) -> Iterator[Page]:
+    yield from _serve(tmp_path, tokens=True, sqlite=True)
 
 
 @pytest.fixture
@@ -376,3 +395,212 @@ def test_over_tls_the_cookie_is_secure_and_the_origin_is_https() -> None:
     assert not same_origin(request)  # the page is https: an http page is another origin
     request.requestHeaders.setRawHeaders(b"origin", [b"https://relay.test:8025"])
     assert same_origin(request)
+
+
+# Campaigns -------------------------------------------------------------------------------------
+
+
+async def store_campaign(page: Page, tmp_path: Path, name: str, rows: list[dict[str, str]]) -> str:
+    """A campaign queued as ``twistmail send CSV TEMPLATE --queue sqlite:... --enqueue-only``
+    queues it (the same code, in this process); its id."""
+    folder = tmp_path / f"campaign-{len(list(tmp_path.glob('campaign-*')))}"
+    folder.mkdir()
+    csv_path, template_path = write_campaign(folder, rows)
+    out = io.StringIO()
+    options = SendOptions(
+        csv_path=csv_path,
+        template_path=template_path,
+        smtp_url="smtp://127.0.0.1:1",  # never used: --enqueue-only
+        queue_url=f"sqlite:{tmp_path / 'queue.db'}",
+        enqueue_only=True,
+        campaign=name,
+        out=out,
+    )
+    await send(options, reactor)
+    assert f"campaign {name}: " in out.getvalue(), out.getvalue()
+    campaign = await page.queue.campaign(name)
+    assert campaign is not None
+    return str(campaign.id)
+
+
+async def deliver(page: Page, states: list[str]) -> None:
+    """Claim as many messages as ``states`` has and record each with its state."""
+    claimed = await page.queue.claim("w", len(states), lease=60)
+    assert len(claimed) == len(states)
+    for claim, state in zip(claimed, states, strict=True):
+        code = {"sent": 250, "deferred": 451, "failed": 550}[state]
+        outcome = Outcome(
+            id=claim.id,
+            fence=claim.fence,
+            state=state,  # type: ignore[arg-type]
+            attempts=1,
+            code=code,
+            response=state,
+            retry_in=600.0 if state == "deferred" else 0.0,
+            recipients=tuple(
+                (i, "pending" if state == "deferred" else state, code, state)
+                for i in range(len(claim.envelope.recipients))
+            ),
+        )
+        assert await page.queue.record("w", outcome)
+
+
+def shown_campaigns(html: str) -> dict[str, dict[str, str]]:
+    """The campaign table's rows by campaign id: each cell by its state or class."""
+    table = re.search(r'<table id="campaigns">(.*?)</table>', html, re.DOTALL)
+    if table is None:
+        return {}
+    rows = {}
+    for ident, row in re.findall(r'<tr id="campaign-(\w+)">(.*?)</tr>', table.group(1), re.DOTALL):
+        cells = dict(re.findall(r'<td class="n" data-state="(\w+)">(\d+)</td>', row))
+        for kind in ("name", "progress", "rate", "eta"):
+            found = re.search(rf'<td class="{kind}">(.*?)</td>', row, re.DOTALL)
+            assert found is not None, (kind, row)
+            cells[kind] = found.group(1)
+        rows[ident] = cells
+    return rows
+
+
+def expected(status: CampaignStatus) -> dict[str, str]:
+    """What the page should show of ``status``."""
+    done = status.total - status.waiting
+    cells = {s: str(status.counts.get(s, 0)) for s in CAMPAIGN_STATES}
+    cells["total"] = str(status.total)
+    cells["name"] = str(escape(status.campaign.name))
+    cells["progress"] = (
+        f'<progress value="{done}" max="{status.total}"></progress> '
+        f"{round(100 * done / status.total, 1)} %"
+    )
+    cells["rate"] = f"{round(status.rate * 60)} rows/min"
+    return cells
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_page_shows_running_campaigns_as_the_queue_reports_them(
+    sqlite_page: Page, http: HTTPClient, tmp_path: Path
+) -> None:
+    page = sqlite_page
+    value = await log_in(http, page)
+    _, html, _ = await request(http, "GET", page.base + "/", cookie=value)
+    assert 'id="campaigns">No campaign is running.<' in html
+    # An old campaign, sent entirely more than a minute ago: no longer running.
+    old = await store_campaign(page, tmp_path, "autumn", _many_rows(2))
+    await deliver(page, ["sent", "sent"])
+    page.clock.now += 120
+    # One finished just now, and one under way, with a row the CLI found invalid.
+    just = await store_campaign(page, tmp_path, "summer", _many_rows(1))
+    await deliver(page, ["sent"])
+    rows = [*_many_rows(6), {"email": "not-an-address", "name": "X", "code": "0"}]
+    busy = await store_campaign(page, tmp_path, "spring", rows)
+    await deliver(page, ["sent", "sent", "deferred", "failed"])
+    _, html, _ = await request(http, "GET", page.base + "/", cookie=value)
+    shown = shown_campaigns(html)
+    statuses = {s.campaign.id: s for s in await page.queue.campaign_status(unsent=0)}
+    assert set(statuses) == {old, just, busy}
+    assert list(shown) == [just, busy]  # the queue's order: oldest first
+    for ident, cells in shown.items():
+        want = expected(statuses[ident])
+        assert {k: v for k, v in cells.items() if k not in ("name", "eta")} == {
+            k: v for k, v in want.items() if k != "name"
+        }
+        assert cells["name"].startswith(want["name"] + "<br>")
+    counted = {state: shown[busy][state] for state in [*CAMPAIGN_STATES, "total"]}
+    assert counted == {
+        "pending": "2",
+        "deferred": "1",
+        "sent": "2",
+        "failed": "1",
+        "invalid": "1",
+        "duplicate": "0",
+        "total": "7",
+    }
+    assert shown[busy]["progress"].endswith("> 57.1 %")  # 4 of 7 rows settled
+    # 2 rows sent in the last minute: the 3 waiting ones in 90 s.
+    assert shown[busy]["rate"] == "2 rows/min"
+    assert statuses[busy].eta == 90.0
+    assert shown[busy]["eta"] == "90 s"
+    assert shown[just]["eta"] == "done"
+    # A minute later nothing is sent lately: the ETA is unknown, and "summer" is over.
+    page.clock.now += 61
+    _, html, _ = await request(http, "GET", page.base + "/", cookie=value)
+    shown = shown_campaigns(html)
+    assert list(shown) == [busy]
+    assert shown[busy]["eta"] == "unknown: nothing sent in the last minute"
+    assert shown[busy]["rate"] == "0 rows/min"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_campaign_name_with_html_in_it_is_shown_as_text(
+    sqlite_page: Page, http: HTTPClient, tmp_path: Path
+) -> None:
+    name = '<script>alert(1)</script><b title="x">&amp;'
+    ident = await store_campaign(sqlite_page, tmp_path, name, _many_rows(2))
+    value = await log_in(http, sqlite_page)
+    code, html, headers = await request(http, "GET", sqlite_page.base + "/", cookie=value)
+    assert code == 200
+    assert "<script>" not in html
+    assert '<b title="x">' not in html
+    shown = shown_campaigns(html)
+    assert shown[ident]["name"].startswith(
+        "&lt;script&gt;alert(1)&lt;/script&gt;&lt;b title=&#34;x&#34;&gt;&amp;amp;<br>"
+    )
+    assert headers.getRawHeaders(b"content-security-policy")[0].startswith(b"default-src 'none';")
+
+
+@pytest_twisted.ensureDeferred
+async def test_campaigns_that_cannot_be_read_leave_the_rest_of_the_page(
+    page: Page, http: HTTPClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await page.queue.enqueue([envelope(1)])
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        return defer.fail(QueueError("the campaigns table is locked"))
+
+    monkeypatch.setattr(page.queue, "campaign_status", broken)
+    value = await log_in(http, page)
+    code, html, _ = await request(http, "GET", page.base + "/", cookie=value)
+    assert code == 200
+    assert count(html, "queued") == 1
+    assert 'id="campaigns" class="bad">The campaigns cannot be read now.<' in html
+    assert "locked" not in html
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_queue_and_the_campaigns_are_read_together(
+    page: Page, http: HTTPClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overview, campaign_status = page.queue.overview, page.queue.campaign_status
+    asked: list[tuple[str, bool]] = []
+    answered = defer.Deferred[None]()
+
+    def slow_overview(*args: Any, **kwargs: Any) -> Any:
+        asked.append(("overview", answered.called))
+        reactor.callLater(0.05, answered.callback, None)  # type: ignore[attr-defined]
+        return answered.addCallback(lambda _: overview(*args, **kwargs))
+
+    def campaigns(*args: Any, **kwargs: Any) -> Any:
+        asked.append(("campaigns", answered.called))
+        return campaign_status(*args, **kwargs)
+
+    monkeypatch.setattr(page.queue, "overview", slow_overview)
+    monkeypatch.setattr(page.queue, "campaign_status", campaigns)
+    value = await log_in(http, page)
+    code, html, _ = await request(http, "GET", page.base + "/", cookie=value)
+    assert code == 200
+    assert 'id="campaigns">No campaign is running.<' in html
+    # The campaigns were asked for before the overview answered.
+    assert asked == [("overview", False), ("campaigns", False)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_the_limit_the_page_says_how_many_more_campaigns_run(
+    sqlite_page: Page, http: HTTPClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twistmail.relay import statuspage
+
+    monkeypatch.setattr(statuspage, "CAMPAIGNS_SHOWN", 2)
+    idents = [await store_campaign(sqlite_page, tmp_path, f"c{n}", _many_rows(1)) for n in range(3)]
+    value = await log_in(http, sqlite_page)
+    _, html, _ = await request(http, "GET", sqlite_page.base + "/", cookie=value)
+    assert list(shown_campaigns(html)) == idents[:2]
+    assert 'id="campaigns-more" class="muted">1 more running campaign is not shown' in html

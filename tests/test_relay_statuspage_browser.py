@@ -1,5 +1,6 @@
 """The status page in a real headless browser (Debian's chromium through chromium-driver and
-Selenium) against the real ``twistd twistmail``: the login, the counts against the API, retry.
+Selenium) against the real ``twistd twistmail``: the login, the counts against the API, retry,
+and a campaign handed to the relay by ``twistmail send --queue``.
 
 ``scripts/test`` installs chromium and chromium-driver when they are missing and it runs as
 root (as CI does). Under ``CI`` a missing browser fails the test; elsewhere it is skipped with
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +24,7 @@ from relay_process import RelayProcess
 from servers import CueServer
 from test_relay_api_process import call, manage_tokens
 from test_relay_auth_http import http_port
+from test_relay_campaigns import TEMPLATE
 from test_relay_delivery import wait_until
 
 HOW = (
@@ -179,4 +184,65 @@ def test_the_status_page_in_a_browser_logs_in_matches_the_api_and_retries(
         browser.delete_all_cookies()
         browser.get(base + "/")
         assert browser.current_url == base + "/login"
+    assert token not in "\n".join(relay.lines)
+
+
+def test_a_campaign_handed_to_the_relay_shows_on_the_page_with_its_counts(
+    browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    tokens = tmp_path / "tokens"
+    token = manage_tokens("add", "ops", tokens).stdout.strip()
+    path = tmp_path / "q.db"
+    (tmp_path / "terms.txt").write_bytes(b"the terms\n")
+    (tmp_path / "message.txt").write_text(TEMPLATE)
+    people = [f"p{i}@example.org,P {i},c{i}" for i in range(5)]
+    (tmp_path / "people.csv").write_text("\n".join(["email,name,code", *people, "bad,X,0"]) + "\n")
+    name = "spring <em>sale"  # no "/": it is part of the API's URL
+    with (
+        CueServer(rcpt_replies_once={"p3": "550 5.1.1 no such user"}) as upstream,
+        RelayProcess(
+            path, upstream.port, "--no-bounces", "--api-token-file", str(tokens),
+            http="tcp:0:interface=127.0.0.1",
+        ) as relay,
+    ):  # fmt: skip
+        port = http_port(relay)
+        handed = subprocess.run(
+            [sys.executable, "-m", "twistmail", "send", "people.csv", "message.txt", "--queue",
+             f"sqlite:{path}", "--enqueue-only", "--campaign", name],
+            capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
+        )  # fmt: skip
+        assert handed.returncode == 1, handed.stdout + handed.stderr  # 1: a row is invalid
+        assert "5 queued now" in handed.stdout
+        quoted = urllib.parse.quote(name, safe="")
+
+        def settled() -> dict[str, Any] | None:
+            status, shown, _ = call(port, f"/v1/campaigns/{quoted}", token=token, method="GET")
+            assert status == 200, shown
+            return shown if shown["counts"].get("pending", 0) == 0 else None
+
+        wait_until(lambda: settled() is not None, what="the campaign to be delivered")
+        shown = settled()
+        assert shown is not None
+        assert shown["counts"] == {"sent": 4, "failed": 1, "invalid": 1}
+
+        browser.get(f"http://127.0.0.1:{port}/login")
+        browser.find_element(By.ID, "token").send_keys(token)
+        browser.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+        wait_until(lambda: browser.current_url.endswith("/"), what="the login to open the page")
+        row = browser.find_element(By.ID, f"campaign-{shown['id']}")
+        assert row.find_element(By.CSS_SELECTOR, "td.name").text.startswith(name)
+        assert browser.find_elements(By.CSS_SELECTOR, "#campaigns em") == []  # text, not markup
+        cells = {
+            cell.get_attribute("data-state"): int(cell.text)
+            for cell in row.find_elements(By.CSS_SELECTOR, "td[data-state]")
+        }
+        assert cells == {
+            **dict.fromkeys(("pending", "deferred", "duplicate"), 0),
+            **shown["counts"],
+            "total": shown["total"],
+        }
+        assert row.find_element(By.CSS_SELECTOR, "td.eta").text == "done"
+        assert row.find_element(By.CSS_SELECTOR, "td.rate").text == "4 rows/min"
     assert token not in "\n".join(relay.lines)

@@ -1,10 +1,12 @@
 """The relay's status page: ``GET /`` in a browser, for the person running the relay.
 
 It shows the queue's counts by state, the delivery attempts per minute over the last hour, the
-oldest message not yet settled, the upstream's health and the last failures with their
-reasons, each with a button that puts the message back in the queue; it reloads itself every
-:data:`REFRESH` seconds. Rendered with Jinja2, autoescaped: every queue value (addresses,
-reply texts) is text, never markup.
+oldest message not yet settled, the upstream's health, the running CSV campaigns (those with
+rows still waiting, or with rows sent in the last minute: each with its counts by state,
+progress, recent rate and ETA) and the last failures with their reasons, each with a button
+that puts the message back in the queue; it reloads itself every :data:`REFRESH` seconds.
+Rendered with Jinja2, autoescaped: every queue value (addresses, reply texts, campaign names)
+is text, never markup.
 
 Access, when the relay has a token file: ``GET /login`` is a form that POSTs an API token (in
 the body, never in a URL: URLs are logged); a good token gets a signed session cookie
@@ -14,9 +16,11 @@ retry) must carry an ``Origin`` naming this very page, or is refused with 403 (c
 request forgery). Every route answers only to the ``Host`` names the API answers to (421).
 Without a token file (a relay on loopback only) the page is open, and the Origin check stays.
 
-Queue reads go through the store (:meth:`~twistmail.interfaces.IQueue.overview`, on its
-thread); the deliveries per minute are counted in memory by :class:`DeliveryHistory`, fed by
-the relay with each recorded attempt (a restart starts them again).
+Queue reads go through the store (:meth:`~twistmail.interfaces.IQueue.overview` and
+:meth:`~twistmail.interfaces.IQueue.campaign_status`, asked together, on its thread; a
+campaign read that fails leaves the rest of the page shown); the deliveries per minute are
+counted in memory by :class:`DeliveryHistory`, fed by the relay with each recorded attempt (a
+restart starts them again).
 """
 
 from __future__ import annotations
@@ -31,17 +35,17 @@ from typing import Any, Final
 import jinja2
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from ..interfaces import IQueue
+from ..queue.campaigns import CampaignStatus
 from ..queue.records import QueueOverview
 from .http import Access, Health
 from .problems import problem
 from .sessions import COOKIE, Sessions
 from .tracking import MAX_ID
 
-__all__ = ["REFRESH", "DeliveryHistory", "Minute", "StatusPage"]
+__all__ = ["CAMPAIGN_STATES", "REFRESH", "DeliveryHistory", "Minute", "StatusPage", "running"]
 
 log = Logger()
 
@@ -49,6 +53,11 @@ REFRESH: Final = 10
 """Seconds between the page's reloads of itself."""
 
 FAILURES_SHOWN: Final = 20
+CAMPAIGNS_SHOWN: Final = 20
+"""Running campaigns listed at most (the oldest first); the page says how many more run."""
+
+CAMPAIGN_STATES: Final = ("pending", "deferred", "sent", "failed", "invalid", "duplicate")
+"""A campaign row's states, in the order of the page's columns."""
 MAX_TOKEN_FIELD: Final = 512
 
 _HEADERS: Final = {
@@ -128,6 +137,12 @@ def _duration(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds // 3600} h {seconds % 3600 // 60} min"
     return f"{seconds // 86400} days"
+
+
+def running(statuses: list[CampaignStatus]) -> list[CampaignStatus]:
+    """The campaigns of ``statuses`` still running: with rows waiting (pending or deferred),
+    or with rows sent in the last minute (finished just now)."""
+    return [s for s in statuses if s.waiting or s.recent]
 
 
 def _environment() -> jinja2.Environment:
@@ -260,20 +275,35 @@ class StatusPage:
             ask: Callable[[], Any] = self.health
             health: defer.Deferred[Any] = defer.maybeDeferred(ask)
             health.addErrback(lambda f: {"queue_writable": False, "queue_error": str(f.value)})
+            reads: list[defer.Deferred[Any]] = [
+                self.queue.overview(FAILURES_SHOWN),
+                self.queue.campaign_status(unsent=0),
+            ]
+            both: defer.Deferred[Any] = defer.DeferredList(reads, consumeErrors=True)
 
-            def render(view: QueueOverview) -> defer.Deferred[bytes]:
-                return health.addCallback(lambda state: self._render(request, name, view, state))
+            def render(results: list[tuple[bool, Any]]) -> defer.Deferred[bytes] | bytes:
+                (read, view), (listed, campaigns) = results
+                if not read:
+                    log.failure("the status page could not read the queue", view)
+                    return problem(request, 503, "the queue cannot be read now; try again later")
+                if not listed:
+                    log.failure("the status page could not read the campaigns", campaigns)
+                    campaigns = None
+                return health.addCallback(
+                    lambda state: self._render(request, name, view, state, campaigns)
+                )
 
-            def unreadable(failure: Failure) -> bytes:
-                log.failure("the status page could not read the queue", failure)
-                return problem(request, 503, "the queue cannot be read now; try again later")
-
-            return self.queue.overview(FAILURES_SHOWN).addCallback(render).addErrback(unreadable)
+            return both.addCallback(render)
 
         return self.session(request).addCallback(allowed)
 
     def _render(
-        self, request: IRequest, name: str, view: QueueOverview, health: Mapping[str, Any]
+        self,
+        request: IRequest,
+        name: str,
+        view: QueueOverview,
+        health: Mapping[str, Any],
+        campaigns: list[CampaignStatus] | None,
     ) -> bytes:
         now = self._clock()
         minutes = self.history.minutes()
@@ -303,6 +333,9 @@ class StatusPage:
             },
             health=health,
             notice=notice,
+            campaigns=None if campaigns is None else running(campaigns),
+            campaigns_shown=CAMPAIGNS_SHOWN,
+            campaign_states=CAMPAIGN_STATES,
         )
 
     # ------------------------------------------------------------------ logging in and out
