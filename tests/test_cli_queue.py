@@ -105,7 +105,8 @@ def test_validated_sent_reported_and_resumed_from_a_fixed_resorted_csv(
 def test_failed_rows_go_again_only_with_retry_failed(
     cue_server: Cue, tmp_path: Path, queue_url: str
 ) -> None:
-    server = cue_server(rcpt_replies_once={"bob": "550 5.1.1 no such user"})
+    # 5.7.1, not 5.1.1: a refusal that does not suppress the address, so it can be retried.
+    server = cue_server(rcpt_replies_once={"bob": "550 5.7.1 no such user"})
     url = f"smtp://127.0.0.1:{server.port}"
     csv_path, template_path = write_campaign(tmp_path, _rows("ann", "bob"))
     send = ("send", csv_path, template_path, "--queue", queue_url, "--smtp", url)

@@ -192,7 +192,7 @@ def test_track_retry_and_cancel_through_the_real_relay(tmp_path: Path) -> None:
         status, shown, _ = call(port, f"/v1/messages/{sent_id}", token=None, method="GET")
         assert (status, shown["state"], shown["attempts"]) == (200, "failed", 1)
         (rcpt,) = shown["recipients"]
-        assert (rcpt["code"], rcpt["enhanced"], rcpt["text"]) == (550, "5.1.1", "no such user")
+        assert (rcpt["code"], rcpt["enhanced"], rcpt["text"]) == (550, "5.7.1", "no such user")
         status, listed, _ = call(port, "/v1/messages?state=failed", token=None, method="GET")
         assert [m["id"] for m in listed["messages"]] == [sent_id]
         # The refusal was once only: a retry delivers it.

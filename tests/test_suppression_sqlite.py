@@ -10,6 +10,7 @@ import pytest_twisted
 
 from twistmail.message import envelope_from_bytes
 from twistmail.queue import SqliteQueue
+from twistmail.queue.sqlite import SCHEMA_VERSION
 from twistmail.suppression import (
     MANUAL,
     SqliteSuppressionList,
@@ -50,7 +51,7 @@ async def test_in_a_queue_file_the_queue_keeps_working_and_its_version(tmp_path:
     with sqlite3.connect(path) as conn:
         meta = dict(conn.execute("SELECT key, value FROM meta"))
     assert meta["kind"] == "twistmail-spool"
-    assert meta["schema_version"] == "4"
+    assert meta["schema_version"] == SCHEMA_VERSION
     assert meta["suppression_schema"] == "1"
     reopened = await SqliteQueue.open(path, create=False)
     assert (await reopened.summary()).counts["queued"] == 1

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="show a journal's (or a queue's campaigns') counts and the recipients not yet sent",
-        description="Examples: twistmail status recipients.journal.db; "
+        description="Example: twistmail status recipients.journal.db; for campaigns in a queue: "
         "twistmail status --queue postgresql://mail@db/mail [CAMPAIGN]",
         epilog="exit status: 0 every row of the campaign was sent; 1 some rows are not sent "
         "(failed, invalid, deferred or pending); 2 the journal or queue cannot be read.",
