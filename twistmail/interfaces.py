@@ -19,8 +19,9 @@ if TYPE_CHECKING:  # annotations only: the queue records import the message mode
         QueueRow,
         QueueSummary,
     )
+    from .suppression.records import Suppression
 
-__all__ = ["IBackend", "IQueue"]
+__all__ = ["IBackend", "IQueue", "ISuppressionList"]
 
 
 class IBackend(Interface):
@@ -160,3 +161,52 @@ class IQueue(Interface):
 
         Afterwards every other method fails with :class:`twistmail.queue.QueueError`.
         """
+
+
+class ISuppressionList(Interface):
+    """Addresses not to send to: a store that outlives campaigns, checked before every send.
+
+    Entries (:class:`twistmail.suppression.Suppression`) are keyed by normalized address
+    (:func:`twistmail.suppression.suppression_key`) and list id: an ``unsubscribed`` entry
+    with a list id applies to mail of that list only (the message's ``List-Id``); every other
+    entry (list id ``""``: hard bounces, complaints, manual entries, an unsubscribe from all
+    mail) applies to all mail. Every method returns a Deferred; a store's disk or network work
+    never runs on the reactor thread. Times are the store's clock.
+
+    Implementations: :class:`twistmail.suppression.SqliteSuppressionList` (a SQLite file: its
+    own, or a queue's), :class:`twistmail.queue.postgres_suppression.PostgresSuppressionList`
+    (a PostgreSQL queue's schema) and :class:`twistmail.testing.MemorySuppressionList`.
+    """
+
+    def add(entries: Sequence[Suppression]) -> Deferred[int]:
+        """Store ``entries``; fires with how many were new, once committed (durably).
+
+        An entry whose address and list id are already there is left as it was (the first
+        reason and time are kept). Addresses and list ids are normalized; an entry that cannot
+        be stored (not an address, unknown reason, a list id on a reason that applies to all
+        mail) fails the whole call with :class:`~twistmail.suppression.SuppressionError`
+        naming it, storing none.
+        """
+
+    def remove(address: str, list_id: str | None = None) -> Deferred[int]:
+        """Remove ``address``'s entry for ``list_id`` ("" the all-mail one), or every entry
+        of it when ``list_id`` is None; fires with how many were removed."""
+
+    def check(addresses: Iterable[str], list_id: str = "") -> Deferred[dict[str, Suppression]]:
+        """Which of ``addresses`` mail on list ``list_id`` ("" for mail of no list) must not
+        go to: fires with their entries keyed by normalized address.
+
+        All-mail entries match whatever the list; an unsubscribe from list L matches only
+        ``list_id`` L. When both match, the all-mail entry is given. A value that is not an
+        address matches nothing.
+        """
+
+    def entries(
+        *, after: tuple[str, str] | None = None, limit: int = 1000
+    ) -> Deferred[list[Suppression]]:
+        """Up to ``limit`` entries ordered by (address, list id), those after ``after`` (the
+        last one's ``(address, list_id)``) only: stable paging for listing and export."""
+
+    def close() -> Deferred[None]:
+        """Release the store; idempotent. Afterwards every other method fails with
+        :class:`~twistmail.suppression.SuppressionError`."""

@@ -23,6 +23,9 @@ SQLite queue keeps) for code that enqueues or works a queue, driven by an inject
 
     clock = task.Clock()
     queue = MemoryQueue(clock=clock.seconds)
+
+:class:`MemorySuppressionList` is an in-memory
+:class:`~twistmail.interfaces.ISuppressionList`, for code that checks or adds suppressions.
 """
 
 from __future__ import annotations
@@ -61,8 +64,16 @@ from zope.interface import implementer
 from twistmail._twisted import Reactor, default_reactor, when_done
 from twistmail.backends.locmem import OutboxMessage, outbox
 from twistmail.queue.memory import MemoryQueue
+from twistmail.suppression.memory import MemorySuppressionList
 
-__all__ = ["CaptureServer", "CapturedMessage", "MemoryQueue", "OutboxMessage", "outbox"]
+__all__ = [
+    "CaptureServer",
+    "CapturedMessage",
+    "MemoryQueue",
+    "MemorySuppressionList",
+    "OutboxMessage",
+    "outbox",
+]
 
 _HOSTNAME = b"localhost"
 

@@ -95,6 +95,16 @@ _SCHEMA: Final[tuple[str, ...]] = (
         PRIMARY KEY (scope, key)
     )""",
     "CREATE INDEX idempotency_created ON idempotency (created_at)",
+    # The suppression list (twistmail.queue.postgres_suppression): "" list_id = all mail.
+    """CREATE TABLE suppressions (
+        address text NOT NULL,
+        list_id text NOT NULL DEFAULT '',
+        reason text NOT NULL
+            CHECK (reason IN ('unsubscribed', 'hard-bounce', 'complaint', 'manual')),
+        detail text NOT NULL DEFAULT '',
+        created_at float8 NOT NULL,
+        PRIMARY KEY (address, list_id)
+    )""",
 )
 
 # From each older schema version to the next (none yet: version 1 is the first).

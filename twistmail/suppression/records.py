@@ -1,0 +1,118 @@
+"""What a suppression list holds: entries, reasons, and the keys addresses and lists go by.
+
+Pure (no I/O). Shared by every :class:`~twistmail.interfaces.ISuppressionList` store, so each
+keys addresses and lists exactly alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Final, Literal
+
+from ..address import Address, mailbox_key
+from ..errors import AddressError, TwistmailError
+
+__all__ = [
+    "COMPLAINT",
+    "HARD_BOUNCE",
+    "MANUAL",
+    "REASONS",
+    "UNSUBSCRIBED",
+    "Reason",
+    "Suppression",
+    "SuppressionError",
+    "checked",
+    "list_key",
+    "suppression_key",
+]
+
+Reason = Literal["unsubscribed", "hard-bounce", "complaint", "manual"]
+
+UNSUBSCRIBED: Final = "unsubscribed"
+"""The recipient unsubscribed from a list (``list_id``); from all mail when ``list_id`` is ""."""
+HARD_BOUNCE: Final = "hard-bounce"
+"""A server said the mailbox does not exist (5.1.1, 5.1.3, 5.1.6): applies to all mail."""
+COMPLAINT: Final = "complaint"
+"""The recipient reported mail as spam (a feedback-loop report): applies to all mail."""
+MANUAL: Final = "manual"
+"""Added by hand (``twistmail suppress add``): applies to all mail."""
+
+REASONS: Final[tuple[Reason, ...]] = (UNSUBSCRIBED, HARD_BOUNCE, COMPLAINT, MANUAL)
+
+MAX_DETAIL: Final = 1000
+"""Characters of ``detail`` kept (a server's reply can be long)."""
+MAX_LIST_ID: Final = 255
+
+
+class SuppressionError(TwistmailError, ValueError):
+    """A suppression entry that cannot be stored, or a store that cannot be used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """One entry: mail to ``address`` (on ``list_id``, or all mail) is not to be sent.
+
+    ``address`` is the normalized mailbox (:func:`suppression_key`); ``list_id`` is "" for an
+    entry that applies to all mail, else the list an unsubscribe applies to (:func:`list_key`).
+    Only an ``unsubscribed`` entry may name a list. ``created_at`` is seconds since the epoch
+    (None when adding: the store's now). ``detail`` says where it came from (a server's reply,
+    "one-click", a person's note).
+    """
+
+    address: str
+    reason: Reason
+    list_id: str = ""
+    created_at: float | None = None
+    detail: str = ""
+
+    @property
+    def applies_to_all_mail(self) -> bool:
+        """Whether this entry blocks every message to the address, not just one list's."""
+        return not self.list_id
+
+
+def suppression_key(address: Address | str) -> str:
+    """The normalized mailbox entries are keyed by (:func:`twistmail.address.mailbox_key`).
+
+    Raises :class:`SuppressionError` naming ``address`` when it is not one valid address.
+    """
+    try:
+        key = mailbox_key(address)
+    except AddressError as e:
+        raise SuppressionError(f"{str(address)!r} is not an address: {e}") from None
+    if not key:
+        raise SuppressionError("the null address <> cannot be suppressed")
+    return key
+
+
+_ANGLED = re.compile(r"<([^<>]*)>")
+
+
+def list_key(value: str) -> str:
+    """The list id a ``List-Id`` header value (``Name <id.example.org>``) or a bare id names,
+    lower-cased; "" for an empty value."""
+    match = _ANGLED.search(value)
+    key = (match.group(1) if match else value).strip().lower()
+    if len(key) > MAX_LIST_ID or any(ord(c) < 0x21 or ord(c) == 0x7F for c in key):
+        raise SuppressionError(f"list id {value!r} is not a list id (RFC 2919)")
+    return key
+
+
+def checked(entry: Suppression) -> Suppression:
+    """``entry`` with its address and list normalized; :class:`SuppressionError` naming the
+    field when an entry cannot be stored."""
+    if entry.reason not in REASONS:
+        raise SuppressionError(
+            f"reason {entry.reason!r} for {entry.address!r}: expected one of {', '.join(REASONS)}"
+        )
+    list_id = list_key(entry.list_id)
+    if list_id and entry.reason != UNSUBSCRIBED:
+        raise SuppressionError(
+            f"{entry.address!r}: a {entry.reason} applies to all mail, not to list {list_id!r}"
+        )
+    address = suppression_key(entry.address)
+    detail = entry.detail[:MAX_DETAIL]
+    if (address, list_id, detail) == (entry.address, entry.list_id, entry.detail):
+        return entry
+    return replace(entry, address=address, list_id=list_id, detail=detail)
