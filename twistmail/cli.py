@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 
+from .bounces.command import add_bounces_parser
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
 
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_parser(sub)
     _users_parser(sub)
     add_dkim_parser(sub)
+    add_bounces_parser(sub)
     _tokens_parser(sub)
     sub.add_parser(
         "serve",
@@ -588,6 +590,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(dkim_main(args, sys.stdout, sys.stderr))
     if args.command == "worker":
         _worker_main(args)
+        return
+    if args.command == "bounces":
+        from .bounces.command import bounces_main
+
+        _react_exit(lambda reactor: bounces_main(args, reactor, sys.stdout, sys.stderr))
         return
     if args.command == "users":
         from .relay.users import users_command

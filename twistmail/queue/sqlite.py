@@ -55,7 +55,13 @@ from .._twisted import Reactor, default_reactor
 from ..address import Address, parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
-from ._sqlite_status import cancel_message, list_messages, one_message, retry_message
+from ._sqlite_status import (
+    bounce_recipient,
+    cancel_message,
+    list_messages,
+    one_message,
+    retry_message,
+)
 from .records import (
     MESSAGE_STATES,
     ClaimedMessage,
@@ -658,6 +664,16 @@ class SqliteQueue:
     def cancel(self, message: int, reason: str) -> defer.Deferred[str]:
         """Fail message ``message`` if it is queued or deferred (see IQueue)."""
         return self._write(lambda conn, now: cancel_message(message, reason, conn, now))
+
+    def bounce(
+        self, message: int, position: int, *, failed: bool, code: int | None, response: str
+    ) -> defer.Deferred[str | None]:
+        """A bounce for a delivered recipient: ``failed`` makes it ``failed`` with ``code`` and
+        ``response``, else ``response`` is recorded as news; fires with its address (None:
+        no such recipient)."""
+        return self._write(
+            lambda conn, now: bounce_recipient(message, position, failed, code, response, conn, now)
+        )
 
     def take_back(self, owner_prefix: str) -> defer.Deferred[int]:
         """Give back at once every claim of the owners whose token starts with
