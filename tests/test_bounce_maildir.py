@@ -82,7 +82,7 @@ async def test_a_bounce_at_a_verp_return_path_fails_the_queued_recipient(tmp_pat
     queue, message = await sent_queue(queue_path, "ok@example.org", "nobody@example.org")
     await queue.close()
     secret = tmp_path / "secret"
-    secret.write_text("k1 " + "s" * 40 + "\n")
+    secret.write_text("k1:" + "s" * 40 + "\n")
     path = VERP.for_queued(message, 1, "nobody@example.org")
     dsn = b"Delivered-To: " + path.encode() + b"\r\n" + fixture("postfix-5.1.1-user-unknown.eml")
     box = maildir(tmp_path, {"1.host": dsn})
@@ -122,7 +122,7 @@ def test_a_verp_domain_needs_a_readable_secret_file(tmp_path: Path) -> None:
     done = twistmail("bounces", "--maildir", str(box), "--verp-domain", "b.example.com")
     assert done.returncode == 2
     assert "--verp-domain and --secret-file go together" in done.stderr
-    (tmp_path / "secret").write_text("k1 short\n")
+    (tmp_path / "secret").write_text("k1:short\n")
     done = twistmail(
         "bounces",
         "--maildir",

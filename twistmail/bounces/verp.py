@@ -8,15 +8,17 @@ one return path can use it to have another address suppressed:
 
 ``bounces+K-qID-POS-TAGMAC@domain`` (queued message ``ID``, recipient position ``POS``) or
 ``bounces+K-cCAMPAIGN-ROW-TAGMAC@domain`` (campaign ``CAMPAIGN``'s journal row ``ROW``), where
-``K`` is the key id (keys rotate: every key in the secret file is accepted, the first signs),
-numbers are base 36, ``TAG`` (8 characters) is a keyed hash of the recipient's address and
-``MAC`` (16 characters) an HMAC-SHA256 of the rest (80 bits). All of it is lower case, since
+``K`` names the key (4 characters derived from its id; keys rotate: every key in the secret file
+is accepted, the first signs), numbers are base 36, ``TAG`` (8 characters) is a keyed hash of
+the recipient's address and ``MAC`` (16 characters) an HMAC-SHA256 of the rest (80 bits). All of it is lower case, since
 some servers change the case of a local part, and it stays within the 64 octets RFC 5321
 allows a local part.
 
-The secret file holds one key a line, ``KEYID SECRET`` (``KEYID``: 1-4 lower-case letters or
-digits; ``SECRET``: at least 32 characters, e.g. ``openssl rand -hex 32``); blank lines and
-``#`` comments are ignored; the first key signs.
+The secret file is the one the unsubscribe links use (``--secret-file``): one key a line,
+``KEY_ID:SECRET`` (``KEY_ID``: 1-16 letters, digits, ``-`` or ``_``; ``SECRET``: at least 32
+characters, e.g. ``openssl rand -base64 32``); blank lines and ``#`` comments are ignored; the
+first key signs. The VERP keys are derived from those secrets (HMAC-SHA256 with a label of their
+own), so a return path and an unsubscribe token never share a key.
 """
 
 from __future__ import annotations
@@ -33,18 +35,23 @@ from ..address import mailbox_key
 
 __all__ = ["VerpKeys", "VerpRef", "VerpSigner", "read_verp_keys"]
 
-_KEY_ID = re.compile(r"[a-z0-9]{1,4}")
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _PREFIX = re.compile(r"[a-z0-9][a-z0-9._-]{0,11}")
-_CAMPAIGN = re.compile(r"[a-z0-9]{1,12}")
+_CAMPAIGN = re.compile(r"[a-z0-9]{1,10}")
 _MIN_SECRET: Final = 32
 _TAG_CHARS: Final = 8
 _MAC_CHARS: Final = 16
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
+def _key_ref(key_id: str) -> str:
+    """The 4 lower-case characters naming key ``key_id`` in a return path."""
+    return _b32(hashlib.sha256(b"twistmail-verp-key-id\0" + key_id.encode()).digest()[:3])[:4]
+
+
 @dataclass(frozen=True, slots=True)
 class VerpKeys:
-    """The signing keys: ``current`` signs, every key in ``keys`` verifies."""
+    """The keys of a secret file, ``(key id, secret)``: the first signs, every one verifies."""
 
     keys: tuple[tuple[str, bytes], ...]
 
@@ -53,16 +60,26 @@ class VerpKeys:
             raise ValueError("no VERP key")
         for key_id, secret in self.keys:
             if _KEY_ID.fullmatch(key_id) is None:
-                raise ValueError(f"key id {key_id!r}: expected 1-4 lower-case letters or digits")
+                raise ValueError(f"key id {key_id!r}: expected 1-16 letters, digits, - or _")
             if len(secret) < _MIN_SECRET:
                 raise ValueError(f"key {key_id!r}: the secret must be at least {_MIN_SECRET} bytes")
 
     @property
     def current(self) -> tuple[str, bytes]:
-        return self.keys[0]
+        """The signing key: its reference in return paths and its derived VERP secret."""
+        key_id, secret = self.keys[0]
+        return _key_ref(key_id), _derived(secret)
 
-    def secret(self, key_id: str) -> bytes | None:
-        return next((secret for kid, secret in self.keys if kid == key_id), None)
+    def secret(self, ref: str) -> bytes | None:
+        """The derived VERP secret of the key referred to as ``ref``, if it is listed."""
+        for key_id, secret in self.keys:
+            if hmac.compare_digest(_key_ref(key_id), ref):
+                return _derived(secret)
+        return None
+
+
+def _derived(secret: bytes) -> bytes:
+    return hmac.new(secret, b"twistmail-verp-key", hashlib.sha256).digest()
 
 
 def read_verp_keys(path: str | os.PathLike[str]) -> VerpKeys:
@@ -81,12 +98,11 @@ def read_verp_keys(path: str | os.PathLike[str]) -> VerpKeys:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        key_id, _, secret = text.partition(" ")
-        secret = secret.strip()
-        if _KEY_ID.fullmatch(key_id) is None or len(secret) < _MIN_SECRET:
+        key_id, colon, secret = text.partition(":")
+        if not colon or _KEY_ID.fullmatch(key_id) is None or len(secret) < _MIN_SECRET:
             raise ValueError(
-                f"{name}, line {number}: expected 'KEYID SECRET' (KEYID 1-4 lower-case letters "
-                f"or digits, SECRET at least {_MIN_SECRET} characters)"
+                f"{name}, line {number}: expected KEY_ID:SECRET (KEY_ID: 1-16 letters, digits, "
+                f"- or _; SECRET: at least {_MIN_SECRET} characters)"
             )
         if any(kid == key_id for kid, _ in keys):
             raise ValueError(f"{name}, line {number}: key id {key_id!r} appears twice")
@@ -109,6 +125,7 @@ class VerpRef:
     """The recipient's position in the queued message, or the campaign's journal row id."""
     tag: str
     key_id: str
+    """The reference of the key that signed it (4 characters derived from its id)."""
 
 
 def _base36(number: int) -> str:
@@ -127,7 +144,7 @@ def _b32(data: bytes) -> str:
 
 
 _LOCAL = re.compile(
-    r"(?P<prefix>[a-z0-9._-]+)\+(?P<kid>[a-z0-9]{1,4})-(?P<kind>[qc])(?P<first>[a-z0-9]{1,13})"
+    r"(?P<prefix>[a-z0-9._-]+)\+(?P<kid>[a-z2-7]{4})-(?P<kind>[qc])(?P<first>[a-z0-9]{1,13})"
     r"-(?P<number>[a-z0-9]{1,13})-(?P<tag>[a-z2-7]{8})(?P<mac>[a-z2-7]{16})"
 )
 
@@ -167,9 +184,9 @@ class VerpSigner:
         return self._address("q", _base36(message), position, recipient)
 
     def for_campaign(self, campaign: str, row: int, recipient: str) -> str:
-        """The return path for journal row ``row`` of campaign ``campaign`` (its id's first 12
+        """The return path for journal row ``row`` of campaign ``campaign`` (its id's first 10
         characters are used)."""
-        short = campaign.lower()[:12]
+        short = campaign.lower()[:10]
         if _CAMPAIGN.fullmatch(short) is None:
             raise ValueError(f"campaign id {campaign!r}: letters and digits expected")
         return self._address("c", short, row, recipient)
