@@ -10,9 +10,9 @@ one return path can use it to have another address suppressed:
 ``bounces+K-cCAMPAIGN-ROW-TAGMAC@domain`` (campaign ``CAMPAIGN``'s journal row ``ROW``), where
 ``K`` names the key (4 characters derived from its id; keys rotate: every key in the secret file
 is accepted, the first signs), numbers are base 36, ``TAG`` (8 characters) is a keyed hash of
-the recipient's address and ``MAC`` (16 characters) an HMAC-SHA256 of the rest (80 bits). All of it is lower case, since
-some servers change the case of a local part, and it stays within the 64 octets RFC 5321
-allows a local part.
+the recipient's address and ``MAC`` (16 characters) an HMAC-SHA256 of the rest (80 bits). All
+of it is lower case, since some servers change the case of a local part, and it stays within
+the 64 octets RFC 5321 allows a local part.
 
 The secret file is the one the unsubscribe links use (``--secret-file``): one key a line,
 ``KEY_ID:SECRET`` (``KEY_ID``: 1-16 letters, digits, ``-`` or ``_``; ``SECRET``: at least 32
