@@ -12,6 +12,7 @@ from ..mailer import Mailer
 from ..retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from ..bounces.verp import VerpSigner
     from ..dkim import DkimSigner
 
 __all__ = ["DAY", "RelayConfig"]
@@ -58,6 +59,9 @@ class RelayConfig:
     shutdown_timeout: float = 30.0
     bounces: bool = True
     dkim: DkimSigner | None = None
+    verp: VerpSigner | None = None
+    """``--bounce-domain`` with the ``--secret-file`` keys: bounces to its return paths are
+    accepted from anyone and consumed."""
 
     def retry_policy(self) -> RetryPolicy:
         """Postfix's schedule by default: 300 s doubling to 4,000 s, no attempt limit."""

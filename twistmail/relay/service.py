@@ -109,6 +109,7 @@ class RelayService(MultiService):
         self.metrics = RelayMetrics(self._queue_sizes)
         self._notifier: Any = None
         self._accepted_at: dict[int, float] = {}  # queue id -> when this process accepted it
+        self._bounce_suppressions: Any = None  # the queue file's suppression list (bounces)
 
     @classmethod
     def make(cls, config: RelayConfig, reactor: Reactor | None = None) -> RelayService:
@@ -181,6 +182,7 @@ class RelayService(MultiService):
             self._log_listening("HTTP (API, health and metrics)", port)
         if config.submission is not None:
             clock = IReactorTime(self.reactor)
+            gate = await self._bounce_gate()
             self.submission = SubmissionFactory(
                 config,
                 self._accept,
@@ -190,6 +192,7 @@ class RelayService(MultiService):
                 tls=_tls_context(config),
                 limiter=FailureLimiter(clock),
                 on_session=self._sessions_changed,
+                bounces=gate,
             )
             endpoint = serverFromString(self.reactor, config.submission)
             port = await endpoint.listen(self.submission)
@@ -200,6 +203,21 @@ class RelayService(MultiService):
             upstream=self._mailer.server.label,
             queue=config.queue_path,
         )
+
+    async def _bounce_gate(self) -> Any:
+        """The ``--bounce-domain`` gate over this queue and its suppression list, or None."""
+        if self.config.verp is None:
+            return None
+        from ..bounces.intake import BounceIntake
+        from ..bounces.smtp import BounceGate
+        from ..suppression.sqlite import SqliteSuppressionList
+
+        self._bounce_suppressions = await SqliteSuppressionList.open(
+            self.config.queue_path, reactor=self.reactor
+        )
+        intake = BounceIntake(self._bounce_suppressions, queue=self.queue, verp=self.config.verp)
+        log.info("taking bounces at {domain}", domain=self.config.verp.domain)
+        return BounceGate(self.config.verp, intake)
 
     def _watch_other_writers(self) -> None:
         """Wake the worker when another process commits to the queue (the spool backend,
@@ -437,6 +455,8 @@ class RelayService(MultiService):
             self._notifier = None
         if self._mailer is not None:
             await self._mailer.close()
+        if self._bounce_suppressions is not None:
+            await self._bounce_suppressions.close()
         if self.queue is not None:
             await self.queue.close()
         self.lock.release()

@@ -27,6 +27,7 @@ from ..smtp.client import parse_url
 from .config import DAY, RelayConfig
 
 if TYPE_CHECKING:
+    from ..bounces.verp import VerpSigner
     from ..dkim import DkimSigner
 
 __all__ = ["Options", "makeService"]
@@ -164,6 +165,22 @@ class Options(usage.Options):
             None,
             "tcp:8025:interface=127.0.0.1",
             "health and metrics (a Twisted endpoint, or none), e.g. --http tcp:9025",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            "the keys that sign VERP return paths (KEY_ID:SECRET a line, the first signs), "
+            "shared with twistmail send and twistmail bounces --secret-file",
+        ],
+        [
+            "bounce-domain",
+            None,
+            None,
+            "accept bounces from anyone, without AUTH, at the signed VERP return paths "
+            "bounces+TOKEN@DOMAIN (any other address there is refused) and apply them: fail "
+            "the recipient, suppress it (needs --secret-file), e.g. --bounce-domain "
+            "bounces.example.com",
         ],
         [
             "concurrency",
@@ -359,6 +376,7 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
     if opts["max-connections-per-client"] > opts["max-connections"]:
         raise usage.UsageError("--max-connections-per-client must be at most --max-connections")
     dkim = _dkim_signer(opts["dkim"], opts["dkim-missing"])
+    verp = _verp_signer(opts["bounce-domain"], opts["secret-file"])
     endpoints = {}
     for name in ("submission", "http"):
         value = opts[name].strip()
@@ -400,7 +418,22 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         shutdown_timeout=opts["shutdown-timeout"],
         bounces=not opts["no-bounces"],
         dkim=dkim,
+        verp=verp,
     )
+
+
+def _verp_signer(domain: str | None, secret_file: str | None) -> VerpSigner | None:
+    """The VERP signer of ``--bounce-domain`` (keys read now); UsageError naming the problem."""
+    if not domain:
+        return None
+    if not secret_file:
+        raise usage.UsageError("--bounce-domain needs --secret-file (the keys of the return paths)")
+    from ..bounces.verp import VerpSigner, read_verp_keys
+
+    try:
+        return VerpSigner(read_verp_keys(secret_file), domain)
+    except ValueError as e:
+        raise usage.UsageError(f"--bounce-domain/--secret-file: {e}") from None
 
 
 def _dkim_signer(options: list[str], missing: str) -> DkimSigner | None:

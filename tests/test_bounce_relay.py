@@ -1,0 +1,138 @@
+"""Bounces over SMTP: ``twistd twistmail --bounce-domain`` as a subprocess, smtplib as the remote
+server sending the bounce, aiosmtpd (CueServer) as the upstream."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from relay_process import RelayProcess
+from servers import CueServer
+from test_bounce_intake import fixture
+from waiting import wait_until
+
+from twistmail.bounces.verp import VerpKeys, VerpSigner
+
+SECRET = "k1:" + "s" * 40
+VERP = VerpSigner(VerpKeys((("k1", b"s" * 40),)), "bounces.example.com")
+MESSAGE = (
+    b"From: news@example.com\r\nTo: nobody@example.org\r\nSubject: news\r\n"
+    b"Message-ID: <feb-news.42@example.com>\r\n\r\nHello.\r\n"
+)
+TRUSTED = "127.0.0.2"  # the application; the test's other connections come from 127.0.0.1
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[CueServer]:
+    with CueServer(pipelining=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def relay(upstream: CueServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
+    tmp = tmp_path_factory.mktemp("bounces")
+    (tmp / "secret").write_text(SECRET + "\n")
+    with RelayProcess(
+        tmp / "queue.db",
+        upstream.port,
+        "--bounce-domain",
+        "bounces.example.com",
+        "--secret-file",
+        str(tmp / "secret"),
+        "--allow-from",
+        f"{TRUSTED}/32",
+        "--no-bounces",
+    ) as r:
+        yield r
+
+
+def delivered_message(relay: RelayProcess, upstream: CueServer) -> int:
+    """A message from the application, delivered upstream; its queue id."""
+    with smtplib.SMTP("127.0.0.1", relay.port, source_address=(TRUSTED, 0)) as c:
+        c.ehlo()
+        c.mail("news@example.com")
+        c.rcpt("nobody@example.org")
+        code, reply = c.data(MESSAGE)
+    assert code == 250, reply
+    match = re.search(rb"queued as (\d+)", reply)
+    assert match is not None
+    queue_id = int(match.group(1))
+    wait_until(lambda: recipient_state(relay.queue_path, queue_id) == "sent")
+    return queue_id
+
+
+def recipient_state(path: Path, message: int) -> str | None:
+    with sqlite3.connect(path) as conn:
+        row = conn.execute(
+            "SELECT state FROM recipients WHERE message = ? AND position = 0", (message,)
+        ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def suppressions(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as conn:
+        try:
+            return conn.execute("SELECT address, reason FROM suppressions").fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+
+def test_a_postfix_dsn_to_a_signed_return_path_fails_and_suppresses_and_is_never_relayed(
+    relay: RelayProcess, upstream: CueServer
+) -> None:
+    queue_id = delivered_message(relay, upstream)
+    return_path = VERP.for_queued(queue_id, 0, "nobody@example.org")
+    dsn = fixture(
+        "postfix-5.1.1-user-unknown.eml", **{"To: newsletter@example.com": f"To: {return_path}"}
+    ).replace(b"\n", b"\r\n")  # as on the wire
+    before = len(upstream.received)
+    # A remote server: not in --allow-from, no AUTH.
+    with smtplib.SMTP("127.0.0.1", relay.port) as c:
+        c.ehlo("mx.example.net")
+        assert c.mail("")[0] == 250
+        assert c.rcpt(return_path)[0] == 250
+        code, reply = c.data(dsn)
+    assert code == 250, reply
+    assert b"1 recipient reports applied" in reply
+    assert recipient_state(relay.queue_path, queue_id) == "failed"
+    assert suppressions(relay.queue_path) == [("nobody@example.org", "hard-bounce")]
+    with sqlite3.connect(relay.queue_path) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM messages").fetchone()
+    assert count == queue_id  # the bounce was not queued
+    assert len(upstream.received) == before  # nor relayed
+    relay.wait_for(r"bounce \(queue \d+:0\): hard 5\.1\.1, suppressed, recipient failed")
+
+
+def test_a_forged_return_path_and_any_other_address_are_refused(relay: RelayProcess) -> None:
+    genuine = VERP.for_queued(1, 0, "nobody@example.org")
+    local, _, domain = genuine.partition("@")
+    forged = [
+        "bounces@bounces.example.com",
+        f"{local[:-1]}{'a' if local[-1] != 'a' else 'b'}@{domain}",  # one character changed
+        VERP.for_queued(1, 0, "x@example.org").replace("-q1-", "-q2-"),  # another message
+        VerpSigner(VerpKeys((("k1", b"t" * 40),)), domain).for_queued(1, 0, "a@example.org"),
+    ]
+    with smtplib.SMTP("127.0.0.1", relay.port) as c:
+        c.ehlo("mx.example.net")
+        assert c.mail("")[0] == 250
+        for address in forged:
+            code, reply = c.rcpt(address)
+            assert (code, reply) == (550, b"5.1.1 No such bounce address"), address
+        # No open relay: any other recipient still needs AUTH.
+        assert c.rcpt("someone@example.org") == (530, b"5.7.0 Authentication required")
+        assert c.rcpt("postmaster@bounces.example.com")[0] == 550
+        # With nothing accepted there is nothing to send.
+        assert c.docmd("DATA")[0] == 554
+
+
+def test_bounces_and_other_mail_never_share_a_message(relay: RelayProcess) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port, source_address=(TRUSTED, 0)) as c:
+        c.ehlo()
+        assert c.mail("app@example.com")[0] == 250
+        assert c.rcpt("someone@example.org")[0] == 250
+        code, _ = c.rcpt(VERP.for_queued(1, 0, "nobody@example.org"))
+        assert code == 452
