@@ -13,9 +13,11 @@ import pytest
 from relay_process import RelayProcess
 from servers import CueServer
 from test_bounce_intake import fixture
+from twisted.python import usage
 from waiting import wait_until
 
 from twistmail.bounces.verp import VerpKeys, VerpSigner
+from twistmail.relay.tap import Options
 
 SECRET = "k1:" + "s" * 40
 VERP = VerpSigner(VerpKeys((("k1", b"s" * 40),)), "bounces.example.com")
@@ -46,6 +48,7 @@ def relay(upstream: CueServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "--allow-from",
         f"{TRUSTED}/32",
         "--no-bounces",
+        "--verp",
     ) as r:
         yield r
 
@@ -81,11 +84,26 @@ def suppressions(path: Path) -> list[tuple[str, str]]:
             return []
 
 
+def test_a_message_goes_out_from_its_signed_return_path(
+    relay: RelayProcess, upstream: CueServer
+) -> None:
+    queue_id = delivered_message(relay, upstream)
+    (sent,) = [m for m in upstream.received if b"<feb-news.42@example.com>" in m.data][-1:]
+    assert sent.recipients == ["nobody@example.org"]
+    ref = VERP.verify(sent.sender)
+    assert ref is not None
+    assert (ref.kind, ref.message, ref.number) == ("queue", queue_id, 0)
+    assert VERP.names(ref, "nobody@example.org")
+
+
 def test_a_postfix_dsn_to_a_signed_return_path_fails_and_suppresses_and_is_never_relayed(
     relay: RelayProcess, upstream: CueServer
 ) -> None:
     queue_id = delivered_message(relay, upstream)
-    return_path = VERP.for_queued(queue_id, 0, "nobody@example.org")
+    # The remote server bounces to the envelope sender the relay used.
+    (sent,) = [m for m in upstream.received if b"<feb-news.42@example.com>" in m.data][-1:]
+    return_path = sent.sender
+    assert return_path == VERP.for_queued(queue_id, 0, "nobody@example.org")
     dsn = fixture(
         "postfix-5.1.1-user-unknown.eml", **{"To: newsletter@example.com": f"To: {return_path}"}
     ).replace(b"\n", b"\r\n")  # as on the wire
@@ -136,3 +154,36 @@ def test_bounces_and_other_mail_never_share_a_message(relay: RelayProcess) -> No
         assert c.rcpt("someone@example.org")[0] == 250
         code, _ = c.rcpt(VERP.for_queued(1, 0, "nobody@example.org"))
         assert code == 452
+
+
+def options(tmp_path: Path, *argv: str) -> Options:
+    parsed = Options()
+    parsed.parseOptions(
+        ["--smtp", "smtp://127.0.0.1:2525", "--queue", f"sqlite:{tmp_path / 'q.db'}", *argv]
+    )
+    return parsed
+
+
+def test_the_bounce_options_are_checked_at_start(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    config = options(
+        tmp_path,
+        "--bounce-domain",
+        "Bounces.Example.com",
+        "--secret-file",
+        str(tmp_path / "secret"),
+    ).config
+    assert config.verp is not None
+    assert config.verp.domain == "bounces.example.com"
+    assert not config.verp_send
+    assert options(tmp_path).config.verp is None  # off by default
+    with pytest.raises(usage.UsageError, match="--bounce-domain needs --secret-file"):
+        options(tmp_path, "--bounce-domain", "bounces.example.com")
+    with pytest.raises(usage.UsageError, match="--verp needs --bounce-domain"):
+        options(tmp_path, "--verp")
+    (tmp_path / "bad").write_text("k1:short\n")
+    with pytest.raises(usage.UsageError, match="line 1") as caught:
+        options(
+            tmp_path, "--bounce-domain", "b.example.com", "--secret-file", str(tmp_path / "bad")
+        )
+    assert "short" not in str(caught.value)

@@ -62,6 +62,8 @@ class RelayConfig:
     verp: VerpSigner | None = None
     """``--bounce-domain`` with the ``--secret-file`` keys: bounces to its return paths are
     accepted from anyone and consumed."""
+    verp_send: bool = False
+    """``--verp``: one-recipient messages go out from their own return path at ``verp``."""
 
     def retry_policy(self) -> RetryPolicy:
         """Postfix's schedule by default: 300 s doubling to 4,000 s, no attempt limit."""

@@ -146,9 +146,14 @@ class RelayService(MultiService):
         if taken:
             log.info("took back {n} messages claimed by a relay that died", n=taken)
         self._mailer = config.mailer(self.reactor)
+        sender: Any = self._mailer
+        if config.verp is not None and config.verp_send:
+            from ..bounces.sending import VerpSender
+
+            sender = VerpSender(self._mailer, config.verp)
         self.worker = RelayWorker(
             queue,
-            self._mailer,
+            sender,
             retry=config.retry_policy(),
             owner=self.owner,
             max_age=config.max_age,

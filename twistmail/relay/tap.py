@@ -118,6 +118,12 @@ class Options(usage.Options):
     optFlags = [
         ["insecure", None, "do not verify the upstream's certificate (testing only)"],
         ["no-bounces", None, "send no delivery status notification for a failed message"],
+        [
+            "verp",
+            None,
+            "send each one-recipient message from its own signed return path at "
+            "--bounce-domain, so its bounce names it (one transaction per recipient)",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -377,6 +383,8 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         raise usage.UsageError("--max-connections-per-client must be at most --max-connections")
     dkim = _dkim_signer(opts["dkim"], opts["dkim-missing"])
     verp = _verp_signer(opts["bounce-domain"], opts["secret-file"])
+    if opts["verp"] and verp is None:
+        raise usage.UsageError("--verp needs --bounce-domain (where the bounces come back)")
     endpoints = {}
     for name in ("submission", "http"):
         value = opts[name].strip()
@@ -419,6 +427,7 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         bounces=not opts["no-bounces"],
         dkim=dkim,
         verp=verp,
+        verp_send=bool(opts["verp"]),
     )
 
 
