@@ -31,7 +31,7 @@ from .url import open_queue
 from .worker import Drain, DrainReport
 
 if TYPE_CHECKING:
-    from ..interfaces import IQueue
+    from ..interfaces import IQueue, ISuppressionList
     from ..mailer import Mailer
 
 __all__ = ["DrainOptions", "WorkerOptions", "drain", "status", "work"]
@@ -64,7 +64,7 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
     opened = await _open(opts, out, url, reactor, create=False)
     if opened is None:
         return EXIT_USAGE
-    mailer, spool = opened
+    mailer, spool, suppression = opened
     show = _failures_shown(out)
 
     worker = Drain(
@@ -77,6 +77,7 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
         patience=opts.server_patience,
         on_outcome=show,
         reactor=IReactorTime(reactor),
+        suppression=suppression,
     )
     interrupted: list[bool] = []
 
@@ -94,6 +95,7 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
     finally:
         restore()
         await mailer.close()
+        await suppression.close()
         await spool.close()
     return _finish(report, bool(interrupted), out)
 
@@ -109,8 +111,9 @@ def _finish(report: DrainReport, interrupted: bool, out: TextIO) -> int:
     _say(
         out,
         f"drain: {report.sent} sent, {report.deferred} deferred, {report.failed} failed"
-        f"{note}; spool: {counts['queued']} queued, {counts['deferred']} deferred, "
-        f"{counts['sending']} sending, {counts['sent']} sent, {counts['failed']} failed",
+        f"{_suppressed(report)}{note}; spool: {counts['queued']} queued, "
+        f"{counts['deferred']} deferred, {counts['sending']} sending, {counts['sent']} sent, "
+        f"{counts['failed']} failed",
     )
     if isinstance(report.abort, AuthenticationError | TLSError):
         return EXIT_USAGE
@@ -119,6 +122,15 @@ def _finish(report: DrainReport, interrupted: bool, out: TextIO) -> int:
     if spool.waiting or report.abort is not None or interrupted:
         return EXIT_REMAINING
     return EXIT_OK
+
+
+def _suppressed(report: DrainReport) -> str:
+    if not report.suppressed:
+        return ""
+    return (
+        f", {report.suppressed} recipients suppressed ({report.suppressed_messages} "
+        "messages not sent at all)"
+    )
 
 
 def status(spool_path: str, limit: int, out: TextIO) -> int:
@@ -173,7 +185,7 @@ async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
     opened = await _open(opts, out, opts.queue_url, reactor)
     if opened is None:
         return EXIT_USAGE
-    mailer, queue = opened
+    mailer, queue, suppression = opened
     owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     show = _failures_shown(out)
 
@@ -187,6 +199,7 @@ async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
         reactor=IReactorTime(reactor),
         lease=opts.lease,
         on_outcome=show,
+        suppression=suppression,
     )
     watching = _watch(queue, worker.wake, opts.sqlite_check, reactor)
     interrupted: list[bool] = []
@@ -207,11 +220,12 @@ async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
         restore()
         watching()
         await mailer.close()
+        await suppression.close()
         await queue.close()
     _say(
         out,
         f"worker: {report.sent} sent, {report.deferred} deferred, {report.failed} failed, "
-        f"{report.released} given back",
+        f"{report.released} given back{_suppressed(report)}",
     )
     return EXIT_USAGE if isinstance(report.abort, AuthenticationError | TLSError) else EXIT_OK
 
@@ -250,9 +264,9 @@ def _say(out: TextIO, text: str) -> None:
 
 async def _open(
     opts: DeliveryOptions, out: TextIO, url: str, reactor: Reactor, **queue_options: Any
-) -> tuple[Mailer, IQueue] | None:
-    """The Mailer and the queue a drain or a worker delivers with; None (the error said on
-    ``out``) when either cannot be opened.
+) -> tuple[Mailer, IQueue, ISuppressionList] | None:
+    """The Mailer, the queue and its suppression list a drain or a worker delivers with; None
+    (the error said on ``out``) when one cannot be opened.
 
     Outcome records need not be fsync'd one by one (``synchronous=NORMAL``): a process killed at
     any moment loses none of them; a power cut may lose the last few, whose messages go out
@@ -269,7 +283,16 @@ async def _open(
         await mailer.close()
         _say(out, f"error: {e}")
         return None
-    return mailer, queue
+    from ..suppression import SuppressionError, open_suppression_for_queue
+
+    try:
+        suppression = await open_suppression_for_queue(url, queue_ready=True, reactor=reactor)
+    except SuppressionError as e:
+        await mailer.close()
+        await queue.close()
+        _say(out, f"error: {e}")
+        return None
+    return mailer, queue, suppression
 
 
 def _failures_shown(out: TextIO) -> Callable[[ClaimedMessage, Outcome], None]:

@@ -18,13 +18,14 @@ the error in :attr:`DrainReport.abort`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
@@ -39,6 +40,11 @@ from ..results import RecipientOutcome
 from ..retry import Plan, RetryPolicy, plan
 from ..smtp._transaction import TransactionResult
 from .records import ClaimedMessage, Outcome, QueueSummary, RecipientState
+
+if TYPE_CHECKING:
+    from ..interfaces import ISuppressionList
+    from ..suppression.policy import BounceGuard
+    from ..suppression.screen import Screened
 
 __all__ = ["Drain", "DrainReport", "outcome_of", "settle"]
 
@@ -62,6 +68,10 @@ class DrainReport:
     lost: int = 0
     released: int = 0
     limit_reached: bool = False
+    suppressed: int = 0
+    """Recipients not sent to because they are on the suppression list."""
+    suppressed_messages: int = 0
+    """Messages not sent at all: every recipient is suppressed (recorded failed)."""
     abort: DeliveryError | None = None
     spool: QueueSummary | None = None
 
@@ -121,12 +131,18 @@ def _refused_before(claimed: ClaimedMessage) -> RecipientOutcome | None:
 
 
 class _ClaimJob(Job):
-    __slots__ = ("claimed",)
+    __slots__ = ("claimed", "suppressed")
 
-    def __init__(self, claimed: ClaimedMessage) -> None:
+    def __init__(
+        self,
+        claimed: ClaimedMessage,
+        suppressed: tuple[tuple[int, RecipientState, int | None, str], ...] = (),
+    ) -> None:
         super().__init__(claimed.envelope, claimed.attempts)
         self.claimed = claimed
         self.refused = _refused_before(claimed)
+        self.suppressed = suppressed
+        """Records of the claim's recipients left out as suppressed (added to its outcome)."""
 
 
 class Drain:
@@ -137,6 +153,12 @@ class Drain:
     duplicate bound (default: the mailer's connections). ``on_outcome`` is called with each
     recorded outcome (for a progress line or a log). ``reactor`` is the clock the pass runs on
     (the global reactor by default).
+
+    With a ``suppression`` list, every claimed batch is checked against it first: suppressed
+    recipients are not sent to (recorded failed, ``suppressed: <reason>``), a message every
+    recipient of which is suppressed is not sent at all, and hard bounces about a recipient
+    (5.1.1, 5.1.3, 5.1.6 at RCPT) are added to it
+    (:class:`~twistmail.suppression.policy.BounceGuard`).
     """
 
     def __init__(
@@ -153,10 +175,19 @@ class Drain:
         patience: float = 0.0,
         on_outcome: Callable[[ClaimedMessage, Outcome], None] | None = None,
         reactor: IReactorTime | None = None,
+        suppression: ISuppressionList | None = None,
     ) -> None:
         if reactor is None:
             reactor = IReactorTime(default_reactor())
         self.spool = spool
+        self.suppression = suppression
+        self._guard: BounceGuard | None = None
+        self._screened: dict[int, tuple[tuple[int, RecipientState, int | None, str], ...]] = {}
+        self._blocked = 0  # messages of the last claim recorded as suppressed, not attempted
+        if suppression is not None:
+            from ..suppression.policy import BounceGuard
+
+            self._guard = BounceGuard(suppression, reactor)
         self.mailer = mailer
         self.retry = retry
         self.limit = limit
@@ -215,6 +246,8 @@ class Drain:
                 self._buffer.clear()
                 released = await self.spool.release(self.owner, held)
                 self.report.released += released
+            if self._guard is not None:
+                await self._guard.flush()
         self.report.abort = self._loop.stopped_by
         self.report.spool = await self.spool.summary()
         return self.report
@@ -237,6 +270,9 @@ class Drain:
 
     def wake_in(self) -> float | None:
         """Nothing to deliver now: wait for a claim, or stop once the queue has nothing due."""
+        if self._guard is not None and not self._buffer and not self._loop.in_flight:
+            # Nothing in flight: what was refused at once so far is one batch.
+            self._guard.close_batch()
         if not self._buffer and not self._exhausted:
             self._claim()  # may find the pass's bound reached, or be answered at once
         if self._buffer:
@@ -250,12 +286,31 @@ class Drain:
         assert isinstance(job, _ClaimJob)
         claimed = job.claimed
         outcome = outcome_of(claimed, plan)
+        guard = self._guard
+        if guard is not None:
+            if plan.state == "sent" and plan.result is not None and plan.result.accepted_all:
+                guard.accepted(len(claimed.positions))
+            else:
+                guard.note(plan.outcomes)
+        if job.suppressed:
+            outcome = dataclasses.replace(outcome, recipients=outcome.recipients + job.suppressed)
         return self.spool.record(self.owner, outcome).addCallback(self._recorded, claimed, outcome)
 
     def put_back(self, job: Job) -> None:
         """A message the server never saw: it goes again first (or back to the queue)."""
         assert isinstance(job, _ClaimJob)
         self._buffer.appendleft(job)
+
+    def _blocked_recorded(self, kept: bool, claimed: ClaimedMessage) -> None:
+        if not kept:
+            self.report.lost += 1
+            return
+        self.report.suppressed_messages += 1
+        log.info(
+            "message {id} not sent: every recipient is suppressed",
+            id=claimed.id,
+            message_id=claimed.envelope.message_id,
+        )
 
     def _recorded(self, kept: bool, claimed: ClaimedMessage, outcome: Outcome) -> None:
         if not kept:
@@ -288,7 +343,30 @@ class Drain:
             return
         # Set before the callbacks: a store may answer at once (MemoryQueue).
         self._claiming = claiming = self.spool.claim(self.owner, want, lease=self.lease)
+        if self.suppression is not None:
+            claiming.addCallback(self._screen)
         claiming.addCallbacks(self._claimed, self._claim_failed)
+
+    def _screen(self, claimed: list[ClaimedMessage]) -> defer.Deferred[list[ClaimedMessage]]:
+        """Leave out suppressed recipients; record messages with nothing left as failed."""
+        from ..suppression.screen import screen
+
+        assert self.suppression is not None
+        return screen(self.suppression, claimed).addCallback(self._screen_done)
+
+    def _screen_done(self, screened: Screened) -> defer.Deferred[list[ClaimedMessage]]:
+        self.report.suppressed += screened.matched
+        self._screened = {c.id: stopped for c, stopped in screened.kept if stopped}
+        self._blocked = len(screened.blocked)
+        records = []
+        for claimed, outcome in screened.blocked:
+            # Counted in the pass's bound like any claim, so that the pass ends.
+            self.report.claimed += 1
+            self._attempted.add(claimed.id)
+            d = self.spool.record(self.owner, outcome)
+            records.append(d.addCallback(self._blocked_recorded, claimed))
+        done = defer.gatherResults(records, consumeErrors=True)
+        return done.addCallback(lambda _: [c for c, _ in screened.kept])
 
     def _claimed(self, claimed: list[ClaimedMessage]) -> defer.Deferred[None] | None:
         self._claiming = None
@@ -298,8 +376,13 @@ class Drain:
         fresh = [c for c in claimed if c.id not in self._attempted]
         self.report.claimed += len(fresh)
         self._attempted.update(c.id for c in fresh)
-        self._buffer.extend(_ClaimJob(c) for c in fresh)
-        if not fresh:
+        screened = self._screened
+        if screened:
+            self._buffer.extend(_ClaimJob(c, screened.pop(c.id, ())) for c in fresh)
+        else:
+            self._buffer.extend(_ClaimJob(c) for c in fresh)
+        blocked, self._blocked = self._blocked, 0
+        if not fresh and not blocked:
             self._exhausted = True
         self._loop.pump()
         if again:

@@ -14,6 +14,7 @@ from ..retry import RetryPolicy
 if TYPE_CHECKING:
     from ..bounces.verp import VerpSigner
     from ..dkim import DkimSigner
+    from ..unsubscribe.tokens import TokenBox
 
 __all__ = ["DAY", "RelayConfig"]
 
@@ -64,6 +65,10 @@ class RelayConfig:
     accepted from anyone and consumed."""
     verp_send: bool = False
     """``--verp``: one-recipient messages go out from their own return path at ``verp``."""
+    public_http: str | None = None
+    """Where the one-click unsubscribe routes listen (no API token; behind TLS termination)."""
+    unsubscribe_tokens: TokenBox | None = None
+    """The keys of ``--secret-file`` that unsubscribe tokens are checked with."""
 
     def retry_policy(self) -> RetryPolicy:
         """Postfix's schedule by default: 300 s doubling to 4,000 s, no attempt limit."""

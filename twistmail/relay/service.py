@@ -30,6 +30,8 @@ from ..errors import QueueError
 from ..message import Envelope
 from ..queue.records import ClaimedMessage, Idempotent, Outcome
 from ..queue.sqlite import SqliteQueue, read_queue_status
+from ..suppression.sqlite import SqliteSuppressionList
+from ..unsubscribe.web import make_public_site
 from .auth import MECHANISMS, FailureLimiter, auth_portal
 from .bounces import notification
 from .config import RelayConfig
@@ -99,6 +101,7 @@ class RelayService(MultiService):
         self.reactor = reactor
         self.lock = lock
         self.queue: SqliteQueue | None = None
+        self.suppression: SqliteSuppressionList | None = None
         self.worker: RelayWorker | None = None
         self.submission: SubmissionFactory | None = None
         self.ports: list[IListeningPort] = []
@@ -109,7 +112,6 @@ class RelayService(MultiService):
         self.metrics = RelayMetrics(self._queue_sizes)
         self._notifier: Any = None
         self._accepted_at: dict[int, float] = {}  # queue id -> when this process accepted it
-        self._bounce_suppressions: Any = None  # the queue file's suppression list (bounces)
 
     @classmethod
     def make(cls, config: RelayConfig, reactor: Reactor | None = None) -> RelayService:
@@ -145,6 +147,10 @@ class RelayService(MultiService):
         taken = await queue.take_back(OWNER_PREFIX)
         if taken:
             log.info("took back {n} messages claimed by a relay that died", n=taken)
+        # Closed by stopService too: the worker adds hard bounces until it has stopped.
+        self.suppression = await SqliteSuppressionList.open(
+            config.queue_path, create=False, reactor=self.reactor, close_at_shutdown=False
+        )
         self._mailer = config.mailer(self.reactor)
         sender: Any = self._mailer
         if config.verp is not None and config.verp_send:
@@ -160,6 +166,7 @@ class RelayService(MultiService):
             age=self._age,
             reactor=self.reactor,  # type: ignore[arg-type]
             on_outcome=self._outcome,
+            suppression=self.suppression,
         )
         self._watch_other_writers()
         self._worker_done = self.worker.run()
@@ -185,6 +192,11 @@ class RelayService(MultiService):
             port = await serverFromString(self.reactor, config.http).listen(site)
             self.ports.append(port)
             self._log_listening("HTTP (API, health and metrics)", port)
+        if config.public_http is not None and config.unsubscribe_tokens is not None:
+            site = make_public_site(config.unsubscribe_tokens, self.suppression)
+            port = await serverFromString(self.reactor, config.public_http).listen(site)
+            self.ports.append(port)
+            self._log_listening("one-click unsubscribe (public)", port)
         if config.submission is not None:
             clock = IReactorTime(self.reactor)
             gate = await self._bounce_gate()
@@ -215,12 +227,8 @@ class RelayService(MultiService):
             return None
         from ..bounces.intake import BounceIntake
         from ..bounces.smtp import BounceGate
-        from ..suppression.sqlite import SqliteSuppressionList
 
-        self._bounce_suppressions = await SqliteSuppressionList.open(
-            self.config.queue_path, reactor=self.reactor
-        )
-        intake = BounceIntake(self._bounce_suppressions, queue=self.queue, verp=self.config.verp)
+        intake = BounceIntake(self.suppression, queue=self.queue, verp=self.config.verp)
         log.info("taking bounces at {domain}", domain=self.config.verp.domain)
         return BounceGate(self.config.verp, intake)
 
@@ -460,8 +468,8 @@ class RelayService(MultiService):
             self._notifier = None
         if self._mailer is not None:
             await self._mailer.close()
-        if self._bounce_suppressions is not None:
-            await self._bounce_suppressions.close()
+        if self.suppression is not None:
+            await self.suppression.close()
         if self.queue is not None:
             await self.queue.close()
         self.lock.release()

@@ -29,6 +29,7 @@ from .config import DAY, RelayConfig
 if TYPE_CHECKING:
     from ..bounces.verp import VerpSigner
     from ..dkim import DkimSigner
+    from ..unsubscribe.tokens import TokenBox
 
 __all__ = ["Options", "makeService"]
 
@@ -173,11 +174,19 @@ class Options(usage.Options):
             "health and metrics (a Twisted endpoint, or none), e.g. --http tcp:9025",
         ],
         [
+            "public-http",
+            None,
+            "none",
+            "the one-click unsubscribe routes only (no API token; put it behind TLS "
+            "termination at the https URL of send --unsubscribe-url), e.g. "
+            "--public-http tcp:8026:interface=127.0.0.1 (needs --secret-file)",
+        ],
+        [
             "secret-file",
             None,
             None,
-            "the keys that sign VERP return paths (KEY_ID:SECRET a line, the first signs), "
-            "shared with twistmail send and twistmail bounces --secret-file",
+            "the unsubscribe token and VERP return path keys (KEY_ID:SECRET a line, the first "
+            "signs), shared with twistmail send and twistmail bounces --secret-file",
         ],
         [
             "bounce-domain",
@@ -386,9 +395,10 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
     if opts["verp"] and verp is None:
         raise usage.UsageError("--verp needs --bounce-domain (where the bounces come back)")
     endpoints = {}
-    for name in ("submission", "http"):
+    for name in ("submission", "http", "public-http"):
         value = opts[name].strip()
         endpoints[name] = None if value.lower() == "none" else value
+    unsubscribe_tokens = _unsubscribe_tokens(endpoints["public-http"], opts["secret-file"])
     http = endpoints["http"]
     if http is not None and not opts["api-token-file"] and not loopback_only(http):
         raise usage.UsageError(
@@ -428,6 +438,8 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         dkim=dkim,
         verp=verp,
         verp_send=bool(opts["verp"]),
+        public_http=endpoints["public-http"],
+        unsubscribe_tokens=unsubscribe_tokens,
     )
 
 
@@ -443,6 +455,20 @@ def _verp_signer(domain: str | None, secret_file: str | None) -> VerpSigner | No
         return VerpSigner(read_verp_keys(secret_file), domain)
     except ValueError as e:
         raise usage.UsageError(f"--bounce-domain/--secret-file: {e}") from None
+
+
+def _unsubscribe_tokens(public_http: str | None, secret_file: str | None) -> TokenBox | None:
+    """The token keys of ``--secret-file`` (read now); UsageError naming what is wrong."""
+    if public_http is None:
+        return None
+    if not secret_file:
+        raise usage.UsageError("--public-http needs --secret-file (the unsubscribe token keys)")
+    from ..unsubscribe.tokens import SecretError, TokenBox
+
+    try:
+        return TokenBox.from_file(secret_file)
+    except SecretError as e:
+        raise usage.UsageError(f"--secret-file: {e}") from None
 
 
 def _dkim_signer(options: list[str], missing: str) -> DkimSigner | None:

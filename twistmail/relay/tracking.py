@@ -22,6 +22,7 @@ from twisted.web.iweb import IRequest
 
 from ..interfaces import IQueue
 from ..queue.records import MESSAGE_STATES, MessageStatus
+from ..suppression.records import shown_state
 from .problems import problem
 
 __all__ = ["CANCELLED", "message_json", "tracking_routes"]
@@ -59,7 +60,7 @@ def message_json(status: MessageStatus) -> dict[str, Any]:
         "recipients": [
             {
                 "address": r.address,
-                "state": r.state,
+                "state": shown_state(r.state, r.code, r.response),
                 "code": r.code,
                 "text": r.response,
             }

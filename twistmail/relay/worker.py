@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ..engine import Job, Sender
-from ..interfaces import IQueue
+from ..interfaces import IQueue, ISuppressionList
 from ..queue.records import ClaimedMessage, Outcome
 from ..queue.worker import Drain, _ClaimJob
 from ..retry import Plan, RetryPolicy
@@ -51,6 +51,7 @@ class RelayWorker(Drain):
         reactor: IReactorTime,
         lease: float = 300.0,
         on_outcome: Callable[[ClaimedMessage, Outcome], None] | None = None,
+        suppression: ISuppressionList | None = None,
     ) -> None:
         super().__init__(
             spool,
@@ -61,6 +62,7 @@ class RelayWorker(Drain):
             patience=math.inf,
             on_outcome=on_outcome,
             reactor=reactor,
+            suppression=suppression,
         )
         self.max_age = max_age
         self._age = age

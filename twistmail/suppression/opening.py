@@ -24,7 +24,9 @@ def open_suppression_file(
     return d
 
 
-async def _open_for_queue(url: str, create: bool, reactor: Reactor | None) -> ISuppressionList:
+async def _open_for_queue(
+    url: str, create: bool, queue_ready: bool, reactor: Reactor | None
+) -> ISuppressionList:
     try:
         parsed = parse_queue_url(url)
     except ValueError as e:
@@ -32,12 +34,13 @@ async def _open_for_queue(url: str, create: bool, reactor: Reactor | None) -> IS
     if parsed.kind == "sqlite":
         from ..queue.sqlite import SqliteQueue
 
-        # The queue's own opening makes a new file a spool (and checks an old one is one).
-        try:
-            queue = await SqliteQueue.open(parsed.target, create=create, reactor=reactor)
-        except QueueError as e:
-            raise SuppressionError(str(e)) from None
-        await queue.close()
+        if not queue_ready:
+            # The queue's own opening makes a new file a spool (and checks an old one is one).
+            try:
+                queue = await SqliteQueue.open(parsed.target, create=create, reactor=reactor)
+            except QueueError as e:
+                raise SuppressionError(str(e)) from None
+            await queue.close()
         opened: ISuppressionList = await SqliteSuppressionList.open(
             parsed.target, create=False, reactor=reactor
         )
@@ -51,9 +54,10 @@ async def _open_for_queue(url: str, create: bool, reactor: Reactor | None) -> IS
 
 
 def open_suppression_for_queue(
-    url: str, *, create: bool = True, reactor: Reactor | None = None
+    url: str, *, create: bool = True, queue_ready: bool = False, reactor: Reactor | None = None
 ) -> defer.Deferred[ISuppressionList]:
     """The list in the database of the queue at ``url`` (``sqlite:PATH`` or
     ``postgresql://...``), where the relay and workers keep it. ``create`` applies to a
-    SQLite file, as for the queue. Fails with :class:`SuppressionError`."""
-    return defer.ensureDeferred(_open_for_queue(url, create, reactor))
+    SQLite file, as for the queue; ``queue_ready``: the caller has opened the queue already
+    (it exists and is one). Fails with :class:`SuppressionError`."""
+    return defer.ensureDeferred(_open_for_queue(url, create, queue_ready, reactor))

@@ -18,12 +18,16 @@ __all__ = [
     "HARD_BOUNCE",
     "MANUAL",
     "REASONS",
+    "SUPPRESSED",
     "UNSUBSCRIBED",
     "Reason",
     "Suppression",
     "SuppressionError",
     "checked",
+    "is_suppressed_reply",
     "list_key",
+    "shown_state",
+    "suppressed_reply",
     "suppression_key",
 ]
 
@@ -116,3 +120,27 @@ def checked(entry: Suppression) -> Suppression:
     if (address, list_id, detail) == (entry.address, entry.list_id, entry.detail):
         return entry
     return replace(entry, address=address, list_id=list_id, detail=detail)
+
+
+SUPPRESSED: Final = "suppressed"
+"""What a door reports for a recipient not sent to because it is suppressed."""
+_REPLY_PREFIX: Final = "suppressed: "
+
+
+def suppressed_reply(entry: Suppression) -> str:
+    """The response text a store records for a recipient not sent to because of ``entry``
+    (state ``failed``, no reply code): ``suppressed: <reason>[ from <list>]``."""
+    where = f" from {entry.list_id}" if entry.list_id else ""
+    return f"{_REPLY_PREFIX}{entry.reason}{where}"
+
+
+def is_suppressed_reply(code: int | None, response: str) -> bool:
+    """Whether a recorded failure (``code``, ``response``) is a suppression, not a refusal."""
+    return code is None and response.startswith(_REPLY_PREFIX)
+
+
+def shown_state(state: str, code: int | None, response: str) -> str:
+    """A recipient's state as reports show it: ``suppressed`` for a suppression."""
+    if state == "failed" and is_suppressed_reply(code, response):
+        return SUPPRESSED
+    return state

@@ -201,10 +201,12 @@ class SqliteSuppressionList:
         create: bool = True,
         clock: Callable[[], float] = time.time,
         reactor: Reactor | None = None,
+        close_at_shutdown: bool = True,
     ) -> defer.Deferred[SqliteSuppressionList]:
         """Open the list in the file at ``path`` (a queue's file too), creating it (and its
         directory) unless ``create`` is false. Fails with :class:`SuppressionError` for a
-        missing file (``create=False``), another kind of database, or a newer version."""
+        missing file (``create=False``), another kind of database, or a newer version.
+        ``close_at_shutdown=False``: the caller closes it during reactor shutdown."""
         reactor = reactor if reactor is not None else default_reactor()
         name = os.fspath(path)
         d = SqliteThread.start(reactor, f"twistmail-suppression {name}", _connect, name, create)
@@ -215,7 +217,17 @@ class SqliteSuppressionList:
             def commit(conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
                 return _run_group(conn, ops, clock())
 
-            return cls(SqliteThread(name, conn, pool, reactor, commit=commit, closed=_closed))
+            return cls(
+                SqliteThread(
+                    name,
+                    conn,
+                    pool,
+                    reactor,
+                    commit=commit,
+                    closed=_closed,
+                    close_at_shutdown=close_at_shutdown,
+                )
+            )
 
         return d.addCallback(opened)
 

@@ -1,0 +1,78 @@
+"""Which refusals suppress, and the guard against suppressing a whole list (task.Clock)."""
+
+from __future__ import annotations
+
+from twisted.internet import task
+from twisted.trial.unittest import SynchronousTestCase
+
+from twistmail.results import RecipientOutcome
+from twistmail.suppression import HARD_BOUNCE, MemorySuppressionList
+from twistmail.suppression.policy import BounceGuard, is_recipient_hard_bounce
+
+
+def refused(rcpt: str, enhanced: str | None, code: int = 550) -> RecipientOutcome:
+    return RecipientOutcome(rcpt, "failed", code, enhanced, "no", 1)
+
+
+def ok(rcpt: str) -> RecipientOutcome:
+    return RecipientOutcome(rcpt, "sent", 250, None, "ok", 1)
+
+
+class ClassificationTests(SynchronousTestCase):
+    def test_only_the_recipients_own_address_problems_suppress(self) -> None:
+        for enhanced in ("5.1.1", "5.1.3", "5.1.6"):
+            self.assertTrue(is_recipient_hard_bounce(550, enhanced))
+        for enhanced in ("5.1.0", "5.1.7", "5.1.8", "5.7.1", "4.1.1", None):
+            self.assertFalse(is_recipient_hard_bounce(550, enhanced))
+        self.assertFalse(is_recipient_hard_bounce(450, "5.1.1"))
+        self.assertFalse(is_recipient_hard_bounce(None, "5.1.1"))
+
+
+class GuardTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.store = MemorySuppressionList(clock=self.clock.seconds)
+        self.guard = BounceGuard(self.store, self.clock, window=10)
+
+    def suppressed(self) -> list[str]:
+        return [e.address for e in self.successResultOf(self.store.entries())]
+
+    def test_a_lone_hard_bounce_is_suppressed_when_the_run_ends(self) -> None:
+        self.guard.note([refused("Gone@Example.org", "5.1.1")])
+        self.assertEqual(self.suppressed(), [])  # held until its batch is decided
+        self.successResultOf(self.guard.flush())
+        (entry,) = self.successResultOf(self.store.entries())
+        self.assertEqual((entry.address, entry.reason), ("gone@example.org", HARD_BOUNCE))
+        self.assertIn("5.1.1", entry.detail)
+
+    def test_only_the_bounced_recipient_of_a_message_is_suppressed(self) -> None:
+        self.guard.note([ok("a@example.org"), refused("b@example.org", "5.1.1"), ok("c@x.org")])
+        self.successResultOf(self.guard.flush())
+        self.assertEqual(self.suppressed(), ["b@example.org"])
+
+    def test_sender_problems_never_suppress(self) -> None:
+        self.guard.note(
+            [refused(f"u{n}@example.org", e) for n, e in enumerate(["5.1.0", "5.1.7", "5.1.8"])]
+        )
+        self.successResultOf(self.guard.flush())
+        self.assertEqual(self.suppressed(), [])
+
+    def test_a_batch_mostly_refused_at_once_suppresses_nobody(self) -> None:
+        self.guard.accepted(3)
+        self.guard.note([refused(f"u{n}@example.org", "5.1.1") for n in range(7)])
+        self.successResultOf(self.guard.flush())
+        self.assertEqual(self.suppressed(), [])
+        self.assertEqual(self.guard.withheld, 7)
+
+    def test_a_batch_mostly_accepted_suppresses_its_bounces(self) -> None:
+        self.guard.accepted(8)
+        self.guard.note([refused("a@example.org", "5.1.1"), refused("b@example.org", "5.1.6")])
+        # The window (10) is complete: decided without a flush.
+        self.assertEqual(self.suppressed(), ["a@example.org", "b@example.org"])
+
+    def test_a_batch_left_open_is_decided_after_max_wait(self) -> None:
+        self.guard.note([refused("a@example.org", "5.1.1")])
+        self.clock.advance(self.guard.max_wait - 1)
+        self.assertEqual(self.suppressed(), [])
+        self.clock.advance(1)
+        self.assertEqual(self.suppressed(), ["a@example.org"])
