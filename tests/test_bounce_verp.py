@@ -111,7 +111,7 @@ def test_the_secret_file(tmp_path: Path) -> None:
         ("k1:short\n", "line 1"),
         ("k 1:" + "x" * 40, "line 1"),
         ("k1 " + "x" * 40, "line 1"),
-        ("k1:" + "x" * 40 + "\nk1:" + "y" * 40, "appears twice"),
+        ("k1:" + "x" * 40 + "\nk1:" + "y" * 40, "listed twice"),
     ],
 )
 def test_a_bad_secret_file_is_a_clear_error_without_the_secret(

@@ -83,33 +83,14 @@ def _derived(secret: bytes) -> bytes:
 
 
 def read_verp_keys(path: str | os.PathLike[str]) -> VerpKeys:
-    """The keys of secret file ``path`` (see the module's docstring).
+    """The keys of secret file ``path`` (the unsubscribe links' format, read by
+    :func:`twistmail.unsubscribe.tokens.load_secret_file`).
 
     :raises ValueError: naming the file and line (never the secret) when it cannot be used.
     """
-    name = os.fspath(path)
-    try:
-        with open(name, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{name}: cannot read the secret file ({e.__class__.__name__})") from None
-    keys: list[tuple[str, bytes]] = []
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        key_id, colon, secret = text.partition(":")
-        if not colon or _KEY_ID.fullmatch(key_id) is None or len(secret) < _MIN_SECRET:
-            raise ValueError(
-                f"{name}, line {number}: expected KEY_ID:SECRET (KEY_ID: 1-16 letters, digits, "
-                f"- or _; SECRET: at least {_MIN_SECRET} characters)"
-            )
-        if any(kid == key_id for kid, _ in keys):
-            raise ValueError(f"{name}, line {number}: key id {key_id!r} appears twice")
-        keys.append((key_id, secret.encode("utf-8")))
-    if not keys:
-        raise ValueError(f"{name}: no key in the secret file")
-    return VerpKeys(tuple(keys))
+    from ..unsubscribe.tokens import load_secret_file
+
+    return VerpKeys(tuple(load_secret_file(path)))
 
 
 @dataclass(frozen=True, slots=True)
