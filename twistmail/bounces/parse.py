@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final, Literal, TypeGuard
 
+from ..suppression.policy import RECIPIENT_HARD_BOUNCES, SENDER_PROBLEMS
+
 __all__ = [
     "MAX_RECIPIENTS",
     "RECIPIENT_STATUSES",
@@ -41,9 +43,11 @@ __all__ = [
 
 Kind = Literal["hard", "soft", "other"]
 
-RECIPIENT_STATUSES: Final = frozenset({"5.1.1", "5.1.3", "5.1.6", "5.1.10"})
-"""Hard-bounce statuses that are about the recipient's address: it may be suppressed."""
-SENDER_STATUSES: Final = frozenset({"5.1.0", "5.1.7", "5.1.8"})
+RECIPIENT_STATUSES: Final = RECIPIENT_HARD_BOUNCES | {"5.1.10"}
+"""Hard-bounce statuses that are about the recipient's address: it may be suppressed (those a
+refusal at RCPT suppresses, and 5.1.10, which DSNs from Microsoft 365 use for an address that
+does not exist)."""
+SENDER_STATUSES: Final = SENDER_PROBLEMS
 """Statuses about the sender's address (ours): never a reason to suppress a recipient."""
 MAX_RECIPIENTS: Final = 1000
 """Recipient blocks read from one report; the rest are ignored."""
