@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
+import postgres_server
+import pytest
 import pytest_twisted
 from test_bounce_intake import VERP, fixture, recipients_of, sent_queue
 from test_cli_e2e import twistmail
+from twisted.internet import threads
 
+from twistmail.message import envelope_from_bytes
+from twistmail.queue.postgres import PostgresQueue
+from twistmail.queue.records import Outcome
 from twistmail.queue.sqlite import SqliteQueue
 from twistmail.suppression import SqliteSuppressionList
 
@@ -16,6 +23,15 @@ FIXTURES = Path(__file__).parent / "fixtures" / "dsn"
 NOT_A_REPORT = (
     b"From: friend@example.org\r\nTo: bounces@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 )
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A PostgreSQL schema of this test's own, dropped after it."""
+    postgres_server.require()
+    name = postgres_server.new_schema()
+    yield name
+    postgres_server.drop_schema(name)
 
 
 def maildir(tmp: Path, messages: dict[str, bytes]) -> Path:
@@ -144,3 +160,56 @@ def test_a_missing_queue_is_an_error_and_nothing_moves(tmp_path: Path) -> None:
     assert "error:" in done.stderr
     assert [p.name for p in (box / "new").iterdir()] == ["1.host"]
     shutil.rmtree(box)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_postgresql_queue_gets_its_recipient_failed_and_suppressed(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    url = f"{postgres_server.URL}?schema={pg_schema}"
+    queue = await PostgresQueue.open(postgres_server.URL, schema=pg_schema)
+    try:
+        data = b"Message-ID: <feb-news.42@example.com>\r\nSubject: hi\r\n\r\nbody\r\n"
+        envelope = envelope_from_bytes("news@example.com", ["nobody@example.org"], data)
+        (message,) = await queue.enqueue([envelope])
+        (claimed,) = await queue.claim("test", 1, lease=60)
+        await queue.record(
+            "test",
+            Outcome(
+                id=message,
+                fence=claimed.fence,
+                state="sent",
+                attempts=1,
+                code=250,
+                response="ok",
+                recipients=((0, "sent", 250, "250 ok"),),
+            ),
+        )
+    finally:
+        await queue.close()
+    secret = tmp_path / "secret"
+    secret.write_text("k1:" + "s" * 40 + "\n")
+    path = VERP.for_queued(message, 0, "nobody@example.org")
+    dsn = b"Delivered-To: " + path.encode() + b"\r\n" + fixture("exim-5.0.0-user-unknown.eml")
+    box = maildir(tmp_path, {"1.host": dsn})
+    done = await threads.deferToThread(
+        twistmail,
+        "bounces",
+        "--maildir",
+        str(box),
+        "--queue",
+        url,
+        "--verp-domain",
+        "bounces.example.com",
+        "--secret-file",
+        str(secret),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1.host: hard nobody@example.org 5.1.1 (suppressed, failed)" in done.stdout
+    queue = await PostgresQueue.open(postgres_server.URL, schema=pg_schema)
+    try:
+        status = await queue.message(message)
+        assert status is not None
+        assert [(r.state, r.code) for r in status.recipients] == [("failed", 550)]
+    finally:
+        await queue.close()

@@ -155,20 +155,14 @@ async def _main(args: argparse.Namespace, reactor: Any, out: TextIO, err: TextIO
 async def _open(
     args: argparse.Namespace, reactor: Any
 ) -> tuple[ISuppressionList, BounceQueue | None]:
+    from ..queue.url import open_queue
     from ..suppression.opening import open_suppression_file, open_suppression_for_queue
 
     if not args.queue:
         return await open_suppression_file(args.suppression, reactor=reactor), None
-    from ..queue.url import parse_queue_url
-
-    parsed = parse_queue_url(args.queue)
     suppressions = await open_suppression_for_queue(args.queue, create=False, reactor=reactor)
-    if parsed.kind != "sqlite":
-        return suppressions, None  # a PostgreSQL queue: suppressions only, for now
-    from ..queue.sqlite import SqliteQueue
-
     try:
-        queue = await SqliteQueue.open(parsed.target, create=False, reactor=reactor)
+        queue: Any = await open_queue(args.queue, create=False, reactor=reactor)
     except TwistmailError:
         await suppressions.close()
         raise
