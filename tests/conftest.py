@@ -167,3 +167,10 @@ def capture_server() -> Iterator[Callable[..., CaptureServer]]:
     yield start
     if started:
         pytest_twisted.blockon(defer.gatherResults([server.stop() for server in started]))
+
+
+@pytest.fixture(autouse=True)
+def _own_data_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: Any) -> None:
+    """``twistmail send`` keeps its suppression list in $XDG_DATA_HOME: a test (and the CLI it
+    runs) uses a directory of its own, never the user's."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))

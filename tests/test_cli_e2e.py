@@ -69,7 +69,9 @@ def test_campaign_mixed_outcomes_report_exit_status_and_exact_bytes(
     cue_server: Cue, tmp_path: Path
 ) -> None:
     server = cue_server(
-        rcpt_replies={"bounce": "550 5.1.1 no such user"},
+        # 5.7.1, not 5.1.1: a refusal that does not put the address on the suppression list,
+        # so that --retry-failed below sends the row again.
+        rcpt_replies={"bounce": "550 5.7.1 refused by policy"},
         rcpt_replies_once={"slow": "451 4.2.1 try again later"},
     )
     rows = [

@@ -1,7 +1,8 @@
 """The ``twistmail`` command: argument parsing only; the work is in :mod:`twistmail.merge`.
 
 Subcommands: ``send``, ``check``, ``preview``, ``status``, ``capture``, ``drain``, ``users``
-(the relay's AUTH users file), ``tokens`` (its HTTP API tokens) and ``serve`` (the relay in the
+(the relay's AUTH users file), ``tokens`` (its HTTP API tokens), ``suppress`` (the
+suppression list) and ``serve`` (the relay in the
 foreground: the same service as ``twistd -n twistmail``).
 Exit status: 0 every recipient sent; 1 some recipients failed or were invalid; 2 usage,
 configuration or template error (nothing sent); 3 interrupted, or rows remain to send.
@@ -22,6 +23,7 @@ from twisted.internet import defer, task
 from .bounces.command import add_bounces_parser
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
+from .suppresscmd import add_send_options, add_suppress_parser, send_options_from, suppress_main
 
 EXIT_USAGE = 2
 """Usage or configuration error: the status every command exits with for one."""
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inputs(send)
     _smtp_options(send, url_required=True, attempts_scope="")
     add_dkim_options(send, missing=False)
+    add_send_options(send)
     send.add_argument(
         "--from",
         dest="envelope_from",
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dkim_parser(sub)
     add_bounces_parser(sub)
     _tokens_parser(sub)
+    add_suppress_parser(sub)
     sub.add_parser(
         "serve",
         help="run the mail relay in the foreground (as twistd -n twistmail)",
@@ -596,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _react_exit(lambda reactor: bounces_main(args, reactor, sys.stdout, sys.stderr))
         return
+    if args.command == "suppress":
+        sys.exit(suppress_main(args, sys.stdout, sys.stderr))
     if args.command == "users":
         from .relay.users import users_command
 
@@ -653,6 +659,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         retry_failed=args.retry_failed,
         new_campaign=args.new_campaign,
         allow_duplicates=args.allow_duplicates,
+        **send_options_from(args),
         **_delivery(args),
     )
     if args.dry_run or args.strict:

@@ -138,8 +138,8 @@ def status(journal_path: str, limit: int, out: TextIO) -> int:
         print(f"error: {e}", file=out)
         return EXIT_USAGE
     print(f"journal {summary.path} (campaign {summary.campaign_id})", file=out)
-    for state in ("sent", "failed", "deferred", "invalid", "duplicate", "pending"):
-        print(f"  {state:<9} {summary.counts.get(state, 0)}", file=out)
+    for state in ("sent", "failed", "deferred", "invalid", "duplicate", "suppressed", "pending"):
+        print(f"  {state:<10} {summary.counts.get(state, 0)}", file=out)
     if summary.changed:
         print(
             f"changed since sent: {summary.changed} (rows whose cells changed after their "
@@ -151,7 +151,8 @@ def status(journal_path: str, limit: int, out: TextIO) -> int:
         for row in summary.unsent:
             code = f" {row.code}" if row.code else ""
             print(f"  row {row.row} {row.email} {row.state}{code} {row.response}", file=out)
-    not_sent = summary.total - summary.counts.get("sent", 0)
+    # A suppressed row is settled as asked: not sending it is the point.
+    not_sent = summary.total - summary.counts.get("sent", 0) - summary.counts.get("suppressed", 0)
     return EXIT_OK if not_sent == 0 else EXIT_FAILED
 
 

@@ -118,6 +118,7 @@ class Progress:
             ("deferred", run.deferred),
             ("invalid", run.invalid),
             ("duplicate", getattr(run, "duplicate", 0)),
+            ("suppressed", getattr(run, "suppressed", 0)),
             ("pending", None),
         ]
         for state, this_run in rows:

@@ -48,7 +48,8 @@ ToSend = tuple[Row, int, int]
 _FIRST_CHUNK = 64  # small, so the first messages go out at once
 _CHUNK = 1024
 _MAX_VARIABLES = 500  # per lookup query (SQLite allows 999 at least)
-_FORGET = "DELETE FROM rows WHERE state IN ('pending', 'invalid', 'duplicate')"
+# Suppressed rows too: checked again on the next run (an entry removed since lets them go).
+_FORGET = "DELETE FROM rows WHERE state IN ('pending', 'invalid', 'duplicate', 'suppressed')"
 _INSERT_PENDING = (
     "INSERT INTO rows (id, row, email, state, updated_at, fingerprint) "
     "VALUES (?, ?, ?, 'pending', ?, ?)"

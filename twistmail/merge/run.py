@@ -36,6 +36,9 @@ from twistmail.errors import DeliveryError, PermanentError, TwistmailError
 from twistmail.mailer import Mailer
 from twistmail.options import DeliveryOptions
 from twistmail.retry import Plan, RetryPolicy
+from twistmail.suppression.opening import open_suppression_file
+from twistmail.suppression.policy import BounceGuard
+from twistmail.unsubscribe.headers import Unsubscribe
 
 from .csvsource import CsvSource, count_lines
 from .identity import RowIdentity
@@ -44,6 +47,7 @@ from .prepare import Prepared, Problem, load_inputs, prepare_row
 from .progress import Progress
 from .report import write_report
 from .resume import RowFeed, Sorted, Sorter
+from .suppressing import Item, RowScreen, Suppressed
 from .template import MessageTemplate
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "Campaign", "SendOptions"]
@@ -67,6 +71,10 @@ class SendOptions(DeliveryOptions):
     grace: float = 30.0
     progress: bool | None = None  # None: a live display when stdout is a terminal
     out: Any = field(default_factory=lambda: sys.stdout)
+    suppression_path: str | None = None
+    """The suppression list's SQLite file (None: ``default_suppression_path()``)."""
+    unsubscribe: Unsubscribe | None = None
+    """The ``List-Unsubscribe`` headers each message gets (``--unsubscribe-url/-mailto``)."""
 
 
 def default_journal_path(csv_path: str) -> str:
@@ -101,6 +109,8 @@ class Counts:
     skipped: int = 0
     changed: int = 0
     """Rows skipped as settled whose cells changed since (reported, not sent again)."""
+    suppressed: int = 0
+    """Rows not sent: every recipient is on the suppression list."""
     started: int = 0
     waiting: str | None = None
     """Why the run is waiting for the server, while it is (for the progress line)."""
@@ -129,7 +139,7 @@ class Campaign:
         self.stopping = False
         self.interrupted = False
         self._parked = Parked(self.clock, max(1000, 50 * options.concurrency))
-        self._rows: Iterator[Prepared | Problem | None] | None = None
+        self._rows: Iterator[Item | None] | None = None
         self._feed: RowFeed | None = None
         self._exhausted = False
         self._limit_reached = False
@@ -138,6 +148,10 @@ class Campaign:
         self._abort_timer: Any = None
         self._loop: DeliveryLoop | None = None
         self._unreadable: BaseException | None = None  # why the rows could not be read on
+        self._screen: RowScreen | None = None
+        self._screening = False  # a chunk of rows is being checked against the list
+        self._checked: list[Item] | None = None  # its rows, once checked
+        self._guard: BounceGuard | None = None
 
     async def run(self) -> int:
         """Send the campaign; the exit status (0, 1, 2 or 3 as documented by the CLI)."""
@@ -163,11 +177,20 @@ class Campaign:
             return EXIT_USAGE
         self._journal = journal
         try:
+            store = await open_suppression_file(opts.suppression_path, reactor=self.reactor)
+        except (TwistmailError, OSError) as e:
+            await journal.close()
+            self._say(f"error: --suppression: {e}")
+            return EXIT_USAGE
+        self._screen = RowScreen(store, opts.unsubscribe)
+        self._guard = BounceGuard(store, self.clock)
+        try:
             # Rows for the progress display: lines after the header (an overestimate when
             # cells hold line breaks).
             return await self._run_with(journal, source, template, max(0, lines - 1))
         finally:
             await journal.close()
+            await store.close()
 
     async def _run_with(
         self, journal: Journal, source: CsvSource, template: MessageTemplate, total: int
@@ -209,6 +232,8 @@ class Campaign:
             await loop.start()
             # The rows not reached (--limit, an interrupt) are recorded pending all the same.
             await feed.rest()
+            if self._guard is not None:
+                await self._guard.flush()
         finally:
             restore()
             if self._abort_timer is not None and self._abort_timer.active():
@@ -249,8 +274,9 @@ class Campaign:
 
     def _prepared_rows(
         self, template: MessageTemplate, journal: Journal, feed: RowFeed
-    ) -> Iterator[Prepared | Problem | None]:
-        """Each row to send, rendered; None while the next rows are being sorted."""
+    ) -> Iterator[Item | None]:
+        """Each row to send, rendered and screened; None while the next rows are being
+        sorted or checked against the suppression list."""
         envelope_from = self.options.envelope_from
         message_id = journal.message_id
         take = feed.take
@@ -261,8 +287,26 @@ class Campaign:
                     return
                 yield None
                 continue
-            for row, key, fingerprint in chunk:
-                yield prepare_row(template, row, message_id, envelope_from, key, fingerprint)
+            rendered = [
+                prepare_row(template, row, message_id, envelope_from, key, fingerprint)
+                for row, key, fingerprint in chunk
+            ]
+            if self._screen is None:
+                yield from rendered
+                continue
+            self._screening, self._checked = True, None
+            self._screen.screen(rendered).addCallbacks(self._screened, self._feed_failed)
+            while self._screening:
+                yield None  # the answer pumps the loop
+            checked, self._checked = self._checked, None
+            if checked is None:
+                return  # the list could not be read: the run stops, exit 2
+            yield from checked
+
+    def _screened(self, items: list[Item]) -> None:
+        self._checked = items
+        self._screening = False
+        self._rows_ready()
 
     def _rows_ready(self) -> None:
         if self._loop is not None:
@@ -277,9 +321,12 @@ class Campaign:
             self._say(note)
 
     def _feed_failed(self, failure: Failure) -> None:
-        """The CSV could not be read on (or the journal failed): the rows read before are
-        sent, and the run exits 2 naming the problem."""
+        """The CSV could not be read on (or the journal or the suppression list failed): the
+        rows read before are sent, and the run exits 2 naming the problem."""
         self._unreadable = failure.value
+        if self._screening:
+            self._screening = False
+            self._rows_ready()
 
     # ------------------------------------------------------------------ the loop's door
 
@@ -305,6 +352,10 @@ class Campaign:
                 self.counts.invalid += 1
                 self._record_problem(item)
                 continue
+            if isinstance(item, Suppressed):
+                self.counts.suppressed += 1
+                self._record_suppressed(item)
+                continue
             if limit is not None and self.counts.started >= limit:
                 self._limit_reached = True
                 self._exhausted = True
@@ -321,11 +372,19 @@ class Campaign:
         due = self._parked.due_in()
         if due is None and not self._exhausted and self._feed is not None and self._feed.waiting:
             return math.inf  # rows are being sorted: the feed pumps the loop when they come
+        if due is None and self._screening:
+            return math.inf  # rows are being checked: the answer pumps the loop
         return due
 
     def record(self, job: Job, outcome: Plan) -> defer.Deferred[None]:
         """Journal what an attempt settled; park a deferred row until it is due."""
         assert isinstance(job, _Job)
+        guard = self._guard
+        if guard is not None:
+            if outcome.state == "sent" and outcome.result is not None:
+                guard.accepted(len(job.envelope.recipients))
+            else:
+                guard.note(outcome.outcomes)
         if outcome.state == "sent":
             self.counts.sent += 1
             result = outcome.result
@@ -357,6 +416,17 @@ class Campaign:
             state="invalid",
             response=problem.reason,
             fingerprint=problem.fingerprint,
+        ).addErrback(self._journal_failed)
+
+    def _record_suppressed(self, item: Suppressed) -> None:
+        assert self._journal is not None
+        self._journal.record(
+            item.key,
+            row=item.row,
+            email=item.email,
+            state="suppressed",
+            response=item.reason,
+            fingerprint=item.fingerprint,
         ).addErrback(self._journal_failed)
 
     def _record(

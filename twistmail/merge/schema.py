@@ -37,7 +37,7 @@ __all__ = [
     "row_columns",
 ]
 
-RowState = Literal["pending", "sent", "deferred", "failed", "invalid", "duplicate"]
+RowState = Literal["pending", "sent", "deferred", "failed", "invalid", "duplicate", "suppressed"]
 ROW_STATES: Final[tuple[str, ...]] = get_args(RowState)
 SCHEMA_VERSION: Final = "3"
 
