@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 
-from .bounces.command import add_bounces_parser
+from .bounces.command import add_bounces_parser, add_verp_option, verp_from_args
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
 from .suppresscmd import add_send_options, add_suppress_parser, send_options_from, suppress_main
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _smtp_options(send, url_required=True, attempts_scope="")
     add_dkim_options(send, missing=False)
     add_send_options(send)
+    add_verp_option(send)
     send.add_argument(
         "--from",
         dest="envelope_from",
@@ -660,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         new_campaign=args.new_campaign,
         allow_duplicates=args.allow_duplicates,
         **send_options_from(args),
+        verp=verp_from_args(args, sys.stderr),
         **_delivery(args),
     )
     if args.dry_run or args.strict:

@@ -6,6 +6,20 @@ signed ``bounces+TOKEN@domain`` return paths (pure); :mod:`.intake` applies a re
 queue or campaign journal and the suppression list; :mod:`.maildir` reads a Maildir of them.
 """
 
-from .parse import RecipientReport, Report, parse_report
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .parse import RecipientReport, Report, parse_report
 
 __all__ = ["RecipientReport", "Report", "parse_report"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the command line's parser is built from this package's options.
+    if name in __all__:
+        from . import parse
+
+        return getattr(parse, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.internet import defer, threads
 
 from ..errors import TwistmailError
-from ..interfaces import ISuppressionList
-from .intake import BounceIntake, BounceQueue, Processed
-from .verp import VerpSigner, read_verp_keys
 
-__all__ = ["add_bounces_parser", "bounces_main", "maildir_messages"]
+# Imported when a command runs: the parser of every twistmail command is built with this.
+if TYPE_CHECKING:
+    from ..interfaces import ISuppressionList
+    from .intake import BounceIntake, BounceQueue
+    from .verp import VerpSigner
+
+__all__ = [
+    "add_bounces_parser",
+    "add_verp_option",
+    "bounces_main",
+    "maildir_messages",
+    "verp_from_args",
+]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -75,6 +84,33 @@ def add_bounces_parser(sub: Any) -> None:
     )
 
 
+def add_verp_option(parser: argparse.ArgumentParser) -> None:
+    """``send``'s ``--verp-domain`` (its keys come from ``--secret-file``)."""
+    parser.add_argument(
+        "--verp-domain",
+        metavar="DOMAIN",
+        help="send each row's message from its own signed return path bounces+TOKEN@DOMAIN "
+        "(keys from --secret-file), so that its bounce names the row; one SMTP transaction "
+        "per recipient",
+    )
+
+
+def verp_from_args(args: argparse.Namespace, err: TextIO) -> VerpSigner | None:
+    """The signer ``--verp-domain`` and ``--secret-file`` ask for; prints why and exits 2
+    when they cannot be used."""
+    if not args.verp_domain:
+        return None
+    from .verp import VerpSigner, read_verp_keys
+
+    try:
+        if not args.secret_file:
+            raise ValueError("--verp-domain needs --secret-file (the keys of the return paths)")
+        return VerpSigner(read_verp_keys(args.secret_file), args.verp_domain)
+    except ValueError as e:
+        print(f"error: {e}", file=err)
+        raise SystemExit(EXIT_USAGE) from None
+
+
 def maildir_messages(directory: str) -> list[str]:
     """The file names in ``directory/new``, oldest first (blocking: run it in a thread).
 
@@ -110,6 +146,9 @@ def bounces_main(
 
 
 async def _main(args: argparse.Namespace, reactor: Any, out: TextIO, err: TextIO) -> int:
+    from .intake import BounceIntake
+    from .verp import VerpSigner, read_verp_keys
+
     verp = None
     if bool(args.verp_domain) != bool(args.secret_file):
         print("error: --verp-domain and --secret-file go together", file=err)
@@ -194,8 +233,8 @@ async def _run(
         except OSError:
             continue  # gone meanwhile (another reader took it)
         counts["messages"] += 1
-        processed = Processed(None) if data is None else await intake.process(data)
-        if not processed.is_report:
+        processed = None if data is None else await intake.process(data)
+        if processed is None or not processed.is_report:
             counts["other"] += 1
             continue
         counts["reports"] += 1

@@ -29,9 +29,11 @@ class VerpSender:
     """A :class:`~twistmail.engine.Sender` that gives each single-recipient queued message its
     signed return path (see the module's docstring)."""
 
-    def __init__(self, sender: Sender, verp: VerpSigner) -> None:
+    def __init__(self, sender: Sender, verp: VerpSigner, *, campaign: str | None = None) -> None:
         self.sender = sender
         self.verp = verp
+        self.campaign = campaign
+        """The campaign id, for a campaign's rows (jobs carrying ``prepared.key``)."""
 
     @property
     def capacity(self) -> int:
@@ -53,15 +55,23 @@ class VerpSender:
         context: Any,
         ready: Callable[[Any], None] | None = None,
     ) -> SenderAttempt:
-        """As the wrapped sender's, with the return path of a queued recipient as the sender."""
+        """As the wrapped sender's, with the recipient's return path as the sender."""
+        if len(envelope.recipients) == 1 and not envelope.sender.is_null:
+            path = self._path(envelope, context)
+            if path is not None:
+                envelope = dataclasses.replace(envelope, sender=parse_sender(path))
+        return self.sender.attempt(envelope, notify, context, ready)
+
+    def _path(self, envelope: Envelope, context: Any) -> str | None:
+        (recipient,) = envelope.recipients
         claimed = getattr(context, "claimed", None)  # the queue claim of a drain's job
-        if claimed is not None and len(envelope.recipients) == 1 and not envelope.sender.is_null:
-            (recipient,) = envelope.recipients
+        if claimed is not None:
             try:
                 position = claimed.positions[claimed.envelope.recipients.index(recipient)]
             except (ValueError, IndexError):
-                position = None
-            if position is not None:
-                path = self.verp.for_queued(claimed.id, position, str(recipient))
-                envelope = dataclasses.replace(envelope, sender=parse_sender(path))
-        return self.sender.attempt(envelope, notify, context, ready)
+                return None
+            return self.verp.for_queued(claimed.id, position, str(recipient))
+        prepared = getattr(context, "prepared", None)  # a campaign row's job
+        if prepared is not None and self.campaign is not None:
+            return self.verp.for_campaign(self.campaign, prepared.key, str(recipient))
+        return None
