@@ -65,7 +65,7 @@ def test_rows_go_out_from_their_return_paths_and_a_bounce_comes_back_to_its_row(
     assert sorted(paths) == ["ann@example.org", "bob@example.org"]
 
     # Ann's server bounces to her return path. A forged report naming Bob, sent to Ann's
-    # return path, suppresses nobody.
+    # return path, can only be about Ann: Bob is left alone.
     bounce = fixture("postfix-5.1.1-user-unknown.eml", **{"nobody@example.org": "ann@example.org"})
     forged = fixture("postfix-5.1.1-user-unknown.eml", **{"nobody@example.org": "bob@example.org"})
     box = maildir(
@@ -81,17 +81,66 @@ def test_rows_go_out_from_their_return_paths_and_a_bounce_comes_back_to_its_row(
         str(box),
         "--suppression",
         str(suppression),
+        "--journal",
+        str(tmp_path / "people.journal.db"),
         "--verp-domain",
         "bounces.example.com",
         "--secret-file",
         str(secret),
     )
     assert done.returncode == 0, done.stderr
-    assert "1.host: hard ann@example.org 5.1.1 (suppressed)" in done.stdout
-    assert "2.host: unmatched bob@example.org 5.1.1" in done.stdout
+    assert "1.host: hard ann@example.org 5.1.1 (suppressed, failed)" in done.stdout
+    assert "2.host: hard ann@example.org 5.1.1 (suppressed, failed)" in done.stdout
+    with sqlite3.connect(tmp_path / "people.journal.db") as conn:
+        states = {
+            email: (state, code, response[:16])
+            for email, state, code, response in conn.execute(
+                "SELECT email, state, code, response FROM rows"
+            )
+        }
+    assert states["ann@example.org"] == ("failed", 550, "bounced: 5.1.1 5")
+    assert states["bob@example.org"][0] == "sent"
     listed = twistmail("suppress", "list", "--suppression", str(suppression))
     assert "ann@example.org" in listed.stdout
     assert "bob@example.org" not in listed.stdout
+
+
+def test_a_journal_in_use_by_a_running_campaign_is_an_error_and_the_bounce_waits(
+    tmp_path: Path,
+) -> None:
+    import fcntl
+    import os
+
+    journal = tmp_path / "people.journal.db"
+    with sqlite3.connect(journal) as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '3'), ('campaign_id', 'abc')")
+    secret = tmp_path / "secret"
+    secret.write_text("k1:" + "s" * 40 + "\n")
+    path = VERP.for_campaign("abc", 1, "ann@example.org")
+    bounce = fixture("postfix-5.1.1-user-unknown.eml", **{"nobody@example.org": "ann@example.org"})
+    box = maildir(tmp_path, {"1.host": b"Delivered-To: " + path.encode() + b"\n" + bounce})
+    fd = os.open(journal, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running twistmail send holds it
+        done = twistmail(
+            "bounces",
+            "--maildir",
+            str(box),
+            "--suppression",
+            str(tmp_path / "s.db"),
+            "--journal",
+            str(journal),
+            "--verp-domain",
+            "bounces.example.com",
+            "--secret-file",
+            str(secret),
+        )
+    finally:
+        os.close(fd)
+    assert done.returncode == 1
+    assert "in use by another twistmail run" in done.stderr
+    assert [p.name for p in (box / "new").iterdir()] == ["1.host"]
 
 
 def test_verp_domain_needs_the_secret_file(tmp_path: Path) -> None:

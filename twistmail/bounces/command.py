@@ -71,6 +71,12 @@ def add_bounces_parser(sub: Any) -> None:
         help="the suppression list file (default: the user's, as twistmail send uses)",
     )
     parser.add_argument(
+        "--journal",
+        metavar="PATH",
+        help="a campaign's journal (twistmail send's): rows that VERP paths name and that "
+        "bounced hard become failed (not while the campaign runs)",
+    )
+    parser.add_argument(
         "--verp-domain",
         "--bounce-domain",
         dest="verp_domain",
@@ -170,9 +176,9 @@ async def _main(args: argparse.Namespace, reactor: Any, out: TextIO, err: TextIO
     queue: Any = None
     try:
         suppressions, queue = await _open(args, reactor)
-        counts = await _run(
-            args.maildir, names, BounceIntake(suppressions, queue=queue, verp=verp), reactor, out
-        )
+        journal = _JournalFile(args.journal, reactor) if args.journal else None
+        intake = BounceIntake(suppressions, queue=queue, journal=journal, verp=verp)
+        counts = await _run(args.maildir, names, intake, reactor, out)
     except TwistmailError as e:
         print(f"error: {e}", file=err)
         return EXIT_ERROR
@@ -189,6 +195,28 @@ async def _main(args: argparse.Namespace, reactor: Any, out: TextIO, err: TextIO
         file=out,
     )
     return EXIT_OK
+
+
+class _JournalFile:
+    """A campaign journal's rows failed by bounces, in the reactor's thread pool."""
+
+    def __init__(self, path: str, reactor: Any) -> None:
+        self.path = path
+        self.reactor = reactor
+
+    def bounce(
+        self, campaign: str, row: int, *, failed: bool, code: int | None, response: str
+    ) -> defer.Deferred[str | None]:
+        from ..merge.journal import bounce_rows
+
+        d = threads.deferToThreadPool(
+            self.reactor,
+            self.reactor.getThreadPool(),
+            bounce_rows,
+            self.path,
+            [(campaign, row, failed, code, response)],
+        )
+        return d.addCallback(lambda found: found[0])
 
 
 async def _open(

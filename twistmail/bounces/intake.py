@@ -3,20 +3,23 @@
 :meth:`BounceIntake.process` reads one message (:func:`~twistmail.bounces.parse.parse_report`)
 and, for each recipient it reports on:
 
-- a **hard** bounce fails the recipient in the queue (when a VERP return path names a queued
-  message and a queue is given) and, when the status is about the recipient's address (5.1.1,
-  5.1.3, 5.1.6, 5.1.10), suppresses the address for all mail (reason ``hard-bounce``);
-- a **soft** bounce (a delay, a 4.x.x status) is recorded: the queued recipient's response
-  says so, and the event is returned (the relay logs it, ``twistmail bounces`` prints it);
+- a **hard** bounce fails the recipient in the queue or the campaign's journal (when a VERP
+  return path names a queued message or a campaign row, and that store is given) and, when
+  the status is about the recipient's address (5.1.1, 5.1.3, 5.1.6, 5.1.10), suppresses the
+  address for all mail (reason ``hard-bounce``);
+- a **soft** bounce (a delay, a 4.x.x status) is recorded: the queued recipient's (or row's)
+  response says so, and the event is returned (the relay logs it, ``twistmail bounces``
+  prints it);
 - a **complaint** (an RFC 5965 feedback report of type abuse, fraud or other) suppresses the
   address for all mail (reason ``complaint``);
 - a message that is no report changes nothing (:attr:`Processed.report` is None).
 
 Which address: with a signed VERP return path the report arrived at, the path decides — the
-queued recipient it names (looked up in the queue), or else the reported address whose keyed
-hash matches the path's tag. A report at a return path can never have any other address
-suppressed, so a forged DSN sent to someone's own return path suppresses at most them. Without
-VERP (a Maildir of bounces to a plain address) the report's addresses are taken as written.
+queued recipient or campaign row it names (looked up in the store), or else the reported
+address whose keyed hash matches the path's tag. A report at a return path can never have any
+other address suppressed, so a forged DSN sent to someone's own return path suppresses at most
+them. Without VERP (a Maildir of bounces to a plain address) the report's addresses are taken
+as written.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ..suppression.records import COMPLAINT, HARD_BOUNCE, Suppression, Suppressi
 from .parse import RecipientReport, Report, parse_report
 from .verp import VerpRef, VerpSigner
 
-__all__ = ["BounceEvent", "BounceIntake", "BounceQueue", "Processed"]
+__all__ = ["BounceEvent", "BounceIntake", "BounceJournal", "BounceQueue", "Processed"]
 
 _BASIC_CODE = re.compile(r"(?<!\d)([245]\d\d)(?![\d.])")
 _MAX_RESPONSE = 1000
@@ -44,6 +47,15 @@ class BounceQueue(Protocol):
 
     def bounce(
         self, message: int, position: int, *, failed: bool, code: int | None, response: str
+    ) -> defer.Deferred[str | None]: ...
+
+
+class BounceJournal(Protocol):
+    """What the intake needs of a campaign's journal
+    (:func:`twistmail.merge.journal.bounce_rows`)."""
+
+    def bounce(
+        self, campaign: str, row: int, *, failed: bool, code: int | None, response: str
     ) -> defer.Deferred[str | None]: ...
 
 
@@ -88,10 +100,12 @@ class BounceIntake:
         suppressions: ISuppressionList | None,
         *,
         queue: BounceQueue | None = None,
+        journal: BounceJournal | None = None,
         verp: VerpSigner | None = None,
     ) -> None:
         self.suppressions = suppressions
         self.queue = queue
+        self.journal = journal
         self.verp = verp
 
     def ref_of(self, addresses: Sequence[str]) -> VerpRef | None:
@@ -141,14 +155,17 @@ class BounceIntake:
         failed = kind == "hard"
         address: str | None
         marked = False
+        prefix = {"hard": "bounced", "soft": "delayed", "complaint": "complaint"}[kind]
+        response = f"{prefix}: {detail}"[:_MAX_RESPONSE]
+        code = _code(entry) if failed else None
         if ref is not None and ref.kind == "queue" and self.queue is not None:
-            prefix = {"hard": "bounced", "soft": "delayed", "complaint": "complaint"}[kind]
             address = await self.queue.bounce(
-                ref.message,
-                ref.number,
-                failed=failed,
-                code=_code(entry) if failed else None,
-                response=f"{prefix}: {detail}"[:_MAX_RESPONSE],
+                ref.message, ref.number, failed=failed, code=code, response=response
+            )
+            marked = failed and address is not None
+        elif ref is not None and ref.kind == "campaign" and self.journal is not None:
+            address = await self.journal.bounce(
+                ref.campaign, ref.number, failed=failed, code=code, response=response
             )
             marked = failed and address is not None
         elif ref is not None and self.verp is not None:
