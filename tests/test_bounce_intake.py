@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 
 from twistmail.bounces.intake import BounceIntake
+from twistmail.bounces.parse import Report
 from twistmail.bounces.verp import VerpKeys, VerpSigner
 from twistmail.message import envelope_from_bytes
 from twistmail.queue.records import Outcome
@@ -204,5 +207,33 @@ async def test_a_message_that_is_no_report_changes_nothing(tmp_path: Path) -> No
         assert not processed.is_report
         assert processed.events == ()
         assert await suppressions.entries() == []
+    finally:
+        await suppressions.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_reactor_reports_are_parsed_off_the_reactor_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from twisted.internet import reactor
+
+    from twistmail.bounces import intake as intake_module
+
+    threads_seen: list[threading.Thread] = []
+    real = intake_module.parse_report
+
+    def parse(data: bytes) -> Report | None:
+        threads_seen.append(threading.current_thread())
+        return real(data)
+
+    monkeypatch.setattr(intake_module, "parse_report", parse)
+    suppressions = await SqliteSuppressionList.open(tmp_path / "s.db")
+    try:
+        processed = await BounceIntake(suppressions, reactor=reactor).process(
+            fixture("gmail-5.1.1-no-such-user.eml")
+        )
+        assert [e.address for e in processed.events] == ["nobody@gmail.com"]
+        assert threads_seen
+        assert threads_seen[0] is not threading.main_thread()
     finally:
         await suppressions.close()

@@ -177,7 +177,9 @@ async def _main(args: argparse.Namespace, reactor: Any, out: TextIO, err: TextIO
     try:
         suppressions, queue = await _open(args, reactor)
         journal = _JournalFile(args.journal, reactor) if args.journal else None
-        intake = BounceIntake(suppressions, queue=queue, journal=journal, verp=verp)
+        intake = BounceIntake(
+            suppressions, queue=queue, journal=journal, verp=verp, reactor=reactor
+        )
         counts = await _run(args.maildir, names, intake, reactor, out)
     except TwistmailError as e:
         print(f"error: {e}", file=err)

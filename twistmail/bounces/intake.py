@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 
 from ..interfaces import ISuppressionList
 from ..suppression.records import COMPLAINT, HARD_BOUNCE, Suppression, SuppressionError
@@ -93,7 +94,9 @@ class Processed:
 
 
 class BounceIntake:
-    """Applies reports to a suppression list and (optionally) a queue; see the module."""
+    """Applies reports to a suppression list and (optionally) a queue or journal; see the
+    module. With a ``reactor``, messages are parsed in its thread pool (a report may be as
+    large as the relay's message size limit: its parsing never holds up the reactor)."""
 
     def __init__(
         self,
@@ -102,7 +105,9 @@ class BounceIntake:
         queue: BounceQueue | None = None,
         journal: BounceJournal | None = None,
         verp: VerpSigner | None = None,
+        reactor: object = None,
     ) -> None:
+        self.reactor = reactor
         self.suppressions = suppressions
         self.queue = queue
         self.journal = journal
@@ -125,7 +130,13 @@ class BounceIntake:
         return defer.ensureDeferred(self._process(data, to))
 
     async def _process(self, data: bytes, to: Sequence[str]) -> Processed:
-        report = parse_report(data)
+        pool = IReactorThreads(self.reactor, None)
+        if pool is None:
+            report = parse_report(data)
+        else:
+            report = await threads.deferToThreadPool(
+                IReactorFromThreads(self.reactor), pool.getThreadPool(), parse_report, data
+            )
         if report is None:
             return Processed(None)
         ref = self.ref_of([*to, *report.addressed_to])

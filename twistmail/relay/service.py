@@ -228,7 +228,9 @@ class RelayService(MultiService):
         from ..bounces.intake import BounceIntake
         from ..bounces.smtp import BounceGate
 
-        intake = BounceIntake(self.suppression, queue=self.queue, verp=self.config.verp)
+        intake = BounceIntake(
+            self.suppression, queue=self.queue, verp=self.config.verp, reactor=self.reactor
+        )
         log.info("taking bounces at {domain}", domain=self.config.verp.domain)
         return BounceGate(self.config.verp, intake)
 
