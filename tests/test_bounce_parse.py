@@ -305,3 +305,22 @@ def test_the_parser_never_raises_on_a_real_report_with_bytes_spliced_in(
     data = (FIXTURES / "postfix-5.1.1-user-unknown.eml").read_bytes()
     cut = len(data) // 2
     parse_report(data[:cut] + head + data[cut:] + tail)
+
+
+def test_the_original_envelope_id_and_a_global_delivery_status_part() -> None:
+    data = (FIXTURES / "postfix-5.1.1-user-unknown.eml").read_bytes()
+    data = data.replace(
+        b"Reporting-MTA: dns; mail.example.net\n",
+        b"Reporting-MTA: dns; mail.example.net\nOriginal-Envelope-Id: campaign-7.row-42\n",
+    )
+    data = data.replace(
+        b"Content-Type: message/delivery-status", b"Content-Type: message/global-delivery-status"
+    )
+    data = data.replace(b"rfc822;nobody@example.org", "utf-8;jos\u00e9@example.org".encode())
+    report = parse_report(data)
+    assert report is not None
+    assert report.envelope_id == "campaign-7.row-42"
+    entry = only(report)
+    assert entry.original_recipient == "jos\u00e9@example.org"
+    assert entry.address == "jos\u00e9@example.org"
+    assert entry.final_recipient == "nobody@example.org"

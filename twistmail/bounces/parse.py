@@ -206,13 +206,17 @@ def _param(message: email.message.Message, name: str) -> str | None:
 
 
 def _text(value: object) -> str:
-    """A header value as text (compat32 gives a Header object for undecodable bytes)."""
-    if isinstance(value, str):
-        return value
+    """A raw header value as text: bytes the parser kept as surrogates (UTF-8 in a
+    ``message/global-delivery-status``, RFC 6533) decoded as UTF-8."""
+    if not isinstance(value, str):
+        try:
+            value = str(value)
+        except Exception:
+            return ""
     try:
-        return str(value)
-    except Exception:
-        return ""
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeError:
+        return value.encode("utf-8", "replace").decode("utf-8")
 
 
 def _clean(value: str | None) -> str | None:
@@ -246,7 +250,7 @@ def _fields(text: str) -> Iterator[dict[str, str]]:
 
 def _block_fields(block: email.message.Message) -> dict[str, str]:
     fields: dict[str, str] = {}
-    for name, value in block.items():
+    for name, value in block.raw_items():
         fields.setdefault(name.strip().lower(), _text(value))
     return fields
 
@@ -257,7 +261,16 @@ def _blocks(part: email.message.Message) -> list[dict[str, str]]:
         payload = part.get_payload()
         encoding = _text(part.get("content-transfer-encoding", "")).strip().lower()
         if isinstance(payload, list) and encoding not in ("base64", "quoted-printable"):
-            return [_block_fields(b) for b in payload if _is_message(b)]
+            blocks = []
+            for block in payload:
+                if _is_message(block):
+                    blocks.append(_block_fields(block))
+                    # A type the parser does not know (message/global-delivery-status) is read
+                    # as one message: its first block as headers, the other blocks as a body.
+                    body = _part_text(block) if isinstance(block.get_payload(), str) else ""
+                    if body.strip():
+                        blocks.extend(_fields(body))
+            return blocks
         if isinstance(payload, list):  # encoded: the parser's blocks are of the encoded text
             payload = "\n\n".join(b.as_string() for b in payload if _is_message(b))
             payload = _decoded(payload, encoding)
