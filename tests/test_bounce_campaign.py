@@ -1,5 +1,6 @@
 """``twistmail send --verp-domain``: each row's message goes out from its signed return path,
-and the bounce that comes back to it (via ``twistmail bounces --maildir``) names the row."""
+and the bounce that comes back to it (via ``twistmail bounces --maildir``) names the row; and
+``twistmail drain --verp-domain``."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest_twisted
 from servers import CueServer
 from test_bounce_intake import fixture
 from test_bounce_maildir import maildir
 from test_cli_e2e import twistmail, write_campaign
+from test_drain_e2e import enqueue, finish, start_drain, triple
 
 from twistmail.bounces.verp import VerpKeys, VerpSigner
 
@@ -152,3 +155,33 @@ def test_verp_domain_needs_the_secret_file(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "--verp-domain needs --secret-file" in done.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drain_sends_one_recipient_messages_from_their_return_paths(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    server = cue_server()
+    spool = tmp_path / "outbox.db"
+    await enqueue(spool, [triple(1), triple(2, "ann@example.org", "bob@example.org")])
+    secret = tmp_path / "secret"
+    secret.write_text("k1:" + "s" * 40 + "\n")
+    code, output = await finish(
+        start_drain(
+            "--spool",
+            str(spool),
+            "--smtp",
+            f"smtp://127.0.0.1:{server.port}",
+            "--verp-domain",
+            "bounces.example.com",
+            "--secret-file",
+            str(secret),
+        )
+    )
+    assert code == 0, output
+    senders = {tuple(m.recipients): m.sender for m in server.received}
+    ref = VERP.verify(senders[("user1@example.org",)])
+    assert ref is not None
+    assert (ref.kind, ref.message, ref.number) == ("queue", 1, 0)
+    # Two recipients share one transaction: the message keeps its sender.
+    assert senders[("ann@example.org", "bob@example.org")] == "shop@example.com"

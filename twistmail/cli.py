@@ -364,6 +364,7 @@ def _drain_parser(sub: Any) -> None:
     )
     _smtp_options(drain, url_required=False, attempts_scope=", over all runs", patience=0.0)
     add_dkim_options(drain, missing=True)
+    add_verp_option(drain, secret_file=True)
     drain.add_argument(
         "--limit",
         type=_positive_int,
@@ -396,6 +397,7 @@ def _drain_main(args: argparse.Namespace) -> None:
         queue_url=args.queue,
         limit=args.limit,
         lease=args.lease,
+        verp=verp_from_args(args, sys.stderr),
         **_delivery(args),
     )
     _react_exit(lambda reactor: command.drain(options, reactor))
@@ -433,6 +435,7 @@ def _worker_parser(sub: Any) -> None:
     )
     _smtp_options(worker, url_required=True, attempts_scope=", over all workers", patience=None)
     add_dkim_options(worker, missing=True)
+    add_verp_option(worker, secret_file=True)
     worker.add_argument(
         "--lease",
         type=_seconds,
@@ -446,7 +449,12 @@ def _worker_parser(sub: Any) -> None:
 def _worker_main(args: argparse.Namespace) -> None:
     from .queue import command
 
-    options = command.WorkerOptions(queue_url=args.queue, lease=args.lease, **_delivery(args))
+    options = command.WorkerOptions(
+        queue_url=args.queue,
+        lease=args.lease,
+        verp=verp_from_args(args, sys.stderr),
+        **_delivery(args),
+    )
     _react_exit(lambda reactor: command.work(options, reactor))
 
 

@@ -90,15 +90,23 @@ def add_bounces_parser(sub: Any) -> None:
     )
 
 
-def add_verp_option(parser: argparse.ArgumentParser) -> None:
-    """``send``'s ``--verp-domain`` (its keys come from ``--secret-file``)."""
+def add_verp_option(parser: argparse.ArgumentParser, *, secret_file: bool = False) -> None:
+    """``--verp-domain`` (its keys come from ``--secret-file``, added too with
+    ``secret_file``: ``send`` has one already)."""
     parser.add_argument(
         "--verp-domain",
         metavar="DOMAIN",
-        help="send each row's message from its own signed return path bounces+TOKEN@DOMAIN "
-        "(keys from --secret-file), so that its bounce names the row; one SMTP transaction "
-        "per recipient",
+        help="send each message that has one recipient from its own signed return path "
+        "bounces+TOKEN@DOMAIN (keys from --secret-file), so that its bounce names it "
+        "(twistmail bounces); one SMTP transaction per recipient",
     )
+    if secret_file:
+        parser.add_argument(
+            "--secret-file",
+            metavar="PATH",
+            help="the keys VERP return paths are signed with (KEY_ID:SECRET a line, the "
+            "first signs), the relay's --secret-file",
+        )
 
 
 def verp_from_args(args: argparse.Namespace, err: TextIO) -> VerpSigner | None:

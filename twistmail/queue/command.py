@@ -51,6 +51,9 @@ class DrainOptions(DeliveryOptions):
     limit: int | None = None
     lease: float = 300.0
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    verp: Any = None
+    """A :class:`~twistmail.bounces.verp.VerpSigner` (``--verp-domain``): one-recipient
+    messages go out from their signed return paths."""
 
 
 def drain(options: DrainOptions, reactor: Reactor) -> defer.Deferred[int]:
@@ -69,7 +72,7 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
 
     worker = Drain(
         spool,
-        mailer,
+        _sender(mailer, opts.verp),
         retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
         limit=opts.limit,
         lease=opts.lease,
@@ -171,6 +174,17 @@ class WorkerOptions(DeliveryOptions):
     sqlite_check: float = 1.0
     """Seconds between looks for new messages in a SQLite queue (which cannot notify)."""
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    verp: Any = None
+    """As :attr:`DrainOptions.verp`."""
+
+
+def _sender(mailer: Mailer, verp: Any) -> Any:
+    """``mailer``, sending from VERP return paths when ``verp`` (a signer) is given."""
+    if verp is None:
+        return mailer
+    from ..bounces.sending import VerpSender
+
+    return VerpSender(mailer, verp)
 
 
 def work(options: WorkerOptions, reactor: Reactor) -> defer.Deferred[int]:
@@ -191,7 +205,7 @@ async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
 
     worker = RelayWorker(
         queue,
-        mailer,
+        _sender(mailer, opts.verp),
         retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
         owner=owner,
         max_age=math.inf,
