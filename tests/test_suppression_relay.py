@@ -121,7 +121,9 @@ def test_one_click_unsubscribes_from_the_list_only_and_forgeries_change_nothing(
         # Forged tokens: one character changed, another key id, garbage, too long.
         flipped = token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]
         for bad in (flipped, "k2" + token[2:], "k1.nonsense", "k1." + "A" * 2000):
-            status, body, _ = request(public, f"/unsubscribe/{bad}", one_click, method="POST", **form)
+            status, body, _ = request(
+                public, f"/unsubscribe/{bad}", one_click, method="POST", **form
+            )
             assert status == 400, bad
             status, body, _ = request(public, f"/unsubscribe/{bad}")
             assert status == 400
@@ -135,7 +137,8 @@ def test_one_click_unsubscribes_from_the_list_only_and_forgeries_change_nothing(
         status, page, headers = request(public, url)
         assert status == 200
         assert b'name="List-Unsubscribe" value="One-Click"' in page
-        assert b"news.example.org" in page and b"reader@" not in page  # masked: r***@
+        assert b"news.example.org" in page
+        assert b"reader@" not in page
         assert headers["Cache-Control"] == "no-store"
         assert headers["Referrer-Policy"] == "no-referrer"
         assert suppressions(path) == []  # a GET (a link scanner) unsubscribes nobody
@@ -159,7 +162,12 @@ def test_one_click_unsubscribes_from_the_list_only_and_forgeries_change_nothing(
         )
         reset = submit(
             api,
-            {"from": "app@example.com", "to": "reader@example.org", "subject": "Reset", "text": "x"},
+            {
+                "from": "app@example.com",
+                "to": "reader@example.org",
+                "subject": "Reset",
+                "text": "x",
+            },
         )
         assert settled(api, reset)["state"] == "sent"
         shown = settled(api, news)

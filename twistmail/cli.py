@@ -610,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _react_exit(lambda reactor: bounces_main(args, reactor, sys.stdout, sys.stderr))
         return
     if args.command == "suppress":
-        sys.exit(suppress_main(args, sys.stdout, sys.stderr))
+        suppress_main(args, sys.stdout, sys.stderr)
     if args.command == "users":
         from .relay.users import users_command
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, threads
@@ -27,6 +27,8 @@ from .smtp.pool import ConnectionPool
 
 if TYPE_CHECKING:  # cryptography is imported only by a Mailer that signs
     from .dkim import DkimKey, DkimSigner, Missing
+    from .interfaces import ISuppressionList
+    from .suppression.sending import SuppressedSending
 
 __all__ = ["Attempt", "Mailer", "MessageLike", "OnResult", "send"]
 
@@ -55,6 +57,11 @@ class Mailer:
     unsent). Messages are signed inline on the reactor thread; ``dkim_threads=True`` signs
     them in the reactor's thread pool instead (``cryptography`` releases the GIL while it makes
     the RSA signature, so another core can sign; see the README's DKIM figures).
+
+    ``suppression`` (an :class:`~twistmail.interfaces.ISuppressionList`) is checked before
+    every message: suppressed recipients are left out and reported ``"suppressed"``, a message
+    with none left is not sent, and hard bounces about a recipient are added to it
+    (:mod:`twistmail.suppression.sending`).
     """
 
     def __init__(
@@ -81,6 +88,7 @@ class Mailer:
         dkim: DkimSigner | Iterable[DkimKey] | None = None,
         dkim_missing: Missing = "send",
         dkim_threads: bool = False,
+        suppression: ISuppressionList | None = None,
         reactor: Reactor | None = None,
     ) -> None:
         if concurrency < 1:
@@ -136,6 +144,11 @@ class Mailer:
         self._door_policy = self.retry if self.retry.max_attempts > 1 else None
         self._active: set[defer.Deferred[Any]] = set()
         self._closed = False
+        self._suppressing: SuppressedSending | None = None
+        if suppression is not None:
+            from .suppression.sending import SuppressedSending
+
+            self._suppressing = SuppressedSending(suppression, self._clock)
 
     def __repr__(self) -> str:
         return f"<Mailer {self.server.security} {self.server.label} concurrency={self.concurrency}>"
@@ -163,10 +176,15 @@ class Mailer:
             return defer.fail(e)
         if self._closed:
             return defer.fail(ConnectionLostError("the mailer is closed"))
+        if self._suppressing is not None:
+            checked = self._suppressing.send(envelope, self._send_one)
+            return self._track(defer.Deferred.fromCoroutine(checked))
+        return self._track(self._send_one(envelope))
+
+    def _send_one(self, envelope: Envelope) -> defer.Deferred[SendResult]:
         door = MessagesDoor.single(envelope, self._clock, self._door_policy)
         d = self._run(door).addCallback(lambda _: door.single_result())
-        d.addCallback(_raise_if_nothing_accepted)
-        return self._track(d)
+        return d.addCallback(_raise_if_nothing_accepted)
 
     def send_many(
         self,
@@ -193,7 +211,10 @@ class Mailer:
             return report
 
         d: defer.Deferred[Any]
-        if isinstance(messages, Sized) and len(messages) <= _SMALL_BATCH:
+        if self._suppressing is not None:
+            checked = self._suppressing.send_many(messages, report, on_result, self._run_chunk)
+            d = defer.Deferred.fromCoroutine(checked)
+        elif isinstance(messages, Sized) and len(messages) <= _SMALL_BATCH:
             d = defer.gatherResults(
                 [self._one_of_many(i, m, report, on_result) for i, m in enumerate(messages)],
                 consumeErrors=True,
@@ -212,6 +233,21 @@ class Mailer:
             d = self._run(door)
         d.addCallback(finish)
         return self._track(d)
+
+    def _run_chunk(
+        self, items: Iterator[tuple[int, MessageLike]], report: SendReport, on_result: OnResult
+    ) -> defer.Deferred[None]:
+        """Deliver ``(index, message)`` items (checked against the suppression list)."""
+        door = MessagesDoor(
+            items,
+            to_envelope,
+            report,
+            on_result,
+            self._clock,
+            self._door_policy,
+            max_parked=max(1000, 50 * self.concurrency),
+        )
+        return self._run(door)
 
     def close(self) -> defer.Deferred[None]:
         """Stop taking work, wait for what is in flight, then QUIT every connection."""

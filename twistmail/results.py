@@ -9,7 +9,7 @@ from .errors import DeliveryError
 
 __all__ = ["RecipientOutcome", "RecipientStatus", "SendReport", "SendResult"]
 
-RecipientStatus = Literal["sent", "failed", "deferred"]
+RecipientStatus = Literal["sent", "failed", "deferred", "suppressed"]
 
 
 @dataclass(slots=True)
@@ -17,9 +17,10 @@ class RecipientOutcome:
     """One recipient's fate.
 
     ``status`` is ``"sent"`` (the server accepted it), ``"failed"`` (a permanent refusal, or
-    temporary refusals until the attempts ran out) or ``"deferred"`` (only while a message is
-    still being retried). ``code``/``enhanced``/``response`` are the server's last word on it;
-    ``code`` is ``None`` when the failure was a drop or a timeout rather than a reply.
+    temporary refusals until the attempts ran out), ``"deferred"`` (only while a message is
+    still being retried) or ``"suppressed"`` (on the Mailer's suppression list: not sent to).
+    ``code``/``enhanced``/``response`` are the server's last word on it; ``code`` is ``None``
+    when the failure was a drop or a timeout rather than a reply.
     """
 
     recipient: str
@@ -54,13 +55,20 @@ class SendResult:
 
     @property
     def rejected(self) -> list[RecipientOutcome]:
-        """Recipients that were not delivered."""
-        return [r for r in self.recipients if r.status != "sent"]
+        """Recipients that were not delivered (suppressed ones aside)."""
+        return [r for r in self.recipients if r.status not in ("sent", "suppressed")]
 
     @property
     def ok(self) -> bool:
-        """Every recipient was accepted."""
-        return all(r.status == "sent" for r in self.recipients)
+        """Every recipient was accepted (a suppressed one, left out on purpose, aside)."""
+        return all(r.status in ("sent", "suppressed") for r in self.recipients) and any(
+            r.status == "sent" for r in self.recipients
+        )
+
+    @property
+    def suppressed(self) -> list[RecipientOutcome]:
+        """Recipients left out because they are on the suppression list."""
+        return [r for r in self.recipients if r.status == "suppressed"]
 
 
 @dataclass
@@ -68,7 +76,9 @@ class SendReport:
     """Counters for a ``send_many`` run; holds no per-message data beyond ``errors``.
 
     ``sent``: every recipient accepted; ``partial``: some; ``failed``: none; ``invalid``: the
-    item could not be turned into a message (bad address, CR/LF in a header ...).
+    item could not be turned into a message (bad address, CR/LF in a header ...);
+    ``suppressed``: not sent at all, every recipient being on the suppression list
+    (``recipients_suppressed`` counts every recipient left out for it).
     ``errors`` keeps the first :attr:`max_errors` ``(index, reason)`` pairs.
     """
 
@@ -77,8 +87,10 @@ class SendReport:
     partial: int = 0
     failed: int = 0
     invalid: int = 0
+    suppressed: int = 0
     recipients_accepted: int = 0
     recipients_failed: int = 0
+    recipients_suppressed: int = 0
     attempts: int = 0
     elapsed: float = 0.0
     errors: list[tuple[int, str]] = field(default_factory=list)

@@ -16,7 +16,7 @@ import io
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from twisted.internet import defer, task, threads
 
@@ -128,16 +128,18 @@ def add_suppress_parser(sub: Any) -> None:
         where.add_argument("--queue", metavar="URL", help="the list in this queue's database")
 
 
-def suppress_main(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """Run ``twistmail suppress``; its exit status."""
-    codes: list[int] = []
+def suppress_main(args: argparse.Namespace, out: TextIO, err: TextIO) -> NoReturn:
+    """Run ``twistmail suppress`` and exit with its status."""
 
     def go(reactor: Any) -> defer.Deferred[None]:
-        d = defer.Deferred.fromCoroutine(_suppress(args, out, err, reactor))
-        return d.addCallback(codes.append)
+        def done(code: int) -> None:
+            if code:
+                raise SystemExit(code)
 
-    task.react(go)
-    return codes[0] if codes else EXIT_USAGE
+        d = defer.Deferred.fromCoroutine(_suppress(args, out, err, reactor))
+        return d.addCallback(done)
+
+    task.react(go)  # exits
 
 
 async def _suppress(args: argparse.Namespace, out: TextIO, err: TextIO, reactor: Any) -> int:

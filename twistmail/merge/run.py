@@ -155,6 +155,7 @@ class Campaign:
         self._screening = False  # a chunk of rows is being checked against the list
         self._checked: list[Item] | None = None  # its rows, once checked
         self._guard: BounceGuard | None = None
+        self._unrecorded: set[defer.Deferred[None]] = set()  # suppressed rows being journaled
 
     async def run(self) -> int:
         """Send the campaign; the exit status (0, 1, 2 or 3 as documented by the CLI)."""
@@ -242,6 +243,7 @@ class Campaign:
             await feed.rest()
             if self._guard is not None:
                 await self._guard.flush()
+            await defer.DeferredList(list(self._unrecorded))
         finally:
             restore()
             if self._abort_timer is not None and self._abort_timer.active():
@@ -428,7 +430,7 @@ class Campaign:
 
     def _record_suppressed(self, item: Suppressed) -> None:
         assert self._journal is not None
-        self._journal.record(
+        d = self._journal.record(
             item.key,
             row=item.row,
             email=item.email,
@@ -436,6 +438,9 @@ class Campaign:
             response=item.reason,
             fingerprint=item.fingerprint,
         ).addErrback(self._journal_failed)
+        # Waited for before the counts are read: the exit status and summary include them.
+        self._unrecorded.add(d)
+        d.addBoth(lambda _: self._unrecorded.discard(d))
 
     def _record(
         self,
