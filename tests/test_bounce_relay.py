@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import smtplib
 import sqlite3
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def relay(upstream: CueServer, tmp_path_factory: pytest.TempPathFactory) -> Iter
         f"{TRUSTED}/32",
         "--no-bounces",
         "--verp",
+        http="tcp:0:interface=127.0.0.1",
     ) as r:
         yield r
 
@@ -123,6 +125,30 @@ def test_a_postfix_dsn_to_a_signed_return_path_fails_and_suppresses_and_is_never
     assert count == queue_id  # the bounce was not queued
     assert len(upstream.received) == before  # nor relayed
     relay.wait_for(r"bounce \(queue \d+:0\): hard 5\.1\.1, suppressed, recipient failed")
+    assert 'twistmail_relay_bounces_total{kind="hard"} 1.0' in metrics(relay)
+
+
+def metrics(relay: RelayProcess) -> str:
+    line = relay.wait_for(r"HTTP \(API, health and metrics\) listening on [^:]+:\d+")
+    port = line.rsplit(":", 1)[1].strip()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def test_mail_to_a_return_path_that_is_no_report_is_dropped_and_counted(
+    relay: RelayProcess,
+) -> None:
+    return_path = VERP.for_queued(1, 0, "nobody@example.org")
+    before = suppressions(relay.queue_path)
+    with smtplib.SMTP("127.0.0.1", relay.port) as c:
+        c.ehlo("mx.example.net")
+        assert c.mail("someone@example.net")[0] == 250
+        assert c.rcpt(return_path)[0] == 250
+        code, reply = c.data(b"Subject: out of office\r\n\r\nI am away.\r\n")
+    assert (code, reply) == (250, b"2.0.0 Ok: not a delivery report, dropped")
+    assert suppressions(relay.queue_path) == before
+    text = metrics(relay)
+    assert 'twistmail_relay_bounces_total{kind="not_report"} 1.0' in text
 
 
 def test_a_forged_return_path_and_any_other_address_are_refused(relay: RelayProcess) -> None:

@@ -12,6 +12,8 @@ client sends the rest in another transaction, as RFC 5321 lets it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -27,11 +29,20 @@ Refusal = tuple[int, str]
 
 
 class BounceGate:
-    """Which recipients the relay takes as bounces, and what it does with them."""
+    """Which recipients the relay takes as bounces, and what it does with them.
 
-    def __init__(self, verp: VerpSigner, intake: BounceIntake) -> None:
+    ``counted(kind)`` hears of each reported recipient's event kind (``hard``, ``soft``...),
+    and of ``not_report`` for a message that was none (the relay's metrics)."""
+
+    def __init__(
+        self,
+        verp: VerpSigner,
+        intake: BounceIntake,
+        counted: Callable[[str], None] | None = None,
+    ) -> None:
         self.verp = verp
         self.intake = intake
+        self._counted = counted or (lambda kind: None)
 
     def recipient(
         self, address: str, *, trusted: bool, bounce: bool | None
@@ -62,9 +73,11 @@ class BounceGate:
 
     def _applied(self, processed: Processed) -> str:
         if not processed.is_report:
+            self._counted("not_report")
             log.info("a message to a bounce address was no bounce report: dropped")
             return "2.0.0 Ok: not a delivery report, dropped"
         for event in processed.events:
+            self._counted(event.kind)
             ref = event.ref
             where = (
                 "" if ref is None else f" ({ref.kind} {ref.message or ref.campaign}:{ref.number})"

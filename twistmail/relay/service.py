@@ -232,7 +232,7 @@ class RelayService(MultiService):
             self.suppression, queue=self.queue, verp=self.config.verp, reactor=self.reactor
         )
         log.info("taking bounces at {domain}", domain=self.config.verp.domain)
-        return BounceGate(self.config.verp, intake)
+        return BounceGate(self.config.verp, intake, self.metrics.bounce)
 
     def _watch_other_writers(self) -> None:
         """Wake the worker when another process commits to the queue (the spool backend,
