@@ -189,7 +189,7 @@ async def _main(args: argparse.Namespace, reactor: Any, out: TextIO, err: TextIO
             suppressions, queue=queue, journal=journal, verp=verp, reactor=reactor
         )
         counts = await _run(args.maildir, names, intake, reactor, out)
-    except TwistmailError as e:
+    except (TwistmailError, OSError) as e:  # what was applied so far was moved to cur/
         print(f"error: {e}", file=err)
         return EXIT_ERROR
     finally:
