@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from relay_process import RelayProcess
-from servers import CueServer
+from servers import CueServer, Received
 from test_bounce_intake import fixture
 from twisted.python import usage
 from waiting import wait_until
@@ -213,3 +213,31 @@ def test_the_bounce_options_are_checked_at_start(tmp_path: Path) -> None:
             tmp_path, "--bounce-domain", "b.example.com", "--secret-file", str(tmp_path / "bad")
         )
     assert "short" not in str(caught.value)
+
+
+def test_a_complaint_to_a_return_path_suppresses_its_recipient_even_redacted(
+    relay: RelayProcess, upstream: CueServer
+) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.port, source_address=(TRUSTED, 0)) as c:
+        c.ehlo()
+        c.mail("news@example.com")
+        c.rcpt("carol@example.org")
+        code, reply = c.data(MESSAGE.replace(b"nobody@", b"carol@").replace(b"42@", b"43@"))
+    assert code == 250, reply
+
+    def delivered() -> list[Received]:
+        return [m for m in upstream.received if b"<feb-news.43@example.com>" in m.data]
+
+    wait_until(lambda: len(delivered()) == 1)
+    (sent,) = delivered()
+    # The feedback loop names nobody (RFC 5965 B.1): only the return path says who.
+    arf = fixture(
+        "rfc5965-b1-arf-minimal.eml", **{"To: <abuse@example.net>": f"To: <{sent.sender}>"}
+    )
+    with smtplib.SMTP("127.0.0.1", relay.port) as c:
+        c.ehlo("fbl.example.net")
+        assert c.mail("")[0] == 250
+        assert c.rcpt(sent.sender)[0] == 250
+        code, reply = c.data(arf.replace(b"\n", b"\r\n"))
+    assert code == 250, reply
+    assert ("carol@example.org", "complaint") in suppressions(relay.queue_path)
