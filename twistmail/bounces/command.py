@@ -86,7 +86,8 @@ def add_bounces_parser(sub: Any) -> None:
     parser.add_argument(
         "--secret-file",
         metavar="PATH",
-        help="the keys VERP return paths are signed with ('KEYID SECRET' a line)",
+        help="the keys VERP return paths are signed with (KEY_ID:SECRET a line; the relay's "
+        "and twistmail send's --secret-file)",
     )
 
 
