@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer, task
 
 from ._campaign_cli import campaign_main, queue_options, report_parser, send_options_problem
+from .bounces.command import add_bounces_parser, add_verp_option, verp_from_args
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
 from .suppresscmd import add_send_options, add_suppress_parser, send_options_from, suppress_main
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _smtp_options(send, url_required=False, attempts_scope="", unless="--enqueue-only")
     add_dkim_options(send, missing=False)
     add_send_options(send)
+    add_verp_option(send)
     send.add_argument(
         "--from",
         dest="envelope_from",
@@ -226,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     _worker_parser(sub)
     _users_parser(sub)
     add_dkim_parser(sub)
+    add_bounces_parser(sub)
     _tokens_parser(sub)
     add_suppress_parser(sub)
     sub.add_parser(
@@ -371,6 +374,7 @@ def _drain_parser(sub: Any) -> None:
     )
     _smtp_options(drain, url_required=False, attempts_scope=", over all runs", patience=0.0)
     add_dkim_options(drain, missing=True)
+    add_verp_option(drain, secret_file=True)
     drain.add_argument(
         "--limit",
         type=_positive_int,
@@ -403,6 +407,7 @@ def _drain_main(args: argparse.Namespace) -> None:
         queue_url=args.queue,
         limit=args.limit,
         lease=args.lease,
+        verp=verp_from_args(args, sys.stderr),
         **_delivery(args),
     )
     _react_exit(lambda reactor: command.drain(options, reactor))
@@ -440,6 +445,7 @@ def _worker_parser(sub: Any) -> None:
     )
     _smtp_options(worker, url_required=True, attempts_scope=", over all workers", patience=None)
     add_dkim_options(worker, missing=True)
+    add_verp_option(worker, secret_file=True)
     worker.add_argument(
         "--lease",
         type=_seconds,
@@ -453,7 +459,12 @@ def _worker_parser(sub: Any) -> None:
 def _worker_main(args: argparse.Namespace) -> None:
     from .queue import command
 
-    options = command.WorkerOptions(queue_url=args.queue, lease=args.lease, **_delivery(args))
+    options = command.WorkerOptions(
+        queue_url=args.queue,
+        lease=args.lease,
+        verp=verp_from_args(args, sys.stderr),
+        **_delivery(args),
+    )
     _react_exit(lambda reactor: command.work(options, reactor))
 
 
@@ -604,6 +615,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "worker":
         _worker_main(args)
         return
+    if args.command == "bounces":
+        from .bounces.command import bounces_main
+
+        _react_exit(lambda reactor: bounces_main(args, reactor, sys.stdout, sys.stderr))
+        return
     if args.command == "suppress":
         suppress_main(args, sys.stdout, sys.stderr)
     if args.command == "users":
@@ -673,6 +689,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         enqueue_only=args.enqueue_only,
         campaign=args.campaign,
         **send_options_from(args),
+        verp=verp_from_args(args, sys.stderr),
         **_delivery(args),
     )
     problem = send_options_problem(args)

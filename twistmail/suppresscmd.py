@@ -63,7 +63,9 @@ def send_options_from(args: argparse.Namespace) -> dict[str, Any]:
     from .unsubscribe import SecretError, TokenBox, Unsubscribe, UnsubscribeError
 
     unsubscribe = None
-    if args.unsubscribe_url or args.unsubscribe_mailto or args.secret_file:
+    # --secret-file alone also signs --verp-domain return paths: no unsubscribe headers then.
+    verp_only = args.secret_file and getattr(args, "verp_domain", None)
+    if args.unsubscribe_url or args.unsubscribe_mailto or (args.secret_file and not verp_only):
         try:
             tokens = TokenBox.from_file(args.secret_file) if args.secret_file else None
             unsubscribe = Unsubscribe(tokens, args.unsubscribe_url, args.unsubscribe_mailto)

@@ -61,6 +61,7 @@ __all__ = [
     "JournalRow",
     "RowState",
     "StatusSummary",
+    "bounce_rows",
     "read_status",
 ]
 
@@ -245,6 +246,52 @@ def _changed_count(conn: sqlite3.Connection, version: str) -> int:
     if version != SCHEMA_VERSION:
         return 0  # not known before version 3
     return int(conn.execute("SELECT count(*) FROM rows WHERE changed").fetchone()[0])
+
+
+def bounce_rows(
+    path: str | os.PathLike[str],
+    bounces: list[tuple[str, int, bool, int | None, str]],
+) -> list[str | None]:
+    """Apply bounces to the journal at ``path`` (blocking: run it in a thread); one
+    transaction, under the journal's lock (a campaign running on it is a JournalError).
+
+    Each bounce is ``(campaign, row_id, failed, code, response)``: ``campaign`` must begin the
+    journal's campaign id (a bounce for an earlier campaign of the file changes nothing); a
+    ``sent`` row becomes ``failed`` with ``code`` and ``response`` (``failed``) or keeps its
+    state with ``response`` as news. Returns each row's address (None: no such row).
+    """
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise JournalError(f"{name}: no such journal")
+    conn = _connect(name)
+    lock_fd: int | None = None
+    try:
+        lock_fd = _lock(name)
+        campaign_id = _read_meta(conn, name)["campaign_id"]
+        found: list[str | None] = []
+        with _sqlite.transaction(conn):
+            for campaign, row_id, failed, code, response in bounces:
+                row = conn.execute("SELECT email, state FROM rows WHERE id = ?", (row_id,))
+                hit = row.fetchone() if campaign and campaign_id.startswith(campaign) else None
+                if hit is None:
+                    found.append(None)
+                    continue
+                if hit[1] == "sent":
+                    conn.execute(
+                        "UPDATE rows SET state = ?, code = ?, response = ?, updated_at = ? "
+                        "WHERE id = ?",
+                        (
+                            "failed" if failed else "sent",
+                            code if failed else None,
+                            response,
+                            time.time(),
+                            row_id,
+                        ),
+                    )
+                found.append(str(hit[0]))
+        return found
+    finally:
+        _close(conn, lock_fd)
 
 
 def read_status(path: str | os.PathLike[str], *, limit: int = 20) -> StatusSummary:

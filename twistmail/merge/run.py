@@ -81,6 +81,9 @@ class SendOptions(DeliveryOptions):
     """The suppression list's SQLite file (None: ``default_suppression_path()``)."""
     unsubscribe: Unsubscribe | None = None
     """The ``List-Unsubscribe`` headers each message gets (``--unsubscribe-url/-mailto``)."""
+    verp: Any = None
+    """A :class:`~twistmail.bounces.verp.VerpSigner` (``--verp-domain``): each row's message
+    goes out from its own signed return path."""
 
 
 def default_journal_path(csv_path: str) -> str:
@@ -223,8 +226,13 @@ class Campaign:
         progress = Progress(opts.out, total=total, live=opts.progress, clock=self.reactor)
         progress.start(self.counts)
         restore = install_signal_handlers(self.reactor, self.interrupt)
+        sender: Any = self._mailer
+        if opts.verp is not None:
+            from twistmail.bounces.sending import VerpSender
+
+            sender = VerpSender(self._mailer, opts.verp, campaign=journal.campaign_id)
         loop = self._loop = DeliveryLoop(
-            self._mailer,
+            sender,
             self,
             self.retry,
             clock=self.clock,

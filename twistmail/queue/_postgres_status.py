@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import psycopg
 
 __all__ = [
+    "bounce_recipient",
     "cancel_message",
     "insert_once",
     "list_messages",
@@ -215,3 +216,29 @@ def cancel_message(
         (reason, message),
     )
     return "cancelled"
+
+
+def bounce_recipient(
+    message: int,
+    position: int,
+    failed: bool,
+    code: int | None,
+    response: str,
+    conn: psycopg.Connection[Any],
+) -> str | None:
+    """As the SQLite queue's: a delivered recipient becomes ``failed`` (or gets ``response``
+    as news); its address, None if there is none. Running it again changes nothing more."""
+    row = conn.execute(
+        "SELECT address, state FROM recipients WHERE message = %s AND position = %s FOR UPDATE",
+        (message, position),
+    ).fetchone()
+    if row is None:
+        return None
+    address, state = row
+    if state == "sent":
+        conn.execute(
+            "UPDATE recipients SET state = %s, code = %s, response = %s "
+            "WHERE message = %s AND position = %s",
+            ("failed" if failed else "sent", code if failed else None, response, message, position),
+        )
+    return str(address)

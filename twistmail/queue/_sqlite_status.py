@@ -18,7 +18,14 @@ from .records import (
     message_status,
 )
 
-__all__ = ["cancel_message", "list_messages", "one_message", "overview", "retry_message"]
+__all__ = [
+    "bounce_recipient",
+    "cancel_message",
+    "list_messages",
+    "one_message",
+    "overview",
+    "retry_message",
+]
 
 
 _STATUS = (
@@ -113,3 +120,32 @@ def cancel_message(message: int, reason: str, conn: sqlite3.Connection, now: flo
         (reason, message),
     )
     return "cancelled"
+
+
+def bounce_recipient(
+    message: int,
+    position: int,
+    failed: bool,
+    code: int | None,
+    response: str,
+    conn: sqlite3.Connection,
+    now: float,
+) -> str | None:
+    """A bounce arrived for recipient ``position`` of ``message``: a delivered (``sent``)
+    recipient becomes ``failed`` (``failed``) or keeps its state with ``response`` as the news
+    (a delay). Returns the recipient's address, or None if there is no such recipient."""
+    row = conn.execute(
+        "SELECT address, state FROM recipients WHERE message = ? AND position = ?",
+        (message, position),
+    ).fetchone()
+    if row is None:
+        return None
+    address, state = row
+    if state == "sent":
+        conn.execute(
+            "UPDATE recipients SET state = ?, code = ?, response = ? "
+            "WHERE message = ? AND position = ?",
+            ("failed" if failed else "sent", code if failed else None, response, message, position),
+        )
+        conn.execute("UPDATE messages SET updated_at = ? WHERE id = ?", (now, message))
+    return str(address)

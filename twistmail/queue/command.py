@@ -61,6 +61,9 @@ class DrainOptions(DeliveryOptions):
     limit: int | None = None
     lease: float = 300.0
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    verp: Any = None
+    """A :class:`~twistmail.bounces.verp.VerpSigner` (``--verp-domain``): one-recipient
+    messages go out from their signed return paths."""
 
 
 def drain(options: DrainOptions, reactor: Reactor) -> defer.Deferred[int]:
@@ -79,7 +82,7 @@ async def _drain(opts: DrainOptions, reactor: Reactor) -> int:
 
     worker = Drain(
         spool,
-        mailer,
+        _sender(mailer, opts.verp),
         retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
         limit=opts.limit,
         lease=opts.lease,
@@ -188,6 +191,17 @@ class WorkerOptions(DeliveryOptions):
     sqlite_check: float = 1.0
     """Seconds between looks for new messages in a SQLite queue (which cannot notify)."""
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    verp: Any = None
+    """As :attr:`DrainOptions.verp`."""
+
+
+def _sender(mailer: Mailer, verp: Any) -> Any:
+    """``mailer``, sending from VERP return paths when ``verp`` (a signer) is given."""
+    if verp is None:
+        return mailer
+    from ..bounces.sending import VerpSender
+
+    return VerpSender(mailer, verp)
 
 
 def work(options: WorkerOptions, reactor: Reactor) -> defer.Deferred[int]:
@@ -203,13 +217,13 @@ def worker_for(
     on_outcome: Callable[[ClaimedMessage, Outcome], None] | None,
     suppression: ISuppressionList | None = None,
 ) -> RelayWorker:
-    """A worker delivering from ``queue`` through ``mailer`` as ``opts`` say, leaving out the
-    recipients ``suppression`` holds, until stopped."""
+    """A worker delivering from ``queue`` through ``mailer`` as ``opts`` say (from VERP return
+    paths with ``opts.verp``), leaving out the recipients ``suppression`` holds, until stopped."""
     from ..relay.worker import RelayWorker
 
     return RelayWorker(
         queue,
-        mailer,
+        _sender(mailer, opts.verp),
         retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
         owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
         max_age=math.inf,

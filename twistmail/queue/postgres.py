@@ -73,6 +73,7 @@ from ._postgres_db import (
     describe_url,
 )
 from ._postgres_status import (
+    bounce_recipient,
     cancel_message,
     insert_once,
     list_messages,
@@ -248,6 +249,16 @@ class PostgresQueue(_postgres_campaigns.Campaigns):
         token = uuid.uuid4()
         return self._run(
             lambda conn, now, again: cancel_message(message, reason, token, conn, now, again)
+        )
+
+    def bounce(
+        self, message: int, position: int, *, failed: bool, code: int | None, response: str
+    ) -> defer.Deferred[str | None]:
+        """A bounce for a delivered recipient (see :meth:`SqliteQueue.bounce`)."""
+        return self._run(
+            lambda conn, now, again: bounce_recipient(
+                message, position, failed, code, response, conn
+            )
         )
 
     def message(self, message: int) -> defer.Deferred[MessageStatus | None]:

@@ -56,7 +56,14 @@ from ..address import Address, parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
 from . import _sqlite_campaigns
-from ._sqlite_status import cancel_message, list_messages, one_message, overview, retry_message
+from ._sqlite_status import (
+    bounce_recipient,
+    cancel_message,
+    list_messages,
+    one_message,
+    overview,
+    retry_message,
+)
 from .campaigns import CampaignRenderer
 from .records import (
     MESSAGE_STATES,
@@ -689,6 +696,16 @@ class SqliteQueue(_sqlite_campaigns.Campaigns):
     def cancel(self, message: int, reason: str) -> defer.Deferred[str]:
         """Fail message ``message`` if it is queued or deferred (see IQueue)."""
         return self._write(lambda conn, now: cancel_message(message, reason, conn, now))
+
+    def bounce(
+        self, message: int, position: int, *, failed: bool, code: int | None, response: str
+    ) -> defer.Deferred[str | None]:
+        """A bounce for a delivered recipient: ``failed`` makes it ``failed`` with ``code`` and
+        ``response``, else ``response`` is recorded as news; fires with its address (None:
+        no such recipient)."""
+        return self._write(
+            lambda conn, now: bounce_recipient(message, position, failed, code, response, conn, now)
+        )
 
     def take_back(self, owner_prefix: str) -> defer.Deferred[int]:
         """Give back at once every claim of the owners whose token starts with

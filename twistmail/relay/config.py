@@ -12,6 +12,7 @@ from ..mailer import Mailer
 from ..retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from ..bounces.verp import VerpSigner
     from ..dkim import DkimSigner
     from ..unsubscribe.tokens import TokenBox
 
@@ -59,6 +60,11 @@ class RelayConfig:
     shutdown_timeout: float = 30.0
     bounces: bool = True
     dkim: DkimSigner | None = None
+    verp: VerpSigner | None = None
+    """``--bounce-domain`` with the ``--secret-file`` keys: bounces to its return paths are
+    accepted from anyone and consumed."""
+    verp_send: bool = False
+    """``--verp``: one-recipient messages go out from their own return path at ``verp``."""
     public_http: str | None = None
     """Where the one-click unsubscribe routes listen (no API token; behind TLS termination)."""
     unsubscribe_tokens: TokenBox | None = None

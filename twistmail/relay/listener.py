@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import ServerFactory
@@ -19,6 +19,9 @@ from ..message import Envelope
 from .auth import FailureLimiter
 from .config import RelayConfig
 from .submission import Submission
+
+if TYPE_CHECKING:
+    from ..bounces.smtp import BounceGate
 
 __all__ = ["SubmissionFactory"]
 
@@ -31,6 +34,8 @@ class SubmissionFactory(ServerFactory):
     loopback listener; a failed login is answered 535 after ``auth_failure_delay`` seconds,
     and ``limiter`` turns an address away with 421 after too many. ``tls`` (a server TLS
     context) enables STARTTLS. ``on_session(+1 or -1)`` hears of each session opened or closed.
+    ``bounces`` (``--bounce-domain``) takes mail from anyone to signed return paths and
+    consumes it (:mod:`twistmail.bounces.smtp`).
     """
 
     protocol = Submission  # type: ignore[assignment]  # made by buildProtocol
@@ -48,6 +53,7 @@ class SubmissionFactory(ServerFactory):
         limiter: FailureLimiter | None = None,
         on_session: Callable[[int], None] | None = None,
         auth_failure_delay: float = 1.0,
+        bounces: BounceGate | None = None,
     ) -> None:
         self.config = config
         self.accept = accept
@@ -62,6 +68,7 @@ class SubmissionFactory(ServerFactory):
         self.auth_failure_delay = auth_failure_delay
         self._gone: defer.Deferred[None] | None = None
         self.accepting = True
+        self.bounces = bounces
 
     def buildProtocol(self, addr: Any) -> Submission:  # type: ignore[override]
         protocol = Submission(self)

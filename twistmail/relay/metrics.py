@@ -12,6 +12,9 @@ The relay calls :class:`RelayMetrics`' methods as things happen; ``GET /metrics`
 ``oldest_queued_age_seconds``         age of the oldest message waiting (0 when none waits)
 ``delivery_latency_seconds``          histogram: acceptance to delivery of each sent message
 ``smtp_sessions``                     SMTP sessions open now
+``bounces_total{kind}``               bounces taken at ``--bounce-domain``, per reported
+                                      recipient: ``hard``, ``soft``, ``complaint``, ``other``,
+                                      ``unmatched``; ``not_report`` for mail that was none
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ from twisted.python.failure import Failure
 
 from ..queue.records import MESSAGE_STATES
 
-__all__ = ["CONTENT_TYPE", "DELIVERY_RESULTS", "LATENCY_BUCKETS", "QueueSizes", "RelayMetrics"]
+__all__ = [
+    "BOUNCE_KINDS",
+    "CONTENT_TYPE",
+    "DELIVERY_RESULTS",
+    "LATENCY_BUCKETS",
+    "QueueSizes",
+    "RelayMetrics",
+]
 
 log = Logger()
 
@@ -43,6 +53,7 @@ CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 """The Content-Type of :meth:`RelayMetrics.render`'s output."""
 
 DELIVERY_RESULTS: Final = ("sent", "deferred", "failed")
+BOUNCE_KINDS: Final = ("hard", "soft", "complaint", "other", "unmatched", "not_report")
 
 LATENCY_BUCKETS: Final = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
@@ -116,6 +127,12 @@ class RelayMetrics:
         self._sessions = Gauge(
             "twistmail_relay_smtp_sessions", "SMTP sessions open now.", registry=self.registry
         )
+        self._bounces = Counter(
+            "twistmail_relay_bounces",
+            "Bounces taken at the bounce domain, per reported recipient, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
         self._queue = _QueueCollector()
         self.registry.register(self._queue)
         for result, code in _USUAL_DELIVERIES:  # these series exist from the start, at 0
@@ -133,6 +150,15 @@ class RelayMetrics:
         if result not in DELIVERY_RESULTS:
             raise ValueError(f"delivery result {result!r} is not one of {DELIVERY_RESULTS}")
         self._deliveries.labels(result, _code_class(code)).inc()
+
+    def bounce(self, kind: str) -> None:
+        """A bounce of ``kind`` (one of :data:`BOUNCE_KINDS`) was taken.
+
+        :raises ValueError: for another kind.
+        """
+        if kind not in BOUNCE_KINDS:
+            raise ValueError(f"bounce kind {kind!r} is not one of {BOUNCE_KINDS}")
+        self._bounces.labels(kind).inc()
 
     def observe_latency(self, seconds: float) -> None:
         """A message was delivered ``seconds`` after it was accepted."""

@@ -155,9 +155,14 @@ class RelayService(MultiService):
             config.queue_path, create=False, reactor=self.reactor, close_at_shutdown=False
         )
         self._mailer = config.mailer(self.reactor)
+        sender: Any = self._mailer
+        if config.verp is not None and config.verp_send:
+            from ..bounces.sending import VerpSender
+
+            sender = VerpSender(self._mailer, config.verp)
         self.worker = RelayWorker(
             queue,
-            self._mailer,
+            sender,
             retry=config.retry_policy(),
             owner=self.owner,
             max_age=config.max_age,
@@ -207,6 +212,7 @@ class RelayService(MultiService):
             self._log_listening("one-click unsubscribe (public)", port)
         if config.submission is not None:
             clock = IReactorTime(self.reactor)
+            gate = await self._bounce_gate()
             self.submission = SubmissionFactory(
                 config,
                 self._accept,
@@ -216,6 +222,7 @@ class RelayService(MultiService):
                 tls=_tls_context(config),
                 limiter=FailureLimiter(clock),
                 on_session=self._sessions_changed,
+                bounces=gate,
             )
             endpoint = serverFromString(self.reactor, config.submission)
             port = await endpoint.listen(self.submission)
@@ -226,6 +233,19 @@ class RelayService(MultiService):
             upstream=self._mailer.server.label,
             queue=config.queue_path,
         )
+
+    async def _bounce_gate(self) -> Any:
+        """The ``--bounce-domain`` gate over this queue and its suppression list, or None."""
+        if self.config.verp is None:
+            return None
+        from ..bounces.intake import BounceIntake
+        from ..bounces.smtp import BounceGate
+
+        intake = BounceIntake(
+            self.suppression, queue=self.queue, verp=self.config.verp, reactor=self.reactor
+        )
+        log.info("taking bounces at {domain}", domain=self.config.verp.domain)
+        return BounceGate(self.config.verp, intake, self.metrics.bounce)
 
     def _watch_other_writers(self) -> None:
         """Wake the worker when another process commits to the queue (the spool backend,

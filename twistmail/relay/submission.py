@@ -72,6 +72,7 @@ class Submission(smtp.ESMTP):
         self._data_timer: IDelayedCall | None = None
         self._closing = False
         self._tls_started_here = False
+        self._data_is_bounce = False
         self.client_ip = ""
 
     # ------------------------------------------------------------------ connection
@@ -338,6 +339,7 @@ class Submission(smtp.ESMTP):
         self._from: Address | None = None
         self._to: list[Address] = []
         self._params_smtputf8 = False
+        self._bounce: bool | None = None  # the recipients are --bounce-domain return paths
 
     def do_MAIL(self, rest: bytes) -> None:
         if self._closing:
@@ -346,7 +348,11 @@ class Submission(smtp.ESMTP):
         if self._from is not None:
             self.sendCode(503, b"5.5.1 Error: nested MAIL command")
             return
-        if not self.authenticated and not self.factory.allowed(self.client_ip):
+        if (
+            not self.authenticated
+            and self.factory.bounces is None  # with a bounce domain, RCPT decides
+            and not self.factory.allowed(self.client_ip)
+        ):
             self.sendCode(530, b"5.7.0 Authentication required")
             return
         try:
@@ -398,6 +404,14 @@ class Submission(smtp.ESMTP):
         if len(self._to) >= self.factory.config.max_recipients:
             self.sendCode(452, b"4.5.3 Error: too many recipients")
             return
+        gate = self.factory.bounces
+        if gate is not None:
+            trusted = self.authenticated or self.factory.allowed(self.client_ip)
+            bounce, refusal = gate.recipient(str(recipient), trusted=trusted, bounce=self._bounce)
+            if refusal is not None:
+                self.sendCode(refusal[0], refusal[1].encode())
+                return
+            self._bounce = bounce
         if recipient not in self._to:
             self._to.append(recipient)
         self.sendCode(250, b"2.1.5 Ok")
@@ -419,6 +433,7 @@ class Submission(smtp.ESMTP):
             smtputf8=self._params_smtputf8 or self._from.needs_smtputf8,
             max_line=_DATA_LINE_MAX,
         )
+        self._data_is_bounce = bool(self._bounce)
         self._reset()
         self._data_timer = self.factory.clock.callLater(
             self.factory.config.data_timeout, self._data_too_slow
@@ -463,12 +478,20 @@ class Submission(smtp.ESMTP):
         )
         envelope = incoming.envelope(received, self.factory.config.hostname)
         self.pause()
+        if self._data_is_bounce and self.factory.bounces is not None:
+            self.factory.bounces.consume(envelope).addCallbacks(
+                self._consumed, self._not_queued
+            ).addBoth(lambda _: self.resume())
+            return
         self.factory.accept(envelope, self.client_ip).addCallbacks(
             self._queued, self._not_queued
         ).addBoth(lambda _: self.resume())
 
     def _queued(self, queue_id: int) -> None:
         self.sendCode(250, b"2.0.0 Ok: queued as %d" % queue_id)
+
+    def _consumed(self, reply: str) -> None:
+        self.sendCode(250, reply.encode())
 
     def _not_queued(self, failure: Failure) -> None:
         log.failure("could not queue a message from {client}", failure, client=self.client_ip)

@@ -27,6 +27,7 @@ from ..smtp.client import parse_url
 from .config import DAY, RelayConfig
 
 if TYPE_CHECKING:
+    from ..bounces.verp import VerpSigner
     from ..dkim import DkimSigner
     from ..unsubscribe.tokens import TokenBox
 
@@ -118,6 +119,12 @@ class Options(usage.Options):
     optFlags = [
         ["insecure", None, "do not verify the upstream's certificate (testing only)"],
         ["no-bounces", None, "send no delivery status notification for a failed message"],
+        [
+            "verp",
+            None,
+            "send each one-recipient message from its own signed return path at "
+            "--bounce-domain, so its bounce names it (one transaction per recipient)",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -178,8 +185,17 @@ class Options(usage.Options):
             "secret-file",
             None,
             None,
-            "the unsubscribe token keys (KEY_ID:SECRET a line, the first signs), shared with "
-            "twistmail send --secret-file",
+            "the unsubscribe token and VERP return path keys (KEY_ID:SECRET a line, the first "
+            "signs), shared with twistmail send and twistmail bounces --secret-file",
+        ],
+        [
+            "bounce-domain",
+            None,
+            None,
+            "accept bounces from anyone, without AUTH, at the signed VERP return paths "
+            "bounces+TOKEN@DOMAIN (any other address there is refused) and apply them: fail "
+            "the recipient, suppress it (needs --secret-file), e.g. --bounce-domain "
+            "bounces.example.com",
         ],
         [
             "concurrency",
@@ -375,6 +391,9 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
     if opts["max-connections-per-client"] > opts["max-connections"]:
         raise usage.UsageError("--max-connections-per-client must be at most --max-connections")
     dkim = _dkim_signer(opts["dkim"], opts["dkim-missing"])
+    verp = _verp_signer(opts["bounce-domain"], opts["secret-file"])
+    if opts["verp"] and verp is None:
+        raise usage.UsageError("--verp needs --bounce-domain (where the bounces come back)")
     endpoints = {}
     for name in ("submission", "http", "public-http"):
         value = opts[name].strip()
@@ -417,9 +436,25 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         shutdown_timeout=opts["shutdown-timeout"],
         bounces=not opts["no-bounces"],
         dkim=dkim,
+        verp=verp,
+        verp_send=bool(opts["verp"]),
         public_http=endpoints["public-http"],
         unsubscribe_tokens=unsubscribe_tokens,
     )
+
+
+def _verp_signer(domain: str | None, secret_file: str | None) -> VerpSigner | None:
+    """The VERP signer of ``--bounce-domain`` (keys read now); UsageError naming the problem."""
+    if not domain:
+        return None
+    if not secret_file:
+        raise usage.UsageError("--bounce-domain needs --secret-file (the keys of the return paths)")
+    from ..bounces.verp import VerpSigner, read_verp_keys
+
+    try:
+        return VerpSigner(read_verp_keys(secret_file), domain)
+    except ValueError as e:
+        raise usage.UsageError(f"--bounce-domain/--secret-file: {e}") from None
 
 
 def _unsubscribe_tokens(public_http: str | None, secret_file: str | None) -> TokenBox | None:
