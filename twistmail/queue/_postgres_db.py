@@ -478,6 +478,20 @@ def _summary(conn: psycopg.Connection[Any], now: float | None, again: bool) -> Q
     return QueueSummary(counts, due, counts["sending"] - expired, expired)
 
 
+def _queued_at(
+    message: int, conn: psycopg.Connection[Any], now: float | None, again: bool
+) -> float | None:
+    row = conn.execute("SELECT created_at FROM messages WHERE id = %s", (message,)).fetchone()
+    return None if row is None else float(row[0])
+
+
+def _oldest_waiting(conn: psycopg.Connection[Any], now: float | None, again: bool) -> float | None:
+    row = conn.execute(
+        "SELECT min(created_at) FROM messages WHERE state IN ('queued', 'deferred', 'sending')"
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
 def _unsent(
     limit: int, conn: psycopg.Connection[Any], now: float | None, again: bool
 ) -> list[QueueRow]:

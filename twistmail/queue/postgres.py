@@ -59,8 +59,10 @@ from ._postgres_db import (
     _insert,
     _listen,
     _next_due,
+    _oldest_waiting,
     _Op,
     _prepare,
+    _queued_at,
     _record,
     _release,
     _renew,
@@ -265,6 +267,14 @@ class PostgresQueue:
     def unsent(self, limit: int = 20) -> defer.Deferred[list[QueueRow]]:
         """The first ``limit`` messages not sent, with their recipients' states."""
         return self._run(lambda conn, now, again: _unsent(limit, conn, now, again))
+
+    def queued_at(self, message: int) -> defer.Deferred[float | None]:
+        """When message ``message`` was enqueued (the queue's clock); None if there is none."""
+        return self._run(lambda conn, now, again: _queued_at(message, conn, now, again))
+
+    def oldest_waiting(self) -> defer.Deferred[float | None]:
+        """When the oldest message not yet sent or failed was enqueued; None if none waits."""
+        return self._run(_oldest_waiting)
 
     # Wake-ups -------------------------------------------------------------------------------
 
