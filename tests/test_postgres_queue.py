@@ -122,6 +122,44 @@ async def test_leases_and_due_times_are_on_the_database_clock(schema: str) -> No
         await queue.close()
 
 
+# Durable enqueues, committed in groups -------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_commits_are_durable_even_where_synchronous_commit_is_off(schema: str) -> None:
+    # The role or server may turn synchronous_commit off; the queue turns it back on, since a
+    # relay answers 250 on an enqueue's commit.
+    url = f"{postgres_server.URL}?options=-c%20synchronous_commit%3Doff"
+    queue = await PostgresQueue.open(url, schema=schema)
+    try:
+        assert await queue.settings() == "on"
+    finally:
+        await queue.close()
+    local = f"{postgres_server.URL}?options=-c%20synchronous_commit%3Dlocal"
+    queue = await PostgresQueue.open(local, schema=schema)
+    try:
+        assert await queue.settings() == "local"  # durable already: kept
+    finally:
+        await queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_enqueues_asked_for_together_share_a_transaction(schema: str) -> None:
+    queue = await PostgresQueue.open(postgres_server.URL, schema=schema)
+    try:
+        asked = [queue.enqueue([envelope(n), envelope(n + 1000)]) for n in range(50)]
+        ids = await defer.gatherResults(asked)
+        assert queue.commits < 50  # the first alone, the rest in a few groups
+        assert all(len(pair) == 2 for pair in ids)
+        flat = [i for pair in ids for i in pair]
+        assert flat == sorted(flat)  # each caller's ids, in the order asked
+        rows = dict(execute(schema, "SELECT id, message_id FROM messages"))
+        assert [rows[a] for a, _ in ids] == [f"<m{n}@test>" for n in range(50)]
+        assert [rows[b] for _, b in ids] == [f"<m{n + 1000}@test>" for n in range(50)]
+    finally:
+        await queue.close()
+
+
 # Wake-ups -------------------------------------------------------------------------------------
 
 

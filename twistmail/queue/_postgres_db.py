@@ -180,6 +180,13 @@ SELECT least(
 """)
 
 
+_SESSION = """
+SELECT set_config('search_path', %(path)s, false),
+       set_config('synchronous_commit', CASE current_setting('synchronous_commit')
+           WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, false)
+"""
+
+
 def describe_url(url: str) -> str:
     """``url`` without its password, for messages and logs."""
     if psycopg is None:
@@ -242,7 +249,11 @@ class _Connections:
         conn = psycopg.connect(
             self.url, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
         )
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+        # A commit must be on disk before it is reported (a relay answers 250 on it): a server
+        # or role configured with synchronous_commit=off is overridden for these connections
+        # (local, on, remote_write and remote_apply are all durable here, and kept). One round
+        # trip with the search path: a connection is made again after every cut.
+        conn.execute(_SESSION, {"path": sql.Identifier(self.schema).as_string(conn)})
         return conn
 
     def _forget(self, conn: psycopg.Connection[Any]) -> None:

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
 from .._twisted import Reactor, install_signal_handlers
 from ..errors import AuthenticationError, TLSError, TwistmailError
 from ..options import DeliveryOptions
 from ..retry import RetryPolicy
 from .records import ClaimedMessage, Outcome, QueueError
+from .sharing import watch_notifications
 from .sqlite import read_queue_status
 from .url import open_queue
 from .worker import Drain, DrainReport
@@ -222,26 +222,12 @@ def _watch(
     """Call ``wake`` whenever the queue says something was enqueued (a PostgreSQL queue's
     ``notified()``), or every ``every`` seconds for a queue that cannot say; returns the
     undo."""
-    notified = getattr(queue, "notified", None)
-    if notified is None:
-        looking = task.LoopingCall(wake)
-        looking.clock = IReactorTime(reactor)
-        looking.start(every, now=False)
-        return looking.stop
-    waiting: list[defer.Deferred[None]] = []
-
-    def ended(failure: Failure) -> None:
-        failure.trap(defer.CancelledError, QueueError)  # stopped, or the queue closed
-
-    def listen(_: object = None) -> None:
-        if waiting:
-            wake()
-        d = notified()
-        waiting[:] = [d]
-        d.addCallbacks(listen, ended)
-
-    listen()
-    return lambda: waiting[0].cancel()
+    if getattr(queue, "notified", None) is not None:
+        return watch_notifications(queue, wake)
+    looking = task.LoopingCall(wake)
+    looking.clock = IReactorTime(reactor)
+    looking.start(every, now=False)
+    return looking.stop
 
 
 def _say(out: TextIO, text: str) -> None:

@@ -48,6 +48,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .._twisted import Reactor, default_reactor
+from ..groupcommit import GroupCommit
 from ..interfaces import IQueue
 from ..message import Envelope
 from ._postgres_db import (
@@ -119,6 +120,7 @@ class PostgresQueue:
         reactor: Reactor,
         clock: Callable[[], float] | None,
         where: str,
+        close_at_shutdown: bool = True,
     ) -> None:
         """Use :meth:`PostgresQueue.open`; this only wires an opened pool."""
         self.where = where
@@ -137,9 +139,15 @@ class PostgresQueue:
         self._listen_delay = RETRY_FIRST
         self.retries = 0
         """Transactions tried again after a lost connection (or a serialization failure)."""
-        self._trigger: object = reactor.addSystemEventTrigger(
-            "before", "shutdown", self._close_at_shutdown
+        self._trigger: object = (
+            reactor.addSystemEventTrigger("before", "shutdown", self._close_at_shutdown)
+            if close_at_shutdown
+            else None
         )
+        # Enqueues asked for while one commits go together in the next transaction: one
+        # commit (one WAL flush) for many submissions, and one thread, leaving the others to
+        # claims and outcomes.
+        self._enqueues: GroupCommit[list[Envelope]] = GroupCommit(self._insert_group)
 
     @classmethod
     def open(
@@ -151,11 +159,14 @@ class PostgresQueue:
         clock: Callable[[], float] | None = None,
         connect_timeout: float = 10.0,
         reactor: Reactor | None = None,
+        close_at_shutdown: bool = True,
     ) -> defer.Deferred[PostgresQueue]:
         """Connect to the database at ``url`` and prepare ``schema`` (created if missing).
 
         ``threads`` connections run the queue's statements. ``clock()`` replaces the server's
-        ``now()`` (tests only). Fails with :class:`QueueError` (naming the server, never the
+        ``now()`` (tests only). ``close_at_shutdown=False`` leaves closing to the caller during
+        reactor shutdown (a service that records outcomes while it stops).
+        Fails with :class:`QueueError` (naming the server, never the
         password) when the server cannot be reached, or the schema holds something else or a
         newer queue.
         """
@@ -176,7 +187,7 @@ class PostgresQueue:
         d = threads_defer(reactor, pool, prepare)
 
         def opened(_: None) -> PostgresQueue:
-            return cls(connections, pool, reactor, clock, where)
+            return cls(connections, pool, reactor, clock, where, close_at_shutdown)
 
         def failed(failure: Failure) -> Failure:
             connections.close_all()
@@ -192,9 +203,42 @@ class PostgresQueue:
     # The contract ---------------------------------------------------------------------------
 
     def enqueue(self, envelopes: Sequence[Envelope]) -> defer.Deferred[list[int]]:
-        """Store ``envelopes`` as ``queued``, due now; fires with their ids once committed."""
-        batch, token, channel = list(envelopes), uuid.uuid4(), self._channel
-        return self._run(lambda conn, now, again: _insert(batch, token, channel, conn, now, again))
+        """Store ``envelopes`` as ``queued``, due now; fires with their ids once committed
+        (durable: the queue's connections commit with ``synchronous_commit`` on)."""
+        if self._closed:
+            return defer.fail(QueueError(f"{self.where}: the queue is closed"))
+        return self._enqueues.submit(list(envelopes))
+
+    def _insert_group(self, batches: list[list[Envelope]]) -> defer.Deferred[list[Any]]:
+        """One transaction storing every batch of a group; fires with each batch's ids."""
+        envelopes = [env for batch in batches for env in batch]
+        token, channel = uuid.uuid4(), self._channel
+
+        def split(ids: list[int]) -> list[list[int]]:
+            out, start = [], 0
+            for batch in batches:
+                out.append(ids[start : start + len(batch)])
+                start += len(batch)
+            return out
+
+        return self._run(
+            lambda conn, now, again: _insert(envelopes, token, channel, conn, now, again)
+        ).addCallback(split)
+
+    @property
+    def commits(self) -> int:
+        """Enqueue transactions committed so far (one per group of enqueues)."""
+        return self._enqueues.commits
+
+    def settings(self) -> defer.Deferred[str]:
+        """The ``synchronous_commit`` setting of the queue's connections (never ``off``)."""
+
+        def show(conn: psycopg.Connection[Any], now: float | None, again: bool) -> str:
+            row = conn.execute("SHOW synchronous_commit").fetchone()
+            assert row is not None
+            return str(row[0])
+
+        return self._run(show)
 
     def enqueue_once(
         self, scope: str, key: str, fingerprint: str, envelope: Envelope, *, keep: float = 86400.0

@@ -29,7 +29,8 @@ class RelayConfig:
     password: str | None = None
     ca_file: str | None = None
     insecure: bool = False
-    queue_path: str = "twistmail-queue.db"
+    queue_url: str = "sqlite:twistmail-queue.db"
+    lease: float = 300.0
     submission: str | None = "tcp:2525:interface=127.0.0.1"
     http: str | None = "tcp:8025:interface=127.0.0.1"
     concurrency: int = 10
