@@ -1,14 +1,24 @@
-"""Rate limits on the reactor's clock: a global token bucket and per-domain concurrency caps."""
+"""Rate limits on the reactor's clock: a token bucket, a rate shared by many processes through
+a schedule of slots, per-domain concurrency caps, and the check of the rate's promise."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import deque
+from collections.abc import Callable, Iterable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-__all__ = ["DomainLimiter", "TokenBucket"]
+__all__ = ["DomainLimiter", "SharedRate", "TokenBucket", "window_violation"]
+
+log = Logger()
+
+# A slot's time reached by a timer set for it, give or take float rounding.
+_EPSILON = 1e-9
 
 # A token refilled to within float rounding of whole counts as whole: a timer set for the
 # exact refill time must find it there, or it would re-arm itself for no time at all.
@@ -118,3 +128,151 @@ class DomainLimiter:
         """Deliveries to ``domain`` holding a slot now."""
         sem = self._sems.get(domain)
         return 0 if sem is None else sem.limit - sem.tokens
+
+
+class SharedRate:
+    """At most ``rate`` MAIL commands a second over every process sharing one schedule.
+
+    The schedule is a sequence of slots ``1/rate`` apart kept elsewhere (a table in the
+    queue's database): ``reserve(count)`` fires with ``(first, now)``, ``count`` consecutive
+    slots from ``first`` on the schedule's clock, whose time was ``now`` when they were taken.
+    Each process reserves a few slots at a time (as many as its connections wait for, up to
+    ``batch``) and lets a connection write its MAIL at a slot's time, on its own clock (the
+    offset between the two clocks measured at each reservation, erring late). A slot not used
+    within ``slack`` (half a slot) of its time is dropped, never used late: then any window of
+    ``w >= 1`` seconds holds at most ``ceil(rate * w) + 1`` MAIL commands, all processes
+    together (the slots used in it lie in ``[start - slack, end]``, fewer than
+    ``rate * w + 1`` of them apart by ``1/rate``).
+
+    Provides the :class:`~twistmail.smtp._protocol.Throttle` interface, as :class:`TokenBucket`.
+    A reservation that fails (the database is away) is tried again after ``retry`` seconds;
+    the waiting connections wait.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        rate: float,
+        reserve: Callable[[int], defer.Deferred[tuple[float, float]]],
+        *,
+        batch: int | None = None,
+        retry: float = 1.0,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self._clock = clock
+        self.rate = float(rate)
+        self.interval = 1.0 / self.rate
+        self.slack = self.interval / 2
+        self.batch = batch if batch is not None else max(1, min(50, math.ceil(rate / 4)))
+        self._reserve = reserve
+        self._retry = retry
+        self._slots: deque[float] = deque()  # local times, ascending
+        self._waiters: deque[defer.Deferred[None]] = deque()
+        self._reserving = False
+        self._timer: IDelayedCall | None = None
+        self.dropped = 0
+        """Slots dropped unused (their time passed by more than the slack)."""
+        self.reservations = 0
+        """Reservations answered so far."""
+
+    def _drop_late(self, now: float) -> None:
+        slots = self._slots
+        while slots and now - slots[0] > self.slack:
+            slots.popleft()
+            self.dropped += 1
+
+    def try_take(self) -> bool:
+        """Take a slot whose time has come, if nobody is waiting for one."""
+        if self._waiters:
+            return False
+        now = self._clock.seconds()
+        self._drop_late(now)
+        if self._slots and self._slots[0] <= now + _EPSILON:
+            self._slots.popleft()
+            return True
+        return False
+
+    def acquire(self) -> defer.Deferred[None]:
+        """Fires at the caller's slot; cancelling gives the place up."""
+        if self.try_take():
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred(self._cancel)
+        self._waiters.append(waiter)
+        self._serve()
+        return waiter
+
+    def _cancel(self, waiter: defer.Deferred[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        if not self._waiters:
+            self._cancel_timer()
+
+    def _serve(self) -> None:
+        """Hand the slots whose time has come to the waiters, in order; reserve more when
+        the waiters outnumber the slots; wake at the next slot."""
+        self._cancel_timer()
+        now = self._clock.seconds()
+        self._drop_late(now)
+        slots, waiters = self._slots, self._waiters
+        while waiters and slots and slots[0] <= now + _EPSILON:
+            slots.popleft()
+            waiters.popleft().callback(None)
+        if not waiters:
+            return
+        if len(waiters) > len(slots) and not self._reserving:
+            self._take_more(len(waiters) - len(slots))
+            if not self._reserving:
+                return  # answered at once: served by then
+        if slots and self._timer is None:
+            self._timer = self._clock.callLater(max(0.0, slots[0] - now), self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        self._serve()
+
+    def _take_more(self, wanted: int) -> None:
+        count = min(wanted, self.batch)
+        self._reserving = True
+
+        def reserved(answer: tuple[float, float]) -> None:
+            self._reserving = False
+            self.reservations += 1
+            first, shared_now = answer
+            offset = self._clock.seconds() - shared_now  # late by the answer's trip: safe
+            new = (offset + first + i * self.interval for i in range(count))
+            self._slots = deque(sorted([*self._slots, *new]))
+            self._serve()
+
+        def failed(failure: Failure) -> None:
+            self._reserving = False
+            log.failure(
+                "reserving sending slots failed; again in {delay} s", failure, delay=self._retry
+            )
+            if self._waiters and self._timer is None:
+                self._timer = self._clock.callLater(self._retry, self._due)
+
+        self._reserve(count).addCallbacks(reserved, failed)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+def window_violation(times: Iterable[float], rate: float) -> tuple[float, float, int, int] | None:
+    """The first window breaking "at most ``ceil(rate * w) + 1`` events in any window of
+    ``w >= 1`` seconds" among event ``times``, as ``(start, end, events, allowed)``; None if
+    none does.
+
+    The windows checked are those from one event to another (closed): any window holding more
+    than allowed holds such a one, no wider, holding as many.
+    """
+    ordered = sorted(times)
+    for i, start in enumerate(ordered):
+        for j in range(i, len(ordered)):
+            width = max(1.0, ordered[j] - start)
+            allowed = math.ceil(rate * width - 1e-9) + 1
+            if j - i + 1 > allowed:
+                return start, ordered[j], j - i + 1, allowed
+    return None
