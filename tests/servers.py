@@ -13,6 +13,7 @@ import concurrent.futures
 import hmac
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -121,6 +122,7 @@ class CueServer:
         self.commands: list[str] = []
         self.closed = 0  # connections ended by close_after
         self.refused = 0  # connections refused by max_connections
+        self.mail_times: list[float] = []  # time.time() of each MAIL FROM received
 
         self._seen_once: set[str] = set()
         self._sessions: set[_CueSMTP] = set()
@@ -220,6 +222,7 @@ class CueServer:
         address: str,
         mail_options: list[str],
     ) -> str:
+        self.mail_times.append(time.time())
         if self.mail_reply is not None and not self.mail_reply.startswith("2"):
             return self.mail_reply
         envelope.mail_from = address

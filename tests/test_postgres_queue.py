@@ -4,6 +4,7 @@ clock, LISTEN/NOTIFY wake-ups, and lost connections (through a proxy that cuts t
 from __future__ import annotations
 
 import collections
+import itertools
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -158,6 +159,25 @@ async def test_enqueues_asked_for_together_share_a_transaction(schema: str) -> N
         assert [rows[b] for _, b in ids] == [f"<m{n + 1000}@test>" for n in range(50)]
     finally:
         await queue.close()
+
+
+# The shared rate's schedule -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_slots_reserved_by_many_workers_at_once_never_overlap(schema: str) -> None:
+    queues = [await PostgresQueue.open(postgres_server.URL, schema=schema) for _ in range(3)]
+    try:
+        asked = [q.reserve_slots("rate", 4, 0.1) for q in queues for _ in range(5)]
+        answers = await defer.gatherResults(asked)
+        firsts = sorted(first for first, _ in answers)
+        # 15 reservations of 4 slots 0.1 s apart: each starts where another ended.
+        assert all(abs(b - a - 0.4) < 1e-6 for a, b in itertools.pairwise(firsts))
+        ((server_now,),) = execute(schema, "SELECT extract(epoch from now())::float8")
+        assert abs(firsts[0] - float(server_now)) < 5  # type: ignore[arg-type]
+        assert all(abs(now - firsts[0]) < 5 for _, now in answers)  # the database's clock
+    finally:
+        await defer.gatherResults([q.close() for q in queues])
 
 
 # Wake-ups -------------------------------------------------------------------------------------

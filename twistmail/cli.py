@@ -424,7 +424,13 @@ def _worker_parser(sub: Any) -> None:
         metavar="URL",
         help="sqlite:PATH or postgresql://user@host:port/db[?schema=NAME]",
     )
-    _smtp_options(worker, url_required=True, attempts_scope=", over all workers", patience=None)
+    _smtp_options(
+        worker,
+        url_required=True,
+        attempts_scope=", over all workers",
+        patience=None,
+        rate_scope="for all the workers and relays of a PostgreSQL queue together",
+    )
     add_dkim_options(worker, missing=True)
     worker.add_argument(
         "--lease",
@@ -449,6 +455,7 @@ def _smtp_options(
     url_required: bool,
     attempts_scope: str,
     patience: float | None = 60.0,
+    rate_scope: str = "for the whole run",
 ) -> None:
     """The options saying where and how to deliver, shared by ``send``, ``drain`` and
     ``worker`` (``patience=None``: no ``--give-up-after``, the server is waited for ever)."""
@@ -482,7 +489,7 @@ def _smtp_options(
         "--rate",
         type=_per_second,
         metavar="R",
-        help="at most R messages per second for the whole run, e.g. --rate 50",
+        help=f"at most R messages per second {rate_scope}, e.g. --rate 50",
     )
     parser.add_argument(
         "--max-attempts",

@@ -20,7 +20,7 @@ from .message import Envelope, MessageLike, to_envelope
 from .ratelimit import DomainLimiter, TokenBucket
 from .results import SendReport, SendResult
 from .retry import RetryPolicy
-from .smtp._protocol import MailerProtocol
+from .smtp._protocol import MailerProtocol, Throttle
 from .smtp._transaction import TransactionResult, _Txn
 from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
@@ -43,7 +43,9 @@ class Mailer:
     ``concurrency`` is the number of connections. With a server that offers PIPELINING, each
     connection carries up to ``pipeline_depth`` transactions at once (the next message's
     MAIL/RCPT/DATA go out with the previous message's body); ``pipelining=False`` sends in
-    lock step. With a ``rate``, each connection takes a token right before it writes a MAIL.
+    lock step. With a ``rate``, each connection takes a token right before it writes a MAIL;
+    ``throttle`` paces the MAIL commands instead of ``rate``'s own token bucket (e.g. a
+    :class:`~twistmail.ratelimit.SharedRate`: one rate for many processes).
 
     :meth:`send` and :meth:`send_many` retry by ``retry_policy`` (or ``max_attempts``,
     ``retry_delay``, ``max_retry_delay``); :meth:`attempt`, :attr:`capacity` and :meth:`abort`
@@ -81,6 +83,7 @@ class Mailer:
         dkim: DkimSigner | Iterable[DkimKey] | None = None,
         dkim_missing: Missing = "send",
         dkim_threads: bool = False,
+        throttle: Throttle | None = None,
         reactor: Reactor | None = None,
     ) -> None:
         if concurrency < 1:
@@ -128,7 +131,7 @@ class Mailer:
             depth=pipeline_depth if pipelining else 1,
             # The pool's connections take a token right before each MAIL they write, so the
             # rate holds at the server even with pipelined transactions.
-            throttle=TokenBucket(self._clock, rate) if rate else None,
+            throttle=throttle or (TokenBucket(self._clock, rate) if rate else None),
         )
         self._domains = DomainLimiter(per_domain) if per_domain else None
         self._fast = self._domains is None

@@ -97,6 +97,15 @@ _SCHEMA: Final[tuple[str, ...]] = (
     "CREATE INDEX idempotency_created ON idempotency (created_at)",
 )
 
+# Tables added to version 1 after its first use (it is unreleased): made wherever missing.
+_ADDED: Final[tuple[str, ...]] = (
+    # The shared --rate: each row a schedule of sending slots; next is its first free one.
+    """CREATE TABLE IF NOT EXISTS rate_slots (
+        name text PRIMARY KEY,
+        next float8 NOT NULL
+    )""",
+)
+
 # From each older schema version to the next (none yet: version 1 is the first).
 _MIGRATIONS: Final[dict[str, tuple[str, ...]]] = {}
 
@@ -154,6 +163,14 @@ FROM unnest(%s::integer[], %s::text[], %s::integer[], %s::text[])
      AS t (position, state, code, response)
 WHERE recipients.message = %s AND recipients.position = t.position
 """
+
+# count slots interval seconds apart from the first free one (now, if that is past); the row
+# lock orders the workers asking at once. Fires with (first, now).
+_RESERVE = _timed("""
+INSERT INTO rate_slots AS r (name, next) VALUES (%(name)s, $NOW + %(span)s)
+ON CONFLICT (name) DO UPDATE SET next = greatest(r.next, $NOW) + %(span)s
+RETURNING next - %(span)s, $NOW
+""")
 
 _RENEW = _timed(
     "UPDATE messages SET lease_until = $NOW + %(lease)s "
@@ -283,7 +300,7 @@ def _prepare(conn: psycopg.Connection[Any], schema: str, where: str) -> None:
             )
         }
         if not tables:
-            for statement in _SCHEMA:
+            for statement in (*_SCHEMA, *_ADDED):
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('kind', 'twistmail-queue'), "
@@ -306,6 +323,8 @@ def _prepare(conn: psycopg.Connection[Any], schema: str, where: str) -> None:
                 "upgrade twistmail to use it"
             ),
         ):
+            conn.execute(statement)
+        for statement in _ADDED:
             conn.execute(statement)
         conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (SCHEMA_VERSION,))
 
@@ -470,6 +489,20 @@ def _renew(
         {"owner": owner, "lease": lease, "now": now},
     )
     return cursor.rowcount
+
+
+def reserve_slots(
+    name: str,
+    count: int,
+    interval: float,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> tuple[float, float]:
+    """``count`` slots of schedule ``name``: ``(first, now)`` (see :data:`_RESERVE`)."""
+    row = conn.execute(_RESERVE, {"name": name, "span": count * interval, "now": now}).fetchone()
+    assert row is not None
+    return float(row[0]), float(row[1])
 
 
 def _next_due(conn: psycopg.Connection[Any], now: float | None, again: bool) -> float | None:

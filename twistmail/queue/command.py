@@ -25,7 +25,7 @@ from ..errors import AuthenticationError, TLSError, TwistmailError
 from ..options import DeliveryOptions
 from ..retry import RetryPolicy
 from .records import ClaimedMessage, Outcome, QueueError
-from .sharing import watch_notifications
+from .sharing import Deliverers, deliverers_for, watch_notifications
 from .sqlite import read_queue_status
 from .url import open_queue
 from .worker import Drain, DrainReport
@@ -170,7 +170,11 @@ async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
     from ..relay.worker import RelayWorker
 
     out = opts.out
-    opened = await _open(opts, out, opts.queue_url, reactor)
+    try:
+        deliverers: Deliverers | None = deliverers_for(opts.queue_url)
+    except ValueError:
+        deliverers = None  # _open says what is wrong with the URL
+    opened = await _open(opts, out, opts.queue_url, reactor, deliverers)
     if opened is None:
         return EXIT_USAGE
     mailer, queue = opened
@@ -235,10 +239,16 @@ def _say(out: TextIO, text: str) -> None:
 
 
 async def _open(
-    opts: DeliveryOptions, out: TextIO, url: str, reactor: Reactor, **queue_options: Any
+    opts: DeliveryOptions,
+    out: TextIO,
+    url: str,
+    reactor: Reactor,
+    deliverers: Deliverers | None = None,
+    **queue_options: Any,
 ) -> tuple[Mailer, IQueue] | None:
     """The Mailer and the queue a drain or a worker delivers with; None (the error said on
-    ``out``) when either cannot be opened.
+    ``out``) when either cannot be opened. A worker gives its ``deliverers``: the queue is
+    opened by them, and ``--rate`` is the one they share.
 
     Outcome records need not be fsync'd one by one (``synchronous=NORMAL``): a process killed at
     any moment loses none of them; a power cut may lose the last few, whose messages go out
@@ -250,11 +260,17 @@ async def _open(
         _say(out, f"error: {e}")
         return None
     try:
-        queue = await open_queue(url, synchronous="NORMAL", reactor=reactor, **queue_options)
+        if deliverers is not None:
+            queue = await deliverers.open(reactor, synchronous="NORMAL")
+        else:
+            queue = await open_queue(url, synchronous="NORMAL", reactor=reactor, **queue_options)
     except QueueError as e:
         await mailer.close()
         _say(out, f"error: {e}")
         return None
+    if deliverers is not None and opts.rate:
+        await mailer.close()  # never used: made again, paced by the deliverers' shared rate
+        mailer = opts.mailer(reactor, deliverers.throttle(opts.rate, IReactorTime(reactor)))
     return mailer, queue
 
 

@@ -73,6 +73,7 @@ from ._postgres_db import (
     _unsent,
     _wait_notify,
     describe_url,
+    reserve_slots,
 )
 from ._postgres_status import (
     cancel_message,
@@ -319,6 +320,17 @@ class PostgresQueue:
     def oldest_waiting(self) -> defer.Deferred[float | None]:
         """When the oldest message not yet sent or failed was enqueued; None if none waits."""
         return self._run(_oldest_waiting)
+
+    def reserve_slots(
+        self, name: str, count: int, interval: float
+    ) -> defer.Deferred[tuple[float, float]]:
+        """``count`` sending slots ``interval`` seconds apart on the shared schedule ``name``
+        (``--rate``, kept for every worker of this queue): fires with ``(first, now)`` on the
+        database's clock (see :class:`~twistmail.ratelimit.SharedRate`). Slots are never
+        handed out twice, and a retry after a lost answer at worst skips a few."""
+        return self._run(
+            lambda conn, now, again: reserve_slots(name, count, interval, conn, now, again)
+        )
 
     # Wake-ups -------------------------------------------------------------------------------
 

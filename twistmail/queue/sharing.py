@@ -25,15 +25,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .._sqlite import Synchronous
 from .._twisted import Reactor
+from ..ratelimit import SharedRate, TokenBucket
 from .records import QueueError
 from .url import open_queue, parse_queue_url
 
 if TYPE_CHECKING:
     from ..interfaces import IQueue
+    from ..smtp._protocol import Throttle
 
 __all__ = [
     "Deliverers",
@@ -55,8 +59,9 @@ class Deliverers(Protocol):
     def hold(self) -> None:
         """Become one of the queue's deliverers; :class:`QueueError` if that cannot be now."""
 
-    def open(self, reactor: Reactor) -> defer.Deferred[IQueue]:
-        """Open the queue for delivering (closed by the caller, even during shutdown)."""
+    def open(self, reactor: Reactor, synchronous: Synchronous = "FULL") -> defer.Deferred[IQueue]:
+        """Open the queue for delivering (closed by the caller, even during shutdown);
+        ``synchronous`` as :func:`~twistmail.queue.url.open_queue` takes it."""
 
     def recover(self, owner_prefix: str) -> defer.Deferred[int]:
         """Give back what dead deliverers whose owner starts with ``owner_prefix`` held;
@@ -64,6 +69,10 @@ class Deliverers(Protocol):
 
     def watch(self, wake: Callable[[], None], reactor: Reactor) -> Callable[[], None]:
         """Call ``wake`` when another process adds messages; returns the undo."""
+
+    def throttle(self, rate: float, clock: IReactorTime) -> Throttle:
+        """What paces this deliverer's MAIL commands so that all of them together send at
+        most ``rate`` a second (after :meth:`open`)."""
 
     def release(self) -> None:
         """Stop being a deliverer (idempotent)."""
@@ -109,17 +118,17 @@ class OneDeliverer:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
-    def open(self, reactor: Reactor) -> defer.Deferred[IQueue]:
-        """The file, every enqueue fsync'd (``synchronous=FULL``)."""
+    def open(self, reactor: Reactor, synchronous: Synchronous = "FULL") -> defer.Deferred[IQueue]:
+        """The file (``synchronous=FULL``: every enqueue fsync'd)."""
         from .sqlite import SqliteQueue
 
         def opened(queue: SqliteQueue) -> IQueue:
             self._queue = queue
             return queue
 
-        return SqliteQueue.open(self.path, reactor=reactor, close_at_shutdown=False).addCallback(
-            opened
-        )
+        return SqliteQueue.open(
+            self.path, reactor=reactor, synchronous=synchronous, close_at_shutdown=False
+        ).addCallback(opened)
 
     def recover(self, owner_prefix: str) -> defer.Deferred[int]:
         """Every claim of ``owner_prefix`` owners, given back at once (their holders are dead:
@@ -153,6 +162,10 @@ class OneDeliverer:
             return lambda: None
         return notifier.loseConnection
 
+    def throttle(self, rate: float, clock: IReactorTime) -> Throttle:
+        """A token bucket of this process: the one deliverer's rate is the queue's."""
+        return TokenBucket(clock, rate)
+
     def release(self) -> None:
         """Drop the lock (idempotent)."""
         if self._fd is not None:
@@ -174,8 +187,8 @@ class ManyDeliverers:
     def hold(self) -> None:
         """Nothing to take: every deliverer is welcome."""
 
-    def open(self, reactor: Reactor) -> defer.Deferred[IQueue]:
-        """The schema the URL names (created on first use)."""
+    def open(self, reactor: Reactor, synchronous: Synchronous = "FULL") -> defer.Deferred[IQueue]:
+        """The schema the URL names (created on first use); every commit durable."""
 
         def opened(queue: IQueue) -> IQueue:
             self._queue = queue
@@ -192,6 +205,21 @@ class ManyDeliverers:
         """``wake`` on every ``NOTIFY`` of the queue (an enqueue or retry by any process)."""
         assert self._queue is not None, "open() first"
         return watch_notifications(self._queue, wake)
+
+    def throttle(self, rate: float, clock: IReactorTime) -> Throttle:
+        """Slots of one schedule in the database, shared by every deliverer of the queue
+        (:class:`~twistmail.ratelimit.SharedRate`); each takes a few at a time."""
+        assert self._queue is not None, "open() first"
+        queue = self._queue
+
+        def reserve(count: int) -> defer.Deferred[tuple[float, float]]:
+            reserved: defer.Deferred[tuple[float, float]] = queue.reserve_slots(
+                "rate", count, shared.interval
+            )
+            return reserved
+
+        shared = SharedRate(clock, rate, reserve)
+        return shared
 
     def release(self) -> None:
         """Nothing held."""

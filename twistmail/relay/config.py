@@ -13,6 +13,7 @@ from ..retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ..dkim import DkimSigner
+    from ..smtp._protocol import Throttle
 
 __all__ = ["DAY", "RelayConfig"]
 
@@ -68,8 +69,9 @@ class RelayConfig:
             max_delay=self.max_retry_delay,
         )
 
-    def mailer(self, reactor: Reactor) -> Mailer:
-        """The pooled sender to the upstream (the worker's loop keeps attempts)."""
+    def mailer(self, reactor: Reactor, throttle: Throttle | None = None) -> Mailer:
+        """The pooled sender to the upstream (the worker's loop keeps attempts), paced by
+        ``throttle`` (``rate`` shared with other relays) or else by a token bucket of ``rate``."""
         return Mailer(
             self.smtp_url,
             concurrency=self.concurrency,
@@ -80,5 +82,6 @@ class RelayConfig:
             password=self.password,
             max_attempts=1,
             dkim=self.dkim,
+            throttle=throttle,
             reactor=reactor,
         )

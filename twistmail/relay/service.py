@@ -114,7 +114,10 @@ class RelayService(MultiService):
         taken = await self.deliverers.recover(OWNER_PREFIX)
         if taken:
             log.info("took back {n} messages claimed by a relay that died", n=taken)
-        self._mailer = config.mailer(self.reactor)
+        throttle = None
+        if config.rate:  # the rate of all the queue's deliverers together
+            throttle = self.deliverers.throttle(config.rate, IReactorTime(self.reactor))
+        self._mailer = config.mailer(self.reactor, throttle)
         self.worker = RelayWorker(
             queue,
             self._mailer,

@@ -187,7 +187,8 @@ class Options(usage.Options):
             "rate",
             None,
             None,
-            "at most R messages per second upstream, e.g. --rate 50",
+            "at most R messages per second upstream (on a PostgreSQL queue, for all its "
+            "relays and workers together: give each the same R), e.g. --rate 50",
             _rate("rate"),
         ],
         [
