@@ -1,5 +1,6 @@
 """The relay on a PostgreSQL queue: several ``twistd twistmail`` instances share it, a killed one
-loses no acknowledged message, and its health and metrics keep working."""
+loses no acknowledged message, and its health and metrics keep working (also while the
+database is away)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,28 @@ import re
 import signal
 import smtplib
 import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import postgres_server
 import psycopg
 import pytest
+import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from relay_process import RelayProcess
 from servers import CueServer
+from tcp_proxy import CuttingProxy
+from twisted.internet import defer, reactor, task
 from waiting import wait_until
+
+from twistmail.relay import service as service_module
+from twistmail.relay.config import RelayConfig
+from twistmail.relay.service import RelayService
 
 SUBJECT = re.compile(rb"Subject: (m\d+-\d+)")
 MESSAGE_ID = re.compile(rb"(?im)^Message-ID: (<[^>]+>)")
@@ -182,3 +193,58 @@ def test_health_and_metrics_of_a_relay_on_postgresql(
         assert got[("twistmail_relay_messages_accepted_total", ())] == 3
         assert got[("twistmail_relay_oldest_queued_age_seconds", ())] == 0
         assert relay.stop() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_says_not_writable_while_the_database_is_away_and_a_stop_still_ends(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service_module, "HEALTH_TIMEOUT", 0.5)
+    monkeypatch.setattr(service_module, "CLOSE_GRACE", 0.5)
+    info = conninfo_to_dict(postgres_server.URL)
+    proxy = CuttingProxy(str(info.get("host", "127.0.0.1")), int(info.get("port", 5432)))
+    port = proxy.listen()
+    user, db = info.get("user", "postgres"), info.get("dbname", "test")
+    url = f"postgresql://{user}@127.0.0.1:{port}/{db}?schema={schema}&connect_timeout=2"
+    config = RelayConfig(
+        smtp_url="smtp://127.0.0.1:9",
+        queue_url=url,
+        submission=None,
+        http=None,
+        shutdown_timeout=1.0,
+    )
+    service = RelayService.make(config, reactor)  # type: ignore[arg-type]
+    service.startService()
+    stopped = None
+    try:
+        await poll(lambda: service.worker is not None and service.worker.running)
+        assert (await service.health())["queue_writable"] is True
+
+        async def database_away() -> None:
+            proxy.refusing = True
+            proxy.cut()
+            # Answered (not left hanging while the queue tries again): 503 over HTTP.
+            answer = service.health()
+            await poll(lambda: answer.called, seconds=10)
+            assert (await answer)["queue_writable"] is False
+
+        await database_away()
+        proxy.refusing = False  # it comes back
+        await poll(lambda: service.health().addCallback(lambda h: h["queue_writable"]))
+        await database_away()
+        # Stopped while the database is away: the worker's claims cannot be settled, so the
+        # queue is closed under it once --shutdown-timeout and the grace have passed.
+        stopped = service.stopService()
+        await poll(lambda: stopped.called, seconds=20)
+    finally:
+        if stopped is None:
+            await service.stopService()
+        await proxy.stop()
+
+
+async def poll(condition: Callable[[], Any], seconds: float = 60) -> None:
+    """Wait, on the reactor, until ``condition()`` (a bool or a Deferred of one) is true."""
+    deadline = time.monotonic() + seconds
+    while not await defer.maybeDeferred(condition):
+        assert time.monotonic() < deadline, "timed out"
+        await task.deferLater(reactor, 0.1, lambda: None)

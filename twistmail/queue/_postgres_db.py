@@ -369,6 +369,13 @@ def _insert(
     return ids
 
 
+# Claims, outcomes, releases and renewals need not wait for their commit's WAL flush: a killed
+# worker or a cut connection loses none of them; a crash of the database server itself may lose
+# the last few milliseconds of them, and those messages then go out again (as a SQLite queue's
+# outcomes at synchronous=NORMAL after a power cut). Enqueues always wait: a 250 hangs on them.
+_NO_FLUSH_WAIT = "SET LOCAL synchronous_commit TO off"
+
+
 def _claim(
     owner: str,
     limit: int,
@@ -380,6 +387,7 @@ def _claim(
 ) -> list[ClaimedMessage]:
     if limit <= 0:
         return []
+    conn.execute(_NO_FLUSH_WAIT)
     rows = conn.execute(
         _CLAIM,
         {"owner": owner, "lease": lease, "limit": limit, "claim": token, "now": now},
@@ -445,6 +453,7 @@ def _record(
         "fence": o.fence,
         "now": now,
     }
+    conn.execute(_NO_FLUSH_WAIT)
     cursor = conn.execute(_RECORD, params)
     if cursor.rowcount != 1:
         # Lost (the lease expired and another claim took it over), or recorded by a first
@@ -472,6 +481,7 @@ def _release(
     again: bool,
 ) -> int:
     released = 0
+    conn.execute(_NO_FLUSH_WAIT)
     for message, fence in claims:
         cursor = conn.execute(
             _RELEASE,

@@ -49,6 +49,13 @@ log = Logger()
 OWNER_PREFIX = "relay:"
 """Queue claims of a relay carry owner tokens starting with this."""
 
+HEALTH_TIMEOUT = 5.0
+"""Seconds ``/healthz`` waits for its write to the queue before calling it not writable."""
+
+CLOSE_GRACE = 5.0
+"""Seconds after ``--shutdown-timeout`` when a stopping relay whose worker has not ended (the
+queue cannot be reached) closes the queue under it."""
+
 
 class StartError(Exception):
     """The relay cannot start (the queue is locked by another relay, or is not a queue)."""
@@ -354,7 +361,11 @@ class RelayService(MultiService):
             log.failure("the queue cannot be written", failure)
             return {**state, "queue_writable": False, "queue_error": str(failure.value)}
 
-        return self.queue.renew(self.owner, 300.0).addCallbacks(written, failed)
+        # A database that went away is waited for by the queue (tried again with backoff):
+        # the check answers "not writable" after HEALTH_TIMEOUT seconds instead of hanging.
+        renewed = self.queue.renew(self.owner, self.config.lease)
+        clock = IReactorTime(self.reactor)
+        return renewed.addTimeout(HEALTH_TIMEOUT, clock).addCallbacks(written, failed)
 
     # ------------------------------------------------------------------ stop
 
@@ -374,10 +385,23 @@ class RelayService(MultiService):
         if self.worker is not None and self._worker_done is not None:
             self.worker.stop()
             worker = self.worker
-            timer = self.reactor.callLater(config.shutdown_timeout, worker.abort)
+            queue = self.queue
+
+            def give_up() -> None:
+                # A queue that cannot be reached (a database away) would hold the worker's
+                # claim or records for ever: closed, they fail and the worker ends. What it
+                # held returns to the queue (its lease runs out, or the next start takes it).
+                if queue is not None:
+                    queue.close()
+
+            timers = [
+                self.reactor.callLater(config.shutdown_timeout, worker.abort),
+                self.reactor.callLater(config.shutdown_timeout + CLOSE_GRACE, give_up),
+            ]
             await self._worker_done
-            if timer.active():
-                timer.cancel()
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
