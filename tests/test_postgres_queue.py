@@ -180,6 +180,29 @@ async def test_slots_reserved_by_many_workers_at_once_never_overlap(schema: str)
         await defer.gatherResults([q.close() for q in queues])
 
 
+@pytest_twisted.ensureDeferred
+async def test_domain_slots_are_capped_for_all_holders_and_a_dead_ones_expire(
+    schema: str,
+) -> None:
+    clock = task.Clock()
+    clock.advance(1_700_000_000)
+    queue = await PostgresQueue.open(postgres_server.URL, schema=schema, clock=clock.seconds)
+    try:
+        take = queue.take_domain_slots
+        assert await take("a", "x.org", 2, cap=3, lease=60) == 2
+        assert await take("b", "x.org", 5, cap=3, lease=60) == 1  # the cap is for all
+        assert await take("b", "y.org", 5, cap=3, lease=60) == 3  # per domain
+        assert await take("c", "x.org", 1, cap=3, lease=60) == 0
+        assert await queue.give_domain_slots("a", "x.org", 1) == 1
+        assert await take("c", "x.org", 2, cap=3, lease=60) == 1
+        clock.advance(40)
+        assert await queue.renew_domain_slots("c", 60) == 1  # c lives on; a and b die
+        clock.advance(30)
+        assert await take("d", "x.org", 5, cap=3, lease=60) == 2  # a's and b's expired
+    finally:
+        await queue.close()
+
+
 # Wake-ups -------------------------------------------------------------------------------------
 
 

@@ -77,7 +77,16 @@ def test_two_relays_on_one_queue_one_killed_every_acknowledged_message_is_delive
     by_relay: collections.Counter[int] = collections.Counter()
     lock = threading.Lock()
     next_index = iter(range(total))
-    options = ("--lease", "4", "--concurrency", str(concurrency), "--rate", "40")
+    options = (
+        "--lease",
+        "4",
+        "--concurrency",
+        str(concurrency),
+        "--rate",
+        "40",
+        "--per-domain",
+        "4",
+    )
     with CueServer(pipelining=True) as upstream:
         killed, survivor = (
             RelayProcess(tmp_path / "unused", upstream.port, *options, queue_url=url).start()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet import defer, task
 
-from twistmail.ratelimit import SharedRate, window_violation
+from twistmail.ratelimit import SharedDomainLimiter, SharedRate, window_violation
 
 
 class Schedule:
@@ -139,3 +139,85 @@ def test_window_violation_names_the_first_window_over_the_bound() -> None:
     # Wider windows count too: 1 a second for 10 s, then a burst of 3 at the end.
     steady = [float(i) for i in range(10)] + [9.3, 9.6]
     assert window_violation(steady, 1) == (0.0, 9.6, 12, 11)
+
+
+class DomainTable:
+    """The shared table of domain slots: ``cap`` per domain for every process together."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.held: dict[tuple[str, str], int] = {}
+        self.most = 0  # the most slots of one domain ever held at once
+
+    def take(self, holder: str, domain: str, count: int) -> defer.Deferred[int]:
+        total = sum(n for (_, d), n in self.held.items() if d == domain)
+        got = max(0, min(count, self.cap - total))
+        self.held[holder, domain] = self.held.get((holder, domain), 0) + got
+        self.most = max(self.most, total + got)
+        return defer.succeed(got)
+
+    def give(self, holder: str, domain: str, count: int) -> defer.Deferred[object]:
+        self.held[holder, domain] -= count
+        return defer.succeed(None)
+
+
+def test_processes_sharing_domain_slots_hold_at_most_the_cap_together() -> None:
+    clock = task.Clock()
+    table = DomainTable(cap=3)
+    limiters = [
+        SharedDomainLimiter(
+            clock,
+            3,
+            lambda d, n, h=h: table.take(h, d, n),
+            lambda d, n, h=h: table.give(h, d, n),
+        )
+        for h in ("a", "b")
+    ]
+    in_flight: list[int] = [0]
+    most = [0]
+    done: list[int] = []
+
+    def deliver(limiter: SharedDomainLimiter, n: int) -> None:
+        def go(_: object) -> None:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+
+            def finish() -> None:
+                in_flight[0] -= 1
+                done.append(n)
+                limiter.release("example.org")
+
+            clock.callLater(0.2, finish)
+
+        limiter.acquire("example.org").addCallback(go)
+
+    for n in range(20):
+        deliver(limiters[n % 2], n)
+    for _ in range(200):
+        clock.advance(0.05)
+    assert sorted(done) == list(range(20))
+    assert most[0] == 3  # the cap used, never passed
+    assert table.most == 3
+    assert sum(table.held.values()) == 0  # every slot given back once idle
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_process_keeps_a_slot_while_its_own_deliveries_wait() -> None:
+    clock = task.Clock()
+    table = DomainTable(cap=1)
+    takes: list[int] = []
+
+    def take(domain: str, count: int) -> defer.Deferred[int]:
+        takes.append(count)
+        return table.take("a", domain, count)
+
+    limiter = SharedDomainLimiter(clock, 1, take, lambda d, n: table.give("a", d, n))
+    first, second = limiter.acquire("x.org"), limiter.acquire("x.org")
+    assert first.called
+    assert not second.called
+    limiter.release("x.org")  # handed on to the second, not given back and taken again
+    assert second.called
+    assert table.held["a", "x.org"] == 1
+    limiter.release("x.org")
+    assert table.held["a", "x.org"] == 0
+    assert clock.getDelayedCalls() == []

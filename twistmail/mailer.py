@@ -17,7 +17,7 @@ from ._twisted import Reactor, default_reactor
 from .engine import DeliveryLoop, Notify, untried
 from .errors import ConnectionLostError, DeliveryError, MessageError, PermanentError, for_reply
 from .message import Envelope, MessageLike, to_envelope
-from .ratelimit import DomainLimiter, TokenBucket
+from .ratelimit import DomainLimiter, SharedDomainLimiter, TokenBucket
 from .results import SendReport, SendResult
 from .retry import RetryPolicy
 from .smtp._protocol import MailerProtocol, Throttle
@@ -45,7 +45,8 @@ class Mailer:
     MAIL/RCPT/DATA go out with the previous message's body); ``pipelining=False`` sends in
     lock step. With a ``rate``, each connection takes a token right before it writes a MAIL;
     ``throttle`` paces the MAIL commands instead of ``rate``'s own token bucket (e.g. a
-    :class:`~twistmail.ratelimit.SharedRate`: one rate for many processes).
+    :class:`~twistmail.ratelimit.SharedRate`: one rate for many processes), and
+    ``domain_limiter`` keeps the per-domain caps instead of a local one of ``per_domain``.
 
     :meth:`send` and :meth:`send_many` retry by ``retry_policy`` (or ``max_attempts``,
     ``retry_delay``, ``max_retry_delay``); :meth:`attempt`, :attr:`capacity` and :meth:`abort`
@@ -84,6 +85,7 @@ class Mailer:
         dkim_missing: Missing = "send",
         dkim_threads: bool = False,
         throttle: Throttle | None = None,
+        domain_limiter: DomainLimiter | SharedDomainLimiter | None = None,
         reactor: Reactor | None = None,
     ) -> None:
         if concurrency < 1:
@@ -133,7 +135,7 @@ class Mailer:
             # rate holds at the server even with pipelined transactions.
             throttle=throttle or (TokenBucket(self._clock, rate) if rate else None),
         )
-        self._domains = DomainLimiter(per_domain) if per_domain else None
+        self._domains = domain_limiter or (DomainLimiter(per_domain) if per_domain else None)
         self._fast = self._domains is None
         # max_attempts=1: the caller owns retries, so temporary failures stay "deferred".
         self._door_policy = self.retry if self.retry.max_attempts > 1 else None

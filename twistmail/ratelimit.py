@@ -13,7 +13,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-__all__ = ["DomainLimiter", "SharedRate", "TokenBucket", "window_violation"]
+__all__ = ["DomainLimiter", "SharedDomainLimiter", "SharedRate", "TokenBucket", "window_violation"]
 
 log = Logger()
 
@@ -284,3 +284,133 @@ def window_violation(times: Iterable[float], rate: float) -> tuple[float, float,
             if j - i + 1 > allowed:
                 return start, ordered[j], j - i + 1, allowed
     return None
+
+
+class SharedDomainLimiter:
+    """At most ``cap`` deliveries in flight per recipient domain over every process sharing a
+    table of domain slots (the queue's database), with :class:`DomainLimiter`'s interface.
+
+    ``take(domain, count)`` fires with how many of ``count`` slots the table gave this process
+    (it never holds more than ``cap`` for a domain, all processes together); ``give(domain,
+    count)`` hands slots back. A process keeps a slot while deliveries of its own wait for
+    that domain (handed from one to the next, no round trip) and gives it back when none does.
+    When the table has none free, it asks again every ``poll`` seconds, doubling up to
+    ``max_poll``. Slots of a process that died come free when their lease (kept by the
+    store, renewed by the caller) runs out.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        cap: int,
+        take: Callable[[str, int], defer.Deferred[int]],
+        give: Callable[[str, int], defer.Deferred[object]],
+        *,
+        poll: float = 0.05,
+        max_poll: float = 1.0,
+    ) -> None:
+        if cap < 1:
+            raise ValueError("per-domain cap must be at least 1")
+        self.cap = cap
+        self._clock = clock
+        self._take = take
+        self._give = give
+        self._poll = poll
+        self._max_poll = max_poll
+        self._held: dict[str, int] = {}  # slots this process holds, by domain
+        self._busy: dict[str, int] = {}  # of which in use
+        self._waiters: dict[str, deque[defer.Deferred[None]]] = {}
+        self._asking: set[str] = set()
+        self._timers: dict[str, IDelayedCall] = {}
+
+    def acquire(self, domain: str) -> defer.Deferred[None]:
+        """Fires when a slot for ``domain`` is this delivery's; pair with :meth:`release`."""
+        if self._held.get(domain, 0) > self._busy.get(domain, 0):
+            self._busy[domain] = self._busy.get(domain, 0) + 1
+            return defer.succeed(None)
+
+        def cancel(d: defer.Deferred[None]) -> None:
+            with contextlib.suppress(ValueError):
+                self._waiters.get(domain, deque()).remove(d)
+            self._none_waiting(domain)
+
+        waiter: defer.Deferred[None] = defer.Deferred(cancel)
+        self._waiters.setdefault(domain, deque()).append(waiter)
+        self._ask(domain, self._poll)
+        return waiter
+
+    def release(self, domain: str) -> None:
+        """Free the slot taken for ``domain``: the next delivery waiting here gets it, or it
+        goes back to the table."""
+        self._busy[domain] -= 1
+        waiting = self._waiters.get(domain)
+        if waiting:
+            self._busy[domain] += 1
+            waiting.popleft().callback(None)
+            self._none_waiting(domain)
+            return
+        self._held[domain] -= 1
+        if not self._held[domain]:
+            del self._held[domain], self._busy[domain]
+        self._give(domain, 1).addErrback(
+            lambda f: log.failure("giving back a slot of {domain} failed", f, domain=domain)
+        )
+
+    def active(self, domain: str) -> int:
+        """Deliveries of this process to ``domain`` holding a slot now."""
+        return self._busy.get(domain, 0)
+
+    def _none_waiting(self, domain: str) -> None:
+        """Once nothing waits for ``domain``, stop asking the table for it."""
+        if self._waiters.get(domain):
+            return
+        self._waiters.pop(domain, None)
+        timer = self._timers.pop(domain, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _ask(self, domain: str, delay: float) -> None:
+        if domain in self._asking or domain in self._timers:
+            return
+        waiting = self._waiters.get(domain)
+        if not waiting:
+            return
+        self._asking.add(domain)
+        count = min(len(waiting), self.cap)
+
+        def taken(got: int) -> None:
+            self._asking.discard(domain)
+            if got:
+                self._held[domain] = self._held.get(domain, 0) + got
+                self._busy.setdefault(domain, 0)
+                queue = self._waiters.get(domain, deque())
+                for _ in range(got):
+                    if queue:
+                        self._busy[domain] += 1
+                        queue.popleft().callback(None)
+                    else:  # a waiter gave up meanwhile: the slot goes back
+                        self._held[domain] -= 1
+                        self._give(domain, 1).addErrback(
+                            lambda f: log.failure("giving back a slot failed", f)
+                        )
+                if not self._held[domain]:
+                    del self._held[domain], self._busy[domain]
+            self._retry(domain, self._poll if got else min(self._max_poll, delay * 2))
+
+        def failed(failure: Failure) -> None:
+            self._asking.discard(domain)
+            log.failure("taking slots of {domain} failed", failure, domain=domain)
+            self._retry(domain, min(self._max_poll, delay * 2))
+
+        self._take(domain, count).addCallbacks(taken, failed)
+
+    def _retry(self, domain: str, delay: float) -> None:
+        if not self._waiters.get(domain):
+            self._waiters.pop(domain, None)
+            return
+
+        def again() -> None:
+            del self._timers[domain]
+            self._ask(domain, delay)
+
+        self._timers[domain] = self._clock.callLater(delay, again)

@@ -104,6 +104,14 @@ _ADDED: Final[tuple[str, ...]] = (
         name text PRIMARY KEY,
         next float8 NOT NULL
     )""",
+    # --per-domain shared: one row per slot held, by whom, until when (a dead holder's expire).
+    """CREATE TABLE IF NOT EXISTS domain_slots (
+        domain text NOT NULL,
+        holder text NOT NULL,
+        until float8 NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS domain_slots_domain ON domain_slots (domain)",
+    "CREATE INDEX IF NOT EXISTS domain_slots_holder ON domain_slots (holder)",
 )
 
 # From each older schema version to the next (none yet: version 1 is the first).
@@ -513,6 +521,68 @@ def reserve_slots(
     row = conn.execute(_RESERVE, {"name": name, "span": count * interval, "now": now}).fetchone()
     assert row is not None
     return float(row[0]), float(row[1])
+
+
+def take_domain_slots(
+    holder: str,
+    domain: str,
+    count: int,
+    cap: int,
+    lease: float,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> int:
+    """Up to ``count`` of ``domain``'s slots for ``holder``, ``cap`` held by all together;
+    how many it got. Requests for one domain are serialised by an advisory lock."""
+    conn.execute(_NO_FLUSH_WAIT)
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"twistmail-domain:{domain}",))
+    params = {"domain": domain, "holder": holder, "lease": lease, "now": now}
+    conn.execute(
+        _timed("DELETE FROM domain_slots WHERE domain = %(domain)s AND until <= $NOW"), params
+    )
+    row = conn.execute(
+        "SELECT count(*) FROM domain_slots WHERE domain = %(domain)s", params
+    ).fetchone()
+    free = cap - (int(row[0]) if row is not None else 0)
+    got = max(0, min(count, free))
+    if got:
+        conn.execute(
+            _timed(
+                "INSERT INTO domain_slots (domain, holder, until) "
+                "SELECT %(domain)s, %(holder)s, $NOW + %(lease)s FROM generate_series(1, %(got)s)"
+            ),
+            {**params, "got": got},
+        )
+    return got
+
+
+def give_domain_slots(
+    holder: str,
+    domain: str,
+    count: int,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> int:
+    """Hand back ``count`` of ``holder``'s slots of ``domain``; how many there were."""
+    conn.execute(_NO_FLUSH_WAIT)
+    return conn.execute(
+        "DELETE FROM domain_slots WHERE ctid IN (SELECT ctid FROM domain_slots "
+        "WHERE domain = %s AND holder = %s LIMIT %s)",
+        (domain, holder, count),
+    ).rowcount
+
+
+def renew_domain_slots(
+    holder: str, lease: float, conn: psycopg.Connection[Any], now: float | None, again: bool
+) -> int:
+    """Every slot of ``holder`` held ``lease`` more seconds from now; how many."""
+    conn.execute(_NO_FLUSH_WAIT)
+    return conn.execute(
+        _timed("UPDATE domain_slots SET until = $NOW + %(lease)s WHERE holder = %(holder)s"),
+        {"holder": holder, "lease": lease, "now": now},
+    ).rowcount
 
 
 def _next_due(conn: psycopg.Connection[Any], now: float | None, again: bool) -> float | None:

@@ -73,7 +73,10 @@ from ._postgres_db import (
     _unsent,
     _wait_notify,
     describe_url,
+    give_domain_slots,
+    renew_domain_slots,
     reserve_slots,
+    take_domain_slots,
 )
 from ._postgres_status import (
     cancel_message,
@@ -330,6 +333,30 @@ class PostgresQueue:
         handed out twice, and a retry after a lost answer at worst skips a few."""
         return self._run(
             lambda conn, now, again: reserve_slots(name, count, interval, conn, now, again)
+        )
+
+    def take_domain_slots(
+        self, holder: str, domain: str, count: int, *, cap: int, lease: float
+    ) -> defer.Deferred[int]:
+        """Up to ``count`` in-flight slots of ``domain`` for ``holder`` (``--per-domain``
+        shared by every worker: ``cap`` held by all together) for ``lease`` seconds unless
+        renewed; fires with how many it got."""
+        return self._run(
+            lambda conn, now, again: take_domain_slots(
+                holder, domain, count, cap, lease, conn, now, again
+            )
+        )
+
+    def give_domain_slots(self, holder: str, domain: str, count: int) -> defer.Deferred[int]:
+        """Hand back ``count`` of ``holder``'s slots of ``domain``."""
+        return self._run(
+            lambda conn, now, again: give_domain_slots(holder, domain, count, conn, now, again)
+        )
+
+    def renew_domain_slots(self, holder: str, lease: float) -> defer.Deferred[int]:
+        """Keep every slot of ``holder`` ``lease`` more seconds."""
+        return self._run(
+            lambda conn, now, again: renew_domain_slots(holder, lease, conn, now, again)
         )
 
     # Wake-ups -------------------------------------------------------------------------------

@@ -24,14 +24,14 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .._sqlite import Synchronous
 from .._twisted import Reactor
-from ..ratelimit import SharedRate, TokenBucket
+from ..ratelimit import DomainLimiter, SharedDomainLimiter, SharedRate, TokenBucket
 from .records import QueueError
 from .url import open_queue, parse_queue_url
 
@@ -73,6 +73,13 @@ class Deliverers(Protocol):
     def throttle(self, rate: float, clock: IReactorTime) -> Throttle:
         """What paces this deliverer's MAIL commands so that all of them together send at
         most ``rate`` a second (after :meth:`open`)."""
+
+    def domain_limiter(
+        self, cap: int, clock: IReactorTime, holder: str, lease: float = 60.0
+    ) -> DomainLimiter | SharedDomainLimiter:
+        """What keeps at most ``cap`` deliveries in flight per recipient domain, all of this
+        queue's deliverers together (after :meth:`open`); ``holder`` names this one, whose
+        slots outlive it by at most ``lease`` seconds."""
 
     def release(self) -> None:
         """Stop being a deliverer (idempotent)."""
@@ -166,6 +173,12 @@ class OneDeliverer:
         """A token bucket of this process: the one deliverer's rate is the queue's."""
         return TokenBucket(clock, rate)
 
+    def domain_limiter(
+        self, cap: int, clock: IReactorTime, holder: str, lease: float = 60.0
+    ) -> DomainLimiter | SharedDomainLimiter:
+        """This process's caps: the one deliverer's are the queue's."""
+        return DomainLimiter(cap)
+
     def release(self) -> None:
         """Drop the lock (idempotent)."""
         if self._fd is not None:
@@ -183,6 +196,7 @@ class ManyDeliverers:
         self.url = url
         self.where = describe_url(parse_queue_url(url).target)
         self._queue: Any = None
+        self._renewals: list[task.LoopingCall] = []
 
     def hold(self) -> None:
         """Nothing to take: every deliverer is welcome."""
@@ -221,8 +235,39 @@ class ManyDeliverers:
         shared = SharedRate(clock, rate, reserve)
         return shared
 
+    def domain_limiter(
+        self, cap: int, clock: IReactorTime, holder: str, lease: float = 60.0
+    ) -> DomainLimiter | SharedDomainLimiter:
+        """Slots in the ``domain_slots`` table, ``cap`` per domain for all deliverers
+        together, held under a lease of ``lease`` seconds renewed every third of it while
+        this deliverer runs (a dead one's come free when it runs out)."""
+        assert self._queue is not None, "open() first"
+        queue = self._queue
+
+        def take(domain: str, count: int) -> defer.Deferred[int]:
+            taken: defer.Deferred[int] = queue.take_domain_slots(
+                holder, domain, count, cap=cap, lease=lease
+            )
+            return taken
+
+        def give(domain: str, count: int) -> defer.Deferred[object]:
+            given: defer.Deferred[object] = queue.give_domain_slots(holder, domain, count)
+            return given
+
+        renewal = task.LoopingCall(queue.renew_domain_slots, holder, lease)
+        renewal.clock = clock
+        renewal.start(lease / 3, now=False).addErrback(
+            lambda f: log.failure("renewing the domain slots failed", f)
+        )
+        self._renewals.append(renewal)
+        return SharedDomainLimiter(clock, cap, take, give)
+
     def release(self) -> None:
-        """Nothing held."""
+        """Stop renewing the domain slots (what is still held expires)."""
+        for renewal in self._renewals:
+            if renewal.running:
+                renewal.stop()
+        self._renewals.clear()
 
 
 def watch_notifications(queue: object, wake: Callable[[], None]) -> Callable[[], None]:

@@ -13,6 +13,7 @@ from ..retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ..dkim import DkimSigner
+    from ..ratelimit import DomainLimiter, SharedDomainLimiter
     from ..smtp._protocol import Throttle
 
 __all__ = ["DAY", "RelayConfig"]
@@ -69,7 +70,12 @@ class RelayConfig:
             max_delay=self.max_retry_delay,
         )
 
-    def mailer(self, reactor: Reactor, throttle: Throttle | None = None) -> Mailer:
+    def mailer(
+        self,
+        reactor: Reactor,
+        throttle: Throttle | None = None,
+        domain_limiter: DomainLimiter | SharedDomainLimiter | None = None,
+    ) -> Mailer:
         """The pooled sender to the upstream (the worker's loop keeps attempts), paced by
         ``throttle`` (``rate`` shared with other relays) or else by a token bucket of ``rate``."""
         return Mailer(
@@ -83,5 +89,6 @@ class RelayConfig:
             max_attempts=1,
             dkim=self.dkim,
             throttle=throttle,
+            domain_limiter=domain_limiter,
             reactor=reactor,
         )

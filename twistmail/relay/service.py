@@ -124,7 +124,12 @@ class RelayService(MultiService):
         throttle = None
         if config.rate:  # the rate of all the queue's deliverers together
             throttle = self.deliverers.throttle(config.rate, IReactorTime(self.reactor))
-        self._mailer = config.mailer(self.reactor, throttle)
+        domains = None
+        if config.per_domain:  # the caps of all the queue's deliverers together
+            domains = self.deliverers.domain_limiter(
+                config.per_domain, IReactorTime(self.reactor), self.owner, config.lease
+            )
+        self._mailer = config.mailer(self.reactor, throttle, domains)
         self.worker = RelayWorker(
             queue,
             self._mailer,
