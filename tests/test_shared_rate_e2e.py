@@ -1,6 +1,6 @@
-"""``--rate`` shared through the database: ``twistmail worker`` processes on one PostgreSQL
-queue send at most ceil(R*w) + 1 MAIL commands in any window of w >= 1 s, all together (read
-from the sink's own timestamps)."""
+"""``--rate`` and ``--per-domain`` shared through the database: ``twistmail worker`` processes
+on one PostgreSQL queue send at most ceil(R*w) + 1 MAIL commands in any window of w >= 1 s,
+and have at most N messages in flight to one domain, all together (read at the sink)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,42 @@ def test_workers_on_one_queue_share_one_rate(schema: str, tmp_path: Path) -> Non
     with psycopg.connect(postgres_server.URL, autocommit=True) as conn:
         conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
         assert conn.execute("SELECT count(*) FROM rate_slots").fetchone() == (1,)
+
+
+def test_workers_on_one_queue_share_the_per_domain_cap(schema: str, tmp_path: Path) -> None:
+    n, cap, workers = 120, 2, 3
+    url = f"{postgres_server.URL}?schema={schema}"
+    # Each message held 30 ms at its final dot: 3 workers x 4 connections would overlap.
+    with CueServer(pipelining=True, data_delay=0.03) as sink:
+        args = ["--queue", url, "--smtp", f"smtp://127.0.0.1:{sink.port}"]
+        args += ["--per-domain", str(cap), "--concurrency", "4"]
+        logs = [tmp_path / f"worker{i}.log" for i in range(workers)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "twistmail", "worker", *args],
+                stdout=log.open("wb"),
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            for log in logs
+        ]
+        try:
+            wait_until(lambda: all(b"delivering" in log.read_bytes() for log in logs), timeout=60)
+            enqueue(schema, n)  # every recipient at example.org
+            wait_until(lambda: len(sink.received) >= n, timeout=120)
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            assert [proc.wait(60) for proc in procs] == [0] * workers
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        assert len(sink.received) == n
+        assert sink.most_in_flight == cap  # used, and never passed by all workers together
+    with psycopg.connect(postgres_server.URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        # Given back once idle; one taken for a delivery cancelled by the stop may be left,
+        # to expire with its worker's lease.
+        ((left,),) = conn.execute("SELECT count(*) FROM domain_slots").fetchall()
+        assert left <= workers

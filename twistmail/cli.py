@@ -440,12 +440,21 @@ def _worker_parser(sub: Any) -> None:
         help="how long a claimed message stays reserved if this worker dies (renewed while "
         "it runs; default: 300)",
     )
+    worker.add_argument(
+        "--per-domain",
+        type=_positive_int,
+        metavar="N",
+        help="at most N messages in flight per recipient domain (on a PostgreSQL queue, for "
+        "all its workers and relays together), e.g. --per-domain 5",
+    )
 
 
 def _worker_main(args: argparse.Namespace) -> None:
     from .queue import command
 
-    options = command.WorkerOptions(queue_url=args.queue, lease=args.lease, **_delivery(args))
+    options = command.WorkerOptions(
+        queue_url=args.queue, lease=args.lease, per_domain=args.per_domain, **_delivery(args)
+    )
     _react_exit(lambda reactor: command.work(options, reactor))
 
 

@@ -154,6 +154,8 @@ class WorkerOptions(DeliveryOptions):
 
     queue_url: str
     lease: float = 300.0
+    per_domain: int | None = None
+    """At most this many messages in flight per recipient domain (shared on PostgreSQL)."""
     # A worker never gives up on an unreachable server: it backs off and keeps the messages.
     server_patience: float = math.inf
     sqlite_check: float = 1.0
@@ -174,11 +176,12 @@ async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
         deliverers: Deliverers | None = deliverers_for(opts.queue_url)
     except ValueError:
         deliverers = None  # _open says what is wrong with the URL
-    opened = await _open(opts, out, opts.queue_url, reactor, deliverers)
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    shared = Shared(deliverers, owner, opts.per_domain, opts.lease) if deliverers else None
+    opened = await _open(opts, out, opts.queue_url, reactor, shared)
     if opened is None:
         return EXIT_USAGE
     mailer, queue = opened
-    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     show = _failures_shown(out)
 
     worker = RelayWorker(
@@ -243,12 +246,13 @@ async def _open(
     out: TextIO,
     url: str,
     reactor: Reactor,
-    deliverers: Deliverers | None = None,
+    shared: Shared | None = None,
     **queue_options: Any,
 ) -> tuple[Mailer, IQueue] | None:
     """The Mailer and the queue a drain or a worker delivers with; None (the error said on
-    ``out``) when either cannot be opened. A worker gives its ``deliverers``: the queue is
-    opened by them, and ``--rate`` is the one they share.
+    ``out``) when either cannot be opened. A worker gives what it ``shared`` with the
+    queue's other deliverers: the queue is opened by them, and ``--rate`` and
+    ``--per-domain`` are the ones they share.
 
     Outcome records need not be fsync'd one by one (``synchronous=NORMAL``): a process killed at
     any moment loses none of them; a power cut may lose the last few, whose messages go out
@@ -260,18 +264,38 @@ async def _open(
         _say(out, f"error: {e}")
         return None
     try:
-        if deliverers is not None:
-            queue = await deliverers.open(reactor, synchronous="NORMAL")
+        if shared is not None:
+            queue = await shared.deliverers.open(reactor, synchronous="NORMAL")
         else:
             queue = await open_queue(url, synchronous="NORMAL", reactor=reactor, **queue_options)
     except QueueError as e:
         await mailer.close()
         _say(out, f"error: {e}")
         return None
-    if deliverers is not None and opts.rate:
-        await mailer.close()  # never used: made again, paced by the deliverers' shared rate
-        mailer = opts.mailer(reactor, deliverers.throttle(opts.rate, IReactorTime(reactor)))
+    if shared is not None and (opts.rate or shared.per_domain):
+        # Never used: made again, paced by the deliverers' shared rate and caps.
+        await mailer.close()
+        clock = IReactorTime(reactor)
+        deliverers = shared.deliverers
+        mailer = opts.mailer(
+            reactor,
+            deliverers.throttle(opts.rate, clock) if opts.rate else None,
+            deliverers.domain_limiter(shared.per_domain, clock, shared.holder, shared.lease)
+            if shared.per_domain
+            else None,
+        )
     return mailer, queue
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What a worker shares with the other deliverers of its queue: the store's terms, its
+    name among them, its per-domain cap and its lease."""
+
+    deliverers: Deliverers
+    holder: str
+    per_domain: int | None
+    lease: float
 
 
 def _failures_shown(out: TextIO) -> Callable[[ClaimedMessage, Outcome], None]:
