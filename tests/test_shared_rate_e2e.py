@@ -52,84 +52,68 @@ def enqueue(schema: str, n: int) -> None:
     )
 
 
+def deliver_with_workers(
+    schema: str, sink: CueServer, tmp_path: Path, n: int, *options: str, workers: int = 3
+) -> list[int]:
+    """``workers`` ``twistmail worker`` processes (4 connections each, ``options``) on the
+    schema's queue deliver ``n`` messages enqueued once they idle, into ``sink``, and are
+    stopped with SIGTERM; how many each sent."""
+    args = ["--queue", f"{postgres_server.URL}?schema={schema}"]
+    args += ["--smtp", f"smtp://127.0.0.1:{sink.port}", "--concurrency", "4", *options]
+    logs = [tmp_path / f"worker{i}.log" for i in range(workers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "twistmail", "worker", *args],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for log in logs
+    ]
+    try:
+        wait_until(lambda: all(b"delivering" in log.read_bytes() for log in logs), timeout=60)
+        enqueue(schema, n)  # every recipient at example.org
+        wait_until(lambda: len(sink.received) >= n, timeout=120)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(60) for proc in procs] == [0] * workers
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [int(log.read_text().rsplit("worker: ", 1)[1].split(" sent")[0]) for log in logs]
+
+
+def count(schema: str, table: str) -> int:
+    with psycopg.connect(postgres_server.URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
+        return int(row.fetchall()[0][0])
+
+
 def test_workers_on_one_queue_share_one_rate(schema: str, tmp_path: Path) -> None:
-    n, rate, workers = 200, 25.0, 3
-    url = f"{postgres_server.URL}?schema={schema}"
+    n, rate = 200, 25.0
     with CueServer(pipelining=True) as sink:
-        args = ["--queue", url, "--smtp", f"smtp://127.0.0.1:{sink.port}"]
-        args += ["--rate", str(rate), "--concurrency", "4"]
-        logs = [tmp_path / f"worker{i}.log" for i in range(workers)]
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "twistmail", "worker", *args],
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            for log in logs
-        ]
-        try:
-            wait_until(lambda: all(b"delivering" in log.read_bytes() for log in logs), timeout=60)
-            enqueue(schema, n)
-            wait_until(lambda: len(sink.received) >= n, timeout=120)
-            for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            assert [proc.wait(60) for proc in procs] == [0] * workers
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        sent = deliver_with_workers(schema, sink, tmp_path, n, "--rate", str(rate))
         times = list(sink.mail_times)
     assert len(times) == n
     assert window_violation(times, rate) is None
     # Each worker sent its share, so the bound held for all of them together, not each alone
     # (three workers each at the rate would have taken a third of the time).
-    sent = []
-    for log in logs:
-        text = log.read_text()
-        sent.append(int(text.rsplit("worker: ", 1)[1].split(" sent")[0]))
     assert sum(sent) == n
     assert min(sent) > 0, sent
-    with psycopg.connect(postgres_server.URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-        assert conn.execute("SELECT count(*) FROM rate_slots").fetchone() == (1,)
+    assert count(schema, "rate_slots") == 1
 
 
 def test_workers_on_one_queue_share_the_per_domain_cap(schema: str, tmp_path: Path) -> None:
-    n, cap, workers = 120, 2, 3
-    url = f"{postgres_server.URL}?schema={schema}"
+    n, cap = 120, 2
     # Each message held 30 ms at its final dot: 3 workers x 4 connections would overlap.
     with CueServer(pipelining=True, data_delay=0.03) as sink:
-        args = ["--queue", url, "--smtp", f"smtp://127.0.0.1:{sink.port}"]
-        args += ["--per-domain", str(cap), "--concurrency", "4"]
-        logs = [tmp_path / f"worker{i}.log" for i in range(workers)]
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "twistmail", "worker", *args],
-                stdout=log.open("wb"),
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            for log in logs
-        ]
-        try:
-            wait_until(lambda: all(b"delivering" in log.read_bytes() for log in logs), timeout=60)
-            enqueue(schema, n)  # every recipient at example.org
-            wait_until(lambda: len(sink.received) >= n, timeout=120)
-            for proc in procs:
-                proc.send_signal(signal.SIGTERM)
-            assert [proc.wait(60) for proc in procs] == [0] * workers
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        sent = deliver_with_workers(schema, sink, tmp_path, n, "--per-domain", str(cap))
         assert len(sink.received) == n
         assert sink.most_in_flight == cap  # used, and never passed by all workers together
-    with psycopg.connect(postgres_server.URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-        # Given back once idle; one taken for a delivery cancelled by the stop may be left,
-        # to expire with its worker's lease.
-        ((left,),) = conn.execute("SELECT count(*) FROM domain_slots").fetchall()
-        assert left <= workers
+    assert sum(sent) == n
+    # Given back once idle; one taken for a delivery cancelled by the stop may be left, to
+    # expire with its worker's lease.
+    assert count(schema, "domain_slots") <= 3
