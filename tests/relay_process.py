@@ -19,7 +19,8 @@ _LISTENING = re.compile(r"SMTP submission listening on [^:]+:(\d+)")
 
 
 class RelayProcess:
-    """``twistd -n twistmail`` relaying to ``127.0.0.1:upstream_port`` from ``queue_path``.
+    """``twistd -n twistmail`` relaying to ``127.0.0.1:upstream_port`` from ``queue_path`` (or
+    the ``queue_url``, run in ``queue_path``'s directory).
 
     :attr:`port` is the submission port (the OS picks it); :attr:`lines` every log line so far.
     """
@@ -32,6 +33,7 @@ class RelayProcess:
         http: str = "none",
         port: int = 0,
         interface: str = "127.0.0.1",
+        queue_url: str | None = None,
     ) -> None:
         self.queue_path = queue_path
         self.argv = [
@@ -42,7 +44,7 @@ class RelayProcess:
             "--smtp",
             f"smtp://127.0.0.1:{upstream_port}",
             "--queue",
-            f"sqlite:{queue_path}",
+            queue_url or f"sqlite:{queue_path}",
             "--submission",
             f"tcp:{port}:interface={interface}",
             "--http",

@@ -13,6 +13,7 @@ import concurrent.futures
 import hmac
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -90,6 +91,7 @@ class CueServer:
         pipelining: bool = False,
         line_length_limit: int = 1001,
         port: int = 0,
+        data_delay: float = 0.0,
     ) -> None:
         if stall_on is not None and stall_on not in STALL_STEPS:
             raise ValueError(f"stall_on must be one of {sorted(STALL_STEPS)}, not {stall_on!r}")
@@ -121,6 +123,10 @@ class CueServer:
         self.commands: list[str] = []
         self.closed = 0  # connections ended by close_after
         self.refused = 0  # connections refused by max_connections
+        self.mail_times: list[float] = []  # time.time() of each MAIL FROM received
+        self.data_delay = data_delay  # seconds before the reply to each final dot
+        self.in_flight = 0  # transactions between their MAIL and their final dot's reply
+        self.most_in_flight = 0
 
         self._seen_once: set[str] = set()
         self._sessions: set[_CueSMTP] = set()
@@ -220,6 +226,9 @@ class CueServer:
         address: str,
         mail_options: list[str],
     ) -> str:
+        self.mail_times.append(time.time())
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         if self.mail_reply is not None and not self.mail_reply.startswith("2"):
             return self.mail_reply
         envelope.mail_from = address
@@ -270,6 +279,9 @@ class CueServer:
         if self.data_reply is not None and not self.data_reply.startswith("2"):
             self.rejected.append(message)
             return self.data_reply
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
+        self.in_flight -= 1
         self.received.append(message)
         server.accepted += 1
         if self.close_after is not None and server.accepted >= self.close_after:

@@ -4,6 +4,7 @@ clock, LISTEN/NOTIFY wake-ups, and lost connections (through a proxy that cuts t
 from __future__ import annotations
 
 import collections
+import itertools
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -118,6 +119,86 @@ async def test_leases_and_due_times_are_on_the_database_clock(schema: str) -> No
         delay = await queue.next_due()
         assert delay is not None
         assert 590 < delay <= 600
+    finally:
+        await queue.close()
+
+
+# Durable enqueues, committed in groups -------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_commits_are_durable_even_where_synchronous_commit_is_off(schema: str) -> None:
+    # The role or server may turn synchronous_commit off; the queue turns it back on, since a
+    # relay answers 250 on an enqueue's commit.
+    url = f"{postgres_server.URL}?options=-c%20synchronous_commit%3Doff"
+    queue = await PostgresQueue.open(url, schema=schema)
+    try:
+        assert await queue.settings() == "on"
+    finally:
+        await queue.close()
+    local = f"{postgres_server.URL}?options=-c%20synchronous_commit%3Dlocal"
+    queue = await PostgresQueue.open(local, schema=schema)
+    try:
+        assert await queue.settings() == "local"  # durable already: kept
+    finally:
+        await queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_enqueues_asked_for_together_share_a_transaction(schema: str) -> None:
+    queue = await PostgresQueue.open(postgres_server.URL, schema=schema)
+    try:
+        asked = [queue.enqueue([envelope(n), envelope(n + 1000)]) for n in range(50)]
+        ids = await defer.gatherResults(asked)
+        assert queue.commits < 50  # the first alone, the rest in a few groups
+        assert all(len(pair) == 2 for pair in ids)
+        flat = [i for pair in ids for i in pair]
+        assert flat == sorted(flat)  # each caller's ids, in the order asked
+        rows = dict(execute(schema, "SELECT id, message_id FROM messages"))
+        assert [rows[a] for a, _ in ids] == [f"<m{n}@test>" for n in range(50)]
+        assert [rows[b] for _, b in ids] == [f"<m{n + 1000}@test>" for n in range(50)]
+    finally:
+        await queue.close()
+
+
+# The shared rate's schedule -------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_slots_reserved_by_many_workers_at_once_never_overlap(schema: str) -> None:
+    queues = [await PostgresQueue.open(postgres_server.URL, schema=schema) for _ in range(3)]
+    try:
+        asked = [q.reserve_slots("rate", 4, 0.1) for q in queues for _ in range(5)]
+        answers = await defer.gatherResults(asked)
+        firsts = sorted(first for first, _ in answers)
+        # 15 reservations of 4 slots 0.1 s apart: each starts where another ended.
+        assert all(abs(b - a - 0.4) < 1e-6 for a, b in itertools.pairwise(firsts))
+        ((server_now,),) = execute(schema, "SELECT extract(epoch from now())::float8")
+        assert abs(firsts[0] - float(server_now)) < 5  # type: ignore[arg-type]
+        assert all(abs(now - firsts[0]) < 5 for _, now in answers)  # the database's clock
+    finally:
+        await defer.gatherResults([q.close() for q in queues])
+
+
+@pytest_twisted.ensureDeferred
+async def test_domain_slots_are_capped_for_all_holders_and_a_dead_ones_expire(
+    schema: str,
+) -> None:
+    clock = task.Clock()
+    clock.advance(1_700_000_000)
+    queue = await PostgresQueue.open(postgres_server.URL, schema=schema, clock=clock.seconds)
+    try:
+        take = queue.take_domain_slots
+        assert await take("a", "x.org", 2, cap=3, lease=60) == 2
+        assert await take("b", "x.org", 5, cap=3, lease=60) == 1  # the cap is for all
+        assert await take("b", "y.org", 5, cap=3, lease=60) == 3  # per domain
+        assert await take("c", "x.org", 1, cap=3, lease=60) == 0
+        assert await queue.give_domain_slots("a", "x.org", 1) == 1
+        assert await take("c", "x.org", 2, cap=3, lease=60) == 1
+        clock.advance(40)
+        assert await queue.renew_domain_slots("c", 60) == 1  # c lives on; a and b die
+        clock.advance(30)
+        assert await take("d", "x.org", 5, cap=3, lease=60) == 2  # a's and b's expired
     finally:
         await queue.close()
 

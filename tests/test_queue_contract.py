@@ -433,6 +433,32 @@ async def test_next_due_says_how_long_a_worker_may_sleep(
     assert {c.id for c in await queue.claim("b", 5, lease=30)} == {claimed.id, second.id}
 
 
+# Ages (the relay's metrics and --max-age) ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_at_and_oldest_waiting_tell_ages_on_the_stores_clock(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    assert await queue.oldest_waiting() is None
+    (first,) = await queue.enqueue([envelope(1)])
+    clock.advance(30)
+    (second,) = await queue.enqueue([envelope(2)])
+    assert await queue.queued_at(first) == T0
+    assert await queue.queued_at(second) == T0 + 30
+    assert await queue.queued_at(second + 1000) is None
+    assert await queue.oldest_waiting() == T0
+    claimed = await queue.claim("a", 1, lease=60)  # sending still waits
+    assert await queue.oldest_waiting() == T0
+    assert await queue.record("a", sent(claimed[0])) is True
+    assert await queue.oldest_waiting() == T0 + 30
+    (last,) = await queue.claim("a", 1, lease=60)
+    assert await queue.record("a", sent(last)) is True
+    assert await queue.oldest_waiting() is None
+    assert await queue.queued_at(first) == T0  # kept once sent
+
+
 # Closing --------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ def parse(*argv: str, env: dict[str, str] | None = None) -> Options:
 
 def test_defaults_are_a_local_postfix_relays() -> None:
     config = parse().config
-    assert config.queue_path == "twistmail-queue.db"
+    assert config.queue_url == "sqlite:twistmail-queue.db"
     assert config.submission == "tcp:2525:interface=127.0.0.1"
     assert config.http == "tcp:8025:interface=127.0.0.1"
     assert (config.retry_delay, config.max_retry_delay) == (300.0, 4000.0)
@@ -72,7 +72,8 @@ def test_values_with_units_and_none_listeners() -> None:
         ([], "--smtp"),
         (["--smtp", "ftp://x"], "--smtp"),
         (["--smtp", "smtp://me:secret@host"], "--smtp must not contain the password"),
-        (["--queue", "postgres://x"], "--queue"),
+        (["--queue", "mysql://x"], "--queue"),
+        (["--queue", "postgresql://db/mail?schema=1x"], "--queue: schema"),
         (["--allow-from", "10.0.0.0/8,everyone"], "--allow-from: 'everyone'"),
         (["--tls-cert", __file__], "--tls-cert and --tls-key"),
         (["--users-file", "/nonexistent/users"], "--users-file"),

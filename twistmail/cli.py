@@ -443,7 +443,13 @@ def _worker_parser(sub: Any) -> None:
         metavar="URL",
         help="sqlite:PATH or postgresql://user@host:port/db[?schema=NAME]",
     )
-    _smtp_options(worker, url_required=True, attempts_scope=", over all workers", patience=None)
+    _smtp_options(
+        worker,
+        url_required=True,
+        attempts_scope=", over all workers",
+        patience=None,
+        rate_scope="for all the workers and relays of a PostgreSQL queue together",
+    )
     add_dkim_options(worker, missing=True)
     add_verp_option(worker, secret_file=True)
     worker.add_argument(
@@ -454,6 +460,13 @@ def _worker_parser(sub: Any) -> None:
         help="how long a claimed message stays reserved if this worker dies (renewed while "
         "it runs; default: 300)",
     )
+    worker.add_argument(
+        "--per-domain",
+        type=_positive_int,
+        metavar="N",
+        help="at most N messages in flight per recipient domain (on a PostgreSQL queue, for "
+        "all its workers and relays together), e.g. --per-domain 5",
+    )
 
 
 def _worker_main(args: argparse.Namespace) -> None:
@@ -462,6 +475,7 @@ def _worker_main(args: argparse.Namespace) -> None:
     options = command.WorkerOptions(
         queue_url=args.queue,
         lease=args.lease,
+        per_domain=args.per_domain,
         verp=verp_from_args(args, sys.stderr),
         **_delivery(args),
     )
@@ -475,6 +489,7 @@ def _smtp_options(
     attempts_scope: str,
     patience: float | None = 60.0,
     unless: str = "--status",
+    rate_scope: str = "for the whole run",
 ) -> None:
     """The options saying where and how to deliver, shared by ``send``, ``drain`` and
     ``worker`` (``patience=None``: no ``--give-up-after``, the server is waited for ever)."""
@@ -508,7 +523,7 @@ def _smtp_options(
         "--rate",
         type=_per_second,
         metavar="R",
-        help="at most R messages per second for the whole run, e.g. --rate 50",
+        help=f"at most R messages per second {rate_scope}, e.g. --rate 50",
     )
     parser.add_argument(
         "--max-attempts",

@@ -162,6 +162,14 @@ class IQueue(Interface):
     def summary() -> Deferred[QueueSummary]:
         """Counts by state, and how many are due, held under a live lease, or expired."""
 
+    def queued_at(id: int) -> Deferred[float | None]:
+        """When message ``id`` was enqueued (seconds since the epoch, the store's clock);
+        None if there is no such message."""
+
+    def oldest_waiting() -> Deferred[float | None]:
+        """When the oldest message not yet sent or failed (queued, deferred or sending) was
+        enqueued; None if none waits."""
+
     def unsent(limit: int = 20) -> Deferred[list[QueueRow]]:
         """The first ``limit`` messages not sent (by id), with their recipients' states."""
 

@@ -17,10 +17,10 @@ from ._twisted import Reactor, default_reactor
 from .engine import DeliveryLoop, Notify, untried
 from .errors import ConnectionLostError, DeliveryError, MessageError, PermanentError, for_reply
 from .message import Envelope, MessageLike, to_envelope
-from .ratelimit import DomainLimiter, TokenBucket
+from .ratelimit import DomainLimiter, SharedDomainLimiter, TokenBucket
 from .results import SendReport, SendResult
 from .retry import RetryPolicy
-from .smtp._protocol import MailerProtocol
+from .smtp._protocol import MailerProtocol, Throttle
 from .smtp._transaction import TransactionResult, _Txn
 from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
@@ -45,7 +45,10 @@ class Mailer:
     ``concurrency`` is the number of connections. With a server that offers PIPELINING, each
     connection carries up to ``pipeline_depth`` transactions at once (the next message's
     MAIL/RCPT/DATA go out with the previous message's body); ``pipelining=False`` sends in
-    lock step. With a ``rate``, each connection takes a token right before it writes a MAIL.
+    lock step. With a ``rate``, each connection takes a token right before it writes a MAIL;
+    ``throttle`` paces the MAIL commands instead of ``rate``'s own token bucket (e.g. a
+    :class:`~twistmail.ratelimit.SharedRate`: one rate for many processes), and
+    ``domain_limiter`` keeps the per-domain caps instead of a local one of ``per_domain``.
 
     :meth:`send` and :meth:`send_many` retry by ``retry_policy`` (or ``max_attempts``,
     ``retry_delay``, ``max_retry_delay``); :meth:`attempt`, :attr:`capacity` and :meth:`abort`
@@ -89,6 +92,8 @@ class Mailer:
         dkim_missing: Missing = "send",
         dkim_threads: bool = False,
         suppression: ISuppressionList | None = None,
+        throttle: Throttle | None = None,
+        domain_limiter: DomainLimiter | SharedDomainLimiter | None = None,
         reactor: Reactor | None = None,
     ) -> None:
         if concurrency < 1:
@@ -136,9 +141,9 @@ class Mailer:
             depth=pipeline_depth if pipelining else 1,
             # The pool's connections take a token right before each MAIL they write, so the
             # rate holds at the server even with pipelined transactions.
-            throttle=TokenBucket(self._clock, rate) if rate else None,
+            throttle=throttle or (TokenBucket(self._clock, rate) if rate else None),
         )
-        self._domains = DomainLimiter(per_domain) if per_domain else None
+        self._domains = domain_limiter or (DomainLimiter(per_domain) if per_domain else None)
         self._fast = self._domains is None
         # max_attempts=1: the caller owns retries, so temporary failures stay "deferred".
         self._door_policy = self.retry if self.retry.max_attempts > 1 else None

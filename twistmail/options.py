@@ -10,6 +10,8 @@ from .mailer import Mailer
 
 if TYPE_CHECKING:
     from .dkim import DkimSigner
+    from .ratelimit import DomainLimiter, SharedDomainLimiter
+    from .smtp._protocol import Throttle
 
 __all__ = ["DeliveryOptions"]
 
@@ -32,9 +34,16 @@ class DeliveryOptions:
     dkim: DkimSigner | None = None
     """Signs every message (``--dkim``)."""
 
-    def mailer(self, reactor: Reactor) -> Mailer:
+    def mailer(
+        self,
+        reactor: Reactor,
+        throttle: Throttle | None = None,
+        domain_limiter: DomainLimiter | SharedDomainLimiter | None = None,
+    ) -> Mailer:
         """The Mailer the command's delivery loop drives (the loop keeps attempts and backoff).
 
+        ``throttle`` paces it instead of a token bucket of ``rate`` (a rate shared by workers);
+        ``domain_limiter`` caps the messages in flight per recipient domain.
         Raises ``ValueError`` or ``OSError`` for a bad URL or an unreadable ``ca_file``.
         """
         return Mailer(
@@ -47,5 +56,7 @@ class DeliveryOptions:
             timeout=self.timeout,
             max_attempts=1,
             dkim=self.dkim,
+            throttle=throttle,
+            domain_limiter=domain_limiter,
             reactor=reactor,
         )

@@ -109,6 +109,23 @@ _SCHEMA: Final[tuple[str, ...]] = (
     )""",
 )
 
+# Tables added to version 1 after its first use (it is unreleased): made wherever missing.
+_ADDED: Final[tuple[str, ...]] = (
+    # The shared --rate: each row a schedule of sending slots; next is its first free one.
+    """CREATE TABLE IF NOT EXISTS rate_slots (
+        name text PRIMARY KEY,
+        next float8 NOT NULL
+    )""",
+    # --per-domain shared: one row per slot held, by whom, until when (a dead holder's expire).
+    """CREATE TABLE IF NOT EXISTS domain_slots (
+        domain text NOT NULL,
+        holder text NOT NULL,
+        until float8 NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS domain_slots_domain ON domain_slots (domain)",
+    "CREATE INDEX IF NOT EXISTS domain_slots_holder ON domain_slots (holder)",
+)
+
 # From each older schema version to the next (none yet: version 1 is the first).
 _MIGRATIONS: Final[dict[str, tuple[str, ...]]] = {}
 
@@ -168,6 +185,14 @@ FROM unnest(%s::integer[], %s::text[], %s::integer[], %s::text[], %s::text[])
 WHERE recipients.message = %s AND recipients.position = t.position
 """
 
+# count slots interval seconds apart from the first free one (now, if that is past); the row
+# lock orders the workers asking at once. Fires with (first, now).
+_RESERVE = _timed("""
+INSERT INTO rate_slots AS r (name, next) VALUES (%(name)s, $NOW + %(span)s)
+ON CONFLICT (name) DO UPDATE SET next = greatest(r.next, $NOW) + %(span)s
+RETURNING next - %(span)s, $NOW
+""")
+
 _RENEW = _timed(
     "UPDATE messages SET lease_until = $NOW + %(lease)s "
     "WHERE owner = %(owner)s AND state = 'sending'"
@@ -191,6 +216,13 @@ SELECT least(
     (SELECT min(lease_until) FROM messages WHERE state = 'sending')
 ) - $NOW
 """)
+
+
+_SESSION = """
+SELECT set_config('search_path', %(path)s, false),
+       set_config('synchronous_commit', CASE current_setting('synchronous_commit')
+           WHEN 'off' THEN 'on' ELSE current_setting('synchronous_commit') END, false)
+"""
 
 
 def describe_url(url: str) -> str:
@@ -255,7 +287,11 @@ class _Connections:
         conn = psycopg.connect(
             self.url, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
         )
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+        # A commit must be on disk before it is reported (a relay answers 250 on it): a server
+        # or role configured with synchronous_commit=off is overridden for these connections
+        # (local, on, remote_write and remote_apply are all durable here, and kept). One round
+        # trip with the search path: a connection is made again after every cut.
+        conn.execute(_SESSION, {"path": sql.Identifier(self.schema).as_string(conn)})
         return conn
 
     def _forget(self, conn: psycopg.Connection[Any]) -> None:
@@ -285,7 +321,7 @@ def _prepare(conn: psycopg.Connection[Any], schema: str, where: str) -> None:
             )
         }
         if not tables:
-            for statement in _SCHEMA:
+            for statement in (*_SCHEMA, *_ADDED):
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('kind', 'twistmail-queue'), "
@@ -308,6 +344,8 @@ def _prepare(conn: psycopg.Connection[Any], schema: str, where: str) -> None:
                 "upgrade twistmail to use it"
             ),
         ):
+            conn.execute(statement)
+        for statement in _ADDED:
             conn.execute(statement)
         conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (SCHEMA_VERSION,))
 
@@ -352,6 +390,13 @@ def _insert(
     return ids
 
 
+# Claims, outcomes, releases and renewals need not wait for their commit's WAL flush: a killed
+# worker or a cut connection loses none of them; a crash of the database server itself may lose
+# the last few milliseconds of them, and those messages then go out again (as a SQLite queue's
+# outcomes at synchronous=NORMAL after a power cut). Enqueues always wait: a 250 hangs on them.
+_NO_FLUSH_WAIT = "SET LOCAL synchronous_commit TO off"
+
+
 def _claim(
     owner: str,
     limit: int,
@@ -363,6 +408,7 @@ def _claim(
 ) -> list[ClaimedMessage]:
     if limit <= 0:
         return []
+    conn.execute(_NO_FLUSH_WAIT)
     rows = conn.execute(
         _CLAIM,
         {"owner": owner, "lease": lease, "limit": limit, "claim": token, "now": now},
@@ -428,6 +474,7 @@ def _record(
         "fence": o.fence,
         "now": now,
     }
+    conn.execute(_NO_FLUSH_WAIT)
     cursor = conn.execute(_RECORD, params)
     if cursor.rowcount != 1:
         # Lost (the lease expired and another claim took it over), or recorded by a first
@@ -456,6 +503,7 @@ def _release(
     again: bool,
 ) -> int:
     released = 0
+    conn.execute(_NO_FLUSH_WAIT)
     for message, fence in claims:
         cursor = conn.execute(
             _RELEASE,
@@ -475,6 +523,82 @@ def _renew(
     return cursor.rowcount
 
 
+def reserve_slots(
+    name: str,
+    count: int,
+    interval: float,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> tuple[float, float]:
+    """``count`` slots of schedule ``name``: ``(first, now)`` (see :data:`_RESERVE`)."""
+    row = conn.execute(_RESERVE, {"name": name, "span": count * interval, "now": now}).fetchone()
+    assert row is not None
+    return float(row[0]), float(row[1])
+
+
+def take_domain_slots(
+    holder: str,
+    domain: str,
+    count: int,
+    cap: int,
+    lease: float,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> int:
+    """Up to ``count`` of ``domain``'s slots for ``holder``, ``cap`` held by all together;
+    how many it got. Requests for one domain are serialised by an advisory lock."""
+    conn.execute(_NO_FLUSH_WAIT)
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"twistmail-domain:{domain}",))
+    params = {"domain": domain, "holder": holder, "lease": lease, "now": now}
+    conn.execute(
+        _timed("DELETE FROM domain_slots WHERE domain = %(domain)s AND until <= $NOW"), params
+    )
+    row = conn.execute(
+        "SELECT count(*) FROM domain_slots WHERE domain = %(domain)s", params
+    ).fetchone()
+    free = cap - (int(row[0]) if row is not None else 0)
+    got = max(0, min(count, free))
+    if got:
+        conn.execute(
+            _timed(
+                "INSERT INTO domain_slots (domain, holder, until) "
+                "SELECT %(domain)s, %(holder)s, $NOW + %(lease)s FROM generate_series(1, %(got)s)"
+            ),
+            {**params, "got": got},
+        )
+    return got
+
+
+def give_domain_slots(
+    holder: str,
+    domain: str,
+    count: int,
+    conn: psycopg.Connection[Any],
+    now: float | None,
+    again: bool,
+) -> int:
+    """Hand back ``count`` of ``holder``'s slots of ``domain``; how many there were."""
+    conn.execute(_NO_FLUSH_WAIT)
+    return conn.execute(
+        "DELETE FROM domain_slots WHERE ctid IN (SELECT ctid FROM domain_slots "
+        "WHERE domain = %s AND holder = %s LIMIT %s)",
+        (domain, holder, count),
+    ).rowcount
+
+
+def renew_domain_slots(
+    holder: str, lease: float, conn: psycopg.Connection[Any], now: float | None, again: bool
+) -> int:
+    """Every slot of ``holder`` held ``lease`` more seconds from now; how many."""
+    conn.execute(_NO_FLUSH_WAIT)
+    return conn.execute(
+        _timed("UPDATE domain_slots SET until = $NOW + %(lease)s WHERE holder = %(holder)s"),
+        {"holder": holder, "lease": lease, "now": now},
+    ).rowcount
+
+
 def _next_due(conn: psycopg.Connection[Any], now: float | None, again: bool) -> float | None:
     row = conn.execute(_NEXT_DUE, {"now": now}).fetchone()
     return None if row is None or row[0] is None else max(0.0, float(row[0]))
@@ -490,6 +614,20 @@ def _summary(conn: psycopg.Connection[Any], now: float | None, again: bool) -> Q
     assert row is not None
     due, expired = int(row[0]), int(row[1])
     return QueueSummary(counts, due, counts["sending"] - expired, expired)
+
+
+def _queued_at(
+    message: int, conn: psycopg.Connection[Any], now: float | None, again: bool
+) -> float | None:
+    row = conn.execute("SELECT created_at FROM messages WHERE id = %s", (message,)).fetchone()
+    return None if row is None else float(row[0])
+
+
+def _oldest_waiting(conn: psycopg.Connection[Any], now: float | None, again: bool) -> float | None:
+    row = conn.execute(
+        "SELECT min(created_at) FROM messages WHERE state IN ('queued', 'deferred', 'sending')"
+    ).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
 
 
 def _unsent(

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
 from .._twisted import Reactor, install_signal_handlers
 from ..errors import AuthenticationError, TLSError, TwistmailError
 from ..options import DeliveryOptions
 from ..retry import RetryPolicy
 from .records import ClaimedMessage, Outcome, QueueError
+from .sharing import Deliverers, deliverers_for, watch_notifications
 from .sqlite import read_queue_status
 from .url import open_queue
 from .worker import Drain, DrainReport
@@ -186,6 +186,8 @@ class WorkerOptions(DeliveryOptions):
 
     queue_url: str
     lease: float = 300.0
+    per_domain: int | None = None
+    """At most this many messages in flight per recipient domain (shared on PostgreSQL)."""
     # A worker never gives up on an unreachable server: it backs off and keeps the messages.
     server_patience: float = math.inf
     sqlite_check: float = 1.0
@@ -204,6 +206,11 @@ def _sender(mailer: Mailer, verp: Any) -> Any:
     return VerpSender(mailer, verp)
 
 
+def new_owner() -> str:
+    """A name for a new deliverer, unique among a queue's deliverers on any machine."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
 def work(options: WorkerOptions, reactor: Reactor) -> defer.Deferred[int]:
     """Run a worker until SIGINT/SIGTERM; the Deferred fires with the exit status."""
     return defer.Deferred.fromCoroutine(_work(options, reactor))
@@ -216,16 +223,18 @@ def worker_for(
     reactor: Reactor,
     on_outcome: Callable[[ClaimedMessage, Outcome], None] | None,
     suppression: ISuppressionList | None = None,
+    owner: str | None = None,
 ) -> RelayWorker:
     """A worker delivering from ``queue`` through ``mailer`` as ``opts`` say (from VERP return
-    paths with ``opts.verp``), leaving out the recipients ``suppression`` holds, until stopped."""
+    paths with ``opts.verp``), leaving out the recipients ``suppression`` holds, until stopped;
+    ``owner`` names it in the queue (a new name if None)."""
     from ..relay.worker import RelayWorker
 
     return RelayWorker(
         queue,
         _sender(mailer, opts.verp),
         retry=RetryPolicy(max_attempts=opts.max_attempts, initial_delay=opts.retry_delay),
-        owner=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
+        owner=owner if owner is not None else new_owner(),
         max_age=math.inf,
         age=lambda _claimed: defer.succeed(None),
         reactor=IReactorTime(reactor),
@@ -237,12 +246,17 @@ def worker_for(
 
 async def _work(opts: WorkerOptions, reactor: Reactor) -> int:
     out = opts.out
-    opened = await _open(opts, out, opts.queue_url, reactor)
+    try:
+        deliverers: Deliverers | None = deliverers_for(opts.queue_url)
+    except ValueError:
+        deliverers = None  # _open says what is wrong with the URL
+    owner = new_owner()
+    shared = Shared(deliverers, owner, opts.per_domain, opts.lease) if deliverers else None
+    opened = await _open(opts, out, opts.queue_url, reactor, shared)
     if opened is None:
         return EXIT_USAGE
     mailer, queue, suppression = opened
-    worker = worker_for(queue, mailer, opts, reactor, _failures_shown(out), suppression)
-    owner = worker.owner
+    worker = worker_for(queue, mailer, opts, reactor, _failures_shown(out), suppression, owner)
     watching = watch(queue, worker.wake, opts.sqlite_check, reactor)
     interrupt, _ = stopper(worker, lambda text: _say(out, text))
     restore = install_signal_handlers(reactor, interrupt)
@@ -269,26 +283,12 @@ def watch(
     """Call ``wake`` whenever the queue says something was enqueued (a PostgreSQL queue's
     ``notified()``), or every ``every`` seconds for a queue that cannot say; returns the
     undo."""
-    notified = getattr(queue, "notified", None)
-    if notified is None:
-        looking = task.LoopingCall(wake)
-        looking.clock = IReactorTime(reactor)
-        looking.start(every, now=False)
-        return looking.stop
-    waiting: list[defer.Deferred[None]] = []
-
-    def ended(failure: Failure) -> None:
-        failure.trap(defer.CancelledError, QueueError)  # stopped, or the queue closed
-
-    def listen(_: object = None) -> None:
-        if waiting:
-            wake()
-        d = notified()
-        waiting[:] = [d]
-        d.addCallbacks(listen, ended)
-
-    listen()
-    return lambda: waiting[0].cancel()
+    if getattr(queue, "notified", None) is not None:
+        return watch_notifications(queue, wake)
+    looking = task.LoopingCall(wake)
+    looking.clock = IReactorTime(reactor)
+    looking.start(every, now=False)
+    return looking.stop
 
 
 def _say(out: TextIO, text: str) -> None:
@@ -296,10 +296,17 @@ def _say(out: TextIO, text: str) -> None:
 
 
 async def _open(
-    opts: DeliveryOptions, out: TextIO, url: str, reactor: Reactor, **queue_options: Any
+    opts: DeliveryOptions,
+    out: TextIO,
+    url: str,
+    reactor: Reactor,
+    shared: Shared | None = None,
+    **queue_options: Any,
 ) -> tuple[Mailer, IQueue, ISuppressionList] | None:
     """The Mailer, the queue and its suppression list a drain or a worker delivers with; None
-    (the error said on ``out``) when one cannot be opened.
+    (the error said on ``out``) when one cannot be opened. A worker gives what it ``shared``
+    with the queue's other deliverers: the queue is opened by them, and ``--rate`` and
+    ``--per-domain`` are the ones they share.
 
     Outcome records need not be fsync'd one by one (``synchronous=NORMAL``): a process killed at
     any moment loses none of them; a power cut may lose the last few, whose messages go out
@@ -311,11 +318,26 @@ async def _open(
         _say(out, f"error: {e}")
         return None
     try:
-        queue = await open_queue(url, synchronous="NORMAL", reactor=reactor, **queue_options)
+        if shared is not None:
+            queue = await shared.deliverers.open(reactor, synchronous="NORMAL")
+        else:
+            queue = await open_queue(url, synchronous="NORMAL", reactor=reactor, **queue_options)
     except QueueError as e:
         await mailer.close()
         _say(out, f"error: {e}")
         return None
+    if shared is not None and (opts.rate or shared.per_domain):
+        # Never used: made again, paced by the deliverers' shared rate and caps.
+        await mailer.close()
+        clock = IReactorTime(reactor)
+        deliverers = shared.deliverers
+        mailer = opts.mailer(
+            reactor,
+            deliverers.throttle(opts.rate, clock) if opts.rate else None,
+            deliverers.domain_limiter(shared.per_domain, clock, shared.holder, shared.lease)
+            if shared.per_domain
+            else None,
+        )
     from ..suppression import SuppressionError, open_suppression_for_queue
 
     try:
@@ -326,6 +348,17 @@ async def _open(
         _say(out, f"error: {e}")
         return None
     return mailer, queue, suppression
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What a worker shares with the other deliverers of its queue: the store's terms, its
+    name among them, its per-domain cap and its lease."""
+
+    deliverers: Deliverers
+    holder: str
+    per_domain: int | None
+    lease: float
 
 
 def _failures_shown(out: TextIO) -> Callable[[ClaimedMessage, Outcome], None]:

@@ -314,6 +314,24 @@ class MemoryQueue(Campaigns):
                     due += 1
         return defer.succeed(QueueSummary(counts, due, counts["sending"] - expired, expired))
 
+    def queued_at(self, id: int) -> defer.Deferred[float | None]:
+        """When message ``id`` was enqueued; None if there is none."""
+        if self._closed:
+            return self._closed_error()
+        message = self._messages.get(id)
+        return defer.succeed(None if message is None else message.created_at)
+
+    def oldest_waiting(self) -> defer.Deferred[float | None]:
+        """When the oldest message not yet sent or failed was enqueued; None if none waits."""
+        if self._closed:
+            return self._closed_error()
+        waiting = [
+            m.created_at
+            for m in self._messages.values()
+            if m.state in ("queued", "deferred", "sending")
+        ]
+        return defer.succeed(min(waiting, default=None))
+
     def unsent(self, limit: int = 20) -> defer.Deferred[list[QueueRow]]:
         """The first ``limit`` messages not sent, with their recipients' states."""
         if self._closed:

@@ -48,6 +48,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from .._twisted import Reactor, default_reactor
+from ..groupcommit import GroupCommit
 from ..interfaces import IQueue
 from ..message import Envelope
 from . import _postgres_campaigns
@@ -60,8 +61,10 @@ from ._postgres_db import (
     _insert,
     _listen,
     _next_due,
+    _oldest_waiting,
     _Op,
     _prepare,
+    _queued_at,
     _record,
     _release,
     _renew,
@@ -71,6 +74,10 @@ from ._postgres_db import (
     _unsent,
     _wait_notify,
     describe_url,
+    give_domain_slots,
+    renew_domain_slots,
+    reserve_slots,
+    take_domain_slots,
 )
 from ._postgres_status import (
     bounce_recipient,
@@ -122,6 +129,7 @@ class PostgresQueue(_postgres_campaigns.Campaigns):
         reactor: Reactor,
         clock: Callable[[], float] | None,
         where: str,
+        close_at_shutdown: bool = True,
     ) -> None:
         """Use :meth:`PostgresQueue.open`; this only wires an opened pool."""
         self.where = where
@@ -141,9 +149,15 @@ class PostgresQueue(_postgres_campaigns.Campaigns):
         self._renderer = CampaignRenderer()
         self.retries = 0
         """Transactions tried again after a lost connection (or a serialization failure)."""
-        self._trigger: object = reactor.addSystemEventTrigger(
-            "before", "shutdown", self._close_at_shutdown
+        self._trigger: object = (
+            reactor.addSystemEventTrigger("before", "shutdown", self._close_at_shutdown)
+            if close_at_shutdown
+            else None
         )
+        # Enqueues asked for while one commits go together in the next transaction: one
+        # commit (one WAL flush) for many submissions, and one thread, leaving the others to
+        # claims and outcomes.
+        self._enqueues: GroupCommit[list[Envelope]] = GroupCommit(self._insert_group)
 
     @classmethod
     def open(
@@ -155,11 +169,14 @@ class PostgresQueue(_postgres_campaigns.Campaigns):
         clock: Callable[[], float] | None = None,
         connect_timeout: float = 10.0,
         reactor: Reactor | None = None,
+        close_at_shutdown: bool = True,
     ) -> defer.Deferred[PostgresQueue]:
         """Connect to the database at ``url`` and prepare ``schema`` (created if missing).
 
         ``threads`` connections run the queue's statements. ``clock()`` replaces the server's
-        ``now()`` (tests only). Fails with :class:`QueueError` (naming the server, never the
+        ``now()`` (tests only). ``close_at_shutdown=False`` leaves closing to the caller during
+        reactor shutdown (a service that records outcomes while it stops).
+        Fails with :class:`QueueError` (naming the server, never the
         password) when the server cannot be reached, or the schema holds something else or a
         newer queue.
         """
@@ -181,7 +198,7 @@ class PostgresQueue(_postgres_campaigns.Campaigns):
         d = threads_defer(reactor, pool, prepare)
 
         def opened(_: None) -> PostgresQueue:
-            return cls(connections, pool, reactor, clock, where)
+            return cls(connections, pool, reactor, clock, where, close_at_shutdown)
 
         def failed(failure: Failure) -> Failure:
             connections.close_all()
@@ -197,9 +214,42 @@ class PostgresQueue(_postgres_campaigns.Campaigns):
     # The contract ---------------------------------------------------------------------------
 
     def enqueue(self, envelopes: Sequence[Envelope]) -> defer.Deferred[list[int]]:
-        """Store ``envelopes`` as ``queued``, due now; fires with their ids once committed."""
-        batch, token, channel = list(envelopes), uuid.uuid4(), self._channel
-        return self._run(lambda conn, now, again: _insert(batch, token, channel, conn, now, again))
+        """Store ``envelopes`` as ``queued``, due now; fires with their ids once committed
+        (durable: the queue's connections commit with ``synchronous_commit`` on)."""
+        if self._closed:
+            return defer.fail(QueueError(f"{self.where}: the queue is closed"))
+        return self._enqueues.submit(list(envelopes))
+
+    def _insert_group(self, batches: list[list[Envelope]]) -> defer.Deferred[list[Any]]:
+        """One transaction storing every batch of a group; fires with each batch's ids."""
+        envelopes = [env for batch in batches for env in batch]
+        token, channel = uuid.uuid4(), self._channel
+
+        def split(ids: list[int]) -> list[list[int]]:
+            out, start = [], 0
+            for batch in batches:
+                out.append(ids[start : start + len(batch)])
+                start += len(batch)
+            return out
+
+        return self._run(
+            lambda conn, now, again: _insert(envelopes, token, channel, conn, now, again)
+        ).addCallback(split)
+
+    @property
+    def commits(self) -> int:
+        """Enqueue transactions committed so far (one per group of enqueues)."""
+        return self._enqueues.commits
+
+    def settings(self) -> defer.Deferred[str]:
+        """The ``synchronous_commit`` setting of the queue's connections (never ``off``)."""
+
+        def show(conn: psycopg.Connection[Any], now: float | None, again: bool) -> str:
+            row = conn.execute("SHOW synchronous_commit").fetchone()
+            assert row is not None
+            return str(row[0])
+
+        return self._run(show)
 
     def enqueue_once(
         self, scope: str, key: str, fingerprint: str, envelope: Envelope, *, keep: float = 86400.0
@@ -288,6 +338,49 @@ class PostgresQueue(_postgres_campaigns.Campaigns):
     def unsent(self, limit: int = 20) -> defer.Deferred[list[QueueRow]]:
         """The first ``limit`` messages not sent, with their recipients' states."""
         return self._run(lambda conn, now, again: _unsent(limit, conn, now, again))
+
+    def queued_at(self, message: int) -> defer.Deferred[float | None]:
+        """When message ``message`` was enqueued (the queue's clock); None if there is none."""
+        return self._run(lambda conn, now, again: _queued_at(message, conn, now, again))
+
+    def oldest_waiting(self) -> defer.Deferred[float | None]:
+        """When the oldest message not yet sent or failed was enqueued; None if none waits."""
+        return self._run(_oldest_waiting)
+
+    def reserve_slots(
+        self, name: str, count: int, interval: float
+    ) -> defer.Deferred[tuple[float, float]]:
+        """``count`` sending slots ``interval`` seconds apart on the shared schedule ``name``
+        (``--rate``, kept for every worker of this queue): fires with ``(first, now)`` on the
+        database's clock (see :class:`~twistmail.ratelimit.SharedRate`). Slots are never
+        handed out twice, and a retry after a lost answer at worst skips a few."""
+        return self._run(
+            lambda conn, now, again: reserve_slots(name, count, interval, conn, now, again)
+        )
+
+    def take_domain_slots(
+        self, holder: str, domain: str, count: int, *, cap: int, lease: float
+    ) -> defer.Deferred[int]:
+        """Up to ``count`` in-flight slots of ``domain`` for ``holder`` (``--per-domain``
+        shared by every worker: ``cap`` held by all together) for ``lease`` seconds unless
+        renewed; fires with how many it got."""
+        return self._run(
+            lambda conn, now, again: take_domain_slots(
+                holder, domain, count, cap, lease, conn, now, again
+            )
+        )
+
+    def give_domain_slots(self, holder: str, domain: str, count: int) -> defer.Deferred[int]:
+        """Hand back ``count`` of ``holder``'s slots of ``domain``."""
+        return self._run(
+            lambda conn, now, again: give_domain_slots(holder, domain, count, conn, now, again)
+        )
+
+    def renew_domain_slots(self, holder: str, lease: float) -> defer.Deferred[int]:
+        """Keep every slot of ``holder`` ``lease`` more seconds."""
+        return self._run(
+            lambda conn, now, again: renew_domain_slots(holder, lease, conn, now, again)
+        )
 
     # Wake-ups -------------------------------------------------------------------------------
 

@@ -77,13 +77,15 @@ def open_queue(
     reactor: Reactor | None = None,
     create: bool = True,
     synchronous: Synchronous = "FULL",
+    close_at_shutdown: bool = True,
 ) -> defer.Deferred[IQueue]:
     """Open the queue at ``url`` (see the module's docstring).
 
     ``create`` and ``synchronous`` apply to a SQLite file (see
     :meth:`~twistmail.queue.SqliteQueue.open`); a PostgreSQL schema is always created on first
-    use. Fails with :class:`QueueError` for a URL that is not a queue's, or a queue that
-    cannot be opened.
+    use. ``close_at_shutdown=False`` leaves closing to the caller during reactor shutdown (a
+    service that records outcomes while it stops). Fails with :class:`QueueError` for a URL
+    that is not a queue's, or a queue that cannot be opened.
     """
     try:
         parsed = parse_queue_url(url)
@@ -93,11 +95,15 @@ def open_queue(
         from .sqlite import SqliteQueue
 
         d: defer.Deferred[IQueue] = SqliteQueue.open(  # type: ignore[assignment]
-            parsed.target, create=create, synchronous=synchronous, reactor=reactor
+            parsed.target,
+            create=create,
+            synchronous=synchronous,
+            reactor=reactor,
+            close_at_shutdown=close_at_shutdown,
         )
         return d
     from .postgres import PostgresQueue
 
     return PostgresQueue.open(  # type: ignore[return-value]
-        parsed.target, schema=parsed.schema, reactor=reactor
+        parsed.target, schema=parsed.schema, reactor=reactor, close_at_shutdown=close_at_shutdown
     )

@@ -14,6 +14,8 @@ from ..retry import RetryPolicy
 if TYPE_CHECKING:
     from ..bounces.verp import VerpSigner
     from ..dkim import DkimSigner
+    from ..ratelimit import DomainLimiter, SharedDomainLimiter
+    from ..smtp._protocol import Throttle
     from ..unsubscribe.tokens import TokenBox
 
 __all__ = ["DAY", "RelayConfig"]
@@ -31,7 +33,8 @@ class RelayConfig:
     password: str | None = None
     ca_file: str | None = None
     insecure: bool = False
-    queue_path: str = "twistmail-queue.db"
+    queue_url: str = "sqlite:twistmail-queue.db"
+    lease: float = 300.0
     submission: str | None = "tcp:2525:interface=127.0.0.1"
     http: str | None = "tcp:8025:interface=127.0.0.1"
     concurrency: int = 10
@@ -78,8 +81,14 @@ class RelayConfig:
             max_delay=self.max_retry_delay,
         )
 
-    def mailer(self, reactor: Reactor) -> Mailer:
-        """The pooled sender to the upstream (the worker's loop keeps attempts)."""
+    def mailer(
+        self,
+        reactor: Reactor,
+        throttle: Throttle | None = None,
+        domain_limiter: DomainLimiter | SharedDomainLimiter | None = None,
+    ) -> Mailer:
+        """The pooled sender to the upstream (the worker's loop keeps attempts), paced by
+        ``throttle`` (``rate`` shared with other relays) or else by a token bucket of ``rate``."""
         return Mailer(
             self.smtp_url,
             concurrency=self.concurrency,
@@ -90,5 +99,7 @@ class RelayConfig:
             password=self.password,
             max_attempts=1,
             dkim=self.dkim,
+            throttle=throttle,
+            domain_limiter=domain_limiter,
             reactor=reactor,
         )

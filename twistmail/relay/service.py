@@ -1,23 +1,25 @@
 """The relay as a Twisted service: one queue, the submission listener and the delivery worker.
 
-:meth:`RelayService.make` takes the queue's delivery lock (a second relay on the same queue
-file is refused there, before anything starts); starting opens the queue, gives back the claims
-of earlier relays on this file (they are dead: the lock was free), starts the worker and then
-listens. Stopping (SIGTERM under ``twistd``) stops listening, ends idle sessions with 421 and
-lets messages in DATA finish, lets deliveries in flight finish within ``shutdown_timeout``
-seconds (then cuts them off: they stay queued), and closes the queue.
+The queue's store says how deliverers share it (:mod:`twistmail.queue.sharing`):
+:meth:`RelayService.make` becomes one of its deliverers before anything starts (a SQLite
+file has one: a second relay on the same file is refused there; a PostgreSQL queue has any
+number, on any machines). Starting opens the queue, gives back what dead relays held (on
+SQLite at once; on PostgreSQL their leases run out), starts the worker (woken by every
+commit to the queue, ours or another process's) and then listens. Stopping (SIGTERM under
+``twistd``) stops listening, ends idle sessions with 421 and lets messages in DATA finish,
+lets deliveries in flight finish within ``shutdown_timeout`` seconds (then cuts them off:
+they stay queued), and closes the queue.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import signal
 import socket
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
@@ -27,10 +29,11 @@ from twisted.logger import Logger
 
 from .._twisted import Reactor, default_reactor
 from ..errors import QueueError
+from ..interfaces import IQueue, ISuppressionList
 from ..message import Envelope
 from ..queue.records import ClaimedMessage, Idempotent, Outcome
-from ..queue.sqlite import SqliteQueue, read_queue_status
-from ..suppression.sqlite import SqliteSuppressionList
+from ..queue.sharing import Deliverers, deliverers_for
+from ..suppression import open_suppression_for_queue
 from ..unsubscribe.web import make_public_site
 from .auth import MECHANISMS, FailureLimiter, auth_portal
 from .bounces import notification
@@ -43,46 +46,23 @@ from .statuspage import DeliveryHistory, StatusPage
 from .tokens import TokenChecker
 from .worker import RelayWorker
 
-__all__ = ["OWNER_PREFIX", "DeliveryLock", "RelayService", "StartError"]
+__all__ = ["OWNER_PREFIX", "RelayService", "StartError"]
 
 log = Logger()
 
 OWNER_PREFIX = "relay:"
 """Queue claims of a relay carry owner tokens starting with this."""
 
+HEALTH_TIMEOUT = 5.0
+"""Seconds ``/healthz`` waits for its write to the queue before calling it not writable."""
+
+CLOSE_GRACE = 5.0
+"""Seconds after ``--shutdown-timeout`` when a stopping relay whose worker has not ended (the
+queue cannot be reached) closes the queue under it."""
+
 
 class StartError(Exception):
     """The relay cannot start (the queue is locked by another relay, or is not a queue)."""
-
-
-class DeliveryLock:
-    """The one-deliverer-per-queue lock: ``PATH.deliver.lock``, held with ``flock``.
-
-    The kernel drops it when the process dies, so a lock found free means every earlier
-    holder is gone. Writers (the spool backend) never take it.
-    """
-
-    def __init__(self, queue_path: str) -> None:
-        self.path = queue_path + ".deliver.lock"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise StartError(
-                f"{queue_path}: another process (pid {holder}) is already delivering from this "
-                f"queue; stop it first (lock {self.path})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd: int | None = fd
-
-    def release(self) -> None:
-        """Drop the lock (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def _tls_context(config: RelayConfig) -> Any:
@@ -97,13 +77,13 @@ def _tls_context(config: RelayConfig) -> Any:
 class RelayService(MultiService):
     """The running relay; see the module's docstring."""
 
-    def __init__(self, config: RelayConfig, lock: DeliveryLock, reactor: Reactor) -> None:
+    def __init__(self, config: RelayConfig, deliverers: Deliverers, reactor: Reactor) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.lock = lock
-        self.queue: SqliteQueue | None = None
-        self.suppression: SqliteSuppressionList | None = None
+        self.deliverers = deliverers
+        self.queue: IQueue | None = None
+        self.suppression: ISuppressionList | None = None
         self.worker: RelayWorker | None = None
         self.submission: SubmissionFactory | None = None
         self.ports: list[IListeningPort] = []
@@ -113,22 +93,21 @@ class RelayService(MultiService):
         self._mailer: Any = None
         self.metrics = RelayMetrics(self._queue_sizes)
         self.history = DeliveryHistory()  # the status page's deliveries per minute
-        self._notifier: Any = None
+        self._unwatch: Callable[[], None] | None = None
         self._accepted_at: dict[int, float] = {}  # queue id -> when this process accepted it
 
     @classmethod
     def make(cls, config: RelayConfig, reactor: Reactor | None = None) -> RelayService:
-        """The relay for ``config``, holding its queue's delivery lock.
+        """The relay for ``config``, one of its queue's deliverers.
 
-        :raises StartError: the queue is another relay's, or the file is not a queue.
+        :raises StartError: the queue has its one deliverer already, or is not a queue.
         """
-        if os.path.exists(config.queue_path):
-            try:
-                read_queue_status(config.queue_path, limit=0)
-            except QueueError as e:
-                raise StartError(str(e)) from None
-        lock = DeliveryLock(config.queue_path)
-        return cls(config, lock, reactor if reactor is not None else default_reactor())
+        deliverers = deliverers_for(config.queue_url)
+        try:
+            deliverers.hold()
+        except QueueError as e:
+            raise StartError(str(e)) from None
+        return cls(config, deliverers, reactor if reactor is not None else default_reactor())
 
     # ------------------------------------------------------------------ start
 
@@ -144,17 +123,23 @@ class RelayService(MultiService):
     async def _start(self) -> None:
         config = self.config
         # Closed by stopService, after the outcomes of deliveries in flight are recorded.
-        self.queue = queue = await SqliteQueue.open(
-            config.queue_path, reactor=self.reactor, close_at_shutdown=False
-        )
-        taken = await queue.take_back(OWNER_PREFIX)
+        self.queue = queue = await self.deliverers.open(self.reactor)
+        taken = await self.deliverers.recover(OWNER_PREFIX)
         if taken:
             log.info("took back {n} messages claimed by a relay that died", n=taken)
         # Closed by stopService too: the worker adds hard bounces until it has stopped.
-        self.suppression = await SqliteSuppressionList.open(
-            config.queue_path, create=False, reactor=self.reactor, close_at_shutdown=False
+        self.suppression = await open_suppression_for_queue(
+            config.queue_url, queue_ready=True, reactor=self.reactor, close_at_shutdown=False
         )
-        self._mailer = config.mailer(self.reactor)
+        throttle = None
+        if config.rate:  # the rate of all the queue's deliverers together
+            throttle = self.deliverers.throttle(config.rate, IReactorTime(self.reactor))
+        domains = None
+        if config.per_domain:  # the caps of all the queue's deliverers together
+            domains = self.deliverers.domain_limiter(
+                config.per_domain, IReactorTime(self.reactor), self.owner, config.lease
+            )
+        self._mailer = config.mailer(self.reactor, throttle, domains)
         sender: Any = self._mailer
         if config.verp is not None and config.verp_send:
             from ..bounces.sending import VerpSender
@@ -165,13 +150,14 @@ class RelayService(MultiService):
             sender,
             retry=config.retry_policy(),
             owner=self.owner,
+            lease=config.lease,
             max_age=config.max_age,
             age=self._age,
             reactor=self.reactor,  # type: ignore[arg-type]
             on_outcome=self._outcome,
             suppression=self.suppression,
         )
-        self._watch_other_writers()
+        self._unwatch = self.deliverers.watch(self._wake, self.reactor)
         self._worker_done = self.worker.run()
         self._worker_done.addErrback(lambda f: log.failure("the delivery worker failed", f))
         if config.http is not None:
@@ -231,49 +217,23 @@ class RelayService(MultiService):
         log.info(
             "relaying to {upstream} from queue {queue}",
             upstream=self._mailer.server.label,
-            queue=config.queue_path,
+            queue=self.deliverers.where,
         )
 
     async def _bounce_gate(self) -> Any:
         """The ``--bounce-domain`` gate over this queue and its suppression list, or None."""
         if self.config.verp is None:
             return None
-        from ..bounces.intake import BounceIntake
+        from ..bounces.intake import BounceIntake, BounceQueue
         from ..bounces.smtp import BounceGate
 
+        # Both stores a relay runs on (SQLite, PostgreSQL) record bounces.
+        queue = cast("BounceQueue", self.queue)
         intake = BounceIntake(
-            self.suppression, queue=self.queue, verp=self.config.verp, reactor=self.reactor
+            self.suppression, queue=queue, verp=self.config.verp, reactor=self.reactor
         )
         log.info("taking bounces at {domain}", domain=self.config.verp.domain)
         return BounceGate(self.config.verp, intake, self.metrics.bounce)
-
-    def _watch_other_writers(self) -> None:
-        """Wake the worker when another process commits to the queue (the spool backend,
-        say): the file's write-ahead log changes. Linux only (inotify); elsewhere such
-        messages wait for the next submission or due time."""
-        try:
-            from twisted.internet import inotify
-            from twisted.python.filepath import FilePath
-        except ImportError:  # not Linux
-            return
-        try:
-            notifier = inotify.INotify(reactor=self.reactor)
-            notifier.startReading()
-            notifier.watch(
-                FilePath(self.config.queue_path + "-wal"),
-                mask=inotify.IN_MODIFY,
-                callbacks=[self._queue_written],
-            )
-        except (OSError, inotify.INotifyError) as e:
-            log.warn("not watching the queue for other writers: {error}", error=e)
-            return
-        self._notifier = notifier
-
-    def _queue_written(self, _watch: object, _path: object, _mask: int) -> None:
-        # Our own commits land here too: wake() does nothing unless the worker sleeps, and a
-        # claim that finds nothing writes nothing, so this cannot feed itself.
-        if self.worker is not None:
-            self.worker.wake()
 
     @staticmethod
     def _log_listening(what: str, port: IListeningPort) -> None:
@@ -455,7 +415,11 @@ class RelayService(MultiService):
             log.failure("the queue cannot be written", failure)
             return {**state, "queue_writable": False, "queue_error": str(failure.value)}
 
-        return self.queue.renew(self.owner, 300.0).addCallbacks(written, failed)
+        # A database that went away is waited for by the queue (tried again with backoff):
+        # the check answers "not writable" after HEALTH_TIMEOUT seconds instead of hanging.
+        renewed = self.queue.renew(self.owner, self.config.lease)
+        clock = IReactorTime(self.reactor)
+        return renewed.addTimeout(HEALTH_TIMEOUT, clock).addCallbacks(written, failed)
 
     # ------------------------------------------------------------------ stop
 
@@ -475,20 +439,33 @@ class RelayService(MultiService):
         if self.worker is not None and self._worker_done is not None:
             self.worker.stop()
             worker = self.worker
-            timer = self.reactor.callLater(config.shutdown_timeout, worker.abort)
+            queue = self.queue
+
+            def give_up() -> None:
+                # A queue that cannot be reached (a database away) would hold the worker's
+                # claim or records for ever: closed, they fail and the worker ends. What it
+                # held returns to the queue (its lease runs out, or the next start takes it).
+                if queue is not None:
+                    queue.close()
+
+            timers = [
+                self.reactor.callLater(config.shutdown_timeout, worker.abort),
+                self.reactor.callLater(config.shutdown_timeout + CLOSE_GRACE, give_up),
+            ]
             await self._worker_done
-            if timer.active():
-                timer.cancel()
-        if self._notifier is not None:
-            self._notifier.loseConnection()
-            self._notifier = None
+            for timer in timers:
+                if timer.active():
+                    timer.cancel()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._mailer is not None:
             await self._mailer.close()
         if self.suppression is not None:
             await self.suppression.close()
         if self.queue is not None:
             await self.queue.close()
-        self.lock.release()
+        self.deliverers.release()
         # twistd re-raises the signal that stopped the reactor once it has run down (so the exit
         # status says "killed by SIGTERM"); a relay that stopped cleanly exits 0 instead, as
         # service managers and scripts expect of a graceful stop.

@@ -158,7 +158,18 @@ class Options(usage.Options):
             "queue",
             None,
             "sqlite:twistmail-queue.db",
-            "the queue, e.g. --queue sqlite:/var/spool/twistmail/queue.db",
+            "the queue, e.g. --queue sqlite:/var/spool/twistmail/queue.db (one relay per file) "
+            "or --queue postgresql://mail@db.example.com/mail (any number of relays and workers "
+            "on any machines; ?schema=NAME picks the schema)",
+        ],
+        [
+            "lease",
+            None,
+            300.0,
+            "how long a claimed message stays reserved for this relay if it dies (renewed "
+            "while it runs; on PostgreSQL, how soon the other relays take over its messages), "
+            "e.g. --lease 60",
+            _seconds("lease"),
         ],
         [
             "submission",
@@ -208,7 +219,8 @@ class Options(usage.Options):
             "rate",
             None,
             None,
-            "at most R messages per second upstream, e.g. --rate 50",
+            "at most R messages per second upstream (on a PostgreSQL queue, for all its "
+            "relays and workers together: give each the same R), e.g. --rate 50",
             _rate("rate"),
         ],
         [
@@ -366,15 +378,9 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
     except ValueError as e:
         raise usage.UsageError(f"--smtp: {e}") from None
     try:
-        parsed = parse_queue_url(opts["queue"])
+        parse_queue_url(opts["queue"])
     except ValueError as e:
         raise usage.UsageError(f"--queue: {e}") from None
-    if parsed.kind != "sqlite":
-        raise usage.UsageError(
-            "--queue: the relay keeps its queue in a SQLite file for now (sqlite:PATH); "
-            "deliver from a PostgreSQL queue with twistmail worker --queue URL"
-        )
-    path = parsed.target
     try:
         allow_from = parse_networks(opts["allow-from"])
     except ValueError as e:
@@ -410,7 +416,8 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         password=password,
         ca_file=opts["ca-file"],
         insecure=bool(opts["insecure"]),
-        queue_path=path,
+        queue_url=opts["queue"],
+        lease=opts["lease"],
         submission=endpoints["submission"],
         http=endpoints["http"],
         concurrency=opts["concurrency"],
@@ -490,7 +497,8 @@ def makeService(options: Options) -> MultiService:
     """The relay: submission listener, HTTP listener and delivery worker over one queue.
 
     Refuses to start (exit status 1, one line on stderr) when another process already
-    delivers from the same queue file.
+    delivers from the same queue file (a SQLite queue has one deliverer; a PostgreSQL one any
+    number).
     """
     from .service import RelayService, StartError
 

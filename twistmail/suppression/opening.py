@@ -25,7 +25,7 @@ def open_suppression_file(
 
 
 async def _open_for_queue(
-    url: str, create: bool, queue_ready: bool, reactor: Reactor | None
+    url: str, create: bool, queue_ready: bool, reactor: Reactor | None, close_at_shutdown: bool
 ) -> ISuppressionList:
     try:
         parsed = parse_queue_url(url)
@@ -42,7 +42,7 @@ async def _open_for_queue(
                 raise SuppressionError(str(e)) from None
             await queue.close()
         opened: ISuppressionList = await SqliteSuppressionList.open(
-            parsed.target, create=False, reactor=reactor
+            parsed.target, create=False, reactor=reactor, close_at_shutdown=close_at_shutdown
         )
         return opened
     from ..queue.postgres_suppression import PostgresSuppressionList
@@ -54,10 +54,19 @@ async def _open_for_queue(
 
 
 def open_suppression_for_queue(
-    url: str, *, create: bool = True, queue_ready: bool = False, reactor: Reactor | None = None
+    url: str,
+    *,
+    create: bool = True,
+    queue_ready: bool = False,
+    reactor: Reactor | None = None,
+    close_at_shutdown: bool = True,
 ) -> defer.Deferred[ISuppressionList]:
     """The list in the database of the queue at ``url`` (``sqlite:PATH`` or
     ``postgresql://...``), where the relay and workers keep it. ``create`` applies to a
     SQLite file, as for the queue; ``queue_ready``: the caller has opened the queue already
-    (it exists and is one). Fails with :class:`SuppressionError`."""
-    return defer.ensureDeferred(_open_for_queue(url, create, queue_ready, reactor))
+    (it exists and is one). ``close_at_shutdown=False``: the caller closes a SQLite list
+    during reactor shutdown (a PostgreSQL list is always closed by its caller). Fails with
+    :class:`SuppressionError`."""
+    return defer.ensureDeferred(
+        _open_for_queue(url, create, queue_ready, reactor, close_at_shutdown)
+    )
