@@ -129,7 +129,7 @@ def test_a_postfix_dsn_to_a_signed_return_path_fails_and_suppresses_and_is_never
 
 
 def metrics(relay: RelayProcess) -> str:
-    line = relay.wait_for(r"HTTP \(API, health and metrics\) listening on [^:]+:\d+")
+    line = relay.wait_for(r"HTTP \(API[^)]*\) listening on [^:]+:\d+")
     port = line.rsplit(":", 1)[1].strip()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return str(response.read().decode())

@@ -35,7 +35,7 @@ from twistmail.relay.service import RelayService
 
 SUBJECT = re.compile(rb"Subject: (m\d+-\d+)")
 MESSAGE_ID = re.compile(rb"(?im)^Message-ID: (<[^>]+>)")
-HTTP_LISTENING = re.compile(r"HTTP \(API, health and metrics\) listening on [^:]+:(\d+)")
+HTTP_LISTENING = re.compile(r"HTTP \(API[^)]*\) listening on [^:]+:(\d+)")
 
 
 @pytest.fixture
