@@ -3,8 +3,7 @@
 Both SQLite stores (the campaign journal and the queue) are built on :class:`SqliteThread`: it
 owns the connection and its one-thread pool, runs each store's functions there in submission
 order, commits writes in groups (:class:`~twistmail.groupcommit.GroupCommit`: writes made while
-a commit runs all go into the next transaction, which the thread starts as soon as the commit
-ends, and at most one commit is in flight), closes on
+a commit runs all go into the next transaction, and at most one commit is in flight), closes on
 request or at reactor shutdown, and fails reads and writes once closing has begun. The stores
 keep only their SQL and their durability level (:func:`configure`).
 """
@@ -130,9 +129,7 @@ class SqliteThread(Generic[_Item]):
         self._closed_error = closed
         self._after_close = after_close
         self._group: GroupCommit[_Item] = GroupCommit(
-            lambda items: commit(self._conn, items),
-            pool.callInThread,
-            self._threads.callFromThread,
+            lambda items: self._in_thread(commit, self._conn, items)
         )
         self._closing: list[defer.Deferred[None]] | None = None  # None until close()
         self._closed = False
