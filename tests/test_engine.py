@@ -18,6 +18,7 @@ from twistmail.errors import AuthenticationError
 from twistmail.mailer import Mailer
 from twistmail.message import envelope_from_bytes
 from twistmail.retry import Plan, RetryPolicy
+from twistmail.smtp._transaction import TransactionResult
 
 DATA = b"Subject: x\r\n\r\nhi\r\n"
 ENVELOPE_OK = b"250 ok\r\n250 ok\r\n354 go\r\n"
@@ -290,3 +291,56 @@ def test_abort_cuts_off_the_messages_in_flight() -> None:
     assert done.called
     assert door.outcomes
     assert {plan.state for _, plan in door.outcomes} == {"deferred"}  # a drop: tried again later
+
+
+class _Handle:
+    def release_body(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        pass
+
+
+class InstantSender:
+    """A sender of capacity 1 whose attempts end when the test says, or at once."""
+
+    capacity = 1
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Any, Any, Any]] = []
+        self.at_once = False
+
+    def attempt(self, envelope: Any, notify: Any, context: Any, ready: Any = None) -> _Handle:
+        result = TransactionResult._taken(envelope.recipients, 250, b"ok")
+        if self.at_once:
+            notify(context, result, None)
+        else:
+            self.waiting.append((notify, context, result))
+        return _Handle()
+
+    def abort(self) -> None:
+        pass
+
+
+class CountingDoor(ListDoor):
+    def record(self, job: Job, outcome: Plan) -> None:  # type: ignore[override]
+        self.outcomes.append((job, outcome))
+
+
+def test_attempts_ending_at_once_after_one_that_ended_later_neither_recurse_nor_starve() -> None:
+    """The next job started in an ended attempt's place may end at once (a dead server): the
+    rest then go through the pump, a burst at a time, not one nested call per job."""
+    clock = MemoryReactorClock()
+    sender = InstantSender()
+    door = CountingDoor(make_jobs(3000))
+    loop = DeliveryLoop(sender, door, None, clock=clock)
+    done = loop.start()
+    assert len(sender.waiting) == 1
+    sender.at_once = True
+    notify, context, result = sender.waiting.pop()
+    notify(context, result, None)  # ends outside the pump: its place goes to the next job
+    assert 1 < len(door.outcomes) < 3000  # one burst, then the reactor's turn
+    while not done.called:
+        clock.advance(0)
+    assert len(door.outcomes) == 3000
+    assert all(outcome.state == "sent" for _, outcome in door.outcomes)

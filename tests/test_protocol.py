@@ -104,6 +104,19 @@ class Session:
         self.proto.connectionLost(Failure(reason or ConnectionLostError("gone")))
 
 
+def test_attribute_reads_take_the_fast_path() -> None:
+    """No ``__getattr__`` anywhere up the class (ESMTPClient's would send every attribute read
+    through a hook CPython cannot specialize) and the built-in ``__setattr__``: still an
+    SMTPClient, with ESMTPClient's handshake."""
+    import twisted.mail.smtp as tsmtp
+
+    assert not hasattr(MailerProtocol, "__getattr__")
+    assert MailerProtocol.__setattr__ is object.__setattr__
+    assert issubclass(MailerProtocol, tsmtp.SMTPClient)
+    assert MailerProtocol.esmtpState_ehlo is tsmtp.ESMTPClient.esmtpState_ehlo
+    assert hasattr(tsmtp.ESMTPClient, "__getattr__")  # Twisted's own class left as it was
+
+
 class HandshakeTests(SynchronousTestCase):
     def test_tcp_nodelay_is_set_on_connect(self) -> None:
         s = Session()

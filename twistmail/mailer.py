@@ -144,7 +144,8 @@ class Mailer:
             throttle=throttle or (TokenBucket(self._clock, rate) if rate else None),
         )
         self._domains = domain_limiter or (DomainLimiter(per_domain) if per_domain else None)
-        self._fast = self._domains is None
+        # No signing and no per-domain cap: an attempt takes a free connection at once.
+        self._fast = self._domains is None and dkim is None
         # max_attempts=1: the caller owns retries, so temporary failures stay "deferred".
         self._door_policy = self.retry if self.retry.max_attempts > 1 else None
         self._active: set[defer.Deferred[Any]] = set()
@@ -281,6 +282,29 @@ class Mailer:
         on :meth:`Attempt.release_body`. The rate limit and per-domain cap apply. With
         ``dkim``, the message is signed first.
         """
+        if not self._fast:  # signing, or a per-domain cap
+            return self._attempt_slow(envelope, notify, context, ready)
+        attempt = Attempt(self, envelope, notify, context, ready)
+        proto = self.pool.acquire_now()
+        if proto is not None:
+            # Attempt._submit, inline: this is the path of nearly every message.
+            attempt._proto = proto
+            txn = proto.submit(
+                envelope, Attempt._end, attempt, ready=_body_wanted if ready else None
+            )
+            if not attempt.ended:
+                attempt._txn = txn
+            return attempt
+        return self._wait_for_connection(attempt)
+
+    def _attempt_slow(
+        self,
+        envelope: Envelope,
+        notify: Notify,
+        context: Any,
+        ready: Callable[[Any], None] | None,
+    ) -> Attempt:
+        """:meth:`attempt` with signing or a per-domain cap."""
         if self._sign_pool is not None:
             return self._attempt_signed_in_pool(envelope, notify, context, ready)
         if self.dkim is not None:
@@ -291,17 +315,15 @@ class Mailer:
                 refused._end(None, PermanentError(str(e), attempted=False))
                 return refused
         attempt = Attempt(self, envelope, notify, context, ready)
-        if self._fast:
+        if self._domains is None:
             proto = self.pool.acquire_now()
             if proto is not None:
-                # Attempt._submit, inline: this is the path of nearly every message.
-                attempt._proto = proto
-                txn = proto.submit(
-                    envelope, Attempt._end, attempt, ready=_body_wanted if ready else None
-                )
-                if not attempt.ended:
-                    attempt._txn = txn
+                attempt._submit(proto)
                 return attempt
+        return self._wait_for_connection(attempt)
+
+    def _wait_for_connection(self, attempt: Attempt) -> Attempt:
+        """Submit ``attempt`` once it has a connection and its domain's slot."""
         attempt._gate = gate = defer.Deferred.fromCoroutine(self._gate(attempt))
         gate.addCallbacks(attempt._submit, attempt._not_started)
         return attempt
@@ -332,8 +354,7 @@ class Mailer:
             attempt._end(None, PermanentError(str(signed), attempted=False))
             return None
         attempt.envelope = signed
-        gate = attempt._gate = defer.Deferred.fromCoroutine(self._gate(attempt))
-        gate.addCallbacks(attempt._submit, attempt._not_started)
+        self._wait_for_connection(attempt)
         return None
 
     def abort(self) -> None:
