@@ -311,7 +311,7 @@ class InstantSender:
         self.at_once = False
 
     def attempt(self, envelope: Any, notify: Any, context: Any, ready: Any = None) -> _Handle:
-        result = TransactionResult._taken(envelope.recipients, 250, b"ok")
+        result = TransactionResult._taken(envelope.recipients, 250, b"ok", False)
         if self.at_once:
             notify(context, result, None)
         else:
