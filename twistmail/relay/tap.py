@@ -424,9 +424,12 @@ def makeService(options: Options) -> MultiService:
     Refuses to start (exit status 1, one line on stderr) when another process already
     delivers from the same queue file.
     """
+    from .logs import twistd_observer
     from .service import RelayService, StartError
 
     try:
-        return RelayService.make(options.config)
+        service = RelayService.make(options.config)
     except StartError as e:
         sys.exit(f"twistmail: {e}")
+    service.log_observer = twistd_observer(getattr(options, "parent", None), service.reactor)
+    return service
