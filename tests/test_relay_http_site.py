@@ -142,3 +142,21 @@ def test_accepted_messages_have_no_access_log_line_other_requests_do(relay_site:
     assert len(lines) == 2
     assert '"POST /v1/messages HTTP/1.1" 400' in lines[0]
     assert '"GET /healthz HTTP/1.1" 200' in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        (b"127.0.0.1:8025", True),
+        (b"[::1]:8025", True),
+        (b"192.0.2.7", True),
+        (b"relay.test:8025", True),
+        (b"LOCALHOST", True),
+        (b"evil.example:8025", False),
+        (b"999.1.1.1", False),
+        (b"", False),
+    ],
+)
+def test_the_host_check_gives_the_same_answer_every_time(host: bytes, allowed: bool) -> None:
+    access = Access(None, frozenset({"relay.test"}))
+    assert [access.host_allowed(host) for _ in range(3)] == [allowed] * 3

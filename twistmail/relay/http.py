@@ -106,11 +106,18 @@ class Access:
             name = text[1 : text.find("]")] if "]" in text else ""
         else:
             name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
-        try:
-            ipaddress.ip_address(name)
-            return True  # an address cannot be rebound
-        except ValueError:
-            return name in self.hosts or name in LOOPBACK_NAMES
+        # An address cannot be rebound.
+        return _is_ip_address(name) or name in self.hosts or name in LOOPBACK_NAMES
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_ip_address(name: str) -> bool:
+    """Whether ``name`` is an IP address (remembered: clients send the same Host each time)."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class LimitedRequest(Request):
