@@ -98,6 +98,10 @@ def test_a_json_post_is_not_parsed_as_a_form(
         served.close()
     assert answer.startswith(b"HTTP/1.1 202 ")
     assert parsed == []
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head  # one frame: the length is known
+    assert b"\r\nContent-Length: %d\r\n" % len(body) in head + b"\r\n"
+    assert json.loads(body) == {"id": 7, "message_id": json.loads(body)["message_id"]}
 
 
 @pytest.mark.parametrize(

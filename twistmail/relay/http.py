@@ -402,8 +402,11 @@ def _post_message(submit: Submit, max_message_size: int) -> Handler:
             request.setHeader(b"Location", f"/v1/messages/{result.id}".encode())
             if result.outcome == "repeat":
                 request.setHeader(b"Idempotent-Replayed", b"true")
-            answer = {"id": result.id, "message_id": result.message_id}
-            return json.dumps(answer).encode() + b"\n"
+            answer = json.dumps({"id": result.id, "message_id": result.message_id}).encode()
+            # With its length known the body is not chunked (a response given by a Deferred
+            # would be): one frame, fewer bytes for the client to parse.
+            request.setHeader(b"Content-Length", b"%d" % (len(answer) + 1))
+            return answer + b"\n"
 
         def refused(failure: Failure) -> bytes:
             log.failure("could not queue a message from the HTTP API", failure)
