@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import email
+import ipaddress
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet import defer
 
 from twistmail.address import parse_address, parse_sender
 from twistmail.message import unstuff
@@ -197,3 +199,24 @@ def test_fed_data_checks_size_bare_line_ends_and_line_length(chunk: int) -> None
         feed(b"x\r\n" + b"x" * 101 + b"\r\n.\r\n")
     with pytest.raises(LineTooLong):
         feed(b"x" * 50 + b"\r\n" + b"x" * 200)
+
+
+def test_allow_from_is_answered_the_same_for_many_clients_asked_again() -> None:
+    from twisted.internet.task import Clock
+
+    from twistmail.relay.config import RelayConfig
+    from twistmail.relay.listener import SubmissionFactory
+
+    config = RelayConfig(
+        smtp_url="smtp://127.0.0.1:2",
+        allow_from=(ipaddress.ip_network("10.0.0.0/16"), ipaddress.ip_network("::1/128")),
+    )
+    factory = SubmissionFactory(config, lambda envelope, client: defer.succeed(1), clock=Clock())
+    # More than the memo keeps (4,096): it starts again on the way.
+    clients = [f"10.{a}.{b}.{c}" for a in (0, 1) for b in range(256) for c in range(1, 10)]
+    for _ in range(2):
+        answers = [factory.allowed(ip) for ip in clients]
+        assert answers == [ip.startswith("10.0.") for ip in clients]
+    assert factory.allowed("::1")
+    assert factory.allowed("::ffff:10.0.0.9")
+    assert not factory.allowed("not an address")

@@ -69,6 +69,7 @@ class SubmissionFactory(ServerFactory):
         self._gone: defer.Deferred[None] | None = None
         self.accepting = True
         self.bounces = bounces
+        self._allowed: dict[str, bool] = {}  # client address -> in --allow-from
 
     def buildProtocol(self, addr: Any) -> Submission:  # type: ignore[override]
         protocol = Submission(self)
@@ -81,6 +82,14 @@ class SubmissionFactory(ServerFactory):
 
     def allowed(self, client_ip: str) -> bool:
         """Whether ``client_ip`` may submit without AUTH (``--allow-from``)."""
+        known = self._allowed.get(client_ip)
+        if known is None:
+            if len(self._allowed) >= 4096:  # many clients: start again rather than grow
+                self._allowed.clear()
+            known = self._allowed[client_ip] = self._in_allow_from(client_ip)
+        return known
+
+    def _in_allow_from(self, client_ip: str) -> bool:
         try:
             address = ipaddress.ip_address(client_ip)
         except ValueError:

@@ -25,7 +25,8 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, ssl
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 
 from .._twisted import Reactor, default_reactor
 from ..errors import QueueError
@@ -95,6 +96,19 @@ class RelayService(MultiService):
         self.history = DeliveryHistory()  # the status page's deliveries per minute
         self._unwatch: Callable[[], None] | None = None
         self._accepted_at: dict[int, float] = {}  # queue id -> when this process accepted it
+
+    log_observer: Any = None
+    """The log observer twistd should use for this relay (see :mod:`.logs`), or None for
+    twistd's own: it is offered to the application this service is added to."""
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if (
+            self.log_observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
 
     @classmethod
     def make(cls, config: RelayConfig, reactor: Reactor | None = None) -> RelayService:

@@ -500,9 +500,12 @@ def makeService(options: Options) -> MultiService:
     delivers from the same queue file (a SQLite queue has one deliverer; a PostgreSQL one any
     number).
     """
+    from .logs import twistd_observer
     from .service import RelayService, StartError
 
     try:
-        return RelayService.make(options.config)
+        service = RelayService.make(options.config)
     except StartError as e:
         sys.exit(f"twistmail: {e}")
+    service.log_observer = twistd_observer(getattr(options, "parent", None), service.reactor)
+    return service
