@@ -208,7 +208,7 @@ def test_health_is_503_while_the_queue_cannot_be_written(
     with RelayProcess(path, upstream.port, http="tcp:0:interface=127.0.0.1") as relay:
         port = http_port(relay)
         assert get(port, "/healthz")[0] == 200
-        # Another process holds the file's write lock past the queue's busy timeout (10 s).
+        # Another process holds the file's write lock past the health check's 5 s.
         blocker = sqlite3.connect(
             path, isolation_level=None, timeout=10
         )  # waits out a write in progress
@@ -221,7 +221,7 @@ def test_health_is_503_while_the_queue_cannot_be_written(
         assert status == 503
         health = json.loads(body)
         assert health["queue_writable"] is False
-        assert "locked" in health["queue_error"]
+        assert "locked by another process" in health["queue_error"]
         assert get(port, "/healthz")[0] == 200  # writable again
 
 

@@ -144,4 +144,4 @@ def test_twistd_logs_the_relay_through_it(tmp_path: Path) -> None:
         observer = application.getComponent(ILogObserver)
         assert isinstance(observer, TurnBufferedObserver)
     finally:
-        relay.lock.release()
+        relay.deliverers.release()

@@ -109,7 +109,8 @@ def test_the_status_page_in_a_browser_logs_in_matches_the_api_and_retries(
 
     tokens = tmp_path / "tokens"
     token = manage_tokens("add", "ops", tokens).stdout.strip()
-    refusing = {"nobody": "550 5.1.1 no such user"}
+    # 5.7.1, not 5.1.1: a refusal that does not suppress the address, so a retry sends it.
+    refusing = {"nobody": "550 5.7.1 no such user"}
     with (
         CueServer(rcpt_replies_once=refusing) as upstream,
         RelayProcess(
@@ -159,7 +160,7 @@ def test_the_status_page_in_a_browser_logs_in_matches_the_api_and_retries(
         assert browser.find_element(By.ID, "upstream").text == "ok"
         assert browser.find_element(By.ID, "oldest").text == "No message is waiting."
         row = browser.find_element(By.ID, f"failure-{refused}")
-        assert "550 5.1.1 no such user" in row.text
+        assert "550 5.7.1 no such user" in row.text
 
         # Retry: the refusal was once only, so the message goes out.
         row.find_element(By.CSS_SELECTOR, "button.retry").click()

@@ -426,8 +426,16 @@ class RelayService(MultiService):
             return {**state, "queue_writable": True}
 
         def failed(failure: Any) -> Mapping[str, Any]:
-            log.failure("the queue cannot be written", failure)
-            return {**state, "queue_writable": False, "queue_error": str(failure.value)}
+            if failure.check(defer.TimeoutError):
+                error = (
+                    f"no answer within {HEALTH_TIMEOUT:g} s: the queue is locked by another "
+                    "process or cannot be reached"
+                )
+                log.warn("the queue cannot be written: {error}", error=error)
+            else:
+                error = str(failure.value)
+                log.failure("the queue cannot be written", failure)
+            return {**state, "queue_writable": False, "queue_error": error}
 
         # A database that went away is waited for by the queue (tried again with backoff):
         # the check answers "not writable" after HEALTH_TIMEOUT seconds instead of hanging.
