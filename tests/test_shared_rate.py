@@ -3,7 +3,11 @@ promise (``window_violation``), on ``task.Clock``."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, task
 
 from twistmail.ratelimit import SharedDomainLimiter, SharedRate, window_violation
@@ -129,16 +133,60 @@ def test_a_cancelled_wait_gives_its_place_up() -> None:
     assert clock.getDelayedCalls() == []
 
 
-def test_window_violation_names_the_first_window_over_the_bound() -> None:
+def brute_violation(times: list[float], rate: float) -> tuple[float, float, int, int] | None:
+    """Every window from one event to another, counted: what ``window_violation`` must find."""
+    ordered = sorted(times)
+    for i, start in enumerate(ordered):
+        for j in range(i, len(ordered)):
+            allowed = math.ceil(rate * max(1.0, ordered[j] - start) - 1e-9) + 1
+            if j - i + 1 > allowed:
+                return start, ordered[j], j - i + 1, allowed
+    return None
+
+
+def assert_breaks(times: list[float], rate: float, window: tuple[float, float, int, int]) -> None:
+    """``window`` holds (at least) the events it says, more than the bound allows over its
+    width."""
+    start, end, events, allowed = window
+    assert events <= sum(1 for at in times if start <= at <= end)
+    assert allowed == math.ceil(rate * max(1.0, end - start) - 1e-9) + 1
+    assert events > allowed
+
+
+def test_window_violation_names_a_window_over_the_bound() -> None:
     assert window_violation([], 5) is None
     assert window_violation([i / 5 for i in range(50)], 5) is None  # exactly the rate
     assert window_violation([0.0, 0.1, 0.2], 1) == (0.0, 0.2, 3, 2)  # 3 in a 1 s window
     # ceil(R*w) + 1: at R=2, 5 events over 2 s are allowed, 6 are not.
     assert window_violation([0, 0.5, 1.0, 1.5, 2.0], 2) is None
     assert window_violation([0, 0.4, 0.8, 1.2, 1.6, 2.0], 2) == (0, 2.0, 6, 5)
-    # Wider windows count too: 1 a second for 10 s, then a burst of 3 at the end.
+    # Wider windows count too: 1 a second for 10 s, then 2 more within the last second.
     steady = [float(i) for i in range(10)] + [9.3, 9.6]
-    assert window_violation(steady, 1) == (0.0, 9.6, 12, 11)
+    found = window_violation(steady, 1)
+    assert found is not None
+    assert_breaks(steady, 1, found)
+    # Only a wide window breaks it: 0.9 a second would be within the bound, 1.1 is not.
+    drifting = [i / 1.1 for i in range(40)]
+    assert brute_violation(drifting, 1) is not None
+    found = window_violation(drifting, 1)
+    assert found is not None
+    assert found[1] - found[0] > 1
+    assert_breaks(drifting, 1, found)
+    assert window_violation([i / 0.9 for i in range(40)], 1) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0, max_value=20, allow_nan=False), max_size=60),
+    st.sampled_from([0.5, 1.0, 2.0, 2.5, 7.0]),
+)
+def test_window_violation_finds_a_window_exactly_when_counting_every_window_does(
+    times: list[float], rate: float
+) -> None:
+    found = window_violation(times, rate)
+    assert (found is None) == (brute_violation(times, rate) is None)
+    if found is not None:
+        assert_breaks(times, rate, found)
 
 
 class DomainTable:

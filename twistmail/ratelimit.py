@@ -269,20 +269,36 @@ class SharedRate:
 
 
 def window_violation(times: Iterable[float], rate: float) -> tuple[float, float, int, int] | None:
-    """The first window breaking "at most ``ceil(rate * w) + 1`` events in any window of
-    ``w >= 1`` seconds" among event ``times``, as ``(start, end, events, allowed)``; None if
-    none does.
+    """A window breaking "at most ``ceil(rate * w) + 1`` events in any window of ``w >= 1``
+    seconds" among event ``times``, as ``(start, end, events, allowed)``; None if none does.
 
     The windows checked are those from one event to another (closed): any window holding more
-    than allowed holds such a one, no wider, holding as many.
+    than allowed holds such a one, no wider, holding as many. Linear after sorting, so it
+    checks a run of a million events: a window of ``t_j - t_i < 1`` s breaks the bound when it
+    holds more than ``ceil(rate) + 1`` events (two pointers); a wider one when
+    ``j - i > ceil(rate * (t_j - t_i))``, that is ``f(j) - f(i) >= 1`` for
+    ``f(k) = k - rate * t_k`` (a running minimum of ``f`` over the events at least 1 s back).
     """
     ordered = sorted(times)
-    for i, start in enumerate(ordered):
-        for j in range(i, len(ordered)):
-            width = max(1.0, ordered[j] - start)
+    narrow = math.ceil(rate - 1e-9) + 1
+    start = 0
+    for end, at in enumerate(ordered):
+        while at - ordered[start] >= 1.0:
+            start += 1
+        if end - start + 1 > narrow:
+            return ordered[start], at, end - start + 1, narrow
+    lowest: int | None = None  # the i, among those at least 1 s back, with the lowest f(i)
+    back = 0
+    for j, at in enumerate(ordered):
+        while back < j and at - ordered[back] >= 1.0:
+            if lowest is None or back - rate * ordered[back] < lowest - rate * ordered[lowest]:
+                lowest = back
+            back += 1
+        if lowest is not None:
+            width = at - ordered[lowest]
             allowed = math.ceil(rate * width - 1e-9) + 1
-            if j - i + 1 > allowed:
-                return start, ordered[j], j - i + 1, allowed
+            if j - lowest + 1 > allowed:
+                return ordered[lowest], at, j - lowest + 1, allowed
     return None
 
 

@@ -90,6 +90,9 @@ class CapturedMessage:
     """The message content: CRLF line ends, dot-unstuffed, without the final ``.\\r\\n``."""
     mail_options: list[bytes] = field(default_factory=list)
     """ESMTP parameters given on ``MAIL FROM``, e.g. ``[b"BODY=8BITMIME"]``."""
+    mail_at: float = field(default=0.0, compare=False)
+    """When ``MAIL FROM`` was received, by the server's reactor's clock (for rate checks);
+    not compared, so a test can compare captures with the messages it expects."""
 
 
 class CaptureServer:
@@ -323,6 +326,7 @@ class _Transaction:
         self.sender = b""
         self.recipients: list[bytes] = []
         self.mail_options: list[bytes] = []
+        self.mail_at = 0.0
         self.lines: list[bytes] = []
 
     def receivedHeader(
@@ -332,6 +336,7 @@ class _Transaction:
 
     def validateFrom(self, helo: tuple[bytes, bytes], origin: smtp.Address) -> smtp.Address:
         self.sender = _strip_angles(origin.addrstr)
+        self.mail_at = self._server._reactor.seconds()
         return origin
 
     def validateTo(self, user: smtp.User) -> Callable[[], IMessageSMTP]:
@@ -351,6 +356,7 @@ class _Transaction:
             recipients=list(self.recipients),
             data=b"".join(line + b"\r\n" for line in self.lines),
             mail_options=list(self.mail_options),
+            mail_at=self.mail_at,
         )
         return self._server._accept(message)
 
