@@ -10,6 +10,7 @@ header line never starts with a dot, so it needs no stuffing).
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 import re
@@ -66,6 +67,7 @@ Missing: TypeAlias = Literal["send", "refuse"]
 # A run of white space that is not a lone space (a lone space is left as it is: cheaper).
 _WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")
 _sha256 = hashlib.sha256
+_b64 = binascii.b2a_base64
 _PKCS1 = padding.PKCS1v15()
 _PREHASHED = Prehashed(hashes.SHA256())
 _MIN_RSA_BITS = 1024  # RFC 8301: verifiers refuse smaller keys
@@ -320,7 +322,7 @@ class _Plan:
     """What to sign for one sequence of signed field names (bulk mail repeats one): the
     ``h=`` value, and the fields (their index, their relaxed name and colon) in that order."""
 
-    __slots__ = ("author", "h_value", "order")
+    __slots__ = ("author", "h_value", "order", "tags")
 
     def __init__(self, shape: tuple[bytes, ...]) -> None:
         self.author = shape.index(b"from:") if b"from:" in shape else -1
@@ -335,6 +337,7 @@ class _Plan:
         # RFC 6376 5.4.2: repeated fields are taken from the bottom up.
         self.order = [(where[name].pop(), name + b":") for name in names if where.get(name)]
         self.h_value = _fold_names([name.decode("ascii") for name in names]).encode("ascii")
+        self.tags: dict[int, _Tags] = {}  # by id() of the DkimKey (the signer holds them)
 
 
 def _fold_names(names: list[str]) -> str:
@@ -404,10 +407,9 @@ class DkimSigner:
             self._keys.setdefault(key.domain, []).append(key)
         if not self._keys:
             raise DkimKeyError("DKIM: no key given")
-        self._from_domains: dict[bytes, str | None] = {}
+        self._signing: dict[bytes, tuple[str | None, list[DkimKey]]] = {}
         self._warned: set[str] = set()
         self._plans: dict[tuple[bytes, ...], _Plan] = {}
-        self._tags: dict[tuple[int, bytes], _Tags] = {}
         self._timestamp = -1
         self._t_tag = b""
 
@@ -490,21 +492,28 @@ class DkimSigner:
             plan = _Plan(shape)
             if len(self._plans) < 256:
                 self._plans[shape] = plan
-        domain = self._author_domain(values[plan.author] if plan.author >= 0 else None)
-        keys = self.keys_for(domain) if domain else []
+        author = values[plan.author] if plan.author >= 0 else b""
+        signing = self._signing.get(author)
+        if signing is None:  # bulk mail repeats one From
+            domain = self._author_domain(author) if author else None
+            signing = (domain, self.keys_for(domain) if domain else [])
+            if len(self._signing) >= 1024:
+                self._signing.clear()
+            self._signing[author] = signing
+        domain, keys = signing
         if not keys:
             self._no_key(domain)
             return b""
         parts = [prefix + values[i] + b"\r\n" for i, prefix in plan.order]
-        body_hash = base64.b64encode(_body_digest(data, start, stop))
+        body_hash = _b64(_body_digest(data, start, stop), newline=False)
         timestamp = int(self._clock())
         if timestamp != self._timestamp:
             self._timestamp, self._t_tag = timestamp, b"%d" % timestamp
         signatures = []
         for key in keys:
-            tags = self._tags.get((id(key), plan.h_value))
+            tags = plan.tags.get(id(key))
             if tags is None:
-                tags = self._tags[(id(key), plan.h_value)] = _tags(key, plan.h_value)
+                tags = plan.tags[id(key)] = _tags(key, plan.h_value)
             head, mid, tail, relaxed_head, relaxed_mid, is_ed25519 = tags
             parts.append(relaxed_head + self._t_tag + relaxed_mid + body_hash + b"; b=")
             digest = _sha256(b"".join(parts)).digest()
@@ -513,7 +522,7 @@ class DkimSigner:
                 signature = key.private_key.sign(digest)  # type: ignore[call-arg]
             else:
                 signature = key.private_key.sign(digest, _PKCS1, _PREHASHED)  # type: ignore[call-arg]
-            b = base64.b64encode(signature)
+            b = _b64(signature, newline=False)
             signatures.append(
                 b"".join(
                     [head, self._t_tag, mid, body_hash, tail]
@@ -523,14 +532,8 @@ class DkimSigner:
             )
         return b"".join(signatures)
 
-    def _author_domain(self, author: bytes | None) -> str | None:
-        """The domain of the first From address, given its field's value in relaxed form
-        (cached: bulk mail repeats one From)."""
-        if author is None:
-            return None
-        cached = self._from_domains.get(author, "")
-        if cached != "":
-            return cached
+    def _author_domain(self, author: bytes) -> str | None:
+        """The domain of the first From address, given its field's value in relaxed form."""
         domain: str | None = None
         try:
             text = author.decode("utf-8", "replace")
@@ -538,9 +541,6 @@ class DkimSigner:
             domain = next((a.ascii_domain for a in addresses if not a.is_null), None)
         except MessageError:
             domain = None
-        if len(self._from_domains) >= 1024:
-            self._from_domains.clear()
-        self._from_domains[author] = domain
         return domain
 
     def _no_key(self, domain: str | None) -> None:
