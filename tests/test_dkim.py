@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from email.message import EmailMessage
 from pathlib import Path
@@ -13,12 +14,17 @@ from hypothesis import strategies as st
 
 from twistmail.composer import compose
 from twistmail.dkim import (
+    _SIGNED,
     DkimError,
     DkimKeyError,
     DkimSigner,
+    _body_digest,
+    _relaxed_fields,
+    _split_fields,
     load_key,
     parse_dkim_option,
     relaxed_body,
+    relaxed_header,
 )
 from twistmail.message import Envelope, reflatten_7bit, to_envelope, unstuff
 from twistmail.mime import Attachment
@@ -204,3 +210,49 @@ def test_missing_domain_is_reported_once() -> None:
         msg.replace_header("From", "x@elsewhere.test")
         quiet.sign(to_envelope(msg))
     assert warnings == ["no DKIM key for the From domain elsewhere.test: sending unsigned"]
+
+
+white_text = st.text(st.sampled_from("ab. \t\r\n:"), max_size=60).map(lambda t: t.encode())
+body_text = st.one_of(  # mostly single spaces (the fast path), sometimes any white space
+    st.text(st.sampled_from("aab. "), max_size=12), st.text(st.sampled_from("a \t\r"), max_size=6)
+).map(lambda t: t.encode())
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    lines=st.lists(body_text, max_size=8),
+    end=st.sampled_from([b"", b"\r\n", b"\r\n\r\n", b" \r\n", b"\r\n \r\n"]),
+    lead=white_text,
+    tail=white_text,
+)
+def test_the_body_hash_where_it_lies_equals_hashing_the_relaxed_body(
+    lines: list[bytes], end: bytes, lead: bytes, tail: bytes
+) -> None:
+    body = b"\r\n".join(lines) + end
+    data = lead + body + tail
+    start, stop = len(lead), len(lead) + len(body)
+    assert _body_digest(data, start, stop) == hashlib.sha256(relaxed_body(body)).digest()
+
+
+field_name = st.sampled_from(
+    ["From", "FROM", "from ", "To", "to\t", "Cc", "Subject", "SUBJECT", "X-Other", "Date",
+     "Message-ID", "List-Unsubscribe", "List-Unsubscribe-Post", "Content-Type"]
+)  # fmt: skip
+field_value = st.text(st.sampled_from("ab<>@. \t:"), max_size=30)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    fields=st.lists(
+        st.tuples(field_name, field_value, st.sampled_from(["", "\r\n ", "\r\n\t", " \r\n  "])),
+        max_size=10,
+    )
+)
+def test_signed_fields_are_canonicalized_as_field_by_field(
+    fields: list[tuple[str, str, str]],
+) -> None:
+    head = b"\r\n".join(f"{n}:{v}{fold}{v}".encode() for n, v, fold in fields)
+    names, values = _relaxed_fields(head)
+    expected = [relaxed_header(f) for f in _split_fields(head)]
+    expected = [f for f in expected if f[: f.index(b":")] in _SIGNED]
+    assert [n + v + b"\r\n" for n, v in zip(names, values, strict=True)] == expected

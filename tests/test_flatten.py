@@ -156,7 +156,7 @@ _TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"])
     name=_TEXT,
     subject=_TEXT,
     note=_TEXT,
-    body=_TEXT,
+    body=_TEXT | st.sampled_from([".", "a\n.b\n", "x\r\n.y", "no end", "cr\ronly\r"]),
     local=st.from_regex(r"[a-z0-9.+_-]{1,20}", fullmatch=True),
     smtp_policy=st.booleans(),
     dated=st.booleans(),
@@ -173,11 +173,17 @@ def test_whatever_the_headers_the_direct_writer_matches_the_email_package(
     ]
     try:
         msg = made(headers, body, policy.SMTP if smtp_policy else policy.default)
-        full = envelope_from_generator(msg).payload
+        reference = envelope_from_generator(msg)
+        full = reference.payload
     except (MessageError, ValueError, TypeError, IndexError, AttributeError):
         return  # not a message the full path sends: the direct writer is not asked
     envelope = envelope_from_message(msg)
     if dated:
         assert envelope.payload == full
+        assert (envelope.size, envelope.message_id, envelope.eight_bit) == (
+            reference.size,
+            reference.message_id,
+            reference.eight_bit,
+        )
     else:  # a Date and Message-ID of its own: compare the rest
         assert envelope.payload.split(b"\r\nDate: ")[0] == full.split(b"\r\nDate: ")[0]

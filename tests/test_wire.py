@@ -514,9 +514,28 @@ def test_encoded_words_built_directly_are_the_email_package_fold(
     assert fast == POLICY.header_factory(name, value).fold(policy=POLICY)
 
 
+@settings(max_examples=1000, deadline=None)
+@given(
+    head=st.lists(st.sampled_from(["Re:", "Ihr", "Code", "a" * 20]), max_size=3),
+    encoded=st.lists(
+        st.sampled_from(["Grüße,", "Zoë", "Иван Петров", "日本", "Ødegård"]), min_size=1, max_size=3
+    ),
+    tail=st.lists(st.text(st.sampled_from("abc0:,.-"), min_size=1, max_size=30), max_size=12),
+)
+def test_plain_words_after_the_encoded_ones_fold_as_the_email_package_folds_them(
+    head: list[str], encoded: list[str], tail: list[str]
+) -> None:
+    value = " ".join([*head, *encoded, *tail])
+    fast = fold_encoded("Subject", "subject", value)
+    if fast is None:
+        return
+    assert fast == POLICY.header_factory("Subject", value).fold(policy=POLICY)
+
+
 def test_the_direct_fold_answers_the_common_names() -> None:
     for value, name in [
         ("Grüße, Zoë Müller 12: Ihr Code C000000012", "Subject"),
+        ("Grüße, Иван Петров 12: Ihr Code C000000012", "Subject"),  # folded after the word
         ('"Zoë Müller 12" <user12@example.org>', "To"),
         ("José Núñez <jose@example.org>", "To"),
     ]:

@@ -10,6 +10,7 @@ header line never starts with a dot, so it needs no stuffing).
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 import re
@@ -24,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from twisted.logger import Logger
 
-from ._flatten import unfold
 from .address import parse_address_list
 from .errors import MessageError, TwistmailError
 from .message import Envelope, unstuff
@@ -66,6 +66,8 @@ Missing: TypeAlias = Literal["send", "refuse"]
 
 # A run of white space that is not a lone space (a lone space is left as it is: cheaper).
 _WSP_RUN = re.compile(rb"\t[ \t]*| [ \t]+")
+_sha256 = hashlib.sha256
+_b64 = binascii.b2a_base64
 _PKCS1 = padding.PKCS1v15()
 _PREHASHED = Prehashed(hashes.SHA256())
 _MIN_RSA_BITS = 1024  # RFC 8301: verifiers refuse smaller keys
@@ -188,15 +190,20 @@ def dns_record(key: PrivateKey) -> str:
 # -- canonicalization (RFC 6376 section 3.4) -------------------------------------------------
 
 
-def relaxed_header(field: bytes) -> bytes:
-    """One header field (name, colon, value with its folding, no final CRLF) in relaxed form,
-    ending with CRLF."""
-    name, _, value = field.partition(b":")
+def _relaxed_value(value: bytes) -> bytes:
+    """A header field's value (after the colon, with its folding) in relaxed form, no CRLF."""
     if b"\r\n" in value:
         value = value.replace(b"\r\n", b"")
     if b"\t" in value or b"  " in value:
         value = _WSP_RUN.sub(b" ", value)
-    return name.rstrip(b" \t").lower() + b":" + value.strip(b" \t") + b"\r\n"
+    return value.strip(b" \t")
+
+
+def relaxed_header(field: bytes) -> bytes:
+    """One header field (name, colon, value with its folding, no final CRLF) in relaxed form,
+    ending with CRLF."""
+    name, _, value = field.partition(b":")
+    return name.rstrip(b" \t").lower() + b":" + _relaxed_value(value) + b"\r\n"
 
 
 def relaxed_body(body: bytes) -> bytes:
@@ -212,6 +219,28 @@ def relaxed_body(body: bytes) -> bytes:
     return body
 
 
+def _body_digest(data: bytes, start: int, stop: int) -> bytes:
+    """The SHA-256 digest of the body ``data[start:stop]`` in relaxed form."""
+    if (
+        stop - start > 2
+        and data.endswith(b"\r\n", start, stop)
+        and not data.endswith(b"\r\n\r\n", start, stop)
+        and not data.endswith(b" \r\n", start, stop)
+        and data.find(b"\t", start, stop) < 0
+        and data.find(b"  ", start, stop) < 0
+    ):  # most mail: only the spaces ending lines go, hashed around where the body lies
+        view = memoryview(data)
+        digest = _sha256()
+        space = data.find(b" \r\n", start, stop)
+        while space >= 0:
+            digest.update(view[start:space])
+            start = space + 1
+            space = data.find(b" \r\n", start, stop)
+        digest.update(view[start:stop])
+        return digest.digest()
+    return _sha256(relaxed_body(data[start:stop])).digest()
+
+
 def split_message(data: bytes) -> tuple[list[bytes], bytes]:
     """The header fields (each without its final CRLF) and the body of a CRLF message."""
     if data.startswith(b"\r\n"):
@@ -221,13 +250,94 @@ def split_message(data: bytes) -> tuple[list[bytes], bytes]:
         head, body = data, b""
     else:
         head, body = data[: end + 2], data[end + 4 :]
+    return _split_fields(head), body
+
+
+def _split_fields(head: bytes) -> list[bytes]:
     fields: list[bytes] = []
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1] += b"\r\n" + line
         elif line:
             fields.append(line)
-    return fields, body
+    return fields
+
+
+# Field names as written (before the colon) -> their relaxed form and colon when signed, b""
+# when not: bulk mail repeats a few spellings.
+_NAMES: dict[bytes, bytes] = {}
+
+
+def _field_name(name: bytes) -> bytes | None:
+    """``b"from:"`` for a signed field's ``name`` as written, ``b""`` for another field, None
+    for a line that does not start a field (a continuation: it starts with white space)."""
+    if not name or name[:1] in (b" ", b"\t"):
+        return None
+    lowered = name.rstrip(b" \t").lower()
+    relaxed = lowered + b":" if lowered in _SIGNED else b""
+    if len(_NAMES) >= 1024:
+        _NAMES.clear()
+    _NAMES[name] = relaxed
+    return relaxed
+
+
+def _relaxed_fields(head: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The signed fields of the header block ``head`` (without its final CRLF), in order: their
+    names in relaxed form with the colon, and their values in relaxed form."""
+    lines = head.split(b"\r\n")
+    names: list[bytes] = []
+    values: list[bytes] = []
+    if (
+        b"\t" not in head
+        and b"  " not in head
+        and head.count(b"\r") == len(lines) - 1 == head.count(b"\n")
+    ):  # no folding, tab, run of spaces or lone CR/LF: a value only loses its outer spaces
+        known = _NAMES
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            relaxed = known.get(name)
+            if relaxed is None:
+                relaxed = _field_name(name)
+                if relaxed is None:  # folded
+                    break
+            if relaxed:
+                if not colon:
+                    break
+                names.append(relaxed)
+                values.append(value.strip(b" "))
+        else:
+            return names, values
+        names.clear()
+        values.clear()
+    for field in _split_fields(head):
+        name, _, value = field.partition(b":")
+        lowered = name.rstrip(b" \t").lower()
+        if lowered in _SIGNED:
+            names.append(lowered + b":")
+            values.append(_relaxed_value(value))
+    return names, values
+
+
+class _Plan:
+    """What to sign for one sequence of signed field names (bulk mail repeats one): the
+    ``h=`` value, and the fields (their index, their relaxed name and colon) in that order."""
+
+    __slots__ = ("author", "h_value", "order", "tags")
+
+    def __init__(self, shape: tuple[bytes, ...]) -> None:
+        self.author = shape.index(b"from:") if b"from:" in shape else -1
+        where: dict[bytes, list[int]] = {}
+        for i, name in enumerate(shape):
+            where.setdefault(name[:-1], []).append(i)
+        names: list[bytes] = []
+        for signed in _SIGNED_ORDER:
+            names.extend([signed] * len(where.get(signed, ())))
+            if signed == b"from":
+                names.append(signed)  # over-signed: one more than there are
+        # RFC 6376 5.4.2: repeated fields are taken from the bottom up.
+        self.order = [(where[name].pop(), name + b":") for name in names if where.get(name)]
+        self.h_value = _fold_names([name.decode("ascii") for name in names]).encode("ascii")
+        self.tags: dict[int, _Tags] = {}  # by id() of the DkimKey (the signer holds them)
 
 
 def _fold_names(names: list[str]) -> str:
@@ -243,8 +353,29 @@ def _fold_names(names: list[str]) -> str:
     return "\r\n\t".join(lines)[:-1]
 
 
-def _fold_b64(value: str) -> bytes:
-    return b"\r\n\t".join(value[i : i + 72].encode("ascii") for i in range(0, len(value), 72))
+_Tags: TypeAlias = tuple[bytes, bytes, bytes, bytes, bytes, bool]
+
+
+def _tags(key: DkimKey, h_value: bytes) -> _Tags:
+    """The constant parts of a DKIM-Signature field, around its ``t=`` and ``bh=`` values and
+    ending with ``b=``: as written (from the name on) and in relaxed form (after ``t=``, after
+    ``bh=``), and whether the key is Ed25519."""
+    head = (
+        f"DKIM-Signature: v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};"
+        f" s={key.selector};\r\n\tt="
+    ).encode("ascii")
+    mid = b"; h=" + h_value + b";\r\n\tbh="
+    tail = b";\r\n\tb="
+    # Relaxed: the folds (CRLF TAB, the only tabs) become single spaces; no final CRLF.
+    relaxed_head = b"dkim-signature:" + head[16:].replace(b"\r\n\t", b" ")
+    return (
+        head,
+        mid,
+        tail,
+        relaxed_head,
+        mid.replace(b"\r\n\t", b" "),
+        isinstance(key.private_key, ed25519.Ed25519PrivateKey),
+    )
 
 
 class DkimSigner:
@@ -276,10 +407,11 @@ class DkimSigner:
             self._keys.setdefault(key.domain, []).append(key)
         if not self._keys:
             raise DkimKeyError("DKIM: no key given")
-        self._from_domains: dict[bytes, str | None] = {}
+        self._signing: dict[bytes, tuple[str | None, list[DkimKey]]] = {}
         self._warned: set[str] = set()
-        self._h_values: dict[tuple[bytes, ...], str] = {}
-        self._canonical: dict[bytes, bytes] = {}
+        self._plans: dict[tuple[bytes, ...], _Plan] = {}
+        self._timestamp = -1
+        self._t_tag = b""
 
     @property
     def domains(self) -> list[str]:
@@ -306,7 +438,17 @@ class DkimSigner:
         """``envelope`` with DKIM-Signature header(s) in front, or ``envelope`` itself when its
         From domain has no key and ``missing`` is ``"send"``; raises :class:`DkimError` for
         ``"refuse"``."""
-        headers = self.signature_headers(unstuff(envelope.payload))
+        payload = envelope.payload
+        stop = len(payload) - 3  # before the final ".\r\n"
+        if (
+            payload.endswith(b"\r\n.\r\n")
+            and not payload.startswith(b".")
+            and payload.find(b"\r\n.", 0, stop) < 0
+        ):  # nothing dot-stuffed (bulk mail): the message is the payload up to the final dot
+            headers = self._signature_headers(payload, stop)
+        else:
+            message = unstuff(payload)
+            headers = self._signature_headers(message, len(message))
         if not headers:
             return envelope
         signed = Envelope(
@@ -329,88 +471,76 @@ class DkimSigner:
     def signature_headers(self, data: bytes) -> bytes:
         """The DKIM-Signature header field(s) for the message ``data`` (CRLF line ends, not
         dot-stuffed), or ``b""`` when it goes unsigned."""
-        fields, body = split_message(data)
-        by_name: dict[bytes, list[bytes]] = {}
-        for field in fields:
-            name = field[: field.find(b":")].rstrip(b" \t").lower()
-            if name in _SIGNED:
-                found = by_name.get(name)
-                if found is None:
-                    by_name[name] = [field]
-                else:
-                    found.append(field)
-        froms = by_name.get(b"from")
-        domain = self._author_domain(froms[0] if froms else None)
-        keys = self.keys_for(domain) if domain else []
+        return self._signature_headers(data, len(data))
+
+    def _signature_headers(self, data: bytes, stop: int) -> bytes:
+        """:meth:`signature_headers` for the message ``data[:stop]`` (not copied)."""
+        if data.startswith(b"\r\n"):
+            head, start = b"", 2
+        else:
+            end = data.find(b"\r\n\r\n", 0, stop)
+            if end < 0:
+                head, start = data[:stop], stop
+                if head.endswith(b"\r\n"):
+                    head = head[:-2]
+            else:
+                head, start = data[:end], end + 4
+        names, values = _relaxed_fields(head)
+        shape = tuple(names)
+        plan = self._plans.get(shape)
+        if plan is None:
+            plan = _Plan(shape)
+            if len(self._plans) < 256:
+                self._plans[shape] = plan
+        author = values[plan.author] if plan.author >= 0 else b""
+        signing = self._signing.get(author)
+        if signing is None:  # bulk mail repeats one From
+            domain = self._author_domain(author) if author else None
+            signing = (domain, self.keys_for(domain) if domain else [])
+            if len(self._signing) >= 1024:
+                self._signing.clear()
+            self._signing[author] = signing
+        domain, keys = signing
         if not keys:
             self._no_key(domain)
             return b""
-        names: list[bytes] = []
-        for signed in _SIGNED_ORDER:
-            found = by_name.get(signed)
-            if found is not None:
-                names.extend([signed] * len(found))
-            if signed == b"from":
-                names.append(signed)  # over-signed: one more than there are
-        # RFC 6376 5.4.2: repeated fields are taken from the bottom up.
-        canonical = self._canonical
-        if len(canonical) > 4096:
-            canonical.clear()
-        parts = []
-        for name in names:
-            found = by_name.get(name)
-            if found:
-                field = found.pop()
-                relaxed = canonical.get(field)
-                if relaxed is None:  # bulk mail repeats From, MIME-Version, Content-Type ...
-                    relaxed = canonical[field] = relaxed_header(field)
-                parts.append(relaxed)
-        hashed = b"".join(parts)
-        h_value = self._h_values.get(tuple(names))
-        if h_value is None:
-            h_value = _fold_names([name.decode("ascii") for name in names])
-            if len(self._h_values) < 256:
-                self._h_values[tuple(names)] = h_value
-        body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest()).decode("ascii")
+        parts = [prefix + values[i] + b"\r\n" for i, prefix in plan.order]
+        body_hash = _b64(_body_digest(data, start, stop), newline=False)
         timestamp = int(self._clock())
+        if timestamp != self._timestamp:
+            self._timestamp, self._t_tag = timestamp, b"%d" % timestamp
         signatures = []
         for key in keys:
-            value = (
-                f" v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};"
-                f" s={key.selector};\r\n\tt={timestamp}; h={h_value};\r\n"
-                f"\tbh={body_hash};\r\n\tb="
-            ).encode("ascii")
-            field = b"DKIM-Signature:" + value
-            # Its relaxed form: the folds (CRLF TAB, the only tabs) become single spaces.
-            relaxed = b"dkim-signature:" + value[1:].replace(b"\r\n\t", b" ")
-            digest = hashlib.sha256(hashed + relaxed).digest()
-            private = key.private_key
-            if isinstance(private, ed25519.Ed25519PrivateKey):
-                signature = private.sign(digest)
+            tags = plan.tags.get(id(key))
+            if tags is None:
+                tags = plan.tags[id(key)] = _tags(key, plan.h_value)
+            head, mid, tail, relaxed_head, relaxed_mid, is_ed25519 = tags
+            parts.append(relaxed_head + self._t_tag + relaxed_mid + body_hash + b"; b=")
+            digest = _sha256(b"".join(parts)).digest()
+            del parts[-1]
+            if is_ed25519:
+                signature = key.private_key.sign(digest)  # type: ignore[call-arg]
             else:
-                signature = private.sign(digest, _PKCS1, _PREHASHED)
+                signature = key.private_key.sign(digest, _PKCS1, _PREHASHED)  # type: ignore[call-arg]
+            b = _b64(signature, newline=False)
             signatures.append(
-                field + _fold_b64(base64.b64encode(signature).decode("ascii")) + b"\r\n"
+                b"".join(
+                    [head, self._t_tag, mid, body_hash, tail]
+                    + [b[i : i + 72] + b"\r\n\t" for i in range(0, len(b) - 72, 72)]
+                    + [b[(len(b) - 1) // 72 * 72 :], b"\r\n"]
+                )
             )
         return b"".join(signatures)
 
-    def _author_domain(self, author: bytes | None) -> str | None:
-        """The domain of the first From address (cached: bulk mail repeats one From)."""
-        if author is None:
-            return None
-        cached = self._from_domains.get(author, "")
-        if cached != "":
-            return cached
+    def _author_domain(self, author: bytes) -> str | None:
+        """The domain of the first From address, given its field's value in relaxed form."""
         domain: str | None = None
         try:
-            text = unfold(author[author.find(b":") + 1 :].decode("utf-8", "replace"))
+            text = author.decode("utf-8", "replace")
             addresses = parse_address_list(text, field="From")
             domain = next((a.ascii_domain for a in addresses if not a.is_null), None)
         except MessageError:
             domain = None
-        if len(self._from_domains) >= 1024:
-            self._from_domains.clear()
-        self._from_domains[author] = domain
         return domain
 
     def _no_key(self, domain: str | None) -> None:

@@ -260,14 +260,32 @@ def _envelope_from_flat(
         lines.append(f"Date: {date}\r\n".encode("ascii"))
     if message_id is not None:
         lines.append(id_line(message_id))
-    lines += (b"\r\n", flat.body)
-    data = b"".join(lines)
+    head = b"".join(lines)
+    body = flat.body  # CRLF line ends only, as flatten_simple wrote it
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"  # as _to_wire ends it
+    data = head + b"\r\n" + body
     source: EmailMessage | None = msg
     if date is not None or message_id is not None:
         # Only an 8-bit message is ever rendered again (as 7-bit): it gets a copy carrying the
         # added headers; a 7-bit one needs none.
         source = None if data.isascii() else _stamped(msg, date, message_id)
-    return _envelope(envelope_sender, forward_paths, data, source)
+    line_ends = head.count(b"\r\n")
+    if (
+        head.count(b"\n") != line_ends
+        or head.count(b"\r") != line_ends
+        or data.startswith(b".")
+        or data.find(b"\n.") >= 0
+    ):  # a header the email package folded with a lone CR or LF, or a line to dot-stuff
+        return _envelope(envelope_sender, forward_paths, data, source)
+    # CRLF only, nothing to stuff: only the body was not looked at again (it was written so).
+    payload = data + b".\r\n"
+    header_end = len(head)
+    if message_id is None:
+        message_id = _message_id(payload, header_end)
+    return _built(
+        envelope_sender, forward_paths, payload, len(data), header_end, message_id, source
+    )
 
 
 def _paths(

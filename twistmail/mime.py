@@ -188,11 +188,30 @@ def fold_encoded(name: str, key: str, value: str) -> str | None:
             return None
         word = _encode_word(text, charset="utf-8")
         following = encoded[index + 1] if index + 1 < len(encoded) else len(words)
+        if following == len(words) and not tail:
+            # After the last encoded word: plain words fill the line, then fold (below).
+            if len(word) > room:
+                return None
+            break
         between = sum(len(w) + 1 for w in words[end + 1 : following])
         if len(word) + between + (len(tail) if following == len(words) else 1) > room:
             return None
-    line += word + "".join(" " + w for w in words[last + 1 :]) + tail
-    return line + "\r\n" if len(line) <= MAX_LINE else None
+    line += word
+    if tail:
+        line += "".join(" " + w for w in words[last + 1 :]) + tail
+        return line + "\r\n" if len(line) <= MAX_LINE else None
+    # Unstructured text: the words after the last encoded word go on the line while they fit;
+    # a word that does not starts a continuation line, its space the folding white space.
+    lines = []
+    for plain in words[last + 1 :]:
+        if len(line) + 1 + len(plain) > MAX_LINE:
+            lines.append(line)
+            line = ""
+            if 1 + len(plain) > MAX_LINE:
+                return None
+        line += " " + plain
+    lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
 
 
 # "=?utf-8?q?" and "?=": the room an encoded word takes besides its text.
