@@ -117,3 +117,29 @@ def test_workers_on_one_queue_share_the_per_domain_cap(schema: str, tmp_path: Pa
     # Given back once idle; one taken for a delivery cancelled by the stop may be left, to
     # expire with its worker's lease.
     assert count(schema, "domain_slots") <= 3
+
+
+def test_send_with_a_queue_delivers_at_the_rate_the_workers_share(
+    schema: str, tmp_path: Path
+) -> None:
+    """``twistmail send --queue`` delivering its own campaign is one of the queue's deliverers:
+    its ``--rate`` comes from the shared schedule, not from a bucket of its own."""
+    n, rate = 60, 20.0
+    (tmp_path / "people.csv").write_text(
+        "email,name\n" + "".join(f"p{i}@example.org,P {i}\n" for i in range(n))
+    )
+    (tmp_path / "message.txt").write_text(
+        "From: shop@example.com\nTo: {{ name }} <{{ email }}>\nSubject: Hi\n\nHello {{ name }}\n"
+    )
+    with CueServer(pipelining=True) as sink:
+        sent = subprocess.run(
+            [sys.executable, "-m", "twistmail", "send", "people.csv", "message.txt",
+             "--queue", f"{postgres_server.URL}?schema={schema}",
+             "--smtp", f"smtp://127.0.0.1:{sink.port}", "--rate", str(rate)],
+            capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False,
+        )  # fmt: skip
+        times = list(sink.mail_times)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert len(times) == n
+    assert window_violation(times, rate) is None
+    assert count(schema, "rate_slots") == 1  # paced by the queue's one schedule

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, task, threads
+from twisted.internet.interfaces import IReactorTime
 
 from twistmail._twisted import Reactor, install_signal_handlers
 from twistmail.errors import TwistmailError
@@ -261,10 +262,15 @@ def _render_chunk(
 
 async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor: Reactor) -> int:
     """Work the queue until no row of ``campaign`` waits; write its report."""
-    from twistmail.queue.command import WorkerOptions, stopper, watch, worker_for
+    from twistmail.queue.command import WorkerOptions, new_owner, stopper, watch, worker_for
+    from twistmail.queue.sharing import deliverers_for
 
+    # Paced as the queue's other deliverers are: --rate is all of them together.
+    deliverers = deliverers_for(opts.queue_url or "")
+    deliverers.share(queue)
+    throttle = deliverers.throttle(opts.rate, IReactorTime(reactor)) if opts.rate else None
     try:
-        mailer = opts.mailer(reactor)
+        mailer = opts.mailer(reactor, throttle)
     except (ValueError, OSError) as e:
         _say(opts, f"error: {e}")
         return EXIT_USAGE
@@ -286,7 +292,7 @@ async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor
         await mailer.close()
         _say(opts, f"error: {e}")
         return EXIT_USAGE
-    worker = worker_for(queue, mailer, worker_options, reactor, failed, suppression)
+    worker = worker_for(queue, mailer, worker_options, reactor, failed, suppression, new_owner())
     watching = watch(queue, worker.wake, worker_options.sqlite_check, reactor)
     done: list[CampaignStatus] = []
 

@@ -63,6 +63,10 @@ class Deliverers(Protocol):
         """Open the queue for delivering (closed by the caller, even during shutdown);
         ``synchronous`` as :func:`~twistmail.queue.url.open_queue` takes it."""
 
+    def share(self, queue: IQueue) -> None:
+        """Deliver from ``queue``, opened by the caller (instead of :meth:`open`), so that
+        :meth:`throttle` and :meth:`domain_limiter` are the ones all deliverers share."""
+
     def recover(self, owner_prefix: str) -> defer.Deferred[int]:
         """Give back what dead deliverers whose owner starts with ``owner_prefix`` held;
         fires with how many messages."""
@@ -169,6 +173,9 @@ class OneDeliverer:
             return lambda: None
         return notifier.loseConnection
 
+    def share(self, queue: IQueue) -> None:
+        """Nothing to keep: this process's rate and caps are the queue's."""
+
     def throttle(self, rate: float, clock: IReactorTime) -> Throttle:
         """A token bucket of this process: the one deliverer's rate is the queue's."""
         return TokenBucket(clock, rate)
@@ -209,6 +216,10 @@ class ManyDeliverers:
             return queue
 
         return open_queue(self.url, reactor=reactor, close_at_shutdown=False).addCallback(opened)
+
+    def share(self, queue: IQueue) -> None:
+        """Take slots from ``queue``'s tables."""
+        self._queue = queue
 
     def recover(self, owner_prefix: str) -> defer.Deferred[int]:
         """Nothing at once: other deliverers may be alive, so a dead one's claims come back
