@@ -47,7 +47,7 @@ from .prepare import Prepared, Problem, load_inputs, prepare_row
 from .progress import Progress
 from .report import write_report
 from .resume import RowFeed, Sorted, Sorter
-from .suppressing import Item, RowScreen, Suppressed
+from .suppressing import Item, RowScreen, Suppressed, batches, message_size
 from .template import MessageTemplate
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "Campaign", "SendOptions"]
@@ -303,21 +303,23 @@ class Campaign:
                     return
                 yield None
                 continue
-            rendered = [
+            rendered = (
                 prepare_row(template, row, message_id, envelope_from, key, fingerprint)
                 for row, key, fingerprint in chunk
-            ]
+            )
             if self._screen is None:
                 yield from rendered
                 continue
-            self._screening, self._checked = True, None
-            self._screen.screen(rendered).addCallbacks(self._screened, self._feed_failed)
-            while self._screening:
-                yield None  # the answer pumps the loop
-            checked, self._checked = self._checked, None
-            if checked is None:
-                return  # the list could not be read: the run stops, exit 2
-            yield from checked
+            # Rendered a batch at a time: rows with a large attachment are not all held.
+            for batch in batches(rendered, message_size):
+                self._screening, self._checked = True, None
+                self._screen.screen(batch).addCallbacks(self._screened, self._feed_failed)
+                while self._screening:
+                    yield None  # the answer pumps the loop
+                checked, self._checked = self._checked, None
+                if checked is None:
+                    return  # the list could not be read: the run stops, exit 2
+                yield from checked
 
     def _screened(self, items: list[Item]) -> None:
         self._checked = items

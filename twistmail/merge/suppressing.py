@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Final, TypeVar
 
 from twisted.internet import defer
 
@@ -22,7 +24,40 @@ from ..suppression.screen import list_id_of
 from ..unsubscribe.headers import Unsubscribe
 from .prepare import Prepared, Problem
 
-__all__ = ["RowScreen", "Suppressed"]
+__all__ = ["SCREEN_BYTES", "SCREEN_ROWS", "RowScreen", "Suppressed", "batches", "message_size"]
+
+SCREEN_ROWS: Final = 256
+"""Rows checked against the list in one query, at most."""
+SCREEN_BYTES: Final = 8 * 1024 * 1024
+"""Rendered message bytes held for one check, about: a campaign with a large attachment
+holds a few rows at a time, not a whole chunk of the CSV."""
+
+_T = TypeVar("_T")
+
+
+def batches(
+    items: Iterable[_T],
+    size: Callable[[_T], int],
+    rows: int = SCREEN_ROWS,
+    limit: int = SCREEN_BYTES,
+) -> Iterator[list[_T]]:
+    """``items`` in lists of at most ``rows`` items, each list ending once its ``size``s
+    reach ``limit``; lazily, so a list is taken from ``items`` only when it is asked for."""
+    batch: list[_T] = []
+    held = 0
+    for item in items:
+        batch.append(item)
+        held += size(item)
+        if len(batch) >= rows or held >= limit:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
+
+
+def message_size(item: Prepared | Problem) -> int:
+    """The bytes of a rendered row's message (0 for a row that could not be rendered)."""
+    return len(item.envelope.payload) if isinstance(item, Prepared) else 0
 
 
 @dataclass(frozen=True, slots=True)
