@@ -28,6 +28,7 @@ __all__ = [
     "Synchronous",
     "configure",
     "connect",
+    "open_store",
     "read_settings",
     "transaction",
 ]
@@ -71,6 +72,38 @@ def configure(
     if str(mode).lower() != "wal":
         raise fail(f"SQLite could not use WAL mode here (got {mode!r})")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
+
+
+def open_store(
+    path: str,
+    *,
+    name: str,
+    check: Callable[[sqlite3.Connection], None],
+    synchronous: Synchronous,
+    error: Callable[[str], Exception],
+    pragmas: tuple[str, ...] = (),
+) -> sqlite3.Connection:
+    """A connection to the store file at ``path``: its schema made or checked by ``check`` in
+    one write transaction, then (the file known to be the store's, so another database is left
+    as it was) WAL, ``synchronous`` and ``pragmas``. Failures are ``error(text)`` naming the
+    file and the store's ``name`` ("spool", "suppression list")."""
+    try:
+        conn = connect(path, busy_timeout=10)
+    except sqlite3.Error as e:
+        raise error(f"{path}: cannot open the {name} ({e})") from e
+    try:
+        with transaction(conn):
+            check(conn)
+        configure(conn, synchronous, lambda text: error(f"{path}: {text}"))
+        for pragma in pragmas:
+            conn.execute(f"PRAGMA {pragma}")
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise error(f"{path}: not a twistmail {name} ({e})") from e
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 @contextmanager

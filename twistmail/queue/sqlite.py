@@ -295,23 +295,14 @@ def _connect(
 ) -> sqlite3.Connection:
     if not create and not os.path.isfile(path):
         raise QueueError(f"{path}: no such spool")
-    try:
-        conn = _sqlite.connect(path, busy_timeout=10)
-    except sqlite3.Error as e:
-        raise QueueError(f"{path}: cannot open the spool ({e})") from e
-    try:
-        with _sqlite.transaction(conn):
-            _check_or_create_schema(conn, path)
-        # Only once the file is known to be a queue (another database is left as it was).
-        _sqlite.configure(conn, synchronous, lambda text: QueueError(f"{path}: {text}"))
-        conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
-    except sqlite3.DatabaseError as e:
-        conn.close()
-        raise QueueError(f"{path}: not a twistmail spool ({e})") from e
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    return _sqlite.open_store(
+        path,
+        name="spool",
+        check=lambda conn: _check_or_create_schema(conn, path),
+        synchronous=synchronous,
+        error=QueueError,
+        pragmas=(f"wal_autocheckpoint = {CHECKPOINT_PAGES}",),
+    )
 
 
 def _check_or_create_schema(conn: sqlite3.Connection, path: str) -> None:

@@ -70,21 +70,13 @@ def _connect(path: str, create: bool) -> sqlite3.Connection:
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-    try:
-        conn = _sqlite.connect(path, busy_timeout=10)
-    except sqlite3.Error as e:
-        raise SuppressionError(f"{path}: cannot open the suppression list ({e})") from e
-    try:
-        with _sqlite.transaction(conn):
-            _check_or_create(conn, path)
-        _sqlite.configure(conn, "FULL", lambda text: SuppressionError(f"{path}: {text}"))
-    except sqlite3.DatabaseError as e:
-        conn.close()
-        raise SuppressionError(f"{path}: not a twistmail suppression list ({e})") from e
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+    return _sqlite.open_store(
+        path,
+        name="suppression list",
+        check=lambda conn: _check_or_create(conn, path),
+        synchronous="FULL",
+        error=SuppressionError,
+    )
 
 
 def _check_or_create(conn: sqlite3.Connection, path: str) -> None:
