@@ -3,6 +3,7 @@ when twistd would log there."""
 
 from __future__ import annotations
 
+import gc
 import io
 import sys
 from pathlib import Path
@@ -133,6 +134,7 @@ def test_only_standard_output_is_taken_over(argv: list[str], taken: bool) -> Non
 
 
 def test_twistd_logs_the_relay_through_it(tmp_path: Path) -> None:
+    threshold = gc.get_threshold()  # makeService settles the heap of twistd's process
     options = ServerOptions()
     queue = f"sqlite:{tmp_path / 'q.db'}"
     options.parseOptions(["-n", "twistmail", "--smtp", "smtp://127.0.0.1:2", "--queue", queue])
@@ -143,5 +145,8 @@ def test_twistd_logs_the_relay_through_it(tmp_path: Path) -> None:
         relay.setServiceParent(application)
         observer = application.getComponent(ILogObserver)
         assert isinstance(observer, TurnBufferedObserver)
+        assert gc.get_freeze_count() > 0
     finally:
         relay.deliverers.release()
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer, task
 
 from ._campaign_cli import campaign_main, queue_options, report_parser, send_options_problem
+from ._heap import settle
 from .bounces.command import add_bounces_parser, add_verp_option, verp_from_args
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
@@ -743,6 +744,7 @@ def _react_exit(command: Callable[[Any], defer.Deferred[int]]) -> None:
             if code:
                 raise SystemExit(code)
 
+        settle()
         return command(reactor).addCallback(done)
 
     try:

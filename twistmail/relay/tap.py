@@ -500,6 +500,7 @@ def makeService(options: Options) -> MultiService:
     delivers from the same queue file (a SQLite queue has one deliverer; a PostgreSQL one any
     number).
     """
+    from .._heap import settle
     from .logs import twistd_observer
     from .service import RelayService, StartError
 
@@ -508,4 +509,5 @@ def makeService(options: Options) -> MultiService:
     except StartError as e:
         sys.exit(f"twistmail: {e}")
     service.log_observer = twistd_observer(getattr(options, "parent", None), service.reactor)
+    settle()
     return service
