@@ -27,7 +27,6 @@ def restored_gc() -> Iterator[None]:
 def test_settle_freezes_start_up_objects_and_collects_the_young_less_often(
     restored_gc: None,
 ) -> None:
-    made_at_start_up = [object() for _ in range(10)]  # noqa: F841 - kept alive on purpose
     gc.unfreeze()
     middle, old = gc.get_threshold()[1:]
     settle()
