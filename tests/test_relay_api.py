@@ -16,12 +16,14 @@ import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.task import Clock
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from twistmail.message import Envelope
 from twistmail.queue import Idempotent, Outcome
 from twistmail.queue.memory import MemoryQueue
+from twistmail.relay.auth import FailureLimiter
 from twistmail.relay.http import Access, Key, make_http, make_site
 from twistmail.relay.metrics import RelayMetrics
 from twistmail.relay.tokens import TokenChecker, hash_token, new_token
@@ -37,6 +39,7 @@ class Api:
     envelopes: list[Envelope] = field(default_factory=list)
     wakes: list[int] = field(default_factory=list)
     port: int = 0
+    clock: Clock = field(default_factory=Clock)
 
 
 @pytest.fixture
@@ -64,7 +67,7 @@ def _serve(tmp_path: Path, *, tokens: bool, max_size: int = 100_000) -> Iterator
     app = make_http(
         lambda: {"queue_writable": True},
         RelayMetrics(),
-        access=Access(checker, frozenset({"relay.test"})),
+        access=Access(checker, frozenset({"relay.test"}), FailureLimiter(api.clock)),
         submit=submit,
         queue=queue,
         wake=lambda: api.wakes.append(1),
@@ -256,6 +259,29 @@ async def test_a_token_is_required_everywhere_but_healthz(api: Api, http: HTTPCl
     assert response.code == 200
     await response.content()
     assert api.envelopes == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_keeps_presenting_wrong_tokens_gets_429(
+    api: Api, http: HTTPClient
+) -> None:
+    for _ in range(3):  # a missing token is not a guess: it never counts
+        code, _, _ = await post(http, api.base + "/v1/messages", MESSAGE, headers(token=None))
+        assert code == 401
+    for _ in range(5):
+        code, _, _ = await post(
+            http, api.base + "/v1/messages", MESSAGE, headers(token=new_token())
+        )
+        assert code == 401
+    api.clock.advance(100)
+    code, body, hdrs = await post(http, api.base + "/v1/messages", MESSAGE)
+    assert (code, body["field"]) == (429, "Authorization")
+    assert hdrs.getRawHeaders(b"retry-after") == [b"500"]
+    assert api.envelopes == []
+    api.clock.advance(500)
+    code, _, _ = await post(http, api.base + "/v1/messages", MESSAGE)
+    assert code == 202
+    assert len(api.envelopes) == 1
 
 
 @pytest_twisted.ensureDeferred

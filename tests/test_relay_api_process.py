@@ -118,6 +118,12 @@ def test_smtp_and_http_feed_one_queue_and_one_upstream(upstream: CueServer, tmp_
         assert call(port, "/v1/messages", body_ok, token=token)[0] == 401
         assert call(port, "/healthz", token=None, method="GET")[0] == 200
         relay.wait_for(r"refused an API request with an unknown token")
+        # Wrong tokens are guesses: after five from one address, even a good one waits.
+        for _ in range(4):
+            assert call(port, "/v1/messages", body_ok, token=new_token())[0] == 401
+        status, body, hdrs = call(port, "/v1/messages", body_ok, token=second)
+        assert (status, body["field"]) == (429, "Authorization")
+        assert 500 < int(hdrs["Retry-After"]) <= 600
     log = "\n".join(relay.lines)
     assert token not in log
     assert second not in log

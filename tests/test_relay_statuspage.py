@@ -27,6 +27,7 @@ from twistmail.message import envelope_from_bytes
 from twistmail.queue import Outcome, QueueError, SqliteQueue
 from twistmail.queue.campaigns import CampaignStatus
 from twistmail.queue.memory import MemoryQueue
+from twistmail.relay.auth import FailureLimiter
 from twistmail.relay.http import Access, make_http, make_site
 from twistmail.relay.metrics import RelayMetrics
 from twistmail.relay.sessions import Sessions
@@ -42,6 +43,9 @@ class Clock:
         self.now = T0
 
     def __call__(self) -> float:
+        return self.now
+
+    def seconds(self) -> float:  # as IReactorTime, for the failure limiter
         return self.now
 
 
@@ -69,7 +73,7 @@ def _serve(tmp_path: Path, *, tokens: bool, sqlite: bool = False) -> Iterator[Pa
         path = tmp_path / "tokens"
         path.write_text(f"ops:{hash_token(TOKEN)}\n")
         checker = TokenChecker(str(path), reactor)  # type: ignore[arg-type]
-    access = Access(checker, frozenset({"relay.test"}))
+    access = Access(checker, frozenset({"relay.test"}), FailureLimiter(clock))  # type: ignore[arg-type]
     history = DeliveryHistory(clock=clock)
     page = Page("", b"", queue, clock, path, history)
     status = StatusPage(
@@ -250,6 +254,26 @@ async def test_a_bad_token_a_foreign_origin_or_a_token_in_the_url_opens_nothing(
     # Never from the URL (twisted.web logs URLs): the body is the only place.
     code, _, headers = await request(http, "POST", f"{login}?token={TOKEN}", origin=page.origin)
     assert (code, set_cookie(headers)) == (400, "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_five_wrong_tokens_an_address_is_refused_until_its_window_passes(
+    page: Page, http: HTTPClient
+) -> None:
+    login = page.base + "/login"
+    for _ in range(5):
+        code, _, _ = await request(
+            http, "POST", login, origin=page.origin, form=b"token=" + new_token().encode()
+        )
+        assert code == 401
+    # Now even the right token is not looked at: guessing cannot go on.
+    form = f"token={TOKEN}".encode()
+    code, html, headers = await request(http, "POST", login, origin=page.origin, form=form)
+    assert (code, set_cookie(headers)) == (429, "")
+    assert headers.getRawHeaders(b"retry-after") == [b"600"]
+    assert "try again in 600 seconds" in html
+    page.clock.now += 601
+    await log_in(http, page)
 
 
 @pytest_twisted.ensureDeferred

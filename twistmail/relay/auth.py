@@ -3,11 +3,12 @@
 :func:`auth_portal` makes the portal a submission session logs in through (PLAIN and LOGIN,
 verified by :class:`~twistmail.relay.users.UsersChecker`). :class:`FailureLimiter` remembers
 failed logins per client address: after ``limit`` failures within ``window`` seconds that
-address gets 421 until the window has passed.
+address is refused (421 on SMTP, 429 over HTTP) until the window has passed.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any
 
@@ -82,3 +83,10 @@ class FailureLimiter:
             del self._failures[address]
             return False
         return len(times) >= self.limit
+
+    def retry_after(self, address: str) -> int:
+        """Whole seconds until ``address`` is no longer blocked (0 if it is not)."""
+        if not self.blocked(address):
+            return 0
+        oldest = self._failures[address][0]
+        return max(1, math.ceil(oldest + self.window - self._clock.seconds()))

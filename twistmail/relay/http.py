@@ -47,6 +47,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ..interfaces import IQueue
 from ..message import Envelope
 from ..queue.records import Idempotent
+from .auth import FailureLimiter
 from .campaigns import campaign_routes
 from .messages import Problem, envelope_from_json, envelope_from_raw
 from .metrics import CONTENT_TYPE, RelayMetrics
@@ -89,11 +90,25 @@ _KEY = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_KEY_CHARS)
 
 @dataclass(frozen=True)
 class Access:
-    """Who may use the API: ``tokens`` (None: no token needed) and the ``hosts`` names it
-    answers to (besides loopback names and IP addresses)."""
+    """Who may use the API: ``tokens`` (None: no token needed), the ``hosts`` names it
+    answers to (besides loopback names and IP addresses), and ``failures``, the client
+    addresses that presented wrong tokens (to the API or the status page's login): one that
+    failed too often is refused with 429 until its window has passed, its tokens not checked."""
 
     tokens: TokenChecker | None
     hosts: frozenset[str]
+    failures: FailureLimiter | None = None
+
+    def refused(self, request: IRequest) -> int:
+        """Seconds the client of ``request`` must wait after too many wrong tokens (0: none)."""
+        if self.failures is None:
+            return 0
+        return self.failures.retry_after(client_host(request))
+
+    def wrong_token(self, request: IRequest) -> None:
+        """The client of ``request`` presented a token that is not valid."""
+        if self.failures is not None:
+            self.failures.failed(client_host(request))
 
     def host_allowed(self, host: bytes | None) -> bool:
         """Whether a ``Host`` header value names this service."""
@@ -109,6 +124,11 @@ class Access:
             name = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
         # An address cannot be rebound.
         return _is_ip_address(name) or name in self.hosts or name in LOOPBACK_NAMES
+
+
+def client_host(request: IRequest) -> str:
+    """The client's address as the logs and the failure limiter name it."""
+    return str(getattr(request.getClientAddress(), "host", "?"))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -237,15 +257,21 @@ def _guarded(access: Access, handler: Handler) -> Handler:
             request.token_name = None  # type: ignore[attr-defined]
             return handler(request, **route)
         presented = request.getHeader(b"authorization")
+        if presented and (wait := access.refused(request)):
+            request.setHeader(b"Retry-After", b"%d" % wait)
+            return defer.succeed(
+                problem(request, 429, "too many requests with a wrong token", "Authorization")
+            )
 
         def checked(name: str | None) -> defer.Deferred[bytes]:
             if name is None:
                 challenge = b'Bearer realm="twistmail"'
                 if presented:
                     challenge += b', error="invalid_token"'
+                    access.wrong_token(request)
                     log.warn(
                         "refused an API request with an unknown token from {client}",
-                        client=getattr(request.getClientAddress(), "host", "?"),
+                        client=client_host(request),
                     )
                 request.setHeader(b"WWW-Authenticate", challenge)
                 return defer.succeed(

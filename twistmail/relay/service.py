@@ -180,7 +180,9 @@ class RelayService(MultiService):
                 if config.api_token_file
                 else None
             )
-            access = Access(tokens, frozenset({config.hostname.lower(), *config.http_hosts}))
+            hosts = frozenset({config.hostname.lower(), *config.http_hosts})
+            # One limiter for the API and the status page's login: both take the same tokens.
+            access = Access(tokens, hosts, FailureLimiter(IReactorTime(self.reactor)))
             # The status page's sessions are signed with a key drawn now: a restart ends them.
             page = StatusPage(
                 queue,

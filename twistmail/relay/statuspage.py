@@ -40,7 +40,7 @@ from twisted.web.iweb import IRequest
 from ..interfaces import IQueue
 from ..queue.campaigns import CampaignStatus
 from ..queue.records import QueueOverview
-from .http import Access, Health
+from .http import Access, Health, client_host
 from .problems import problem
 from .sessions import COOKIE, Sessions
 from .tracking import MAX_ID
@@ -351,6 +351,11 @@ class StatusPage:
             return defer.succeed(_redirect(request, b"/"))
         if not same_origin(request):
             return defer.succeed(problem(request, 403, "cross-origin request refused", "Origin"))
+        if wait := self.access.refused(request):
+            request.setResponseCode(429)
+            request.setHeader(b"Retry-After", b"%d" % wait)
+            error = f"Too many wrong tokens from your address: try again in {wait} seconds."
+            return defer.succeed(self._html(request, self._login, error=error))
         token = _form_field(request, b"token")
         if not token or len(token) > MAX_TOKEN_FIELD:
             request.setResponseCode(400)
@@ -358,9 +363,10 @@ class StatusPage:
 
         def checked(name: str | None) -> defer.Deferred[bytes] | bytes:
             if name is None:
+                self.access.wrong_token(request)
                 log.warn(
                     "refused a status page login with an unknown token from {client}",
-                    client=getattr(request.getClientAddress(), "host", "?"),
+                    client=client_host(request),
                 )
                 request.setResponseCode(401)
                 return self._html(request, self._login, error="That token is not valid.")
