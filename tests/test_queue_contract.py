@@ -661,6 +661,51 @@ async def test_cancel_fails_a_waiting_message_but_not_one_being_sent(
     assert [c.id for c in remaining] == [third]  # the cancelled one is never claimed
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_bounce_fails_a_delivered_recipient_or_records_a_delay(
+    open_queue: OpenQueue, clock: task.Clock
+) -> None:
+    queue = await open_queue()
+    rcpts = ("a@example.org", "b@example.org", "c@example.org")
+    (id_,) = await queue.enqueue([envelope(1, *rcpts)])
+    (claimed,) = await queue.claim("w", 1, lease=30)
+    # a and b accepted, c refused at RCPT.
+    outcome = Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state="failed",
+        attempts=1,
+        code=550,
+        response="no",
+        recipients=((0, "sent", 250, "ok"), (1, "sent", 250, "ok"), (2, "failed", 550, "no")),
+        enhanced=("2.0.0", "2.0.0", "5.1.1"),
+    )
+    assert await queue.record("w", outcome)
+    clock.advance(60)
+    hard = await queue.bounce(
+        id_, 0, failed=True, code=550, response="bounced: gone", enhanced="5.1.1"
+    )
+    assert hard == "a@example.org"
+    clock.advance(60)
+    soft = await queue.bounce(id_, 1, failed=False, code=None, response="delayed: busy")
+    assert soft == "b@example.org"
+    back = await queue.message(id_)
+    assert back.updated_at == T0 + 120
+    assert [(r.state, r.code, r.enhanced, r.response) for r in back.recipients] == [
+        ("failed", 550, "5.1.1", "bounced: gone"),
+        ("sent", 250, "2.0.0", "delayed: busy"),
+        ("failed", 550, "5.1.1", "no"),
+    ]
+    # A recipient that was never delivered, or a bounce told twice, changes nothing more.
+    clock.advance(60)
+    assert await queue.bounce(id_, 2, failed=True, code=554, response="x") == "c@example.org"
+    assert await queue.bounce(id_, 0, failed=True, code=554, response="y") == "a@example.org"
+    again = await queue.message(id_)
+    assert (again.updated_at, again.recipients) == (back.updated_at, back.recipients)
+    assert await queue.bounce(id_, 3, failed=True, code=550, response="z") is None
+    assert await queue.bounce(id_ + 100, 0, failed=True, code=550, response="z") is None
+
+
 # CSV campaigns: stored once, each row rendered in the sandbox when claimed -------------------
 
 CAMPAIGN_TEMPLATE = """\

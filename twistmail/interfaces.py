@@ -159,6 +159,21 @@ class IQueue(Interface):
         recipients too). Fires with ``"cancelled"``, ``"missing"`` or its state otherwise
         (nothing changed: a ``sending`` message is in a worker's hands)."""
 
+    def bounce(
+        id: int,
+        position: int,
+        *,
+        failed: bool,
+        code: int | None,
+        response: str,
+        enhanced: str | None = None,
+    ) -> Deferred[str | None]:
+        """A bounce arrived for recipient ``position`` of message ``id``: a delivered
+        (``sent``) recipient becomes ``failed`` with ``code``, ``enhanced`` and ``response``
+        when ``failed``, else keeps its state with ``response`` as the news (a delay); the
+        message's ``updated_at`` moves. Fires with the recipient's address, None if there is
+        no such recipient. A recipient not ``sent`` is left alone (the address still given)."""
+
     def summary() -> Deferred[QueueSummary]:
         """Counts by state, and how many are due, held under a live lease, or expired."""
 

@@ -47,7 +47,14 @@ class BounceQueue(Protocol):
     """The queue operation the intake needs (:meth:`twistmail.queue.sqlite.SqliteQueue.bounce`)."""
 
     def bounce(
-        self, message: int, position: int, *, failed: bool, code: int | None, response: str
+        self,
+        message: int,
+        position: int,
+        *,
+        failed: bool,
+        code: int | None,
+        response: str,
+        enhanced: str | None = None,
     ) -> defer.Deferred[str | None]: ...
 
 
@@ -171,7 +178,12 @@ class BounceIntake:
         code = _code(entry) if failed else None
         if ref is not None and ref.kind == "queue" and self.queue is not None:
             address = await self.queue.bounce(
-                ref.message, ref.number, failed=failed, code=code, response=response
+                ref.message,
+                ref.number,
+                failed=failed,
+                code=code,
+                response=response,
+                enhanced=entry.status if failed else None,
             )
             marked = failed and address is not None
         elif ref is not None and ref.kind == "campaign" and self.journal is not None:

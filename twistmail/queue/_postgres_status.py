@@ -73,6 +73,9 @@ WHERE id = %(id)s AND state IN ('queued', 'deferred')
 """)
 
 
+_TOUCH = _timed("UPDATE messages SET updated_at = $NOW WHERE id = %(id)s")
+
+
 def _statuses(
     conn: psycopg.Connection[Any], where: str, args: dict[str, Any]
 ) -> list[MessageStatus]:
@@ -224,10 +227,12 @@ def bounce_recipient(
     failed: bool,
     code: int | None,
     response: str,
+    enhanced: str | None,
     conn: psycopg.Connection[Any],
+    now: float | None,
 ) -> str | None:
-    """As the SQLite queue's: a delivered recipient becomes ``failed`` (or gets ``response``
-    as news); its address, None if there is none. Running it again changes nothing more."""
+    """As the SQLite queue's (see IQueue.bounce); the recipient's address, None if there is
+    none. Running it again changes nothing more."""
     row = conn.execute(
         "SELECT address, state FROM recipients WHERE message = %s AND position = %s FOR UPDATE",
         (message, position),
@@ -236,9 +241,16 @@ def bounce_recipient(
         return None
     address, state = row
     if state == "sent":
-        conn.execute(
-            "UPDATE recipients SET state = %s, code = %s, response = %s "
-            "WHERE message = %s AND position = %s",
-            ("failed" if failed else "sent", code if failed else None, response, message, position),
-        )
+        if failed:
+            conn.execute(
+                "UPDATE recipients SET state = 'failed', code = %s, response = %s, "
+                "enhanced = %s WHERE message = %s AND position = %s",
+                (code, response, enhanced, message, position),
+            )
+        else:
+            conn.execute(
+                "UPDATE recipients SET response = %s WHERE message = %s AND position = %s",
+                (response, message, position),
+            )
+        conn.execute(_TOUCH, {"id": message, "now": now})
     return str(address)

@@ -128,12 +128,12 @@ def bounce_recipient(
     failed: bool,
     code: int | None,
     response: str,
+    enhanced: str | None,
     conn: sqlite3.Connection,
     now: float,
 ) -> str | None:
-    """A bounce arrived for recipient ``position`` of ``message``: a delivered (``sent``)
-    recipient becomes ``failed`` (``failed``) or keeps its state with ``response`` as the news
-    (a delay). Returns the recipient's address, or None if there is no such recipient."""
+    """A bounce for recipient ``position`` of ``message`` (see IQueue.bounce); its address,
+    or None if there is no such recipient."""
     row = conn.execute(
         "SELECT address, state FROM recipients WHERE message = ? AND position = ?",
         (message, position),
@@ -142,10 +142,16 @@ def bounce_recipient(
         return None
     address, state = row
     if state == "sent":
-        conn.execute(
-            "UPDATE recipients SET state = ?, code = ?, response = ? "
-            "WHERE message = ? AND position = ?",
-            ("failed" if failed else "sent", code if failed else None, response, message, position),
-        )
+        if failed:
+            conn.execute(
+                "UPDATE recipients SET state = 'failed', code = ?, response = ?, enhanced = ? "
+                "WHERE message = ? AND position = ?",
+                (code, response, enhanced, message, position),
+            )
+        else:
+            conn.execute(
+                "UPDATE recipients SET response = ? WHERE message = ? AND position = ?",
+                (response, message, position),
+            )
         conn.execute("UPDATE messages SET updated_at = ? WHERE id = ?", (now, message))
     return str(address)

@@ -252,6 +252,31 @@ class MemoryQueue(Campaigns):
                 recipient.enhanced = None
         return defer.succeed("cancelled")
 
+    def bounce(
+        self,
+        id: int,
+        position: int,
+        *,
+        failed: bool,
+        code: int | None,
+        response: str,
+        enhanced: str | None = None,
+    ) -> defer.Deferred[str | None]:
+        """A bounce for a delivered recipient (see IQueue)."""
+        if self._closed:
+            return self._closed_error()
+        message = self._messages.get(id)
+        if message is None or not 0 <= position < len(message.recipients):
+            return defer.succeed(None)
+        recipient = message.recipients[position]
+        if recipient.state == "sent":
+            if failed:
+                recipient.state, recipient.code = "failed", code
+                recipient.enhanced = enhanced
+            recipient.response = response
+            message.updated_at = self._clock()
+        return defer.succeed(recipient.address)
+
     def overview(self, failures: int = 10) -> defer.Deferred[QueueOverview]:
         """Counts, the oldest message not settled and the last ``failures`` failed ones."""
         if self._closed:

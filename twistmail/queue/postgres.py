@@ -302,12 +302,19 @@ class PostgresQueue(_postgres_campaigns.Campaigns):
         )
 
     def bounce(
-        self, message: int, position: int, *, failed: bool, code: int | None, response: str
+        self,
+        message: int,
+        position: int,
+        *,
+        failed: bool,
+        code: int | None,
+        response: str,
+        enhanced: str | None = None,
     ) -> defer.Deferred[str | None]:
-        """A bounce for a delivered recipient (see :meth:`SqliteQueue.bounce`)."""
+        """A bounce for a delivered recipient (see IQueue)."""
         return self._run(
             lambda conn, now, again: bounce_recipient(
-                message, position, failed, code, response, conn
+                message, position, failed, code, response, enhanced, conn, now
             )
         )
 

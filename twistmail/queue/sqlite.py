@@ -690,13 +690,20 @@ class SqliteQueue(_sqlite_campaigns.Campaigns):
         return self._write(lambda conn, now: cancel_message(message, reason, conn, now))
 
     def bounce(
-        self, message: int, position: int, *, failed: bool, code: int | None, response: str
+        self,
+        message: int,
+        position: int,
+        *,
+        failed: bool,
+        code: int | None,
+        response: str,
+        enhanced: str | None = None,
     ) -> defer.Deferred[str | None]:
-        """A bounce for a delivered recipient: ``failed`` makes it ``failed`` with ``code`` and
-        ``response``, else ``response`` is recorded as news; fires with its address (None:
-        no such recipient)."""
+        """A bounce for a delivered recipient (see IQueue)."""
         return self._write(
-            lambda conn, now: bounce_recipient(message, position, failed, code, response, conn, now)
+            lambda conn, now: bounce_recipient(
+                message, position, failed, code, response, enhanced, conn, now
+            )
         )
 
     def take_back(self, owner_prefix: str) -> defer.Deferred[int]:
