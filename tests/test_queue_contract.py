@@ -32,6 +32,7 @@ from twistmail.message import Envelope, envelope_from_bytes
 from twistmail.queue import ClaimedMessage, Outcome, QueueError, SqliteQueue
 from twistmail.queue.campaigns import CampaignChanged, CampaignRow, CampaignSpec
 from twistmail.queue.postgres import PostgresQueue
+from twistmail.suppression.records import HARD_BOUNCE, Suppression, suppressed_reply
 from twistmail.testing import MemoryQueue
 
 T0 = 1_700_000_000.0
@@ -403,6 +404,29 @@ async def test_unsent_lists_by_id_up_to_the_limit(open_queue: OpenQueue) -> None
     ids = await queue.enqueue([envelope(n) for n in range(5)])
     assert [r.id for r in await queue.unsent(3)] == ids[:3]
     assert [r.state for r in await queue.unsent()] == ["queued"] * 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsent_shows_a_suppressed_recipient_as_suppressed(open_queue: OpenQueue) -> None:
+    queue = await open_queue()
+    (id_,) = await queue.enqueue([envelope(1, "a@example.org", "b@example.org")])
+    (claimed,) = await queue.claim("w", 1, lease=30)
+    gone = suppressed_reply(Suppression("b@example.org", HARD_BOUNCE))
+    outcome = Outcome(
+        id=id_,
+        fence=claimed.fence,
+        state="failed",
+        attempts=1,
+        code=550,
+        response="no",
+        recipients=(
+            (0, "failed", 550, "suppressed: but a server said so"),
+            (1, "failed", None, gone),
+        ),
+    )
+    assert await queue.record("w", outcome)
+    (row,) = await queue.unsent()
+    assert row.recipients == "a@example.org failed, b@example.org suppressed"
 
 
 # Next due -------------------------------------------------------------------------------------

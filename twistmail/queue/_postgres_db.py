@@ -11,6 +11,7 @@ from typing import Any, Final
 
 from ..address import Address, parse_address, parse_sender
 from ..message import Envelope
+from ..suppression.records import SHOWN_STATE_SQL
 from .records import (
     MESSAGE_STATES,
     ClaimedMessage,
@@ -634,8 +635,9 @@ def _unsent(
     limit: int, conn: psycopg.Connection[Any], now: float | None, again: bool
 ) -> list[QueueRow]:
     rows = conn.execute(
-        "SELECT m.id, m.message_id, m.state, m.attempts, m.due, m.code, m.response, "
-        "string_agg(r.address || ' ' || r.state, ', ' ORDER BY r.position) FROM messages m "
+        "SELECT m.id, m.message_id, m.state, m.attempts, m.due, m.code, m.response, "  # noqa: S608
+        f"string_agg(r.address || ' ' || {SHOWN_STATE_SQL}, ', ' ORDER BY r.position) "
+        "FROM messages m "
         "JOIN recipients r ON r.message = m.id WHERE m.state != 'sent' "
         "GROUP BY m.id ORDER BY m.id LIMIT %s",
         (max(0, limit),),

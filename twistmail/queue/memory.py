@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from ..interfaces import IQueue
 from ..message import Envelope
+from ..suppression.records import shown_state
 from ._memory_campaigns import Campaigns
 from .records import (
     MESSAGE_STATES,
@@ -370,7 +371,9 @@ class MemoryQueue(Campaigns):
                 m.due,
                 m.code,
                 m.response,
-                ", ".join(f"{r.address} {r.state}" for r in m.recipients),
+                ", ".join(
+                    f"{r.address} {shown_state(r.state, r.code, r.response)}" for r in m.recipients
+                ),
             )
             for id_, m in sorted(self._messages.items())
             if m.state != "sent"

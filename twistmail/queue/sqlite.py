@@ -55,6 +55,7 @@ from .._twisted import Reactor, default_reactor
 from ..address import Address, parse_address, parse_sender
 from ..interfaces import IQueue
 from ..message import Envelope
+from ..suppression.records import SHOWN_STATE_SQL
 from . import _sqlite_campaigns
 from ._sqlite_status import (
     bounce_recipient,
@@ -534,8 +535,8 @@ def _next_due(conn: sqlite3.Connection, now: float) -> float | None:
 
 def _unsent(conn: sqlite3.Connection, limit: int) -> list[QueueRow]:
     rows = conn.execute(
-        "SELECT m.id, m.message_id, m.state, m.attempts, m.due, m.code, m.response, "
-        "group_concat(r.address || ' ' || r.state, ', ') FROM messages m "
+        "SELECT m.id, m.message_id, m.state, m.attempts, m.due, m.code, m.response, "  # noqa: S608
+        f"group_concat(r.address || ' ' || {SHOWN_STATE_SQL}, ', ') FROM messages m "
         "JOIN recipients r ON r.message = m.id WHERE m.state != 'sent' "
         "GROUP BY m.id ORDER BY m.id LIMIT ?",
         (max(0, limit),),

@@ -171,6 +171,14 @@ def suppressed_reply(entry: Suppression) -> str:
     return f"{_REPLY_PREFIX}{entry.reason}{where}"
 
 
+SHOWN_STATE_SQL: Final = (
+    f"CASE WHEN r.state = 'failed' AND r.code IS NULL AND "
+    f"substr(r.response, 1, {len(_REPLY_PREFIX)}) = '{_REPLY_PREFIX}' "
+    f"THEN '{SUPPRESSED}' ELSE r.state END"
+)
+""":func:`shown_state` of the recipients row ``r`` in SQL (SQLite and PostgreSQL alike)."""
+
+
 def is_suppressed_reply(code: int | None, response: str) -> bool:
     """Whether a recorded failure (``code``, ``response``) is a suppression, not a refusal."""
     return code is None and response.startswith(_REPLY_PREFIX)
