@@ -1,9 +1,11 @@
 """Which refusals suppress an address, and the guard against suppressing a whole list.
 
 A hard bounce suppresses its recipient only when it is about that recipient: enhanced status
-5.1.1 (no such mailbox), 5.1.3 (bad address syntax) or 5.1.6 (mailbox moved). 5.1.0, 5.1.7 and
-5.1.8 are about our sender; a reply without an enhanced status code says too little. Either
-way nothing is suppressed.
+5.1.1 (no such mailbox), 5.1.3 (bad address syntax), 5.1.6 (mailbox moved) or 5.1.10 (the
+recipient's domain accepts no mail, a null MX, RFC 7505; Microsoft 365 also writes it for an
+address that does not exist), whether a server refused it at RCPT or a DSN reported it.
+5.1.0, 5.1.7 and 5.1.8 are about our sender; a reply without an enhanced status code says too
+little. Either way nothing is suppressed.
 
 :class:`BounceGuard` holds those hard bounces until the batch they came in is complete, and
 drops them all when most of the batch was refused at once: a server refusing everyone (a bad
@@ -31,8 +33,9 @@ __all__ = ["RECIPIENT_HARD_BOUNCES", "SENDER_PROBLEMS", "BounceGuard", "is_recip
 
 log = Logger()
 
-RECIPIENT_HARD_BOUNCES: Final = frozenset({"5.1.1", "5.1.3", "5.1.6"})
-"""Enhanced status codes saying the recipient's address is bad (RFC 3463)."""
+RECIPIENT_HARD_BOUNCES: Final = frozenset({"5.1.1", "5.1.3", "5.1.6", "5.1.10"})
+"""Enhanced status codes saying the recipient's address is bad (RFC 3463, RFC 7505): the one
+list for refusals at RCPT and for DSNs."""
 SENDER_PROBLEMS: Final = frozenset({"5.1.0", "5.1.7", "5.1.8"})
 """Enhanced status codes about our sender address: never suppress anyone for them."""
 
