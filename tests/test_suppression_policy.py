@@ -66,6 +66,18 @@ class GuardTests(SynchronousTestCase):
         self.successResultOf(self.guard.flush())
         self.assertEqual(self.suppressed(), ["b@nullmx.example"])
 
+    def test_a_shared_refusal_never_suppresses(self) -> None:
+        # A refused MAIL FROM, or the one reply to the data of a message with several
+        # recipients: it does not say which address it means.
+        shared = [refused(f"u{n}@example.org", "5.1.1") for n in range(2)]
+        for outcome in shared:
+            outcome.shared = True
+        self.guard.accepted(8)
+        self.guard.note(shared)
+        self.successResultOf(self.guard.flush())
+        self.assertEqual(self.suppressed(), [])
+        self.assertEqual(self.guard.withheld, 0)
+
     def test_sender_problems_never_suppress(self) -> None:
         self.guard.note(
             [refused(f"u{n}@example.org", e) for n, e in enumerate(["5.1.0", "5.1.7", "5.1.8"])]
