@@ -226,6 +226,43 @@ def test_unsubscribe_options_are_checked_before_sending(tmp_path: Path) -> None:
     assert "short" not in bad.stderr
 
 
+def test_preview_and_dry_run_show_the_unsubscribe_headers_send_adds(tmp_path: Path) -> None:
+    secret = tmp_path / "unsubscribe.key"
+    secret.write_text(SECRET + "\n")
+    csv_path, template_path = campaign(tmp_path, ["ann@example.org", "bob@example.org"])
+    options = (
+        "--unsubscribe-url",
+        "https://mail.example.com/unsubscribe/{token}",
+        "--unsubscribe-mailto",
+        "unsubscribe@example.com",
+        "--secret-file",
+        str(secret),
+    )
+    box = TokenBox([("k1", SECRET[3:].encode())])
+    preview = twistmail("preview", csv_path, template_path, "--row", "2", *options)
+    dry_run = twistmail("send", csv_path, template_path, "--dry-run", *options)
+    for shown, address in ((preview, "bob@example.org"), (dry_run, "ann@example.org")):
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        head = shown.stdout.split("\n\n", 1)[0]
+        parsed = email.message_from_string(head.split("\n", 3)[3])  # after the envelope
+        assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        value = " ".join(parsed["List-Unsubscribe"].split())
+        match = re.fullmatch(
+            r"<https://mail\.example\.com/unsubscribe/([A-Za-z0-9_.-]+)>, "
+            r"<mailto:unsubscribe@example\.com\?subject=unsubscribe%20\1>",
+            value,
+        )
+        assert match is not None, value
+        subject = box.open(match.group(1))
+        assert subject is not None
+        assert (subject.address, subject.list_id) == (address, LIST)
+    # check takes the same options and refuses what send would refuse.
+    assert twistmail("check", csv_path, template_path, *options).returncode == 0
+    bad = twistmail("check", csv_path, template_path, "--unsubscribe-url", "http://x/{token}")
+    assert bad.returncode == 2
+    assert "https" in bad.stderr
+
+
 def test_suppress_import_export_list_remove_and_a_queues_list(tmp_path: Path) -> None:
     store = ("--suppression", str(tmp_path / "s.db"))
     good = tmp_path / "in.csv"
