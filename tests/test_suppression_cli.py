@@ -153,6 +153,29 @@ def test_the_default_list_lives_in_the_users_data_directory(
     assert [m.recipients for m in server.received] == [["ann@example.org"]]
 
 
+def test_send_suppresses_for_a_reply_to_the_data_only_a_rows_sole_recipient(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    # One reply answers the data for every recipient: with a Bcc it names no one address.
+    refused = "550 5.1.1 no such user"
+    server = cue_server(data_replies={"ann": refused, "dan": refused})
+    store = tmp_path / "suppression.db"
+    smtp = ("--smtp", f"smtp://127.0.0.1:{server.port}", "--suppression", str(store))
+    with_bcc = TEMPLATE.replace("Subject:", "Bcc: audit@example.com\nSubject:")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two = campaign(tmp_path / "two", ["ann@example.org"], with_bcc)
+    one = campaign(tmp_path / "one", ["dan@example.org"])
+    assert twistmail("send", *two, *smtp).returncode == 1
+    assert entries(store) == []
+    assert twistmail("send", *one, *smtp).returncode == 1
+    assert entries(store) == [("dan@example.org", "hard-bounce", "")]
+    assert [m.recipients for m in server.rejected] == [
+        ["ann@example.org", "audit@example.com"],
+        ["dan@example.org"],
+    ]
+
+
 def one_click_options(tmp: Path) -> tuple[str, ...]:
     """The unsubscribe options (an https URL and a mailto, the key file written in ``tmp``)."""
     secret = tmp / "unsubscribe.key"
