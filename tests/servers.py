@@ -49,6 +49,8 @@ class CueServer:
     - ``rcpt_replies_once``: the same, but only the first time the local part is seen.
     - ``mail_reply`` / ``data_reply``: reply to every ``MAIL FROM`` / final dot instead of 250.
       A refused message is recorded in :attr:`rejected`.
+    - ``data_replies``: local part -> reply to the final dot of every message with a recipient
+      of that local part (before ``data_reply``).
 
     Failures:
 
@@ -78,6 +80,7 @@ class CueServer:
         rcpt_replies_once: dict[str, str] | None = None,
         mail_reply: str | None = None,
         data_reply: str | None = None,
+        data_replies: dict[str, str] | None = None,
         drop_after_data_count: int = 0,
         stall_on: str | None = None,
         close_421_after: int | None = None,
@@ -99,6 +102,7 @@ class CueServer:
         self.rcpt_replies_once = dict(rcpt_replies_once or {})
         self.mail_reply = mail_reply
         self.data_reply = data_reply
+        self.data_replies = dict(data_replies or {})
         self.drop_after_data_count = drop_after_data_count
         self.stall_on = stall_on
         self.close_421_after = close_421_after
@@ -276,9 +280,17 @@ class CueServer:
             # connection_lost() cancels this coroutine; no reply is ever sent.
             await self._wait_until_stopped()
             return "421 4.3.2 shutting down"
-        if self.data_reply is not None and not self.data_reply.startswith("2"):
+        data_reply = next(
+            (
+                self.data_replies[local]
+                for local in (r.rpartition("@")[0] for r in message.recipients)
+                if local in self.data_replies
+            ),
+            self.data_reply,
+        )
+        if data_reply is not None and not data_reply.startswith("2"):
             self.rejected.append(message)
-            return self.data_reply
+            return data_reply
         if self.data_delay:
             await asyncio.sleep(self.data_delay)
         self.in_flight -= 1

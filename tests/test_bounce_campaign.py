@@ -158,30 +158,45 @@ def test_verp_domain_needs_the_secret_file(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_drain_sends_one_recipient_messages_from_their_return_paths(
+async def test_a_drain_sends_each_recipient_its_own_copy_and_a_bounce_fails_only_its_own(
     cue_server: Cue, tmp_path: Path
 ) -> None:
     server = cue_server()
     spool = tmp_path / "outbox.db"
-    await enqueue(spool, [triple(1), triple(2, "ann@example.org", "bob@example.org")])
+    two = ("ok@example.org", "nobody@example.org")
+    await enqueue(spool, [triple(1), triple(2, *two)])
     secret = tmp_path / "secret"
     secret.write_text("k1:" + "s" * 40 + "\n")
+    verp = ("--verp-domain", "bounces.example.com", "--secret-file", str(secret))
     code, output = await finish(
-        start_drain(
-            "--spool",
-            str(spool),
-            "--smtp",
-            f"smtp://127.0.0.1:{server.port}",
-            "--verp-domain",
-            "bounces.example.com",
-            "--secret-file",
-            str(secret),
-        )
+        start_drain("--spool", str(spool), "--smtp", f"smtp://127.0.0.1:{server.port}", *verp)
     )
     assert code == 0, output
     senders = {tuple(m.recipients): m.sender for m in server.received}
-    ref = VERP.verify(senders[("user1@example.org",)])
-    assert ref is not None
-    assert (ref.kind, ref.message, ref.number) == ("queue", 1, 0)
-    # Two recipients share one transaction: the message keeps its sender.
-    assert senders[("ann@example.org", "bob@example.org")] == "shop@example.com"
+    assert sorted(senders) == [("nobody@example.org",), ("ok@example.org",), ("user1@example.org",)]
+    refs = {rcpts[0]: VERP.verify(sender) for rcpts, sender in senders.items()}
+    named = {a: (r.kind, r.message, r.number) for a, r in refs.items() if r is not None}
+    # Two recipients: one copy each, from its own return path (as list managers send).
+    assert named == {
+        "user1@example.org": ("queue", 1, 0),
+        "ok@example.org": ("queue", 2, 0),
+        "nobody@example.org": ("queue", 2, 1),
+    }
+    copies = [m.data for m in server.received if m.recipients[0] in two]
+    assert copies[0] == copies[1]
+
+    # Postfix's DSN for nobody@, at nobody@'s return path: only nobody@ fails.
+    dsn = fixture("postfix-5.1.1-user-unknown.eml")
+    box = maildir(
+        tmp_path, {"1.host": f"Delivered-To: {senders[('nobody@example.org',)]}\r\n".encode() + dsn}
+    )
+    done = twistmail("bounces", "--maildir", str(box), "--queue", f"sqlite:{spool}", *verp)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1.host: hard nobody@example.org 5.1.1 (suppressed, failed)" in done.stdout
+    with sqlite3.connect(spool) as db:
+        states = db.execute(
+            "SELECT address, state FROM recipients WHERE message = 2 ORDER BY position"
+        ).fetchall()
+        added = db.execute("SELECT address FROM suppressions").fetchall()
+    assert states == [("ok@example.org", "sent"), ("nobody@example.org", "failed")]
+    assert added == [("nobody@example.org",)]

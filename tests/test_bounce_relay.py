@@ -241,3 +241,45 @@ def test_a_complaint_to_a_return_path_suppresses_its_recipient_even_redacted(
         code, reply = c.data(arf.replace(b"\n", b"\r\n"))
     assert code == 250, reply
     assert ("carol@example.org", "complaint") in suppressions(relay.queue_path)
+
+
+def test_a_message_to_two_goes_as_two_copies_and_a_bounce_fails_only_its_recipient(
+    relay: RelayProcess, upstream: CueServer
+) -> None:
+    two = ["stays@example.org", "gone@example.org"]
+    message = MESSAGE.replace(b"<feb-news.42@", b"<feb-news.two@").replace(
+        b"To: nobody@example.org", b"To: " + ", ".join(two).encode()
+    )
+    with smtplib.SMTP("127.0.0.1", relay.port, source_address=(TRUSTED, 0)) as c:
+        c.ehlo()
+        c.mail("news@example.com")
+        for rcpt in two:
+            c.rcpt(rcpt)
+        code, reply = c.data(message)
+    assert code == 250, reply
+    match = re.search(rb"queued as (\d+)", reply)
+    assert match is not None
+    queue_id = int(match.group(1))
+    wait_until(lambda: len([m for m in upstream.received if b"<feb-news.two@" in m.data]) == 2)
+    copies = {m.recipients[0]: m.sender for m in upstream.received if b"<feb-news.two@" in m.data}
+    assert copies == {r: VERP.for_queued(queue_id, n, r) for n, r in enumerate(two)}
+
+    dsn = fixture(
+        "postfix-5.1.1-user-unknown.eml",
+        **{"nobody@example.org": "gone@example.org", "To: newsletter@example.com": "To: x@y"},
+    ).replace(b"\n", b"\r\n")
+    with smtplib.SMTP("127.0.0.1", relay.port) as c:
+        c.ehlo("mx.example.net")
+        assert c.mail("")[0] == 250
+        assert c.rcpt(copies["gone@example.org"])[0] == 250
+        code, reply = c.data(dsn)
+    assert code == 250, reply
+    with sqlite3.connect(relay.queue_path) as conn:
+        states = conn.execute(
+            "SELECT address, state FROM recipients WHERE message = ? ORDER BY position",
+            (queue_id,),
+        ).fetchall()
+    assert states == [("stays@example.org", "sent"), ("gone@example.org", "failed")]
+    suppressed = [address for address, _ in suppressions(relay.queue_path)]
+    assert "gone@example.org" in suppressed
+    assert "stays@example.org" not in suppressed

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dkimcheck
 import postgres_server
 import pytest
 from servers import CueServer
@@ -219,3 +220,64 @@ def test_an_interrupted_send_resumes_and_sends_nobody_twice(
     assert again.returncode == 0, again.stdout + again.stderr
     assert len(_ids(server)) == n  # each recipient once: in-flight messages were recorded
     assert [r["status"] for r in _report(tmp_path / "people.report.csv")] == ["sent"] * n
+
+
+SECRET = "k1:" + "v" * 43
+
+
+def test_a_queued_campaign_goes_out_from_signed_return_paths_with_verp_domain(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    from twistmail.bounces.verp import VerpSigner, read_verp_keys
+
+    server = cue_server()
+    secret = tmp_path / "secret.key"
+    secret.write_text(SECRET + "\n")
+    template = TEMPLATE.replace("Bcc: audit@example.com\n", "")
+    csv_path, template_path = write_campaign(tmp_path, _rows("ann", "bob"), template)
+    queue = f"sqlite:{tmp_path / 'queue.db'}"
+    url = f"smtp://127.0.0.1:{server.port}"
+    verp = ("--verp-domain", "bounces.example.com", "--secret-file", str(secret))
+    sent = twistmail("send", csv_path, template_path, "--queue", queue, "--smtp", url, *verp)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    signer = VerpSigner(read_verp_keys(secret), "bounces.example.com")
+    assert sorted(m.recipients[0] for m in server.received) == [
+        "ann@example.org",
+        "bob@example.org",
+    ]
+    for message in server.received:
+        ref = signer.verify(message.sender)
+        assert ref is not None, message.sender
+        assert ref.kind == "queue"
+        assert signer.names(ref, message.recipients[0])
+
+
+def test_send_queue_refuses_the_options_it_cannot_carry_out(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.key"
+    secret.write_text(SECRET + "\n")
+    key_file = dkimcheck.write_key(tmp_path / "dkim.pem", dkimcheck.rsa_key())
+    csv_path, template_path = write_campaign(tmp_path, _rows("ann"))
+    queue_path = tmp_path / "queue.db"
+    base = ("send", csv_path, template_path, "--queue", f"sqlite:{queue_path}")
+    smtp = ["--smtp", "smtp://127.0.0.1:1"]
+    unsubscribe = "--unsubscribe-url and --unsubscribe-mailto do not go with --queue"
+    to_workers = "give --verp-domain and --dkim to them"
+    url = "https://m.example.com/u/{token}"
+    cases = [
+        (
+            [*smtp, "--unsubscribe-url", url, "--secret-file", str(secret)],
+            unsubscribe,
+        ),
+        ([*smtp, "--unsubscribe-mailto", "unsubscribe@example.com"], unsubscribe),
+        ([*smtp, "--suppression", str(tmp_path / "s.db")], "--suppression does not apply"),
+        (
+            ["--enqueue-only", "--verp-domain", "b.example.com", "--secret-file", str(secret)],
+            to_workers,
+        ),
+        (["--enqueue-only", "--dkim", f"example.com:s1:{key_file}"], to_workers),
+    ]
+    for options, message in cases:
+        done = twistmail(*base, *options)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert message in done.stderr, done.stderr
+        assert not queue_path.exists()

@@ -361,6 +361,37 @@ class TransactionTests(SynchronousTestCase):
         result = self.successResultOf(d)
         self.assertEqual([r.code for r in result.recipients], [452, 550])
 
+    def test_a_reply_that_answers_the_whole_transaction_is_shared(self) -> None:
+        # RecipientReply.shared: the final reply is one recipient's own only when that
+        # recipient was the one accepted; a refused MAIL FROM answers for everyone.
+        s = ready_session()
+        two = s.proto.send(envelope("a@example.com", "b@example.com"))
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        s.take()
+        s.reply(b"550 5.1.1 no such user\r\n")
+        one_left = s.proto.send(envelope("c@example.com", "d@example.com"))
+        s.take()
+        s.reply(b"250 ok\r\n250 ok\r\n550 5.1.1 no\r\n354 go\r\n")
+        s.take()
+        s.reply(b"550 5.1.1 no such user\r\n")
+        t = ready_session()
+        sender = t.proto.send(envelope("e@example.com"))
+        t.take()
+        t.reply(b"550 5.1.1 who?\r\n503 need MAIL\r\n503 need MAIL\r\n")
+        got = [
+            [(str(r.recipient), r.code, r.shared) for r in self.successResultOf(d).recipients]
+            for d in (two, one_left, sender)
+        ]
+        self.assertEqual(
+            got,
+            [
+                [("a@example.com", 550, True), ("b@example.com", 550, True)],
+                [("c@example.com", 550, False), ("d@example.com", 550, False)],
+                [("e@example.com", 550, True)],
+            ],
+        )
+
     def test_next_message_pipelined_behind_the_body(self) -> None:
         s = ready_session()
         d1 = s.proto.send(envelope("a@example.com"))

@@ -153,12 +153,60 @@ def test_the_default_list_lives_in_the_users_data_directory(
     assert [m.recipients for m in server.received] == [["ann@example.org"]]
 
 
+def test_send_suppresses_for_a_reply_to_the_data_only_a_rows_sole_recipient(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    # One reply answers the data for every recipient: with a Bcc it names no one address.
+    refused = "550 5.1.1 no such user"
+    server = cue_server(data_replies={"ann": refused, "dan": refused})
+    store = tmp_path / "suppression.db"
+    smtp = ("--smtp", f"smtp://127.0.0.1:{server.port}", "--suppression", str(store))
+    with_bcc = TEMPLATE.replace("Subject:", "Bcc: audit@example.com\nSubject:")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two = campaign(tmp_path / "two", ["ann@example.org"], with_bcc)
+    one = campaign(tmp_path / "one", ["dan@example.org"])
+    assert twistmail("send", *two, *smtp).returncode == 1
+    assert entries(store) == []
+    assert twistmail("send", *one, *smtp).returncode == 1
+    assert entries(store) == [("dan@example.org", "hard-bounce", "")]
+    assert [m.recipients for m in server.rejected] == [
+        ["ann@example.org", "audit@example.com"],
+        ["dan@example.org"],
+    ]
+
+
+def one_click_options(tmp: Path) -> tuple[str, ...]:
+    """The unsubscribe options (an https URL and a mailto, the key file written in ``tmp``)."""
+    secret = tmp / "unsubscribe.key"
+    secret.write_text(SECRET + "\n")
+    return (
+        "--unsubscribe-url",
+        "https://mail.example.com/unsubscribe/{token}",
+        "--unsubscribe-mailto",
+        "unsubscribe@example.com",
+        "--secret-file",
+        str(secret),
+    )
+
+
+def one_click_token(parsed: email.message.Message) -> str:
+    """The token of a message's one-click headers (https URL and mailto, as the tests ask)."""
+    assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    value = " ".join(parsed["List-Unsubscribe"].split())
+    match = re.fullmatch(
+        r"<https://mail\.example\.com/unsubscribe/([A-Za-z0-9_.-]+)>, "
+        r"<mailto:unsubscribe@example\.com\?subject=unsubscribe%20\1>",
+        value,
+    )
+    assert match is not None, value
+    return match.group(1)
+
+
 def test_one_click_headers_per_recipient_inside_the_dkim_signature(
     cue_server: Cue, tmp_path: Path
 ) -> None:
     server = cue_server()
-    secret = tmp_path / "unsubscribe.key"
-    secret.write_text(SECRET + "\n")
     key_file = dkimcheck.write_key(tmp_path / "dkim.pem", dkimcheck.rsa_key())
     csv_path, template_path = campaign(tmp_path, ["ann@example.org", "bob@example.org"])
     sent = twistmail(
@@ -169,12 +217,7 @@ def test_one_click_headers_per_recipient_inside_the_dkim_signature(
         f"smtp://127.0.0.1:{server.port}",
         "--suppression",
         str(tmp_path / "s.db"),
-        "--unsubscribe-url",
-        "https://mail.example.com/unsubscribe/{token}",
-        "--unsubscribe-mailto",
-        "unsubscribe@example.com",
-        "--secret-file",
-        str(secret),
+        *one_click_options(tmp_path),
         "--dkim",
         f"example.com:rsa1:{key_file}",
     )
@@ -186,15 +229,7 @@ def test_one_click_headers_per_recipient_inside_the_dkim_signature(
         parsed = email.message_from_bytes(message.data)
         signed = parsed["DKIM-Signature"].replace("\r\n", "").replace(" ", "").lower()
         assert "list-unsubscribe:list-unsubscribe-post" in signed
-        assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
-        value = " ".join(parsed["List-Unsubscribe"].split())
-        match = re.fullmatch(
-            r"<https://mail\.example\.com/unsubscribe/([A-Za-z0-9_.-]+)>, "
-            r"<mailto:unsubscribe@example\.com\?subject=unsubscribe%20\1>",
-            value,
-        )
-        assert match is not None, value
-        token = match.group(1)
+        token = one_click_token(parsed)
         assert "ann" not in token
         assert "bob" not in token
         subject = box.open(token)
@@ -224,6 +259,26 @@ def test_unsubscribe_options_are_checked_before_sending(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "line 1" in bad.stderr
     assert "short" not in bad.stderr
+
+
+def test_preview_and_dry_run_show_the_unsubscribe_headers_send_adds(tmp_path: Path) -> None:
+    csv_path, template_path = campaign(tmp_path, ["ann@example.org", "bob@example.org"])
+    options = one_click_options(tmp_path)
+    box = TokenBox([("k1", SECRET[3:].encode())])
+    preview = twistmail("preview", csv_path, template_path, "--row", "2", *options)
+    dry_run = twistmail("send", csv_path, template_path, "--dry-run", *options)
+    for shown, address in ((preview, "bob@example.org"), (dry_run, "ann@example.org")):
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        head = shown.stdout.split("\n\n", 1)[0]
+        parsed = email.message_from_string(head.split("\n", 3)[3])  # after the envelope
+        subject = box.open(one_click_token(parsed))
+        assert subject is not None
+        assert (subject.address, subject.list_id) == (address, LIST)
+    # check takes the same options and refuses what send would refuse.
+    assert twistmail("check", csv_path, template_path, *options).returncode == 0
+    bad = twistmail("check", csv_path, template_path, "--unsubscribe-url", "http://x/{token}")
+    assert bad.returncode == 2
+    assert "https" in bad.stderr
 
 
 def test_suppress_import_export_list_remove_and_a_queues_list(tmp_path: Path) -> None:

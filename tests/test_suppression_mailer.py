@@ -94,3 +94,37 @@ async def test_send_many_checks_every_message_in_chunks_and_reports_each(
         assert [r.status for r in result.recipients] == [expected]
     received = sorted(int(m.recipients[0][1:].split("@")[0]) for m in server.received)
     assert received == [n for n in range(1200) if n % 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_to_the_data_suppresses_only_a_messages_sole_recipient(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    # SMTP answers the data once for every recipient accepted: 550 5.1.1 then names one
+    # address only when the message had one. A refused MAIL FROM is about the sender.
+    after_data = cue_server(data_reply="550 5.1.1 no such user")
+    mail_refused = cue_server(mail_reply="550 5.1.1 no such user")
+    store = await SqliteSuppressionList.open(tmp_path / "s.db")
+    mailers = [
+        Mailer(f"smtp://127.0.0.1:{s.port}", suppression=store, reactor=reactor, max_attempts=1)
+        for s in (after_data, mail_refused)
+    ]
+    try:
+        with pytest.raises(PermanentError):
+            await mailers[0].send(triple(1, "ann@example.org", "bob@example.org"))
+        assert await store.entries() == []
+        with pytest.raises(PermanentError):
+            await mailers[1].send(triple(2, "cat@example.org"))
+        assert await store.entries() == []
+        with pytest.raises(PermanentError):
+            await mailers[0].send(triple(3, "dan@example.org"))
+        (entry,) = await store.entries()
+        assert (entry.address, entry.reason) == ("dan@example.org", HARD_BOUNCE)
+    finally:
+        for mailer in mailers:
+            await mailer.close()
+        await store.close()
+    assert [m.recipients for m in after_data.rejected] == [
+        ["ann@example.org", "bob@example.org"],
+        ["dan@example.org"],
+    ]

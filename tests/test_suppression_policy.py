@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet import task
 from twisted.trial.unittest import SynchronousTestCase
 
+from twistmail.bounces.parse import RecipientReport
 from twistmail.results import RecipientOutcome
 from twistmail.suppression import HARD_BOUNCE, MemorySuppressionList
 from twistmail.suppression.policy import BounceGuard, is_recipient_hard_bounce
@@ -20,12 +21,21 @@ def ok(rcpt: str) -> RecipientOutcome:
 
 class ClassificationTests(SynchronousTestCase):
     def test_only_the_recipients_own_address_problems_suppress(self) -> None:
-        for enhanced in ("5.1.1", "5.1.3", "5.1.6"):
+        for enhanced in ("5.1.1", "5.1.3", "5.1.6", "5.1.10"):
             self.assertTrue(is_recipient_hard_bounce(550, enhanced))
         for enhanced in ("5.1.0", "5.1.7", "5.1.8", "5.7.1", "4.1.1", None):
             self.assertFalse(is_recipient_hard_bounce(550, enhanced))
         self.assertFalse(is_recipient_hard_bounce(450, "5.1.1"))
         self.assertFalse(is_recipient_hard_bounce(None, "5.1.1"))
+
+    def test_a_refusal_at_rcpt_and_a_dsn_agree_on_every_status(self) -> None:
+        # One list decides for both: a status a DSN would suppress for, a server's refusal
+        # at RCPT suppresses for too, and the other way round.
+        statuses = ["5.1.0", "5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.7", "5.1.8", "5.1.10"]
+        statuses += ["5.2.1", "5.2.2", "5.7.1", "5.7.26", "5.0.0", "5.1.100"]
+        for status in statuses:
+            dsn = RecipientReport("u@example.org", None, "failed", status, None, None, "hard")
+            self.assertEqual(dsn.suppress, is_recipient_hard_bounce(550, status), status)
 
 
 class GuardTests(SynchronousTestCase):
@@ -49,6 +59,24 @@ class GuardTests(SynchronousTestCase):
         self.guard.note([ok("a@example.org"), refused("b@example.org", "5.1.1"), ok("c@x.org")])
         self.successResultOf(self.guard.flush())
         self.assertEqual(self.suppressed(), ["b@example.org"])
+
+    def test_a_null_mx_refusal_at_rcpt_suppresses_its_recipient(self) -> None:
+        # RFC 7505: a domain publishing a null MX takes no mail; the reply is 556 5.1.10.
+        self.guard.note([ok("a@example.org"), refused("b@nullmx.example", "5.1.10", 556)])
+        self.successResultOf(self.guard.flush())
+        self.assertEqual(self.suppressed(), ["b@nullmx.example"])
+
+    def test_a_shared_refusal_never_suppresses(self) -> None:
+        # A refused MAIL FROM, or the one reply to the data of a message with several
+        # recipients: it does not say which address it means.
+        shared = [refused(f"u{n}@example.org", "5.1.1") for n in range(2)]
+        for outcome in shared:
+            outcome.shared = True
+        self.guard.accepted(8)
+        self.guard.note(shared)
+        self.successResultOf(self.guard.flush())
+        self.assertEqual(self.suppressed(), [])
+        self.assertEqual(self.guard.withheld, 0)
 
     def test_sender_problems_never_suppress(self) -> None:
         self.guard.note(

@@ -206,3 +206,31 @@ async def test_a_suppressed_recipient_does_not_fail_a_message_retried_for_anothe
         (state,) = db.execute("SELECT state FROM messages WHERE id = ?", (queued,)).fetchone()
     assert state == "sent"
     assert [m.recipients for m in server.received] == [["busy@example.org"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_drain_suppresses_for_a_reply_to_the_data_only_a_sole_recipient(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    # The final reply to a message answers all of its recipients at once: 550 5.1.1 there
+    # names an address only when the message had one.
+    refused = {"ann": "550 5.1.1 no such user", "dan": "550 5.1.1 no such user"}
+    server = cue_server(data_replies=refused)
+    path = tmp_path / "spool.db"
+    queue = await SqliteQueue.open(path)
+    fine = [envelope(n, f"u{n}@example.org") for n in range(10, 16)]
+    both = envelope(1, "ann@example.org", "bob@example.org")
+    await queue.enqueue([*fine, both, envelope(2, "dan@example.org")])  # type: ignore[list-item]
+    await queue.close()
+
+    code, out = await output(
+        run("drain", "--spool", str(path), "--smtp", f"smtp://127.0.0.1:{server.port}")
+    )
+    assert code == 1, out
+    assert sorted(m.recipients for m in server.rejected) == [
+        ["ann@example.org", "bob@example.org"],
+        ["dan@example.org"],
+    ]
+    with sqlite3.connect(path) as db:
+        added = db.execute("SELECT address, reason FROM suppressions").fetchall()
+    assert added == [("dan@example.org", "hard-bounce")]

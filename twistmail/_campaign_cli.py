@@ -43,6 +43,30 @@ def send_options_problem(args: argparse.Namespace) -> str | None:
             "--queue keeps the campaign in the queue: --journal and --new-campaign do not "
             "apply (name a new campaign with --campaign NAME)"
         )
+    if args.queue:
+        return _not_carried_by_the_queue(args)
+    return None
+
+
+def _not_carried_by_the_queue(args: argparse.Namespace) -> str | None:
+    """Why ``send --queue`` cannot do what an option asks, for the first such option."""
+    if args.unsubscribe_url or args.unsubscribe_mailto:
+        return (
+            "--unsubscribe-url and --unsubscribe-mailto do not go with --queue: the workers "
+            "render the queued rows and add no List-Unsubscribe headers (send without --queue, "
+            "or put the headers in the template)"
+        )
+    if args.suppression:
+        return (
+            "--queue checks the queue's own suppression list: --suppression does not apply "
+            "(copy entries with: twistmail suppress export --suppression PATH | twistmail "
+            "suppress import - --queue URL)"
+        )
+    if args.enqueue_only and (args.verp_domain or args.dkim):
+        return (
+            "--enqueue-only leaves delivery to the workers: give --verp-domain and --dkim to "
+            "them (twistmail worker, the relay), not to send"
+        )
     return None
 
 

@@ -69,6 +69,7 @@ class _MessageJob(Job):
                     stopped_by.enhanced,
                     stopped_by.response or str(stopped_by),
                     self.attempts,
+                    shared=True,
                 )
             recipients.append(outcome)
         final: TransactionResult | None = getattr(self, "final", None)

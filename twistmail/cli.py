@@ -25,7 +25,14 @@ from ._heap import settle
 from .bounces.command import add_bounces_parser, add_verp_option, verp_from_args
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
-from .suppresscmd import add_send_options, add_suppress_parser, send_options_from, suppress_main
+from .suppresscmd import (
+    add_send_options,
+    add_suppress_parser,
+    add_unsubscribe_options,
+    send_options_from,
+    suppress_main,
+    unsubscribe_from,
+)
 
 EXIT_USAGE = 2
 """Usage or configuration error: the status every command exits with for one."""
@@ -177,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _inputs(check)
     check.add_argument("--from", dest="envelope_from", metavar="ADDR", help="as for send")
+    add_unsubscribe_options(check)
 
     preview = sub.add_parser(
         "preview",
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--row", type=_positive_int, default=1, metavar="N", help="data row (default: 1)"
     )
     preview.add_argument("--from", dest="envelope_from", metavar="ADDR", help="as for send")
+    add_unsubscribe_options(preview)
 
     status = sub.add_parser(
         "status",
@@ -677,11 +686,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(EXIT_USAGE)
         sys.exit(commands.status(args.journal, args.limit, sys.stdout))
     if args.command == "check":
+        unsubscribe_from(args)  # refused here as send would refuse them
         sys.exit(commands.check(args.recipients, args.template, args.envelope_from, sys.stdout))
     if args.command == "preview":
+        unsubscribe = unsubscribe_from(args)
         sys.exit(
             commands.preview(
-                args.recipients, args.template, args.row, args.envelope_from, sys.stdout
+                args.recipients,
+                args.template,
+                args.row,
+                args.envelope_from,
+                sys.stdout,
+                unsubscribe,
             )
         )
     if args.command == "capture":

@@ -20,7 +20,9 @@ class RecipientOutcome:
     temporary refusals until the attempts ran out), ``"deferred"`` (only while a message is
     still being retried) or ``"suppressed"`` (on the Mailer's suppression list: not sent to).
     ``code``/``enhanced``/``response`` are the server's last word on it; ``code`` is ``None``
-    when the failure was a drop or a timeout rather than a reply.
+    when the failure was a drop or a timeout rather than a reply. ``shared``: that word was
+    not about this recipient alone (a refused MAIL FROM, the one reply to the data of a
+    message with several recipients, a failed session), so it says nothing about its address.
     """
 
     recipient: str
@@ -29,6 +31,7 @@ class RecipientOutcome:
     enhanced: str | None = None
     response: str = ""
     attempts: int = 0
+    shared: bool = False
 
     @property
     def accepted(self) -> bool:

@@ -99,7 +99,7 @@ class Plan:
             assert result is not None
             self._outcomes = [
                 RecipientOutcome(
-                    str(r.recipient), "sent", r.code, r.enhanced, r.text, self.attempts
+                    str(r.recipient), "sent", r.code, r.enhanced, r.text, self.attempts, r.shared
                 )
                 for r in result.recipients
             ]
@@ -175,7 +175,7 @@ def plan(
             else:
                 status, text = "failed", reply.text
             outcome = RecipientOutcome(
-                str(reply.recipient), status, code, reply.enhanced, text, attempts
+                str(reply.recipient), status, code, reply.enhanced, text, attempts, reply.shared
             )
             outcomes.append(outcome)
             deferred = deferred or status == "deferred"
@@ -189,8 +189,9 @@ def plan(
             status, reason = _temporary(reason, can_retry, attempts)
         else:
             status = "failed"
+        # An error ends the session: it is never one recipient's own answer.
         outcomes = [
-            RecipientOutcome(str(rcpt), status, error.code, error.enhanced, reason, attempts)
+            RecipientOutcome(str(rcpt), status, error.code, error.enhanced, reason, attempts, True)
             for rcpt in tried
         ]
         deferred = status == "deferred"

@@ -16,13 +16,23 @@ import io
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from twisted.internet import defer, task, threads
 
 from .errors import TwistmailError
 
-__all__ = ["add_send_options", "add_suppress_parser", "send_options_from", "suppress_main"]
+if TYPE_CHECKING:
+    from .unsubscribe.headers import Unsubscribe
+
+__all__ = [
+    "add_send_options",
+    "add_suppress_parser",
+    "add_unsubscribe_options",
+    "send_options_from",
+    "suppress_main",
+    "unsubscribe_from",
+]
 
 EXIT_OK, EXIT_NOTHING, EXIT_USAGE = 0, 1, 2
 COLUMNS = ("address", "reason", "list_id", "created_at", "detail")
@@ -38,6 +48,12 @@ def add_send_options(parser: argparse.ArgumentParser) -> None:
         "(default: $XDG_DATA_HOME/twistmail/suppression.db, i.e. ~/.local/share/twistmail/); "
         "a relay's SQLite queue file works too, so unsubscribes it takes apply",
     )
+    add_unsubscribe_options(parser)
+
+
+def add_unsubscribe_options(parser: argparse.ArgumentParser) -> None:
+    """The one-click unsubscribe options (``send``'s, also taken by ``preview`` and ``check``
+    so that they show and check what ``send`` would add)."""
     parser.add_argument(
         "--unsubscribe-url",
         metavar="TEMPLATE",
@@ -60,19 +76,26 @@ def add_send_options(parser: argparse.ArgumentParser) -> None:
 
 def send_options_from(args: argparse.Namespace) -> dict[str, Any]:
     """``SendOptions`` fields of the options above; prints why and exits 2 when unusable."""
-    from .unsubscribe import SecretError, TokenBox, Unsubscribe, UnsubscribeError
+    return {"suppression_path": args.suppression, "unsubscribe": unsubscribe_from(args)}
 
-    unsubscribe = None
+
+def unsubscribe_from(args: argparse.Namespace) -> Unsubscribe | None:
+    """The ``List-Unsubscribe`` headers the unsubscribe options ask for (None: none); prints
+    why and exits 2 when they are unusable."""
+    from .unsubscribe import SecretError, TokenBox
+    from .unsubscribe.headers import Unsubscribe, UnsubscribeError
+
     # --secret-file alone also signs --verp-domain return paths: no unsubscribe headers then.
     verp_only = args.secret_file and getattr(args, "verp_domain", None)
-    if args.unsubscribe_url or args.unsubscribe_mailto or (args.secret_file and not verp_only):
-        try:
-            tokens = TokenBox.from_file(args.secret_file) if args.secret_file else None
-            unsubscribe = Unsubscribe(tokens, args.unsubscribe_url, args.unsubscribe_mailto)
-        except (SecretError, UnsubscribeError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
-    return {"suppression_path": args.suppression, "unsubscribe": unsubscribe}
+    tokens_only = args.secret_file and not verp_only
+    if not (args.unsubscribe_url or args.unsubscribe_mailto or tokens_only):
+        return None
+    try:
+        tokens = TokenBox.from_file(args.secret_file) if args.secret_file else None
+        return Unsubscribe(tokens, args.unsubscribe_url, args.unsubscribe_mailto)
+    except (SecretError, UnsubscribeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 _SUPPRESS_EXAMPLE = """\

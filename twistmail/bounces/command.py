@@ -97,9 +97,11 @@ def add_verp_option(parser: argparse.ArgumentParser, *, secret_file: bool = Fals
     parser.add_argument(
         "--verp-domain",
         metavar="DOMAIN",
-        help="send each message that has one recipient from its own signed return path "
+        help="send each recipient's message from its own signed return path "
         "bounces+TOKEN@DOMAIN (keys from --secret-file), so that its bounce names it "
-        "(twistmail bounces); one SMTP transaction per recipient",
+        "(twistmail bounces); one SMTP transaction per recipient (a queued message with "
+        "several recipients goes as one copy each; a campaign row with a Cc or Bcc keeps "
+        "its sender)",
     )
     if secret_file:
         parser.add_argument(

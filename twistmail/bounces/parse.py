@@ -43,10 +43,9 @@ __all__ = [
 
 Kind = Literal["hard", "soft", "other"]
 
-RECIPIENT_STATUSES: Final = RECIPIENT_HARD_BOUNCES | {"5.1.10"}
-"""Hard-bounce statuses that are about the recipient's address: it may be suppressed (those a
-refusal at RCPT suppresses, and 5.1.10, which DSNs from Microsoft 365 use for an address that
-does not exist)."""
+RECIPIENT_STATUSES: Final = RECIPIENT_HARD_BOUNCES
+"""Hard-bounce statuses that are about the recipient's address: it may be suppressed (the
+suppression policy's list, the same for a refusal at RCPT and for a DSN)."""
 SENDER_STATUSES: Final = SENDER_PROBLEMS
 """Statuses about the sender's address (ours): never a reason to suppress a recipient."""
 MAX_RECIPIENTS: Final = 1000

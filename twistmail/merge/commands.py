@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from email.header import decode_header, make_header
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
@@ -24,11 +24,18 @@ from .prepare import (
     problems,
 )
 from .run import EXIT_FAILED, EXIT_OK, EXIT_USAGE, SendOptions
+from .suppressing import with_unsubscribe
+
+if TYPE_CHECKING:
+    from twistmail.unsubscribe.headers import Unsubscribe
 
 __all__ = ["capture", "check", "preview", "status", "validate_before_send"]
 
 
-def _show_message(prepared: Prepared, out: TextIO) -> None:
+def _show_message(prepared: Prepared, unsubscribe: Unsubscribe | None, out: TextIO) -> None:
+    """Print ``prepared`` as ``send`` would send it (with its ``List-Unsubscribe`` headers)."""
+    if unsubscribe is not None:
+        prepared = with_unsubscribe(prepared, unsubscribe)
     env = prepared.envelope
     print(f"# row {prepared.row}", file=out)
     print(f"# MAIL FROM:<{env.sender}>", file=out)
@@ -91,9 +98,15 @@ def check(csv_path: str, template_path: str, envelope_from: str | None, out: Tex
 
 
 def preview(
-    csv_path: str, template_path: str, row: int, envelope_from: str | None, out: TextIO
+    csv_path: str,
+    template_path: str,
+    row: int,
+    envelope_from: str | None,
+    out: TextIO,
+    unsubscribe: Unsubscribe | None = None,
 ) -> int:
-    """Print the rendered message of data row ``row``."""
+    """Print the rendered message of data row ``row``, with the ``List-Unsubscribe`` headers
+    of ``unsubscribe`` as ``send`` adds them."""
     try:
         source, template = load_inputs(csv_path, template_path)
         for candidate in source:
@@ -102,7 +115,7 @@ def preview(
                 if isinstance(result, Problem):
                     print(f"invalid: {result.reason}", file=out)
                     return EXIT_FAILED
-                _show_message(result, out)
+                _show_message(result, unsubscribe, out)
                 return EXIT_OK
     except (TwistmailError, OSError) as e:
         print(f"error: {e}", file=out)
@@ -121,7 +134,7 @@ def validate_before_send(options: SendOptions, *, dry_run: bool, out: TextIO) ->
         return EXIT_USAGE
     if dry_run:
         if shown:
-            _show_message(shown[0], out)
+            _show_message(shown[0], options.unsubscribe, out)
         print(f"dry run: {found} invalid row(s); nothing sent", file=out)
         return EXIT_FAILED if found else EXIT_OK
     if found:

@@ -276,7 +276,9 @@ async def _deliver(queue: IQueue, campaign: Campaign, opts: SendOptions, reactor
         return EXIT_USAGE
     delivery = {f.name: getattr(opts, f.name) for f in dataclasses.fields(DeliveryOptions)}
     delivery["server_patience"] = float("inf")
-    worker_options = WorkerOptions(queue_url=opts.queue_url or "", out=opts.out, **delivery)
+    worker_options = WorkerOptions(
+        queue_url=opts.queue_url or "", out=opts.out, verp=opts.verp, **delivery
+    )
 
     def failed(claimed: Any, outcome: Any) -> None:
         if outcome.state == "failed":

@@ -24,7 +24,15 @@ from ..suppression.screen import list_id_of
 from ..unsubscribe.headers import Unsubscribe
 from .prepare import Prepared, Problem
 
-__all__ = ["SCREEN_BYTES", "SCREEN_ROWS", "RowScreen", "Suppressed", "batches", "message_size"]
+__all__ = [
+    "SCREEN_BYTES",
+    "SCREEN_ROWS",
+    "RowScreen",
+    "Suppressed",
+    "batches",
+    "message_size",
+    "with_unsubscribe",
+]
 
 SCREEN_ROWS: Final = 256
 """Rows checked against the list in one query, at most."""
@@ -132,6 +140,17 @@ class RowScreen:
     def _headed(self, item: Prepared | Problem, list_id: str) -> Item:
         if self.unsubscribe is None or not isinstance(item, Prepared):
             return item
-        address = key_or_none(item.email) or key_or_none(item.envelope.recipients[0])
-        envelope = self.unsubscribe.add_to(item.envelope, address, list_id)
-        return dataclasses.replace(item, envelope=envelope)
+        return with_unsubscribe(item, self.unsubscribe, list_id)
+
+
+def with_unsubscribe(
+    item: Prepared, unsubscribe: Unsubscribe, list_id: str | None = None
+) -> Prepared:
+    """``item`` with the ``List-Unsubscribe`` headers of its row's recipient, for the list of
+    its ``List-Id`` (``list_id``, when already read): what a campaign's message goes out with,
+    and what ``preview`` and ``send --dry-run`` show."""
+    if list_id is None:
+        list_id = list_id_of(item.envelope.payload)
+    address = key_or_none(item.email) or key_or_none(item.envelope.recipients[0])
+    envelope = unsubscribe.add_to(item.envelope, address, list_id)
+    return dataclasses.replace(item, envelope=envelope)

@@ -62,8 +62,8 @@ class DrainOptions(DeliveryOptions):
     lease: float = 300.0
     out: TextIO = field(default_factory=lambda: sys.stdout)
     verp: Any = None
-    """A :class:`~twistmail.bounces.verp.VerpSigner` (``--verp-domain``): one-recipient
-    messages go out from their signed return paths."""
+    """A :class:`~twistmail.bounces.verp.VerpSigner` (``--verp-domain``): each recipient's
+    message (a copy each, for a message with several) goes out from its signed return path."""
 
 
 def drain(options: DrainOptions, reactor: Reactor) -> defer.Deferred[int]:

@@ -67,7 +67,8 @@ class RelayConfig:
     """``--bounce-domain`` with the ``--secret-file`` keys: bounces to its return paths are
     accepted from anyone and consumed."""
     verp_send: bool = False
-    """``--verp``: one-recipient messages go out from their own return path at ``verp``."""
+    """``--verp``: each recipient's message (a copy each, for a message with several) goes
+    out from its own return path at ``verp``."""
     public_http: str | None = None
     """Where the one-click unsubscribe routes listen (no API token; behind TLS termination)."""
     unsubscribe_tokens: TokenBox | None = None

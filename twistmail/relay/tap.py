@@ -122,8 +122,9 @@ class Options(usage.Options):
         [
             "verp",
             None,
-            "send each one-recipient message from its own signed return path at "
-            "--bounce-domain, so its bounce names it (one transaction per recipient)",
+            "send each recipient's message from its own signed return path at "
+            "--bounce-domain, so its bounce names it (one transaction, and one copy of a "
+            "message with several recipients, per recipient)",
         ],
     ]
 

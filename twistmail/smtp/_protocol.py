@@ -684,10 +684,14 @@ class MailerProtocol(_ESMTPClient):
         final_code = final[0]
         final_enhanced, final_text = split_enhanced(final[1], final_code, advertised)
         mail_failed = txn.mail_failed is not None
+        # The final reply is one recipient's own only when it was the one accepted (and the
+        # MAIL FROM was): otherwise it answers the whole transaction (RecipientReply.shared).
+        shared = mail_failed or txn.accepted != 1
         if txn.accepted == len(recipients) and not mail_failed:
             # Every RCPT was accepted: each recipient's fate is the final reply.
             replies = [
-                RecipientReply(rcpt, final_code, final_enhanced, final_text) for rcpt in recipients
+                RecipientReply(rcpt, final_code, final_enhanced, final_text, shared)
+                for rcpt in recipients
             ]
             accepted_all = 200 <= final_code < 300
         else:
@@ -695,7 +699,9 @@ class MailerProtocol(_ESMTPClient):
             replies = []
             for rcpt, rr in zip(recipients, txn.rcpt_replies, strict=True):
                 if mail_failed or rr is None or 200 <= rr[0] < 300:
-                    replies.append(RecipientReply(rcpt, final_code, final_enhanced, final_text))
+                    replies.append(
+                        RecipientReply(rcpt, final_code, final_enhanced, final_text, shared)
+                    )
                 else:
                     enhanced, text = split_enhanced(_text(rr[1]), rr[0], advertised)
                     replies.append(RecipientReply(rcpt, rr[0], enhanced, text))

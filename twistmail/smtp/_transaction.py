@@ -19,12 +19,19 @@ __all__ = ["Notify", "RecipientReply", "TransactionResult"]
 
 @dataclass(slots=True)
 class RecipientReply:
-    """The server's final word on one recipient in one transaction."""
+    """The server's final word on one recipient in one transaction.
+
+    ``shared``: the reply answered the whole transaction, not this recipient alone: a refused
+    MAIL FROM (about the sender), or the reply to the data of a message more than one
+    recipient of which was accepted (SMTP gives one reply for all of them). A shared refusal
+    says nothing about this recipient's address.
+    """
 
     recipient: Address
     code: int
     enhanced: str | None
     text: str
+    shared: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -97,8 +104,9 @@ class TransactionResult:
         if type(recipients) is tuple:
             self._parse()
             code, enhanced, text = self.code, self._enhanced, self._text
+            shared = len(recipients) > 1
             recipients = self._recipients = [
-                RecipientReply(rcpt, code, enhanced, text) for rcpt in recipients
+                RecipientReply(rcpt, code, enhanced, text, shared) for rcpt in recipients
             ]
         return recipients  # type: ignore[return-value]
 

@@ -1,9 +1,14 @@
 """Which refusals suppress an address, and the guard against suppressing a whole list.
 
 A hard bounce suppresses its recipient only when it is about that recipient: enhanced status
-5.1.1 (no such mailbox), 5.1.3 (bad address syntax) or 5.1.6 (mailbox moved). 5.1.0, 5.1.7 and
-5.1.8 are about our sender; a reply without an enhanced status code says too little. Either
-way nothing is suppressed.
+5.1.1 (no such mailbox), 5.1.3 (bad address syntax), 5.1.6 (mailbox moved) or 5.1.10 (the
+recipient's domain accepts no mail, a null MX, RFC 7505; Microsoft 365 also writes it for an
+address that does not exist), whether a server refused it at RCPT or a DSN reported it.
+5.1.0, 5.1.7 and 5.1.8 are about our sender; a reply without an enhanced status code says too
+little. Nor does a reply that answered the whole transaction rather than the recipient
+(:attr:`~twistmail.results.RecipientOutcome.shared`): a refused MAIL FROM is about the sender,
+and the one reply to the data of a message with several recipients cannot say which of them
+it means. Either way nothing is suppressed.
 
 :class:`BounceGuard` holds those hard bounces until the batch they came in is complete, and
 drops them all when most of the batch was refused at once: a server refusing everyone (a bad
@@ -27,12 +32,19 @@ from ..interfaces import ISuppressionList
 from ..results import RecipientOutcome
 from .records import HARD_BOUNCE, Suppression
 
-__all__ = ["RECIPIENT_HARD_BOUNCES", "SENDER_PROBLEMS", "BounceGuard", "is_recipient_hard_bounce"]
+__all__ = [
+    "RECIPIENT_HARD_BOUNCES",
+    "SENDER_PROBLEMS",
+    "BounceGuard",
+    "is_recipient_hard_bounce",
+    "suppresses",
+]
 
 log = Logger()
 
-RECIPIENT_HARD_BOUNCES: Final = frozenset({"5.1.1", "5.1.3", "5.1.6"})
-"""Enhanced status codes saying the recipient's address is bad (RFC 3463)."""
+RECIPIENT_HARD_BOUNCES: Final = frozenset({"5.1.1", "5.1.3", "5.1.6", "5.1.10"})
+"""Enhanced status codes saying the recipient's address is bad (RFC 3463, RFC 7505): the one
+list for refusals at RCPT and for DSNs."""
 SENDER_PROBLEMS: Final = frozenset({"5.1.0", "5.1.7", "5.1.8"})
 """Enhanced status codes about our sender address: never suppress anyone for them."""
 
@@ -41,6 +53,17 @@ def is_recipient_hard_bounce(code: int | None, enhanced: str | None) -> bool:
     """Whether a refusal (reply ``code``, ``enhanced`` status) says the recipient's address is
     bad, so that mail to it must stop."""
     return code is not None and 500 <= code < 600 and enhanced in RECIPIENT_HARD_BOUNCES
+
+
+def suppresses(outcome: RecipientOutcome) -> bool:
+    """Whether ``outcome`` is a hard bounce about its recipient's own address: a refusal that
+    answered that recipient alone (not a refused MAIL FROM, not the one reply to the data of
+    a message with several recipients) with a recipient status."""
+    return (
+        outcome.status == "failed"
+        and not outcome.shared
+        and is_recipient_hard_bounce(outcome.code, outcome.enhanced)
+    )
 
 
 class BounceGuard:
@@ -90,7 +113,7 @@ class BounceGuard:
             elif o.status == "failed" and o.code is not None and 500 <= o.code < 600:
                 self._outcomes += 1
                 self._refused += 1
-                if is_recipient_hard_bounce(o.code, o.enhanced):
+                if suppresses(o):
                     detail = f"{o.code} {o.enhanced} {o.response}".strip()
                     self._held.append(Suppression(o.recipient, HARD_BOUNCE, detail=detail))
                     if self._timer is None:
