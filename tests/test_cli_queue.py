@@ -260,15 +260,8 @@ def test_send_queue_refuses_the_options_it_cannot_carry_out(tmp_path: Path) -> N
     queue_path = tmp_path / "queue.db"
     base = ("send", csv_path, template_path, "--queue", f"sqlite:{queue_path}")
     smtp = ["--smtp", "smtp://127.0.0.1:1"]
-    unsubscribe = "--unsubscribe-url and --unsubscribe-mailto do not go with --queue"
     to_workers = "give --verp-domain and --dkim to them"
-    url = "https://m.example.com/u/{token}"
     cases = [
-        (
-            [*smtp, "--unsubscribe-url", url, "--secret-file", str(secret)],
-            unsubscribe,
-        ),
-        ([*smtp, "--unsubscribe-mailto", "unsubscribe@example.com"], unsubscribe),
         ([*smtp, "--suppression", str(tmp_path / "s.db")], "--suppression does not apply"),
         (
             ["--enqueue-only", "--verp-domain", "b.example.com", "--secret-file", str(secret)],

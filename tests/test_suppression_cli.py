@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dkimcheck
+import pytest
 import pytest_twisted
 from servers import CueServer
 
@@ -203,24 +204,28 @@ def one_click_token(parsed: email.message.Message) -> str:
     return match.group(1)
 
 
+@pytest.mark.parametrize("door", ["direct", "queue", "enqueue-then-drain"])
 def test_one_click_headers_per_recipient_inside_the_dkim_signature(
-    cue_server: Cue, tmp_path: Path
+    cue_server: Cue, tmp_path: Path, door: str
 ) -> None:
+    """``send`` (directly, or through a queue: the tokens are made when the rows are queued,
+    with the sender's secret, and the worker that renders a row adds them)."""
     server = cue_server()
     key_file = dkimcheck.write_key(tmp_path / "dkim.pem", dkimcheck.rsa_key())
     csv_path, template_path = campaign(tmp_path, ["ann@example.org", "bob@example.org"])
-    sent = twistmail(
-        "send",
-        csv_path,
-        template_path,
-        "--smtp",
-        f"smtp://127.0.0.1:{server.port}",
-        "--suppression",
-        str(tmp_path / "s.db"),
-        *one_click_options(tmp_path),
-        "--dkim",
-        f"example.com:rsa1:{key_file}",
-    )
+    smtp = ("--smtp", f"smtp://127.0.0.1:{server.port}")
+    dkim = ("--dkim", f"example.com:rsa1:{key_file}")
+    queue = tmp_path / "queue.db"
+    where = {
+        "direct": ("--suppression", str(tmp_path / "s.db"), *smtp, *dkim),
+        "queue": ("--queue", f"sqlite:{queue}", *smtp, *dkim),
+        "enqueue-then-drain": ("--queue", f"sqlite:{queue}", "--enqueue-only"),
+    }[door]
+    sent = twistmail("send", csv_path, template_path, *where, *one_click_options(tmp_path))
+    if door == "enqueue-then-drain":
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert server.received == []
+        sent = twistmail("drain", "--spool", str(queue), *smtp, *dkim)
     assert sent.returncode == 0, sent.stdout + sent.stderr
     box = TokenBox([("k1", SECRET[3:].encode())])
     tokens = set()

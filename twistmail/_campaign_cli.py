@@ -50,12 +50,6 @@ def send_options_problem(args: argparse.Namespace) -> str | None:
 
 def _not_carried_by_the_queue(args: argparse.Namespace) -> str | None:
     """Why ``send --queue`` cannot do what an option asks, for the first such option."""
-    if args.unsubscribe_url or args.unsubscribe_mailto:
-        return (
-            "--unsubscribe-url and --unsubscribe-mailto do not go with --queue: the workers "
-            "render the queued rows and add no List-Unsubscribe headers (send without --queue, "
-            "or put the headers in the template)"
-        )
     if args.suppression:
         return (
             "--queue checks the queue's own suppression list: --suppression does not apply "

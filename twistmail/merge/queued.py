@@ -32,6 +32,7 @@ from twistmail.interfaces import IQueue
 from twistmail.options import DeliveryOptions
 from twistmail.queue.campaigns import (
     FIRST,
+    HEADERS_CELL,
     HELD,
     Campaign,
     CampaignRow,
@@ -40,6 +41,7 @@ from twistmail.queue.campaigns import (
 )
 from twistmail.queue.records import QueueError
 from twistmail.queue.url import open_queue
+from twistmail.unsubscribe.headers import Unsubscribe
 
 from .attachments import UploadingAttachments
 from .csvsource import CsvSource, open_csv
@@ -48,6 +50,7 @@ from .prepare import Problem, prepare_row
 from .report import ReportFile
 from .resume import DUPLICATE_RESPONSE, Sorter, ToSend
 from .run import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, SendOptions
+from .suppressing import unsubscribe_lines
 from .template import MessageTemplate
 
 __all__ = ["Enqueued", "campaign_name", "enqueue_campaign", "report", "send", "status"]
@@ -116,6 +119,7 @@ async def _send(opts: SendOptions, reactor: Reactor) -> int:
             allow_duplicates=opts.allow_duplicates,
             limit=opts.limit,
             say=lambda text: _say(opts, text),
+            unsubscribe=opts.unsubscribe,
         )
         _say(
             opts,
@@ -171,11 +175,14 @@ async def enqueue_campaign(
     limit: int | None = None,
     say: Callable[[str], None] = lambda text: None,
     render: Render = defer.maybeDeferred,
+    unsubscribe: Unsubscribe | None = None,
 ) -> Enqueued:
     """Sort every row against what the queue holds of ``campaign``, validate (render) those
     to send and store them, a chunk at a time: ``files()`` gives the files the template read
     since the last call (stored with the chunk), ``say`` hears each invalid, duplicate or
-    changed row, ``render(function, *args)`` runs a chunk's rendering (e.g. in a thread)."""
+    changed row, ``render(function, *args)`` runs a chunk's rendering (e.g. in a thread).
+    With ``unsubscribe``, each row is stored with its ``List-Unsubscribe`` headers (their
+    tokens made now, with the sender's secret), which its message gets when rendered."""
     sorter = Sorter(
         iter(source),
         RowIdentity.of(template, source.columns),
@@ -206,7 +213,7 @@ async def enqueue_campaign(
         )
         left = None if limit is None else limit - started
         rendered, count, notes = await render(
-            _render_chunk, template, out.send, message_id, envelope_from, left
+            _render_chunk, template, out.send, message_id, envelope_from, left, unsubscribe
         )
         rows.extend(rendered)
         started += count
@@ -227,6 +234,7 @@ def _render_chunk(
     message_id: Callable[[int, str], str],
     envelope_from: str | None,
     left: int | None,
+    unsubscribe: Unsubscribe | None = None,
 ) -> tuple[list[CampaignRow], int, list[str]]:
     """The rows of ``send`` rendered (at most ``left`` to queue): their campaign rows, how
     many are to queue, and a note for each invalid one."""
@@ -246,6 +254,10 @@ def _render_chunk(
             )
             continue
         count += 1
+        cells = row.values
+        if unsubscribe is not None:
+            lines = unsubscribe_lines(prepared, unsubscribe).decode("ascii")
+            cells = {**cells, HEADERS_CELL: lines}
         rows.append(
             CampaignRow(
                 ident,
@@ -254,7 +266,7 @@ def _render_chunk(
                 "queued",
                 fingerprint,
                 envelope=prepared.envelope,
-                cells=row.values,
+                cells=cells,
             )
         )
     return rows, count, notes

@@ -21,7 +21,7 @@ from ..address import Address
 from ..interfaces import ISuppressionList
 from ..suppression.records import Suppression, key_or_none, suppressed_reply
 from ..suppression.screen import list_id_of
-from ..unsubscribe.headers import Unsubscribe
+from ..unsubscribe.headers import Unsubscribe, prepend_headers
 from .prepare import Prepared, Problem
 
 __all__ = [
@@ -149,8 +149,15 @@ def with_unsubscribe(
     """``item`` with the ``List-Unsubscribe`` headers of its row's recipient, for the list of
     its ``List-Id`` (``list_id``, when already read): what a campaign's message goes out with,
     and what ``preview`` and ``send --dry-run`` show."""
+    lines = unsubscribe_lines(item, unsubscribe, list_id)
+    return dataclasses.replace(item, envelope=prepend_headers(item.envelope, lines))
+
+
+def unsubscribe_lines(
+    item: Prepared, unsubscribe: Unsubscribe, list_id: str | None = None
+) -> bytes:
+    """The ``List-Unsubscribe`` header lines of ``item``'s row (see :func:`with_unsubscribe`)."""
     if list_id is None:
         list_id = list_id_of(item.envelope.payload)
     address = key_or_none(item.email) or key_or_none(item.envelope.recipients[0])
-    envelope = unsubscribe.add_to(item.envelope, address, list_id)
-    return dataclasses.replace(item, envelope=envelope)
+    return unsubscribe.headers(address, list_id)

@@ -28,6 +28,7 @@ from .records import ClaimedMessage, QueueError
 
 __all__ = [
     "FIRST",
+    "HEADERS_CELL",
     "HELD",
     "RECENT",
     "Campaign",
@@ -208,12 +209,18 @@ class _Compiled:
 
         if self.template is None:
             return self.error or "the campaign's template cannot be used"
+        values = dict(cells)
+        headers = values.pop(HEADERS_CELL, None)
         prepared = prepare_row(
-            self.template, Row(number, dict(cells)), self.message_id, self.spec.envelope_from, key
+            self.template, Row(number, values), self.message_id, self.spec.envelope_from, key
         )
         if isinstance(prepared, Problem):
             return prepared.reason
         envelope = prepared.envelope
+        if headers is not None:
+            from ..unsubscribe.headers import prepend_headers
+
+            envelope = prepend_headers(envelope, headers.encode("ascii"))
         everyone = envelope.recipients
         if any(position >= len(everyone) for position in claimed.positions):
             return f"row {number}: renders fewer recipients than when it was queued"
@@ -221,6 +228,11 @@ class _Compiled:
             envelope, recipients=tuple(everyone[position] for position in claimed.positions)
         )
 
+
+HEADERS_CELL: Final = ""
+"""The key, in a stored row's cells, of header lines its message gets first in its header
+block (``send --queue``'s List-Unsubscribe, whose tokens only the sender's secret makes): no
+CSV column has it, since an empty column name is refused."""
 
 StoredRow = tuple[str, int, int, str]
 """A claimed message's campaign row: campaign id, row id, row number and its cells (JSON)."""

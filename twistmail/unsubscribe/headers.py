@@ -17,7 +17,7 @@ from ..errors import AddressError, TwistmailError
 from ..message import Envelope
 from .tokens import TokenBox
 
-__all__ = ["ONE_CLICK", "Unsubscribe", "UnsubscribeError"]
+__all__ = ["ONE_CLICK", "Unsubscribe", "UnsubscribeError", "prepend_headers"]
 
 ONE_CLICK: Final = "List-Unsubscribe=One-Click"
 """The ``List-Unsubscribe-Post`` value, and the body of the one-click POST (RFC 8058)."""
@@ -80,10 +80,14 @@ class Unsubscribe:
 
     def add_to(self, envelope: Envelope, address: str, list_id: str = "") -> Envelope:
         """``envelope`` with the headers for ``address`` prepended to its header block."""
-        lines = self.headers(address, list_id)
-        return dataclasses.replace(
-            envelope,
-            payload=lines + envelope.payload,
-            size=envelope.size + len(lines),
-            source=None,  # the payload is now the message (a 7-bit re-rendering reads it)
-        )
+        return prepend_headers(envelope, self.headers(address, list_id))
+
+
+def prepend_headers(envelope: Envelope, lines: bytes) -> Envelope:
+    """``envelope`` with header ``lines`` (CRLF-ended) put first in its header block."""
+    return dataclasses.replace(
+        envelope,
+        payload=lines + envelope.payload,
+        size=envelope.size + len(lines),
+        source=None,  # the payload is now the message (a 7-bit re-rendering reads it)
+    )
