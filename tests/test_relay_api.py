@@ -47,7 +47,9 @@ def http() -> HTTPClient:
     return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
 
 
-def _serve(tmp_path: Path, *, tokens: bool, max_size: int = 100_000) -> Iterator[Api]:
+def _serve(
+    tmp_path: Path, *, tokens: bool, max_size: int = 100_000, **http_options: Any
+) -> Iterator[Api]:
     queue = MemoryQueue()
     checker = None
     if tokens:
@@ -72,6 +74,7 @@ def _serve(tmp_path: Path, *, tokens: bool, max_size: int = 100_000) -> Iterator
         queue=queue,
         wake=lambda: api.wakes.append(1),
         max_message_size=max_size,
+        **http_options,
     )
     site = make_site(app, max_body=max_size * 4 // 3 + 1024)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]

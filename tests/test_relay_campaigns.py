@@ -6,14 +6,31 @@ from __future__ import annotations
 
 import base64
 import csv
+import email
 import io
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
-from test_relay_api import TOKEN, Api, api, get, headers, http, post  # noqa: F401 - fixtures
+from test_relay_api import (  # noqa: F401 - fixtures
+    TOKEN,
+    Api,
+    _serve,
+    api,
+    get,
+    headers,
+    http,
+    post,
+)
 from treq.client import HTTPClient
 
 from twistmail.queue import Outcome
+from twistmail.unsubscribe import TokenBox
+from twistmail.unsubscribe.headers import Unsubscribe
+
+BOX = TokenBox([("k1", b"k" * 43)])
 
 TEMPLATE = """\
 From: Shop <shop@example.com>
@@ -129,6 +146,38 @@ async def test_a_posted_campaign_is_stored_rendered_when_claimed_followed_and_re
     assert code == 409, refused
     code, missing = await get(http, api.base + "/v1/campaigns/autumn")
     assert code == 404, missing
+
+
+@pytest.fixture
+def one_click_api(tmp_path: Path) -> Iterator[Api]:
+    unsubscribe = Unsubscribe(BOX, "https://m.example.com/u/{token}", "unsub@example.com")
+    yield from _serve(tmp_path, tokens=True, unsubscribe=unsubscribe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_unsubscribe_options_each_row_gets_its_own_one_click_headers(
+    one_click_api: Api,
+    http: HTTPClient,  # noqa: F811
+) -> None:
+    listed = TEMPLATE.replace("Subject:", "List-Id: Shop news <news.example.com>\nSubject:")
+    code, body, _ = await post(
+        http, one_click_api.base + "/v1/campaigns", campaign(template=listed)
+    )
+    assert code == 202, body
+    claimed = await one_click_api.queue.claim("w", 10, lease=60)
+    assert len(claimed) == 3
+    for message in claimed:
+        parsed = email.message_from_bytes(message.envelope.payload)
+        assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        url, mailto = " ".join(parsed["List-Unsubscribe"].split()).split(", ")
+        token = url.removeprefix("<https://m.example.com/u/").removesuffix(">")
+        assert mailto == f"<mailto:unsub@example.com?subject=unsubscribe%20{token}>"
+        subject = BOX.open(token)
+        assert subject is not None
+        rcpt = str(message.envelope.recipients[0])
+        assert (subject.address, subject.list_id) == (rcpt, "news.example.com")
+        # First in the header block, as send puts them, before the template's own.
+        assert message.envelope.payload.startswith(b"List-Unsubscribe: <https://")
 
 
 @pytest_twisted.ensureDeferred

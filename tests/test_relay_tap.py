@@ -158,6 +158,24 @@ def test_dkim_keys_are_read_at_start(tmp_path: Path) -> None:
     assert parse().config.dkim is None
 
 
+def test_unsubscribe_options_are_checked_at_start_as_send_checks_them(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.key"
+    secret.write_text("k1:" + "x" * 43 + "\n")
+    url = "https://mail.example.com/unsubscribe/{token}"
+    config = parse("--unsubscribe-url", url, "--secret-file", str(secret)).config
+    assert config.unsubscribe is not None
+    assert config.unsubscribe.url == url
+    assert b"List-Unsubscribe-Post" in config.unsubscribe.headers("ann@example.org")
+    assert parse("--unsubscribe-mailto", "u@example.com").config.unsubscribe is not None
+    assert parse().config.unsubscribe is None
+    with pytest.raises(usage.UsageError, match="needs --secret-file"):
+        parse("--unsubscribe-url", url)
+    with pytest.raises(usage.UsageError, match="needs an https:// URL"):
+        parse("--unsubscribe-url", url.replace("https", "http"), "--secret-file", str(secret))
+    with pytest.raises(usage.UsageError, match="--unsubscribe-mailto"):
+        parse("--unsubscribe-mailto", "not an address")
+
+
 @pytest.mark.parametrize(
     ("endpoint", "local"),
     [

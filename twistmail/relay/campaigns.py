@@ -34,6 +34,7 @@ from twisted.web.iweb import IRequest
 from ..errors import TemplateError, TwistmailError
 from ..interfaces import IQueue
 from ..queue.campaigns import FIRST, Campaign, CampaignChanged, CampaignSpec, CampaignStatus
+from ..unsubscribe.headers import Unsubscribe
 from .messages import Problem, json_object
 from .problems import problem
 
@@ -186,9 +187,12 @@ def status_json(progress: CampaignStatus) -> dict[str, Any]:
     }
 
 
-def campaign_routes(queue: IQueue, wake: Callable[[], None]) -> list[Route]:
+def campaign_routes(
+    queue: IQueue, wake: Callable[[], None], unsubscribe: Unsubscribe | None = None
+) -> list[Route]:
     """``(path, method, handler)`` of each campaign endpoint over ``queue`` (``wake()`` once
-    rows are queued)."""
+    rows are queued); with ``unsubscribe`` each row's message gets its ``List-Unsubscribe``
+    headers (the relay's ``--unsubscribe-url``/``--unsubscribe-mailto``)."""
 
     async def post(request: IRequest) -> bytes:
         assert request.content is not None
@@ -201,7 +205,7 @@ def campaign_routes(queue: IQueue, wake: Callable[[], None]) -> list[Route]:
             with tempfile.TemporaryDirectory(prefix="twistmail-campaign-") as directory:
                 source, template, spec = await threads.deferToThread(_checked, fields, directory)
                 campaign = await queue.campaign_open(fields["name"], spec)
-                done = await _store(queue, campaign, source, template, fields)
+                done = await _store(queue, campaign, source, template, fields, unsubscribe)
         except Problem as refused:
             return _refusal(request, refused)
         except CampaignChanged as e:
@@ -259,7 +263,12 @@ def campaign_routes(queue: IQueue, wake: Callable[[], None]) -> list[Route]:
 
 
 async def _store(
-    queue: IQueue, campaign: Campaign, source: Any, template: Any, fields: dict[str, Any]
+    queue: IQueue,
+    campaign: Campaign,
+    source: Any,
+    template: Any,
+    fields: dict[str, Any],
+    unsubscribe: Unsubscribe | None,
 ) -> Any:
     """Store the checked campaign's rows (rendered in a thread, a chunk at a time)."""
     from ..merge.attachments import attachment_name
@@ -275,6 +284,7 @@ async def _store(
         lambda: files.pop() if files else {},
         envelope_from=fields["from"],
         render=threads.deferToThread,
+        unsubscribe=unsubscribe,
     )
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..dkim import DkimSigner
     from ..ratelimit import DomainLimiter, SharedDomainLimiter
     from ..smtp._protocol import Throttle
+    from ..unsubscribe.headers import Unsubscribe
     from ..unsubscribe.tokens import TokenBox
 
 __all__ = ["DAY", "RelayConfig"]
@@ -73,6 +74,9 @@ class RelayConfig:
     """Where the one-click unsubscribe routes listen (no API token; behind TLS termination)."""
     unsubscribe_tokens: TokenBox | None = None
     """The keys of ``--secret-file`` that unsubscribe tokens are checked with."""
+    unsubscribe: Unsubscribe | None = None
+    """``--unsubscribe-url``/``--unsubscribe-mailto``: the ``List-Unsubscribe`` headers of
+    the campaigns posted to the API."""
 
     def retry_policy(self) -> RetryPolicy:
         """Postfix's schedule by default: 300 s doubling to 4,000 s, no attempt limit."""

@@ -47,6 +47,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from ..interfaces import IQueue
 from ..message import Envelope
 from ..queue.records import Idempotent
+from ..unsubscribe.headers import Unsubscribe
 from .auth import FailureLimiter
 from .campaigns import campaign_routes
 from .messages import Problem, envelope_from_json, envelope_from_raw
@@ -300,12 +301,14 @@ def make_http(
     wake: Callable[[], None] = lambda: None,
     max_message_size: int = 25 * 1024 * 1024,
     pages: Sequence[tuple[str, str, Handler]] = (),
+    unsubscribe: Unsubscribe | None = None,
 ) -> Klein:
     """The Klein app serving ``/healthz`` from ``health()``, ``/metrics`` from ``metrics``,
     (given ``submit``) ``POST /v1/messages`` and (given ``queue``) the message endpoints
     (:mod:`twistmail.relay.tracking`; ``wake()`` after a retry); ``access`` guards all but
     ``/healthz``. ``pages`` are ``(path, method, handler)`` routes that guard themselves
-    (the status page, :mod:`twistmail.relay.statuspage`)."""
+    (the status page, :mod:`twistmail.relay.statuspage`). Campaigns posted get the
+    ``List-Unsubscribe`` headers of ``unsubscribe``, when given."""
     app = Klein()
     access = access if access is not None else Access(None, frozenset())
 
@@ -356,7 +359,10 @@ def make_http(
         return problem(request, 405, "this resource does not take that method")
 
     if queue is not None:
-        for path, method, handler in [*tracking_routes(queue, wake), *campaign_routes(queue, wake)]:
+        for path, method, handler in [
+            *tracking_routes(queue, wake),
+            *campaign_routes(queue, wake, unsubscribe),
+        ]:
             app.route(path, methods=[method])(_guarded(access, handler))
     for path, method, handler in pages:
         app.route(path, methods=[method], endpoint=f"page {method} {path}")(handler)

@@ -201,6 +201,7 @@ class RelayService(MultiService):
                 wake=self._wake,
                 max_message_size=config.max_message_size,
                 pages=page.routes(),
+                unsubscribe=config.unsubscribe,
             )
             # Room for base64 attachments (4/3) and the JSON around them.
             site = make_site(app, max_body=config.max_message_size * 4 // 3 + 64 * 1024)

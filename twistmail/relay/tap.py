@@ -29,6 +29,7 @@ from .config import DAY, RelayConfig
 if TYPE_CHECKING:
     from ..bounces.verp import VerpSigner
     from ..dkim import DkimSigner
+    from ..unsubscribe.headers import Unsubscribe
     from ..unsubscribe.tokens import TokenBox
 
 __all__ = ["Options", "makeService"]
@@ -199,6 +200,22 @@ class Options(usage.Options):
             None,
             "the unsubscribe token and VERP return path keys (KEY_ID:SECRET a line, the first "
             "signs), shared with twistmail send and twistmail bounces --secret-file",
+        ],
+        [
+            "unsubscribe-url",
+            None,
+            None,
+            "the campaigns posted to the API get a one-click List-Unsubscribe with each "
+            "recipient's token at this https URL (holding {token}; where --public-http is "
+            "reached through TLS termination; needs --secret-file), e.g. --unsubscribe-url "
+            "'https://mail.example.com/unsubscribe/{token}'",
+        ],
+        [
+            "unsubscribe-mailto",
+            None,
+            None,
+            "the campaigns posted to the API also (or only) offer unsubscribing by mail to "
+            "this address, e.g. --unsubscribe-mailto unsubscribe@example.com",
         ],
         [
             "bounce-domain",
@@ -406,6 +423,9 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         value = opts[name].strip()
         endpoints[name] = None if value.lower() == "none" else value
     unsubscribe_tokens = _unsubscribe_tokens(endpoints["public-http"], opts["secret-file"])
+    unsubscribe = _unsubscribe(
+        opts["unsubscribe-url"], opts["unsubscribe-mailto"], opts["secret-file"]
+    )
     http = endpoints["http"]
     if http is not None and not opts["api-token-file"] and not loopback_only(http):
         raise usage.UsageError(
@@ -448,6 +468,7 @@ def config_from(opts: Options, environ: os._Environ[str] | dict[str, str]) -> Re
         verp_send=bool(opts["verp"]),
         public_http=endpoints["public-http"],
         unsubscribe_tokens=unsubscribe_tokens,
+        unsubscribe=unsubscribe,
     )
 
 
@@ -477,6 +498,23 @@ def _unsubscribe_tokens(public_http: str | None, secret_file: str | None) -> Tok
         return TokenBox.from_file(secret_file)
     except SecretError as e:
         raise usage.UsageError(f"--secret-file: {e}") from None
+
+
+def _unsubscribe(
+    url: str | None, mailto: str | None, secret_file: str | None
+) -> Unsubscribe | None:
+    """The List-Unsubscribe headers of campaigns posted to the API (None: none); UsageError
+    naming what is wrong, as ``twistmail send`` words it."""
+    if url is None and mailto is None:
+        return None
+    from ..unsubscribe.headers import Unsubscribe, UnsubscribeError
+    from ..unsubscribe.tokens import SecretError, TokenBox
+
+    try:
+        tokens = TokenBox.from_file(secret_file) if secret_file else None
+        return Unsubscribe(tokens, url, mailto)
+    except (SecretError, UnsubscribeError) as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def _dkim_signer(options: list[str], missing: str) -> DkimSigner | None:
