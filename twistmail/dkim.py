@@ -384,7 +384,8 @@ class DkimSigner:
     ``keys`` may hold an RSA and an Ed25519 key for one domain: both sign. A From domain with no
     key of its own uses its parent domain's (relaxed DMARC alignment); with none at all the
     message goes unsigned (``missing="send"``, logged once per domain, or given to ``warn``)
-    or is refused with :class:`DkimError` (``missing="refuse"``).
+    or is refused with :class:`DkimError` (``missing="refuse"``). One signer may sign on
+    several threads at once.
     """
 
     def __init__(
@@ -410,8 +411,9 @@ class DkimSigner:
         self._signing: dict[bytes, tuple[str | None, list[DkimKey]]] = {}
         self._warned: set[str] = set()
         self._plans: dict[tuple[bytes, ...], _Plan] = {}
-        self._timestamp = -1
-        self._t_tag = b""
+        # The last t= value, as (seconds, tag): one object, replaced whole, so threads signing
+        # at once never pair one second's tag with another's.
+        self._t_tag: tuple[int, bytes] = (-1, b"")
 
     @property
     def domains(self) -> list[str]:
@@ -507,15 +509,19 @@ class DkimSigner:
         parts = [prefix + values[i] + b"\r\n" for i, prefix in plan.order]
         body_hash = _b64(_body_digest(data, start, stop), newline=False)
         timestamp = int(self._clock())
-        if timestamp != self._timestamp:
-            self._timestamp, self._t_tag = timestamp, b"%d" % timestamp
+        last = self._t_tag
+        if timestamp == last[0]:
+            t_tag = last[1]
+        else:
+            t_tag = b"%d" % timestamp
+            self._t_tag = (timestamp, t_tag)
         signatures = []
         for key in keys:
             tags = plan.tags.get(id(key))
             if tags is None:
                 tags = plan.tags[id(key)] = _tags(key, plan.h_value)
             head, mid, tail, relaxed_head, relaxed_mid, is_ed25519 = tags
-            parts.append(relaxed_head + self._t_tag + relaxed_mid + body_hash + b"; b=")
+            parts.append(relaxed_head + t_tag + relaxed_mid + body_hash + b"; b=")
             digest = _sha256(b"".join(parts)).digest()
             del parts[-1]
             if is_ed25519:
@@ -525,7 +531,7 @@ class DkimSigner:
             b = _b64(signature, newline=False)
             signatures.append(
                 b"".join(
-                    [head, self._t_tag, mid, body_hash, tail]
+                    [head, t_tag, mid, body_hash, tail]
                     + [b[i : i + 72] + b"\r\n\t" for i in range(0, len(b) - 72, 72)]
                     + [b[(len(b) - 1) // 72 * 72 :], b"\r\n"]
                 )
