@@ -175,7 +175,7 @@ async def test_signing_threads_start_with_the_first_message_and_stop_with_close(
 def test_signing_threads_by_default_one_per_cpu_and_inline_on_one() -> None:
     cpus = len(os.sched_getaffinity(0))
     assert signing_threads(None) == (cpus if cpus > 1 else 0)
-    assert signing_threads(True) == cpus
+    assert signing_threads(True) == signing_threads(None)
     assert signing_threads(False) == signing_threads(0) == 0
     assert signing_threads(3) == 3
     with pytest.raises(ValueError, match="dkim_threads"):

@@ -516,7 +516,7 @@ def signing_threads(setting: int | bool | None) -> int:
             cpus = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
             cpus = os.cpu_count() or 1
-        return cpus if cpus > 1 or setting is True else 0
+        return cpus if cpus > 1 else 0  # one CPU: a thread would only add the hand-off
     if setting < 0:
         raise ValueError(f"dkim_threads must be None, True, False or at least 0, not {setting}")
     return setting
