@@ -13,10 +13,10 @@ import pytest_twisted
 from dkimcheck import DOMAIN, ed_key, rsa_key, verify
 from servers import CueServer
 
-from twistmail.dkim import DkimSigner
+from twistmail.dkim import DkimSigner, Unsigned
 from twistmail.errors import PermanentError
 from twistmail.mailer import Mailer, signing_threads
-from twistmail.message import Envelope, MessageLike, to_envelope
+from twistmail.message import MessageLike, to_envelope
 
 Cue = Callable[..., CueServer]
 
@@ -86,18 +86,23 @@ async def test_missing_key_sends_unsigned_or_refuses(cue_server: Cue, threads: i
 
 
 class GatedSigner(DkimSigner):
-    """Signs once ``gate`` is set; raises for a message whose Subject says "explode"."""
+    """Makes signatures once ``gate`` is set; raises instead on call number ``explode_at``."""
 
-    def __init__(self) -> None:
+    def __init__(self, explode_at: int = -1) -> None:
         super().__init__([rsa_key()])
         self.gate = threading.Event()
         self.gate.set()
+        self.explode_at = explode_at
+        self.calls = 0
+        self.lock = threading.Lock()
 
-    def sign(self, envelope: Envelope) -> Envelope:
+    def make_signatures(self, unsigned: Unsigned) -> list[bytes]:
         assert self.gate.wait(10)
-        if b"Subject: explode" in envelope.payload:
-            raise RuntimeError("the signing device is on fire")
-        return super().sign(envelope)
+        with self.lock:
+            self.calls += 1
+            if self.calls == self.explode_at:
+                raise RuntimeError("the signing device is on fire")
+        return super().make_signatures(unsigned)
 
 
 def signing_threads_alive() -> list[str]:
@@ -135,25 +140,22 @@ async def test_a_message_that_cannot_be_signed_fails_alone(
     cue_server: Cue, threads: int | bool
 ) -> None:
     server = cue_server()
-    m = mailer(server.port, dkim=GatedSigner(), dkim_threads=threads, max_attempts=1)
+    m = mailer(server.port, dkim=GatedSigner(explode_at=8), dkim_threads=threads, max_attempts=1)
     items: list[MessageLike] = []
     for i in range(120):
         msg = message(f"shop@{DOMAIN}", f"Hello {i}\n")
-        if i == 7:
-            msg.replace_header("Subject", "explode")
-            msg["Message-ID"] = "<seven@example.com>"
+        msg["Message-ID"] = f"<n{i}@example.com>"
         items.append(msg)
     outcomes: dict[int, Any] = {}
     report = await m.send_many(items, on_result=outcomes.__setitem__)
     await m.close()
     assert report.sent == 119
     assert report.failed == 1
-    assert not outcomes[7].ok
-    error = outcomes[7].error
+    [failed] = [i for i, result in outcomes.items() if not result.ok]
+    error = outcomes[failed].error
     assert isinstance(error, PermanentError)
-    assert "cannot DKIM-sign message <" in str(error)
+    assert f"cannot DKIM-sign message <n{failed}@example.com> from <shop@{DOMAIN}>" in str(error)
     assert "the signing device is on fire" in str(error)
-    assert "message <seven@example.com>" in str(error)
     assert len(server.received) == 119
     assert all(verify(received.data) for received in server.received)
 

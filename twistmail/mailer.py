@@ -26,7 +26,7 @@ from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
 
 if TYPE_CHECKING:  # cryptography is imported only by a Mailer that signs
-    from .dkim import DkimKey, DkimSigner, Missing
+    from .dkim import DkimKey, DkimSigner, Missing, Unsigned
     from .interfaces import ISuppressionList
     from .suppression.sending import SuppressedSending
 
@@ -108,12 +108,18 @@ class Mailer:
         self.dkim: DkimSigner | None = dkim
         self._reactor = reactor if reactor is not None else default_reactor()
         self._clock = IReactorTime(self._reactor)
-        self._signing: BatchPool[Envelope, Envelope] | None = None
+        self._signing: BatchPool[Unsigned, list[bytes]] | None = None
         signers = signing_threads(dkim_threads)
         from_threads = IReactorFromThreads(self._reactor, None)
         if dkim is not None and signers and from_threads is not None:  # else sign inline
+            # The threads make only the signatures (without the GIL); the reactor thread does
+            # the rest of the signing, so it seldom waits for a signing thread to let go of it.
             self._signing = BatchPool(
-                from_threads, dkim.sign, self._signed, threads=signers, name="twistmail-dkim"
+                from_threads,
+                dkim.make_signatures,
+                self._signed,
+                threads=signers,
+                name="twistmail-dkim",
             )
         self.server: ServerConfig = parse_url(url, password=password)
         self.concurrency = concurrency
@@ -318,25 +324,39 @@ class Mailer:
     ) -> Attempt:
         """:meth:`attempt` with signing or a per-domain cap."""
         attempt = Attempt(self, envelope, notify, context, ready)
-        if self._signing is not None:
-            attempt._signing = self._signing.submit(envelope, attempt)  # on to _signed
-            return attempt
-        if self.dkim is not None:
+        dkim = self.dkim
+        if dkim is not None:
             try:
-                attempt.envelope = self.dkim.sign(envelope)
+                if self._signing is None:
+                    attempt.envelope = dkim.sign(envelope)
+                else:
+                    unsigned = dkim.prepare(envelope)
+                    if unsigned is not None:  # the signatures are made on a signing thread
+                        attempt._signing = self._signing.submit(unsigned, attempt)
+                        return attempt  # on to _signed
             except Exception as e:  # DkimError: no key for the From domain
                 attempt._end(None, _not_signed(envelope, e))
                 return attempt
         self._go(attempt)
         return attempt
 
-    def _signed(self, attempt: Attempt, signed: Envelope, error: BaseException | None) -> None:
-        """Go on with an attempt signed on a signing thread (the reactor thread calls this)."""
+    def _signed(
+        self, attempt: Attempt, signatures: list[bytes], error: BaseException | None
+    ) -> None:
+        """Go on with an attempt whose signatures a signing thread made (on the reactor
+        thread)."""
+        job = attempt._signing
+        assert job is not None
+        assert self.dkim is not None
         attempt._signing = None
+        if error is None:
+            try:
+                attempt.envelope = self.dkim.finish(attempt.envelope, job.item, signatures)
+            except Exception as e:
+                error = e
         if error is not None:
             attempt._end(None, _not_signed(attempt.envelope, error))
             return
-        attempt.envelope = signed
         self._go(attempt)
 
     def _go(self, attempt: Attempt) -> None:
@@ -441,7 +461,7 @@ class Attempt:
         self._proto: MailerProtocol | None = None
         self._txn: _Txn | None = None
         self._gate: defer.Deferred[Any] | None = None  # waiting for a connection
-        self._signing: Job[Envelope] | None = None  # waiting to be signed on a signing thread
+        self._signing: Job[Unsigned] | None = None  # its signatures being made on a thread
         self._domains: list[str] | None = None  # per-domain slots held (made when needed)
 
     def release_body(self) -> None:
