@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -195,12 +196,31 @@ def test_a_thread_leaves_a_share_of_what_waits_to_the_others() -> None:
         assert plugged.acquire(timeout=WAIT)
     for n in range(2, 42):
         pool.submit(n, context=n)
-    plugs_out.set()
     sizes: list[int] = []
-    while len(outcomes) < 42:
-        f, args = reactor.from_threads.get(timeout=WAIT)
-        sizes.append(len(args[0]))
-        f(*args)
+    report = pool._report
+
+    def sized(batch: list[Any]) -> None:
+        sizes.append(len(batch))
+        report(batch)
+
+    pool._report = sized  # type: ignore[method-assign]
+    plugs_out.set()
+    reactor.run_until(lambda: len(outcomes) == 42)
     pool.stop()
     assert max(sizes) == 20  # half of the 40 waiting, not all of them
     assert [context for context, _, _ in outcomes] == list(range(42))
+
+
+def test_batches_handed_back_before_the_reactor_runs_wake_it_once() -> None:
+    reactor = ThreadedMemoryReactor()
+    pool, outcomes = pool_of(reactor, lambda n: n, threads=2, max_batch=1)
+    for n in range(10):
+        pool.submit(n, context=n)
+    deadline = time.monotonic() + WAIT
+    while len(pool._finished) < 10:  # every batch handed back, none reported yet
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert reactor.from_threads.qsize() == 1
+    reactor.run_until(lambda: len(outcomes) == 10)
+    pool.stop()
+    assert [context for context, _, _ in outcomes] == list(range(10))

@@ -44,7 +44,8 @@ class BatchPool(Generic[T, R]):
     None), in the order the items were submitted.
 
     A thread takes its share of the items waiting (at most ``max_batch``), works through
-    them and hands them back with one ``callFromThread``: the reactor wakes once a batch, not
+    them and hands them back with one ``callFromThread`` (none when the reactor thread has yet
+    to take the batches handed back before): the reactor wakes once a batch at the most, not
     once an item. An item whose work raises fails alone. The threads start with the first
     item and stop with :meth:`stop` or the reactor's shutdown; the work must be safe to run on
     several threads at once.
@@ -80,6 +81,7 @@ class BatchPool(Generic[T, R]):
         self._submitted = 0  # the next job's sequence number
         self._next = 0  # the sequence number of the next job to report
         self._held: dict[int, list[Job[T]]] = {}  # batches done early, by their first job
+        self._finished: list[list[Job[T]]] = []  # batches handed back, not yet reported
         self._shutdown_trigger: Any = None
 
     @property
@@ -151,7 +153,19 @@ class BatchPool(Generic[T, R]):
                         job.result = work(job.item)
                     except BaseException as e:  # reported with its job, on the reactor thread
                         job.error = e
-            hand_back(self._report, batch)
+            with self._lock:
+                finished = self._finished
+                finished.append(batch)
+                wake = len(finished) == 1  # else the reactor thread is already called for
+            if wake:
+                hand_back(self._report_finished)
+
+    def _report_finished(self) -> None:
+        """Report the batches handed back since the last call."""
+        with self._lock:
+            batches, self._finished = self._finished, []
+        for batch in batches:
+            self._report(batch)
 
     def _report(self, batch: list[Job[T]]) -> None:
         """Report ``batch``'s outcomes, and those of batches held for it, in submission order."""
