@@ -182,3 +182,20 @@ def test_signing_threads_by_default_one_per_cpu_and_inline_on_one() -> None:
     assert signing_threads(3) == 3
     with pytest.raises(ValueError, match="dkim_threads"):
         signing_threads(-1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_the_signing_threads_stop_with_the_reactor_messages_sign_inline(
+    cue_server: Cue,
+) -> None:
+    server = cue_server()
+    m = mailer(server.port, dkim=[rsa_key()], dkim_threads=2)
+    await m.send(message(f"shop@{DOMAIN}", "first\n"))
+    assert m._signing is not None
+    m._signing.stop()  # what the reactor's shutdown trigger does, the Mailer still open
+    assert signing_threads_alive() == []
+    result = await m.send(message(f"shop@{DOMAIN}", "second\n"))
+    await m.close()
+    assert result.ok
+    assert len(server.received) == 2
+    assert all(verify(received.data) for received in server.received)

@@ -89,6 +89,11 @@ class BatchPool(Generic[T, R]):
         """The threads running (none before the first item and after :meth:`stop`)."""
         return [t for t in self._threads if t.is_alive()]
 
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called (by the reactor's shutdown, perhaps): no more items."""
+        return self._stopping
+
     def submit(self, item: T, context: Any = None) -> Job[T]:
         """Have ``item`` worked on; its outcome goes to ``done`` with ``context``."""
         if self._stopping:

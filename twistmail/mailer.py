@@ -326,6 +326,8 @@ class Mailer:
         attempt = Attempt(self, envelope, notify, context, ready)
         dkim = self.dkim
         if dkim is not None:
+            if self._signing is not None and self._signing.stopped:  # the reactor shut down
+                self._signing = None  # what it still sends is signed inline
             try:
                 if self._signing is None:
                     attempt.envelope = dkim.sign(envelope)
