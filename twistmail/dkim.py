@@ -35,6 +35,7 @@ __all__ = [
     "DkimKey",
     "DkimKeyError",
     "DkimSigner",
+    "Unsigned",
     "dns_record",
     "generate_key",
     "load_key",
