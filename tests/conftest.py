@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import ssl
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ def _no_reactor_leftovers() -> Iterator[None]:
     reactor = _reactor()
     calls_before = set(reactor.getDelayedCalls())
     selectables_before = set(reactor.getReaders()) | set(reactor.getWriters())
+    threads_before = set(threading.enumerate())
 
     def leftovers() -> tuple[list[Any], list[Any]]:
         calls = [c for c in reactor.getDelayedCalls() if c.active() and c not in calls_before]
@@ -75,6 +77,11 @@ def _no_reactor_leftovers() -> Iterator[None]:
     for call in calls:
         call.cancel()  # so they do not go off during the next test
     problems += [f"open socket: {selectable!r}" for selectable in sockets]
+    problems += [
+        f"thread left running: {thread.name}"
+        for thread in threading.enumerate()
+        if thread.name.startswith("twistmail-dkim") and thread not in threads_before
+    ]
     if problems:
         pytest.fail("test left reactor state behind:\n  " + "\n  ".join(problems))
 

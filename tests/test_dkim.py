@@ -256,3 +256,33 @@ def test_signed_fields_are_canonicalized_as_field_by_field(
     expected = [relaxed_header(f) for f in _split_fields(head)]
     expected = [f for f in expected if f[: f.index(b":")] in _SIGNED]
     assert [n + v + b"\r\n" for n, v in zip(names, values, strict=True)] == expected
+
+
+def test_one_signer_on_several_threads_at_once_makes_good_signatures() -> None:
+    """Threads signing at once with one signer (as the Mailer's signing threads do), while the
+    clock moves on every call: each signature's t= must be the one it was made over."""
+    import itertools
+    import threading
+    import time
+
+    seconds = itertools.count(int(time.time()) - 100_000)  # a new second at every call
+    shared = DkimSigner([rsa_key(), ed_key()], clock=lambda: next(seconds))
+    envelopes = [
+        to_envelope(compose(f"shop@{DOMAIN}", [f"u{n}@example.org"], subject=f"n{n}", text="hi"))
+        for n in range(120)
+    ]
+    signed: list[bytes | None] = [None] * len(envelopes)
+    start = threading.Barrier(3)
+
+    def sign_every_third(first: int) -> None:
+        start.wait()
+        for n in range(first, len(envelopes), 3):
+            signed[n] = unstuff(shared.sign(envelopes[n]).payload)
+
+    threads = [threading.Thread(target=sign_every_third, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    bad = [n for n, data in enumerate(signed) if not (data and verify(data, 0) and verify(data, 1))]
+    assert bad == []

@@ -35,6 +35,7 @@ __all__ = [
     "DkimKey",
     "DkimKeyError",
     "DkimSigner",
+    "Unsigned",
     "dns_record",
     "generate_key",
     "load_key",
@@ -353,13 +354,13 @@ def _fold_names(names: list[str]) -> str:
     return "\r\n\t".join(lines)[:-1]
 
 
-_Tags: TypeAlias = tuple[bytes, bytes, bytes, bytes, bytes, bool]
+_Tags: TypeAlias = tuple[bytes, bytes, bytes, bytes, bytes]
 
 
 def _tags(key: DkimKey, h_value: bytes) -> _Tags:
     """The constant parts of a DKIM-Signature field, around its ``t=`` and ``bh=`` values and
     ending with ``b=``: as written (from the name on) and in relaxed form (after ``t=``, after
-    ``bh=``), and whether the key is Ed25519."""
+    ``bh=``)."""
     head = (
         f"DKIM-Signature: v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};"
         f" s={key.selector};\r\n\tt="
@@ -374,8 +375,35 @@ def _tags(key: DkimKey, h_value: bytes) -> _Tags:
         tail,
         relaxed_head,
         mid.replace(b"\r\n\t", b" "),
-        isinstance(key.private_key, ed25519.Ed25519PrivateKey),
     )
+
+
+Unsigned: TypeAlias = list[tuple[DkimKey, bytes, bytes]]
+"""A message's signatures to make, one per key: the key, the SHA-256 digest to sign, and its
+DKIM-Signature field up to ``b=``."""
+
+
+def _make_signatures(unsigned: Unsigned) -> list[bytes]:
+    signatures = []
+    for key, digest, _ in unsigned:
+        private_key = key.private_key
+        if isinstance(private_key, ed25519.Ed25519PrivateKey):
+            signatures.append(private_key.sign(digest))
+        else:
+            signatures.append(private_key.sign(digest, _PKCS1, _PREHASHED))
+    return signatures
+
+
+def _signature_fields(unsigned: Unsigned, signatures: list[bytes]) -> bytes:
+    """The DKIM-Signature fields, each ``b=`` value folded at 72 characters."""
+    fields = []
+    for (_, _, field), signature in zip(unsigned, signatures, strict=True):
+        b = _b64(signature, newline=False)
+        fields.append(field)
+        fields.extend(b[i : i + 72] + b"\r\n\t" for i in range(0, len(b) - 72, 72))
+        fields.append(b[(len(b) - 1) // 72 * 72 :])
+        fields.append(b"\r\n")
+    return b"".join(fields)
 
 
 class DkimSigner:
@@ -384,7 +412,8 @@ class DkimSigner:
     ``keys`` may hold an RSA and an Ed25519 key for one domain: both sign. A From domain with no
     key of its own uses its parent domain's (relaxed DMARC alignment); with none at all the
     message goes unsigned (``missing="send"``, logged once per domain, or given to ``warn``)
-    or is refused with :class:`DkimError` (``missing="refuse"``).
+    or is refused with :class:`DkimError` (``missing="refuse"``). One signer may sign on
+    several threads at once.
     """
 
     def __init__(
@@ -410,8 +439,9 @@ class DkimSigner:
         self._signing: dict[bytes, tuple[str | None, list[DkimKey]]] = {}
         self._warned: set[str] = set()
         self._plans: dict[tuple[bytes, ...], _Plan] = {}
-        self._timestamp = -1
-        self._t_tag = b""
+        # The last t= value, as (seconds, tag): one object, replaced whole, so threads signing
+        # at once never pair one second's tag with another's.
+        self._t_tag: tuple[int, bytes] = (-1, b"")
 
     @property
     def domains(self) -> list[str]:
@@ -438,6 +468,16 @@ class DkimSigner:
         """``envelope`` with DKIM-Signature header(s) in front, or ``envelope`` itself when its
         From domain has no key and ``missing`` is ``"send"``; raises :class:`DkimError` for
         ``"refuse"``."""
+        unsigned = self.prepare(envelope)
+        if unsigned is None:
+            return envelope
+        return self.finish(envelope, unsigned, self.make_signatures(unsigned))
+
+    def prepare(self, envelope: Envelope) -> Unsigned | None:
+        """What signing ``envelope`` takes, up to the signatures themselves (None: it goes
+        unsigned; :class:`DkimError` with ``"refuse"``). :meth:`make_signatures` makes them
+        (on any thread) and :meth:`finish` puts them in: :meth:`sign` in three steps, so that
+        threads can make the signatures while another thread does the rest."""
         payload = envelope.payload
         stop = len(payload) - 3  # before the final ".\r\n"
         if (
@@ -445,12 +485,18 @@ class DkimSigner:
             and not payload.startswith(b".")
             and payload.find(b"\r\n.", 0, stop) < 0
         ):  # nothing dot-stuffed (bulk mail): the message is the payload up to the final dot
-            headers = self._signature_headers(payload, stop)
-        else:
-            message = unstuff(payload)
-            headers = self._signature_headers(message, len(message))
-        if not headers:
-            return envelope
+            return self._unsigned(payload, stop)
+        message = unstuff(payload)
+        return self._unsigned(message, len(message))
+
+    def make_signatures(self, unsigned: Unsigned) -> list[bytes]:
+        """The signatures for what :meth:`prepare` gave, on any thread (an RSA signature is
+        made without holding Python's GIL, so threads doing this sign on every core)."""
+        return _make_signatures(unsigned)
+
+    def finish(self, envelope: Envelope, unsigned: Unsigned, signatures: list[bytes]) -> Envelope:
+        """``envelope`` with the signatures made for what :meth:`prepare` gave in front."""
+        headers = _signature_fields(unsigned, signatures)
         signed = Envelope(
             envelope.sender,
             envelope.recipients,
@@ -471,10 +517,13 @@ class DkimSigner:
     def signature_headers(self, data: bytes) -> bytes:
         """The DKIM-Signature header field(s) for the message ``data`` (CRLF line ends, not
         dot-stuffed), or ``b""`` when it goes unsigned."""
-        return self._signature_headers(data, len(data))
+        unsigned = self._unsigned(data, len(data))
+        if unsigned is None:
+            return b""
+        return _signature_fields(unsigned, self.make_signatures(unsigned))
 
-    def _signature_headers(self, data: bytes, stop: int) -> bytes:
-        """:meth:`signature_headers` for the message ``data[:stop]`` (not copied)."""
+    def _unsigned(self, data: bytes, stop: int) -> Unsigned | None:
+        """:meth:`prepare` for the message ``data[:stop]`` (not copied)."""
         if data.startswith(b"\r\n"):
             head, start = b"", 2
         else:
@@ -503,34 +552,27 @@ class DkimSigner:
         domain, keys = signing
         if not keys:
             self._no_key(domain)
-            return b""
+            return None
         parts = [prefix + values[i] + b"\r\n" for i, prefix in plan.order]
         body_hash = _b64(_body_digest(data, start, stop), newline=False)
         timestamp = int(self._clock())
-        if timestamp != self._timestamp:
-            self._timestamp, self._t_tag = timestamp, b"%d" % timestamp
-        signatures = []
+        last = self._t_tag
+        if timestamp == last[0]:
+            t_tag = last[1]
+        else:
+            t_tag = b"%d" % timestamp
+            self._t_tag = (timestamp, t_tag)
+        unsigned: Unsigned = []
         for key in keys:
             tags = plan.tags.get(id(key))
             if tags is None:
                 tags = plan.tags[id(key)] = _tags(key, plan.h_value)
-            head, mid, tail, relaxed_head, relaxed_mid, is_ed25519 = tags
-            parts.append(relaxed_head + self._t_tag + relaxed_mid + body_hash + b"; b=")
+            head, mid, tail, relaxed_head, relaxed_mid = tags
+            parts.append(relaxed_head + t_tag + relaxed_mid + body_hash + b"; b=")
             digest = _sha256(b"".join(parts)).digest()
             del parts[-1]
-            if is_ed25519:
-                signature = key.private_key.sign(digest)  # type: ignore[call-arg]
-            else:
-                signature = key.private_key.sign(digest, _PKCS1, _PREHASHED)  # type: ignore[call-arg]
-            b = _b64(signature, newline=False)
-            signatures.append(
-                b"".join(
-                    [head, self._t_tag, mid, body_hash, tail]
-                    + [b[i : i + 72] + b"\r\n\t" for i in range(0, len(b) - 72, 72)]
-                    + [b[(len(b) - 1) // 72 * 72 :], b"\r\n"]
-                )
-            )
-        return b"".join(signatures)
+            unsigned.append((key, digest, b"".join([head, t_tag, mid, body_hash, tail])))
+        return unsigned
 
     def _author_domain(self, author: bytes) -> str | None:
         """The domain of the first From address, given its field's value in relaxed form."""

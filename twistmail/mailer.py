@@ -6,12 +6,12 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer, threads
-from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
+from ._batchpool import BatchPool, Job
 from ._messages import MessagesDoor, OnResult, count_invalid, count_result
 from ._twisted import Reactor, default_reactor
 from .engine import DeliveryLoop, Notify, untried
@@ -26,7 +26,7 @@ from .smtp.client import ServerConfig, connect, parse_url, tls_options
 from .smtp.pool import ConnectionPool
 
 if TYPE_CHECKING:  # cryptography is imported only by a Mailer that signs
-    from .dkim import DkimKey, DkimSigner, Missing
+    from .dkim import DkimKey, DkimSigner, Missing, Unsigned
     from .interfaces import ISuppressionList
     from .suppression.sending import SuppressedSending
 
@@ -57,9 +57,11 @@ class Mailer:
     ``dkim`` signs every attempt: a :class:`~twistmail.dkim.DkimSigner`, or the
     :class:`~twistmail.dkim.DkimKey` objects to build one with ``dkim_missing`` (``"send"``:
     a From domain with no key goes unsigned, logged once per domain; ``"refuse"``: it fails,
-    unsent). Messages are signed inline on the reactor thread; ``dkim_threads=True`` signs
-    them in the reactor's thread pool instead (``cryptography`` releases the GIL while it makes
-    the RSA signature, so another core can sign; see the README's DKIM figures).
+    unsent). Messages are signed on ``dkim_threads`` threads of the Mailer's own: by default
+    (None or True) one per CPU the process may use, so every core signs (``cryptography``
+    releases the GIL while it makes the RSA signature); with one CPU, or ``dkim_threads=0``
+    or False, inline on the reactor thread. The threads start with the first message and stop
+    with :meth:`close` or the reactor's shutdown.
 
     ``suppression`` (an :class:`~twistmail.interfaces.ISuppressionList`) is checked before
     every message: suppressed recipients are left out and reported ``"suppressed"``, a message
@@ -90,7 +92,7 @@ class Mailer:
         retry_policy: RetryPolicy | None = None,
         dkim: DkimSigner | Iterable[DkimKey] | None = None,
         dkim_missing: Missing = "send",
-        dkim_threads: bool = False,
+        dkim_threads: int | bool | None = None,
         suppression: ISuppressionList | None = None,
         throttle: Throttle | None = None,
         domain_limiter: DomainLimiter | SharedDomainLimiter | None = None,
@@ -106,10 +108,19 @@ class Mailer:
         self.dkim: DkimSigner | None = dkim
         self._reactor = reactor if reactor is not None else default_reactor()
         self._clock = IReactorTime(self._reactor)
-        self._sign_pool: ThreadPool | None = None
-        threaded = IReactorThreads(self._reactor, None)
-        if dkim is not None and dkim_threads and threaded is not None:  # else sign inline
-            self._sign_pool = threaded.getThreadPool()
+        self._signing: BatchPool[Unsigned, list[bytes]] | None = None
+        signers = signing_threads(dkim_threads)
+        from_threads = IReactorFromThreads(self._reactor, None)
+        if dkim is not None and signers and from_threads is not None:  # else sign inline
+            # The threads make only the signatures (without the GIL); the reactor thread does
+            # the rest of the signing, so it seldom waits for a signing thread to let go of it.
+            self._signing = BatchPool(
+                from_threads,
+                dkim.make_signatures,
+                self._signed,
+                threads=signers,
+                name="twistmail-dkim",
+            )
         self.server: ServerConfig = parse_url(url, password=password)
         self.concurrency = concurrency
         self.retry = retry_policy or RetryPolicy(
@@ -255,7 +266,14 @@ class Mailer:
         pending = list(self._active)
         d = defer.DeferredList(pending, consumeErrors=True)
         d.addCallback(lambda _: self.pool.close())
+        d.addBoth(self._stop_signing)
         return d.addCallback(lambda _: None)
+
+    def _stop_signing(self, result: object) -> object:
+        signing, self._signing = self._signing, None
+        if signing is not None:  # attempts made from now on sign inline
+            signing.stop()
+        return result
 
     # ------------------------------------------------------------------ the engine's seam
 
@@ -305,57 +323,58 @@ class Mailer:
         ready: Callable[[Any], None] | None,
     ) -> Attempt:
         """:meth:`attempt` with signing or a per-domain cap."""
-        if self._sign_pool is not None:
-            return self._attempt_signed_in_pool(envelope, notify, context, ready)
-        if self.dkim is not None:
-            try:
-                envelope = self.dkim.sign(envelope)
-            except MessageError as e:  # DkimError: no key for the From domain
-                refused = Attempt(self, envelope, notify, context, ready)
-                refused._end(None, PermanentError(str(e), attempted=False))
-                return refused
         attempt = Attempt(self, envelope, notify, context, ready)
+        dkim = self.dkim
+        if dkim is not None:
+            if self._signing is not None and self._signing.stopped:  # the reactor shut down
+                self._signing = None  # what it still sends is signed inline
+            try:
+                if self._signing is None:
+                    attempt.envelope = dkim.sign(envelope)
+                else:
+                    unsigned = dkim.prepare(envelope)
+                    if unsigned is not None:  # the signatures are made on a signing thread
+                        attempt._signing = self._signing.submit(unsigned, attempt)
+                        return attempt  # on to _signed
+            except Exception as e:  # DkimError: no key for the From domain
+                attempt._end(None, _not_signed(envelope, e))
+                return attempt
+        self._go(attempt)
+        return attempt
+
+    def _signed(
+        self, attempt: Attempt, signatures: list[bytes], error: BaseException | None
+    ) -> None:
+        """Go on with an attempt whose signatures a signing thread made (on the reactor
+        thread)."""
+        job = attempt._signing
+        assert job is not None
+        assert self.dkim is not None
+        attempt._signing = None
+        if error is None:
+            try:
+                attempt.envelope = self.dkim.finish(attempt.envelope, job.item, signatures)
+            except Exception as e:
+                error = e
+        if error is not None:
+            attempt._end(None, _not_signed(attempt.envelope, error))
+            return
+        self._go(attempt)
+
+    def _go(self, attempt: Attempt) -> None:
+        """Submit ``attempt`` on a free connection, or once it has one and its domain's slot."""
         if self._domains is None:
             proto = self.pool.acquire_now()
             if proto is not None:
                 attempt._submit(proto)
-                return attempt
-        return self._wait_for_connection(attempt)
+                return
+        self._wait_for_connection(attempt)
 
     def _wait_for_connection(self, attempt: Attempt) -> Attempt:
         """Submit ``attempt`` once it has a connection and its domain's slot."""
         attempt._gate = gate = defer.Deferred.fromCoroutine(self._gate(attempt))
         gate.addCallbacks(attempt._submit, attempt._not_started)
         return attempt
-
-    def _attempt_signed_in_pool(
-        self,
-        envelope: Envelope,
-        notify: Notify,
-        context: Any,
-        ready: Callable[[Any], None] | None,
-    ) -> Attempt:
-        """:meth:`attempt`, with the message signed in the thread pool first."""
-        assert self._sign_pool is not None
-        assert self.dkim is not None
-        attempt = Attempt(self, envelope, notify, context, ready)
-        signing = threads.deferToThreadPool(
-            IReactorFromThreads(self._reactor), self._sign_pool, _sign_or_error, self.dkim, envelope
-        )
-        attempt._gate = signing
-        signing.addCallback(self._signed, attempt)
-        signing.addErrback(attempt._not_started)  # cancelled while signing
-        return attempt
-
-    def _signed(self, signed: Envelope | MessageError, attempt: Attempt) -> object:
-        """Go on with a signed attempt: wait for a connection, then submit it."""
-        if isinstance(signed, MessageError):  # no key for the From domain, with "refuse"
-            attempt._gate = None
-            attempt._end(None, PermanentError(str(signed), attempted=False))
-            return None
-        attempt.envelope = signed
-        self._wait_for_connection(attempt)
-        return None
 
     def abort(self) -> None:
         """Drop every connection now: what is in flight on them fails as a drop."""
@@ -418,6 +437,7 @@ class Attempt:
         "_gate",
         "_mailer",
         "_proto",
+        "_signing",
         "_txn",
         "context",
         "ended",
@@ -442,7 +462,8 @@ class Attempt:
         self.ended = False
         self._proto: MailerProtocol | None = None
         self._txn: _Txn | None = None
-        self._gate: defer.Deferred[Any] | None = None  # signing, or waiting for a connection
+        self._gate: defer.Deferred[Any] | None = None  # waiting for a connection
+        self._signing: Job[Unsigned] | None = None  # its signatures being made on a thread
         self._domains: list[str] | None = None  # per-domain slots held (made when needed)
 
     def release_body(self) -> None:
@@ -455,6 +476,12 @@ class Attempt:
         """Give up: an attempt that reached the server ends as a drop (its connection is
         dropped, so the server discards the unfinished message)."""
         if self.ended:
+            return
+        signing = self._signing
+        if signing is not None:
+            signing.cancel()
+            self._signing = None
+            self._end(None, untried("the attempt was cancelled before it reached the server"))
             return
         gate = self._gate
         if gate is not None:
@@ -502,12 +529,34 @@ class Attempt:
         self.notify(self.context, result, error)
 
 
-def _sign_or_error(signer: DkimSigner, envelope: Envelope) -> Envelope | MessageError:
-    """``envelope`` signed, or the error saying why it cannot be (in a pool thread)."""
-    try:
-        return signer.sign(envelope)
-    except MessageError as error:
-        return error
+def signing_threads(setting: int | bool | None) -> int:
+    """How many threads sign for ``Mailer(dkim_threads=setting)``; 0: inline."""
+    if setting is False:
+        return 0
+    if setting is None or setting is True:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        return cpus if cpus > 1 else 0  # one CPU: a thread would only add the hand-off
+    if setting < 0:
+        raise ValueError(f"dkim_threads must be None, True, False or at least 0, not {setting}")
+    return setting
+
+
+def _not_signed(envelope: Envelope, error: BaseException) -> PermanentError:
+    """The error ending an attempt at ``envelope`` that could not be signed."""
+    if isinstance(error, MessageError):  # DkimError: no key for the From domain, "refuse"
+        return PermanentError(str(error), attempted=False)
+    log.failure(
+        "DKIM signing failed for {message_id}",
+        Failure(error, type(error), error.__traceback__),
+        message_id=envelope.message_id,
+    )
+    what = f"message {envelope.message_id}" if envelope.message_id else "a message"
+    return PermanentError(
+        f"cannot DKIM-sign {what} from <{envelope.sender}>: {error!r}", attempted=False
+    )
 
 
 def _body_wanted(attempt: Attempt) -> None:
