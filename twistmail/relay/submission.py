@@ -48,6 +48,11 @@ _HTTP = re.compile(
 _COMMAND_LINE_MAX = 2048  # RFC 5321 allows 512; ESMTP parameters make it a bit longer
 _DATA_LINE_MAX = 65536  # Twisted's line reader stops at 16 KB; real mail has longer lines
 _WAITING_INPUT_MAX = 65536  # input kept while a reply is pending; then the socket is not read
+# The commands handled by a method of Submission (or smtp.ESMTP) of this name.
+_COMMANDS = {
+    command: "do_" + command.decode()
+    for command in (b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT")
+}
 
 
 class Submission(smtp.ESMTP):
@@ -188,6 +193,8 @@ class Submission(smtp.ESMTP):
         """Command lines, up to the end of what was received or to a DATA command."""
         lines = self._buffer.split(b"\r\n")
         rest = lines.pop()
+        if lines:
+            self.resetTimeout()  # once for the complete lines of this read
         for i, line in enumerate(lines):
             if self._tls_started_here:
                 break
@@ -220,12 +227,21 @@ class Submission(smtp.ESMTP):
         self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
-        self.resetTimeout()
         self._lines_seen += 1
         if self._lines_seen == 1 and _HTTP.match(line):
             log.info("dropped a connection from {client} that spoke HTTP", client=self.client_ip)
             self.transport.abortConnection()
             return
+        if self.mode == "COMMAND":
+            # The usual commands straight to their handlers: what Twisted's state_COMMAND and
+            # lookupMethod do for them, without building the method's name each time. The
+            # idle timeout was reset for the lines of this read (_read_lines).
+            parts = line.strip().split(None, 1)
+            if parts:
+                name = _COMMANDS.get(parts[0].upper())
+                if name is not None:
+                    getattr(self, name)(parts[1] if len(parts) == 2 else b"")
+                    return
         super().lineReceived(line)
 
     def pause(self) -> None:
