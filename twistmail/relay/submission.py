@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import tcp
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -74,7 +74,11 @@ class Submission(smtp.ESMTP):
         self._lines_seen = 0
         self._incoming: Incoming | None = None
         self._params_smtputf8 = False
-        self._data_timer: IDelayedCall | None = None
+        self._now = factory.clock.seconds
+        # When the session is idle too long / its DATA took too long (None: not timed);
+        # checked by the factory's periodic sweep (check_deadlines).
+        self._idle_deadline: float | None = None
+        self._data_deadline: float | None = None
         self._closing = False
         self._tls_started_here = False
         self._data_is_bounce = False
@@ -99,6 +103,8 @@ class Submission(smtp.ESMTP):
         self._cancel_data_timer()
         self.factory.closed(self)
         super().connectionLost(reason)
+        self._idle_deadline = None
+        self.factory.unwatch(self)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
         if b"\n" in message or b"\r" in message:  # a multi-line reply (EHLO): one write
@@ -148,6 +154,31 @@ class Submission(smtp.ESMTP):
     def _say_goodbye(self) -> None:
         self.sendCode(421, self.host + b" 4.3.2 Service shutting down, try again later")
         self.transport.loseConnection()
+
+    # Timeouts: deadlines checked by the factory's sweep, not a DelayedCall per session that
+    # every line would reset (TimeoutMixin's API, as twisted.mail.smtp uses it).
+
+    def setTimeout(self, period: float | None) -> float | None:
+        previous: float | None = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]
+        if period is None:
+            self._idle_deadline = None
+        else:
+            self._idle_deadline = self._now() + period
+            self.factory.watch(self)
+        return previous
+
+    def resetTimeout(self) -> None:
+        if self._idle_deadline is not None:
+            self._idle_deadline = self._now() + self.timeOut
+
+    def check_deadlines(self, now: float) -> None:
+        """Close the session (421) if its DATA took too long or it was idle too long."""
+        if self._data_deadline is not None and now >= self._data_deadline:
+            self._data_too_slow()
+        elif self._idle_deadline is not None and now >= self._idle_deadline:
+            self._idle_deadline = None
+            self.timeoutConnection()
 
     def timeoutConnection(self) -> None:
         self.sendCode(421, b"4.4.2 " + self.host + b" Idle too long, closing the connection")
@@ -451,21 +482,18 @@ class Submission(smtp.ESMTP):
         )
         self._data_is_bounce = bool(self._bounce)
         self._reset()
-        self._data_timer = self.factory.clock.callLater(
-            self.factory.config.data_timeout, self._data_too_slow
-        )
+        self._data_deadline = self._now() + self.factory.config.data_timeout
+        self.factory.watch(self)
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
     def _data_too_slow(self) -> None:
-        self._data_timer = None
+        self._data_deadline = None
         self._incoming = None
         self.sendCode(421, b"4.4.2 " + self.host + b" DATA took too long, closing")
         self.transport.loseConnection()
 
     def _cancel_data_timer(self) -> None:
-        if self._data_timer is not None and self._data_timer.active():
-            self._data_timer.cancel()
-        self._data_timer = None
+        self._data_deadline = None
 
     def _end_of_data(self, incoming: Incoming) -> None:
         self._incoming = None
