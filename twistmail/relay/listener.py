@@ -56,6 +56,9 @@ class SubmissionFactory(ServerFactory):
         bounces: BounceGate | None = None,
     ) -> None:
         self.config = config
+        self.host = config.hostname.encode("idna")
+        # EHLO's extension lines by (STARTTLS offered, AUTH offered), made as first needed.
+        self.ehlo_extensions: dict[tuple[bool, bool], bytes] = {}
         self.accept = accept
         self.clock = clock
         self.portal = portal

@@ -66,7 +66,7 @@ class Submission(smtp.ESMTP):
         super().__init__(chal=factory.challengers(), contextFactory=factory.tls)
         self.factory = factory
         config = factory.config
-        self.host = config.hostname.encode("idna")
+        self.host = factory.host
         self.timeout = config.idle_timeout  # type: ignore[assignment]  # float seconds
         self._buffer = b""
         self._waiting = False  # a reply is pending: read no further command
@@ -362,8 +362,22 @@ class Submission(smtp.ESMTP):
         super().do_HELO(rest)
 
     def do_EHLO(self, rest: bytes) -> None:
+        # What smtp.ESMTP.do_EHLO answers, with the extension lines made once per listener
+        # for each combination of what they depend on (STARTTLS offered, AUTH offered).
         self._reset()
-        super().do_EHLO(rest)
+        peer = self.client_ip.encode("idna")
+        self._helo = (rest, peer)
+        offers = (
+            bool(self.canStartTLS and not self.startedTLS),
+            bool(self.challengers) and self._may_authenticate(),
+        )
+        extensions = self.factory.ehlo_extensions.get(offers)
+        if extensions is None:
+            lines = self.listExtensions().split(b"\n")
+            extensions = b"".join(b"250-%s\r\n" % line for line in lines[:-1])
+            extensions += b"250 %s\r\n" % lines[-1]
+            self.factory.ehlo_extensions[offers] = extensions
+        self._send(b"250-%s Hello %s, nice to meet you\r\n%s" % (self.host, peer, extensions))
 
     def do_RSET(self, rest: bytes) -> None:
         self._reset()
