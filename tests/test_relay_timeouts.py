@@ -66,6 +66,9 @@ def test_data_that_takes_too_long_is_closed_although_lines_keep_coming() -> None
     assert b"421 4.4.2" in transport.value()
     assert b"DATA took too long" in transport.value()
     assert transport.disconnecting
+    transport.clear()
+    clock.advance(10)  # past the idle timeout too: one 421 was enough
+    assert transport.value() == b""
     _close(protocol, transport)
     assert clock.getDelayedCalls() == []
 

@@ -501,7 +501,7 @@ class Submission(smtp.ESMTP):
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
     def _data_too_slow(self) -> None:
-        self._data_deadline = None
+        self._data_deadline = self._idle_deadline = None  # one 421 is enough
         self._incoming = None
         self.sendCode(421, b"4.4.2 " + self.host + b" DATA took too long, closing")
         self.transport.loseConnection()
