@@ -42,6 +42,8 @@ def test_each_call_moves_its_own_series() -> None:
     metrics.delivered("failed", 550)
     metrics.observe_latency(0.3)
     metrics.observe_latency(7200)
+    metrics.observe_latency(0.1)  # a bucket's bound is in that bucket (le)
+    metrics.bounce("hard")
     metrics.session_opened()
     metrics.session_opened()
     metrics.session_closed()
@@ -55,9 +57,16 @@ def test_each_call_moves_its_own_series() -> None:
     assert got[(deliveries, (("code", "5xx"), ("result", "failed")))] == 1
     assert got[(deliveries, (("code", "none"), ("result", "failed")))] == 0
     latency = "twistmail_relay_delivery_latency_seconds"
-    assert got[(latency + "_count", ())] == 2
-    assert got[(latency + "_bucket", (("le", "0.5"),))] == 1
-    assert got[(latency + "_bucket", (("le", "14400.0"),))] == 2
+    assert got[(latency + "_count", ())] == 3
+    assert got[(latency + "_sum", ())] == pytest.approx(7200.4)
+    assert got[(latency + "_bucket", (("le", "0.05"),))] == 0
+    assert got[(latency + "_bucket", (("le", "0.1"),))] == 1
+    assert got[(latency + "_bucket", (("le", "0.5"),))] == 2
+    assert got[(latency + "_bucket", (("le", "3600.0"),))] == 2
+    assert got[(latency + "_bucket", (("le", "14400.0"),))] == 3
+    assert got[(latency + "_bucket", (("le", "+Inf"),))] == 3
+    assert got[("twistmail_relay_bounces_total", (("kind", "hard"),))] == 1
+    assert ("twistmail_relay_messages_accepted_created", ()) in got
     assert got[("twistmail_relay_smtp_sessions", ())] == 1
     queue = "twistmail_relay_queue_messages"
     assert got[(queue, (("state", "queued"),))] == 4

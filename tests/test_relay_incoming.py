@@ -44,6 +44,21 @@ def test_parse_path_reads_the_address_and_parameters() -> None:
     assert str(routed) == "user@example.org"
 
 
+def test_parse_path_gives_the_same_answer_again() -> None:
+    argument = b"FROM:<again@example.com> SIZE=100"
+    first, params = parse_path(argument, b"FROM", null_ok=True)
+    params.pop("SIZE")  # the caller takes parameters out of its own dict
+    second, params_again = parse_path(argument, b"FROM", null_ok=True)
+    assert second == first
+    assert params_again == {"SIZE": "100"}
+    with pytest.raises(PathError):  # the keyword and null_ok still count
+        parse_path(argument, b"TO", null_ok=False)
+    with pytest.raises(PathError):
+        parse_path(b"TO:<>", b"TO", null_ok=False)
+    with pytest.raises(PathError):
+        parse_path(b"TO:<>", b"TO", null_ok=False)
+
+
 @pytest.mark.parametrize(
     ("argument", "keyword", "code", "text"),
     [

@@ -16,6 +16,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel, formatEventAsClassicL
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
+from twistmail.relay import dispatch
 from twistmail.relay.logs import TurnBufferedObserver, twistd_observer
 
 
@@ -146,7 +147,10 @@ def test_twistd_logs_the_relay_through_it(tmp_path: Path) -> None:
         observer = application.getComponent(ILogObserver)
         assert isinstance(observer, TurnBufferedObserver)
         assert gc.get_freeze_count() > 0
+        # twistd's epoll reactor dispatches socket events without a log context per event.
+        assert "doIteration" in vars(relay.reactor)
     finally:
         relay.deliverers.release()
+        dispatch.uninstall(relay.reactor)
         gc.unfreeze()
         gc.set_threshold(*threshold)

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from ._onethread import OneThread
 from ._twisted import Reactor
 from .groupcommit import GroupCommit
 
@@ -182,7 +183,7 @@ class SqliteThread(Generic[_Item]):
         Fires with the running pool and what ``opening`` returned (typically the connection);
         if ``opening`` fails, the pool is stopped and the Deferred fails likewise.
         """
-        pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+        pool = OneThread(name)
         pool.start()
         d = threads.deferToThreadPool(IReactorFromThreads(reactor), pool, opening, *args)
 

@@ -34,6 +34,12 @@ class PathError(ValueError):
         self.text = text
 
 
+# Arguments parsed lately and what they gave (a relay sees the same senders and recipients
+# again and again); emptied when full. Refused arguments are not kept.
+_PARSED: dict[tuple[bytes, bytes, bool], tuple[Address, dict[str, str | None]]] = {}
+_PARSED_MAX = 1024
+
+
 def parse_path(
     argument: bytes, keyword: bytes, *, null_ok: bool
 ) -> tuple[Address, dict[str, str | None]]:
@@ -42,6 +48,20 @@ def parse_path(
     :raises PathError: 501 for bad syntax (naming what is wrong), 553 for an address the
         library's parser refuses (with its reason).
     """
+    key = (argument, keyword, null_ok)
+    parsed = _PARSED.get(key)
+    if parsed is None:
+        parsed = _parse_path(argument, keyword, null_ok=null_ok)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = parsed
+    address, params = parsed
+    return address, dict(params)  # the caller's own: it takes parameters out
+
+
+def _parse_path(
+    argument: bytes, keyword: bytes, *, null_ok: bool
+) -> tuple[Address, dict[str, str | None]]:
     match = _PATH.match(argument)
     if match is None or match.group(1).upper() != keyword:
         raise PathError(501, f"5.5.4 Syntax: {keyword.decode()}:<address> [parameters]")

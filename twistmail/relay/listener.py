@@ -56,6 +56,9 @@ class SubmissionFactory(ServerFactory):
         bounces: BounceGate | None = None,
     ) -> None:
         self.config = config
+        self.host = config.hostname.encode("idna")
+        # EHLO's extension lines by (STARTTLS offered, AUTH offered), made as first needed.
+        self.ehlo_extensions: dict[tuple[bool, bool], bytes] = {}
         self.accept = accept
         self.clock = clock
         self.portal = portal
@@ -70,6 +73,11 @@ class SubmissionFactory(ServerFactory):
         self.accepting = True
         self.bounces = bounces
         self._allowed: dict[str, bool] = {}  # client address -> in --allow-from
+        # Sessions with an idle or DATA deadline, checked every _sweep_interval seconds: a
+        # timeout fires at most that late (a quarter of the shorter timeout, 10 ms to 1 s).
+        self._timed: set[Submission] = set()
+        self._sweep_call: Any = None
+        self._sweep_interval = max(min(config.idle_timeout, config.data_timeout, 4.0) / 4, 0.01)
 
     def buildProtocol(self, addr: Any) -> Submission:  # type: ignore[override]
         protocol = Submission(self)
@@ -106,6 +114,27 @@ class SubmissionFactory(ServerFactory):
     def login_blocked(self, client_ip: str) -> bool:
         """Whether ``client_ip`` failed to log in too often lately (421 for a while)."""
         return self.limiter is not None and self.limiter.blocked(client_ip)
+
+    def watch(self, session: Submission) -> None:
+        """Check ``session``'s deadlines (``check_deadlines``) until :meth:`unwatch`."""
+        self._timed.add(session)
+        if self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self._sweep_interval, self._sweep)
+
+    def unwatch(self, session: Submission) -> None:
+        """Stop checking ``session``'s deadlines (it is gone)."""
+        self._timed.discard(session)
+        if not self._timed and self._sweep_call is not None:
+            call, self._sweep_call = self._sweep_call, None
+            call.cancel()
+
+    def _sweep(self) -> None:
+        self._sweep_call = None
+        now = self.clock.seconds()
+        for session in list(self._timed):
+            session.check_deadlines(now)
+        if self._timed and self._sweep_call is None:
+            self._sweep_call = self.clock.callLater(self._sweep_interval, self._sweep)
 
     def opened(self, session: Submission) -> str | None:
         """Count a new session; the 421 text if a connection limit refuses it."""

@@ -19,19 +19,21 @@ The relay calls :class:`RelayMetrics`' methods as things happen; ``GET /metrics`
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -60,6 +62,12 @@ LATENCY_BUCKETS: Final = (
     4 * 3600.0, 86400.0, 5 * 86400.0,
 )  # fmt: skip
 """Seconds: a relay's latency spans a fast upstream (ms) to a retried message (days)."""
+
+# The buckets' "le" labels as prometheus_client writes them, then +Inf.
+_LATENCY_LE: Final[tuple[str, ...]] = tuple(
+    floatToGoString(bound)  # type: ignore[no-untyped-call]
+    for bound in (*LATENCY_BUCKETS, float("inf"))
+)
 
 _USUAL_DELIVERIES: Final = (
     ("sent", "2xx"),
@@ -94,6 +102,65 @@ class _QueueCollector(Collector):
         )
 
 
+class _Counts(Collector):
+    """The relay's counters, latency histogram and sessions gauge, kept as plain numbers by the
+    reactor's thread (a few per message) and turned into Prometheus series at scrape time:
+    the text is what prometheus_client's Counter, Histogram and Gauge would render, without
+    their lock and label lookup at every change."""
+
+    def __init__(self) -> None:
+        now = time.time()
+        self.accepted = 0.0
+        self.accepted_created = now
+        # (result, code class) -> [count, created]; the usual ones exist from the start, at 0.
+        self.deliveries: dict[tuple[str, str], list[float]] = {
+            key: [0.0, now] for key in _USUAL_DELIVERIES
+        }
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)  # per bucket; the last one is +Inf
+        self.latency_sum = 0.0
+        self.latency_created = now
+        self.sessions = 0.0
+        self.bounces: dict[str, list[float]] = {}  # kind -> [count, created]
+
+    def collect(self) -> Iterator[Metric]:
+        accepted = CounterMetricFamily(
+            "twistmail_relay_messages_accepted",
+            "Messages accepted over SMTP and committed to the queue.",
+        )
+        accepted.add_metric([], self.accepted, created=self.accepted_created)
+        yield accepted
+        deliveries = CounterMetricFamily(
+            "twistmail_relay_deliveries",
+            "Delivery attempts by result and reply code class.",
+            labels=["result", "code"],
+        )
+        for (result, code), (count, created) in list(self.deliveries.items()):
+            deliveries.add_metric([result, code], count, created=created)
+        yield deliveries
+        name = "twistmail_relay_delivery_latency_seconds"
+        latency = HistogramMetricFamily(
+            name, "Seconds from acceptance to delivery of each delivered message."
+        )
+        cumulative, buckets = 0, []
+        for bound, count in zip(_LATENCY_LE, self.latency, strict=True):
+            cumulative += count
+            buckets.append((bound, float(cumulative)))
+        latency.add_metric([], buckets, self.latency_sum)
+        latency.samples.append(Sample(name + "_created", {}, self.latency_created))
+        yield latency
+        yield GaugeMetricFamily(
+            "twistmail_relay_smtp_sessions", "SMTP sessions open now.", value=self.sessions
+        )
+        bounces = CounterMetricFamily(
+            "twistmail_relay_bounces",
+            "Bounces taken at the bounce domain, per reported recipient, by kind.",
+            labels=["kind"],
+        )
+        for kind, (count, created) in list(self.bounces.items()):
+            bounces.add_metric([kind], count, created=created)
+        yield bounces
+
+
 class RelayMetrics:
     """The relay's counters, gauges and latency histogram, rendered in Prometheus text format.
 
@@ -107,40 +174,14 @@ class RelayMetrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._queue_sizes = queue_sizes
-        self._accepted = Counter(
-            "twistmail_relay_messages_accepted",
-            "Messages accepted over SMTP and committed to the queue.",
-            registry=self.registry,
-        )
-        self._deliveries = Counter(
-            "twistmail_relay_deliveries",
-            "Delivery attempts by result and reply code class.",
-            ["result", "code"],
-            registry=self.registry,
-        )
-        self._latency = Histogram(
-            "twistmail_relay_delivery_latency_seconds",
-            "Seconds from acceptance to delivery of each delivered message.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._sessions = Gauge(
-            "twistmail_relay_smtp_sessions", "SMTP sessions open now.", registry=self.registry
-        )
-        self._bounces = Counter(
-            "twistmail_relay_bounces",
-            "Bounces taken at the bounce domain, per reported recipient, by kind.",
-            ["kind"],
-            registry=self.registry,
-        )
+        self._counts = _Counts()
+        self.registry.register(self._counts)
         self._queue = _QueueCollector()
         self.registry.register(self._queue)
-        for result, code in _USUAL_DELIVERIES:  # these series exist from the start, at 0
-            self._deliveries.labels(result, code)
 
     def accepted(self, count: int = 1) -> None:
         """``count`` messages were committed to the queue."""
-        self._accepted.inc(count)
+        self._counts.accepted += count
 
     def delivered(self, result: str, code: int | None) -> None:
         """One delivery attempt ended with ``result`` and reply ``code`` (None: no reply).
@@ -149,7 +190,11 @@ class RelayMetrics:
         """
         if result not in DELIVERY_RESULTS:
             raise ValueError(f"delivery result {result!r} is not one of {DELIVERY_RESULTS}")
-        self._deliveries.labels(result, _code_class(code)).inc()
+        key = (result, _code_class(code))
+        series = self._counts.deliveries.get(key)
+        if series is None:
+            series = self._counts.deliveries[key] = [0.0, time.time()]
+        series[0] += 1
 
     def bounce(self, kind: str) -> None:
         """A bounce of ``kind`` (one of :data:`BOUNCE_KINDS`) was taken.
@@ -158,19 +203,25 @@ class RelayMetrics:
         """
         if kind not in BOUNCE_KINDS:
             raise ValueError(f"bounce kind {kind!r} is not one of {BOUNCE_KINDS}")
-        self._bounces.labels(kind).inc()
+        series = self._counts.bounces.get(kind)
+        if series is None:
+            series = self._counts.bounces[kind] = [0.0, time.time()]
+        series[0] += 1
 
     def observe_latency(self, seconds: float) -> None:
         """A message was delivered ``seconds`` after it was accepted."""
-        self._latency.observe(max(0.0, seconds))
+        seconds = max(0.0, seconds)
+        counts = self._counts
+        counts.latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: bound included
+        counts.latency_sum += seconds
 
     def session_opened(self) -> None:
         """An SMTP session began."""
-        self._sessions.inc()
+        self._counts.sessions += 1
 
     def session_closed(self) -> None:
         """An SMTP session ended."""
-        self._sessions.dec()
+        self._counts.sessions -= 1
 
     def set_queue_sizes(self, sizes: Mapping[str, int], oldest_age: float | None = None) -> None:
         """The queue holds ``sizes[state]`` messages per state; the oldest waiting one is

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import tcp
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -48,6 +48,11 @@ _HTTP = re.compile(
 _COMMAND_LINE_MAX = 2048  # RFC 5321 allows 512; ESMTP parameters make it a bit longer
 _DATA_LINE_MAX = 65536  # Twisted's line reader stops at 16 KB; real mail has longer lines
 _WAITING_INPUT_MAX = 65536  # input kept while a reply is pending; then the socket is not read
+# The commands handled by a method of Submission (or smtp.ESMTP) of this name.
+_COMMANDS = {
+    command: "do_" + command.decode()
+    for command in (b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT")
+}
 
 
 class Submission(smtp.ESMTP):
@@ -61,7 +66,7 @@ class Submission(smtp.ESMTP):
         super().__init__(chal=factory.challengers(), contextFactory=factory.tls)
         self.factory = factory
         config = factory.config
-        self.host = config.hostname.encode("idna")
+        self.host = factory.host
         self.timeout = config.idle_timeout  # type: ignore[assignment]  # float seconds
         self._buffer = b""
         self._waiting = False  # a reply is pending: read no further command
@@ -69,7 +74,11 @@ class Submission(smtp.ESMTP):
         self._lines_seen = 0
         self._incoming: Incoming | None = None
         self._params_smtputf8 = False
-        self._data_timer: IDelayedCall | None = None
+        self._now = factory.clock.seconds
+        # When the session is idle too long / its DATA took too long (None: not timed);
+        # checked by the factory's periodic sweep (check_deadlines).
+        self._idle_deadline: float | None = None
+        self._data_deadline: float | None = None
         self._closing = False
         self._tls_started_here = False
         self._data_is_bounce = False
@@ -94,6 +103,8 @@ class Submission(smtp.ESMTP):
         self._cancel_data_timer()
         self.factory.closed(self)
         super().connectionLost(reason)
+        self._idle_deadline = None
+        self.factory.unwatch(self)
 
     def sendCode(self, code: int, message: bytes = b"") -> None:
         if b"\n" in message or b"\r" in message:  # a multi-line reply (EHLO): one write
@@ -144,6 +155,31 @@ class Submission(smtp.ESMTP):
         self.sendCode(421, self.host + b" 4.3.2 Service shutting down, try again later")
         self.transport.loseConnection()
 
+    # Timeouts: deadlines checked by the factory's sweep, not a DelayedCall per session that
+    # every line would reset (TimeoutMixin's API, as twisted.mail.smtp uses it).
+
+    def setTimeout(self, period: float | None) -> float | None:
+        previous: float | None = self.timeOut
+        self.timeOut = period  # type: ignore[assignment]
+        if period is None:
+            self._idle_deadline = None
+        else:
+            self._idle_deadline = self._now() + period
+            self.factory.watch(self)
+        return previous
+
+    def resetTimeout(self) -> None:
+        if self._idle_deadline is not None:
+            self._idle_deadline = self._now() + self.timeOut
+
+    def check_deadlines(self, now: float) -> None:
+        """Close the session (421) if its DATA took too long or it was idle too long."""
+        if self._data_deadline is not None and now >= self._data_deadline:
+            self._data_too_slow()
+        elif self._idle_deadline is not None and now >= self._idle_deadline:
+            self._idle_deadline = None
+            self.timeoutConnection()
+
     def timeoutConnection(self) -> None:
         self.sendCode(421, b"4.4.2 " + self.host + b" Idle too long, closing the connection")
         self.transport.loseConnection()
@@ -188,6 +224,8 @@ class Submission(smtp.ESMTP):
         """Command lines, up to the end of what was received or to a DATA command."""
         lines = self._buffer.split(b"\r\n")
         rest = lines.pop()
+        if lines:
+            self.resetTimeout()  # once for the complete lines of this read
         for i, line in enumerate(lines):
             if self._tls_started_here:
                 break
@@ -220,12 +258,21 @@ class Submission(smtp.ESMTP):
         self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:
-        self.resetTimeout()
         self._lines_seen += 1
         if self._lines_seen == 1 and _HTTP.match(line):
             log.info("dropped a connection from {client} that spoke HTTP", client=self.client_ip)
             self.transport.abortConnection()
             return
+        if self.mode == "COMMAND":
+            # The usual commands straight to their handlers: what Twisted's state_COMMAND and
+            # lookupMethod do for them, without building the method's name each time. The
+            # idle timeout was reset for the lines of this read (_read_lines).
+            parts = line.strip().split(None, 1)
+            if parts:
+                name = _COMMANDS.get(parts[0].upper())
+                if name is not None:
+                    getattr(self, name)(parts[1] if len(parts) == 2 else b"")
+                    return
         super().lineReceived(line)
 
     def pause(self) -> None:
@@ -315,8 +362,22 @@ class Submission(smtp.ESMTP):
         super().do_HELO(rest)
 
     def do_EHLO(self, rest: bytes) -> None:
+        # What smtp.ESMTP.do_EHLO answers, with the extension lines made once per listener
+        # for each combination of what they depend on (STARTTLS offered, AUTH offered).
         self._reset()
-        super().do_EHLO(rest)
+        peer = self.client_ip.encode("idna")
+        self._helo = (rest, peer)
+        offers = (
+            bool(self.canStartTLS and not self.startedTLS),
+            bool(self.challengers) and self._may_authenticate(),
+        )
+        extensions = self.factory.ehlo_extensions.get(offers)
+        if extensions is None:
+            lines = self.listExtensions().split(b"\n")
+            extensions = b"".join(b"250-%s\r\n" % line for line in lines[:-1])
+            extensions += b"250 %s\r\n" % lines[-1]
+            self.factory.ehlo_extensions[offers] = extensions
+        self._send(b"250-%s Hello %s, nice to meet you\r\n%s" % (self.host, peer, extensions))
 
     def do_RSET(self, rest: bytes) -> None:
         self._reset()
@@ -435,21 +496,18 @@ class Submission(smtp.ESMTP):
         )
         self._data_is_bounce = bool(self._bounce)
         self._reset()
-        self._data_timer = self.factory.clock.callLater(
-            self.factory.config.data_timeout, self._data_too_slow
-        )
+        self._data_deadline = self._now() + self.factory.config.data_timeout
+        self.factory.watch(self)
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
 
     def _data_too_slow(self) -> None:
-        self._data_timer = None
+        self._data_deadline = self._idle_deadline = None  # one 421 is enough
         self._incoming = None
         self.sendCode(421, b"4.4.2 " + self.host + b" DATA took too long, closing")
         self.transport.loseConnection()
 
     def _cancel_data_timer(self) -> None:
-        if self._data_timer is not None and self._data_timer.active():
-            self._data_timer.cancel()
-        self._data_timer = None
+        self._data_deadline = None
 
     def _end_of_data(self, incoming: Incoming) -> None:
         self._incoming = None

@@ -540,6 +540,7 @@ def makeService(options: Options) -> MultiService:
     number).
     """
     from .._heap import settle
+    from . import dispatch
     from .logs import twistd_observer
     from .service import RelayService, StartError
 
@@ -548,5 +549,6 @@ def makeService(options: Options) -> MultiService:
     except StartError as e:
         sys.exit(f"twistmail: {e}")
     service.log_observer = twistd_observer(getattr(options, "parent", None), service.reactor)
+    dispatch.install(service.reactor)
     settle()
     return service
