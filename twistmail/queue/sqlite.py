@@ -455,6 +455,9 @@ def _claim(
 
 def _pending(lines: str) -> tuple[tuple[int, ...], tuple[Address, ...]]:
     """The positions and addresses of ``"position address"`` lines, by position."""
+    if "\n" not in lines and lines:  # one recipient: most messages
+        position, address = lines.split(" ", 1)
+        return (int(position),), (parse_address(address, field="recipients"),)
     pairs = [line.split(" ", 1) for line in lines.split("\n")] if lines else []
     if len(pairs) > 1:
         pairs.sort(key=lambda pair: int(pair[0]))
