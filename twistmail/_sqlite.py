@@ -25,6 +25,7 @@ from ._twisted import Reactor
 from .groupcommit import GroupCommit
 
 __all__ = [
+    "OneThread",
     "SqliteThread",
     "Synchronous",
     "configure",

@@ -83,8 +83,11 @@ def outcome_of(claimed: ClaimedMessage, planned: Plan) -> Outcome:
     if planned.state == "sent" and result is not None and result.accepted_all:
         # Every recipient's fate is the final reply: no per-recipient outcome to build.
         code, text = result.code, result.text
-        recipients: tuple[tuple[int, RecipientState, int | None, str], ...] = tuple(
-            (position, "sent", code, text) for position in claimed.positions
+        positions = claimed.positions
+        recipients: tuple[tuple[int, RecipientState, int | None, str], ...] = (
+            ((positions[0], "sent", code, text),)
+            if len(positions) == 1
+            else tuple((position, "sent", code, text) for position in positions)
         )
         enhanced: tuple[str | None, ...] = (result.enhanced,) * len(recipients)
     else:
