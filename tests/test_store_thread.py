@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.python.failure import Failure
 
 from twistmail import _sqlite
 
@@ -171,31 +170,3 @@ async def test_a_failed_opening_stops_its_thread(tmp_path: Path) -> None:
     with pytest.raises(ToyError, match="no"):
         await _sqlite.SqliteThread.start(reactor, f"toy {tmp_path}", refuse, str(tmp_path))
     assert not toy_threads()
-
-
-def test_one_thread_runs_work_in_order_on_one_thread_and_finishes_it_before_stopping() -> None:
-    pool = _sqlite.OneThread("test")
-    pool.start()
-    results: list[tuple[bool, object, str]] = []
-
-    def on_result(ok: bool, result: object) -> None:
-        results.append((ok, result, threading.current_thread().name))
-
-    def fail() -> None:
-        raise ValueError("boom")
-
-    for n in range(5):
-        pool.callInThreadWithCallback(on_result, lambda n=n: n * n)
-    pool.callInThreadWithCallback(on_result, fail)
-    pool.stop()  # waits for the work given before it
-
-    assert [r[1] for r in results[:5]] == [0, 1, 4, 9, 16]
-    assert all(ok for ok, _, _ in results[:5])
-    ok, failure, _ = results[5]
-    assert not ok
-    assert isinstance(failure, Failure)
-    assert failure.check(ValueError)
-    assert {name for _, _, name in results} == {"PoolThread-test-0"}
-    assert not pool.threads[0].is_alive()
-    pool.callInThreadWithCallback(on_result, lambda: 1)  # after stop: ignored
-    assert len(results) == 6
