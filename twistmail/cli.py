@@ -291,7 +291,7 @@ def _file_parser(
 
 
 def _users_parser(sub: Any) -> None:
-    from .relay.users import DEFAULT_USERS_FILE
+    from .relay import DEFAULT_USERS_FILE
 
     _file_parser(
         sub,
