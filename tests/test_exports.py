@@ -119,12 +119,14 @@ def test_star_import_gives_exactly_all() -> None:
 
 def test_a_name_is_imported_when_first_used() -> None:
     # `import twistmail` (and so `python -m twistmail drain`) does not import the mailer, the
-    # composer or the backends; each name still resolves, and `dir()` lists it.
+    # composer or the backends; each name still resolves, `dir()` lists it, and a submodule is
+    # an attribute of the package as when the package imported them all.
     script = (
         "import sys, twistmail\n"
         "heavy = ('twistmail.mailer', 'twistmail.composer', 'twistmail.backends')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"
         "print(twistmail.Mailer.__module__, set(twistmail.__all__) <= set(dir(twistmail)))\n"
+        "print(twistmail.backends.configure.__module__, twistmail.retry.plan.__module__)\n"
         "try:\n"
         "    twistmail.Mailr\n"
         "except AttributeError as e:\n"
@@ -136,5 +138,6 @@ def test_a_name_is_imported_when_first_used() -> None:
     assert done.stdout.splitlines() == [
         "[]",
         "twistmail.mailer True",
+        "twistmail.backends.api twistmail.retry",
         "module 'twistmail' has no attribute 'Mailr'",
     ], done.stderr

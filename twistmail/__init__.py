@@ -111,10 +111,16 @@ __all__ = [
 if not TYPE_CHECKING:
 
     def __getattr__(name: str) -> object:
-        """A public name, imported from its module on first use."""
+        """A public name, imported from its module on first use; or a submodule
+        (``twistmail.backends``, ``twistmail.retry``), as importing the package once gave."""
         module = _LAZY.get(name)
         if module is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            try:
+                return import_module(f".{name}", __name__)
+            except ModuleNotFoundError as e:
+                if e.name != f"{__name__}.{name}":
+                    raise
+                raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
         value = getattr(import_module(module, __name__), name)
         globals()[name] = value
         return value
