@@ -111,7 +111,11 @@ async def test_a_drain_collects_nothing_before_its_heap_is_settled(tmp_path: Pat
     assert out == "early 0 enabled True"
 
 
-def test_a_command_that_never_settles_collects_as_usual(tmp_path: Path) -> None:
-    # `users` runs no reactor, so nothing settles its heap: the entry point's hold must end.
+async def test_a_command_that_never_settles_collects_as_usual(tmp_path: Path) -> None:
+    # These run no reactor, so nothing settles their heap: the entry point's hold must end.
+    spool = tmp_path / "empty.db"
+    await (await SqliteQueue.open(spool)).close()
     out = _main_probe("users", "list", "--users-file", str(tmp_path / "users"))
+    assert out.endswith(" enabled True"), out
+    out = _main_probe("drain", "--spool", str(spool), "--status")
     assert out.endswith(" enabled True"), out

@@ -408,6 +408,7 @@ def _drain_main(args: argparse.Namespace) -> None:
         if args.spool is None:
             print("error: --status reads a spool file: use --spool PATH", file=sys.stderr)
             sys.exit(EXIT_USAGE)
+        resume()  # no reactor, so nothing settles the heap
         sys.exit(command.status(args.spool, args.limit or 20, sys.stdout))
     if not args.smtp:
         print("error: --smtp URL is required (or --status)", file=sys.stderr)
