@@ -9,6 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from twistmail import address
 from twistmail.address import (
     Address,
     check_header_value,
@@ -391,3 +392,15 @@ def test_parse_plain_address_list_takes_only_the_plainest_form() -> None:
     # An IDNA A-label domain is checked by the full parser, not refused.
     (idna,) = parse_plain_address_list("a@xn--bcher-kva.example") or ()
     assert idna.domain == "xn--bcher-kva.example"
+
+
+def test_atext_is_rfc5322_atext_and_the_non_ascii_rfc6532_allows() -> None:
+    # address._ATEXT is written as a complement (it compiles faster); every code point must
+    # fall on the same side as in the positive definition.
+    positive = re.compile(
+        "[A-Za-z0-9!#$%&'*+/=?^_`{|}~\\-\u00a0-\u2027\u202a-\ud7ff\ue000-\U0010ffff]"
+    )
+    every = "".join(map(chr, range(0x110000)))
+    refused = positive.sub("", every)
+    assert re.sub(address._ATEXT, "", every) == refused
+    assert len(refused) == 0x20 + 1 + len('"(),.:;<>@[\\]') + 1 + 0x20 + 2 + 0x800

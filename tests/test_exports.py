@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import twistmail
 from twistmail import (
     _messages,
@@ -112,3 +115,29 @@ def test_star_import_gives_exactly_all() -> None:
     namespace: dict[str, object] = {}
     exec("from twistmail import *", namespace)
     assert set(namespace) - {"__builtins__"} == set(twistmail.__all__)
+
+
+def test_a_name_is_imported_when_first_used() -> None:
+    # `import twistmail` (and so `python -m twistmail drain`) does not import the mailer, the
+    # composer or the backends; each name still resolves, `dir()` lists it, and a submodule is
+    # an attribute of the package as when the package imported them all.
+    script = (
+        "import sys, twistmail\n"
+        "heavy = ('twistmail.mailer', 'twistmail.composer', 'twistmail.backends')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "print(twistmail.Mailer.__module__, set(twistmail.__all__) <= set(dir(twistmail)))\n"
+        "print(twistmail.backends.configure.__module__, twistmail.retry.plan.__module__)\n"
+        "try:\n"
+        "    twistmail.Mailr\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.splitlines() == [
+        "[]",
+        "twistmail.mailer True",
+        "twistmail.backends.api twistmail.retry",
+        "module 'twistmail' has no attribute 'Mailr'",
+    ], done.stderr

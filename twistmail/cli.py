@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer, task
 
 from ._campaign_cli import campaign_main, queue_options, report_parser, send_options_problem
-from ._heap import settle
+from ._heap import resume, settle
 from .bounces.command import add_bounces_parser, add_verp_option, verp_from_args
 from .dkimcmd import add_dkim_options, add_dkim_parser, dkim_main, signer_from_args
 from .errors import TwistmailError
@@ -291,7 +291,7 @@ def _file_parser(
 
 
 def _users_parser(sub: Any) -> None:
-    from .relay.users import DEFAULT_USERS_FILE
+    from .relay import DEFAULT_USERS_FILE
 
     _file_parser(
         sub,
@@ -408,6 +408,7 @@ def _drain_main(args: argparse.Namespace) -> None:
         if args.spool is None:
             print("error: --status reads a spool file: use --spool PATH", file=sys.stderr)
             sys.exit(EXIT_USAGE)
+        resume()  # no reactor, so nothing settles the heap
         sys.exit(command.status(args.spool, args.limit or 20, sys.stdout))
     if not args.smtp:
         print("error: --smtp URL is required (or --status)", file=sys.stderr)
@@ -629,12 +630,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``twistmail`` command."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
+        resume()
         serve(argv[1:])
         return
     args = build_parser().parse_args(argv)
     if args.command == "drain":
-        _drain_main(args)
+        _drain_main(args)  # settles the heap (and so resumes collection) once it starts
         return
+    # The other commands collect as usual from here (python -m twistmail held the collector).
+    resume()
     if args.command == "dkim":
         sys.exit(dkim_main(args, sys.stdout, sys.stderr))
     if args.command == "worker":

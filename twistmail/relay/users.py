@@ -35,6 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from ..errors import TwistmailError
+from . import DEFAULT_USERS_FILE
 
 __all__ = [
     "DEFAULT_USERS_FILE",
@@ -56,9 +57,6 @@ __all__ = [
 ]
 
 log = Logger()
-
-DEFAULT_USERS_FILE: Final = "twistmail-users"
-"""The users file when none is named (in the working directory)."""
 
 SCRYPT_LOG_N: Final = 14
 SCRYPT_R: Final = 8
