@@ -174,6 +174,20 @@ async def test_signing_threads_start_with_the_first_message_and_stop_with_close(
     assert verify(server.received[0].data)
 
 
+def test_with_signing_threads_the_engine_keeps_more_attempts_in_flight_than_connections() -> None:
+    """So the threads sign ahead while the connections send (a signed attempt waits for its
+    connection): without it they idled through every SMTP round trip."""
+    url = "smtp://127.0.0.1:1"
+    plain = Mailer(url, concurrency=3)
+    inline = Mailer(url, concurrency=3, dkim=[rsa_key()], dkim_threads=False)
+    threaded = Mailer(url, concurrency=3, dkim=[rsa_key()], dkim_threads=2)
+    assert plain.capacity == inline.capacity == 3 * plain.pool.depth
+    assert threaded._signing is not None
+    ahead = 2 * threaded._signing.size * threaded._signing.max_batch
+    assert threaded.capacity == 3 * threaded.pool.depth + ahead
+    assert signing_threads_alive() == []  # nothing started yet
+
+
 def test_signing_threads_by_default_one_per_cpu_and_inline_on_one() -> None:
     cpus = len(os.sched_getaffinity(0))
     assert signing_threads(None) == (cpus if cpus > 1 else 0)

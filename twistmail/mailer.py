@@ -279,8 +279,11 @@ class Mailer:
 
     @property
     def capacity(self) -> int:
-        """Attempts worth having in flight at once: connections times pipeline depth."""
-        return self.concurrency * self.pool.depth
+        """Attempts worth having in flight at once: connections times pipeline depth, and
+        with signing threads as many more as they sign in two batches, so that they sign
+        ahead while the connections send (a signed attempt waits for its connection)."""
+        ahead = 0 if self._signing is None else 2 * self._signing.size * self._signing.max_batch
+        return self.concurrency * self.pool.depth + ahead
 
     def attempt(
         self,
