@@ -58,18 +58,45 @@ def auth_portal(users_file: str, clock: IReactorTime) -> Portal:
 
 
 class FailureLimiter:
-    """Failed logins per address; ``blocked(address)`` once ``limit`` fell within ``window``."""
+    """Failed logins per address; ``blocked(address)`` once ``limit`` fell within ``window``.
 
-    def __init__(self, clock: IReactorTime, *, limit: int = 5, window: float = 600.0) -> None:
+    At most ``max_addresses`` addresses are remembered (clients from many addresses cannot
+    grow it without bound): past that, those whose failures are all older than ``window``
+    are forgotten, then, if that is not enough, the longest remembered.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        limit: int = 5,
+        window: float = 600.0,
+        max_addresses: int = 10_000,
+    ) -> None:
         self._clock = clock
         self.limit = limit
         self.window = window
+        self.max_addresses = max_addresses
         self._failures: dict[str, deque[float]] = {}
 
     def failed(self, address: str) -> None:
         """``address`` gave a wrong name or password."""
-        times = self._failures.setdefault(address, deque(maxlen=self.limit))
+        failures = self._failures
+        times = failures.get(address)
+        if times is None:
+            if len(failures) >= self.max_addresses:
+                self._forget()
+            times = failures[address] = deque(maxlen=self.limit)
         times.append(self._clock.seconds())
+
+    def _forget(self) -> None:
+        """Make room for one more address (see the class's docstring)."""
+        failures = self._failures
+        since = self._clock.seconds() - self.window
+        for address in [a for a, times in failures.items() if times[-1] <= since]:
+            del failures[address]
+        while len(failures) >= self.max_addresses:
+            del failures[next(iter(failures))]
 
     def blocked(self, address: str) -> bool:
         """Whether ``address`` failed ``limit`` times in the last ``window`` seconds."""
