@@ -82,7 +82,7 @@ def send_options_from(args: argparse.Namespace) -> dict[str, Any]:
 def unsubscribe_from(args: argparse.Namespace) -> Unsubscribe | None:
     """The ``List-Unsubscribe`` headers the unsubscribe options ask for (None: none); prints
     why and exits 2 when they are unusable."""
-    from .unsubscribe import SecretError, TokenBox
+    from .unsubscribe import SecretError
     from .unsubscribe.headers import Unsubscribe, UnsubscribeError
 
     # --secret-file alone also signs --verp-domain return paths: no unsubscribe headers then.
@@ -91,8 +91,9 @@ def unsubscribe_from(args: argparse.Namespace) -> Unsubscribe | None:
     if not (args.unsubscribe_url or args.unsubscribe_mailto or tokens_only):
         return None
     try:
-        tokens = TokenBox.from_file(args.secret_file) if args.secret_file else None
-        return Unsubscribe(tokens, args.unsubscribe_url, args.unsubscribe_mailto)
+        return Unsubscribe.from_options(
+            args.unsubscribe_url, args.unsubscribe_mailto, args.secret_file
+        )
     except (SecretError, UnsubscribeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

@@ -508,11 +508,10 @@ def _unsubscribe(
     if url is None and mailto is None:
         return None
     from ..unsubscribe.headers import Unsubscribe, UnsubscribeError
-    from ..unsubscribe.tokens import SecretError, TokenBox
+    from ..unsubscribe.tokens import SecretError
 
     try:
-        tokens = TokenBox.from_file(secret_file) if secret_file else None
-        return Unsubscribe(tokens, url, mailto)
+        return Unsubscribe.from_options(url, mailto, secret_file)
     except (SecretError, UnsubscribeError) as e:
         raise usage.UsageError(str(e)) from None
 

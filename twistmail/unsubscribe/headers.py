@@ -62,6 +62,16 @@ class Unsubscribe:
             if not str(address).isascii():
                 raise UnsubscribeError(f"--unsubscribe-mailto {self.mailto!r}: an ASCII address")
 
+    @classmethod
+    def from_options(
+        cls, url: str | None, mailto: str | None, secret_file: str | None
+    ) -> Unsubscribe:
+        """The headers the ``--unsubscribe-url``/``--unsubscribe-mailto``/``--secret-file``
+        options ask for (the keys read now); :class:`UnsubscribeError` or
+        :class:`~twistmail.unsubscribe.tokens.SecretError` saying what is wrong."""
+        tokens = TokenBox.from_file(secret_file) if secret_file else None
+        return cls(tokens, url, mailto)
+
     def headers(self, address: str, list_id: str = "") -> bytes:
         """The header lines (CRLF-ended, folded between the two URIs) for ``address``."""
         uris = []
