@@ -1,7 +1,9 @@
 """The SQLite store thread shared by the journal and the queue (``twistmail._sqlite``).
 
 Reactor shutdown closes a store left open, committing what was written, without removing the
-trigger that is firing; close waits for queued writes; a group commits whole or not at all.
+trigger that is firing; close waits for queued writes; a group commits whole or not at all; the
+thread takes the next group itself, without waiting for the reactor, and other jobs still get
+their turn between groups.
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ async def test_close_commits_queued_writes_then_refuses_work_and_stops_the_threa
     assert store.closing
     await closing
     assert [await w for w in writes] == [1, 2, 3, 4, 5]
-    assert store.commits == 2  # the first alone, the four queued meanwhile together
+    # The first alone (if the thread took it before the others came), the rest together.
+    assert 1 <= store.commits <= 2
     assert values_in(path) == [0, 1, 2, 3, 4]
     assert not toy_threads()
     with pytest.raises(ToyError, match="write after close"):
@@ -149,9 +152,8 @@ async def test_a_failing_write_fails_its_whole_group_and_commits_none_of_it(
     path = tmp_path / "toy.db"
     store = await open_toy(path)
     try:
-        first = store.submit(1)
+        assert await store.submit(1) == 1
         group = [store.submit(2), store.submit(-1), store.submit(3)]  # -1 breaks the CHECK
-        assert await first == 1
         for write in group:
             with pytest.raises(sqlite3.IntegrityError):
                 await write
@@ -170,3 +172,83 @@ async def test_a_failed_opening_stops_its_thread(tmp_path: Path) -> None:
     with pytest.raises(ToyError, match="no"):
         await _sqlite.SqliteThread.start(reactor, f"toy {tmp_path}", refuse, str(tmp_path))
     assert not toy_threads()
+
+
+class _HeldAnswers:
+    """An IReactorFromThreads that keeps what the thread hands back until :meth:`deliver`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, tuple[object, ...]]] = []
+        self._arrived = threading.Condition()
+
+    def callFromThread(self, f: object, *args: object, **kw: object) -> None:  # noqa: N802
+        with self._arrived:
+            self.calls.append((f, args))
+            self._arrived.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        with self._arrived:
+            assert self._arrived.wait_for(lambda: len(self.calls) >= count, timeout=10)
+
+    def deliver(self) -> None:
+        calls, self.calls = self.calls, []
+        for f, args in calls:
+            f(*args)  # type: ignore[operator]
+
+
+def _groups_on_a_thread(
+    log: list[object], taken: threading.Event, hold: threading.Event
+) -> tuple[_sqlite.ThreadGroups[int], _sqlite.OneThread, _HeldAnswers]:
+    """Groups committed by a real thread; the group ``[1]`` sets ``taken`` and waits for
+    ``hold``."""
+    pool = _sqlite.OneThread("test-groups")
+    pool.start()
+    answers = _HeldAnswers()
+
+    def commit(items: list[int]) -> list[int]:
+        if items == [1]:
+            taken.set()
+            assert hold.wait(10)
+        log.append(list(items))
+        return [10 * item for item in items]
+
+    return _sqlite.ThreadGroups(pool, answers, commit), pool, answers
+
+
+def test_the_thread_commits_the_next_group_before_the_reactor_sees_the_last() -> None:
+    log: list[object] = []
+    taken, hold = threading.Event(), threading.Event()
+    groups, pool, answers = _groups_on_a_thread(log, taken, hold)
+    try:
+        first = groups.submit(1)
+        assert taken.wait(10)
+        later = [groups.submit(2), groups.submit(3)]  # queued while [1] commits
+        hold.set()
+        answers.wait_for(2)
+        # Both groups committed while the reactor had not yet heard of the first.
+        assert log == [[1], [2, 3]]
+        assert not first.called and groups.commits == 0
+        answers.deliver()
+        assert first.result == 10
+        assert [d.result for d in later] == [20, 30]
+        assert groups.commits == 2
+        assert groups.idle().called
+    finally:
+        pool.stop()
+
+
+def test_a_job_given_to_the_thread_between_two_groups_runs_between_them() -> None:
+    log: list[object] = []
+    taken, hold = threading.Event(), threading.Event()
+    groups, pool, answers = _groups_on_a_thread(log, taken, hold)
+    try:
+        groups.submit(1)
+        assert taken.wait(10)
+        groups.submit(2)  # waits for [1]
+        pool.callInThread(log.append, "read")  # given while [1] commits: runs before [2]
+        hold.set()
+        answers.wait_for(2)
+        assert log == [[1], "read", [2]]
+        answers.deliver()
+    finally:
+        pool.stop()

@@ -2,15 +2,16 @@
 
 Both SQLite stores (the campaign journal and the queue) are built on :class:`SqliteThread`: it
 owns the connection and its one-thread pool, runs each store's functions there in submission
-order, commits writes in groups (:class:`~twistmail.groupcommit.GroupCommit`: writes made while
-a commit runs all go into the next transaction, and at most one commit is in flight), closes on
-request or at reactor shutdown, and fails reads and writes once closing has begun. The stores
-keep only their SQL and their durability level (:func:`configure`).
+order, commits writes in groups (:class:`ThreadGroups`: writes made while a commit runs all go
+into the next transaction, which the thread starts as soon as the previous one is committed),
+closes on request or at reactor shutdown, and fails reads and writes once closing has begun.
+The stores keep only their SQL and their durability level (:func:`configure`).
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, Literal, TypeVar
@@ -22,12 +23,12 @@ from twisted.python.threadpool import ThreadPool
 
 from ._onethread import OneThread
 from ._twisted import Reactor
-from .groupcommit import GroupCommit
 
 __all__ = [
     "OneThread",
     "SqliteThread",
     "Synchronous",
+    "ThreadGroups",
     "configure",
     "connect",
     "open_store",
@@ -127,7 +128,87 @@ def read_settings(conn: sqlite3.Connection) -> tuple[str, int]:
     return str(mode), int(synchronous)
 
 
-# The reactor-side object. ---------------------------------------------------------------------
+# The reactor-side objects. --------------------------------------------------------------------
+
+
+class ThreadGroups(Generic[_Item]):
+    """Writes committed in groups on a store's one thread, the next group taken by the thread.
+
+    :meth:`submit` queues an item; the thread commits everything queued when it gets to it as
+    one group (``commit(items)`` returns one result per item, or raises to fail the whole group)
+    and, once that group is committed, takes what was queued meanwhile as the next group at
+    once: the group's results go back to the reactor while the next group commits. (A group
+    handed to the thread only once the reactor has seen the previous group's results waits for
+    two thread hand-offs in between: about 0.3 ms per group here, as long as the group's own
+    SQL.) Other jobs given to the pool between two groups run between them, in order.
+
+    :ivar commits: groups committed so far.
+    """
+
+    def __init__(
+        self,
+        pool: ThreadPool,
+        threads: IReactorFromThreads,
+        commit: Callable[[list[_Item]], list[Any]],
+    ) -> None:
+        self.commits = 0
+        self._pool = pool
+        self._threads = threads
+        self._commit = commit
+        self._lock = threading.Lock()
+        self._queued: list[tuple[_Item, defer.Deferred[Any]]] = []  # under _lock
+        self._taking = False  # under _lock: a _take job is queued on the thread, or running
+        self._waiting = 0  # reactor thread only: items submitted and not yet answered
+        self._idle_waiters: list[defer.Deferred[None]] = []
+
+    def submit(self, item: _Item) -> defer.Deferred[Any]:
+        """Queue ``item`` for the next group; fires with its result once committed."""
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        self._waiting += 1
+        with self._lock:
+            self._queued.append((item, waiter))
+            start = not self._taking
+            self._taking = True
+        if start:
+            self._pool.callInThread(self._take)
+        return waiter
+
+    def idle(self) -> defer.Deferred[None]:
+        """Fires once nothing is queued or being committed."""
+        if not self._waiting:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _take(self) -> None:
+        """On the thread: commit what is queued as one group; come back for the next."""
+        with self._lock:
+            group, self._queued = self._queued, []
+        try:
+            results: list[Any] | Failure = self._commit([item for item, _ in group])
+        except BaseException:
+            results = Failure()
+        with self._lock:
+            again = self._taking = bool(self._queued)
+        if again:
+            # Behind any other job queued meanwhile (a read waits one group at most).
+            self._pool.callInThread(self._take)
+        self._threads.callFromThread(self._answer, group, results)
+
+    def _answer(self, group: list[tuple[_Item, defer.Deferred[Any]]], results: Any) -> None:
+        self._waiting -= len(group)
+        if isinstance(results, Failure):
+            for _, waiter in group:
+                waiter.errback(results)
+        else:
+            self.commits += 1
+            for (_, waiter), value in zip(group, results, strict=True):
+                waiter.callback(value)
+        if not self._waiting:
+            idle, self._idle_waiters = self._idle_waiters, []
+            for notify in idle:
+                notify.callback(None)
 
 
 class SqliteThread(Generic[_Item]):
@@ -163,8 +244,8 @@ class SqliteThread(Generic[_Item]):
         self._threads = IReactorFromThreads(reactor)
         self._closed_error = closed
         self._after_close = after_close
-        self._group: GroupCommit[_Item] = GroupCommit(
-            lambda items: self._in_thread(commit, self._conn, items)
+        self._group: ThreadGroups[_Item] = ThreadGroups(
+            pool, self._threads, lambda items: commit(self._conn, items)
         )
         self._closing: list[defer.Deferred[None]] | None = None  # None until close()
         self._closed = False
