@@ -1,5 +1,7 @@
-"""The relay's twistd plugin ships in the built wheel: built and installed offline into a fresh
-virtualenv (not editable), ``twistd --help`` lists it and ``twistd -n twistmail --help`` runs.
+"""The relay's twistd plugin is found however twistmail is installed: the built wheel (installed
+offline into a fresh virtualenv) ships it, ``twistd --help`` lists it, ``twistd -n twistmail
+--help`` and ``twistmail serve --help`` run; the editable install's ``twistmail serve`` finds it
+in the source tree from any working directory.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+RELAY_OPTIONS = ("--smtp", "--queue", "--submission", "--allow-from", "--max-age")
+# How many directories serve's plugin lookup adds to twisted.plugins.__path__ (called twice).
+_ADDED = (
+    "import twisted.plugins; from twistmail.cli import add_plugin_directory; "
+    "n = len(twisted.plugins.__path__); add_plugin_directory(); add_plugin_directory(); "
+    "print(len(twisted.plugins.__path__) - n)"
+)
 _SKIP = shutil.ignore_patterns(
     ".venv", ".bench-venv", ".bench-cache", ".git", "__pycache__", "*.egg-info", "build", "dist"
 )
@@ -102,12 +111,42 @@ def test_twistd_lists_and_runs_the_plugin_from_a_fresh_virtualenv(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = _run(python, "-c", "import twistmail; print(twistmail.__file__)", cwd=tmp_path, env=env)
     assert where.startswith(str(site)), where  # the wheel's copy, not the work tree's
-    twistd = [python, "-c", "from twisted.scripts.twistd import run; run()"]
+    twistd: list[str | Path] = [python, "-c", "from twisted.scripts.twistd import run; run()"]
     listing = _run(*twistd, "--help", cwd=tmp_path, env=env)
     assert "twistmail" in listing
     assert "A durable local mail relay" in listing
     help_text = _run(*twistd, "-n", "twistmail", "--help", cwd=tmp_path, env=env)
-    for option in ("--smtp", "--queue", "--submission", "--allow-from", "--max-age"):
+    for option in RELAY_OPTIONS:
         assert option in help_text
+    # twistmail serve finds the same plugin.
+    serve_help = _run(python, "-m", "twistmail", "serve", "--help", cwd=tmp_path, env=env)
+    for option in RELAY_OPTIONS:
+        assert option in serve_help
+    # The wheel's plugin is in Twisted's own plugin directory: serve adds no second entry.
+    added = _run(python, "-c", _ADDED, cwd=tmp_path, env=env)
+    assert added.strip() == "0", added
     # The plugin cache twistd may write goes to the wheel's plugin directory, not elsewhere.
     assert (site / "twisted" / "plugins" / "twistmail_plugin.py").exists()
+
+
+def test_serve_finds_the_plugin_of_an_editable_install_from_another_directory(
+    tmp_path: Path,
+) -> None:
+    # Without PYTHONPATH the source tree is not on sys.path, so Twisted's own scan of
+    # sys.path for twisted/plugins directories misses the plugin beside the package.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import twistmail; print(twistmail.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if where.returncode != 0 or not where.stdout.startswith(str(ROOT)):
+        pytest.skip(f"twistmail is not installed editable from {ROOT} ({where.stdout.strip()})")
+    help_text = _run(sys.executable, "-m", "twistmail", "serve", "--help", cwd=tmp_path, env=env)
+    for option in RELAY_OPTIONS:
+        assert option in help_text
+    added = _run(sys.executable, "-c", _ADDED, cwd=tmp_path, env=env)
+    assert added.strip() == "1", added  # the source tree's twisted/plugins, once

@@ -751,9 +751,30 @@ def serve(options: Sequence[str]) -> None:
     """
     from twisted.scripts import twistd
 
+    add_plugin_directory()
     # twistd reads sys.argv: the relay's options follow the plugin's name.
     sys.argv = ["twistmail serve", "--nodaemon", "--pidfile=", "twistmail", *options]
     twistd.run()
+
+
+def add_plugin_directory() -> None:
+    """Put the directory holding twistmail's twistd plugin on ``twisted.plugins.__path__``.
+
+    A wheel installs ``twisted/plugins/twistmail_plugin.py`` into Twisted's own plugin
+    directory, already on the path; an editable install leaves it in the source tree beside
+    the ``twistmail`` package, which twistd otherwise finds only when the tree's root is on
+    ``sys.path``. The directory is added once, and only if it holds the plugin.
+    """
+    import os
+
+    import twisted.plugins
+
+    directory = Path(__file__).resolve().parent.parent / "twisted" / "plugins"
+    if not (directory / "twistmail_plugin.py").is_file():
+        return
+    known = {os.path.realpath(entry) for entry in twisted.plugins.__path__}
+    if os.path.realpath(directory) not in known:
+        twisted.plugins.__path__.append(str(directory))
 
 
 def _react_exit(command: Callable[[Any], defer.Deferred[int]]) -> None:
