@@ -344,28 +344,9 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: str) -> None:
 
 
 def _run_group(conn: sqlite3.Connection, ops: list[_Op], now: float) -> list[Any]:
-    """Run every op in one write transaction at ``now``; roll back all of them on any error.
-
-    Outcome records next to each other in the group are written together (:func:`_record_all`).
-    """
+    """Run every op in one write transaction at ``now``; roll back all of them on any error."""
     with _sqlite.transaction(conn):
-        results: list[Any] = []
-        i, n = 0, len(ops)
-        while i < n:
-            op = ops[i]
-            if type(op) is not _Recording:
-                results.append(op(conn, now))
-                i += 1
-                continue
-            j = i + 1
-            while j < n and type(ops[j]) is _Recording:
-                j += 1
-            if j - i == 1:
-                results.append(op(conn, now))
-            else:
-                results.extend(_record_all(ops[i:j], conn, now))  # type: ignore[arg-type]
-            i = j
-        return results
+        return [op(conn, now) for op in ops]
 
 
 def _insert(envelopes: Sequence[Envelope], conn: sqlite3.Connection, now: float) -> list[int]:
@@ -510,96 +491,6 @@ def _record(owner: str, outcome: Outcome, conn: sqlite3.Connection, now: float) 
     if o.state == "sent":
         conn.execute("DELETE FROM payloads WHERE message = ?", (o.id,))
     return True
-
-
-class _Recording:
-    """The op of :meth:`SqliteQueue.record`: :func:`_record` alone, or with its neighbours in
-    the group by :func:`_record_all`."""
-
-    __slots__ = ("outcome", "owner")
-
-    def __init__(self, owner: str, outcome: Outcome) -> None:
-        self.owner = owner
-        self.outcome = outcome
-
-    def __call__(self, conn: sqlite3.Connection, now: float) -> bool:
-        return _record(self.owner, self.outcome, conn, now)
-
-
-_ROWS_PER_STATEMENT: Final = 50
-"""Outcomes (or recipients) written by one statement of :func:`_record_all`."""
-
-_RECORD_ALL = """
-UPDATE messages SET state = o.column1, attempts = o.column2, due = o.column3, code = o.column4,
-    response = o.column5, owner = NULL, lease_until = NULL, updated_at = ?
-FROM (VALUES {rows}) AS o
-WHERE messages.id = o.column6 AND messages.owner = o.column7 AND messages.fence = o.column8
-    AND messages.state = 'sending'
-RETURNING messages.id
-"""
-
-_RECORD_RECIPIENTS = """
-UPDATE recipients SET state = o.column3, code = o.column4, response = o.column5,
-    enhanced = o.column6
-FROM (VALUES {rows}) AS o
-WHERE recipients.message = o.column1 AND recipients.position = o.column2
-"""
-
-
-def _values(template: str, columns: int, rows: int) -> str:
-    placeholders = ", ".join(["(" + ", ".join(["?"] * columns) + ")"] * rows)
-    return template.format(rows=placeholders)
-
-
-def _record_all(
-    recordings: Sequence[_Recording], conn: sqlite3.Connection, now: float
-) -> list[bool]:
-    """:func:`_record` of each of ``recordings``, in three statements for up to
-    :data:`_ROWS_PER_STATEMENT` of them rather than three each.
-
-    Every SQLite statement lets go of the GIL while it runs and must then take it back from
-    the reactor thread, which holds it most of the time during a drain: about 18 µs of waiting
-    a statement here, more than the statement's own work. Fewer statements keep the store's
-    thread, which every outcome of a drain waits for, from waiting.
-    """
-    if len(recordings) > _ROWS_PER_STATEMENT:
-        return [
-            kept
-            for start in range(0, len(recordings), _ROWS_PER_STATEMENT)
-            for kept in _record_all(recordings[start : start + _ROWS_PER_STATEMENT], conn, now)
-        ]
-    ids = [r.outcome.id for r in recordings]
-    if len(set(ids)) != len(ids):  # one message twice: each in turn, as _record decides
-        return [r(conn, now) for r in recordings]
-    params: list[Any] = [now]
-    for r in recordings:
-        o = r.outcome
-        due = now + o.retry_in if o.state == "deferred" else now
-        params += (o.state, o.attempts, due, o.code, o.response, o.id, r.owner, o.fence)
-    sql = _values(_RECORD_ALL, 8, len(recordings))
-    kept = {message for (message,) in conn.execute(sql, params).fetchall()}
-    if not kept:
-        return [False] * len(recordings)
-    rows: list[Any] = []
-    sent: list[int] = []
-    for r in recordings:
-        o = r.outcome
-        if o.id not in kept:
-            continue
-        if o.state == "sent":
-            sent.append(o.id)
-        for i, (position, state, code, text) in enumerate(o.recipients):
-            rows.append((o.id, position, state, code, text, o.enhanced_at(i)))
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        chunk = rows[start : start + _ROWS_PER_STATEMENT]
-        conn.execute(
-            _values(_RECORD_RECIPIENTS, 6, len(chunk)),
-            [value for row in chunk for value in row],
-        )
-    if sent:
-        marks = ", ".join(["?"] * len(sent))
-        conn.execute(f"DELETE FROM payloads WHERE message IN ({marks})", sent)  # noqa: S608
-    return [message in kept for message in ids]
 
 
 def _release(
@@ -789,7 +680,7 @@ class SqliteQueue(_sqlite_campaigns.Campaigns):
 
     def record(self, owner: str, outcome: Outcome) -> defer.Deferred[bool]:
         """Write an attempt's outcome unless ``owner`` lost the claim; False if it did."""
-        return self._write(_Recording(owner, outcome))
+        return self._write(lambda conn, now: _record(owner, outcome, conn, now))
 
     def release(self, owner: str, claimed: Sequence[ClaimedMessage]) -> defer.Deferred[int]:
         """Give back claims not attempted (no attempt counted); fires with how many."""
