@@ -16,7 +16,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel, formatEventAsClassicL
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import ServerOptions
 
-from twistmail.relay import dispatch
+from twistmail import _dispatch as dispatch
 from twistmail.relay.logs import TurnBufferedObserver, twistd_observer
 
 

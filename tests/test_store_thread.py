@@ -181,7 +181,7 @@ class _HeldAnswers:
         self.calls: list[tuple[object, tuple[object, ...]]] = []
         self._arrived = threading.Condition()
 
-    def callFromThread(self, f: object, *args: object, **kw: object) -> None:  # noqa: N802
+    def callFromThread(self, f: object, *args: object, **kw: object) -> None:
         with self._arrived:
             self.calls.append((f, args))
             self._arrived.notify_all()
@@ -227,7 +227,8 @@ def test_the_thread_commits_the_next_group_before_the_reactor_sees_the_last() ->
         answers.wait_for(2)
         # Both groups committed while the reactor had not yet heard of the first.
         assert log == [[1], [2, 3]]
-        assert not first.called and groups.commits == 0
+        assert not first.called
+        assert groups.commits == 0
         answers.deliver()
         assert first.result == 10
         assert [d.result for d in later] == [20, 30]

@@ -538,8 +538,8 @@ def makeService(options: Options) -> MultiService:
     delivers from the same queue file (a SQLite queue has one deliverer; a PostgreSQL one any
     number).
     """
+    from .. import _dispatch as dispatch
     from .._heap import settle
-    from . import dispatch
     from .logs import twistd_observer
     from .service import RelayService, StartError
 

@@ -1,4 +1,5 @@
-"""The relay's socket-event dispatch (``twistmail.relay.dispatch``) on the real epoll reactor:
+"""The socket-event dispatch of the relay and the commands (``twistmail._dispatch``) on the real
+epoll reactor:
 data flows, an exception in one connection's handler closes that connection only (and is
 logged under its name), and a peer's close reaches ``connectionLost``."""
 
@@ -15,7 +16,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
-from twistmail.relay import dispatch
+from twistmail import _dispatch as dispatch
 
 
 def _reactor() -> Any:
@@ -113,3 +114,22 @@ async def test_an_error_closes_only_its_connection(installed: Any) -> None:
     assert failure.check(ValueError)
     # Logged under the connection's name, as Twisted's own loop does.
     assert errors[0]["system"].startswith("Echo,")
+
+
+def test_the_commands_reactor_dispatches_through_it_and_a_library_users_is_left_alone() -> None:
+    # The command line runs its commands under _react_exit, on the process's own reactor.
+    import subprocess
+    import sys
+
+    script = (
+        "from twisted.internet import defer\n"
+        "from twistmail.cli import _react_exit\n"
+        "def command(reactor):\n"
+        "    return defer.succeed(0 if reactor.doIteration.__module__ == 'twistmail._dispatch'"
+        " else 3)\n"
+        "_react_exit(command)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # This test process's reactor (a library user's, for twistmail) kept Twisted's own loop.
+    assert "doIteration" not in vars(_reactor())
