@@ -7,6 +7,12 @@ fi
 stamp="$VENV/.twistmail-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+    # editable_mode=compat puts the source tree itself on sys.path (a .pth line), where
+    # Twisted's plugin scan finds twisted/plugins/twistmail_plugin.py: so `twistd -n twistmail`
+    # (the README's relay commands) works in this environment from any directory, as it does
+    # after a wheel install. The default editable mode imports twistmail through a finder that
+    # Twisted's plugin scan never sees.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+        -e '.[test]' --config-settings editable_mode=compat
     touch "$stamp"
 fi

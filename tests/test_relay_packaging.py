@@ -83,18 +83,7 @@ def test_the_wheel_holds_the_plugin_without_an_init_under_twisted(wheel: Path) -
 def test_twistd_lists_and_runs_the_plugin_from_a_fresh_virtualenv(
     wheel: Path, tmp_path: Path
 ) -> None:
-    venv = tmp_path / "venv"
-    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
-    python = venv / "bin" / "python"
-    site = Path(
-        subprocess.check_output(
-            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            text=True,
-        ).strip()
-    )
-    # The project environment's packages (Twisted and the rest) without its editable
-    # twistmail: a plain path line in a .pth does not run that environment's own .pth hooks.
-    (site / "project-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python, site = _fresh_venv(tmp_path)
     _run(
         sys.executable,
         "-m",
@@ -129,24 +118,67 @@ def test_twistd_lists_and_runs_the_plugin_from_a_fresh_virtualenv(
     assert (site / "twisted" / "plugins" / "twistmail_plugin.py").exists()
 
 
-def test_serve_finds_the_plugin_of_an_editable_install_from_another_directory(
+def _fresh_venv(tmp_path: Path) -> tuple[Path, Path]:
+    """A virtualenv without pip that sees the project environment's packages (Twisted and the
+    rest) but not its twistmail: ``(python, site-packages)``."""
+    venv = tmp_path / "venv"
+    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            text=True,
+        ).strip()
+    )
+    # A plain path line in a .pth does not run that environment's own .pth lines (its
+    # editable twistmail) in this one.
+    (site / "project-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python, site
+
+
+def test_serve_finds_the_plugin_of_a_default_editable_install_from_another_directory(
     tmp_path: Path,
 ) -> None:
-    # Without PYTHONPATH the source tree is not on sys.path, so Twisted's own scan of
-    # sys.path for twisted/plugins directories misses the plugin beside the package.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run(
-        [sys.executable, "-c", "import twistmail; print(twistmail.__file__)"],
+    # `pip install -e .` (setuptools' default mode) imports twistmail through a finder: the
+    # source tree is not on sys.path, so Twisted's own scan of sys.path for twisted/plugins
+    # directories misses the plugin beside the package. `twistmail serve` adds it.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=_SKIP)
+    python, _ = _fresh_venv(tmp_path)
+    _run(
+        sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
+        "--no-build-isolation", "--no-index", "--disable-pip-version-check", "-e", source,
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = _run(
+        python, "-c", "import twistmail; print(twistmail.__file__)", cwd=elsewhere, env=env
     )
-    if where.returncode != 0 or not where.stdout.startswith(str(ROOT)):
-        pytest.skip(f"twistmail is not installed editable from {ROOT} ({where.stdout.strip()})")
-    help_text = _run(sys.executable, "-m", "twistmail", "serve", "--help", cwd=tmp_path, env=env)
+    assert where.startswith(str(source)), where
+    help_text = _run(python, "-m", "twistmail", "serve", "--help", cwd=elsewhere, env=env)
+    for option in RELAY_OPTIONS:
+        assert option in help_text
+    added = _run(python, "-c", _ADDED, cwd=elsewhere, env=env)
+    assert added.strip() == "1", added  # the source tree's twisted/plugins, once
+
+
+def test_the_project_environment_runs_twistd_with_the_plugin_from_any_directory(
+    tmp_path: Path,
+) -> None:
+    # scripts/test installs the tree editable in compat mode (scripts/_env.sh), so the
+    # README's `twistd -n twistmail ...` works in .venv as after a wheel install.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = _run(sys.executable, "-c", "import twistmail; print(twistmail.__file__)",
+                 cwd=tmp_path, env=env)  # fmt: skip
+    if not where.startswith(str(ROOT)):
+        pytest.skip(f"twistmail is not installed from {ROOT} here ({where.strip()})")
+    twistd = Path(sys.executable).parent / "twistd"
+    listing = _run(twistd, "--help", cwd=tmp_path, env=env)
+    assert "A durable local mail relay" in listing
+    help_text = _run(twistd, "-n", "twistmail", "--help", cwd=tmp_path, env=env)
     for option in RELAY_OPTIONS:
         assert option in help_text
     added = _run(sys.executable, "-c", _ADDED, cwd=tmp_path, env=env)
-    assert added.strip() == "1", added  # the source tree's twisted/plugins, once
+    assert added.strip() == "0", added  # Twisted's scan found it: serve adds nothing
