@@ -625,7 +625,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             f"{MESSAGES_TARGETS[1][1]:g} x {PEER} msg/s.\n"
             "  spool     the spool backend's enqueue latency (p50/p99) against a pickle\n"
             "            file per message with fsync; no SMTP server (scripts/bench runs\n"
-            "            scripts/benchlib/spoolbench.py; its own --help lists its options).\n\n"
+            "            scripts/benchlib/spoolbench.py; its own --help lists its options).\n"
+            "  Modes with drivers of their own (scripts/bench hands them its arguments;\n"
+            "  `scripts/bench --mode M --help` lists each one's options):\n"
+            "  templates `twistmail send` over the template shapes (templatebench.py)\n"
+            "  relay     smtp-source -> twistd twistmail -> smtp-sink (relaybench.py)\n"
+            "  api       HTTP clients against the relay's API beside its SMTP door\n"
+            "            (relaybench.py)\n"
+            "  dkim      signing rates per core, send_many signed and not (dkimbench.py)\n"
+            "  store     enqueue -> claim -> record on SQLite, no SMTP (storebench.py)\n"
+            "  workers   a CSV campaign in a PostgreSQL queue with 1/2/4 workers, and\n"
+            "            SQLite, into smtp-sink (workersbench.py)\n\n"
             "scripts/bench sets up .bench-venv (the project + aiosmtplib + uvloop) and\n"
             "smtp-sink (from the system, or extracted from the Debian postfix package into\n"
             ".bench-cache/; no daemon is ever started)."
@@ -679,7 +689,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--mode",
         choices=sorted(MODES),
         default="library",
-        help="what to measure: library (default), cli-csv, drain, memory or messages; see above",
+        help="what to measure: library (default), cli-csv, drain, memory or messages; spool, "
+        "templates, relay, api, dkim, store and workers run drivers of their own; see above",
     )
     parser.add_argument(
         "--memory-rows",
