@@ -203,7 +203,9 @@ def test_track_retry_and_cancel_through_the_real_relay(tmp_path: Path) -> None:
         assert [m["id"] for m in listed["messages"]] == [sent_id]
         # The refusal was once only: a retry delivers it.
         status, retried, _ = call(port, f"/v1/messages/{sent_id}/retry", {}, token=None)
-        assert (status, retried["state"]) == (200, "queued")
+        # Queued again, its attempts from 0; the relay's worker may have taken it already.
+        assert status == 200
+        assert (retried["state"], retried["attempts"]) in {("queued", 0), ("sending", 0)}
         relay.wait_for(rf"delivery {sent_id} .*attempt=1 status=sent")
         status, shown, _ = call(port, f"/v1/messages/{sent_id}", token=None, method="GET")
         assert shown["state"] == "sent"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from twistmail import _sqlite
 
@@ -253,3 +253,25 @@ def test_a_job_given_to_the_thread_between_two_groups_runs_between_them() -> Non
         answers.deliver()
     finally:
         pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_read_a_waiter_asks_for_runs_before_the_write_it_asked_for_first(
+    tmp_path: Path,
+) -> None:
+    # The HTTP API's retry: a write is answered; its waiter wakes a worker (whose claim is a
+    # write) and then reads the message: the read shows what the first write left.
+    store = await open_toy(tmp_path / "toy.db")
+    try:
+        seen: list[object] = []
+
+        def answered(_: object) -> defer.Deferred[object]:
+            later = store.submit(2)
+            read = store.read(_count).addCallback(seen.append)
+            return defer.gatherResults([later, read])
+
+        await store.submit(1).addCallback(answered)
+        assert seen == [1]
+        assert await store.read(_count) == 2
+    finally:
+        await store.close()
