@@ -1,8 +1,8 @@
 """Group commit: writes submitted while one group is being committed go together in the next.
 
-Used by the SQLite store thread (:class:`twistmail._sqlite.SqliteThread`) that the campaign
-journal and the SQLite queue share, each committing on its own single thread: many concurrent
-writers then share one transaction (and one fsync) instead of queueing one transaction each.
+Used by the PostgreSQL queue's enqueues: many concurrent writers then share one transaction
+(and one commit) instead of queueing one transaction each. The SQLite stores do the same on
+their own thread, which takes each next group itself (:class:`twistmail._sqlite.ThreadGroups`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Threading: SQLite calls block, so every call on the campaign's connection runs o
 writer thread (:class:`~twistmail._sqlite.SqliteThread`), never on the reactor thread. Work on
 that thread runs in submission order, so writes serialize and reads see every commit made before
 them. Writes use group commit: records queued while a commit runs all go into the next single
-transaction, and at most one commit is in flight. Reactor shutdown commits what was recorded and
+transaction, which the thread starts as soon as the previous one is committed (one commit at a
+time). Reactor shutdown commits what was recorded and
 closes a journal left open.
 
 :func:`read_status` is the synchronous reader for ``twistmail status JOURNAL``, outside a reactor.
