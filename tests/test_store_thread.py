@@ -275,3 +275,40 @@ async def test_a_read_a_waiter_asks_for_runs_before_the_write_it_asked_for_first
         assert await store.read(_count) == 2
     finally:
         await store.close()
+
+
+def test_writes_a_waiter_submits_wait_for_its_reads_even_while_another_group_commits() -> None:
+    log: list[object] = []
+    taken = {1: threading.Event(), 2: threading.Event()}
+    hold = {1: threading.Event(), 2: threading.Event()}
+    pool = _sqlite.OneThread("test-groups")
+    pool.start()
+    answers = _HeldAnswers()
+
+    def commit(items: list[int]) -> list[int]:
+        if items[0] in taken:
+            taken[items[0]].set()
+            assert hold[items[0]].wait(10)
+        log.append(list(items))
+        return items
+
+    groups = _sqlite.ThreadGroups(pool, answers, commit)
+    try:
+        first = groups.submit(1)
+        assert taken[1].wait(10)
+        groups.submit(2)  # the next group, taken while [1]'s answer waits for the reactor
+        hold[1].set()
+        answers.wait_for(1)
+        assert taken[2].wait(10)
+
+        def waiter(_: object) -> None:
+            groups.submit(3)  # a write, then a read, while [2] commits
+            hold[2].set()
+            answers.wait_for(1)  # [2] committed: the thread has looked for a next group
+            pool.callInThread(log.append, "read")
+
+        first.addCallback(waiter)
+        answers.deliver()  # [1]'s answer runs the waiter
+    finally:
+        pool.stop()  # runs what is queued on the thread, then joins it
+    assert log == [[1], [2], "read", [3]]

@@ -162,6 +162,7 @@ class ThreadGroups(Generic[_Item]):
         self._queued: list[tuple[_Item, defer.Deferred[Any]]] = []  # under _lock
         self._taking = False  # under _lock: a _take job is queued on the thread, or running
         self._answering = False  # reactor thread only: a group's waiters are being fired
+        self._held: list[tuple[_Item, defer.Deferred[Any]]] = []  # submitted while answering
         self._waiting = 0  # reactor thread only: items submitted and not yet answered
         self._idle_waiters: list[defer.Deferred[None]] = []
 
@@ -169,14 +170,19 @@ class ThreadGroups(Generic[_Item]):
         """Queue ``item`` for the next group; fires with its result once committed."""
         waiter: defer.Deferred[Any] = defer.Deferred()
         self._waiting += 1
+        if self._answering:
+            self._held.append((item, waiter))
+            return waiter
+        self._queue([(item, waiter)])
+        return waiter
+
+    def _queue(self, items: list[tuple[_Item, defer.Deferred[Any]]]) -> None:
         with self._lock:
-            self._queued.append((item, waiter))
-            start = not self._taking and not self._answering
-            if start:
-                self._taking = True
+            self._queued.extend(items)
+            start = not self._taking
+            self._taking = True
         if start:
             self._pool.callInThread(self._take)
-        return waiter
 
     def idle(self) -> defer.Deferred[None]:
         """Fires once nothing is queued or being committed."""
@@ -203,8 +209,8 @@ class ThreadGroups(Generic[_Item]):
 
     def _answer(self, group: list[tuple[_Item, defer.Deferred[Any]]], results: Any) -> None:
         self._waiting -= len(group)
-        # Writes the waiters submit wait until every waiter has run (then go as one group),
-        # so that the reads they submit meanwhile run first.
+        # Writes the waiters submit are held until every waiter has run, so that the reads
+        # they submit meanwhile run first (even if the thread is busy with another group).
         self._answering = True
         try:
             if isinstance(results, Failure):
@@ -216,12 +222,9 @@ class ThreadGroups(Generic[_Item]):
                     waiter.callback(value)
         finally:
             self._answering = False
-        with self._lock:
-            start = bool(self._queued) and not self._taking
-            if start:
-                self._taking = True
-        if start:
-            self._pool.callInThread(self._take)
+        if self._held:
+            held, self._held = self._held, []
+            self._queue(held)
         if not self._waiting:
             idle, self._idle_waiters = self._idle_waiters, []
             for notify in idle:
