@@ -167,8 +167,9 @@ def test_serve_finds_the_plugin_of_a_default_editable_install_from_another_direc
 def test_the_project_environment_runs_twistd_with_the_plugin_from_any_directory(
     tmp_path: Path,
 ) -> None:
-    # scripts/test installs the tree editable in compat mode (scripts/_env.sh), so the
-    # README's `twistd -n twistmail ...` works in .venv as after a wheel install.
+    # scripts/test puts the tree's root on sys.path beside its editable install
+    # (scripts/_env.sh), so the README's `twistd -n twistmail ...` works in .venv as after a
+    # wheel install.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = _run(sys.executable, "-c", "import twistmail; print(twistmail.__file__)",
                  cwd=tmp_path, env=env)  # fmt: skip
