@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from ._onethread import OneThread
 from ._twisted import Reactor
+from .groupcommit import answer_group
 
 __all__ = [
     "OneThread",
@@ -213,13 +214,9 @@ class ThreadGroups(Generic[_Item]):
         # they submit meanwhile run first (even if the thread is busy with another group).
         self._answering = True
         try:
-            if isinstance(results, Failure):
-                for _, waiter in group:
-                    waiter.errback(results)
-            else:
+            if not isinstance(results, Failure):
                 self.commits += 1
-                for (_, waiter), value in zip(group, results, strict=True):
-                    waiter.callback(value)
+            answer_group([waiter for _, waiter in group], results)
         finally:
             self._answering = False
         if self._held:

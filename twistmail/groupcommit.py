@@ -7,15 +7,26 @@ their own thread, which takes each next group itself (:class:`twistmail._sqlite.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-__all__ = ["GroupCommit"]
+__all__ = ["GroupCommit", "answer_group"]
 
 _Item = TypeVar("_Item")
+
+
+def answer_group(waiters: Sequence[defer.Deferred[Any]], result: list[Any] | Failure) -> None:
+    """Fire each of a group's ``waiters`` with its item's result, or every one with the group's
+    failure."""
+    if isinstance(result, Failure):
+        for waiter in waiters:
+            waiter.errback(result)
+    else:
+        for waiter, value in zip(waiters, result, strict=True):
+            waiter.callback(value)
 
 
 class GroupCommit(Generic[_Item]):
@@ -59,13 +70,9 @@ class GroupCommit(Generic[_Item]):
         self._committing = True
 
         def done(result: list[Any] | Failure) -> None:
-            if isinstance(result, Failure):
-                for waiter in waiters:
-                    waiter.errback(result)
-            else:
+            if not isinstance(result, Failure):
                 self.commits += 1
-                for waiter, value in zip(waiters, result, strict=True):
-                    waiter.callback(value)
+            answer_group(waiters, result)
             # Still "committing" while waiters run: what they submit joins the next group.
             self._committing = False
             if self._items:
