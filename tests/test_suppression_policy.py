@@ -117,3 +117,23 @@ def test_a_messages_list_is_its_list_id_header_only() -> None:
     )
     assert list_id_of(b"Subject: x\r\n\r\nList-Id: <in.the.body>\r\n") == ""
     assert list_id_of(b"Subject: x\r\n\r\n") == ""
+    assert list_id_of(b"Subject: x\nList-Id: <bare.lf.example>\n\nList-Id: <body>\n") == (
+        "bare.lf.example"
+    )
+    assert list_id_of(b"Subject: x\r\nX-List-Id: <not.this.one>\r\n\r\n") == ""
+
+
+def test_the_header_section_ends_at_the_first_empty_line_whatever_its_line_breaks() -> None:
+    """header_end finds what the regex ``\\r?\\n\\r?\\n`` finds first, for any mix of breaks."""
+    import random
+    import re
+
+    from twistmail.suppression.screen import header_end
+
+    blank_line = re.compile(rb"\r?\n\r?\n")
+    pieces = [b"\r", b"\n", b"a", b":", b" "]
+    rng = random.Random(11)
+    for _ in range(20_000):
+        payload = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        found = blank_line.search(payload)
+        assert header_end(payload) == (found.start() if found else len(payload)), payload

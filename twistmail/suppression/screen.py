@@ -22,16 +22,31 @@ from .records import Suppression, SuppressionError, key_or_none, list_key, suppr
 __all__ = ["Screened", "list_id_of", "screen"]
 
 _LIST_ID: Final = re.compile(rb"^list-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
-_HEADER_END: Final = re.compile(rb"\r?\n\r?\n")
 
 SuppressedRecipient = tuple[int, RecipientState, int | None, str]
+
+
+def header_end(payload: bytes) -> int:
+    """Where the header section of a message's bytes ends: the start of its first empty line's
+    line break (``\\r\\n`` or ``\\n``); the length of ``payload`` when it has no body."""
+    end = payload.find(b"\n\r\n")
+    if end < 0:
+        end = len(payload)
+    lf = payload.find(b"\n\n", 0, end + 1)  # only up to the CRLF one: no scan of a large body
+    if lf >= 0:
+        end = lf
+    return end - 1 if 0 < end < len(payload) and payload[end - 1] == 0x0D else end
 
 
 def list_id_of(payload: bytes) -> str:
     """The list id of the ``List-Id`` header of a message's bytes; "" when it has none (or
     one that is not a list id)."""
-    end = _HEADER_END.search(payload)
-    match = _LIST_ID.search(payload, 0, end.start() if end else len(payload))
+    end = header_end(payload)
+    # Most messages have no List-Id: a plain search rules that out before the regex runs (the
+    # regex alone took about 4 µs a message, on the reactor thread of every drain).
+    if b"list-id:" not in payload[:end].lower():
+        return ""
+    match = _LIST_ID.search(payload, 0, end)
     if match is None:
         return ""
     try:
