@@ -928,13 +928,15 @@ _FILE_STATE = (
 )
 
 
+@pytest.mark.parametrize("lost", [False, True], ids=["all-held", "one-claim-lost"])
 @pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "in-one-group"])
 @pytest_twisted.inlineCallbacks
 def test_outcomes_recorded_together_leave_the_file_as_recorded_one_by_one(
-    tmp_path: Path, together: bool
+    tmp_path: Path, together: bool, lost: bool
 ) -> Gen:
     # Written together (one group: a few statements for all of them) or one commit each,
-    # the same outcomes leave the same rows; an outcome whose claim was lost is refused alike.
+    # the same outcomes leave the same rows; an outcome whose claim was lost is refused alike
+    # (and the others of its group are still written).
     path = tmp_path / "spool.db"
     clock = stopped_clock()
     queue = yield SqliteQueue.open(path, clock=clock.seconds)
@@ -972,8 +974,8 @@ def test_outcomes_recorded_together_leave_the_file_as_recorded_one_by_one(
             outcome(one, "sent", 0, 250, "ok", ((0, "sent", 250, "ok"),), ("2.0.0",)),
             outcome(two, "deferred", 60, 451, "later", ((0, "pending", 451, "later"),)),
             outcome(three, "failed", 0, 550, "no", ((0, "failed", 550, "no"),), ("5.1.1",)),
-            # A claim lost meanwhile (another drain holds the next fence):
-            outcome(four, "sent", 0, 250, "ok", ((0, "sent", 250, "ok"),), fence=1),
+            # With ``lost``, a claim lost meanwhile (another drain holds the next fence):
+            outcome(four, "sent", 0, 250, "ok", ((0, "sent", 250, "ok"),), fence=int(lost)),
             outcome(
                 five,
                 "deferred",
@@ -989,6 +991,8 @@ def test_outcomes_recorded_together_leave_the_file_as_recorded_one_by_one(
             ),
         ]
         commits = queue.commits
+        statements: list[str] = []
+        yield queue._db.read(lambda conn: conn.set_trace_callback(statements.append))
         if together:
             kept = yield defer.gatherResults([queue.record("a", o) for o in outcomes])
             assert queue.commits - commits <= 2
@@ -996,7 +1000,16 @@ def test_outcomes_recorded_together_leave_the_file_as_recorded_one_by_one(
             kept = []
             for o in outcomes:
                 kept.append((yield queue.record("a", o)))
-        assert kept == [True, True, True, False, True]
+        yield queue._db.read(lambda conn: conn.set_trace_callback(None))
+        assert kept == [True, True, True, not lost, True]
+        four_size = len(four.envelope.payload)
+        # Together and all held: one UPDATE a table and one DELETE for all five, where one by
+        # one takes 14 (each statement hands the GIL to the reactor thread and back). With a
+        # claim lost, the group's UPDATE changes four rows, not five, and is undone: one by one
+        # then, four's recipient and payload left alone.
+        writes = [s for s in statements if s.lstrip().startswith(("UPDATE", "DELETE"))]
+        one_by_one = 5 + 6 + 1 if lost else 5 + 7 + 2
+        assert len(writes) == (3 if together and not lost else one_by_one + together)
         assert rows(path, _FILE_STATE) == [
             (one.id, "sent", 1, T0, 250, "ok", None, None, None, "0:sent:250:ok:2.0.0"),
             (
@@ -1024,16 +1037,9 @@ def test_outcomes_recorded_together_leave_the_file_as_recorded_one_by_one(
                 "0:failed:550:no:5.1.1",
             ),
             (
-                four.id,
-                "sending",
-                0,
-                T0,
-                None,
-                "",
-                "a",
-                T0 + 30,
-                len(four.envelope.payload),
-                "0:pending:::",
+                (four.id, "sending", 0, T0, None, "", "a", T0 + 30, four_size, "0:pending:::")
+                if lost
+                else (four.id, "sent", 1, T0, 250, "ok", None, None, None, "0:sent:250:ok:")
             ),
             (
                 five.id,
@@ -1048,5 +1054,49 @@ def test_outcomes_recorded_together_leave_the_file_as_recorded_one_by_one(
                 "0:sent:250:ok:2.0.0 1:failed:550:no such user:5.1.1 2:pending:451:later:",
             ),
         ]
+    finally:
+        yield queue.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_group_of_more_outcomes_than_a_statement_carries_is_written_in_chunks(
+    tmp_path: Path,
+) -> Gen:
+    path = tmp_path / "spool.db"
+    queue = yield SqliteQueue.open(path)
+    try:
+        yield queue.enqueue([envelope(n) for n in range(250)])
+        claimed = yield queue.claim("a", 250, lease=30)
+        assert len(claimed) == 250
+        statements: list[str] = []
+        yield queue._db.read(lambda conn: conn.set_trace_callback(statements.append))
+        kept = yield defer.gatherResults(
+            [
+                queue.record(
+                    "a",
+                    Outcome(
+                        id=c.id,
+                        fence=c.fence,
+                        state="sent",
+                        attempts=1,
+                        code=250,
+                        response=f"ok {c.id}",
+                        recipients=((0, "sent", 250, f"ok {c.id}"),),
+                    ),
+                )
+                for c in claimed
+            ]
+        )
+        yield queue._db.read(lambda conn: conn.set_trace_callback(None))
+        assert kept == [True] * 250
+        writes = [s for s in statements if s.lstrip().startswith(("UPDATE", "DELETE"))]
+        assert len(writes) == 9  # 120 + 120 + 10 outcomes, three statements each
+        assert rows(
+            path,
+            "SELECT count(*), count(DISTINCT m.response), sum(m.response = r.response) "
+            "FROM messages m JOIN recipients r ON r.message = m.id "
+            "WHERE m.state = 'sent' AND r.state = 'sent' AND m.owner IS NULL",
+        ) == [(250, 250, 250)]
+        assert rows(path, "SELECT count(*) FROM payloads") == [(0,)]
     finally:
         yield queue.close()
