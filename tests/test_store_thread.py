@@ -145,6 +145,37 @@ async def test_close_commits_queued_writes_then_refuses_work_and_stops_the_threa
     await store.close()  # idempotent, and fires at once now
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["writes", "raises"])
+@pytest_twisted.ensureDeferred
+async def test_before_close_runs_after_the_last_write_and_the_connection_closes_anyway(
+    tmp_path: Path, fails: bool
+) -> None:
+    path = tmp_path / "toy.db"
+    pool, conn = await _sqlite.SqliteThread.start(reactor, f"toy {path}", _open_toy, str(path))
+    seen: list[int] = []
+
+    def before_close(conn: sqlite3.Connection) -> None:
+        seen.append(_count(conn))  # every write queued before close() is in
+        _insert_all(conn, [100])
+        if fails:
+            raise ToyError("before close")
+
+    store = _sqlite.SqliteThread(
+        str(path), conn, pool, reactor, commit=_insert_all, closed=ToyError,
+        before_close=before_close,
+    )  # fmt: skip
+    writes = [store.submit(v) for v in range(3)]
+    if fails:
+        with pytest.raises(ToyError, match="before close"):
+            await store.close()
+    else:
+        await store.close()
+    assert [await w for w in writes] == [1, 2, 3]
+    assert seen == [3]
+    assert values_in(path) == [0, 1, 2, 100]
+    assert not toy_threads()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_failing_write_fails_its_whole_group_and_commits_none_of_it(
     tmp_path: Path,

@@ -246,10 +246,14 @@ class SqliteThread(Generic[_Item]):
         *,
         commit: Callable[[sqlite3.Connection, list[_Item]], list[Any]],
         closed: Callable[[str], Exception],
+        before_close: Callable[[sqlite3.Connection], None] | None = None,
         after_close: Callable[[], None] | None = None,
         close_at_shutdown: bool = True,
     ) -> None:
         """Use :meth:`start` to get a running ``pool`` and the connection opened on it.
+
+        ``before_close(conn)`` runs on the thread after the last write, before the connection
+        closes (which it does even if ``before_close`` fails).
 
         ``close_at_shutdown=False``: the owner closes it itself during reactor shutdown (after
         its own last writes), so no shutdown trigger closes it first.
@@ -260,6 +264,7 @@ class SqliteThread(Generic[_Item]):
         self._reactor = reactor
         self._threads = IReactorFromThreads(reactor)
         self._closed_error = closed
+        self._before_close = before_close
         self._after_close = after_close
         self._group: ThreadGroups[_Item] = ThreadGroups(
             pool, self._threads, lambda items: commit(self._conn, items)
@@ -355,7 +360,11 @@ class SqliteThread(Generic[_Item]):
 
     def _close_connection(self) -> None:
         try:
-            self._conn.close()
+            try:
+                if self._before_close is not None:
+                    self._before_close(self._conn)
+            finally:
+                self._conn.close()
         finally:
             if self._after_close is not None:
                 self._after_close()
