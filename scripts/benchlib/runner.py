@@ -12,6 +12,7 @@ import ctypes
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -329,9 +330,29 @@ def run_counted(
 
 
 def _wait_with_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int | None, Any]:
-    """``(exit status, rusage)`` of the child, or ``(None, None)`` after ``timeout``."""
+    """``(exit status, rusage)`` of the child, or ``(None, None)`` after ``timeout``.
+
+    Returns as the child exits (a pidfd becomes readable then): a whole-process time is the
+    child's, not rounded up to a polling step (polling every 0.1 s added 0-100 ms, 50 ms on
+    average, to a ~2 s drain: about 2 %, and as much noise between runs).
+    """
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # not Linux 5.3+: poll, in steps of at most 2 ms
+        pidfd = None
+    if pidfd is not None:
+        try:
+            exited, _, _ = select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+        if not exited:
+            return None, None
+        _, status, rusage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        proc.returncode = code
+        return code, rusage
     deadline = time.monotonic() + timeout
-    delay = 0.005
+    delay = 0.0005
     while True:
         pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
@@ -341,4 +362,4 @@ def _wait_with_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[in
         if time.monotonic() > deadline:
             return None, None
         time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        delay = min(delay * 2, 0.002)
