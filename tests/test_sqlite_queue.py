@@ -58,6 +58,19 @@ def envelope(n: int, *recipients: str) -> Envelope:
     return envelope_from_bytes("sender@example.com", rcpts, data)
 
 
+def sent_outcome(claimed: ClaimedMessage) -> Outcome:
+    """A one-recipient message's outcome: accepted."""
+    return Outcome(
+        id=claimed.id,
+        fence=claimed.fence,
+        state="sent",
+        attempts=1,
+        code=250,
+        response="ok",
+        recipients=((0, "sent", 250, "ok"),),
+    )
+
+
 def message(to: str | None = "ann@example.org", **headers: str) -> EmailMessage:
     msg = EmailMessage()
     msg["From"] = "shop@example.com"
@@ -183,15 +196,7 @@ def test_two_stores_on_one_file_never_claim_the_same_message(tmp_path: Path) -> 
         clock.advance(60)
         (taken,) = yield two.claim("four", 1, lease=60)
         stale = next(c for batch in batches for c in batch if c.id == taken.id)
-        late = Outcome(
-            id=stale.id,
-            fence=stale.fence,
-            state="sent",
-            attempts=1,
-            code=250,
-            response="ok",
-            recipients=((0, "sent", 250, "ok"),),
-        )
+        late = sent_outcome(stale)
         owner = rows(path, "SELECT owner FROM messages WHERE id = ?", stale.id)
         assert owner == [("four",)]
         assert (yield one.record("one", late)) is False
@@ -256,18 +261,6 @@ def test_sent_drops_the_payload_and_failed_keeps_it(tmp_path: Path) -> Gen:
         "SELECT state, owner, (SELECT length(data) FROM payloads WHERE message = id) "
         "FROM messages ORDER BY id",
     ) == [("sent", None, None), ("failed", None, len(two.envelope.payload))]
-
-
-def sent_outcome(claimed: ClaimedMessage) -> Outcome:
-    return Outcome(
-        id=claimed.id,
-        fence=claimed.fence,
-        state="sent",
-        attempts=1,
-        code=250,
-        response="ok",
-        recipients=((0, "sent", 250, "ok"),),
-    )
 
 
 @pytest_twisted.inlineCallbacks
