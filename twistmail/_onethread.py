@@ -6,10 +6,19 @@ from a :class:`queue.SimpleQueue`. Twisted's pool hands each job through its ``T
 workers and a coordinator, and runs it inside a copy of the caller's legacy log context: about
 11 µs of CPU per job more, in both threads, for a pool that never has a second thread to
 choose. A SQLite store runs a job or two per message on its thread.
+
+In a process that owns its reactor (the commands, the relay) the threads are marked as
+background work for Linux's scheduler (:func:`run_in_background`, ``SCHED_BATCH``): handing
+a store thread a job then no longer preempts the reactor thread on its core, which held the
+interpreter lock while it waited to run again. A 20,000-message drain took 0.93-0.96 of the
+time (medians of 10 alternating pairs, two sittings; its store thread switched 3,400-9,700
+times instead of ~18,000). A library user's threads keep the default policy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Callable
 from queue import SimpleQueue
@@ -19,7 +28,23 @@ from twisted.python import log
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["OneThread"]
+__all__ = ["OneThread", "run_in_background"]
+
+_background = False
+
+
+def run_in_background(on: bool = True) -> None:
+    """Start each :class:`OneThread` from now on as background work for the scheduler
+    (``SCHED_BATCH``: no preempting a running thread when it is woken), where the OS has it."""
+    global _background
+    _background = on
+
+
+def _as_background() -> None:
+    """Make the calling thread ``SCHED_BATCH``; nothing where that is not possible."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed (seccomp)
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
 
 _Job = tuple[
     Callable[[bool, Any], object] | None, Callable[..., Any], tuple[Any, ...], dict[str, Any]
@@ -65,6 +90,8 @@ class OneThread(ThreadPool):
         self._jobs.put((onResult, func, args, kw))
 
     def _work(self) -> None:
+        if _background:
+            _as_background()
         get = self._jobs.get
         while (job := get()) is not None:
             on_result, func, args, kw = job

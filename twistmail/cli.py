@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 
-from . import _dispatch
+from . import _dispatch, _onethread
 from ._campaign_cli import campaign_main, queue_options, report_parser, send_options_problem
 from ._heap import resume, settle
 from .bounces.command import add_bounces_parser, add_verp_option, verp_from_args
@@ -788,6 +788,7 @@ def _react_exit(command: Callable[[Any], defer.Deferred[int]]) -> None:
 
         settle()
         _dispatch.install(reactor)  # this process owns the reactor
+        _onethread.run_in_background()  # and its store threads
         return command(reactor).addCallback(done)
 
     try:
