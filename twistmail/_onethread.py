@@ -7,12 +7,12 @@ workers and a coordinator, and runs it inside a copy of the caller's legacy log 
 11 µs of CPU per job more, in both threads, for a pool that never has a second thread to
 choose. A SQLite store runs a job or two per message on its thread.
 
-In a process that owns its reactor (the commands, the relay) the threads are marked as
-background work for Linux's scheduler (:func:`run_in_background`, ``SCHED_BATCH``): handing
-a store thread a job then no longer preempts the reactor thread on its core, which held the
-interpreter lock while it waited to run again. A 20,000-message drain took 0.93-0.96 of the
-time (medians of 10 alternating pairs, two sittings; its store thread switched 3,400-9,700
-times instead of ~18,000). A library user's threads keep the default policy.
+In the commands' processes, which own their reactor, the threads are marked as background
+work for Linux's scheduler (:func:`run_in_background`, ``SCHED_BATCH``): handing a store thread
+a job then no longer preempts the reactor thread on its core, which held the interpreter lock
+while it waited to run again. A 20,000-message drain took 0.93-0.96 of the time (medians of 10
+alternating pairs, two sittings; its store thread switched 3,400-9,700 times instead of
+~18,000). A library user's threads, and the relay's, keep the default policy.
 """
 
 from __future__ import annotations
