@@ -444,3 +444,45 @@ def test_a_drain_starts_without_the_csv_commands_modules(tmp_path: Path) -> None
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.splitlines()[-2:] == ["exit 2", "[]"], done.stdout + done.stderr
+
+
+def allowed_cpus(pid: int) -> dict[str, frozenset[int]]:
+    """Each thread of process ``pid`` (by id): the CPUs it may run on."""
+    threads = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        cpus: set[int] = set()
+        for part in fields["Cpus_allowed_list"].strip().split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+        threads[tid] = frozenset(cpus)
+    return threads
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drain_keeps_its_threads_on_the_cpu_it_started_on(
+    cue_server: Cue, tmp_path: Path
+) -> None:
+    # The reactor and the store threads take turns at the GIL: on one CPU a hand-off is a plain
+    # switch (see twistmail._cpu). TWISTMAIL_ONE_CPU=0 leaves the drain to the scheduler.
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        return  # nothing to hold on a one-CPU machine
+    every = os.sched_getaffinity(0)
+    for setting, one in (("1", True), ("0", False)):
+        stalling = cue_server(stall_on="DOT")
+        path = tmp_path / f"spool-{setting}.db"
+        await enqueue(path, [triple(1)])
+        proc = start_drain(
+            "--spool", str(path), "--smtp", f"smtp://127.0.0.1:{stalling.port}",
+            env={"TWISTMAIL_ONE_CPU": setting},
+        )  # fmt: skip
+        try:
+            await until(lambda s=stalling: s.stalled, "the drain's message reached the final dot")
+            threads = allowed_cpus(proc.pid)
+        finally:
+            proc.kill()
+            await finish(proc)
+        assert len(threads) >= 3, threads  # the reactor's, the queue's, the suppression list's
+        (cpus,) = set(threads.values())  # the same for every thread
+        assert (len(cpus) == 1 and cpus <= every) if one else cpus == every, threads

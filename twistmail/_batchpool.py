@@ -10,6 +10,8 @@ from typing import Any, Generic, TypeVar
 from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.logger import Logger
 
+from ._cpu import on_every_cpu
+
 __all__ = ["BatchPool", "Job"]
 
 log = Logger()
@@ -138,6 +140,7 @@ class BatchPool(Generic[T, R]):
 
     def _run(self) -> None:
         """A thread's loop: take a batch, work through it, hand it back."""
+        on_every_cpu()  # signing runs without the GIL: these threads are there to use them all
         queue = self._queue
         work = self._work
         hand_back = self._reactor.callFromThread

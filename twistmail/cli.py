@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import defer, task
 
-from . import _dispatch, _onethread
+from . import _cpu, _dispatch, _onethread
 from ._campaign_cli import campaign_main, queue_options, report_parser, send_options_problem
 from ._heap import resume, settle
 from .bounces.command import add_bounces_parser, add_verp_option, verp_from_args
@@ -422,7 +422,7 @@ def _drain_main(args: argparse.Namespace) -> None:
         verp=verp_from_args(args, sys.stderr),
         **_delivery(args),
     )
-    _react_exit(lambda reactor: command.drain(options, reactor))
+    _react_exit(lambda reactor: command.drain(options, reactor), one_cpu=True)
 
 
 _WORKER_EXAMPLE = """\
@@ -740,9 +740,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.queue:
         from .merge import queued
 
-        _react_exit(lambda reactor: queued.send(options, reactor))
+        _react_exit(lambda reactor: queued.send(options, reactor), one_cpu=True)
         return
-    _react_exit(lambda reactor: run(options, reactor))
+    _react_exit(lambda reactor: run(options, reactor), one_cpu=True)
 
 
 def serve(options: Sequence[str]) -> None:
@@ -778,8 +778,13 @@ def add_plugin_directory() -> None:
         twisted.plugins.__path__.append(str(directory))
 
 
-def _react_exit(command: Callable[[Any], defer.Deferred[int]]) -> None:
-    """Run ``command(reactor)`` under ``task.react``; exit with the status it fires with."""
+def _react_exit(command: Callable[[Any], defer.Deferred[int]], *, one_cpu: bool = False) -> None:
+    """Run ``command(reactor)`` under ``task.react``; exit with the status it fires with.
+
+    ``one_cpu``: a batch command's threads stay on the CPU it starts on (see ``_cpu``).
+    """
+    if one_cpu:
+        _cpu.hold_to_one_cpu()
 
     def go(reactor: Any) -> defer.Deferred[None]:
         def done(code: int) -> None:

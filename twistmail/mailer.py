@@ -537,10 +537,9 @@ def signing_threads(setting: int | bool | None) -> int:
     if setting is False:
         return 0
     if setting is None or setting is True:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cpus = os.cpu_count() or 1
+        from ._cpu import cpus as count_cpus
+
+        cpus = count_cpus()
         return cpus if cpus > 1 else 0  # one CPU: a thread would only add the hand-off
     if setting < 0:
         raise ValueError(f"dkim_threads must be None, True, False or at least 0, not {setting}")
