@@ -1119,7 +1119,8 @@ def test_a_group_of_more_outcomes_than_a_statement_carries_is_written_in_chunks(
         yield queue._db.read(lambda conn: conn.set_trace_callback(None))
         assert kept == [True] * 250
         writes = [s for s in statements if s.lstrip().startswith(("UPDATE", "DELETE"))]
-        assert len(writes) == 9  # 120 + 120 + 10 outcomes, three statements each
+        # 120 + 120 + 10 outcomes: two UPDATEs each chunk; 250 sent payloads: three DELETEs.
+        assert len(writes) == 9
         assert rows(
             path,
             "SELECT count(*), count(DISTINCT m.response), sum(m.response = r.response) "

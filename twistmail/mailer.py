@@ -11,6 +11,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from . import _cpu
 from ._batchpool import BatchPool, Job
 from ._messages import MessagesDoor, OnResult, count_invalid, count_result
 from ._twisted import Reactor, default_reactor
@@ -537,9 +538,7 @@ def signing_threads(setting: int | bool | None) -> int:
     if setting is False:
         return 0
     if setting is None or setting is True:
-        from ._cpu import cpus as count_cpus
-
-        cpus = count_cpus()
+        cpus = _cpu.cpus()
         return cpus if cpus > 1 else 0  # one CPU: a thread would only add the hand-off
     if setting < 0:
         raise ValueError(f"dkim_threads must be None, True, False or at least 0, not {setting}")

@@ -347,10 +347,7 @@ def _wait_with_rusage(proc: subprocess.Popen[bytes], timeout: float) -> tuple[in
             os.close(pidfd)
         if not exited:
             return None, None
-        _, status, rusage = os.wait4(proc.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        proc.returncode = code
-        return code, rusage
+        # It has exited: the loop's first wait4 reaps it.
     deadline = time.monotonic() + timeout
     delay = 0.0005
     while True:

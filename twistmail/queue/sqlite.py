@@ -363,9 +363,7 @@ def _check_or_create_schema(conn: sqlite3.Connection, path: str) -> None:
 _DROP_AT: Final = 100
 
 
-def _run_group(
-    conn: sqlite3.Connection, ops: list[_Op], now: float, sent: list[int] | None = None
-) -> list[Any]:
+def _run_group(conn: sqlite3.Connection, ops: list[_Op], now: float, sent: list[int]) -> list[Any]:
     """Run every op in one write transaction at ``now``; roll back all of them on any error.
 
     Outcomes next to each other in the group are written together (:func:`_record_all`).
@@ -377,20 +375,17 @@ def _run_group(
     the store thread, 4% off the drain's wall time). A process killed meanwhile leaves up to
     ``_DROP_AT - 1`` sent payloads in the file, unused.
     """
-    dropped = False
     with _sqlite.transaction(conn):
         results = _run_ops(conn, ops, now)
-        if sent is not None:
-            sent += (
-                op.outcome.id
-                for op, kept in zip(ops, results, strict=True)
-                if kept is True and type(op) is _Record and op.outcome.state == "sent"
-            )
-            if len(sent) >= _DROP_AT:
-                _delete_payloads(conn, sent)
-                dropped = True
-    if dropped:
-        assert sent is not None
+        sent += (
+            op.outcome.id
+            for op, kept in zip(ops, results, strict=True)
+            if kept is True and type(op) is _Record and op.outcome.state == "sent"
+        )
+        dropping = len(sent) >= _DROP_AT
+        if dropping:
+            _delete_payloads(conn, sent)
+    if dropping:  # committed: those are gone
         sent.clear()
     return results
 
