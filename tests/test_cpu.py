@@ -55,7 +55,8 @@ def test_held_the_thread_and_those_it_starts_stay_on_its_cpu_signing_threads_do_
     assert done.stdout.strip() == "ok"
 
 
-def test_twistmail_one_cpu_0_leaves_the_process_on_every_cpu() -> None:
+@pytest.mark.parametrize("off", ["0", "false", "No", " off "])
+def test_twistmail_one_cpu_off_leaves_the_process_on_every_cpu(off: str) -> None:
     done = run(
         "import os\n"
         "from twistmail import _cpu\n"
@@ -63,7 +64,7 @@ def test_twistmail_one_cpu_0_leaves_the_process_on_every_cpu() -> None:
         "assert not _cpu.hold_to_one_cpu()\n"
         "assert os.sched_getaffinity(0) == every\n"
         "print('ok')\n",
-        TWISTMAIL_ONE_CPU="0",
+        TWISTMAIL_ONE_CPU=off,
     )
     assert done.stdout.strip() == "ok"
 

@@ -19,14 +19,16 @@ import os
 
 __all__ = ["cpus", "hold_to_one_cpu", "on_every_cpu"]
 
+_OFF = ("0", "false", "no", "off")  # TWISTMAIL_ONE_CPU values that turn it off
 _every: set[int] | None = None  # the CPUs the process had before hold_to_one_cpu
 
 
 def hold_to_one_cpu() -> bool:
     """Run the calling thread, and the threads it starts from now on, on the CPU it is on; True
-    if it did (not where the process has one CPU, the OS cannot, or ``TWISTMAIL_ONE_CPU=0``)."""
+    if it did (not where the process has one CPU, the OS cannot, or ``TWISTMAIL_ONE_CPU`` is
+    ``0``, ``false``, ``no`` or ``off``)."""
     global _every
-    if os.environ.get("TWISTMAIL_ONE_CPU", "1") == "0":
+    if os.environ.get("TWISTMAIL_ONE_CPU", "1").strip().lower() in _OFF:
         return False
     try:
         allowed = os.sched_getaffinity(0)
